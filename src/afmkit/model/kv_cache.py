@@ -1,0 +1,38 @@
+"""A preallocated key/value cache: one K and one V buffer per layer, ``[batch, capacity, kv_heads,
+head_dim]``. Steps write into it in place (the engine donates it to each jitted step)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from afmkit.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, *, batch: int, capacity: int, dtype: Any = jnp.float32) -> KVCache:
+        shape = (batch, capacity, config.n_kv_heads, config.head_dim)
+        return cls(
+            k=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
+            v=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in self.k + self.v)

@@ -1,0 +1,222 @@
+"""The AFM decoder-only transformer as plain functions over a pytree of weights.
+
+Pre-norm RMSNorm, grouped-query attention with RoPE and optional q/k RMSNorm, SwiGLU, no
+biases, one embedding shared by input and output. ``forward`` is pure: it takes the weights, the
+tokens, their positions and a KV cache, and returns hidden states and the updated cache.
+
+Weights are a dict ``{"embed", "layers": [per-layer dict, ...], "final_norm"[, "lm_head"]}``.
+Layers are a list rather than one stacked array so that inference reads each weight in place
+(a slice of a stacked array is a copy on XLA:CPU, which would double decode memory traffic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afmkit.config import ModelConfig
+from afmkit.model.kv_cache import KVCache
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Shape, logical axis names and initial scale of one weight (std 0 means ones)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init_std: float
+
+
+def weight_specs(config: ModelConfig) -> Params:
+    """The pytree of every weight's ``WeightSpec``; the single source of shapes and axes."""
+    d, hd, h, kv, f = config.d_model, config.head_dim, config.n_heads, config.n_kv_heads, config.d_ff
+    std = 1.0 / math.sqrt(d)
+    out_std = std / math.sqrt(2 * config.n_layers)  # residual branches scaled by depth
+    layer = {
+        "attn_norm": WeightSpec((d,), ("embed",), 0.0),
+        "wq": WeightSpec((d, h, hd), ("embed", "heads", "head_dim"), std),
+        "wk": WeightSpec((d, kv, hd), ("embed", "kv_heads", "head_dim"), std),
+        "wv": WeightSpec((d, kv, hd), ("embed", "kv_heads", "head_dim"), std),
+        "wo": WeightSpec((h, hd, d), ("heads", "head_dim", "embed"), out_std),
+        "mlp_norm": WeightSpec((d,), ("embed",), 0.0),
+        "w_gate": WeightSpec((d, f), ("embed", "mlp"), std),
+        "w_up": WeightSpec((d, f), ("embed", "mlp"), std),
+        "w_down": WeightSpec((f, d), ("mlp", "embed"), out_std),
+    }
+    if config.qk_norm:
+        layer["q_norm"] = WeightSpec((hd,), ("head_dim",), 0.0)
+        layer["k_norm"] = WeightSpec((hd,), ("head_dim",), 0.0)
+    specs: Params = {
+        "embed": WeightSpec((config.vocab_size, d), ("vocab", "embed"), 1.0),
+        "layers": [dict(layer) for _ in range(config.n_layers)],
+        "final_norm": WeightSpec((d,), ("embed",), 0.0),
+    }
+    if not config.tie_embeddings:
+        specs["lm_head"] = WeightSpec((d, config.vocab_size), ("embed", "vocab"), std)
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, WeightSpec)
+
+
+def logical_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every weight, as a pytree shaped like the weights."""
+    return jax.tree.map(lambda s: s.axes, weight_specs(config), is_leaf=_is_spec)
+
+
+def abstract_params(config: ModelConfig, dtype: Any = jnp.float32) -> Params:
+    """Shapes and dtypes of the weights without allocating them."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), weight_specs(config), is_leaf=_is_spec)
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random weights: normal(0, std) for matrices, ones for norm scales."""
+    specs, treedef = jax.tree.flatten(weight_specs(config), is_leaf=_is_spec)
+    keys = jax.random.split(key, len(specs))
+    leaves = [
+        jnp.ones(s.shape, dtype) if s.init_std == 0 else (s.init_std * jax.random.normal(k, s.shape)).astype(dtype)
+        for s, k in zip(specs, keys)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * normed.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding on ``x[..., T, heads, head_dim]`` (half-split layout, as Hugging Face)."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (np.arange(half, dtype=np.float32) / half))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, half]
+    cos = jnp.cos(angles)[..., None, :]
+    sin = jnp.sin(angles)[..., None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention(
+    layer: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    config: ModelConfig,
+    attend_len: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Grouped-query attention; writes this step's K/V into the cache at ``positions``.
+
+    Reads only the first ``attend_len`` cache positions, so a step costs what it attends to,
+    not the cache's capacity. A query at position p sees keys at positions <= p.
+    """
+    batch, seq = x.shape[:2]
+    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"])
+    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"])
+    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"])
+    if config.qk_norm:
+        q = rms_norm(q, layer["q_norm"], config.norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.norm_eps)
+    q = rope(q, positions, config.rope_base)
+    k = rope(k, positions, config.rope_base)
+
+    rows = jnp.arange(batch)[:, None]
+    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    keys = k_cache[:, :attend_len]
+    values = v_cache[:, :attend_len]
+
+    groups = config.n_heads // config.n_kv_heads
+    q = q.reshape(batch, seq, config.n_kv_heads, groups, config.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys).astype(jnp.float32)
+    scores = scores / math.sqrt(config.head_dim)
+    visible = jnp.arange(attend_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    out = out.reshape(batch, seq, config.n_heads, config.head_dim)
+    return jnp.einsum("bthk,hkd->btd", out, layer["wo"]), k_cache, v_cache
+
+
+def mlp(layer: Params, x: jax.Array) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", x, layer["w_gate"])
+    up = jnp.einsum("btd,df->btf", x, layer["w_up"])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    config: ModelConfig,
+    attend_len: int,
+) -> tuple[jax.Array, KVCache]:
+    """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
+
+    ``tokens`` and ``positions`` are ``[B, T]``; each row may sit at its own position.
+    """
+    x = params["embed"][tokens]
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
+        attn_out, k_cache, v_cache = attention(
+            layer,
+            rms_norm(x, layer["attn_norm"], config.norm_eps),
+            positions,
+            k_cache,
+            v_cache,
+            config=config,
+            attend_len=attend_len,
+        )
+        x = x + attn_out
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+    return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v)
+
+
+def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Vocabulary logits from final hidden states, through the shared embedding (fp32)."""
+    if "lm_head" in params:
+        logits = jnp.einsum("...d,dv->...v", hidden, params["lm_head"])
+    else:
+        logits = jnp.einsum("...d,vd->...v", hidden, params["embed"])
+    return logits.astype(jnp.float32)
+
+
+def logits_fn(params: Params, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """Logits for every position of ``tokens [B, T]`` from an empty cache (training, scoring)."""
+    batch, seq = tokens.shape
+    cache = KVCache.zeros(config, batch=batch, capacity=seq, dtype=params["embed"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    hidden, _ = forward(params, tokens, positions, cache, config=config, attend_len=seq)
+    return output_logits(params, hidden)
+
+
+def cross_entropy_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *, z_loss: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy plus AFM's auxiliary z-loss ``z_loss * logsumexp^2``."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    if mask is None:
+        mask = jnp.ones_like(nll)
+    mask = mask.astype(jnp.float32)
+    count = jnp.maximum(mask.sum(), 1.0)
+    ce = (nll * mask).sum() / count
+    z = (jnp.square(log_z) * mask).sum() / count
+    return ce + z_loss * z, {"cross_entropy": ce, "z_loss": z}

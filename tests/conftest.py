@@ -1,0 +1,35 @@
+"""Shared fixtures. Several simulated CPU devices, so sharding tests run on any machine; this
+must be set before JAX is imported anywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import afmkit  # noqa: E402
+from afmkit.config import get_size  # noqa: E402
+from afmkit.model.transformer import init_params  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> afmkit.LanguageModel:
+    """The embedded default model, SmolLM2-135M-Instruct, in fp32."""
+    return afmkit.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from afmkit.lm import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2) -> afmkit.LanguageModel:
+    """A random afm-tiny (GQA, q/k-norm, tied embedding) with SmolLM2's tokenizer."""
+    config = get_size("afm-tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    return afmkit.LanguageModel(config, params, smollm2.tokenizer, name="afm-tiny-random")

@@ -1,0 +1,61 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afmkit.errors import UserError
+from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, _filter_top_k_top_p, sample
+
+LOGITS = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
+
+
+def _kept(top_k: int, top_p: float) -> list[int]:
+    out = _filter_top_k_top_p(LOGITS, jnp.array([top_k]), jnp.array([top_p]))
+    return [i for i in range(4) if np.isfinite(out[0, i])]
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "kept"),
+    [(0, 1.0, [0, 1, 2, 3]), (2, 1.0, [0, 1]), (1, 1.0, [0]), (0, 0.5, [0]), (0, 0.6, [0, 1]), (0, 0.8, [0, 1, 2]), (3, 0.6, [0, 1])],
+)
+def test_top_k_and_top_p_keep_the_right_tokens(top_k, top_p, kept):
+    assert _kept(top_k, top_p) == kept
+
+
+def test_sampling_follows_the_distribution():
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(4000)]
+    state = SamplerState.from_params(params)
+    tokens = sample(jnp.repeat(LOGITS, 4000, axis=0), state, jnp.int32(0), mode=SamplerMode.SAMPLE)
+    freq = np.bincount(np.asarray(tokens), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.1], atol=0.03)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (1, 1000))
+    def draw(seed, step):
+        state = SamplerState.from_params([SamplingParams(temperature=1.0, seed=seed)])
+        return int(sample(logits, state, jnp.int32(step), mode=SamplerMode.SAMPLE)[0])
+    assert [draw(7, s) for s in range(5)] == [draw(7, s) for s in range(5)]
+    assert [draw(7, s) for s in range(5)] != [draw(8, s) for s in range(5)]
+
+
+def test_greedy_rows_stay_greedy_in_a_sampling_batch():
+    logits = jnp.array([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0]])
+    state = SamplerState.from_params([SamplingParams(temperature=0.0), SamplingParams(temperature=5.0, top_p=0.9)])
+    for step in range(20):
+        assert int(sample(logits, state, jnp.int32(step), mode=SamplerMode.FILTERED)[0]) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": 0}, {"seed": -1}, {"stop": ("",)}],
+)
+def test_invalid_sampling_parameters_are_refused_with_the_fix(kwargs):
+    with pytest.raises(UserError):
+        SamplingParams(**kwargs)
+
+
+def test_mode_is_the_cheapest_that_serves_every_row():
+    assert SamplerMode.for_batch([SamplingParams()]) is SamplerMode.GREEDY
+    assert SamplerMode.for_batch([SamplingParams(), SamplingParams(temperature=0.7)]) is SamplerMode.SAMPLE
+    assert SamplerMode.for_batch([SamplingParams(temperature=0.7, top_k=5)]) is SamplerMode.FILTERED
