@@ -6,12 +6,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
-import afmkit  # noqa: E402
-from afmkit.config import get_size  # noqa: E402
-from afmkit.model.transformer import init_params  # noqa: E402
+import afmkit
+from afmkit.config import get_size
+from afmkit.model.transformer import init_params
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,9 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
     from afmkit.lm import DEFAULT_MODEL
 
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name or path (.gguf, afmkit or Hugging Face directory); default {DEFAULT_MODEL}"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name or path (.gguf, afmkit or Hugging Face directory); default {DEFAULT_MODEL}",
     )
 
 
@@ -72,8 +74,9 @@ def _sampling(args: argparse.Namespace):
 
 
 def _load(name: str, *, quiet: bool):
-    import afmkit
     from rich.console import Console
+
+    import afmkit
 
     if quiet:
         return afmkit.load(name)
@@ -90,7 +93,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args.model, quiet=args.json)
     load_s = time.perf_counter() - start
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         prompt = model.tokenizer.apply_chat_template(messages)
     ids = model.tokenizer.encode(prompt)
     if args.json:
@@ -178,7 +183,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     shape = Table(title=f"{args.name}", show_header=False)
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_base", "qk_norm", "tie_embeddings", "max_seq_len"):
+    for key in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "d_ff",
+        "rope_base",
+        "qk_norm",
+        "tie_embeddings",
+        "max_seq_len",
+    ):
         shape.add_row(key, str(getattr(config, key)))
     params = Table(title="parameters")
     params.add_column("part")

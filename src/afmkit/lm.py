@@ -83,7 +83,9 @@ class LanguageModel:
         self.engine = Engine(config, params, tokenizer, eos_ids=tokenizer.stop_ids)
 
     def __repr__(self) -> str:
-        return f"LanguageModel({self.name!r}, {self.config.total_params / 1e6:.0f}M params, {self.params['embed'].dtype})"
+        return (
+            f"LanguageModel({self.name!r}, {self.config.total_params / 1e6:.0f}M params, {self.params['embed'].dtype})"
+        )
 
     # -- generation --------------------------------------------------------------------------
     def generate(
@@ -118,7 +120,9 @@ class LanguageModel:
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c)) for c in conversations]
         return self._run(prompts, single, stream, sampling, sampling_kwargs)
 
-    def _run(self, prompts: list[list[int]], single: bool, stream: bool, sampling: SamplingParams | None, kwargs: dict) -> Any:
+    def _run(
+        self, prompts: list[list[int]], single: bool, stream: bool, sampling: SamplingParams | None, kwargs: dict
+    ) -> Any:
         if sampling is None:
             sampling = SamplingParams(**kwargs)
         elif kwargs:
@@ -197,10 +201,7 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
     key = str(name_or_path)
     if key in SIZES:
         return SIZES[key]
-    if key in NAMED_WEIGHTS:
-        path = NAMED_WEIGHTS[key]()
-    else:
-        path = Path(key).expanduser()
+    path = NAMED_WEIGHTS[key]() if key in NAMED_WEIGHTS else Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         from afmkit.interop.gguf import read_gguf
 

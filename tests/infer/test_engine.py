@@ -32,7 +32,10 @@ def test_batched_rows_of_different_lengths_match_running_each_alone(smollm2):
 
 
 def test_rows_stop_on_their_own_at_eos(smollm2):
-    prompts = [_chat_ids(smollm2, "What is the capital of France?"), _chat_ids(smollm2, "Write a long story about a dragon.")]
+    prompts = [
+        _chat_ids(smollm2, "What is the capital of France?"),
+        _chat_ids(smollm2, "Write a long story about a dragon."),
+    ]
     short, long = smollm2.engine.generate(prompts, SamplingParams(max_new_tokens=60))
     assert short.finish_reason == "stop" and short.tokens[-1] in smollm2.tokenizer.stop_ids
     assert len(short.tokens) < 60
@@ -114,7 +117,9 @@ def test_decode_step_cost_does_not_grow_with_cache_capacity(tiny_model):
 
     def flops_and_bytes(capacity):
         cache = _empty_cache(config=config, batch=1, capacity=capacity, dtype=jnp.float32)
-        lowered = _decode_step.lower(params, cache, state, sampler, config=config, attend_len=256, mode=SamplerMode.GREEDY)
+        lowered = _decode_step.lower(
+            params, cache, state, sampler, config=config, attend_len=256, mode=SamplerMode.GREEDY
+        )
         cost = lowered.compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return cost["flops"], cost["bytes accessed"]

@@ -16,7 +16,15 @@ def _kept(top_k: int, top_p: float) -> list[int]:
 
 @pytest.mark.parametrize(
     ("top_k", "top_p", "kept"),
-    [(0, 1.0, [0, 1, 2, 3]), (2, 1.0, [0, 1]), (1, 1.0, [0]), (0, 0.5, [0]), (0, 0.6, [0, 1]), (0, 0.8, [0, 1, 2]), (3, 0.6, [0, 1])],
+    [
+        (0, 1.0, [0, 1, 2, 3]),
+        (2, 1.0, [0, 1]),
+        (1, 1.0, [0]),
+        (0, 0.5, [0]),
+        (0, 0.6, [0, 1]),
+        (0, 0.8, [0, 1, 2]),
+        (3, 0.6, [0, 1]),
+    ],
 )
 def test_top_k_and_top_p_keep_the_right_tokens(top_k, top_p, kept):
     assert _kept(top_k, top_p) == kept
@@ -32,9 +40,11 @@ def test_sampling_follows_the_distribution():
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
     logits = jax.random.normal(jax.random.PRNGKey(0), (1, 1000))
+
     def draw(seed, step):
         state = SamplerState.from_params([SamplingParams(temperature=1.0, seed=seed)])
         return int(sample(logits, state, jnp.int32(step), mode=SamplerMode.SAMPLE)[0])
+
     assert [draw(7, s) for s in range(5)] == [draw(7, s) for s in range(5)]
     assert [draw(7, s) for s in range(5)] != [draw(8, s) for s in range(5)]
 
@@ -48,7 +58,15 @@ def test_greedy_rows_stay_greedy_in_a_sampling_batch():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": 0}, {"seed": -1}, {"stop": ("",)}],
+    [
+        {"temperature": -1.0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"max_new_tokens": 0},
+        {"seed": -1},
+        {"stop": ("",)},
+    ],
 )
 def test_invalid_sampling_parameters_are_refused_with_the_fix(kwargs):
     with pytest.raises(UserError):

@@ -73,9 +73,9 @@ class Tokenizer:
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special tokens written in the text are recognised."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
-            if not ids or ids[0] != self.bos_id:
-                ids = [self.bos_id, *ids]
+        wants_bos = self.add_bos if add_bos is None else add_bos
+        if wants_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -168,7 +168,11 @@ class Tokenizer:
         )
         backend.decoder = decoders.ByteLevel()
         # GGUF token types: 3 = control, 4 = user-defined; both must never be split by BPE.
-        specials = [tokenizers.AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(token_types) if t in (3, 4)]
+        specials = [
+            tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+            for i, t in enumerate(token_types)
+            if t in (3, 4)
+        ]
         backend.add_special_tokens(specials)
 
         def special(key: str) -> str | None:

@@ -226,7 +226,8 @@ class Engine:
             if event.finish_reason:
                 finish[event.index] = event.finish_reason
         return [
-            Completion("".join(texts[i]), tokens[i], len(prompts[i]), finish[i], timings[i]) for i in range(len(prompts))
+            Completion("".join(texts[i]), tokens[i], len(prompts[i]), finish[i], timings[i])
+            for i in range(len(prompts))
         ]
 
     def stream(
@@ -262,8 +263,7 @@ class Engine:
         context = self.config.max_seq_len
         if len(prompt) >= context:
             raise UserError(
-                f"prompt {index} has {len(prompt)} tokens but the model's context is {context}; "
-                "shorten the prompt"
+                f"prompt {index} has {len(prompt)} tokens but the model's context is {context}; shorten the prompt"
             )
         if len(prompt) + sampling.max_new_tokens > context:
             raise UserError(
@@ -273,7 +273,9 @@ class Engine:
             )
         bad = [t for t in prompt if not 0 <= int(t) < self.config.vocab_size]
         if bad:
-            raise UserError(f"prompt {index} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+            raise UserError(
+                f"prompt {index} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}"
+            )
 
     def _stream_batch(
         self,

@@ -85,7 +85,9 @@ def read_gguf(path: str | os.PathLike, *, name: str | None = None) -> tuple[Any,
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError/struct.error/etc on damaged files
-        raise CorruptFileError(f"cannot read GGUF file {path}: {exc}; the file is damaged or not GGUF, re-download it") from None
+        raise CorruptFileError(
+            f"cannot read GGUF file {path}: {exc}; the file is damaged or not GGUF, re-download it"
+        ) from None
     fields = read_fields(reader)
     arch = fields.get("general.architecture")
     if arch != "llama":
@@ -118,7 +120,9 @@ def read_gguf(path: str | os.PathLike, *, name: str | None = None) -> tuple[Any,
     return reader, fields, config
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32, name: str | None = None) -> tuple[ModelConfig, Params, Tokenizer]:
+def load_gguf(
+    path: str | os.PathLike, *, dtype: Any = jnp.float32, name: str | None = None
+) -> tuple[ModelConfig, Params, Tokenizer]:
     """Config, dequantized weights and tokenizer from a GGUF file."""
     from gguf.quants import dequantize
 
@@ -134,7 +138,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32, name: str | 
         try:
             w = _dequantize_rows(tensor, dequantize)
         except Exception as exc:
-            raise CorruptFileError(f"{path}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
+            raise CorruptFileError(
+                f"{path}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}"
+            ) from None
         if hf_name.endswith("q_proj.weight"):
             w = _unpermute_rope_rows(w, config.n_heads)
         elif hf_name.endswith("k_proj.weight"):

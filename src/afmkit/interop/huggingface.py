@@ -154,9 +154,9 @@ def params_to_hf_tensors(config: ModelConfig, params: Params) -> Iterator[tuple[
 
 
 def _check_shapes(config: ModelConfig, params: Params) -> None:
-    from afmkit.model.transformer import abstract_params
-
     import jax
+
+    from afmkit.model.transformer import abstract_params
 
     expected = abstract_params(config)
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(params)):
@@ -185,7 +185,7 @@ def load_hf_directory(directory: str | os.PathLike, *, dtype: Any = jnp.float32)
         for path in files:
             handle = safe_open(str(path), framework="flax")
             handles[path] = handle
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 where[key] = handle
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CorruptFileError(f"cannot read {path}: {exc}; the file is truncated or not safetensors") from None

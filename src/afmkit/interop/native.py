@@ -39,7 +39,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, params: Params, tokenizer: Tokenizer | None) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike, config: ModelConfig, params: Params, tokenizer: Tokenizer | None
+) -> Path:
     from safetensors.flax import save_file
 
     directory = Path(directory)
@@ -60,11 +62,15 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"cannot read {directory / MARKER}: {exc}; the checkpoint is damaged") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserError(f"{directory} is not an afmkit checkpoint of version {VERSION} (found {meta.get('format')} v{meta.get('version')})")
+        raise UserError(
+            f"{directory} is not an afmkit checkpoint of version {VERSION} (found {meta.get('format')} v{meta.get('version')})"
+        )
     return ModelConfig.from_dict(meta["config"])
 
 
-def load_checkpoint(directory: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params, Tokenizer | None]:
+def load_checkpoint(
+    directory: str | os.PathLike, *, dtype: Any = jnp.float32
+) -> tuple[ModelConfig, Params, Tokenizer | None]:
     from safetensors import safe_open
 
     directory = Path(directory)

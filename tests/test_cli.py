@@ -1,0 +1,82 @@
+"""The ``afmkit`` command as a user runs it, in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def afmkit(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "afmkit.cli", *args], capture_output=True, text=True, input=stdin, timeout=600
+    )
+
+
+def _assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("afmkit: error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_generate_json_has_text_tokens_prompt_tokens_and_timings():
+    result = afmkit(
+        "generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"text", "tokens", "prompt_tokens", "timings"} <= set(record)
+    assert "Paris" in record["text"]
+    assert 0 < len(record["tokens"]) <= 12 and record["prompt_tokens"] > 10
+    assert record["timings"]["ttft_s"] > 0
+
+
+def test_streamed_output_equals_the_json_text():
+    args = ("generate", "--prompt", "The three primary colors are", "--max-new-tokens", "16")
+    streamed = afmkit(*args)
+    as_json = json.loads(afmkit(*args, "--json").stdout)
+    assert streamed.returncode == 0
+    assert streamed.stdout == as_json["text"] + "\n"
+
+
+def test_chat_reads_turns_from_standard_input():
+    result = afmkit("chat", "--max-new-tokens", "20", stdin="What is the capital of France?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_info_prints_published_afm_counts_without_weights():
+    result = afmkit("info", "afm-on-device")
+    assert result.returncode == 0
+    assert "2.587B" in result.stdout and "151.0M" in result.stdout and "3.5-bit" in result.stdout
+    record = json.loads(afmkit("info", "afm-on-device", "--json").stdout)
+    assert record["non_embedding_params"] == pytest.approx(2.58e9, rel=0.01)
+    assert record["weight_bytes"]["4-bit"] == record["total_params"] / 2
+
+
+def test_unknown_model_lists_the_known_ones():
+    _assert_user_error(afmkit("generate", "--model", "gpt-17", "--prompt", "hi"), "smollm2-135m-instruct")
+
+
+def test_missing_weight_file():
+    _assert_user_error(afmkit("generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"), "unknown model")
+
+
+def test_corrupt_weight_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    _assert_user_error(afmkit("generate", "--model", str(bad), "--prompt", "hi"), "broken.gguf")
+
+
+def test_prompt_longer_than_the_context():
+    _assert_user_error(afmkit("generate", "--prompt", "hello " * 9000), "context")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "-0.5"), ("--top-p", "0"), ("--top-k", "-1"), ("--max-new-tokens", "0")]
+)
+def test_invalid_sampling_parameters(flag, value):
+    _assert_user_error(afmkit("generate", "--prompt", "hi", flag, value), flag.lstrip("-").replace("-", "_"))
