@@ -108,7 +108,7 @@ def test_calls_in_the_same_bucket_do_not_recompile(tiny_model):
 
 def test_decode_step_cost_does_not_grow_with_cache_capacity(tiny_model):
     """The compiled step reads the attended prefix only, whatever the cache's capacity."""
-    from afmkit.infer.engine import DecodeState, _decode_step, _empty_cache
+    from afmkit.infer.engine import DecodeState, _decode_step, _empty_cache, cache_capacity
     from afmkit.infer.sampling import SamplerMode, SamplerState
 
     config, params = tiny_model.config, tiny_model.params
@@ -124,7 +124,7 @@ def test_decode_step_cost_does_not_grow_with_cache_capacity(tiny_model):
         cost = cost[0] if isinstance(cost, list) else cost
         return cost["flops"], cost["bytes accessed"]
 
-    small, large = flops_and_bytes(256), flops_and_bytes(8192)
+    small, large = flops_and_bytes(cache_capacity(5, 100)), flops_and_bytes(cache_capacity(5, 8000))
     assert large[0] == pytest.approx(small[0], rel=0.01)
     weights = sum(x.size * 4 for x in jax.tree.leaves(params))
     assert large[1] < small[1] + 0.05 * weights  # not 32x the cache

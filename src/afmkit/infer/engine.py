@@ -63,6 +63,16 @@ def kv_bucket(n: int) -> int:
     return _round_up(n, KV_BLOCK)
 
 
+def cache_capacity(longest_prompt: int, max_new_tokens: int) -> int:
+    """Cache slots for a batch: room for the padded prompt and every new token, plus one.
+
+    The extra slot keeps every attention read (a bucket of ``KV_BLOCK`` slots) a proper slice
+    of the cache: when the read would be the whole buffer, XLA:CPU copies the cache around the
+    in-place write on every step.
+    """
+    return max(kv_bucket(longest_prompt + max_new_tokens), prompt_bucket(longest_prompt)) + 1
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
@@ -290,7 +300,7 @@ class Engine:
         longest = max(lengths)
         padded_len = prompt_bucket(longest)
         max_steps = max(s.max_new_tokens for s in sampling)
-        capacity = max(kv_bucket(longest + max_steps), padded_len)
+        capacity = cache_capacity(longest, max_steps)
         padding = [SamplingParams(max_new_tokens=1)] * (batch - n)
         mode = SamplerMode.for_batch(sampling)
         sampler = SamplerState.from_params(sampling + padding)
@@ -327,7 +337,7 @@ class Engine:
             # the host detokenizes and streams.
             next_state = None
             if step + 1 < max_steps:
-                attend_len = min(kv_bucket(longest + step + 1), capacity)
+                attend_len = kv_bucket(longest + step + 1)
                 cache, next_state = _decode_step(
                     self.params, cache, state, sampler, config=self.config, attend_len=attend_len, mode=mode
                 )

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from afmkit.config import ModelConfig
 from afmkit.data.tokenizer import Tokenizer
@@ -68,30 +69,62 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(meta["config"])
 
 
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "I32": np.int32, "U8": np.uint8}
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time with plain file reads.
+
+    Unlike a memory map, nothing stays resident after a tensor is converted, so loading peaks
+    at the weights plus one tensor rather than twice the weights.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                header_len = int(np.frombuffer(f.read(8), np.uint64)[0])
+                if header_len > 100_000_000:
+                    raise ValueError("header length is implausible")
+                header = json.loads(f.read(header_len))
+        except (OSError, ValueError, IndexError) as exc:
+            raise CorruptFileError(f"cannot read {path}: {exc}; the file is damaged, save it again") from None
+        header.pop("__metadata__", None)
+        self.entries = header
+        self.data_start = 8 + header_len
+        self.size = path.stat().st_size
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def read(self, name: str) -> np.ndarray:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise CorruptFileError(f"{self.path}: weight {name} is missing; the checkpoint is damaged")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end - begin != int(np.prod(shape)) * dtype.itemsize or self.data_start + end > self.size:
+            raise CorruptFileError(f"{self.path}: weight {name} is truncated; the checkpoint is damaged")
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        return out
+
+
 def load_checkpoint(
     directory: str | os.PathLike, *, dtype: Any = jnp.float32
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
-    from safetensors import safe_open
-
     directory = Path(directory)
     config = read_config(directory)
-    path = directory / "model.safetensors"
-    try:
-        handle = safe_open(str(path), framework="flax")
-        names = set(handle.keys())
-    except Exception as exc:  # safetensors raises its own error types
-        raise CorruptFileError(f"cannot read {path}: {exc}; the checkpoint is damaged, save it again") from None
+    reader = SafetensorsReader(directory / "model.safetensors")
 
     def load_leaf(path_keys: Any, spec: jax.ShapeDtypeStruct) -> jax.Array:
         name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path_keys)
-        if name not in names:
-            raise CorruptFileError(f"{path}: weight {name} is missing; the checkpoint is damaged")
-        try:
-            value = handle.get_tensor(name)
-        except Exception as exc:
-            raise CorruptFileError(f"{path}: cannot read weight {name}: {exc}") from None
+        value = reader.read(name)
         if value.shape != spec.shape:
-            raise CorruptFileError(f"{path}: weight {name} has shape {value.shape}, config needs {spec.shape}")
+            raise CorruptFileError(f"{reader.path}: weight {name} has shape {value.shape}, config needs {spec.shape}")
         return jnp.asarray(value, dtype=dtype)
 
     params = jax.tree_util.tree_map_with_path(load_leaf, abstract_params(config))

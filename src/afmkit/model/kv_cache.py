@@ -1,5 +1,7 @@
-"""A preallocated key/value cache: one K and one V buffer per layer, ``[batch, capacity, kv_heads,
-head_dim]``. Steps write into it in place (the engine donates it to each jitted step)."""
+"""A preallocated key/value cache: one K and one V buffer per layer. Keys are stored
+``[batch, kv_heads, head_dim, capacity]`` and values ``[batch, kv_heads, capacity, head_dim]``,
+the layouts the attention matmuls read without transposing. Steps write into it in place (the
+engine donates it to each jitted step)."""
 
 from __future__ import annotations
 
@@ -20,15 +22,16 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: ModelConfig, *, batch: int, capacity: int, dtype: Any = jnp.float32) -> KVCache:
-        shape = (batch, capacity, config.n_kv_heads, config.head_dim)
+        k_shape = (batch, config.n_kv_heads, config.head_dim, capacity)
+        v_shape = (batch, config.n_kv_heads, capacity, config.head_dim)
         return cls(
-            k=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
-            v=[jnp.zeros(shape, dtype) for _ in range(config.n_layers)],
+            k=[jnp.zeros(k_shape, dtype) for _ in range(config.n_layers)],
+            v=[jnp.zeros(v_shape, dtype) for _ in range(config.n_layers)],
         )
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1]
+        return self.v[0].shape[2]
 
     @property
     def batch(self) -> int:

@@ -110,18 +110,20 @@ def attention(
     layer: Params,
     x: jax.Array,
     positions: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: jax.Array | None,
+    v_cache: jax.Array | None,
     *,
     config: ModelConfig,
     attend_len: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Grouped-query attention; writes this step's K/V into the cache at ``positions``.
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Grouped-query attention; a query at position p sees keys at positions <= p.
 
-    Reads only the first ``attend_len`` cache positions, so a step costs what it attends to,
-    not the cache's capacity. A query at position p sees keys at positions <= p.
+    With a cache, this chunk's keys and values are written into it at ``positions`` first, then
+    the first ``attend_len`` cache slots are read, so a step costs what it attends to, not the
+    cache's capacity. Without a cache (training, scoring) the chunk attends to itself.
     """
     batch, seq = x.shape[:2]
+    kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
     q = jnp.einsum("btd,dhk->bthk", x, layer["wq"])
     k = jnp.einsum("btd,dhk->bthk", x, layer["wk"])
     v = jnp.einsum("btd,dhk->bthk", x, layer["wv"])
@@ -131,21 +133,26 @@ def attention(
     q = rope(q, positions, config.rope_base)
     k = rope(k, positions, config.rope_base)
 
-    rows = jnp.arange(batch)[:, None]
-    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-    keys = k_cache[:, :attend_len]
-    values = v_cache[:, :attend_len]
-
-    groups = config.n_heads // config.n_kv_heads
-    q = q.reshape(batch, seq, config.n_kv_heads, groups, config.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys).astype(jnp.float32)
-    scores = scores / math.sqrt(config.head_dim)
-    visible = jnp.arange(attend_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    # Keys as [B, KV, head_dim, S] and values as [B, KV, S, head_dim] (the cache's layouts), and
+    # the queries of one KV group side by side, so neither matmul transposes its operands.
+    if k_cache is None:
+        keys, values, key_positions = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions[:, None, :]
+    else:
+        rows = jnp.arange(batch)[:, None]
+        k_cache = k_cache.at[rows, :, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        keys, values = k_cache[..., :attend_len], v_cache[:, :, :attend_len]
+        key_positions = jnp.arange(attend_len)[None, None, :]
+    q = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, groups * seq, head_dim)
+    scores = jnp.einsum("bkqd,bkds->bkqs", q, keys).astype(jnp.float32) / math.sqrt(head_dim)
+    query_positions = jnp.tile(positions, (1, groups))  # [B, groups * T], in q's order
+    visible = key_positions <= query_positions[:, :, None]
+    scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
-    out = out.reshape(batch, seq, config.n_heads, config.head_dim)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+    out = out.reshape(batch, kv_heads, groups, seq, head_dim).transpose(0, 3, 1, 2, 4)
+    out = out.reshape(batch, seq, config.n_heads, head_dim)
     return jnp.einsum("bthk,hkd->btd", out, layer["wo"]), k_cache, v_cache
 
 
@@ -159,18 +166,23 @@ def forward(
     params: Params,
     tokens: jax.Array,
     positions: jax.Array,
-    cache: KVCache,
+    cache: KVCache | None,
     *,
     config: ModelConfig,
-    attend_len: int,
-) -> tuple[jax.Array, KVCache]:
+    attend_len: int = 0,
+) -> tuple[jax.Array, KVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
 
-    ``tokens`` and ``positions`` are ``[B, T]``; each row may sit at its own position.
+    ``tokens`` and ``positions`` are ``[B, T]``: each row holds consecutive positions starting
+    wherever that row is. With a cache, the first ``attend_len`` cache slots are attended to.
+    Without one (training, scoring), the chunk attends to itself only.
     """
     x = params["embed"][tokens]
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
+    no_cache = [None] * config.n_layers
+    for layer, k_cache, v_cache in zip(
+        params["layers"], cache.k if cache else no_cache, cache.v if cache else no_cache
+    ):
         attn_out, k_cache, v_cache = attention(
             layer,
             rms_norm(x, layer["attn_norm"], config.norm_eps),
@@ -184,7 +196,7 @@ def forward(
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
         new_k.append(k_cache)
         new_v.append(v_cache)
-    return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v)
+    return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v) if cache else None
 
 
 def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
@@ -197,11 +209,10 @@ def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
 
 
 def logits_fn(params: Params, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """Logits for every position of ``tokens [B, T]`` from an empty cache (training, scoring)."""
+    """Logits for every position of ``tokens [B, T]``, without a cache (training, scoring)."""
     batch, seq = tokens.shape
-    cache = KVCache.zeros(config, batch=batch, capacity=seq, dtype=params["embed"].dtype)
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    hidden, _ = forward(params, tokens, positions, cache, config=config, attend_len=seq)
+    hidden, _ = forward(params, tokens, positions, None, config=config)
     return output_logits(params, hidden)
 
 
