@@ -62,7 +62,7 @@ def test_unknown_model_lists_the_known_ones():
 
 
 def test_missing_weight_file():
-    _assert_user_error(afmkit("generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"), "unknown model")
+    _assert_user_error(afmkit("generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"), "does not exist")
 
 
 def test_corrupt_weight_file(tmp_path):

@@ -188,6 +188,10 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) 
 
         config, params = load_hf_directory(path, dtype=dtype)
         return LanguageModel(config, params, Tokenizer.from_directory(path), name=path.name)
+    if not path.exists() and (os.sep in key or path.suffix):
+        raise ModelNotFoundError(
+            f"{path} does not exist; check the path, or use a known model: {', '.join(known_models())}"
+        )
     if path.exists():
         raise ModelNotFoundError(
             f"{path} is neither a .gguf file, an afmkit checkpoint (afmkit.json) nor a Hugging Face directory (config.json)"
