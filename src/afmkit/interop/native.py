@@ -29,11 +29,13 @@ VERSION = 1
 MARKER = "afmkit.json"
 
 
+def _leaf_name(path: Any) -> str:
+    """``layers.3.wq`` for the pytree path params["layers"][3]["wq"]."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def _flatten(params: Params) -> dict[str, Any]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        flat[".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-    return flat
+    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -121,7 +123,7 @@ def load_checkpoint(
     reader = SafetensorsReader(directory / "model.safetensors")
 
     def load_leaf(path_keys: Any, spec: jax.ShapeDtypeStruct) -> jax.Array:
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path_keys)
+        name = _leaf_name(path_keys)
         value = reader.read(name)
         if value.shape != spec.shape:
             raise CorruptFileError(f"{reader.path}: weight {name} has shape {value.shape}, config needs {spec.shape}")
