@@ -80,3 +80,9 @@ def test_prompt_longer_than_the_context():
 )
 def test_invalid_sampling_parameters(flag, value):
     _assert_user_error(afmkit("generate", "--prompt", "hi", flag, value), flag.lstrip("-").replace("-", "_"))
+
+
+def test_generate_with_bf16_weights():
+    result = afmkit("generate", "--chat", "--prompt", "What is the capital of France?", "--dtype", "bfloat16", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in json.loads(result.stdout)["text"]

@@ -35,6 +35,11 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"model name or path (.gguf, afmkit or Hugging Face directory); default {DEFAULT_MODEL}",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weight precision (default: float32 on CPUs, bfloat16 on accelerators)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,15 +78,15 @@ def _sampling(args: argparse.Namespace):
     )
 
 
-def _load(name: str, *, quiet: bool):
+def _load(name: str, dtype: str | None, *, quiet: bool):
     from rich.console import Console
 
     import afmkit
 
     if quiet:
-        return afmkit.load(name)
+        return afmkit.load(name, dtype=dtype)
     with Console(stderr=True).status(f"loading {name}"):
-        return afmkit.load(name)
+        return afmkit.load(name, dtype=dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -90,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise UserError("--system needs --chat")
     start = time.perf_counter()
-    model = _load(args.model, quiet=args.json)
+    model = _load(args.model, args.dtype, quiet=args.json)
     load_s = time.perf_counter() - start
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -123,7 +128,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = _sampling(args)
     console = Console(stderr=True)
-    model = _load(args.model, quiet=False)
+    model = _load(args.model, args.dtype, quiet=False)
     interactive = sys.stdin.isatty()
     if interactive:
         console.print(f"[bold]{model.name}[/bold]: type a message; /reset clears the history, /exit or Ctrl-D quits.")

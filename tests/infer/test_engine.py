@@ -118,7 +118,14 @@ def test_decode_step_cost_does_not_grow_with_cache_capacity(tiny_model):
     def flops_and_bytes(capacity):
         cache = _empty_cache(config=config, batch=1, capacity=capacity, dtype=jnp.float32)
         lowered = _decode_step.lower(
-            params, cache, state, sampler, config=config, attend_len=256, mode=SamplerMode.GREEDY
+            params,
+            cache,
+            state,
+            sampler,
+            config=config,
+            attend_len=256,
+            mode=SamplerMode.GREEDY,
+            activation_dtype=jnp.float32,
         )
         cost = lowered.compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -142,3 +149,36 @@ def test_decode_step_cost_does_not_grow_with_cache_capacity(tiny_model):
 def test_bad_prompts_get_clear_errors(tiny_model, prompt, sampling, message):
     with pytest.raises(UserError, match=message):
         tiny_model.engine.generate([prompt], sampling)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    import afmkit
+
+    return afmkit.load("smollm2-135m-instruct", dtype="bfloat16")
+
+
+def test_bf16_weights_stay_close_to_fp32(smollm2, smollm2_bf16):
+    ids = _chat_ids(smollm2, "Explain photosynthesis in one sentence.")
+    exact, rounded = smollm2.logits(ids), smollm2_bf16.logits(ids)
+    assert smollm2_bf16.params["embed"].dtype == jnp.bfloat16 and rounded.dtype == exact.dtype
+    agree = (exact.argmax(-1) == rounded.argmax(-1)).mean()
+    assert agree > 0.9
+    assert abs(rounded - exact).mean() < 0.1 * abs(exact).mean()
+
+
+def test_bf16_single_prompt_matches_the_same_prompt_in_a_batch(smollm2_bf16):
+    """A lone bf16 row is decoded beside a padding row on CPUs; it must not notice."""
+    model = smollm2_bf16
+    prompt, other = _chat_ids(model, QUESTIONS[0]), _chat_ids(model, QUESTIONS[2])
+    alone = model.engine.generate([prompt], SamplingParams(max_new_tokens=12))[0]
+    batched = model.engine.generate([prompt, other], SamplingParams(max_new_tokens=12))[0]
+    assert alone.tokens == batched.tokens
+    assert "Paris" in alone.text
+
+
+def test_unknown_weight_dtype_is_refused():
+    import afmkit
+
+    with pytest.raises(UserError, match="bfloat16"):
+        afmkit.load("smollm2-135m-instruct", dtype="float8")

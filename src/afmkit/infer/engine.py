@@ -73,6 +73,12 @@ def cache_capacity(longest_prompt: int, max_new_tokens: int) -> int:
     return max(kv_bucket(longest_prompt + max_new_tokens), prompt_bucket(longest_prompt)) + 1
 
 
+def activation_dtype(params: Params) -> Any:
+    """fp32 activations on CPUs whatever the weights (bf16 elementwise work is slow there);
+    the weights' dtype on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else params["embed"].dtype
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
@@ -81,7 +87,9 @@ class DecodeState:
     step: jax.Array  # scalar: index of ``tokens`` among the generated tokens
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attend_len", "mode"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
+)
 def _prefill_chunk(
     params: Params,
     cache: KVCache,
@@ -94,12 +102,15 @@ def _prefill_chunk(
     config: ModelConfig,
     attend_len: int,
     mode: SamplerMode,
+    activation_dtype: Any,
 ) -> tuple[KVCache, jax.Array]:
     """Write one chunk of prompt positions into the cache; sample the first new token of every
     row whose last prompt token lies in this chunk (other rows keep ``first``)."""
     batch, chunk = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(chunk), (batch, chunk))
-    hidden, cache = forward(params, tokens, positions, cache, config=config, attend_len=attend_len)
+    hidden, cache = forward(
+        params, tokens, positions, cache, config=config, attend_len=attend_len, activation_dtype=activation_dtype
+    )
     last = lengths - 1 - start
     in_chunk = (last >= 0) & (last < chunk)
     last_hidden = hidden[jnp.arange(batch), jnp.clip(last, 0, chunk - 1)]
@@ -107,7 +118,9 @@ def _prefill_chunk(
     return cache, jnp.where(in_chunk, sampled, first)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attend_len", "mode"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
+)
 def _decode_step(
     params: Params,
     cache: KVCache,
@@ -117,9 +130,16 @@ def _decode_step(
     config: ModelConfig,
     attend_len: int,
     mode: SamplerMode,
+    activation_dtype: Any,
 ) -> tuple[KVCache, DecodeState]:
     hidden, cache = forward(
-        params, state.tokens[:, None], state.positions[:, None], cache, config=config, attend_len=attend_len
+        params,
+        state.tokens[:, None],
+        state.positions[:, None],
+        cache,
+        config=config,
+        attend_len=attend_len,
+        activation_dtype=activation_dtype,
     )
     step = state.step + 1
     tokens = sample(output_logits(params, hidden[:, 0]), sampler, step, mode=mode)
@@ -218,7 +238,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_batch = max_batch
-        self.dtype = params["embed"].dtype
+        self.activation_dtype = activation_dtype(params)
+        # XLA:CPU has no fast single-row (matrix-vector) path for bf16 weights: decode at least
+        # two rows there; a second row costs next to nothing when decode is bandwidth-bound.
+        on_cpu = jax.default_backend() == "cpu"
+        self.min_decode_batch = 2 if on_cpu and params["embed"].dtype == jnp.bfloat16 else 1
 
     # -- public API --------------------------------------------------------------------------
     def generate(
@@ -295,13 +319,14 @@ class Engine:
     ) -> Iterator[StreamEvent]:
         start_time = time.perf_counter()
         n = len(prompts)
-        batch = batch_bucket(n)
-        lengths = [len(p) for p in prompts] + [1] * (batch - n)
+        batch = batch_bucket(n)  # rows prefilled
+        rows_total = max(batch, self.min_decode_batch)  # rows decoded
+        lengths = [len(p) for p in prompts] + [1] * (rows_total - n)
         longest = max(lengths)
         padded_len = prompt_bucket(longest)
         max_steps = max(s.max_new_tokens for s in sampling)
         capacity = cache_capacity(longest, max_steps)
-        padding = [SamplingParams(max_new_tokens=1)] * (batch - n)
+        padding = [SamplingParams(max_new_tokens=1)] * (rows_total - n)
         mode = SamplerMode.for_batch(sampling)
         sampler = SamplerState.from_params(sampling + padding)
 
@@ -309,8 +334,9 @@ class Engine:
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
         lengths_dev = jnp.asarray(lengths, jnp.int32)
-        cache = _empty_cache(config=self.config, batch=batch, capacity=capacity, dtype=self.dtype)
+        cache = _empty_cache(config=self.config, batch=rows_total, capacity=capacity, dtype=self.activation_dtype)
         first = jnp.zeros((batch,), jnp.int32)
+        prefill_sampler = jax.tree.map(lambda a: a[:batch], sampler)
         chunk = min(padded_len, PREFILL_CHUNK)
         for chunk_start in range(0, padded_len, chunk):
             cache, first = _prefill_chunk(
@@ -318,13 +344,16 @@ class Engine:
                 cache,
                 jnp.asarray(tokens[:, chunk_start : chunk_start + chunk]),
                 jnp.int32(chunk_start),
-                lengths_dev,
+                lengths_dev[:batch],
                 first,
-                sampler,
+                prefill_sampler,
                 config=self.config,
                 attend_len=chunk_start + chunk,
                 mode=mode,
+                activation_dtype=self.activation_dtype,
             )
+        if rows_total > batch:
+            first = jnp.pad(first, (0, rows_total - batch))
         state = DecodeState(tokens=first, positions=lengths_dev, step=jnp.int32(0))
 
         rows = [_RowText(self.tokenizer, s.stop) for s in sampling]
@@ -359,7 +388,14 @@ class Engine:
                 return None
             attend_len = kv_bucket(longest + step + 1)
             return _decode_step(
-                self.params, cache, state, sampler, config=self.config, attend_len=attend_len, mode=mode
+                self.params,
+                cache,
+                state,
+                sampler,
+                config=self.config,
+                attend_len=attend_len,
+                mode=mode,
+                activation_dtype=self.activation_dtype,
             )
 
         # The first token streams out before the first decode step is dispatched (which may have

@@ -88,6 +88,12 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -
     return jax.tree.unflatten(treedef, leaves)
 
 
+def linear(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x`` times a weight. The matmul runs in the weight's precision (bf16 weights: bf16
+    inputs, fp32 accumulation); the result comes back in ``x``'s dtype."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -124,9 +130,9 @@ def attention(
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
-    q = jnp.einsum("btd,dhk->bthk", x, layer["wq"])
-    k = jnp.einsum("btd,dhk->bthk", x, layer["wk"])
-    v = jnp.einsum("btd,dhk->bthk", x, layer["wv"])
+    q = linear("btd,dhk->bthk", x, layer["wq"])
+    k = linear("btd,dhk->bthk", x, layer["wk"])
+    v = linear("btd,dhk->bthk", x, layer["wv"])
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.norm_eps)
         k = rms_norm(k, layer["k_norm"], config.norm_eps)
@@ -141,7 +147,8 @@ def attention(
         rows = jnp.arange(batch)[:, None]
         k_cache = k_cache.at[rows, :, :, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
-        keys, values = k_cache[..., :attend_len], v_cache[:, :, :attend_len]
+        # The cache may hold more rows than this call feeds (the engine pads decode batches).
+        keys, values = k_cache[:batch, ..., :attend_len], v_cache[:batch, :, :attend_len]
         key_positions = jnp.arange(attend_len)[None, None, :]
     q = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, kv_heads, groups * seq, head_dim)
@@ -153,13 +160,13 @@ def attention(
     out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
     out = out.reshape(batch, kv_heads, groups, seq, head_dim).transpose(0, 3, 1, 2, 4)
     out = out.reshape(batch, seq, config.n_heads, head_dim)
-    return jnp.einsum("bthk,hkd->btd", out, layer["wo"]), k_cache, v_cache
+    return linear("bthk,hkd->btd", out, layer["wo"]), k_cache, v_cache
 
 
 def mlp(layer: Params, x: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, layer["w_gate"])
-    up = jnp.einsum("btd,df->btf", x, layer["w_up"])
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+    gate = linear("btd,df->btf", x, layer["w_gate"])
+    up = linear("btd,df->btf", x, layer["w_up"])
+    return linear("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def forward(
@@ -170,14 +177,18 @@ def forward(
     *,
     config: ModelConfig,
     attend_len: int = 0,
+    activation_dtype: Any = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
+
+    Activations are ``activation_dtype`` (default: the embedding's dtype); matmuls run in each
+    weight's precision (see ``linear``).
 
     ``tokens`` and ``positions`` are ``[B, T]``: each row holds consecutive positions starting
     wherever that row is. With a cache, the first ``attend_len`` cache slots are attended to.
     Without one (training, scoring), the chunk attends to itself only.
     """
-    x = params["embed"][tokens]
+    x = params["embed"][tokens].astype(activation_dtype or params["embed"].dtype)
     new_k, new_v = [], []
     no_cache = [None] * config.n_layers
     for layer, k_cache, v_cache in zip(
@@ -202,17 +213,15 @@ def forward(
 def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
     """Vocabulary logits from final hidden states, through the shared embedding (fp32)."""
     if "lm_head" in params:
-        logits = jnp.einsum("...d,dv->...v", hidden, params["lm_head"])
-    else:
-        logits = jnp.einsum("...d,vd->...v", hidden, params["embed"])
-    return logits.astype(jnp.float32)
+        return linear("...d,dv->...v", hidden.astype(jnp.float32), params["lm_head"])
+    return linear("...d,vd->...v", hidden.astype(jnp.float32), params["embed"])
 
 
-def logits_fn(params: Params, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
+def logits_fn(params: Params, tokens: jax.Array, *, config: ModelConfig, activation_dtype: Any = None) -> jax.Array:
     """Logits for every position of ``tokens [B, T]``, without a cache (training, scoring)."""
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    hidden, _ = forward(params, tokens, positions, None, config=config)
+    hidden, _ = forward(params, tokens, positions, None, config=config, activation_dtype=activation_dtype)
     return output_logits(params, hidden)
 
 
