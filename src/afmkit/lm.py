@@ -130,7 +130,9 @@ class LanguageModel:
         **sampling_kwargs: Any,
     ) -> Completion | list[Completion] | Iterator[StreamEvent]:
         """Answer a conversation (a list of ``{"role", "content"}`` dicts), or a list of them."""
-        single = bool(messages) and isinstance(messages[0], dict)
+        if not messages:
+            raise UserError("chat() needs a conversation: a list of {'role', 'content'} messages, or a list of those")
+        single = isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c)) for c in conversations]
         return self._run(prompts, single, stream, sampling, sampling_kwargs)
@@ -151,7 +153,10 @@ class LanguageModel:
     def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
         """Next-token logits (fp32) for every position: ``[T, V]`` for one sequence, ``[B, T, V]``
         for a batch of equal-length sequences."""
-        array = np.asarray(token_ids, dtype=np.int32)
+        try:
+            array = np.asarray(token_ids, dtype=np.int32)
+        except (ValueError, TypeError):
+            raise UserError("logits() takes a list of token ids, or a list of equal-length lists of them") from None
         single = array.ndim == 1
         if single:
             array = array[None]
