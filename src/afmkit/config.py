@@ -8,7 +8,6 @@ and says so in ``note``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from afmkit.errors import UserError
@@ -70,11 +69,6 @@ class ModelConfig:
     def total_params(self) -> int:
         return self.embedding_params + self.non_embedding_params
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward+backward training FLOPs per token (6N plus attention), for MFU estimates."""
-        attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
-        return 6 * (self.non_embedding_params + self.vocab_size * self.d_model) + attention
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -85,9 +79,6 @@ class ModelConfig:
         if unknown:
             raise UserError(f"unknown model config fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -179,12 +179,10 @@ def load_hf_directory(directory: str | os.PathLike, *, dtype: Any = jnp.float32)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise UserError(f"no *.safetensors files in {directory}; afmkit reads safetensors checkpoints only")
-    handles = {}
     where: dict[str, Any] = {}
     try:
         for path in files:
             handle = safe_open(str(path), framework="flax")
-            handles[path] = handle
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 where[key] = handle
     except Exception as exc:  # safetensors raises its own error types for bad headers

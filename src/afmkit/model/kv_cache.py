@@ -28,14 +28,3 @@ class KVCache:
             k=[jnp.zeros(k_shape, dtype) for _ in range(config.n_layers)],
             v=[jnp.zeros(v_shape, dtype) for _ in range(config.n_layers)],
         )
-
-    @property
-    def capacity(self) -> int:
-        return self.v[0].shape[2]
-
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
-
-    def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
