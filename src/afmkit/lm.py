@@ -252,7 +252,11 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
 
 
 def _load_gguf_cached(path: Path, *, name: str, dtype: Any) -> tuple[ModelConfig, Params, Tokenizer]:
-    """Dequantize a GGUF once; later loads read the afmkit checkpoint kept in the cache."""
+    """Dequantize a GGUF once; later loads read the afmkit checkpoint kept in the cache.
+
+    The cached copy is always fp32 (exact for dequantized values), whatever ``dtype`` the first
+    load asked for, so a bf16 load never rounds the weights a later fp32 load gets.
+    """
     from afmkit.interop.gguf import load_gguf
 
     stat = path.stat()
@@ -265,9 +269,9 @@ def _load_gguf_cached(path: Path, *, name: str, dtype: Any) -> tuple[ModelConfig
                 return config, params, tokenizer
         except UserError as exc:
             print(f"afmkit: re-converting {path.name}: cached copy unusable ({exc})", file=sys.stderr)
-    config, params, tokenizer = load_gguf(path, dtype=dtype, name=name)
+    config, params, tokenizer = load_gguf(path, dtype=jnp.float32, name=name)
     try:
         native.save_checkpoint(cached, config, params, tokenizer)
     except OSError as exc:  # a read-only or full cache must not stop the load
         print(f"afmkit: could not cache the converted weights in {cached}: {exc}", file=sys.stderr)
-    return config, params, tokenizer
+    return config, jax.tree.map(lambda w: w.astype(dtype), params), tokenizer

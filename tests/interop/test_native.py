@@ -80,3 +80,30 @@ def test_cached_conversion_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypa
     (converted / "model.safetensors").write_bytes(b"garbage")
     second = afmkit.load(smollm2_gguf)
     np.testing.assert_array_equal(second.logits([1, 2, 3]), first.logits([1, 2, 3]))
+
+
+def test_a_bf16_first_load_does_not_round_the_cached_weights(tmp_path, monkeypatch, smollm2, smollm2_gguf):
+    import jax.numpy as jnp
+
+    monkeypatch.setenv("AFMKIT_CACHE", str(tmp_path))
+    bf16 = afmkit.load(smollm2_gguf, dtype="bfloat16")
+    assert bf16.params["embed"].dtype == jnp.bfloat16
+    fp32 = afmkit.load(smollm2_gguf)  # now from the cache the bf16 load wrote
+    np.testing.assert_array_equal(np.asarray(fp32.params["embed"]), np.asarray(smollm2.params["embed"]))
+
+
+def test_unreadable_tensor_entry_is_a_clear_error(tmp_path, tiny):
+    import json
+    import struct
+
+    tiny.save(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["embed"]["dtype"] = "F64"
+    new_header = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(new_header) == length
+    weights.write_bytes(data[:8] + new_header + data[8 + length :])
+    with pytest.raises(CorruptFileError, match="unreadable entry"):
+        afmkit.load(tmp_path / "ckpt")

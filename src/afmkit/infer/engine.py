@@ -336,7 +336,7 @@ class Engine:
         lengths_dev = jnp.asarray(lengths, jnp.int32)
         cache = _empty_cache(config=self.config, batch=rows_total, capacity=capacity, dtype=self.activation_dtype)
         first = jnp.zeros((batch,), jnp.int32)
-        prefill_sampler = jax.tree.map(lambda a: a[:batch], sampler)
+        prefill_sampler = sampler if rows_total == batch else jax.tree.map(lambda a: a[:batch], sampler)
         chunk = min(padded_len, PREFILL_CHUNK)
         for chunk_start in range(0, padded_len, chunk):
             cache, first = _prefill_chunk(

@@ -89,6 +89,8 @@ class SafetensorsReader:
                 if header_len > 100_000_000:
                     raise ValueError("header length is implausible")
                 header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (OSError, ValueError, IndexError) as exc:
             raise CorruptFileError(f"cannot read {path}: {exc}; the file is damaged, save it again") from None
         header.pop("__metadata__", None)
@@ -96,16 +98,19 @@ class SafetensorsReader:
         self.data_start = 8 + header_len
         self.size = path.stat().st_size
 
-    def names(self) -> set[str]:
-        return set(self.entries)
-
     def read(self, name: str) -> np.ndarray:
         entry = self.entries.get(name)
         if entry is None:
             raise CorruptFileError(f"{self.path}: weight {name} is missing; the checkpoint is damaged")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(
+                f"{self.path}: weight {name} has an unreadable entry {entry!r} (supported dtypes: "
+                f"{', '.join(_SAFETENSORS_DTYPES)}); the checkpoint is damaged"
+            ) from None
         if end - begin != int(np.prod(shape)) * dtype.itemsize or self.data_start + end > self.size:
             raise CorruptFileError(f"{self.path}: weight {name} is truncated; the checkpoint is damaged")
         out = np.empty(shape, dtype)
