@@ -1,0 +1,98 @@
+"""Corpus sources: text files, JSONL files, directories and glob patterns, read as documents.
+
+A source is a path or a glob pattern. A text file is one document; a ``.jsonl`` file is one
+document per line (its ``text`` field, or another field chosen by ``text_key``); a directory is
+every text or JSONL file below it. Documents come out in a stable order (sources in the order
+given, files sorted by path), so the same sources always give the same stream.
+
+With no sources, :func:`stdlib_sources` names text that every machine with Python has: the
+standard library's own ``.py`` files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from afmkit.errors import UserError
+
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".py", ".text"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # "path" for a text file, "path:line" for a JSONL row
+
+
+def stdlib_sources() -> list[Path]:
+    """The Python standard library's ``.py`` files (without site-packages and tests), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def expand_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """Resolve paths, directories and glob patterns to a list of readable files.
+
+    A source that matches nothing is an error naming it; so is a directory with no text files.
+    """
+    files: list[Path] = []
+    for source in sources:
+        source = str(source)
+        if any(ch in source for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise UserError(f"the pattern {source!r} matches no files")
+            files.extend(matches)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
+            if not found:
+                raise UserError(
+                    f"the directory {source} holds no text or JSONL files "
+                    f"(looked for {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))})"
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"data path {source} does not exist")
+    return files
+
+
+def iter_documents(sources: Sequence[str | os.PathLike], *, text_key: str = "text") -> Iterator[Document]:
+    """Documents from ``sources`` in a stable order; empty documents are skipped."""
+    for path in expand_sources(sources):
+        if path.suffix in JSONL_SUFFIXES:
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+                        raise UserError(f"{path}:{line_no}: expected an object with a string field {text_key!r}")
+                    if row[text_key].strip():
+                        yield Document(row[text_key], f"{path}:{line_no}")
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield Document(text, str(path))
+
+
+def read_documents(sources: Sequence[str | os.PathLike] | None, *, text_key: str = "text") -> list[Document]:
+    """All documents from ``sources`` (the standard library when ``None``); an empty corpus is an error."""
+    documents = list(iter_documents(stdlib_sources() if sources is None else sources, text_key=text_key))
+    if not documents:
+        raise UserError(f"the corpus is empty: no non-blank documents in {', '.join(map(str, sources or []))}")
+    return documents
