@@ -35,3 +35,10 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder for tests and benchmarks: ``$AFMKIT_SHARED_DATA``, else
+    ``../shared/data`` beside the repository. It is never copied into the repository."""
+    override = os.environ.get("AFMKIT_SHARED_DATA")
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "shared" / "data"
