@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("name", help="a model size (e.g. afm-on-device), model name or path")
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
+    from afmkit.data.curation.command import add_curate_parser
     from afmkit.data.tokenizer_training import add_tokenizer_parser
 
     add_tokenizer_parser(commands)
+    add_curate_parser(commands)
     return parser
 
 
@@ -230,7 +232,19 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return {"train": cmd_tokenizer_train}[args.tokenizer_command](args)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenizer": cmd_tokenizer}
+def cmd_curate(args: argparse.Namespace) -> int:
+    from afmkit.data.curation.command import cmd_curate as run
+
+    return run(args)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "tokenizer": cmd_tokenizer,
+    "curate": cmd_curate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
