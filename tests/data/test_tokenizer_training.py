@@ -115,3 +115,12 @@ def test_cli_trains_saves_and_refuses_to_overwrite(tmp_path, capsys):
     )
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "t2").exists()
+
+
+def test_cli_warns_when_the_corpus_is_too_small_for_the_vocabulary(tmp_path, capsys):
+    data = tmp_path / "small.txt"
+    data.write_text(CORPUS[0])
+    assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "5000", "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the corpus supports only" in err and "asked for 5,000" in err
+    assert Tokenizer.from_directory(tmp_path / "t").vocab_size < 5000

@@ -19,6 +19,7 @@ it does not have to fit in memory.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -214,6 +215,13 @@ def cmd_tokenizer_train(args) -> int:
         print(
             f"trained a {stats.vocab_size:,}-token byte-level BPE on {stats.chars:,} characters "
             f"({stats.documents:,} chunks) in {stats.seconds:.1f}s; saved to {out}"
+        )
+    if stats.vocab_size < args.vocab_size:
+        # BPE stops when no pair occurs --min-frequency times: the corpus is too small for the vocabulary.
+        print(
+            f"afmkit: warning: the corpus supports only {stats.vocab_size:,} tokens at --min-frequency "
+            f"{args.min_frequency} (asked for {args.vocab_size:,}); add data or lower --min-frequency",
+            file=sys.stderr,
         )
     return 0
 
