@@ -136,12 +136,16 @@ class LengthFilter(_QualityStep):
         return None
 
 
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
 def _above(name: str, value: float, limit: float | None) -> str | None:
-    return f"{name} {value:.3f} > {limit}" if limit is not None and value > limit else None
+    return f"{name} {_number(value)} > {limit}" if limit is not None and value > limit else None
 
 
 def _below(name: str, value: float, limit: float | None) -> str | None:
-    return f"{name} {value:.3f} < {limit}" if limit is not None and value < limit else None
+    return f"{name} {_number(value)} < {limit}" if limit is not None and value < limit else None
 
 
 class CompositionFilter(_QualityStep):
