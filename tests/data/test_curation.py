@@ -88,6 +88,13 @@ def test_near_duplicates_with_a_few_words_changed():
     assert "near duplicate of first" in rejects["near"].reason
 
 
+def test_character_shingles_catch_typos():
+    typo = CLEAN[2].replace("language", "langauge").replace("practice", "practise")
+    docs = [doc(CLEAN[2], "first"), doc(typo, "typo"), doc(CLEAN[3], "other")]
+    kept, _, rejects = removed_by([NearDedup(shingle="char", ngram=5)], docs)
+    assert [d.source for d in kept] == ["first", "other"] and "near duplicate of first" in rejects["typo"].reason
+
+
 def shingle_strings(text: str, n: int = 5) -> set[str]:
     words = text.lower().split()
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
@@ -286,6 +293,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     reject_rows = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert sorted(r["step"] for r in reject_rows) == sorted(k for k, v in removed.items() if v)
     assert all(r["reason"] and r["source"] for r in reject_rows)
+    # A rejected document's preview is scrubbed too: the rejects file must not leak PII.
+    pii_reject = tmp_path / "pii.jsonl"
+    pii_reject.write_text(json.dumps({"text": "Call 555-123-4567 or mail bob@example.com"}) + "\n")
+    assert main(["curate", "--data", str(pii_reject), "--out", str(out), "--rejects", str(rejects)]) == 0
+    assert json.loads(rejects.read_text())["preview"] == "Call <PHONE> or mail <EMAIL>"
+    # Curating a file onto itself is refused.
+    capsys.readouterr()
+    assert main(["curate", "--data", str(out), "--out", str(out)]) == 2
+    assert "is also an input" in capsys.readouterr().err
 
 
 def test_cli_bad_input_leaves_the_output_alone(tmp_path, capsys):

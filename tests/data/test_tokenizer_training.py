@@ -40,8 +40,8 @@ def test_every_digit_is_its_own_token(trained):
 
 
 def test_special_tokens_are_single_ids(trained):
-    for token in CHAT_SPECIAL_TOKENS:
-        assert trained.encode(token) == [trained.token_id(token)]
+    for expected_id, token in enumerate(CHAT_SPECIAL_TOKENS):
+        assert trained.encode(token) == [trained.token_id(token)] == [expected_id]
     assert trained.eos_token == "<|endoftext|>"
     assert set(trained.stop_tokens) == {"<|endoftext|>", "<|im_end|>"}
 

@@ -37,6 +37,10 @@ def add_curate_parser(commands) -> None:
     )
     curate.add_argument("--min-words", type=int, help="override the quality profile's minimum word count")
     curate.add_argument("--near-threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold (0.8)")
+    curate.add_argument(
+        "--shingle", choices=["word", "char"], default="word", help="near-dedup shingles: word or character n-grams"
+    )
+    curate.add_argument("--shingle-size", type=int, default=5, help="words (or characters) per shingle (5)")
     curate.add_argument("--ngram", type=int, default=13, help="decontamination n-gram size in words (13)")
     curate.add_argument("--min-ngram", type=int, default=4, help="shortest benchmark n-gram used (4)")
     curate.add_argument("--common-count", type=int, default=1000, help="corpus count that makes an n-gram common")
@@ -64,7 +68,7 @@ def atomic_file(path: Path) -> Iterator:
 
 def cmd_curate(args: argparse.Namespace) -> int:
     from afmkit.data.corpus import expand_sources, iter_documents, stdlib_sources
-    from afmkit.data.curation import QualityConfig, default_steps
+    from afmkit.data.curation import PiiScrubber, QualityConfig, default_steps
     from afmkit.data.curation.pipeline import Pipeline
 
     out = Path(args.out)
@@ -74,7 +78,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if rejects_path is not None and rejects_path.resolve() == out.resolve():
         raise UserError("--rejects and --out must be different files")
     sources = args.data if args.data else stdlib_sources()
-    expand_sources(sources)  # a missing path fails here, before any work
+    inputs = expand_sources(sources)  # a missing path fails here, before any work
+    if out.exists() and any(out.resolve() == p.resolve() for p in inputs):
+        raise UserError(f"--out {out} is also an input; write the curated corpus to a new file")
     prose = QualityConfig.for_profile("prose")
     code = QualityConfig.for_profile("code")
     if args.min_words is not None:
@@ -85,6 +91,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         prose=prose,
         code=code,
         near_threshold=args.near_threshold,
+        shingle=args.shingle,
+        shingle_size=args.shingle_size,
         ngram=args.ngram,
         min_ngram=args.min_ngram,
         common_count=args.common_count,
@@ -103,9 +111,12 @@ def cmd_curate(args: argparse.Namespace) -> int:
         with atomic_file(out) as f_out, contextlib.ExitStack() as stack:
             f_rej = stack.enter_context(atomic_file(rejects_path)) if rejects_path else None
 
+            preview_scrubber = PiiScrubber()  # filters run before the pii step: don't leak PII into the rejects file
+
             def on_reject(rejection) -> None:
                 if f_rej is not None:
-                    f_rej.write(json.dumps(asdict(rejection), ensure_ascii=False) + "\n")
+                    row = {**asdict(rejection), "preview": preview_scrubber.scrub(rejection.preview)[0]}
+                    f_rej.write(json.dumps(row, ensure_ascii=False) + "\n")
 
             for document in pipeline.run(progress.track(corpus(), "curating", total), on_reject=on_reject):
                 f_out.write(json.dumps({"text": document.text, "source": document.source}, ensure_ascii=False) + "\n")
