@@ -124,3 +124,17 @@ def test_cli_warns_when_the_corpus_is_too_small_for_the_vocabulary(tmp_path, cap
     err = capsys.readouterr().err
     assert "warning: the corpus supports only" in err and "asked for 5,000" in err
     assert Tokenizer.from_directory(tmp_path / "t").vocab_size < 5000
+
+
+def test_hugging_face_transformers_reads_the_saved_tokenizer(trained, tmp_path):
+    # An independent reader of the files: transformers' AutoTokenizer gives the same ids and chat prompt.
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(trained, tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    sample = "Numbers 12345, café 東京 🎉 <|im_start|>user\nhi<|im_end|>"
+    assert hf.encode(sample, add_special_tokens=False) == trained.encode(sample)
+    messages = [{"role": "user", "content": "Add 2 and 40."}]
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        trained.apply_chat_template(messages)
+    )
+    assert hf.eos_token == "<|endoftext|>"

@@ -121,7 +121,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
             for document in pipeline.run(progress.track(corpus(), "curating", total), on_reject=on_reject):
                 f_out.write(json.dumps({"text": document.text, "source": document.source}, ensure_ascii=False) + "\n")
             if pipeline.documents_in == 0:
-                raise UserError(f"the corpus is empty: no non-blank documents in {', '.join(map(str, sources))}")
+                named = ", ".join(args.data) if args.data else "the standard library"
+                raise UserError(f"the corpus is empty: no non-blank documents in {named}")
     report = pipeline.report()
     print_report(report, out=out)
     if args.json:
