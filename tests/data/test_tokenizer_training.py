@@ -138,3 +138,15 @@ def test_hugging_face_transformers_reads_the_saved_tokenizer(trained, tmp_path):
         trained.apply_chat_template(messages)
     )
     assert hf.eos_token == "<|endoftext|>"
+
+
+def test_cli_bad_corpus_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hello world"}) + "\n{oops\n")
+    (tmp_path / "blank.txt").write_text(" \n")
+    for data, message in ((bad, "bad.jsonl:2: not valid JSON"), (tmp_path / "blank.txt", "corpus is empty")):
+        assert (
+            main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+        )
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "t").exists()
