@@ -21,6 +21,7 @@ from afmkit.data.curation import (
     luhn_valid,
     quality_steps,
 )
+from afmkit.data.curation.dedup import candidate_probability
 
 # Clean, ordinary prose: each passes every quality rule and none is a duplicate of another.
 CLEAN = [
@@ -120,11 +121,32 @@ def test_minhash_estimates_jaccard_like_an_independent_implementation(changed):
     assert abs(ours - theirs) < 0.12
 
 
-def test_lsh_banding_puts_its_threshold_near_the_requested_one():
+def test_lsh_banding_favours_recall_at_the_threshold():
     for threshold in (0.5, 0.8, 0.9):
         bands, rows = lsh_bands(threshold=threshold, num_perm=128)
         assert bands * rows <= 128
-        assert abs((1 / bands) ** (1 / rows) - threshold) < 0.1
+        assert candidate_probability(threshold, bands=bands, rows=rows) >= 0.99
+        assert candidate_probability(threshold - 0.4, bands=bands, rows=rows) < 0.1
+
+
+def test_near_dedup_removes_close_pairs_and_keeps_distant_ones():
+    # 40 unrelated documents, each followed by a variant with a known number of words replaced.
+    rng = np.random.default_rng(0)
+    vocabulary = [f"w{i}" for i in range(5000)]
+    docs, truth = [], {}
+    for i in range(40):
+        base = " ".join(rng.choice(vocabulary, size=300))
+        changed = int(rng.integers(0, 16))
+        variant = change_words(base, sorted(rng.choice(300, size=changed, replace=False).tolist()))
+        a, b = shingle_strings(base), shingle_strings(variant)
+        truth[f"v{i}"] = len(a & b) / len(a | b)
+        docs += [doc(base, f"b{i}"), doc(variant, f"v{i}")]
+    kept, _, rejects = removed_by([NearDedup(threshold=0.8)], docs)
+    assert all(f"b{i}" in {d.source for d in kept} for i in range(40))
+    close = [k for k, j in truth.items() if j >= 0.9]
+    distant = [k for k, j in truth.items() if j <= 0.65]
+    assert len(close) >= 5 and len(distant) >= 5
+    assert all(k in rejects for k in close) and not any(k in rejects for k in distant)
 
 
 # -- quality --------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ Near duplicates are found with MinHash signatures and locality-sensitive hashing
   its shingles; two documents agree in one position with probability equal to the Jaccard
   similarity of their shingle sets, so the fraction of agreeing positions estimates it;
 - the signature is cut into ``bands`` bands of ``rows`` values; documents sharing any whole band are
-  candidates (probability 1 - (1 - s^rows)^bands for similarity s, a steep S-curve near the
-  threshold); each candidate is then checked by its estimated Jaccard against the threshold.
+  candidates (probability 1 - (1 - s^rows)^bands for similarity s, a steep S-curve); the banding
+  is chosen so that pairs at the threshold are candidates 99% of the time, and each candidate is
+  then checked by its estimated Jaccard against the threshold.
 
 The hash functions are multiply-shift: h_i(x) = ((a_i * x + b_i) mod 2^64) >> 32 with random odd
 a_i, applied to 64-bit shingle hashes, all in numpy.
@@ -79,23 +80,29 @@ class MinHasher:
         return signature.astype(np.uint32)
 
 
-def lsh_bands(*, threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) with bands * rows <= num_perm that best separate pairs above/below ``threshold``.
+def candidate_probability(similarity: float, *, bands: int, rows: int) -> float:
+    """The chance that two documents with this Jaccard similarity share at least one whole band."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
 
-    Minimises the area of false candidates (similarity below the threshold) plus missed pairs
-    (above it) under the banding S-curve, weighted equally.
+
+def lsh_bands(*, threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm for near-duplicate search at ``threshold``.
+
+    Every candidate is verified against its signature, so a false candidate costs one vector
+    comparison while a missed pair is a duplicate left in the corpus: we ask that a pair exactly at
+    the threshold becomes a candidate with probability >= ``recall``, and among such settings take
+    the one with the fewest false candidates (the area under the S-curve below the threshold).
     """
-    best, best_cost = (1, num_perm), float("inf")
+    below = np.linspace(0.0, threshold, 200)
+    best, best_key = (num_perm, 1), (True, float("inf"))
     for bands in range(1, num_perm + 1):
         rows = num_perm // bands
-        below = np.linspace(0.0, threshold, 200)
-        above = np.linspace(threshold, 1.0, 200)
-        # Mean over a uniform grid times its width: the integral, to well within what matters here.
-        false_positive = np.mean(1 - (1 - below**rows) ** bands) * threshold
-        false_negative = np.mean((1 - above**rows) ** bands) * (1 - threshold)
-        cost = false_positive + false_negative
-        if cost < best_cost:
-            best, best_cost = (bands, rows), cost
+        at_threshold = candidate_probability(threshold, bands=bands, rows=rows)
+        false_area = float(np.mean(candidate_probability(below, bands=bands, rows=rows))) * threshold
+        # Settings that reach the recall come first; then fewer false candidates; else higher recall.
+        key = (at_threshold < recall, false_area if at_threshold >= recall else -at_threshold)
+        if key < best_key:
+            best, best_key = (bands, rows), key
     return best
 
 
