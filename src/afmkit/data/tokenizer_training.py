@@ -84,7 +84,7 @@ def train_tokenizer(
     )
     counter = _Counter()
     start = time.perf_counter()
-    with _progress(show_progress, length) as advance:
+    with _TrainingProgress(enabled=show_progress) as advance:
         backend.train_from_iterator(counter.count(texts, advance), trainer=trainer, length=length)
     seconds = time.perf_counter() - start
     if counter.documents == 0:
@@ -158,10 +158,10 @@ class _Counter:
             yield text
 
 
-class _progress:
+class _TrainingProgress:
     """A rich progress line over the characters fed to the trainer (merges are computed after)."""
 
-    def __init__(self, enabled: bool, length: int | None) -> None:
+    def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
         self.progress = None
 
