@@ -7,7 +7,6 @@ from ``n`` array operations instead of ``len(document)`` Python-level hashes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 
@@ -18,9 +17,19 @@ WORD_PATTERN = re.compile(r"\w+")
 NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
 
-@functools.lru_cache(maxsize=1 << 20)
+_WORD_HASHES: dict[str, int] = {}
+_MAX_CACHED_WORDS = 1 << 21  # ~200 MB at most; a corpus's vocabulary is usually far smaller
+
+
 def word_hash(word: str) -> int:
-    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+    value = _WORD_HASHES.get(word)
+    if value is None:
+        if len(_WORD_HASHES) >= _MAX_CACHED_WORDS:
+            _WORD_HASHES.clear()
+        value = _WORD_HASHES[word] = int.from_bytes(
+            hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little"
+        )
+    return value
 
 
 def words(text: str) -> list[str]:
@@ -29,7 +38,10 @@ def words(text: str) -> list[str]:
 
 
 def word_hashes(tokens: list[str]) -> np.ndarray:
-    return np.fromiter((word_hash(w) for w in tokens), dtype=np.uint64, count=len(tokens))
+    cache = _WORD_HASHES
+    # Inline dict lookups (the common case) and a call only for unseen words: this runs once per word.
+    values = [cache[w] if w in cache else word_hash(w) for w in tokens]
+    return np.array(values, dtype=np.uint64)
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
