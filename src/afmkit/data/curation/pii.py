@@ -8,7 +8,7 @@ What is replaced (in this order, so a longer pattern wins over a shorter one ins
 - ``<SSN>``: US social-security numbers written ``AAA-GG-SSSS``, without the never-issued
   areas 000, 666 and 900-999, group 00 or serial 0000 (bare 9-digit runs are too ambiguous);
 - ``<PHONE>``: North-American numbers with separators (``555-123-4567``, ``(555) 123-4567``,
-  ``+1 555.123.4567``) and international numbers written with a ``+`` country code and 8 to 15
+  ``+1 555.123.4567``) and international numbers written with a ``+`` country code and 10 to 15
   digits in groups (``+44 20 7946 0958``);
 - ``<IP_ADDRESS>``: dotted IPv4 addresses, only when asked (``ipv4=True``): code and docs are
   full of example addresses such as 127.0.0.1.
@@ -30,7 +30,7 @@ SSN = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?
 PHONE = re.compile(
     r"(?<![\w.+-])(?:"
     r"(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}"  # North American
-    r"|\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}"  # international, checked for 8-15 digits below
+    r"|\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}"  # international, checked for 10-15 digits below
     r")(?![\w-]|\.\d)"
 )
 IPV4 = re.compile(
