@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="parameter counts and memory of a model size or model")
     info.add_argument("name", help="a model size (e.g. afm-on-device), model name or path")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from afmkit.data.curation.command import add_curate_parser
+    from afmkit.data.tokenizer_training import add_tokenizer_parser
+
+    add_tokenizer_parser(commands)
+    add_curate_parser(commands)
     return parser
 
 
@@ -220,7 +226,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from afmkit.data.tokenizer_training import cmd_tokenizer_train
+
+    return {"train": cmd_tokenizer_train}[args.tokenizer_command](args)
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from afmkit.data.curation.command import cmd_curate as run
+
+    return run(args)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "tokenizer": cmd_tokenizer,
+    "curate": cmd_curate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

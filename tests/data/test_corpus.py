@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from afmkit.data.corpus import read_documents, stdlib_sources
+from afmkit.data.corpus import iter_text_chunks, read_documents, stdlib_sources
 from afmkit.errors import UserError
 
 
@@ -10,7 +10,9 @@ def test_sources_text_jsonl_and_globs(tmp_path):
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("second")
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "row one"}) + "\n\n" + json.dumps({"text": "row two"}) + "\n")
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps({"text": "row one"}) + "\n\n" + json.dumps({"text": "row two"}) + "\n"
+    )
     docs = read_documents([tmp_path])
     assert [d.text for d in docs] == ["first document", "row one", "row two", "second"]
     assert docs[1].source.endswith("rows.jsonl:1")
@@ -34,3 +36,16 @@ def test_bad_sources_name_the_problem(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         read_documents([tmp_path / "bad.jsonl"])
+
+
+def test_paragraph_split_and_streamed_chunks(tmp_path):
+    (tmp_path / "play.txt").write_text("ROMEO:\nBut soft!\n\n\nJULIET:\nAy me!\n  \nNURSE:\nAnon!\n")
+    paragraphs = read_documents([tmp_path / "play.txt"], split_paragraphs=True)
+    assert [d.text for d in paragraphs] == ["ROMEO:\nBut soft!", "JULIET:\nAy me!", "NURSE:\nAnon!"]
+    assert [d.source.rsplit(":", 1)[1] for d in paragraphs] == ["1", "5", "8"]
+
+    big = "".join(f"line {i}\n" for i in range(1000))
+    (tmp_path / "big.txt").write_text(big)
+    chunks = list(iter_text_chunks([tmp_path / "big.txt"], chunk_chars=500))
+    assert len(chunks) > 10 and all(c.endswith("\n") for c in chunks)
+    assert "".join(chunks) == big

@@ -68,31 +68,92 @@ def expand_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def iter_documents(sources: Sequence[str | os.PathLike], *, text_key: str = "text") -> Iterator[Document]:
-    """Documents from ``sources`` in a stable order; empty documents are skipped."""
+def iter_documents(
+    sources: Sequence[str | os.PathLike], *, text_key: str = "text", split_paragraphs: bool = False
+) -> Iterator[Document]:
+    """Documents from ``sources`` in a stable order; empty documents are skipped.
+
+    With ``split_paragraphs``, a text file gives one document per paragraph (runs of lines between
+    blank lines), its source ``path:line`` naming the paragraph's first line; JSONL rows are unchanged.
+    """
     for path in expand_sources(sources):
         if path.suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                        raise UserError(f"{path}:{line_no}: expected an object with a string field {text_key!r}")
-                    if row[text_key].strip():
-                        yield Document(row[text_key], f"{path}:{line_no}")
+            yield from _jsonl_documents(path, text_key=text_key)
+        elif split_paragraphs:
+            yield from _paragraph_documents(path)
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
                 yield Document(text, str(path))
 
 
-def read_documents(sources: Sequence[str | os.PathLike] | None, *, text_key: str = "text") -> list[Document]:
+def _jsonl_documents(path: Path, *, text_key: str) -> Iterator[Document]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+                raise UserError(f"{path}:{line_no}: expected an object with a string field {text_key!r}")
+            if row[text_key].strip():
+                yield Document(row[text_key], f"{path}:{line_no}")
+
+
+def _paragraph_documents(path: Path) -> Iterator[Document]:
+    lines: list[str] = []
+    first = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                if not lines:
+                    first = line_no
+                lines.append(line)
+            elif lines:
+                yield Document("".join(lines).rstrip("\n"), f"{path}:{first}")
+                lines = []
+    if lines:
+        yield Document("".join(lines).rstrip("\n"), f"{path}:{first}")
+
+
+def iter_text_chunks(
+    sources: Sequence[str | os.PathLike], *, text_key: str = "text", chunk_chars: int = 1 << 20
+) -> Iterator[str]:
+    """The corpus as a stream of strings for tokenizer training, never holding a whole large file.
+
+    JSONL rows come one per string; a text file comes in pieces of about ``chunk_chars``
+    characters, cut only at line ends (BPE pre-tokenization never joins text across a newline run,
+    so the cuts do not change what is learned beyond a rare whitespace token).
+    """
+    for path in expand_sources(sources):
+        if path.suffix in JSONL_SUFFIXES:
+            for document in _jsonl_documents(path, text_key=text_key):
+                yield document.text
+            continue
+        pending: list[str] = []
+        size = 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                pending.append(line)
+                size += len(line)
+                if size >= chunk_chars:
+                    yield "".join(pending)
+                    pending, size = [], 0
+        if pending and "".join(pending).strip():
+            yield "".join(pending)
+
+
+def read_documents(
+    sources: Sequence[str | os.PathLike] | None, *, text_key: str = "text", split_paragraphs: bool = False
+) -> list[Document]:
     """All documents from ``sources`` (the standard library when ``None``); an empty corpus is an error."""
-    documents = list(iter_documents(stdlib_sources() if sources is None else sources, text_key=text_key))
+    documents = list(
+        iter_documents(
+            stdlib_sources() if sources is None else sources, text_key=text_key, split_paragraphs=split_paragraphs
+        )
+    )
     if not documents:
         raise UserError(f"the corpus is empty: no non-blank documents in {', '.join(map(str, sources or []))}")
     return documents
