@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="parameter counts and memory of a model size or model")
     info.add_argument("name", help="a model size (e.g. afm-on-device), model name or path")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from afmkit.train import cli as train_cli
+
+    train_cli.add_parsers(commands)
     return parser
 
 
@@ -220,7 +224,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from afmkit.train.cli import cmd_pretrain as run
+
+    return run(args)
+
+
+def cmd_shard_plan(args: argparse.Namespace) -> int:
+    from afmkit.train.cli import cmd_shard_plan as run
+
+    return run(args)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "pretrain": cmd_pretrain,
+    "shard-plan": cmd_shard_plan,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,7 +55,8 @@ def weight_specs(config: ModelConfig) -> Params:
         layer["q_norm"] = WeightSpec((hd,), ("head_dim",), 0.0)
         layer["k_norm"] = WeightSpec((hd,), ("head_dim",), 0.0)
     specs: Params = {
-        "embed": WeightSpec((config.vocab_size, d), ("vocab", "embed"), 1.0),
+        # std 1/sqrt(d): the tied table is also the output projection, so logits start near 0
+        "embed": WeightSpec((config.vocab_size, d), ("vocab", "embed"), std),
         "layers": [dict(layer) for _ in range(config.n_layers)],
         "final_norm": WeightSpec((d,), ("embed",), 0.0),
     }

@@ -224,15 +224,52 @@ def make_train_step(
     )
 
 
+def local_batch_positions(mesh: Mesh, *, global_rows: int, seq_len: int, accum_steps: int) -> np.ndarray:
+    """Which rows of the global batch this process's devices hold, in the order
+    ``global_batch`` expects them (microbatch-major when accumulating)."""
+    shape = (global_rows, seq_len) if accum_steps == 1 else (accum_steps, global_rows // accum_steps, seq_len)
+    sharding = batch_sharding(mesh, shape=shape)
+    row_dim = len(shape) - 2
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        rows = index[row_dim]
+        starts.append(rows.start or 0)
+        stops.append(shape[row_dim] if rows.stop is None else rows.stop)
+    start, stop = min(starts), max(stops)
+    if accum_steps == 1:
+        return np.arange(start, stop)
+    per_micro = shape[1]
+    return np.concatenate([a * per_micro + np.arange(start, stop) for a in range(accum_steps)])
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, *, global_rows: int, accum_steps: int) -> Batch:
-    """A global ``Batch`` from this process's rows (all rows when there is one process)."""
+    """A global ``Batch`` from this process's rows (``local_batch_positions``; all rows when
+    there is one process)."""
     fields = {}
     for name in BATCH_FIELDS:
         array = local[name]
         seq = array.shape[-1]
         shape = (global_rows, seq) if accum_steps == 1 else (accum_steps, global_rows // accum_steps, seq)
-        if accum_steps > 1:  # each process splits its own rows; the gradient sums over all of them
+        if accum_steps > 1:
             array = array.reshape(accum_steps, -1, seq)
         sharding = batch_sharding(mesh, shape=shape)
         fields[name] = jax.make_array_from_process_local_data(sharding, array, shape)
     return Batch(**fields)
+
+
+def make_eval_step(
+    *, config: ModelConfig, step_config: StepConfig, mesh: Mesh, shardings: TrainState, batch_shape: tuple[int, ...]
+) -> Any:
+    """``eval_step(params, batch) -> mean loss`` (cross-entropy only), compiled for ``mesh``."""
+
+    def eval_fn(params: Params, batch: Batch) -> jax.Array:
+        with activation_sharding(mesh):
+            _, (ce_sum, count) = _loss_sums(params, batch, config=config, step_config=step_config)
+        return ce_sum / jnp.maximum(count, 1.0)
+
+    data = batch_sharding(mesh, shape=batch_shape)
+    return jax.jit(
+        eval_fn,
+        in_shardings=(shardings.params, Batch(*[data] * len(BATCH_FIELDS))),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
