@@ -176,6 +176,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.seq_len > config.max_seq_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds {cfg.model}'s context of {config.max_seq_len}")
     _prepare_out(cfg)
+    if jax.process_count() > 1:  # every process has checked --out before the lead writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("afmkit pretrain: --out checked")
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(
