@@ -18,19 +18,24 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", nargs="+", help="text/JSONL files, directories or globs (default: the Python stdlib)")
     p.add_argument("--mesh", help="mesh spec, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch", type=int, default=8, help="global batch in sequences (default 8)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--optimizer", choices=["adamw", "afm"], default="adamw", help="adamw or afm (RMSProp-momentum)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 10%% of --steps, at most 100)")
     p.add_argument("--final-lr-fraction", type=float, default=0.1, help="cosine floor as a fraction of the peak")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay (default 0.1)")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=3.16e-4,
+        help="decoupled weight decay per step at the peak LR, not multiplied by the LR (default 3.16e-4, AFM's)",
+    )
     p.add_argument("--accum", type=int, default=1, help="gradient-accumulation microbatches per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--z-loss", type=float, default=1e-6, help="auxiliary z-loss weight (default 1e-6)")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, else bfloat16")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (default 50)")
+    p.add_argument("--save-every", type=int, default=25, help="checkpoint every K steps (default 25)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, loss.png)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

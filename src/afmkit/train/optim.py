@@ -1,10 +1,12 @@
 """Optimizers and the learning-rate schedule, built from Optax transforms.
 
 Both optimizers clip the raw gradient to a global norm of 1 first, and both decay weights in the
-*decoupled* way (Loshchilov & Hutter): the step subtracts ``weight_decay * (lr_t / peak_lr) * w``,
-i.e. the decay follows the schedule's shape but not the learning rate's magnitude, so AFM's
-published pair (peak LR 0.01, weight decay 3.16e-4) means what it says. Norm scales (1-d
-weights) are not decayed.
+*decoupled* way (Loshchilov & Hutter, and AXLearn's ``update_schedule``): the step subtracts
+``weight_decay * (lr_t / peak_lr) * w``, i.e. the decay follows the schedule's shape but not the
+learning rate's magnitude, so AFM's published pair (peak LR 0.01, weight decay 3.16e-4) means
+what it says: at the peak, weights shrink by 3.16e-4 per step. (Optax's and PyTorch's ``AdamW``
+multiply the decay by the LR instead: their ``weight_decay=0.1`` at LR 3e-3 is ``3e-4`` here.)
+Norm scales (1-d weights) are not decayed.
 
 ``afm`` is AFM's RMSProp-with-momentum variant (AFM_SPEC section 3):
 
@@ -38,7 +40,7 @@ class OptimizerConfig:
     warmup_steps: int = 100
     total_steps: int = 1000
     final_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak (AFM: 0.005)
-    weight_decay: float = 0.1
+    weight_decay: float = 3.16e-4  # per step at the peak LR (AFM's value); see the module docstring
     clip_global_norm: float = 1.0
     # AdamW
     b1: float = 0.9
