@@ -50,7 +50,9 @@ def losses(path):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tokenizer_dir, corpus_dir):
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = pretrain(run_config(out, tokenizer_dir, corpus_dir))
+    summary = pretrain(
+        run_config(out, tokenizer_dir, corpus_dir, profile_dir=str(out.parent / "trace"), profile_steps="1:2")
+    )
     return out, summary
 
 
@@ -64,6 +66,7 @@ def test_a_run_trains_logs_checkpoints_and_plots(finished_run):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["last_loss"] == records[-1]["loss"]
+    assert list((out.parent / "trace").rglob("*.xplane.pb")), "the profiler hook wrote a trace"
 
 
 @pytest.mark.parametrize(
