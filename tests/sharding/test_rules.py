@@ -99,3 +99,17 @@ def test_shard_plan_cli(capsys):
     assert main(["shard-plan", "--model", "afm-tiny", "--mesh", "tensor=8"]) == 2
     assert "kv_heads" in capsys.readouterr().err
     assert jax.device_count() == 8  # nothing above touched the real devices' layout
+
+
+def test_afm_on_device_plan_matches_the_golden_file(capsys):
+    """Per-weight partition specs must not drift silently: a change to the rule table or the
+    model's logical axes shows up here (regenerate the file with the command below if intended).
+
+    afmkit shard-plan --model afm-on-device --mesh data=2,fsdp=64,tensor=8 --devices 1024 --optimizer afm --json
+    """
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "golden_afm_on_device_plan.json").read_text())
+    args = ["shard-plan", "--model", "afm-on-device", "--mesh", "data=2,fsdp=64,tensor=8", "--devices", "1024"]
+    assert main([*args, "--optimizer", "afm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == golden

@@ -151,6 +151,8 @@ def cmd_shard_plan(args: argparse.Namespace) -> int:
     for w in plan.weights:
         table.add_row(w.name, str(w.shape), str(w.axes), str(w.spec), str(w.ways), _bytes(w.bytes_per_device))
     console = Console()
+    if not console.is_terminal:  # piped: wide enough that specs are never cut
+        console = Console(width=160)
     console.print(table)
     console.print(
         f"per device: weights {_bytes(plan.weight_bytes_per_device)} + {plan.optimizer} state "
@@ -161,4 +163,6 @@ def cmd_shard_plan(args: argparse.Namespace) -> int:
 
 
 def _bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
