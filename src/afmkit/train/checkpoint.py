@@ -9,6 +9,7 @@ run killed mid-save leaves the previous checkpoints intact. The last ``keep`` st
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,14 @@ class Checkpoints:
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()),
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(
-                f"checkpoint step {step} in {self.directory} does not fit this run ({_short(exc)}); "
-                "it was saved for a different model size or optimizer: resume with the same --model "
-                "and --optimizer, or train into a new --out"
-            ) from None
-        except Exception as exc:  # tensorstore/msgpack/json errors on damaged files
+        except Exception as exc:
+            if _is_mismatch(exc):
+                raise UserError(
+                    f"checkpoint step {step} in {self.directory} does not fit this run ({_short(exc)}); "
+                    "it was saved for a different model size or optimizer: resume with the same --model "
+                    "and --optimizer, or train into a new --out"
+                ) from None
+            # tensorstore / JSON / msgpack errors on damaged files
             raise CorruptFileError(
                 f"checkpoint step {step} in {self.directory} cannot be read ({_short(exc)}); it is damaged: "
                 "delete that step's directory to resume from an earlier one, or train into a new --out"
@@ -70,6 +72,14 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    """Orbax's "the saved tree or shapes differ from the target" errors, as opposed to damage."""
+    if isinstance(exc, json.JSONDecodeError) or not isinstance(exc, (ValueError, KeyError, TypeError)):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in ("do not match", "mismatch", "shape", "structure"))
 
 
 def _short(exc: BaseException) -> str:

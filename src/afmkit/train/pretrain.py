@@ -160,6 +160,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
     from afmkit.train.step import (
         StepConfig,
+        TrainState,
         abstract_state,
         check_batch_layout,
         global_batch,
@@ -231,8 +232,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             abstract_state(config, optimizer),
             shardings,
         )
-        from afmkit.train.step import TrainState
-
         restored, loader_state = checkpoints.restore(latest, target.as_dict())
         state = TrainState.from_dict(restored)
         loader.restore(loader_state)

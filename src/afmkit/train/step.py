@@ -12,6 +12,7 @@ the matmuls and activations run in, the weights being cast inside the step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -154,7 +155,7 @@ def train_step_fn(
     mesh: Mesh | None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step (unjitted; ``make_train_step`` compiles it)."""
-    with activation_sharding(mesh) if mesh is not None else _null():
+    with activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
         grad_fn = jax.value_and_grad(
             functools.partial(_loss_sums, config=config, step_config=step_config), has_aux=True
         )
@@ -190,14 +191,6 @@ def train_step_fn(
         "finite": finite,
     }
     return new_state, metrics
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def make_train_step(
