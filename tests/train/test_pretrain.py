@@ -51,15 +51,19 @@ def losses(path):
 def finished_run(tmp_path_factory, tokenizer_dir, corpus_dir):
     out = tmp_path_factory.mktemp("run") / "out"
     summary = pretrain(
-        run_config(out, tokenizer_dir, corpus_dir, profile_dir=str(out.parent / "trace"), profile_steps="1:2")
+        run_config(
+            out, tokenizer_dir, corpus_dir, eval_every=2, profile_dir=str(out.parent / "trace"), profile_steps="1:2"
+        )
     )
     return out, summary
 
 
 def test_a_run_trains_logs_checkpoints_and_plots(finished_run):
     out, summary = finished_run
-    records = read_metrics(out / "metrics.jsonl")
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [2, 4] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "cross_entropy"):
         assert all(np.isfinite(r[key]) for r in records), key
     assert records[-1]["loss"] < records[0]["loss"]
@@ -160,8 +164,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
 def test_checkpoint_from_one_mesh_resumes_on_another(finished_run, tmp_path, tokenizer_dir, corpus_dir):
     reference, _ = finished_run  # data=8, steps 1..4
     out = tmp_path / "remesh"
-    pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=4, mesh="data=8"))
+    # --eval-every holds out the same documents as the reference run, so the training data match
+    pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=4, mesh="data=8", eval_every=2))
     shutil.rmtree(out / "checkpoints" / "4")  # keep step 2 only
-    pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=4, mesh="data=2,fsdp=2,tensor=2", resume=True))
+    pretrain(run_config(out, tokenizer_dir, corpus_dir, mesh="data=2,fsdp=2,tensor=2", eval_every=2, resume=True))
     assert json.loads((out / "run.json").read_text())["mesh"] == "data=2,fsdp=2,seq=1,tensor=2"
     np.testing.assert_allclose(losses(out / "metrics.jsonl"), losses(reference / "metrics.jsonl"), rtol=1e-4)
