@@ -199,6 +199,8 @@ def forward(
     Without one (training, scoring), the chunk attends to itself only; ``segment_ids [B, T]``
     then keeps packed documents apart (give each document positions that restart at 0).
     """
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
     x = params["embed"][tokens].astype(activation_dtype or params["embed"].dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
