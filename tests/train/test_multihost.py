@@ -80,6 +80,7 @@ def test_settings_from_flags_environment_and_their_errors(monkeypatch):
     ):
         monkeypatch.delenv(name, raising=False)
     assert multihost.settings() is None
+    assert multihost.settings(force=True).source == "JAX cluster detection"
     found = multihost.settings(coordinator="h:1", num_processes=2, process_id=1)
     assert (found.coordinator, found.num_processes, found.process_id, found.source) == ("h:1", 2, 1, "flags")
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")

@@ -47,6 +47,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator", help="multi-process: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-process: process count (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-process: this process's id (or JAX_PROCESS_ID)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process: let JAX detect the cluster (SLURM, mpirun, TPU pod, Kubernetes) without settings",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
@@ -61,7 +66,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from afmkit.train.multihost import initialize
 
-    initialize(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    initialize(
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        force=args.distributed,
+    )
     from afmkit.train.pretrain import PretrainConfig, pretrain
 
     summary = pretrain(

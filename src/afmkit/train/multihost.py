@@ -4,8 +4,10 @@ processes.
 The coordinator address, process count and process id come from, in order: the ``pretrain``
 flags (``--coordinator``, ``--num-processes``, ``--process-id``), the environment variables
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or JAX's own cluster
-detection (SLURM, Open MPI / mpirun, Cloud TPU pod slices, Kubernetes), which needs no settings
-at all. A single process with none of these runs without ``jax.distributed``.
+detection (SLURM, Open MPI / mpirun, Cloud TPU pod slices, Kubernetes): afmkit recognises SLURM,
+Open MPI and TPU pods from their environment variables, and ``--distributed`` asks JAX to detect
+the cluster whatever it is. A single process with none of these runs without
+``jax.distributed``.
 
 This must run before anything touches a JAX device.
 """
@@ -59,9 +61,15 @@ def _detected_cluster() -> str | None:
 
 
 def settings(
-    *, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    force: bool = False,
 ) -> DistributedSettings | None:
-    """The distributed settings in effect, or ``None`` for a single process."""
+    """The distributed settings in effect, or ``None`` for a single process. ``force`` (the
+    ``--distributed`` flag) means "several processes; let JAX detect the cluster" where no
+    settings are given."""
     if coordinator or num_processes is not None or process_id is not None:
         source = "flags"
     else:
@@ -70,7 +78,7 @@ def settings(
         process_id = _env_int("JAX_PROCESS_ID")
         source = "environment"
         if not coordinator and num_processes is None and process_id is None:
-            cluster = _detected_cluster()
+            cluster = _detected_cluster() or ("JAX cluster detection" if force else None)
             return DistributedSettings(None, None, None, cluster) if cluster else None
     if num_processes is not None and num_processes == 1 and not coordinator:
         return None
@@ -96,11 +104,15 @@ _initialized = False
 
 
 def initialize(
-    *, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    force: bool = False,
 ) -> DistributedSettings | None:
     """Join the other processes (once per process); returns the settings used, or ``None``."""
     global _initialized
-    found = settings(coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+    found = settings(coordinator=coordinator, num_processes=num_processes, process_id=process_id, force=force)
     if found is None or _initialized:
         return found
     if found.coordinator is None:  # a detected cluster: JAX reads its own environment
