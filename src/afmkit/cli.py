@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tokenizer_parser(commands)
     add_curate_parser(commands)
+
+    from afmkit.train import cli as train_cli
+
+    train_cli.add_parsers(commands)
     return parser
 
 
@@ -238,12 +242,26 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from afmkit.train.cli import cmd_pretrain as run
+
+    return run(args)
+
+
+def cmd_shard_plan(args: argparse.Namespace) -> int:
+    from afmkit.train.cli import cmd_shard_plan as run
+
+    return run(args)
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,
     "tokenizer": cmd_tokenizer,
     "curate": cmd_curate,
+    "pretrain": cmd_pretrain,
+    "shard-plan": cmd_shard_plan,
 }
 
 

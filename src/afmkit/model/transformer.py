@@ -21,6 +21,7 @@ import numpy as np
 
 from afmkit.config import ModelConfig
 from afmkit.model.kv_cache import KVCache
+from afmkit.sharding.activations import constrain
 
 Params = dict[str, Any]
 
@@ -54,7 +55,8 @@ def weight_specs(config: ModelConfig) -> Params:
         layer["q_norm"] = WeightSpec((hd,), ("head_dim",), 0.0)
         layer["k_norm"] = WeightSpec((hd,), ("head_dim",), 0.0)
     specs: Params = {
-        "embed": WeightSpec((config.vocab_size, d), ("vocab", "embed"), 1.0),
+        # std 1/sqrt(d): the tied table is also the output projection, so logits start near 0
+        "embed": WeightSpec((config.vocab_size, d), ("vocab", "embed"), std),
         "layers": [dict(layer) for _ in range(config.n_layers)],
         "final_norm": WeightSpec((d,), ("embed",), 0.0),
     }
@@ -121,12 +123,14 @@ def attention(
     *,
     config: ModelConfig,
     attend_len: int,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Grouped-query attention; a query at position p sees keys at positions <= p.
 
     With a cache, this chunk's keys and values are written into it at ``positions`` first, then
     the first ``attend_len`` cache slots are read, so a step costs what it attends to, not the
-    cache's capacity. Without a cache (training, scoring) the chunk attends to itself.
+    cache's capacity. Without a cache (training, scoring) the chunk attends to itself; with
+    ``segment_ids [B, T]`` (packed training rows) a query sees only keys of its own segment.
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
@@ -136,8 +140,10 @@ def attention(
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.norm_eps)
         k = rms_norm(k, layer["k_norm"], config.norm_eps)
-    q = rope(q, positions, config.rope_base)
-    k = rope(k, positions, config.rope_base)
+    q = constrain(rope(q, positions, config.rope_base), ("batch", "seq", "act_heads", "head_dim"))
+    # Whole sequences of keys and values on every device: exact attention under sequence sharding.
+    k = constrain(rope(k, positions, config.rope_base), ("batch", "kv_seq", "act_kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "kv_seq", "act_kv_heads", "head_dim"))
 
     # Keys as [B, KV, head_dim, S] and values as [B, KV, S, head_dim] (the cache's layouts), and
     # the queries of one KV group side by side, so neither matmul transposes its operands.
@@ -155,6 +161,8 @@ def attention(
     scores = jnp.einsum("bkqd,bkds->bkqs", q, keys).astype(jnp.float32) / math.sqrt(head_dim)
     query_positions = jnp.tile(positions, (1, groups))  # [B, groups * T], in q's order
     visible = key_positions <= query_positions[:, :, None]
+    if segment_ids is not None:  # packed documents never attend to each other
+        visible &= segment_ids[:, None, :] == jnp.tile(segment_ids, (1, groups))[:, :, None]
     scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
@@ -166,6 +174,7 @@ def attention(
 def mlp(layer: Params, x: jax.Array) -> jax.Array:
     gate = linear("btd,df->btf", x, layer["w_gate"])
     up = linear("btd,df->btf", x, layer["w_up"])
+    gate, up = (constrain(a, ("batch", "seq", "act_mlp")) for a in (gate, up))
     return linear("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
 
 
@@ -178,6 +187,7 @@ def forward(
     config: ModelConfig,
     attend_len: int = 0,
     activation_dtype: Any = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
 
@@ -186,9 +196,13 @@ def forward(
 
     ``tokens`` and ``positions`` are ``[B, T]``: each row holds consecutive positions starting
     wherever that row is. With a cache, the first ``attend_len`` cache slots are attended to.
-    Without one (training, scoring), the chunk attends to itself only.
+    Without one (training, scoring), the chunk attends to itself only; ``segment_ids [B, T]``
+    then keeps packed documents apart (give each document positions that restart at 0).
     """
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
     x = params["embed"][tokens].astype(activation_dtype or params["embed"].dtype)
+    x = constrain(x, ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     no_cache = [None] * config.n_layers
     for layer, k_cache, v_cache in zip(
@@ -202,9 +216,11 @@ def forward(
             v_cache,
             config=config,
             attend_len=attend_len,
+            segment_ids=segment_ids,
         )
         x = x + attn_out
         x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
+        x = constrain(x, ("batch", "seq", "act_embed"))
         new_k.append(k_cache)
         new_v.append(v_cache)
     return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v) if cache else None

@@ -1,0 +1,1 @@
+"""Pre-training: optimizers and schedules, the pure ``train_step``, checkpoints, metrics and the loop."""

@@ -1,0 +1,178 @@
+"""The ``pretrain`` and ``shard-plan`` sub-commands (registered in ``afmkit.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from afmkit.errors import UserError
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("pretrain", help="pre-train a model size on a corpus (sharded, checkpointed)")
+    p.add_argument("--model", default="afm-tiny", help="model size from the registry (default afm-tiny)")
+    p.add_argument(
+        "--tokenizer",
+        default="smollm2-135m-instruct",
+        help="a model name (its tokenizer only), a directory with tokenizer.json, or a .gguf file",
+    )
+    p.add_argument("--data", nargs="+", help="text/JSONL files, directories or globs (default: the Python stdlib)")
+    p.add_argument("--mesh", help="mesh spec, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch", type=int, default=8, help="global batch in sequences (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--optimizer", choices=["adamw", "afm"], default="adamw", help="adamw or afm (RMSProp-momentum)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 10%% of --steps, at most 100)")
+    p.add_argument("--final-lr-fraction", type=float, default=0.1, help="cosine floor as a fraction of the peak")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=3.16e-4,
+        help="decoupled weight decay per step at the peak LR, not multiplied by the LR (default 3.16e-4, AFM's)",
+    )
+    p.add_argument("--accum", type=int, default=1, help="gradient-accumulation microbatches per step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--z-loss", type=float, default=1e-6, help="auxiliary z-loss weight (default 1e-6)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, else bfloat16")
+    p.add_argument("--save-every", type=int, default=25, help="checkpoint every K steps (default 25)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, loss.png)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--metrics", help="JSONL metrics file (default OUT/metrics.jsonl)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0 = off)")
+    p.add_argument("--profile-dir", help="write a jax.profiler trace here")
+    p.add_argument("--profile-steps", default="3:6", help="FIRST:LAST steps to trace (default 3:6)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from a table)")
+    p.add_argument("--coordinator", help="multi-process: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-process: process count (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's id (or JAX_PROCESS_ID)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process: let JAX detect the cluster (SLURM, mpirun, TPU pod, Kubernetes) without settings",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
+    s = commands.add_parser("shard-plan", help="each weight's partition spec and per-device memory on a mesh")
+    s.add_argument("--model", required=True, help="model size from the registry")
+    s.add_argument("--mesh", required=True, help="mesh spec, e.g. fsdp=-1,tensor=8")
+    s.add_argument("--devices", type=int, help="simulate this many devices (default: the devices present)")
+    s.add_argument("--optimizer", choices=["adamw", "afm"], default="adamw")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from afmkit.train.multihost import initialize
+
+    initialize(
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        force=args.distributed,
+    )
+    from afmkit.train.pretrain import PretrainConfig, pretrain
+
+    summary = pretrain(
+        PretrainConfig(
+            out=args.out,
+            model=args.model,
+            tokenizer=args.tokenizer,
+            data=tuple(args.data) if args.data else None,
+            mesh=args.mesh,
+            steps=args.steps,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            warmup=args.warmup,
+            final_lr_fraction=args.final_lr_fraction,
+            weight_decay=args.weight_decay,
+            accum=args.accum,
+            seed=args.seed,
+            z_loss=args.z_loss,
+            compute_dtype=args.compute_dtype,
+            save_every=args.save_every,
+            keep=args.keep,
+            resume=args.resume,
+            metrics=args.metrics,
+            eval_every=args.eval_every,
+            profile_dir=args.profile_dir,
+            profile_steps=args.profile_steps,
+            peak_tflops=args.peak_tflops,
+            quiet=args.quiet or args.json,
+        )
+    )
+    import jax
+
+    if jax.process_index() == 0:
+        if args.json:
+            print(json.dumps(summary))
+        elif "last_loss" in summary:
+            print(
+                f"afmkit: trained steps {summary['start_step'] + 1}..{summary['steps']}: loss "
+                f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['out']} "
+                f"(metrics {summary['metrics']}, curve {summary['plot']})"
+            )
+    return 0
+
+
+def cmd_shard_plan(args: argparse.Namespace) -> int:
+    import jax
+    from jax.sharding import AbstractMesh
+
+    from afmkit.config import get_size
+    from afmkit.sharding.mesh import MESH_AXES, parse_mesh_spec
+    from afmkit.sharding.plan import shard_plan
+
+    config = get_size(args.model)
+    devices = args.devices or jax.device_count()
+    if devices < 1:
+        raise UserError("--devices must be at least 1")
+    sizes = parse_mesh_spec(args.mesh, device_count=devices)
+    mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)  # shapes only: nothing is allocated
+    plan = shard_plan(config, mesh, optimizer=args.optimizer)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "mesh": plan.mesh_shape,
+                    "optimizer": plan.optimizer,
+                    "weights": [
+                        {"name": w.name, "shape": w.shape, "axes": w.axes, "spec": str(w.spec), "shards": w.ways}
+                        for w in plan.weights
+                    ],
+                    "weight_bytes_per_device": plan.weight_bytes_per_device,
+                    "optimizer_bytes_per_device": plan.optimizer_bytes_per_device,
+                    "total_bytes_per_device": plan.total_bytes_per_device,
+                }
+            )
+        )
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    mesh_text = ",".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
+    table = Table(title=f"{args.model} on mesh {mesh_text} ({devices} devices)")
+    for column in ("weight", "shape", "logical axes", "PartitionSpec", "shards", "fp32 per device"):
+        table.add_column(column, justify="right" if column in ("shards", "fp32 per device") else "left")
+    for w in plan.weights:
+        table.add_row(w.name, str(w.shape), str(w.axes), str(w.spec), str(w.ways), _bytes(w.bytes_per_device))
+    console = Console()
+    if not console.is_terminal:  # piped: wide enough that specs are never cut
+        console = Console(width=160)
+    console.print(table)
+    console.print(
+        f"per device: weights {_bytes(plan.weight_bytes_per_device)} + {plan.optimizer} state "
+        f"{_bytes(plan.optimizer_bytes_per_device)} = {_bytes(plan.total_bytes_per_device)} (fp32; "
+        "activations not included)"
+    )
+    return 0
+
+
+def _bytes(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

@@ -1,0 +1,343 @@
+"""``afmkit pretrain``: everything from flags to a trained, checkpointed model.
+
+Layout of ``--out``::
+
+    run.json          the run's settings; a resumed run must match them
+    checkpoints/      Orbax steps (weights, optimizer state, step, RNG, loader position)
+    metrics.jsonl     one JSON object per step (unless --metrics names another file)
+    loss.png          the loss curve, written at the end
+
+Nothing in ``--out`` is overwritten unless ``--resume`` is given; every check that can fail
+(paths, corpus, tokenizer, mesh, model dims, checkpoint compatibility) runs before the first
+write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afmkit.errors import UserError
+
+DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Settings that define a run: a resume must use the same ones.
+RUN_IDENTITY = (
+    "model",
+    "tokenizer",
+    "data",
+    "steps",
+    "batch",
+    "seq_len",
+    "lr",
+    "optimizer",
+    "warmup",
+    "final_lr_fraction",
+    "weight_decay",
+    "accum",
+    "seed",
+    "z_loss",
+    "compute_dtype",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    out: str
+    model: str = "afm-tiny"
+    tokenizer: str = DEFAULT_TOKENIZER
+    data: tuple[str, ...] | None = None  # None: the Python standard library's sources
+    mesh: str | None = None  # None: every device on the data axis
+    steps: int = 100
+    batch: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    optimizer: str = "adamw"
+    warmup: int | None = None  # None: 10% of the steps, at most 100
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 3.16e-4
+    accum: int = 1
+    seed: int = 0
+    z_loss: float = 1e-6
+    compute_dtype: str | None = None  # None: float32 on CPUs, bfloat16 on accelerators
+    save_every: int = 25
+    keep: int = 3
+    resume: bool = False
+    metrics: str | None = None
+    eval_every: int = 0
+    eval_batches: int = 2
+    profile_dir: str | None = None
+    profile_steps: str = "3:6"
+    peak_tflops: float | None = None
+    quiet: bool = False
+
+    def resolved(self) -> PretrainConfig:
+        warmup = self.warmup if self.warmup is not None else min(100, self.steps // 10)
+        dtype = self.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        data = tuple(str(Path(d).absolute()) if not any(c in d for c in "*?[") else d for d in self.data or ())
+        return dataclasses.replace(self, warmup=warmup, compute_dtype=dtype, data=data or None)
+
+    def identity(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data"] = list(d["data"]) if d["data"] else None
+        return {k: d[k] for k in RUN_IDENTITY}
+
+
+def load_tokenizer(name_or_path: str):
+    """A tokenizer by model name (its tokenizer only, no weights) or from a directory/GGUF file."""
+    from afmkit.data.tokenizer import Tokenizer
+    from afmkit.lm import NAMED_WEIGHTS, known_models
+
+    path = NAMED_WEIGHTS[name_or_path]() if name_or_path in NAMED_WEIGHTS else Path(name_or_path).expanduser()
+    if path.is_dir():
+        return Tokenizer.from_directory(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from afmkit.interop.gguf import read_gguf
+
+        return Tokenizer.from_gguf_fields(read_gguf(path)[1])
+    raise UserError(
+        f"--tokenizer {name_or_path!r} is neither a known model ({', '.join(known_models())}), "
+        "a directory with tokenizer.json, nor a .gguf file"
+    )
+
+
+def _check_settings(cfg: PretrainConfig) -> None:
+    for name in ("steps", "batch", "seq_len", "save_every", "keep", "accum"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise UserError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def _prepare_out(cfg: PretrainConfig) -> int | None:
+    """Check ``--out`` against ``--resume``; return nothing, raise before any write."""
+    out = Path(cfg.out)
+    run_file = out / "run.json"
+    has_run = run_file.exists() or (out / "checkpoints").exists()
+    if has_run and not cfg.resume:
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it, or choose another --out "
+            "(nothing was changed)"
+        )
+    if cfg.resume and not run_file.is_file():
+        raise UserError(f"--resume: {out} holds no training run (no run.json); start one without --resume")
+    if cfg.resume:
+        try:
+            saved = json.loads(run_file.read_text())["settings"]
+        except (json.JSONDecodeError, KeyError, OSError) as exc:
+            raise UserError(f"--resume: cannot read {run_file} ({exc}); it is damaged") from None
+        mine = cfg.identity()
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in RUN_IDENTITY if saved.get(k) != mine[k]]
+        if diffs:
+            raise UserError(
+                f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); "
+                "resume with the same settings, or train into a new --out"
+            )
+    return None
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train per ``cfg``; returns a summary (first/last loss, steps, paths)."""
+    from afmkit.config import get_size
+    from afmkit.data.corpus import read_documents
+    from afmkit.data.loader import PackedLoader
+    from afmkit.data.packing import tokenize_documents
+    from afmkit.lm import cache_dir, enable_compilation_cache
+    from afmkit.sharding.mesh import describe, make_mesh
+    from afmkit.sharding.plan import param_specs
+    from afmkit.train import hooks as hooks_lib
+    from afmkit.train.checkpoint import Checkpoints
+    from afmkit.train.loop import NonFiniteError, train_loop
+    from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
+    from afmkit.train.step import (
+        StepConfig,
+        TrainState,
+        abstract_state,
+        check_batch_layout,
+        global_batch,
+        init_sharded_state,
+        local_batch_positions,
+        make_eval_step,
+        make_train_step,
+        state_shardings,
+    )
+
+    cfg = cfg.resolved()
+    _check_settings(cfg)
+    config = get_size(cfg.model)
+    if cfg.seq_len > config.max_seq_len:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds {cfg.model}'s context of {config.max_seq_len}")
+    _prepare_out(cfg)
+    if jax.process_count() > 1:  # every process has checked --out before the lead writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("afmkit pretrain: --out checked")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"the tokenizer {cfg.tokenizer!r} has {tokenizer.vocab_size} tokens but {cfg.model} embeds only "
+            f"{config.vocab_size}; use a model size whose vocab covers the tokenizer"
+        )
+    mesh = make_mesh(cfg.mesh)
+    param_specs(config, mesh)  # clear errors for model dims the mesh does not divide
+    check_batch_layout(mesh, batch=cfg.batch, seq_len=cfg.seq_len, accum_steps=cfg.accum)
+    opt_config = OptimizerConfig(
+        name=cfg.optimizer,
+        peak_lr=cfg.lr,
+        warmup_steps=cfg.warmup,
+        total_steps=cfg.steps,
+        final_lr_fraction=cfg.final_lr_fraction,
+        weight_decay=cfg.weight_decay,
+    )
+    optimizer = build_optimizer(opt_config)
+    schedule = lr_schedule(opt_config)
+    lead = jax.process_index() == 0
+    show = lead and not cfg.quiet
+
+    documents = read_documents(list(cfg.data) if cfg.data else None)
+    eval_documents = []
+    if cfg.eval_every:
+        if len(documents) < 2:
+            raise UserError("--eval-every needs at least two documents (one is held out for evaluation)")
+        held_out = max(1, len(documents) // 50)
+        documents, eval_documents = documents[:-held_out], documents[-held_out:]
+    start = time.perf_counter()
+    stream = tokenize_documents(documents, tokenizer, cache_dir=cache_dir() / "tokenized")
+    if show:
+        print(
+            f"afmkit: {len(documents)} documents, {len(stream.tokens):,} tokens "
+            f"(tokenized in {time.perf_counter() - start:.1f}s); mesh {describe(mesh)}",
+            flush=True,
+        )
+    loader = PackedLoader(stream, seq_len=cfg.seq_len, global_batch=cfg.batch, seed=cfg.seed)
+    positions = local_batch_positions(mesh, global_rows=cfg.batch, seq_len=cfg.seq_len, accum_steps=cfg.accum)
+
+    shardings = state_shardings(config, optimizer, mesh)
+    out = Path(cfg.out)
+    checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep)
+    start_step = 0
+    latest = checkpoints.latest_step() if cfg.resume else None
+    if latest is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state(config, optimizer),
+            shardings,
+        )
+        restored, loader_state = checkpoints.restore(latest, target.as_dict())
+        state = TrainState.from_dict(restored)
+        loader.restore(loader_state)
+        start_step = int(state.step)
+        if show:
+            print(f"afmkit: resumed from step {start_step} in {checkpoints.directory}", flush=True)
+    else:
+        state = init_sharded_state(config, optimizer, shardings, seed=cfg.seed)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"settings": cfg.identity(), "config": config.to_dict(), "mesh": describe(mesh)}
+        tmp = out / f".run.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, out / "run.json")
+
+    step_config = StepConfig(accum_steps=cfg.accum, compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype], z_loss=cfg.z_loss)
+    batch_shape = (cfg.batch, cfg.seq_len) if cfg.accum == 1 else (cfg.accum, cfg.batch // cfg.accum, cfg.seq_len)
+    train_step = make_train_step(
+        config=config,
+        optimizer=optimizer,
+        schedule=schedule,
+        step_config=step_config,
+        mesh=mesh,
+        shardings=shardings,
+        batch_shape=batch_shape,
+    )
+
+    def next_batch():
+        return global_batch(loader.next_batch(positions), mesh, global_rows=cfg.batch, accum_steps=cfg.accum)
+
+    metrics_path = Path(cfg.metrics) if cfg.metrics else out / "metrics.jsonl"
+    hooks: list[hooks_lib.Hook] = []
+    log = None
+    if lead:
+        from afmkit.train.metrics import MetricsLog, peak_flops_per_device
+
+        log = MetricsLog(metrics_path, resume_from_step=start_step if cfg.resume else None)
+        hooks.append(
+            hooks_lib.MetricsHook(
+                log=log,
+                config=config,
+                seq_len=cfg.seq_len,
+                peak_per_device=peak_flops_per_device(cfg.peak_tflops),
+                epoch=loader.epoch,
+            )
+        )
+    if cfg.eval_every:
+        eval_stream = tokenize_documents(eval_documents, tokenizer, cache_dir=cache_dir() / "tokenized")
+        eval_loader = PackedLoader(eval_stream, seq_len=cfg.seq_len, global_batch=cfg.batch, seed=cfg.seed)
+        eval_positions = local_batch_positions(mesh, global_rows=cfg.batch, seq_len=cfg.seq_len, accum_steps=1)
+        eval_batches = [
+            global_batch(eval_loader.next_batch(eval_positions), mesh, global_rows=cfg.batch, accum_steps=1)
+            for _ in range(cfg.eval_batches)
+        ]
+        eval_step = make_eval_step(
+            config=config, step_config=step_config, mesh=mesh, shardings=shardings, batch_shape=(cfg.batch, cfg.seq_len)
+        )
+        hooks.append(hooks_lib.EvalHook(every=cfg.eval_every, eval_step=eval_step, batches=eval_batches, log=log))
+    hooks.append(hooks_lib.CheckpointHook(checkpoints=checkpoints, every=cfg.save_every, loader=loader))
+    if cfg.profile_dir:
+        hooks.append(hooks_lib.ProfileHook(directory=cfg.profile_dir, steps=cfg.profile_steps))
+    if show:
+        hooks.append(hooks_lib.ProgressHook(total=cfg.steps, start=start_step))
+    enable_compilation_cache()
+    try:
+        train_loop(
+            state=state,
+            train_step=train_step,
+            next_batch=next_batch,
+            start_step=start_step,
+            end_step=cfg.steps,
+            hooks=hooks,
+        )
+    except NonFiniteError as exc:
+        for hook in hooks:
+            hook.close()
+        checkpoints.close()
+        kept = checkpoints.latest_step()
+        where = (
+            f"the last good checkpoint, step {kept}, in {checkpoints.directory} is intact"
+            if kept
+            else "no checkpoint was saved"
+        )
+        raise UserError(f"{exc}; {where}. Lower --lr or raise --warmup, then --resume or start again") from None
+    finally:
+        for hook in hooks:
+            hook.close()
+    checkpoints.close()
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "steps": cfg.steps,
+        "start_step": start_step,
+        "metrics": str(metrics_path),
+    }
+    losses = [r["loss"] for r in log.records if "loss" in r] if log is not None else []
+    if losses:
+        summary.update(first_loss=losses[0], last_loss=losses[-1])
+        from afmkit.train.metrics import plot_loss
+
+        summary["plot"] = str(
+            plot_loss(
+                log.records,
+                out / "loss.png",
+                title=f"{cfg.model} on {'the Python stdlib' if not cfg.data else 'your data'}",
+            )
+        )
+        tail = [r["tokens_per_s"] for r in log.records if "tokens_per_s" in r][-10:]
+        summary["tokens_per_s"] = float(np.median(tail)) if tail else math.nan
+    return summary
