@@ -185,12 +185,18 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_adapter(
-    directory: str | os.PathLike, *, config: ModelConfig, params: Params | None = None, name: str | None = None
+    directory: str | os.PathLike,
+    *,
+    config: ModelConfig,
+    params: Params | None = None,
+    fingerprint: str | None = None,
+    name: str | None = None,
 ) -> LoraAdapter:
     """Read a PEFT adapter directory (made by afmkit or by PEFT) for this base model.
 
-    With ``params``, an afmkit fingerprint must match the base (else a ``UserError``); shapes
-    are always checked.
+    With ``params`` (or its precomputed ``fingerprint``), an afmkit fingerprint must match the
+    base (else a ``UserError``); shapes are always checked. Weights come back as host (numpy)
+    arrays in their stored precision.
     """
     directory = Path(directory)
     name = name or directory.name
@@ -205,8 +211,8 @@ def load_adapter(
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise UserError(f"adapter {name!r} has per-module ranks or alphas; afmkit needs one rank and alpha")
     ours = meta.get("afmkit") or {}
-    if ours.get("base_fingerprint") and params is not None:
-        expected = base_fingerprint(config, params)
+    if ours.get("base_fingerprint") and (params is not None or fingerprint):
+        expected = fingerprint or base_fingerprint(config, params)
         if ours["base_fingerprint"] != expected:
             raise UserError(
                 f"adapter {name!r} was trained for another base model (fingerprint {ours['base_fingerprint']}, "
@@ -246,7 +252,7 @@ def load_adapter(
                 "it was made for another base model"
             )
         array = value.T.reshape(a_shape) if part == "a" else value.T.reshape(b_shape)
-        weights[layer].setdefault(weight, {})[part] = jnp.asarray(array)
+        weights[layer].setdefault(weight, {})[part] = np.ascontiguousarray(array)
         found_layers.add(layer)
         targets.add(_WEIGHT_TO_TARGET[weight])
     for i, layer in enumerate(weights):
