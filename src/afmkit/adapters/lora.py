@@ -332,3 +332,17 @@ def _apply(params: Params, adapter: LoraAdapter, *, sign: float) -> Params:
             ).astype(w.dtype)
         layers.append(layer)
     return {**params, "layers": layers}
+
+
+def random_adapter(
+    config: ModelConfig, lora: LoraConfig, key: jax.Array, *, b_std: float = 0.005, name: str = ""
+) -> LoraAdapter:
+    """An adapter with random ``A`` and ``B`` (a fresh one has ``B = 0`` and changes nothing):
+    stands in for a trained adapter in tests and benchmarks."""
+    a_key, b_key = jax.random.split(key)
+    adapter = init_adapter(config, lora, a_key, name=name)
+    for layer in adapter.weights:
+        for ab in layer.values():
+            b_key, sub = jax.random.split(b_key)
+            ab["b"] = (b_std * jax.random.normal(sub, ab["b"].shape)).astype(ab["b"].dtype)
+    return adapter
