@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="parameter counts and memory of a model size or model")
     info.add_argument("name", help="a model size (e.g. afm-on-device), model name or path")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from afmkit.adapters.train import add_train_arguments
+    from afmkit.infer.server import add_serve_arguments
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with LoRA adapters")
+    _model_argument(serve)
+    add_serve_arguments(serve)
+
+    adapter = commands.add_parser("adapter", help="LoRA adapters: train")
+    adapter_commands = adapter.add_subparsers(dest="adapter_command", required=True, metavar="ACTION")
+    adapter_train = adapter_commands.add_parser("train", help="fine-tune a LoRA adapter on chat data (JSONL)")
+    _model_argument(adapter_train)
+    add_train_arguments(adapter_train)
     return parser
 
 
@@ -220,7 +233,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from afmkit.infer.server import cmd_serve as serve
+
+    return serve(args)
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from afmkit.adapters.train import cmd_adapter_train
+
+    return {"train": cmd_adapter_train}[args.adapter_command](args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve, "adapter": cmd_adapter}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,9 +128,16 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 # -- save / load ------------------------------------------------------------------------------
 def save_adapter(
-    directory: str | os.PathLike, adapter: LoraAdapter, *, config: ModelConfig, params: Params, base_name: str = ""
+    directory: str | os.PathLike,
+    adapter: LoraAdapter,
+    *,
+    config: ModelConfig,
+    params: Params,
+    base_name: str = "",
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``adapter`` as a PEFT directory, atomically (an existing one is replaced whole)."""
+    """Write ``adapter`` as a PEFT directory, atomically (an existing one is replaced whole).
+    ``extra_files``: more text files for the same directory (e.g. training results)."""
     check_adapter(config, adapter)
     rank = adapter.config.rank
     tensors: dict[str, np.ndarray] = {}
@@ -166,6 +173,8 @@ def save_adapter(
     with atomic_directory(directory) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text)
     return Path(directory)
 
 
