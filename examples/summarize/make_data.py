@@ -28,15 +28,14 @@ from pathlib import Path
 from afmkit.files import shared_data_dir
 
 PROMPT = "Summarize the following text in one or two sentences.\n\n{text}"
-STOPWORDS = set(
-    """a about above after again against all am an and any are as at be because been before being below between
+_STOPWORD_TEXT = """a about above after again against all am an and any are as at be because been before being below between
     both but by can could did do does doing down during each few for from further had has have having he her here
     hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
     off on once only or other our ours ourselves out over own same she should so some such than that the their
     theirs them themselves then there these they this those through to too under until up very was we were what
     when where which while who whom why will with would you your yours yourself yourselves also may might must
-    one us like get make many much even well""".split()
-)
+    one us like get make many much even well"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 WORD = re.compile(r"[a-z][a-z'-]+")
 
@@ -63,7 +62,9 @@ def central_sentences(parts: list[str], k: int) -> list[str]:
         norm = math.sqrt(sum(v * v for v in a.values())) * math.sqrt(sum(v * v for v in b.values()))
         return dot / norm if norm else 0.0
 
-    scores = [sum(cosine(bags[i], bags[j]) for j in range(len(parts)) if j != i) / (len(parts) - 1) for i in range(len(parts))]
+    scores = [
+        sum(cosine(bags[i], bags[j]) for j in range(len(parts)) if j != i) / (len(parts) - 1) for i in range(len(parts))
+    ]
     best = sorted(sorted(range(len(parts)), key=lambda i: (-scores[i], i))[:k])
     return [parts[i] for i in best]
 
