@@ -217,3 +217,21 @@ def test_a_cache_budget_smaller_than_one_adapter_is_a_clear_error(tiny_model, ad
         assert httpx.post(live.url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
     finally:
         live.close()
+
+
+def test_a_request_keeps_its_adapter_when_it_is_unloaded_mid_stream(server, tiny_model, adapters):
+    messages = [{"role": "user", "content": "Keep going please."}]
+    expected, _ = _expected(tiny_model, messages, adapters[1]["beta"], 40)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny:beta", "messages": messages, "max_tokens": 40, "temperature": 0, "stream": True}
+    pieces, unloaded = [], False
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            pieces.append(delta.get("content") or "")
+            if not unloaded and len(pieces) > 3:
+                assert httpx.delete(server.url + "/v1/adapters/beta", headers=headers).status_code == 200
+                unloaded = True
+    assert unloaded and "".join(pieces) == expected.text
