@@ -5,6 +5,8 @@ Measures, on SmolLM2-135M-Instruct with rank-16 LoRA adapters on all 7 linears o
 * adapter cold load (PEFT directory on disk -> host memory, fingerprint and shape checks
   included; the OS page cache is warm after the first read, as on a server that has the file)
   and a cache hit, both through ``AdapterRegistry``;
+* the swap of a loaded adapter into a running decode batch's adapter bank (host -> device
+  slot write);
 * ``--clients`` concurrent streaming clients sending ``--requests`` chat requests in two runs:
   every request on one adapter, then the same requests spread over ``--adapters`` adapters.
   Reported per run: errors, incomplete responses, p50/p99 time to first token, aggregate
@@ -34,7 +36,7 @@ import httpx
 import jax
 
 import afmkit
-from afmkit.adapters.lora import LoraConfig, random_adapter
+from afmkit.adapters.lora import AdapterBank, LoraConfig, random_adapter
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.adapters.registry import AdapterRegistry
 from afmkit.infer.server import ServerLimits, create_app
@@ -60,18 +62,30 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def time_adapter_loads(model, directory: Path, names: list[str]) -> dict:
-    cold, hits = [], []
+    """Cold load (disk -> host), cache hit, and the swap into a decode batch's adapter bank."""
+    cold, hits, swaps = [], [], []
+    adapters = []
     for name in names:
         registry = AdapterRegistry(directory, config=model.config, params=model.params, budget_bytes=1 << 34)
         start = time.perf_counter()
         adapter = registry.get(name)
         cold.append(time.perf_counter() - start)
+        adapters.append(adapter)
         for _ in range(200):
             start = time.perf_counter()
             registry.get(name)
             hits.append(time.perf_counter() - start)
+    bank = AdapterBank.for_adapters(model.config, adapters[:1], slots=len(adapters) + 1)
+    bank.put(1, adapters[0])  # compile the in-place slot write once
+    jax.block_until_ready(bank.weights)
+    for slot, adapter in enumerate(adapters, start=1):
+        start = time.perf_counter()
+        bank.put(slot, adapter)
+        jax.block_until_ready(bank.weights)
+        swaps.append(time.perf_counter() - start)
     return {
         "adapter_bytes": adapter.nbytes,
+        "bank_swap_ms_median": statistics.median(swaps) * 1e3,
         "cold_load_ms_median": statistics.median(cold) * 1e3,
         "cold_load_ms_max": max(cold) * 1e3,
         "cache_hit_ms_median": statistics.median(hits) * 1e3,

@@ -230,7 +230,9 @@ def create_app(
         request: HttpRequest, data: dict[str, Any], ids: list[int], *, chat: bool
     ) -> JSONResponse | StreamingResponse:
         name = data.get("model")
-        adapter = resolve_model(name)  # held by this request until it ends, even if evicted
+        # The request holds its adapter until it ends, even if the cache evicts it meanwhile;
+        # a cold load reads the disk, so it runs off the event loop.
+        adapter = await asyncio.to_thread(resolve_model, name)
         sampling = sampling_from(data)
         stream = data.get("stream", False)
         if not isinstance(stream, bool):
