@@ -5,7 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afmkit.adapters.lora import AdapterBank, LoraConfig, check_adapter, init_adapter, merge, single, unmerge
+from afmkit.adapters.lora import (
+    AdapterBank,
+    LoraConfig,
+    check_adapter,
+    init_adapter,
+    merge,
+    random_adapter,
+    single,
+    unmerge,
+)
 from afmkit.errors import UserError
 from afmkit.model.transformer import logits_fn
 
@@ -115,3 +124,27 @@ def test_bad_configs_and_foreign_adapters_are_refused(smollm2, tiny_model):
     adapter = init_adapter(tiny_model.config, LoraConfig(rank=4), jax.random.PRNGKey(0))
     with pytest.raises(UserError, match="another base"):
         check_adapter(smollm2.config, adapter)
+
+
+def test_decode_schedule_that_reads_the_bank_once_matches_each_row_alone():
+    """One token per row and fewer bank slots than rows: the all-slots schedule runs."""
+    from afmkit.config import get_size
+    from afmkit.model.transformer import forward, init_params
+
+    config = get_size("test-tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    adapters = [random_adapter(config, LoraConfig(rank=4), jax.random.PRNGKey(i), b_std=0.5) for i in range(3)]
+    bank = AdapterBank.for_adapters(config, adapters, slots=4)
+    slots = np.array([0, 1, 2, 3, 1, 0, 3, 2])
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (8, 1), 0, config.vocab_size)
+    positions = jnp.full((8, 1), 3, jnp.int32)
+    mixed, _ = forward(params, tokens, positions, None, config=config, adapters=bank.rows(slots))
+    for row, slot in enumerate(slots):
+        adapter = None if slot == 0 else single(adapters[slot - 1])
+        alone, _ = forward(
+            params, tokens[row : row + 1], positions[row : row + 1], None, config=config, adapters=adapter
+        )
+        assert np.abs(np.asarray(mixed[row]) - np.asarray(alone[0])).max() <= 1e-5
+        if slot:
+            base, _ = forward(params, tokens[row : row + 1], positions[row : row + 1], None, config=config)
+            assert np.abs(np.asarray(alone) - np.asarray(base)).max() > 1e-2

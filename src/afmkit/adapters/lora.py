@@ -197,6 +197,51 @@ def single(adapter: LoraAdapter) -> SingleAdapter:
     return SingleAdapter(weights=adapter.weights, scale=adapter.config.scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class _BankUpdate:
+    """The per-row LoRA update of one weight from a bank ``[n_slots, ...]``.
+
+    Two equivalent schedules, chosen per call from static shapes:
+
+    * gather: each row gathers its slot's ``A`` and ``B`` (``[B, ...]``), then two batched
+      einsums. Reads ``B`` copies of an adapter; LoRA FLOPs are those of one adapter per row.
+      Best for prefill (many tokens per row: compute-bound).
+    * all slots: every row's input times every slot's ``A``, masked to the row's own slot, times
+      every slot's ``B``. Reads the bank once; ``n_slots`` times the (small) LoRA FLOPs. Best for
+      decode (one token per row, memory-bound) when the bank has fewer slots than the batch rows.
+    """
+
+    a: jax.Array  # [n_slots, in..., r]
+    b: jax.Array  # [n_slots, r, out...], scale folded in
+    row_slots: jax.Array  # [B] int32
+
+    def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+        batch, tokens_per_row = x.shape[0], int(np.prod(x.shape[1:-1], dtype=np.int64))
+        n_slots = self.a.shape[0]
+        if tokens_per_row == 1 and n_slots < batch:
+            first, mask, second = _bank_specs(spec)
+            onehot = jax.nn.one_hot(self.row_slots, n_slots, dtype=x.dtype)
+            low = jnp.einsum(mask, jnp.einsum(first, x, self.a.astype(x.dtype)), onehot)
+            return jnp.einsum(second, low, self.b.astype(x.dtype))
+        rows = self.row_slots
+        return _Update(self.a[rows], self.b[rows], None, True)(spec, x)
+
+
+def _bank_specs(spec: str) -> tuple[str, str, str]:
+    """Einsum specs of the all-slots schedule for a base spec like ``"btd,dhk->bthk"``."""
+    inputs, out = spec.split("->")
+    lhs, w = inputs.split(",")
+    rank, slot = [c for c in string.ascii_lowercase if c not in spec][:2]
+    w_in = "".join(c for c in w if c in lhs)
+    w_out = "".join(c for c in w if c not in lhs)
+    mid = "".join(c for c in lhs if c not in w_in) + slot + rank
+    return (
+        f"{lhs},{slot}{w_in}{rank}->{mid}",
+        f"{mid},{lhs[0]}{slot}->{mid}",
+        f"{mid},{slot}{rank}{w_out}->{out}",
+    )
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RowAdapters:
@@ -209,8 +254,7 @@ class RowAdapters:
         layer = self.weights[i]
         if not layer:
             return None
-        rows = self.row_slots
-        return _LayerUpdates({w: _Update(ab["a"][rows], ab["b"][rows], None, True) for w, ab in layer.items()})
+        return _LayerUpdates({w: _BankUpdate(ab["a"], ab["b"], self.row_slots) for w, ab in layer.items()})
 
 
 def _put_slot(weights: Any, slot: jax.Array, update: Any) -> Any:
