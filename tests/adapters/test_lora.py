@@ -69,13 +69,14 @@ def test_mixed_batch_rows_match_each_adapter_alone(smollm2, tokens, make_adapter
     batch = np.concatenate([tokens] * 4)
     mixed = _logits(smollm2, batch, bank.rows(slots))
     by_slot = {0: None, 1: attn_only, 2: full, 3: mlp_only}
+    merged = {}
     for row, slot in enumerate(slots):
         adapter = by_slot[slot]
         alone = _logits(smollm2, batch[row : row + 1], None if adapter is None else single(adapter))
         assert np.abs(mixed[row] - alone[0]).max() <= TOL, (row, slot)
-        if adapter is not None:
-            merged = _logits(smollm2, batch[row : row + 1], params=merge(smollm2.params, adapter))
-            assert np.abs(mixed[row] - merged[0]).max() <= MERGE_TOL
+        if adapter is not None and slot not in merged:  # once per adapter
+            merged[slot] = _logits(smollm2, batch[row : row + 1], params=merge(smollm2.params, adapter))
+            assert np.abs(mixed[row] - merged[slot][0]).max() <= MERGE_TOL
 
 
 def test_merged_unmerged_alone_and_mixed_agree_on_afm_tiny(tiny_model, make_adapter):

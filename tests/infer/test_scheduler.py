@@ -111,6 +111,7 @@ def test_a_cancelled_request_frees_its_slot_and_others_finish(tiny_model):
         scheduler.close()
 
 
+@pytest.mark.slow
 def test_many_threads_submitting_at_once(tiny_model, tiny_adapters):
     engine = Engine(tiny_model.config, tiny_model.params, tiny_model.tokenizer)
     scheduler = Scheduler(engine, max_batch=8, capacity=257, adapter_slots=4)
