@@ -62,3 +62,14 @@ def test_bad_training_data_is_refused_with_the_line_number(tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(UserError, match="no assistant"):
         read_chat_jsonl(path)
+
+
+def test_cli_adapter_train_reports_bad_input_in_one_line(tmp_path, capsys):
+    from afmkit.cli import main
+
+    code = main(["adapter", "train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "a")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+    code = main(["adapter", "train", "--data", "x.jsonl", "--out", str(tmp_path / "a"), "--targets", "q,attn"])
+    assert code == 2 and "unknown LoRA targets" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
