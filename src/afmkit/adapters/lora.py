@@ -19,6 +19,7 @@ Three ways to apply adapters, all through the one ``forward``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -91,6 +92,7 @@ class LoraAdapter:
         return dataclasses.replace(self, weights=jax.tree.map(lambda x: jnp.asarray(x, dtype), self.weights))
 
 
+@functools.lru_cache(maxsize=64)
 def _weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     layer = weight_specs(config)["layers"][0]
     return {name: layer[name].shape for name in INPUT_AXES}
@@ -160,7 +162,7 @@ class _Update:
 
     a: jax.Array
     b: jax.Array
-    scale: float | None  # None: already folded into ``b``
+    scale: float | None  # None: applied by the caller
     per_row: bool
 
     def __call__(self, spec: str, x: jax.Array) -> jax.Array:
@@ -212,7 +214,8 @@ class _BankUpdate:
     """
 
     a: jax.Array  # [n_slots, in..., r]
-    b: jax.Array  # [n_slots, r, out...], scale folded in
+    b: jax.Array  # [n_slots, r, out...]
+    scales: jax.Array  # [n_slots] float32
     row_slots: jax.Array  # [B] int32
 
     def __call__(self, spec: str, x: jax.Array) -> jax.Array:
@@ -220,11 +223,13 @@ class _BankUpdate:
         n_slots = self.a.shape[0]
         if tokens_per_row == 1 and n_slots < batch:
             first, mask, second = _bank_specs(spec)
-            onehot = jax.nn.one_hot(self.row_slots, n_slots, dtype=x.dtype)
+            # The mask selects the row's slot and carries its scale.
+            onehot = jax.nn.one_hot(self.row_slots, n_slots, dtype=x.dtype) * self.scales.astype(x.dtype)
             low = jnp.einsum(mask, jnp.einsum(first, x, self.a.astype(x.dtype)), onehot)
             return jnp.einsum(second, low, self.b.astype(x.dtype))
         rows = self.row_slots
-        return _Update(self.a[rows], self.b[rows], None, True)(spec, x)
+        out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
+        return out * self.scales[rows].astype(x.dtype).reshape((batch,) + (1,) * (out.ndim - 1))
 
 
 def _bank_specs(spec: str) -> tuple[str, str, str]:
@@ -247,14 +252,15 @@ def _bank_specs(spec: str) -> tuple[str, str, str]:
 class RowAdapters:
     """A bank's arrays plus each row's slot (0 = no adapter): per-row LoRA for mixed batches."""
 
-    weights: list[dict[str, dict[str, jax.Array]]]  # [n_slots, ...] per weight, scale folded into B
+    weights: list[dict[str, dict[str, jax.Array]]]  # [n_slots, ...] per weight
+    scales: jax.Array  # [n_slots] float32: each slot's alpha/r (0 for slot 0)
     row_slots: jax.Array  # [B] int32
 
     def layer(self, i: int) -> _LayerUpdates | None:
         layer = self.weights[i]
         if not layer:
             return None
-        return _LayerUpdates({w: _BankUpdate(ab["a"], ab["b"], self.row_slots) for w, ab in layer.items()})
+        return _LayerUpdates({w: _BankUpdate(ab["a"], ab["b"], self.scales, self.row_slots) for w, ab in layer.items()})
 
 
 def _put_slot(weights: Any, slot: jax.Array, update: Any) -> Any:
@@ -292,6 +298,8 @@ class AdapterBank:
                 a_shape, b_shape = lora_shapes(config, weight, rank)
                 layer[weight] = {"a": jnp.zeros((slots, *a_shape), dtype), "b": jnp.zeros((slots, *b_shape), dtype)}
             self.weights.append(layer)
+        # Each slot's alpha/r, applied in fp32 (folding it into 16-bit B would round it).
+        self.scales = np.zeros((slots,), np.float32)
 
     @classmethod
     def for_adapters(
@@ -318,22 +326,27 @@ class AdapterBank:
             raise ValueError(f"slot {slot} outside 1..{self.slots - 1}")
         if adapter is not None and not self.fits(adapter):
             raise UserError(f"adapter {adapter.name!r} does not fit this bank's layout (rank {self.rank})")
+        dtype = np.dtype(self.dtype)
         update = []
         for i, layer in enumerate(self.weights):
             update.append({})
             for weight, ab in layer.items():
-                a = np.zeros(ab["a"].shape[1:], np.float32)
-                b = np.zeros(ab["b"].shape[1:], np.float32)
-                if adapter is not None and weight in adapter.weights[i]:
-                    r = adapter.config.rank
-                    src = adapter.weights[i][weight]
-                    a[..., :r] = np.asarray(src["a"], np.float32)
-                    b[:r] = np.asarray(src["b"], np.float32) * adapter.config.scale
+                src = adapter.weights[i].get(weight) if adapter is not None else None
+                if src is not None and adapter.config.rank == self.rank:
+                    a, b = np.asarray(src["a"], dtype), np.asarray(src["b"], dtype)
+                else:  # absent (zeros) or a smaller rank (zero-padded: adds nothing)
+                    a, b = np.zeros(ab["a"].shape[1:], dtype), np.zeros(ab["b"].shape[1:], dtype)
+                    if src is not None:
+                        r = adapter.config.rank
+                        a[..., :r], b[:r] = np.asarray(src["a"], dtype), np.asarray(src["b"], dtype)
                 update[i][weight] = {"a": a, "b": b}
         self.weights = _put_slot_jit(self.weights, jnp.int32(slot), update)
+        self.scales[slot] = 0.0 if adapter is None else adapter.config.scale
 
     def rows(self, row_slots: Any) -> RowAdapters:
-        return RowAdapters(weights=self.weights, row_slots=jnp.asarray(row_slots, jnp.int32))
+        return RowAdapters(
+            weights=self.weights, scales=jnp.asarray(self.scales), row_slots=jnp.asarray(row_slots, jnp.int32)
+        )
 
 
 def union_layout(adapters: Sequence[LoraAdapter]) -> dict[int, tuple[str, ...]]:

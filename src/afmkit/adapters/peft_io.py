@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -114,7 +115,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                 )
             start, end = info["data_offsets"]
             dtype = np.dtype(_DTYPES[info["dtype"]])
-            if end > len(body) or (end - start) != dtype.itemsize * int(np.prod(info["shape"])):
+            if end > len(body) or (end - start) != dtype.itemsize * math.prod(info["shape"]):
                 raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
             tensors[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
         return tensors
@@ -254,14 +255,14 @@ def load_adapter(
             )
         weight = _MODULE_TO_WEIGHT[module]
         a_shape, b_shape = lora_shapes(config, weight, rank)
-        want = (rank, int(np.prod(a_shape[:-1]))) if part == "a" else (int(np.prod(b_shape[1:])), rank)
+        want = (rank, math.prod(a_shape[:-1])) if part == "a" else (math.prod(b_shape[1:]), rank)
         if tuple(value.shape) != want:
             raise UserError(
                 f"adapter {name!r}: {key} has shape {tuple(value.shape)} but this base model needs {want}; "
                 "it was made for another base model"
             )
         array = value.T.reshape(a_shape) if part == "a" else value.T.reshape(b_shape)
-        weights[layer].setdefault(weight, {})[part] = np.ascontiguousarray(array)
+        weights[layer].setdefault(weight, {})[part] = array  # a view of the file's bytes: no copy
         found_layers.add(layer)
         targets.add(_WEIGHT_TO_TARGET[weight])
     for i, layer in enumerate(weights):
