@@ -9,7 +9,7 @@ Measures, on SmolLM2-135M-Instruct with rank-16 LoRA adapters on all 7 linears o
   slot write);
 * ``--clients`` concurrent streaming clients sending ``--requests`` chat requests in two runs:
   every request on one adapter, then the same requests spread over ``--adapters`` adapters.
-  Reported per run: errors, incomplete responses, p50/p99 time to first token, aggregate
+  A third run sends the same requests to the bare base model. Reported per run: errors, incomplete responses, p50/p99 time to first token, aggregate
   completion tokens per second; and the ratio of the two throughputs.
 
 Prints one JSON object. Example::
@@ -218,6 +218,9 @@ def main() -> int:
             asyncio.run(run_load(server.url, single, **{**kwargs, "requests": args.clients}))
             one = asyncio.run(run_load(server.url, single, **kwargs))
             many = asyncio.run(run_load(server.url, mixed, **kwargs))
+            # The bare base model (every row in bank slot 0): the price of LoRA itself.
+            asyncio.run(run_load(server.url, [model.name], **{**kwargs, "requests": args.clients}))
+            base = asyncio.run(run_load(server.url, [model.name], **kwargs))
         finally:
             server.close()
             app.state.scheduler.close()
@@ -233,6 +236,8 @@ def main() -> int:
         "single_adapter": one,
         "mixed_adapters": {"adapters": args.adapters, **many},
         "mixed_over_single_throughput": many["tokens_per_s"] / one["tokens_per_s"],
+        "base_model_no_adapter": base,
+        "single_adapter_over_base_throughput": one["tokens_per_s"] / base["tokens_per_s"],
         "targets": {
             "no_errors": one["errors"] == 0 and many["errors"] == 0,
             "all_complete": one["incomplete"] == 0 and many["incomplete"] == 0,
