@@ -529,7 +529,9 @@ class DecodeBatch:
         sampling = [r.request.sampling for r in rows] + [SamplingParams(max_new_tokens=1)] * len(padding)
         sampler = SamplerState.from_params(sampling)
         mode = SamplerMode.for_batch(sampling)
-        lora = None if self.bank is None else self.bank.rows([r.bank_slot for r in rows] + [0] * len(padding))
+        # No row with an adapter: the base model's own code path (slot 0 would add exact zeros).
+        uses_adapter = self.bank is not None and any(r.bank_slot for r in rows)
+        lora = self.bank.rows([r.bank_slot for r in rows] + [0] * len(padding)) if uses_adapter else None
         lengths_dev = jnp.asarray(lengths, jnp.int32)
         first = jnp.zeros((size,), jnp.int32)
         direct = slots == list(range(size))  # the first rows of the cache: no gather/scatter
@@ -586,7 +588,8 @@ class DecodeBatch:
         whole = rows == self.n_slots
         state = self.state if whole else jax.tree.map(lambda a: a[:rows], self.state)
         sampler = self.sampler if whole else jax.tree.map(lambda a: a[:rows], self.sampler)
-        lora = None if self.bank is None else self.bank.rows(self.row_bank_slots[:rows])
+        uses_adapter = self.bank is not None and any(r is not None and r.bank_slot for r in self.rows[:rows])
+        lora = self.bank.rows(self.row_bank_slots[:rows]) if uses_adapter else None
         self.cache, out = _decode_step(
             engine.params,
             self.cache,
