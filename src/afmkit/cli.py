@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     from afmkit.train import cli as train_cli
 
     train_cli.add_parsers(commands)
+
+    from afmkit.adapters.train import add_train_arguments
+    from afmkit.infer.server import add_serve_arguments
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with LoRA adapters")
+    _model_argument(serve)
+    add_serve_arguments(serve)
+
+    adapter = commands.add_parser("adapter", help="LoRA adapters: train")
+    adapter_commands = adapter.add_subparsers(dest="adapter_command", required=True, metavar="ACTION")
+    adapter_train = adapter_commands.add_parser("train", help="fine-tune a LoRA adapter on chat data (JSONL)")
+    _model_argument(adapter_train)
+    add_train_arguments(adapter_train)
     return parser
 
 
@@ -254,6 +267,18 @@ def cmd_shard_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from afmkit.infer.server import cmd_serve as serve
+
+    return serve(args)
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from afmkit.adapters.train import cmd_adapter_train
+
+    return {"train": cmd_adapter_train}[args.adapter_command](args)
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
@@ -262,6 +287,8 @@ COMMANDS = {
     "curate": cmd_curate,
     "pretrain": cmd_pretrain,
     "shard-plan": cmd_shard_plan,
+    "serve": cmd_serve,
+    "adapter": cmd_adapter,
 }
 
 

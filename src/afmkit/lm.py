@@ -109,17 +109,19 @@ class LanguageModel:
         *,
         stream: bool = False,
         sampling: SamplingParams | None = None,
+        adapter: Any = None,
         **sampling_kwargs: Any,
     ) -> Completion | list[Completion] | Iterator[StreamEvent]:
         """Complete raw text prompt(s). One string gives one ``Completion``, a list gives a list.
 
         Sampling is set by keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
         ``seed``, ``stop``) or a ``SamplingParams``. With ``stream=True``, returns an iterator
-        of ``StreamEvent``s instead.
+        of ``StreamEvent``s instead. ``adapter``: a LoRA adapter (``afmkit.adapters``) for every
+        prompt, or one (or None) per prompt.
         """
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
-        return self._run([self.tokenizer.encode(t) for t in texts], single, stream, sampling, sampling_kwargs)
+        return self._run([self.tokenizer.encode(t) for t in texts], single, stream, sampling, sampling_kwargs, adapter)
 
     def chat(
         self,
@@ -127,6 +129,7 @@ class LanguageModel:
         *,
         stream: bool = False,
         sampling: SamplingParams | None = None,
+        adapter: Any = None,
         **sampling_kwargs: Any,
     ) -> Completion | list[Completion] | Iterator[StreamEvent]:
         """Answer a conversation (a list of ``{"role", "content"}`` dicts), or a list of them."""
@@ -135,18 +138,24 @@ class LanguageModel:
         single = isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c)) for c in conversations]
-        return self._run(prompts, single, stream, sampling, sampling_kwargs)
+        return self._run(prompts, single, stream, sampling, sampling_kwargs, adapter)
 
     def _run(
-        self, prompts: list[list[int]], single: bool, stream: bool, sampling: SamplingParams | None, kwargs: dict
+        self,
+        prompts: list[list[int]],
+        single: bool,
+        stream: bool,
+        sampling: SamplingParams | None,
+        kwargs: dict,
+        adapter: Any = None,
     ) -> Any:
         if sampling is None:
             sampling = SamplingParams(**kwargs)
         elif kwargs:
             raise UserError("pass sampling settings either as a SamplingParams or as keywords, not both")
         if stream:
-            return self.engine.stream(prompts, sampling)
-        completions = self.engine.generate(prompts, sampling)
+            return self.engine.stream(prompts, sampling, adapters=adapter)
+        completions = self.engine.generate(prompts, sampling, adapters=adapter)
         return completions[0] if single else completions
 
     # -- scoring -----------------------------------------------------------------------------

@@ -11,8 +11,12 @@ The CLI, the server, evaluation, rejection sampling and RL rollouts all generate
   processes.
 * A decode step attends to the first ``attend_len`` cache positions only (the bucket above the
   longest row), so its cost does not grow with the cache's capacity.
-* Each row has its own position, sampling parameters, random key and stop conditions; rows that
-  have stopped ride along until the batch ends.
+* Rows live in the slots of a shared KV cache (``DecodeBatch``). Each row has its own position,
+  step, sampling parameters, random key, stop conditions and LoRA adapter (a bank of adapters
+  gathered per row, so one batch mixes adapters and the bare base). New requests are prefilled
+  into free slots and join the running decode batch at the next step (continuous batching);
+  finished rows free their slots at once. ``Engine.generate``/``stream`` and the server's
+  scheduler are both clients of this one loop.
 * The host reads a step's tokens while the next step is already running, so per-token Python
   work (detokenizing, stop strings, streaming) overlaps with the device.
 """
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
 from afmkit.config import ModelConfig
 from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, sample
@@ -84,7 +89,7 @@ def activation_dtype(params: Params) -> Any:
 class DecodeState:
     tokens: jax.Array  # [B] the token each row feeds next
     positions: jax.Array  # [B] where that token sits
-    step: jax.Array  # scalar: index of ``tokens`` among the generated tokens
+    step: jax.Array  # [B] (or a scalar): index of ``tokens`` among the row's generated tokens
 
 
 @functools.partial(
@@ -98,18 +103,57 @@ def _prefill_chunk(
     lengths: jax.Array,
     first: jax.Array,
     sampler: SamplerState,
+    lora: RowAdapters | None = None,
     *,
     config: ModelConfig,
     attend_len: int,
     mode: SamplerMode,
     activation_dtype: Any,
 ) -> tuple[KVCache, jax.Array]:
-    """Write one chunk of prompt positions into the cache; sample the first new token of every
-    row whose last prompt token lies in this chunk (other rows keep ``first``)."""
+    """Write one chunk of prompt positions into the first rows of the cache; sample the first
+    new token of every row whose last prompt token lies in this chunk (others keep ``first``)."""
+    return _prefill_rows(
+        params,
+        cache,
+        tokens,
+        start,
+        lengths,
+        first,
+        sampler,
+        lora,
+        config=config,
+        attend_len=attend_len,
+        mode=mode,
+        activation_dtype=activation_dtype,
+    )
+
+
+def _prefill_rows(
+    params: Params,
+    cache: KVCache,
+    tokens: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    first: jax.Array,
+    sampler: SamplerState,
+    lora: RowAdapters | None,
+    *,
+    config: ModelConfig,
+    attend_len: int,
+    mode: SamplerMode,
+    activation_dtype: Any,
+) -> tuple[KVCache, jax.Array]:
     batch, chunk = tokens.shape
     positions = start + jnp.broadcast_to(jnp.arange(chunk), (batch, chunk))
     hidden, cache = forward(
-        params, tokens, positions, cache, config=config, attend_len=attend_len, activation_dtype=activation_dtype
+        params,
+        tokens,
+        positions,
+        cache,
+        config=config,
+        attend_len=attend_len,
+        activation_dtype=activation_dtype,
+        adapters=lora,
     )
     last = lengths - 1 - start
     in_chunk = (last >= 0) & (last < chunk)
@@ -121,17 +165,62 @@ def _prefill_chunk(
 @functools.partial(
     jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
 )
+def _prefill_slots_chunk(
+    params: Params,
+    cache: KVCache,
+    slots: jax.Array,
+    tokens: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    first: jax.Array,
+    sampler: SamplerState,
+    lora: RowAdapters | None = None,
+    *,
+    config: ModelConfig,
+    attend_len: int,
+    mode: SamplerMode,
+    activation_dtype: Any,
+) -> tuple[KVCache, jax.Array]:
+    """``_prefill_chunk`` for rows at any slots of a running batch's cache: the slots' first
+    ``attend_len`` positions are gathered, prefilled and written back (other rows untouched)."""
+    rows = KVCache(k=[k[slots, ..., :attend_len] for k in cache.k], v=[v[slots, :, :attend_len] for v in cache.v])
+    rows, first = _prefill_rows(
+        params,
+        rows,
+        tokens,
+        start,
+        lengths,
+        first,
+        sampler,
+        lora,
+        config=config,
+        attend_len=attend_len,
+        mode=mode,
+        activation_dtype=activation_dtype,
+    )
+    cache = KVCache(
+        k=[k.at[slots, ..., :attend_len].set(r) for k, r in zip(cache.k, rows.k)],
+        v=[v.at[slots, :, :attend_len].set(r) for v, r in zip(cache.v, rows.v)],
+    )
+    return cache, first
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
+)
 def _decode_step(
     params: Params,
     cache: KVCache,
     state: DecodeState,
     sampler: SamplerState,
+    lora: RowAdapters | None = None,
     *,
     config: ModelConfig,
     attend_len: int,
     mode: SamplerMode,
     activation_dtype: Any,
 ) -> tuple[KVCache, DecodeState]:
+    """One token for each of the first ``len(state.tokens)`` rows of the cache."""
     hidden, cache = forward(
         params,
         state.tokens[:, None],
@@ -140,6 +229,7 @@ def _decode_step(
         config=config,
         attend_len=attend_len,
         activation_dtype=activation_dtype,
+        adapters=lora,
     )
     step = state.step + 1
     tokens = sample(output_logits(params, hidden[:, 0]), sampler, step, mode=mode)
@@ -221,6 +311,344 @@ class _RowText:
         return delta
 
 
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request: a prompt (token ids), its sampling and optionally a LoRA adapter.
+    ``index`` is copied into the request's ``StreamEvent``s so a caller can route them."""
+
+    prompt: Sequence[int]
+    sampling: SamplingParams
+    adapter: LoraAdapter | None = None
+    index: int = 0
+    row: _Row | None = dataclasses.field(default=None, repr=False)  # set when admitted
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    """Host-side state of a request while it holds a slot."""
+
+    request: Request
+    slot: int
+    bank_slot: int
+    text: _RowText
+    start_time: float
+    count: int = 0  # tokens emitted
+    dispatched: int = 0  # decode steps dispatched for this row since it joined
+    finished: bool = False
+    first_token_time: float = 0.0
+    finish_time: float = 0.0
+
+    @property
+    def next_position(self) -> int:
+        """Where the token fed by the next decode step sits."""
+        return len(self.request.prompt) + self.dispatched
+
+
+@dataclasses.dataclass
+class _BankEntry:
+    adapter: LoraAdapter
+    refs: int = 0
+    last_used: float = 0.0
+
+
+_MODE_ORDER = [SamplerMode.GREEDY, SamplerMode.SAMPLE, SamplerMode.FILTERED]
+
+
+class DecodeBatch:
+    """A running decode batch: rows in the slots of one shared KV cache (continuous batching).
+
+    ``admit`` prefills new requests into free slots (several at once when they arrive together)
+    and emits their first tokens; ``step`` dispatches the next decode step for every row that
+    still needs tokens and returns the previous step's tokens as events (one step in flight, so
+    the device computes while the host detokenizes). Rows finish on their own (EOS, a stop
+    string, ``max_new_tokens``, ``cancel``) and free their slot for the next request.
+
+    A decode step runs the lowest ``2**k`` slots that cover every row needing a token (rows are
+    given the lowest free slot) and attends to the bucket above the longest row, so its cost
+    follows the work, not the cache's capacity. LoRA adapters live in an ``AdapterBank`` with
+    ``adapter_slots`` slots; each row gathers its own (slot 0: the bare base).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        slots: int,
+        capacity: int,
+        adapter_slots: int = 0,
+        adapters: Sequence[LoraAdapter] = (),
+    ) -> None:
+        self.engine = engine
+        self.n_slots = slots
+        self.capacity = capacity
+        self.cache = _empty_cache(config=engine.config, batch=slots, capacity=capacity, dtype=engine.activation_dtype)
+        self.rows: list[_Row | None] = [None] * slots
+        zeros = jnp.zeros((slots,), jnp.int32)
+        self.state = DecodeState(tokens=zeros, positions=zeros, step=zeros)
+        self.sampler = SamplerState.from_params([SamplingParams(max_new_tokens=1)] * slots)
+        self.row_bank_slots = zeros
+        self.adapter_slots = max(adapter_slots, len(adapters) + 1 if adapters else 0)
+        self.bank: AdapterBank | None = None
+        self.bank_entries: list[_BankEntry | None] = []
+        if adapters:
+            self._new_bank(adapters)
+        self.mode = SamplerMode.GREEDY
+        self.inflight: list[tuple[jax.Array, list[_Row | None]]] = []
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def active_rows(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def free_slots(self) -> int:
+        return self.n_slots - self.active_rows
+
+    @property
+    def busy(self) -> bool:
+        return self.active_rows > 0 or bool(self.inflight)
+
+    # -- adapters ----------------------------------------------------------------------------
+    def _new_bank(self, adapters: Sequence[LoraAdapter]) -> None:
+        self.bank = AdapterBank.for_adapters(self.engine.config, list(adapters), slots=self.adapter_slots)
+        self.bank_entries = [None] + [_BankEntry(a) for a in adapters]
+        self.bank_entries += [None] * (self.adapter_slots - len(self.bank_entries))
+
+    def _reserve_bank_slot(self, adapter: LoraAdapter | None) -> int | None:
+        """The bank slot serving ``adapter`` (loading it if needed), or None if none is free now."""
+        if adapter is None:
+            return 0
+        if self.adapter_slots < 2:
+            raise UserError("this batch has no adapter slots; create it with adapter_slots >= 2")
+        now = time.perf_counter()
+        for slot, entry in enumerate(self.bank_entries):
+            if entry is not None and entry.adapter is adapter:
+                entry.refs += 1
+                entry.last_used = now
+                return slot
+        if self.bank is None or not self.bank.fits(adapter):
+            in_use = [e.adapter for e in self.bank_entries if e is not None and e.refs > 0]
+            if in_use:
+                return None  # the bank's layout changes only once the rows using it have finished
+            self.adapter_slots = max(self.adapter_slots, 2)
+            self._new_bank([adapter])
+            self.bank_entries[1].refs, self.bank_entries[1].last_used = 1, now
+            return 1
+        free = [s for s in range(1, self.adapter_slots) if self.bank_entries[s] is None]
+        if not free:
+            idle = [s for s in range(1, self.adapter_slots) if self.bank_entries[s].refs == 0]
+            if not idle:
+                return None
+            free = [min(idle, key=lambda s: self.bank_entries[s].last_used)]
+        slot = free[0]
+        self.bank.put(slot, adapter)
+        self.bank_entries[slot] = _BankEntry(adapter, refs=1, last_used=now)
+        return slot
+
+    def _release(self, row: _Row) -> None:
+        if self.rows[row.slot] is row:
+            self.rows[row.slot] = None
+        entry = self.bank_entries[row.bank_slot] if row.bank_slot else None
+        if entry is not None:
+            entry.refs -= 1
+
+    # -- admission ---------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """A ``UserError`` if ``request`` can never run in this batch."""
+        need = len(request.prompt) + request.sampling.max_new_tokens
+        if need >= self.capacity:
+            raise UserError(
+                f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.sampling.max_new_tokens}) "
+                f"exceeds this batch's context of {self.capacity - 1} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    def admit(self, requests: Sequence[Request]) -> tuple[list[Request], list[tuple[Request, StreamEvent]]]:
+        """Prefill as many of ``requests`` as fit now; returns (admitted, their first-token events)."""
+        rows: list[_Row] = []
+        now = time.perf_counter()
+        for request in requests:
+            self.check(request)
+            free = [s for s in range(self.n_slots) if self.rows[s] is None]
+            if not free:
+                break
+            bank_slot = self._reserve_bank_slot(request.adapter)
+            if bank_slot is None:
+                continue
+            row = _Row(request, free[0], bank_slot, _RowText(self.engine.tokenizer, request.sampling.stop), now)
+            request.row = row
+            self.rows[row.slot] = row
+            rows.append(row)
+        if not rows:
+            return [], []
+        groups = self._groups(rows)
+        firsts = [self._prefill(group, padding)[: len(group)] for group, padding in groups]
+        rows = [row for group, _ in groups for row in group]
+        slots = jnp.asarray([r.slot for r in rows], jnp.int32)
+        first = firsts[0] if len(firsts) == 1 else jnp.concatenate(firsts)
+        lengths = jnp.asarray([len(r.request.prompt) for r in rows], jnp.int32)
+        self.state = DecodeState(
+            tokens=self.state.tokens.at[slots].set(first),
+            positions=self.state.positions.at[slots].set(lengths),
+            step=self.state.step.at[slots].set(0),
+        )
+        new_sampler = SamplerState.from_params([r.request.sampling for r in rows])
+        self.sampler = jax.tree.map(lambda full, new: full.at[slots].set(new), self.sampler, new_sampler)
+        if self.bank is not None:
+            self.row_bank_slots = self.row_bank_slots.at[slots].set(jnp.asarray([r.bank_slot for r in rows]))
+        host = np.asarray(first)
+        events = []
+        for row, token in zip(rows, host):
+            row.first_token_time = time.perf_counter()
+            events.extend(self._emit(row, int(token)))
+        return [r.request for r in rows], events
+
+    def _groups(self, rows: list[_Row]) -> list[tuple[list[_Row], list[int]]]:
+        """Prefill groups of power-of-two size: padded with free slots when there are enough,
+        else split (8 + 4 + 1 ...)."""
+        free = [s for s in range(self.n_slots) if self.rows[s] is None]
+        size = batch_bucket(len(rows))
+        if size - len(rows) <= len(free):
+            groups = [(rows, free[: size - len(rows)])]
+        else:
+            groups, rest = [], list(rows)
+            while rest:
+                size = 1 << (len(rest).bit_length() - 1)
+                groups.append((rest[:size], []))
+                rest = rest[size:]
+        return groups
+
+    def _prefill(self, rows: list[_Row], padding: list[int]) -> jax.Array:
+        engine = self.engine
+        slots = [r.slot for r in rows] + padding
+        size = len(slots)
+        lengths = [len(r.request.prompt) for r in rows] + [1] * len(padding)
+        padded_len = prompt_bucket(max(lengths))
+        tokens = np.zeros((size, padded_len), np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, : lengths[i]] = row.request.prompt
+        sampling = [r.request.sampling for r in rows] + [SamplingParams(max_new_tokens=1)] * len(padding)
+        sampler = SamplerState.from_params(sampling)
+        mode = SamplerMode.for_batch(sampling)
+        # No row with an adapter: the base model's own code path (slot 0 would add exact zeros).
+        uses_adapter = self.bank is not None and any(r.bank_slot for r in rows)
+        lora = self.bank.rows([r.bank_slot for r in rows] + [0] * len(padding)) if uses_adapter else None
+        lengths_dev = jnp.asarray(lengths, jnp.int32)
+        first = jnp.zeros((size,), jnp.int32)
+        direct = slots == list(range(size))  # the first rows of the cache: no gather/scatter
+        slots_dev = jnp.asarray(slots, jnp.int32)
+        chunk = min(padded_len, PREFILL_CHUNK)
+        for chunk_start in range(0, padded_len, chunk):
+            common = dict(
+                config=engine.config,
+                attend_len=chunk_start + chunk,
+                mode=mode,
+                activation_dtype=engine.activation_dtype,
+            )
+            args = (jnp.asarray(tokens[:, chunk_start : chunk_start + chunk]), jnp.int32(chunk_start), lengths_dev)
+            if direct:
+                self.cache, first = _prefill_chunk(engine.params, self.cache, *args, first, sampler, lora, **common)
+            else:
+                self.cache, first = _prefill_slots_chunk(
+                    engine.params, self.cache, slots_dev, *args, first, sampler, lora, **common
+                )
+        return first
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request`` now (e.g. its client went away) and free its slot."""
+        for row in self.rows:
+            if row is not None and row.request is request:
+                row.finished = True
+                row.finish_time = time.perf_counter()
+                self._release(row)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def step(self) -> list[tuple[Request, StreamEvent]]:
+        """Dispatch the next decode step (if any row needs it), then return the events of the
+        step dispatched before it."""
+        dispatched = self._dispatch()
+        events = self._read(self.inflight.pop(0)) if self.inflight else []
+        if dispatched is not None:
+            self.inflight.append(dispatched)
+        return events
+
+    def _dispatch(self) -> tuple[jax.Array, list[_Row | None]] | None:
+        engine = self.engine
+        needing = [
+            r
+            for r in self.rows
+            if r is not None and not r.finished and 1 + r.dispatched < r.request.sampling.max_new_tokens
+        ]
+        if not needing:
+            return None
+        rows = min(self.n_slots, max(batch_bucket(max(r.slot for r in needing) + 1), engine.min_decode_batch))
+        attend_len = kv_bucket(max(r.next_position for r in needing) + 1)
+        wanted = SamplerMode.for_batch([r.request.sampling for r in self.rows if r is not None])
+        # Never downgrade the sampler while rows run: a batch keeps one compiled variant.
+        self.mode = max(self.mode, wanted, key=_MODE_ORDER.index)
+        whole = rows == self.n_slots
+        state = self.state if whole else jax.tree.map(lambda a: a[:rows], self.state)
+        sampler = self.sampler if whole else jax.tree.map(lambda a: a[:rows], self.sampler)
+        uses_adapter = self.bank is not None and any(r is not None and r.bank_slot for r in self.rows[:rows])
+        lora = self.bank.rows(self.row_bank_slots[:rows]) if uses_adapter else None
+        self.cache, out = _decode_step(
+            engine.params,
+            self.cache,
+            state,
+            sampler,
+            lora,
+            config=engine.config,
+            attend_len=attend_len,
+            mode=self.mode,
+            activation_dtype=engine.activation_dtype,
+        )
+        if whole:
+            self.state = out
+        else:
+            self.state = jax.tree.map(lambda new, old: jnp.concatenate([new, old[rows:]]), out, self.state)
+        for r in needing:
+            r.dispatched += 1
+        return out.tokens, list(self.rows[:rows])
+
+    def _read(self, inflight: tuple[jax.Array, list[_Row | None]]) -> list[tuple[Request, StreamEvent]]:
+        tokens, snapshot = inflight
+        host = np.asarray(tokens)
+        events = []
+        for slot, row in enumerate(snapshot):
+            if row is not None and not row.finished:
+                events.extend(self._emit(row, int(host[slot])))
+        if not self.active_rows:
+            self.mode = SamplerMode.GREEDY
+        return events
+
+    def _emit(self, row: _Row, token: int) -> list[tuple[Request, StreamEvent]]:
+        """Per-row host work for one token: stop checks, detokenizing, the event."""
+        row.count += 1
+        sampling = row.request.sampling
+        finish = None
+        if token in self.engine.eos_ids:
+            text, finish = row.text.flush(), "stop"
+        else:
+            text, stopped = row.text.add(token)
+            if stopped:
+                finish = "stop"
+            elif row.count >= sampling.max_new_tokens:
+                text, finish = text + row.text.flush(), "length"
+        if finish:
+            row.finished = True
+            row.finish_time = time.perf_counter()
+            self._release(row)
+        return [(row.request, StreamEvent(row.request.index, token, text, finish))]
+
+    def timings(self, row: _Row) -> dict[str, float]:
+        decode_s = row.finish_time - row.first_token_time
+        return {
+            "ttft_s": row.first_token_time - row.start_time,
+            "total_s": row.finish_time - row.start_time,
+            "decode_s": decode_s,
+            "decode_tok_s": (row.count - 1) / decode_s if decode_s > 0 and row.count > 1 else 0.0,
+        }
+
+
 class Engine:
     """Batched, streamed generation over one model's weights."""
 
@@ -246,15 +674,22 @@ class Engine:
 
     # -- public API --------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        *,
+        adapters: LoraAdapter | Sequence[LoraAdapter | None] | None = None,
     ) -> list[Completion]:
-        """Generate for every prompt (token ids); returns one ``Completion`` per prompt."""
+        """Generate for every prompt (token ids); returns one ``Completion`` per prompt.
+
+        ``adapters``: one LoRA adapter for every prompt, or one (or None) per prompt.
+        """
         params_list = self._per_prompt(prompts, sampling)
         tokens: list[list[int]] = [[] for _ in prompts]
         texts: list[list[str]] = [[] for _ in prompts]
         finish: list[str] = ["length"] * len(prompts)
         timings: list[dict[str, float]] = [{} for _ in prompts]
-        for event in self.stream(prompts, params_list, timings_out=timings):
+        for event in self.stream(prompts, params_list, timings_out=timings, adapters=adapters):
             tokens[event.index].append(event.token)
             texts[event.index].append(event.text)
             if event.finish_reason:
@@ -270,17 +705,23 @@ class Engine:
         sampling: SamplingParams | Sequence[SamplingParams],
         *,
         timings_out: list[dict[str, float]] | None = None,
+        adapters: LoraAdapter | Sequence[LoraAdapter | None] | None = None,
     ) -> Iterator[StreamEvent]:
         """Yield ``StreamEvent``s as tokens come, for prompts in batches of up to ``max_batch``."""
         params_list = self._per_prompt(prompts, sampling)
+        adapter_list = self._per_prompt_adapters(prompts, adapters)
         for i, prompt in enumerate(prompts):
             self._check_prompt(i, prompt, params_list[i])
         for lo in range(0, len(prompts), self.max_batch):
             hi = min(lo + self.max_batch, len(prompts))
             batch_timings = timings_out[lo:hi] if timings_out is not None else None
-            for event in self._stream_batch(prompts[lo:hi], params_list[lo:hi], batch_timings):
+            for event in self._stream_batch(prompts[lo:hi], params_list[lo:hi], batch_timings, adapter_list[lo:hi]):
                 event.index += lo
                 yield event
+
+    def new_batch(self, *, slots: int, capacity: int, adapter_slots: int = 0) -> DecodeBatch:
+        """An empty running batch for continuous batching (the server's scheduler)."""
+        return DecodeBatch(self, slots=slots, capacity=capacity, adapter_slots=adapter_slots)
 
     # -- internals ---------------------------------------------------------------------------
     def _per_prompt(self, prompts: Sequence[Sequence[int]], sampling: Any) -> list[SamplingParams]:
@@ -290,6 +731,14 @@ class Engine:
         if len(sampling) != len(prompts):
             raise UserError(f"got {len(prompts)} prompts but {len(sampling)} sampling parameter sets")
         return sampling
+
+    def _per_prompt_adapters(self, prompts: Sequence[Sequence[int]], adapters: Any) -> list[LoraAdapter | None]:
+        if adapters is None or isinstance(adapters, LoraAdapter):
+            return [adapters] * len(prompts)
+        adapters = list(adapters)
+        if len(adapters) != len(prompts):
+            raise UserError(f"got {len(prompts)} prompts but {len(adapters)} adapters")
+        return adapters
 
     def _check_prompt(self, index: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
         if len(prompt) == 0:
@@ -316,108 +765,24 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         sampling: list[SamplingParams],
         timings_out: list[dict[str, float]] | None,
+        adapters: list[LoraAdapter | None],
     ) -> Iterator[StreamEvent]:
-        start_time = time.perf_counter()
+        """One call's prompts as a fresh ``DecodeBatch``: all admitted at once, run to the end."""
         n = len(prompts)
-        batch = batch_bucket(n)  # rows prefilled
-        rows_total = max(batch, self.min_decode_batch)  # rows decoded
-        lengths = [len(p) for p in prompts] + [1] * (rows_total - n)
-        longest = max(lengths)
-        padded_len = prompt_bucket(longest)
-        max_steps = max(s.max_new_tokens for s in sampling)
-        capacity = cache_capacity(longest, max_steps)
-        padding = [SamplingParams(max_new_tokens=1)] * (rows_total - n)
-        mode = SamplerMode.for_batch(sampling)
-        sampler = SamplerState.from_params(sampling + padding)
-
-        tokens = np.zeros((batch, padded_len), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = prompt
-        lengths_dev = jnp.asarray(lengths, jnp.int32)
-        cache = _empty_cache(config=self.config, batch=rows_total, capacity=capacity, dtype=self.activation_dtype)
-        first = jnp.zeros((batch,), jnp.int32)
-        prefill_sampler = sampler if rows_total == batch else jax.tree.map(lambda a: a[:batch], sampler)
-        chunk = min(padded_len, PREFILL_CHUNK)
-        for chunk_start in range(0, padded_len, chunk):
-            cache, first = _prefill_chunk(
-                self.params,
-                cache,
-                jnp.asarray(tokens[:, chunk_start : chunk_start + chunk]),
-                jnp.int32(chunk_start),
-                lengths_dev[:batch],
-                first,
-                prefill_sampler,
-                config=self.config,
-                attend_len=chunk_start + chunk,
-                mode=mode,
-                activation_dtype=self.activation_dtype,
-            )
-        if rows_total > batch:
-            first = jnp.pad(first, (0, rows_total - batch))
-        state = DecodeState(tokens=first, positions=lengths_dev, step=jnp.int32(0))
-
-        rows = [_RowText(self.tokenizer, s.stop) for s in sampling]
-        active = [True] * n
-        counts = [0] * n
-        finish_times = [0.0] * n
-
-        def emit(host_tokens: np.ndarray) -> Iterator[StreamEvent]:
-            """Per-row host work for one step: stop checks, detokenizing, events."""
-            for row in range(n):
-                if not active[row]:
-                    continue
-                token = int(host_tokens[row])
-                counts[row] += 1
-                finish = None
-                if token in self.eos_ids:
-                    text, finish = rows[row].flush(), "stop"
-                else:
-                    text, stopped = rows[row].add(token)
-                    if stopped:
-                        finish = "stop"
-                    elif counts[row] >= sampling[row].max_new_tokens:
-                        text, finish = text + rows[row].flush(), "length"
-                if finish:
-                    active[row] = False
-                    finish_times[row] = time.perf_counter()
-                yield StreamEvent(row, token, text, finish)
-
-        def dispatch(cache: KVCache, state: DecodeState, step: int) -> tuple[KVCache, DecodeState] | None:
-            """Start computing the token after ``state``'s (donating ``cache``), unless no row needs it."""
-            if not any(active) or step + 1 >= max_steps:
-                return None
-            attend_len = kv_bucket(longest + step + 1)
-            return _decode_step(
-                self.params,
-                cache,
-                state,
-                sampler,
-                config=self.config,
-                attend_len=attend_len,
-                mode=mode,
-                activation_dtype=self.activation_dtype,
-            )
-
-        # The first token streams out before the first decode step is dispatched (which may have
-        # to compile). From then on step t+1 is dispatched before step t's tokens are read, so
-        # the device computes while the host detokenizes and streams.
-        first_host = np.asarray(state.tokens)
-        first_token_time = time.perf_counter()
-        yield from emit(first_host)
-        step = 0
-        pending = dispatch(cache, state, step)
-        while pending is not None and any(active):
-            cache, state = pending
-            step += 1
-            pending = dispatch(cache, state, step)
-            yield from emit(np.asarray(state.tokens))
+        rows_total = max(batch_bucket(n), self.min_decode_batch)
+        longest = max(len(p) for p in prompts)
+        capacity = cache_capacity(longest, max(s.max_new_tokens for s in sampling))
+        distinct = list({id(a): a for a in adapters if a is not None}.values())
+        batch = DecodeBatch(self, slots=rows_total, capacity=capacity, adapters=distinct)
+        requests = [Request(list(p), s, a, index=i) for i, (p, s, a) in enumerate(zip(prompts, sampling, adapters))]
+        admitted, events = batch.admit(requests)
+        if len(admitted) != n:
+            raise RuntimeError("a fresh batch admits every prompt")  # it has a slot for each
+        for _, event in events:
+            yield event
+        while batch.busy:
+            for _, event in batch.step():
+                yield event
         if timings_out is not None:
-            ttft = first_token_time - start_time
-            for row in range(n):
-                decode_s = finish_times[row] - first_token_time
-                timings_out[row].update(
-                    ttft_s=ttft,
-                    total_s=finish_times[row] - start_time,
-                    decode_s=decode_s,
-                    decode_tok_s=(counts[row] - 1) / decode_s if decode_s > 0 and counts[row] > 1 else 0.0,
-                )
+            for i, request in enumerate(requests):
+                timings_out[i].update(batch.timings(request.row))

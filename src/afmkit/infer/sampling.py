@@ -86,7 +86,8 @@ class SamplerState:
 
 
 def sample(logits: jax.Array, state: SamplerState, step: jax.Array, *, mode: SamplerMode) -> jax.Array:
-    """One token per row from ``logits [B, V]``; ``step`` makes each step's randomness fresh."""
+    """One token per row from ``logits [B, V]``; ``step`` (scalar or ``[B]``) makes each step's
+    randomness fresh."""
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode is SamplerMode.GREEDY:
         return greedy_tokens
@@ -94,7 +95,8 @@ def sample(logits: jax.Array, state: SamplerState, step: jax.Array, *, mode: Sam
     scaled = logits / temperature
     if mode is SamplerMode.FILTERED:
         scaled = _filter_top_k_top_p(scaled, state.top_k, state.top_p)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, step)
+    # ``step`` is one scalar for the batch or one per row (rows that joined a running batch later).
+    keys = jax.vmap(jax.random.fold_in)(state.keys, jnp.broadcast_to(step, state.keys.shape[:1]))
     sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(state.temperature > 0, sampled, greedy_tokens)
 

@@ -90,10 +90,17 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -
     return jax.tree.unflatten(treedef, leaves)
 
 
-def linear(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def linear(spec: str, x: jax.Array, w: jax.Array, *, lora: Any = None) -> jax.Array:
     """``x`` times a weight. The matmul runs in the weight's precision (bf16 weights: bf16
-    inputs, fp32 accumulation); the result comes back in ``x``'s dtype."""
-    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+    inputs, fp32 accumulation); the result comes back in ``x``'s dtype. ``lora``: an optional
+    low-rank update, called as ``lora(spec, x)`` (see ``afmkit.adapters.lora``)."""
+    y = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y if lora is None else y + lora(spec, x).astype(x.dtype)
+
+
+def _lora(lora: Any, weight: str) -> Any:
+    """The update of one weight from a layer's adapters (None when the layer has none)."""
+    return None if lora is None else lora.get(weight)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -124,6 +131,7 @@ def attention(
     config: ModelConfig,
     attend_len: int,
     segment_ids: jax.Array | None = None,
+    lora: Any = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Grouped-query attention; a query at position p sees keys at positions <= p.
 
@@ -134,9 +142,9 @@ def attention(
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
-    q = linear("btd,dhk->bthk", x, layer["wq"])
-    k = linear("btd,dhk->bthk", x, layer["wk"])
-    v = linear("btd,dhk->bthk", x, layer["wv"])
+    q = linear("btd,dhk->bthk", x, layer["wq"], lora=_lora(lora, "wq"))
+    k = linear("btd,dhk->bthk", x, layer["wk"], lora=_lora(lora, "wk"))
+    v = linear("btd,dhk->bthk", x, layer["wv"], lora=_lora(lora, "wv"))
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.norm_eps)
         k = rms_norm(k, layer["k_norm"], config.norm_eps)
@@ -168,14 +176,14 @@ def attention(
     out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
     out = out.reshape(batch, kv_heads, groups, seq, head_dim).transpose(0, 3, 1, 2, 4)
     out = out.reshape(batch, seq, config.n_heads, head_dim)
-    return linear("bthk,hkd->btd", out, layer["wo"]), k_cache, v_cache
+    return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), k_cache, v_cache
 
 
-def mlp(layer: Params, x: jax.Array) -> jax.Array:
-    gate = linear("btd,df->btf", x, layer["w_gate"])
-    up = linear("btd,df->btf", x, layer["w_up"])
+def mlp(layer: Params, x: jax.Array, *, lora: Any = None) -> jax.Array:
+    gate = linear("btd,df->btf", x, layer["w_gate"], lora=_lora(lora, "w_gate"))
+    up = linear("btd,df->btf", x, layer["w_up"], lora=_lora(lora, "w_up"))
     gate, up = (constrain(a, ("batch", "seq", "act_mlp")) for a in (gate, up))
-    return linear("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"])
+    return linear("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"], lora=_lora(lora, "w_down"))
 
 
 def forward(
@@ -188,6 +196,7 @@ def forward(
     attend_len: int = 0,
     activation_dtype: Any = None,
     segment_ids: jax.Array | None = None,
+    adapters: Any = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
 
@@ -198,6 +207,9 @@ def forward(
     wherever that row is. With a cache, the first ``attend_len`` cache slots are attended to.
     Without one (training, scoring), the chunk attends to itself only; ``segment_ids [B, T]``
     then keeps packed documents apart (give each document positions that restart at 0).
+
+    ``adapters``: optional LoRA adapters (``afmkit.adapters.lora``: one for every row, or a bank
+    gathered per row); anything with ``.layer(i)`` returning that layer's updates or None.
     """
     if segment_ids is not None and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
@@ -205,9 +217,10 @@ def forward(
     x = constrain(x, ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     no_cache = [None] * config.n_layers
-    for layer, k_cache, v_cache in zip(
-        params["layers"], cache.k if cache else no_cache, cache.v if cache else no_cache
+    for i, (layer, k_cache, v_cache) in enumerate(
+        zip(params["layers"], cache.k if cache else no_cache, cache.v if cache else no_cache)
     ):
+        lora = None if adapters is None else adapters.layer(i)
         attn_out, k_cache, v_cache = attention(
             layer,
             rms_norm(x, layer["attn_norm"], config.norm_eps),
@@ -217,9 +230,10 @@ def forward(
             config=config,
             attend_len=attend_len,
             segment_ids=segment_ids,
+            lora=lora,
         )
         x = x + attn_out
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
+        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps), lora=lora)
         x = constrain(x, ("batch", "seq", "act_embed"))
         new_k.append(k_cache)
         new_v.append(v_cache)
@@ -233,11 +247,15 @@ def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
     return linear("...d,vd->...v", hidden.astype(jnp.float32), params["embed"])
 
 
-def logits_fn(params: Params, tokens: jax.Array, *, config: ModelConfig, activation_dtype: Any = None) -> jax.Array:
+def logits_fn(
+    params: Params, tokens: jax.Array, *, config: ModelConfig, activation_dtype: Any = None, adapters: Any = None
+) -> jax.Array:
     """Logits for every position of ``tokens [B, T]``, without a cache (training, scoring)."""
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    hidden, _ = forward(params, tokens, positions, None, config=config, activation_dtype=activation_dtype)
+    hidden, _ = forward(
+        params, tokens, positions, None, config=config, activation_dtype=activation_dtype, adapters=adapters
+    )
     return output_logits(params, hidden)
 
 

@@ -1,0 +1,405 @@
+"""LoRA adapters: low-rank updates ``W + (alpha / r) * A @ B`` to chosen linears of chosen layers.
+
+An adapter is a separate pytree, never mixed into the base weights: for every targeted weight of
+a layer, ``A`` has the weight's input axes plus the rank (``wq`` is ``[d, h, hd]`` so its ``A`` is
+``[d, r]``; ``wo`` is ``[h, hd, d]`` so its ``A`` is ``[h, hd, r]``) and ``B`` the rank plus the
+weight's output axes. Weights are stored in 16 bits (fp16 or bf16) and applied in the
+activations' precision.
+
+Three ways to apply adapters, all through the one ``forward``:
+
+* ``single(adapter)``: one adapter on every row (training, scoring).
+* ``AdapterBank`` + ``bank.rows(ids)``: a bank of adapters stacked ``[n, ...]`` with slot 0 all
+  zeros ("no adapter"); each row of a batch gathers its own slot's ``A`` and ``B`` (as S-LoRA and
+  Punica do), so one decode batch serves many adapters and the bare base at once.
+* ``merge(params, adapter)``: fold the update into the base weights (zero overhead for a single
+  adapter); ``unmerge`` subtracts it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afmkit.config import ModelConfig
+from afmkit.errors import UserError
+from afmkit.model.transformer import Params, weight_specs
+
+# Short target names (as in the PEFT and Apple write-ups) -> afmkit's per-layer weight names.
+TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+# How many leading axes of each weight are inputs (contracted with the activations).
+INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+STORAGE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Which linears of which layers an adapter updates, and its rank and scale."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = tuple(TARGETS)
+    layers: tuple[int, ...] | None = None  # None: every layer
+    dtype: str = "float16"  # storage precision of A and B
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise UserError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise UserError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+        if self.dtype not in STORAGE_DTYPES:
+            raise UserError(f"LoRA storage dtype {self.dtype!r} unknown; use one of {', '.join(STORAGE_DTYPES)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def layer_ids(self, config: ModelConfig) -> tuple[int, ...]:
+        layers = tuple(range(config.n_layers)) if self.layers is None else self.layers
+        bad = [i for i in layers if not 0 <= i < config.n_layers]
+        if bad:
+            raise UserError(f"LoRA layers {bad} do not exist; the model has layers 0..{config.n_layers - 1}")
+        return layers
+
+
+@dataclasses.dataclass
+class LoraAdapter:
+    """An adapter's config and weights: ``weights[i]`` maps weight names (``"wq"``...) of layer
+    ``i`` to ``{"a", "b"}`` (an empty dict for layers it leaves alone)."""
+
+    config: LoraConfig
+    weights: list[dict[str, dict[str, Any]]]
+    name: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.weights))
+
+    def astype(self, dtype: Any) -> LoraAdapter:
+        return dataclasses.replace(self, weights=jax.tree.map(lambda x: jnp.asarray(x, dtype), self.weights))
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    layer = weight_specs(config)["layers"][0]
+    return {name: layer[name].shape for name in INPUT_AXES}
+
+
+def lora_shapes(config: ModelConfig, weight: str, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``A`` and ``B`` for one weight of ``config``."""
+    shape, n_in = _weight_shapes(config)[weight], INPUT_AXES[weight]
+    return (*shape[:n_in], rank), (rank, *shape[n_in:])
+
+
+def init_adapter(config: ModelConfig, lora: LoraConfig, key: jax.Array, *, name: str = "") -> LoraAdapter:
+    """A fresh adapter that changes nothing yet: ``A`` random (std 1/sqrt(fan-in)), ``B`` zeros."""
+    layer_ids = set(lora.layer_ids(config))
+    dtype = STORAGE_DTYPES[lora.dtype]
+    weights: list[dict[str, dict[str, Any]]] = []
+    for i in range(config.n_layers):
+        layer: dict[str, dict[str, Any]] = {}
+        if i in layer_ids:
+            for target in lora.targets:
+                weight = TARGETS[target]
+                a_shape, b_shape = lora_shapes(config, weight, lora.rank)
+                key, sub = jax.random.split(key)
+                fan_in = int(np.prod(a_shape[:-1]))
+                a = jax.random.normal(sub, a_shape) / np.sqrt(fan_in)
+                layer[weight] = {"a": a.astype(dtype), "b": jnp.zeros(b_shape, dtype)}
+        weights.append(layer)
+    return LoraAdapter(config=lora, weights=weights, name=name)
+
+
+def check_adapter(config: ModelConfig, adapter: LoraAdapter) -> None:
+    """Refuse an adapter whose shapes do not fit ``config`` (a clear error, not a shape crash)."""
+    if len(adapter.weights) != config.n_layers:
+        raise UserError(
+            f"adapter {adapter.name!r} has {len(adapter.weights)} layers but the model has {config.n_layers}; "
+            "it was made for another base model"
+        )
+    for i, layer in enumerate(adapter.weights):
+        for weight, ab in layer.items():
+            if weight not in INPUT_AXES:
+                raise UserError(f"adapter {adapter.name!r}: layer {i} has unknown weight {weight!r}")
+            want_a, want_b = lora_shapes(config, weight, adapter.config.rank)
+            if tuple(ab["a"].shape) != want_a or tuple(ab["b"].shape) != want_b:
+                raise UserError(
+                    f"adapter {adapter.name!r}: layer {i} {weight} has A {tuple(ab['a'].shape)} and B "
+                    f"{tuple(ab['b'].shape)}, but this base model needs {want_a} and {want_b}; "
+                    "it was made for another base model"
+                )
+
+
+# -- the two einsums of a LoRA update, derived from the base matmul's spec ---------------------
+def _lora_specs(spec: str, *, per_row: bool) -> tuple[str, str]:
+    """``x @ A`` and ``(x @ A) @ B`` einsum specs for a base spec like ``"btd,dhk->bthk"``."""
+    inputs, out = spec.split("->")
+    lhs, w = inputs.split(",")
+    rank = next(c for c in string.ascii_lowercase if c not in spec)
+    w_in = "".join(c for c in w if c in lhs)
+    w_out = "".join(c for c in w if c not in lhs)
+    mid = "".join(c for c in lhs if c not in w_in) + rank
+    row = lhs[0] if per_row else ""  # the batch axis: each row has its own A and B
+    return f"{lhs},{row}{w_in}{rank}->{mid}", f"{mid},{row}{rank}{w_out}->{out}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Update:
+    """The LoRA update of one weight; ``linear`` calls it with its spec and input."""
+
+    a: jax.Array
+    b: jax.Array
+    scale: float | None  # None: applied by the caller
+    per_row: bool
+
+    def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+        first, second = _lora_specs(spec, per_row=self.per_row)
+        low = jnp.einsum(first, x, self.a.astype(x.dtype))
+        out = jnp.einsum(second, low, self.b.astype(x.dtype))
+        return out if self.scale is None else out * self.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerUpdates:
+    updates: dict[str, _Update]
+
+    def get(self, weight: str) -> _Update | None:
+        return self.updates.get(weight)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SingleAdapter:
+    """One adapter applied to every row: what ``forward(..., adapters=...)`` takes for training."""
+
+    weights: list[dict[str, dict[str, jax.Array]]]
+    scale: float = dataclasses.field(metadata={"static": True})
+
+    def layer(self, i: int) -> _LayerUpdates | None:
+        layer = self.weights[i]
+        if not layer:
+            return None
+        return _LayerUpdates({w: _Update(ab["a"], ab["b"], self.scale, False) for w, ab in layer.items()})
+
+
+def single(adapter: LoraAdapter) -> SingleAdapter:
+    return SingleAdapter(weights=adapter.weights, scale=adapter.config.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BankUpdate:
+    """The per-row LoRA update of one weight from a bank ``[n_slots, ...]``.
+
+    Two equivalent schedules, chosen per call from static shapes:
+
+    * gather: each row gathers its slot's ``A`` and ``B`` (``[B, ...]``), then two batched
+      einsums. Reads ``B`` copies of an adapter; LoRA FLOPs are those of one adapter per row.
+      Best for prefill (many tokens per row: compute-bound).
+    * all slots: every row's input times every slot's ``A``, masked to the row's own slot, times
+      every slot's ``B``. Reads the bank once; ``n_slots`` times the (small) LoRA FLOPs. Best for
+      decode (one token per row, memory-bound) when the bank has fewer slots than the batch rows.
+    """
+
+    a: jax.Array  # [n_slots, in..., r]
+    b: jax.Array  # [n_slots, r, out...]
+    scales: jax.Array  # [n_slots] float32
+    row_slots: jax.Array  # [B] int32
+
+    def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+        batch, tokens_per_row = x.shape[0], int(np.prod(x.shape[1:-1], dtype=np.int64))
+        n_slots = self.a.shape[0]
+        if tokens_per_row == 1 and n_slots < batch:
+            first, mask, second = _bank_specs(spec)
+            # The mask selects the row's slot and carries its scale.
+            onehot = jax.nn.one_hot(self.row_slots, n_slots, dtype=x.dtype) * self.scales.astype(x.dtype)
+            low = jnp.einsum(mask, jnp.einsum(first, x, self.a.astype(x.dtype)), onehot)
+            return jnp.einsum(second, low, self.b.astype(x.dtype))
+        rows = self.row_slots
+        out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
+        return out * self.scales[rows].astype(x.dtype).reshape((batch,) + (1,) * (out.ndim - 1))
+
+
+def _bank_specs(spec: str) -> tuple[str, str, str]:
+    """Einsum specs of the all-slots schedule for a base spec like ``"btd,dhk->bthk"``."""
+    inputs, out = spec.split("->")
+    lhs, w = inputs.split(",")
+    rank, slot = [c for c in string.ascii_lowercase if c not in spec][:2]
+    w_in = "".join(c for c in w if c in lhs)
+    w_out = "".join(c for c in w if c not in lhs)
+    mid = "".join(c for c in lhs if c not in w_in) + slot + rank
+    return (
+        f"{lhs},{slot}{w_in}{rank}->{mid}",
+        f"{mid},{lhs[0]}{slot}->{mid}",
+        f"{mid},{slot}{rank}{w_out}->{out}",
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowAdapters:
+    """A bank's arrays plus each row's slot (0 = no adapter): per-row LoRA for mixed batches."""
+
+    weights: list[dict[str, dict[str, jax.Array]]]  # [n_slots, ...] per weight
+    scales: jax.Array  # [n_slots] float32: each slot's alpha/r (0 for slot 0)
+    row_slots: jax.Array  # [B] int32
+
+    def layer(self, i: int) -> _LayerUpdates | None:
+        layer = self.weights[i]
+        if not layer:
+            return None
+        return _LayerUpdates({w: _BankUpdate(ab["a"], ab["b"], self.scales, self.row_slots) for w, ab in layer.items()})
+
+
+def _put_slot(weights: Any, slot: jax.Array, update: Any) -> Any:
+    return jax.tree.map(lambda bank, new: bank.at[slot].set(new.astype(bank.dtype)), weights, update)
+
+
+_put_slot_jit = jax.jit(_put_slot, donate_argnums=0)
+
+
+class AdapterBank:
+    """A fixed number of adapter slots stacked on the device, slot 0 kept all zeros.
+
+    Every slot has the same layout: the union of (layer, weight) pairs and the largest rank of
+    the adapters it was made for (smaller adapters are zero-padded, which changes nothing). Its
+    shapes never change, so swapping adapters in and out never recompiles a step.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        slots: int,
+        layout: dict[int, tuple[str, ...]],
+        rank: int,
+        dtype: Any = jnp.float16,
+    ) -> None:
+        if slots < 2:
+            raise UserError("an adapter bank needs at least 2 slots (slot 0 is 'no adapter')")
+        self.config, self.slots, self.rank, self.dtype = config, slots, rank, dtype
+        self.layout = {i: tuple(ws) for i, ws in layout.items() if ws}
+        self.weights: list[dict[str, dict[str, jax.Array]]] = []
+        for i in range(config.n_layers):
+            layer = {}
+            for weight in self.layout.get(i, ()):
+                a_shape, b_shape = lora_shapes(config, weight, rank)
+                layer[weight] = {"a": jnp.zeros((slots, *a_shape), dtype), "b": jnp.zeros((slots, *b_shape), dtype)}
+            self.weights.append(layer)
+        # Each slot's alpha/r, applied in fp32 (folding it into 16-bit B would round it).
+        self.scales = np.zeros((slots,), np.float32)
+
+    @classmethod
+    def for_adapters(
+        cls, config: ModelConfig, adapters: Sequence[LoraAdapter], *, slots: int | None = None, dtype: Any = None
+    ) -> AdapterBank:
+        """A bank whose layout fits every adapter given, with them in slots 1..n."""
+        layout = union_layout(adapters)
+        rank = max((a.config.rank for a in adapters), default=1)
+        if dtype is None:
+            dtype = STORAGE_DTYPES[adapters[0].config.dtype] if adapters else jnp.float16
+        bank = cls(config, slots=slots or len(adapters) + 1, layout=layout, rank=rank, dtype=dtype)
+        for slot, adapter in enumerate(adapters, start=1):
+            bank.put(slot, adapter)
+        return bank
+
+    def fits(self, adapter: LoraAdapter) -> bool:
+        if adapter.config.rank > self.rank:
+            return False
+        return all(set(layer) <= set(self.layout.get(i, ())) for i, layer in enumerate(adapter.weights))
+
+    def put(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Write ``adapter`` (None: zeros) into ``slot``, in place on the device."""
+        if not 1 <= slot < self.slots:
+            raise ValueError(f"slot {slot} outside 1..{self.slots - 1}")
+        if adapter is not None and not self.fits(adapter):
+            raise UserError(f"adapter {adapter.name!r} does not fit this bank's layout (rank {self.rank})")
+        dtype = np.dtype(self.dtype)
+        update = []
+        for i, layer in enumerate(self.weights):
+            update.append({})
+            for weight, ab in layer.items():
+                src = adapter.weights[i].get(weight) if adapter is not None else None
+                if src is not None and adapter.config.rank == self.rank:
+                    a, b = np.asarray(src["a"], dtype), np.asarray(src["b"], dtype)
+                else:  # absent (zeros) or a smaller rank (zero-padded: adds nothing)
+                    a, b = np.zeros(ab["a"].shape[1:], dtype), np.zeros(ab["b"].shape[1:], dtype)
+                    if src is not None:
+                        r = adapter.config.rank
+                        a[..., :r], b[:r] = np.asarray(src["a"], dtype), np.asarray(src["b"], dtype)
+                update[i][weight] = {"a": a, "b": b}
+        self.weights = _put_slot_jit(self.weights, jnp.int32(slot), update)
+        self.scales[slot] = 0.0 if adapter is None else adapter.config.scale
+
+    def rows(self, row_slots: Any) -> RowAdapters:
+        return RowAdapters(
+            weights=self.weights, scales=jnp.asarray(self.scales), row_slots=jnp.asarray(row_slots, jnp.int32)
+        )
+
+
+def union_layout(adapters: Sequence[LoraAdapter]) -> dict[int, tuple[str, ...]]:
+    layout: dict[int, set[str]] = {}
+    for adapter in adapters:
+        for i, layer in enumerate(adapter.weights):
+            layout.setdefault(i, set()).update(layer)
+    return {i: tuple(w for w in INPUT_AXES if w in ws) for i, ws in layout.items() if ws}
+
+
+# -- merging --------------------------------------------------------------------------------
+def _delta(weight: str, ab: dict[str, Any], scale: float, dtype: Any) -> jax.Array:
+    a, b = jnp.asarray(ab["a"], jnp.float32), jnp.asarray(ab["b"], jnp.float32)
+    n_in = INPUT_AXES[weight]
+    letters = string.ascii_lowercase
+    w_in, w_out = letters[: a.ndim - 1], letters[n_in : n_in + b.ndim - 1]
+    return (scale * jnp.einsum(f"{w_in}z,z{w_out}->{w_in}{w_out}", a, b)).astype(dtype)
+
+
+def merge(params: Params, adapter: LoraAdapter) -> Params:
+    """Base weights with the adapter folded in: ``W + scale * A @ B`` (a new pytree; the base
+    weights are not modified)."""
+    return _apply(params, adapter, sign=1.0)
+
+
+def unmerge(params: Params, adapter: LoraAdapter) -> Params:
+    """Undo ``merge``: ``W - scale * A @ B``."""
+    return _apply(params, adapter, sign=-1.0)
+
+
+def _apply(params: Params, adapter: LoraAdapter, *, sign: float) -> Params:
+    layers = []
+    for layer, updates in zip(params["layers"], adapter.weights):
+        layer = dict(layer)
+        for weight, ab in updates.items():
+            w = layer[weight]
+            # Accumulate in fp32 so bf16 weights lose no more than one rounding.
+            layer[weight] = (
+                w.astype(jnp.float32) + _delta(weight, ab, sign * adapter.config.scale, jnp.float32)
+            ).astype(w.dtype)
+        layers.append(layer)
+    return {**params, "layers": layers}
+
+
+def random_adapter(
+    config: ModelConfig, lora: LoraConfig, key: jax.Array, *, b_std: float = 0.005, name: str = ""
+) -> LoraAdapter:
+    """An adapter with random ``A`` and ``B`` (a fresh one has ``B = 0`` and changes nothing):
+    stands in for a trained adapter in tests and benchmarks."""
+    a_key, b_key = jax.random.split(key)
+    adapter = init_adapter(config, lora, a_key, name=name)
+    for layer in adapter.weights:
+        for ab in layer.values():
+            b_key, sub = jax.random.split(b_key)
+            ab["b"] = (b_std * jax.random.normal(sub, ab["b"].shape)).astype(ab["b"].dtype)
+    return adapter

@@ -1,0 +1,119 @@
+"""PEFT layout: afmkit adapters load with ``peft`` onto transformers' model of the same GGUF and give
+the same logits; PEFT-made adapters load into afmkit with the same logits; bad adapters are refused."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from afmkit.adapters.lora import LoraConfig, single
+from afmkit.adapters.peft_io import WEIGHTS_FILE, load_adapter, save_adapter
+from afmkit.errors import CorruptFileError, UserError
+
+PROMPT = "Summarize this: The committee met on Tuesday and agreed to fund the new library."
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+def _ours(model, ids, adapter=None):
+    from afmkit.model.transformer import logits_fn
+
+    return np.asarray(
+        logits_fn(model.params, jax.numpy.asarray([ids]), config=model.config, adapters=adapter and single(adapter))
+    )[0]
+
+
+def _theirs(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_afmkit_adapter_loads_in_peft_with_the_same_logits(smollm2, hf_model, tmp_path, make_adapter):
+    from peft import PeftModel
+
+    adapter = make_adapter(smollm2.config, LoraConfig(rank=16, layers=tuple(range(0, 30, 3))), seed=21, name="s")
+    save_adapter(tmp_path / "s", adapter, config=smollm2.config, params=smollm2.params)
+    ids = smollm2.tokenizer.encode(PROMPT)
+    base = _theirs(hf_model, ids)
+    peft_model = PeftModel.from_pretrained(hf_model, tmp_path / "s").eval()
+    try:
+        theirs = _theirs(peft_model, ids)
+    finally:
+        peft_model.unload()
+    ours = _ours(smollm2, ids, adapter)
+    assert np.abs(theirs - base).max() > 0.1  # the adapter matters on their side too
+    assert np.abs(ours - theirs).max() <= 1e-3  # the base models' own parity bound
+    # The adapter's effect itself agrees more tightly than the base logits do.
+    ours_delta, theirs_delta = ours - _ours(smollm2, ids), theirs - base
+    assert np.abs(ours_delta - theirs_delta).max() <= 1e-3
+
+
+def test_peft_made_adapter_loads_into_afmkit_with_the_same_logits(smollm2, hf_model, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    config = PeftLoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
+        layers_to_transform=[1, 5, 20],
+        init_lora_weights=False,  # random B too, so the adapter changes the output
+    )
+    peft_model = get_peft_model(hf_model, config)
+    with torch.no_grad():  # PEFT's random init is large; scale B to a trained-adapter size
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    ids = smollm2.tokenizer.encode(PROMPT)
+    try:
+        theirs = _theirs(peft_model, ids)
+        peft_model.save_pretrained(tmp_path / "peft")
+    finally:
+        peft_model.unload()
+    assert "afmkit" not in json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    adapter = load_adapter(tmp_path / "peft", config=smollm2.config, params=smollm2.params)
+    assert adapter.config.rank == 8 and set(adapter.config.targets) == {"q", "k", "o", "down"}
+    assert [i for i, layer in enumerate(adapter.weights) if layer] == [1, 5, 20]
+    ours = _ours(smollm2, ids, adapter)
+    assert np.abs(ours - _ours(smollm2, ids)).max() > 0.1
+    assert np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_round_trip_is_exact_and_the_save_is_atomic(smollm2, tmp_path, make_adapter):
+    adapter = make_adapter(smollm2.config, LoraConfig(rank=4, targets=("v", "up"), dtype="bfloat16"), seed=3)
+    save_adapter(tmp_path / "a", adapter, config=smollm2.config, params=smollm2.params)
+    loaded = load_adapter(tmp_path / "a", config=smollm2.config, params=smollm2.params)
+    assert loaded.config.dtype == "bfloat16" and loaded.config.targets == ("v", "up")
+    for x, y in zip(jax.tree.leaves(adapter.weights), jax.tree.leaves(loaded.weights)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary leftovers
+
+
+def test_an_adapter_for_another_base_is_refused(smollm2, tmp_path, make_adapter):
+    adapter = make_adapter(smollm2.config, LoraConfig(rank=4), seed=4)
+    save_adapter(tmp_path / "a", adapter, config=smollm2.config, params=smollm2.params)
+    other = jax.tree.map(lambda w: w * 1.01, smollm2.params)  # same shapes, different weights
+    with pytest.raises(UserError, match="another base model"):
+        load_adapter(tmp_path / "a", config=smollm2.config, params=other)
+
+
+def test_foreign_shapes_and_corrupt_files_get_clear_errors(smollm2, tiny_model, tmp_path, make_adapter):
+    adapter = make_adapter(tiny_model.config, LoraConfig(rank=4), seed=5)
+    save_adapter(tmp_path / "tiny", adapter, config=tiny_model.config, params=tiny_model.params)
+    with pytest.raises(UserError, match="another base model"):
+        load_adapter(tmp_path / "tiny", config=smollm2.config)  # shapes only, as for a PEFT-made adapter
+    (tmp_path / "tiny" / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CorruptFileError, match="damaged"):
+        load_adapter(tmp_path / "tiny", config=tiny_model.config)
+    with pytest.raises(UserError, match="adapter_config"):
+        load_adapter(tmp_path / "missing", config=tiny_model.config)
