@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="parameter counts and memory of a model size or model")
     info.add_argument("name", help="a model size (e.g. afm-on-device), model name or path")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from afmkit.eval.cli import register as register_eval
+
+    register_eval(commands)
     return parser
 
 
@@ -220,7 +224,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_eval(args: argparse.Namespace) -> int:
+    from afmkit.eval.cli import cmd_eval as run_eval
+
+    return run_eval(args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,83 @@
+"""Batched, resumable generation for evaluations, through the one inference engine.
+
+Prompts are sorted by length and generated in batches; each response is appended to a JSONL
+results file the moment its row finishes, so an interrupted run resumes with only the missing
+prompts (see ``ResultsFile``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from afmkit.data.tokenizer import Message
+from afmkit.eval.jsonl import ResultsFile
+from afmkit.infer.sampling import SamplingParams
+
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationItem:
+    key: str
+    messages: list[Message]  # the conversation; the model's chat template renders it
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # copied into the result row
+
+
+def generate_responses(
+    model: Any,
+    items: Sequence[GenerationItem],
+    results: ResultsFile,
+    *,
+    sampling: SamplingParams,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    description: str = "generating",
+    quiet: bool = False,
+) -> dict[str, float]:
+    """Generate a response for every item not already in ``results``; return run statistics.
+
+    Result rows are ``{key, prompt_tokens, response, finish_reason, new_tokens, **extra}``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    todo = [item for item in items if item.key not in results]
+    encoded = [model.tokenizer.encode(model.tokenizer.apply_chat_template(item.messages)) for item in todo]
+    # Similar lengths share a batch: less padding in prefill.
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    start = time.perf_counter()
+    generated_tokens = 0
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=len(items), completed=len(items) - len(todo))
+        for lo in range(0, len(order), batch_size):
+            batch = order[lo : lo + batch_size]
+            texts: dict[int, list[str]] = {row: [] for row in range(len(batch))}
+            counts = dict.fromkeys(range(len(batch)), 0)
+            for event in model.engine.stream([encoded[i] for i in batch], sampling):
+                texts[event.index].append(event.text)
+                counts[event.index] += 1
+                if event.finish_reason is None:
+                    continue
+                item = todo[batch[event.index]]
+                results.append(
+                    {
+                        "key": item.key,
+                        **item.extra,
+                        "response": "".join(texts[event.index]),
+                        "finish_reason": event.finish_reason,
+                        "prompt_tokens": len(encoded[batch[event.index]]),
+                        "new_tokens": counts[event.index],
+                    }
+                )
+                generated_tokens += counts[event.index]
+                progress.advance(task)
+    elapsed = time.perf_counter() - start
+    return {"generated": len(todo), "generated_tokens": generated_tokens, "generation_s": round(elapsed, 1)}
