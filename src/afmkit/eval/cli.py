@@ -154,14 +154,13 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
     _positive("--limit", args.limit)
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--batch-size", args.batch_size)
-    prompts = ifeval.load_prompts(args.input)
-    if args.limit:
-        prompts = prompts[: args.limit]
+    all_prompts = ifeval.load_prompts(args.input)
+    prompts = all_prompts[: args.limit] if args.limit else all_prompts
     settings: dict[str, Any]
     if args.responses:
         if args.adapter:
             raise UserError("--adapter applies to generation; it does nothing with --responses")
-        responses = ifeval.read_responses(args.responses, prompts)
+        responses = ifeval.read_responses(args.responses, all_prompts)
         settings = {"responses": str(args.responses)}
     else:
         if not args.out:
