@@ -16,4 +16,3 @@ def fake_judge():
     yield start
     for server in servers:
         server.close()
-

@@ -5,7 +5,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-
 class FakeJudge:
     """A tiny local server answering POST /v1/chat/completions like an OpenAI-compatible API.
 

@@ -13,9 +13,7 @@ from afmkit.eval import sxs
 from afmkit.eval.graders import JudgeClient, JudgeGrader, PairGrade, RewardModelGrader, parse_verdict
 from afmkit.model.transformer import init_params
 
-PAIRS = [
-    {"key": str(i), "prompt": f"question {i}", "a": f"GOOD answer {i}", "b": f"weak answer {i}"} for i in range(6)
-]
+PAIRS = [{"key": str(i), "prompt": f"question {i}", "a": f"GOOD answer {i}", "b": f"weak answer {i}"} for i in range(6)]
 
 
 def always_first(message):
@@ -109,7 +107,9 @@ def test_cli_sxs_end_to_end_with_a_fake_judge(two_tiny_checkpoints, fake_judge, 
     from afmkit.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ("cats", "rain", "tea")))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ("cats", "rain", "tea"))
+    )
     judge = fake_judge(always_first)
     a, b = (str(p) for p in two_tiny_checkpoints)
     args = ["eval", "sxs", "--a", a, "--b", b, "--prompts", str(prompts), "--grader", "judge"]
@@ -118,9 +118,15 @@ def test_cli_sxs_end_to_end_with_a_fake_judge(two_tiny_checkpoints, fake_judge, 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["prompts"] == 3 and report["judgments"] == 6 and report["tie"]["count"] == 3
     out = tmp_path / "out"
-    assert {"pairs.jsonl", "grades.jsonl", "responses_a.jsonl", "responses_b.jsonl", "sxs.json", "sxs.md", "sxs.png"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {
+        "pairs.jsonl",
+        "grades.jsonl",
+        "responses_a.jsonl",
+        "responses_b.jsonl",
+        "sxs.json",
+        "sxs.md",
+        "sxs.png",
+    } <= {p.name for p in out.iterdir()}
     assert len(judge.requests) == 6
 
 
