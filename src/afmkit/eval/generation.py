@@ -1,6 +1,7 @@
 """Batched, resumable generation for evaluations, through the one inference engine.
 
-Prompts are sorted by length and generated in batches; each response is appended to a JSONL
+Prompts are generated in batches (in a seeded random order, sorted by length within
+windows of a few batches; see ``generation_order``); each response is appended to a JSONL
 results file the moment its row finishes, so an interrupted run resumes with only the missing
 prompts (see ``ResultsFile``).
 """
@@ -8,6 +9,7 @@ prompts (see ``ResultsFile``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +19,7 @@ from afmkit.eval.jsonl import ResultsFile
 from afmkit.infer.sampling import SamplingParams
 
 DEFAULT_BATCH_SIZE = 16
+SORT_WINDOW_BATCHES = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,6 +27,23 @@ class GenerationItem:
     key: str
     messages: list[Message]  # the conversation; the model's chat template renders it
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # copied into the result row
+
+
+def generation_order(items: Sequence[GenerationItem], lengths: Sequence[int], *, batch_size: int) -> list[int]:
+    """The order to generate ``items`` in: a fixed pseudo-random shuffle (by key), then sorted by
+    prompt length within runs of ``SORT_WINDOW_BATCHES`` batches.
+
+    The shuffle makes the responses of an interrupted run a random sample of the prompts (a
+    pure length sort would leave only the shortest prompts answered); sorting within each run
+    still puts similar lengths in one batch, so prefill pads little.
+    """
+    shuffled = sorted(range(len(items)), key=lambda i: hashlib.sha256(items[i].key.encode()).hexdigest())
+    window = batch_size * SORT_WINDOW_BATCHES
+    return [
+        i
+        for lo in range(0, len(shuffled), window)
+        for i in sorted(shuffled[lo : lo + window], key=lambda i: lengths[i])
+    ]
 
 
 def generate_responses(
@@ -44,8 +64,7 @@ def generate_responses(
 
     todo = [item for item in items if item.key not in results]
     encoded = [model.tokenizer.encode(model.tokenizer.apply_chat_template(item.messages)) for item in todo]
-    # Similar lengths share a batch: less padding in prefill.
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))
+    order = generation_order(todo, [len(ids) for ids in encoded], batch_size=batch_size)
     start = time.perf_counter()
     generated_tokens = 0
     with Progress(
