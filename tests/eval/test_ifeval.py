@@ -177,3 +177,14 @@ def test_corrupt_line_inside_a_results_file_is_an_error_not_silently_dropped(tmp
     with pytest.raises(UserError, match="line 2 is not valid JSON"):
         ResultsFile(path)
     assert path.read_text().count("\n") == 3  # untouched
+
+
+def test_resuming_with_another_model_or_other_prompts_is_refused(tiny_model, prompts, tmp_path):
+    ifeval.generate(tiny_model, prompts[:2], tmp_path, max_new_tokens=3, quiet=True, run_settings={"model": "m1"})
+    before = (tmp_path / ifeval.RESPONSES_FILE).read_bytes()
+    with pytest.raises(UserError, match=r"other settings \(model: 'm1' before, 'm2' now\)"):
+        ifeval.generate(tiny_model, prompts[:2], tmp_path, max_new_tokens=3, quiet=True, run_settings={"model": "m2"})
+    changed = [ifeval.IFEvalPrompt(key=prompts[0].key, prompt="another text", instruction_ids=[], kwargs=[])]
+    with pytest.raises(UserError, match=f"key {prompts[0].key} to a different prompt"):
+        ifeval.generate(tiny_model, changed, tmp_path, max_new_tokens=3, quiet=True, run_settings={"model": "m1"})
+    assert (tmp_path / ifeval.RESPONSES_FILE).read_bytes() == before

@@ -170,7 +170,13 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
         if args.adapter:
             model = apply_adapter(model, args.adapter)
         results, stats = ifeval.generate(
-            model, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, quiet=args.json
+            model,
+            prompts,
+            args.out,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            quiet=args.json,
+            run_settings={"model": args.model, "adapter": args.adapter, "dtype": args.dtype},
         )
         responses = {row["key"]: row["response"] for row in results}
         settings = {
@@ -239,6 +245,7 @@ def _judge(args: argparse.Namespace) -> Any:
 
 def cmd_sxs(args: argparse.Namespace) -> int:
     from afmkit.eval import sxs
+    from afmkit.eval.generation import check_run_settings
     from afmkit.eval.graders import JudgeGrader, RewardModelGrader, load_callable
 
     for name in ("--limit", "--max-new-tokens", "--batch-size"):
@@ -254,6 +261,8 @@ def cmd_sxs(args: argparse.Namespace) -> int:
         grader = RewardModelGrader(load_callable(args.reward, flag="--reward"))
     out = Path(args.out)
     for side, name in (("a", args.a), ("b", args.b)):
+        settings = {"model": name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
+        check_run_settings(out / f"responses_{side}.jsonl", settings)
         if sxs.responses_complete(out, side, prompts):
             continue
         model = _load_model(name, args.dtype, quiet=args.json)
@@ -330,6 +339,7 @@ def cmd_safety(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         model_name=args.model,
         quiet=args.json,
+        run_settings={"model": args.model, "dtype": args.dtype},
     )
     if args.json:
         print(json.dumps(report))

@@ -131,12 +131,25 @@ def generate(
     max_new_tokens: int = 1024,
     batch_size: int = 16,
     quiet: bool = False,
+    run_settings: dict[str, Any] | None = None,
 ) -> tuple[ResultsFile, dict[str, float]]:
-    """Greedy chat-template responses for ``prompts`` into ``out_dir/responses.jsonl`` (resumes)."""
-    from afmkit.eval.generation import GenerationItem, generate_responses
+    """Greedy chat-template responses for ``prompts`` into ``out_dir/responses.jsonl`` (resumes).
+
+    ``run_settings`` (model, adapter, dtype...) must match those of the run that started the file.
+    """
+    from afmkit.eval.generation import GenerationItem, check_run_settings, generate_responses
     from afmkit.infer.sampling import SamplingParams
 
-    results = ResultsFile(Path(out_dir) / RESPONSES_FILE)
+    path = Path(out_dir) / RESPONSES_FILE
+    if run_settings is not None:
+        check_run_settings(path, {**run_settings, "max_new_tokens": max_new_tokens})
+    results = ResultsFile(path)
+    for p in prompts:
+        saved = results.get(p.key)
+        if saved is not None and saved.get("prompt") != p.prompt:
+            raise UserError(
+                f"{path} has a response for key {p.key} to a different prompt; use a fresh --out folder for these prompts"
+            )
     items = [
         GenerationItem(key=p.key, messages=[{"role": "user", "content": p.prompt}], extra={"prompt": p.prompt})
         for p in prompts

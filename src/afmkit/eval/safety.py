@@ -142,11 +142,15 @@ def run(
     batch_size: int = 8,
     model_name: str = "",
     quiet: bool = False,
+    run_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from afmkit.eval.generation import GenerationItem, generate_responses
+    from afmkit.eval.generation import GenerationItem, check_run_settings, generate_responses
     from afmkit.infer.sampling import SamplingParams
 
     out = Path(out)
+    if run_settings is not None:
+        check_run_settings(out / "responses.jsonl", {**run_settings, "max_new_tokens": max_new_tokens})
+        check_run_settings(out / "grades.jsonl", {"grader": grader.name})
     responses = ResultsFile(out / "responses.jsonl")
     items = [
         GenerationItem(key=p["key"], messages=[{"role": "user", "content": p["prompt"]}], extra={"prompt": p["prompt"]})

@@ -66,10 +66,13 @@ def generate_side(
     max_new_tokens: int,
     batch_size: int,
     quiet: bool = False,
+    run_settings: dict[str, Any] | None = None,
 ) -> ResultsFile:
-    from afmkit.eval.generation import GenerationItem, generate_responses
+    from afmkit.eval.generation import GenerationItem, check_run_settings, generate_responses
     from afmkit.infer.sampling import SamplingParams
 
+    if run_settings is not None:
+        check_run_settings(_responses_path(out, side), {**run_settings, "max_new_tokens": max_new_tokens})
     results = ResultsFile(_responses_path(out, side))
     items = [GenerationItem(key=p["key"], messages=[{"role": "user", "content": p["prompt"]}]) for p in prompts]
     generate_responses(
