@@ -126,14 +126,18 @@ def _load_model(name: str, dtype: str | None, *, quiet: bool) -> Any:
         return afmkit.load(name, dtype=dtype)
 
 
-def apply_adapter(model: Any, adapter: str) -> Any:
-    """Hook for ``--adapter``: the adapters package is built separately; until it exists, say so."""
+def check_adapters_available() -> None:
     import importlib.util
 
     if importlib.util.find_spec("afmkit.adapters") is None:
         raise UserError(
             "adapters are not available yet in this afmkit (no afmkit.adapters package); run without --adapter"
         )
+
+
+def apply_adapter(model: Any, adapter: str) -> Any:
+    """Hook for ``--adapter``: the adapters package is built separately; until it exists, say so."""
+    check_adapters_available()
     import afmkit.adapters as adapters
 
     loader = getattr(adapters, "apply_adapter", None) or getattr(adapters, "load_adapter", None)
@@ -165,6 +169,8 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise UserError("give --out DIR for the generated responses and the report (or --responses FILE)")
+        if args.adapter:
+            check_adapters_available()  # before the slow load
         start = time.perf_counter()
         model = _load_model(args.model, args.dtype, quiet=args.json)
         if args.adapter:

@@ -119,7 +119,7 @@ class JudgeClient:
     def _unreachable(self, exc: Exception) -> UserError:
         return UserError(
             f"the judge at {self.url} is unreachable ({type(exc).__name__}: {exc}); start an OpenAI-compatible "
-            "server there (e.g. 'afmkit serve', vLLM or llama.cpp's server) or fix --judge-url"
+            "server there (e.g. vLLM or llama.cpp's llama-server) or fix --judge-url"
         )
 
     def check_reachable(self) -> None:
