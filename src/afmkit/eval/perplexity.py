@@ -7,8 +7,9 @@ So every token after the first is scored exactly once, with at least ``seq_len -
 tokens of context (except near the start). This is the recipe of the transformers docs page
 "Perplexity of fixed-length models".
 
-Per-token negative log-likelihoods are summed in float64 on the host in window order, so the
-result does not depend on how windows are batched.
+Each window is computed on its own (see ``_token_nll``) and the per-token negative
+log-likelihoods are summed in float64 on the host in window order, so the result is the same,
+bit for bit, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -70,13 +71,21 @@ def sliding_windows(n_tokens: int, *, seq_len: int, stride: int) -> list[Window]
 
 @functools.partial(jax.jit, static_argnames=("config", "activation_dtype"))
 def _token_nll(params: Any, tokens: jax.Array, *, config: Any, activation_dtype: Any) -> jax.Array:
-    """NLL of ``tokens[:, t + 1]`` given ``tokens[:, : t + 1]``, fp32, shape ``[B, T - 1]``."""
+    """NLL of ``tokens[:, t + 1]`` given ``tokens[:, : t + 1]``, fp32, shape ``[B, T - 1]``.
+
+    Windows go through the model one at a time inside one compiled call (``lax.map``): a matmul's
+    rounding can depend on how many rows it has, and a window of ~1,000 tokens already fills
+    the matrix units, so this keeps every window's numbers independent of the batch size at no
+    real cost.
+    """
     from afmkit.model.transformer import logits_fn
 
-    logits = logits_fn(params, tokens, config=config, activation_dtype=activation_dtype).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits[:, :-1], axis=-1)
-    target = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-    return log_z - target
+    def one_window(row: jax.Array) -> jax.Array:
+        logits = logits_fn(params, row[None], config=config, activation_dtype=activation_dtype)[0]
+        logits = logits.astype(jnp.float32)[:-1]
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, row[1:, None], axis=-1)[:, 0]
+
+    return jax.lax.map(one_window, tokens)
 
 
 def perplexity_of_tokens(
@@ -98,8 +107,9 @@ def perplexity_of_tokens(
         task = progress.add_task("perplexity", total=len(windows))
         for lo in range(0, len(windows), batch_size):
             group = windows[lo : lo + batch_size]
-            width = max(w.end - w.begin for w in group)
-            # Right padding: causal attention means it never changes the real positions' logits.
+            # Every window is padded on the right to the same width (causal attention: padding
+            # never changes the real positions' logits), so each is computed with the same shapes.
+            width = windows[0].end - windows[0].begin
             batch = np.zeros((len(group), width), np.int32)
             for row, w in enumerate(group):
                 batch[row, : w.end - w.begin] = ids[w.begin : w.end]
