@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,7 +323,3 @@ def write_report(out_dir: str | os.PathLike, summary: dict[str, Any], *, setting
         "markdown": write_markdown(out_dir / "report.md", "\n".join(lines)),
         "chart": chart,
     }
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

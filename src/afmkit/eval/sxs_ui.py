@@ -11,7 +11,6 @@ sxs`` (win / tie / lose with 95% Wilson intervals).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sqlite3
@@ -194,7 +193,3 @@ def serve(store: GradeStore, *, host: str = "127.0.0.1", port: int = 8765) -> No
         uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc}); pick another --port") from None
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False)
