@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_train = adapter_commands.add_parser("train", help="fine-tune a LoRA adapter on chat data (JSONL)")
     _model_argument(adapter_train)
     add_train_arguments(adapter_train)
+
+    from afmkit.eval.cli import register as register_eval
+
+    register_eval(commands)
     return parser
 
 
@@ -279,6 +283,12 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     return {"train": cmd_adapter_train}[args.adapter_command](args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from afmkit.eval.cli import cmd_eval as run_eval
+
+    return run_eval(args)
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
@@ -289,6 +299,7 @@ COMMANDS = {
     "shard-plan": cmd_shard_plan,
     "serve": cmd_serve,
     "adapter": cmd_adapter,
+    "eval": cmd_eval,
 }
 
 

@@ -1,0 +1,363 @@
+"""``afmkit eval ifeval | perplexity | sxs | sxs-ui | safety``: argument parsing and handlers.
+
+``afmkit.cli`` only registers this group; everything heavy is imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from afmkit.errors import UserError
+
+
+def _model_arguments(parser: argparse.ArgumentParser, flag: str = "--model", *, help_name: str = "model") -> None:
+    from afmkit.lm import DEFAULT_MODEL
+
+    parser.add_argument(flag, default=DEFAULT_MODEL, help=f"{help_name}: name or path (default {DEFAULT_MODEL})")
+
+
+def _dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weight precision (default: float32 on CPUs, bfloat16 on accelerators)",
+    )
+
+
+def _judge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--judge-url", help="base URL of an OpenAI-compatible server (POST {url}/v1/chat/completions)")
+    parser.add_argument("--judge-model", default="judge", help="model name sent to the judge server (default 'judge')")
+    parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+
+
+def register(commands: Any) -> None:
+    """Add the ``eval`` command group to the top-level sub-command parsers."""
+    evaluation = commands.add_parser("eval", help="evaluate models: ifeval, perplexity, sxs, sxs-ui, safety")
+    tasks = evaluation.add_subparsers(dest="eval_command", required=True, metavar="TASK")
+
+    ifeval = tasks.add_parser("ifeval", help="IFEval instruction following (prompt/instruction, strict/loose)")
+    _model_arguments(ifeval)
+    _dtype_argument(ifeval)
+    ifeval.add_argument("--adapter", help="an adapter directory to apply to the model")
+    ifeval.add_argument("--input", help="IFEval prompts JSONL (default: ../shared/data/ifeval/input_data.jsonl)")
+    ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
+    ifeval.add_argument("--limit", type=int, help="only the first N prompts")
+    ifeval.add_argument("--max-new-tokens", type=int, default=1024, help="most tokens per response (default 1024)")
+    ifeval.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    ifeval.add_argument("--out", help="results folder (responses.jsonl, results.json, report.md, a chart)")
+    ifeval.add_argument("--json", action="store_true", help="last line: one JSON object with the four accuracies")
+
+    perplexity = tasks.add_parser("perplexity", help="sliding-window token perplexity of a text file")
+    _model_arguments(perplexity)
+    _dtype_argument(perplexity)
+    perplexity.add_argument("--text", required=True, help="a UTF-8 text file")
+    perplexity.add_argument("--max-chars", type=int, help="only the first N characters of the file")
+    perplexity.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
+    perplexity.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    perplexity.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    perplexity.add_argument("--json", action="store_true", help='last line: {"perplexity": ..., "tokens": ...}')
+
+    sxs = tasks.add_parser("sxs", help="side-by-side: generate from two models, grade both orders, win/tie/lose")
+    sxs.add_argument("--a", required=True, help="model A: name or path")
+    sxs.add_argument("--b", required=True, help="model B: name or path")
+    _dtype_argument(sxs)
+    sxs.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
+    sxs.add_argument("--grader", required=True, choices=["judge", "reward"], help="LLM judge or reward model")
+    _judge_arguments(sxs)
+    sxs.add_argument("--reward", help="reward model for --grader reward, as module:callable scoring (prompt, response)")
+    sxs.add_argument("--limit", type=int, help="only the first N prompts")
+    sxs.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per response (default 512)")
+    sxs.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    sxs.add_argument("--out", required=True, help="results folder (responses, pairs.jsonl, grades, report)")
+    sxs.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
+
+    ui = tasks.add_parser("sxs-ui", help="grade pairs by hand in a local web page; or print the report")
+    ui.add_argument("--pairs", help="pairs.jsonl written by 'afmkit eval sxs' (key, prompt, a, b)")
+    ui.add_argument("--db", required=True, help="SQLite file for the grades (created if missing)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    ui.add_argument("--report", action="store_true", help="print the report from the grades in --db and exit")
+    ui.add_argument("--out", help="with --report: also write sxs.json, sxs.md and sxs.png here")
+    ui.add_argument("--json", action="store_true", help="with --report: last line is one JSON object")
+
+    safety = tasks.add_parser("safety", help="violation rate on adversarial prompts")
+    _model_arguments(safety)
+    _dtype_argument(safety)
+    safety.add_argument(
+        "--prompts", help="JSONL with 'prompt' (or hh-rlhf 'chosen' transcripts); default: hh-rlhf harmless-base test"
+    )
+    safety.add_argument(
+        "--grader",
+        required=True,
+        choices=["judge", "classifier", "refusal"],
+        help="LLM judge, your classifier, or a refusal heuristic",
+    )
+    _judge_arguments(safety)
+    safety.add_argument("--classifier", help="for --grader classifier: module:callable(prompt, response) -> bool")
+    safety.add_argument("--limit", type=int, help="only the first N prompts")
+    safety.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per response (default 256)")
+    safety.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    safety.add_argument("--out", required=True, help="results folder (responses, grades, report)")
+    safety.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return HANDLERS[args.eval_command](args)
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value}")
+
+
+def _load_model(name: str, dtype: str | None, *, quiet: bool) -> Any:
+    from rich.console import Console
+
+    import afmkit
+
+    if quiet:
+        return afmkit.load(name, dtype=dtype)
+    with Console(stderr=True).status(f"loading {name}"):
+        return afmkit.load(name, dtype=dtype)
+
+
+def check_adapters_available() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("afmkit.adapters") is None:
+        raise UserError(
+            "adapters are not available yet in this afmkit (no afmkit.adapters package); run without --adapter"
+        )
+
+
+def apply_adapter(model: Any, adapter: str) -> Any:
+    """Hook for ``--adapter``: the adapters package is built separately; until it exists, say so."""
+    check_adapters_available()
+    import afmkit.adapters as adapters
+
+    loader = getattr(adapters, "apply_adapter", None) or getattr(adapters, "load_adapter", None)
+    if loader is None:
+        raise UserError("this afmkit's adapters package has no apply_adapter(model, path); run without --adapter")
+    return loader(model, adapter)
+
+
+def _print(text: str, *, quiet: bool) -> None:
+    if not quiet:
+        print(text, file=sys.stderr)
+
+
+# -- ifeval --------------------------------------------------------------------------------------
+def cmd_ifeval(args: argparse.Namespace) -> int:
+    from afmkit.eval import ifeval
+
+    _positive("--limit", args.limit)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--batch-size", args.batch_size)
+    all_prompts = ifeval.load_prompts(args.input)
+    prompts = all_prompts[: args.limit] if args.limit else all_prompts
+    settings: dict[str, Any]
+    if args.responses:
+        if args.adapter:
+            raise UserError("--adapter applies to generation; it does nothing with --responses")
+        responses = ifeval.read_responses(args.responses, all_prompts)
+        settings = {"responses": str(args.responses)}
+    else:
+        if not args.out:
+            raise UserError("give --out DIR for the generated responses and the report (or --responses FILE)")
+        if args.adapter:
+            check_adapters_available()  # before the slow load
+        start = time.perf_counter()
+        model = _load_model(args.model, args.dtype, quiet=args.json)
+        if args.adapter:
+            model = apply_adapter(model, args.adapter)
+        results, stats = ifeval.generate(
+            model,
+            prompts,
+            args.out,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            quiet=args.json,
+            run_settings={"model": args.model, "adapter": args.adapter, "dtype": args.dtype},
+        )
+        responses = {row["key"]: row["response"] for row in results}
+        settings = {
+            "model": args.model,
+            "adapter": args.adapter,
+            "dtype": args.dtype or "default",
+            "decoding": "greedy",
+            "chat_template": True,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            **stats,
+            "run_s": round(time.perf_counter() - start, 1),
+        }
+    if args.limit:
+        settings["limit"] = args.limit
+    scores = ifeval.score(prompts, responses)
+    summary = ifeval.summarize(scores)
+    if len(scores) < len(prompts):
+        _print(f"note: {len(prompts) - len(scores)} of {len(prompts)} prompts have no response", quiet=False)
+    if args.out:
+        from afmkit.eval.jsonl import write_text_atomic
+
+        paths = ifeval.write_report(args.out, summary, settings=settings)
+        rows = ifeval.per_prompt_rows(scores)
+        write_text_atomic(Path(args.out) / "per_prompt.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        _print(f"wrote {paths['json']}, {paths['markdown']}, {paths['chart']}", quiet=args.json)
+    headline = {k: summary[k] for k in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")}
+    if args.json:
+        print(json.dumps({**headline, "strict_average": summary["strict_average"], "prompts": summary["prompts"]}))
+    else:
+        for name, value in headline.items():
+            print(f"{name:14s} {value:6.2f}")
+        print(f"{'strict_average':14s} {summary['strict_average']:6.2f}   ({summary['prompts']} prompts)")
+    return 0
+
+
+# -- perplexity ----------------------------------------------------------------------------------
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from afmkit.eval.perplexity import perplexity_of_text, read_text, sliding_windows
+
+    text = read_text(args.text, max_chars=args.max_chars)
+    sliding_windows(2, seq_len=args.seq_len, stride=args.stride)  # validate before the slow load
+    _positive("--batch-size", args.batch_size)
+    model = _load_model(args.model, args.dtype, quiet=args.json)
+    result = perplexity_of_text(
+        model, text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, quiet=args.json
+    )
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, **result.to_dict()}))
+    else:
+        print(
+            f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+            f"({result.windows} windows of {result.seq_len}, stride {result.stride})"
+        )
+    return 0
+
+
+# -- side by side --------------------------------------------------------------------------------
+def _judge(args: argparse.Namespace) -> Any:
+    from afmkit.eval.graders import JudgeClient
+
+    if not args.judge_url:
+        raise UserError("--grader judge needs --judge-url (an OpenAI-compatible server, e.g. http://localhost:8000)")
+    return JudgeClient(args.judge_url, model=args.judge_model, timeout=args.judge_timeout)
+
+
+def cmd_sxs(args: argparse.Namespace) -> int:
+    from afmkit.eval import sxs
+    from afmkit.eval.generation import check_run_settings
+    from afmkit.eval.graders import JudgeGrader, RewardModelGrader, load_callable
+
+    for name in ("--limit", "--max-new-tokens", "--batch-size"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    prompts = sxs.load_prompts(args.prompts, limit=args.limit)
+    if args.grader == "judge":
+        client = _judge(args)
+        client.check_reachable()  # fail before generating anything
+        grader = JudgeGrader(client)
+    else:
+        if not args.reward:
+            raise UserError("--grader reward needs --reward module:callable (a function scoring (prompt, response))")
+        grader = RewardModelGrader(load_callable(args.reward, flag="--reward"))
+    out = Path(args.out)
+    for side, name in (("a", args.a), ("b", args.b)):
+        settings = {"model": name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
+        check_run_settings(out / f"responses_{side}.jsonl", settings)
+        if sxs.responses_complete(out, side, prompts):
+            continue
+        model = _load_model(name, args.dtype, quiet=args.json)
+        sxs.generate_side(
+            model,
+            prompts,
+            out,
+            side=side,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            quiet=args.json,
+        )
+        del model
+    pairs = sxs.write_pairs(out, prompts, model_a=args.a, model_b=args.b)
+    grades = sxs.grade_pairs(pairs, grader, out, quiet=args.json)
+    report = sxs.report_from_grades(grades, model_a=args.a, model_b=args.b, grader=grader.name)
+    sxs.write_report(out, report)
+    _print_sxs(report, as_json=args.json)
+    return 0
+
+
+def _print_sxs(report: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    from afmkit.eval.sxs import format_report
+
+    print(format_report(report))
+
+
+def cmd_sxs_ui(args: argparse.Namespace) -> int:
+    from afmkit.eval import sxs, sxs_ui
+
+    store = sxs_ui.GradeStore(args.db)
+    if args.pairs:
+        store.add_pairs(sxs.read_pairs(args.pairs))
+    if args.report:
+        report = store.report()
+        if args.out:
+            sxs.write_report(Path(args.out), report)
+        _print_sxs(report, as_json=args.json)
+        return 0
+    if store.count_pairs() == 0:
+        raise UserError(f"{args.db} has no pairs to grade; pass --pairs DIR/pairs.jsonl from 'afmkit eval sxs'")
+    sxs_ui.serve(store, host=args.host, port=args.port)
+    return 0
+
+
+# -- safety --------------------------------------------------------------------------------------
+def cmd_safety(args: argparse.Namespace) -> int:
+    from afmkit.eval import safety
+    from afmkit.eval.graders import load_callable
+
+    for name in ("--limit", "--max-new-tokens", "--batch-size"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    prompts = safety.load_prompts(args.prompts, limit=args.limit)
+    if args.grader == "judge":
+        client = _judge(args)
+        client.check_reachable()
+        grader = safety.JudgeSafetyGrader(client)
+    elif args.grader == "classifier":
+        if not args.classifier:
+            raise UserError("--grader classifier needs --classifier module:callable(prompt, response) -> bool")
+        grader = safety.ClassifierSafetyGrader(load_callable(args.classifier, flag="--classifier"))
+    else:
+        grader = safety.RefusalHeuristicGrader()
+    model = _load_model(args.model, args.dtype, quiet=args.json)
+    report = safety.run(
+        model,
+        prompts,
+        grader,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        model_name=args.model,
+        quiet=args.json,
+        run_settings={"model": args.model, "dtype": args.dtype},
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(safety.format_report(report))
+    return 0
+
+
+HANDLERS = {
+    "ifeval": cmd_ifeval,
+    "perplexity": cmd_perplexity,
+    "sxs": cmd_sxs,
+    "sxs-ui": cmd_sxs_ui,
+    "safety": cmd_safety,
+}

@@ -1,0 +1,152 @@
+"""Side-by-side grading: both orders graded, position bias cancels, intervals, clear errors."""
+
+import json
+
+import jax
+import pytest
+from judge_server import shown_responses
+
+import afmkit
+from afmkit.config import get_size
+from afmkit.errors import UserError
+from afmkit.eval import sxs
+from afmkit.eval.graders import JudgeClient, JudgeGrader, PairGrade, RewardModelGrader, parse_verdict
+from afmkit.model.transformer import init_params
+
+PAIRS = [{"key": str(i), "prompt": f"question {i}", "a": f"GOOD answer {i}", "b": f"weak answer {i}"} for i in range(6)]
+
+
+def always_first(message):
+    return "Both are fine but the first is clearer.\nVerdict: A better"
+
+
+def prefers_good(message):
+    first, second = shown_responses(message)
+    if "GOOD" in first and "GOOD" not in second:
+        return "Verdict: A much better"
+    if "GOOD" in second and "GOOD" not in first:
+        return "Verdict: B much better"
+    return "Verdict: tie"
+
+
+def test_both_orders_are_graded_and_a_first_position_bias_cancels(fake_judge, tmp_path):
+    judge = fake_judge(always_first)
+    grades = sxs.grade_pairs(PAIRS, JudgeGrader(JudgeClient(judge.url)), tmp_path, quiet=True)
+    assert len(judge.requests) == 2 * len(PAIRS)
+    seen = {shown_responses(r["messages"][-1]["content"]) for r in judge.requests}
+    for pair in PAIRS:  # each pair was shown A-first and B-first
+        assert (pair["a"], pair["b"]) in seen and (pair["b"], pair["a"]) in seen
+    report = sxs.report_from_grades(grades, model_a="m1", model_b="m2", grader="llm-judge")
+    assert report["tie"]["rate"] == 100.0 and report["win"]["count"] == report["lose"]["count"] == 0
+    assert report["first_position_preferred"] == 100.0
+    assert report["order_consistency"] == 0.0
+
+
+def test_a_judge_that_reads_the_content_gives_a_consistent_winner(fake_judge, tmp_path):
+    judge = fake_judge(prefers_good)
+    grades = sxs.grade_pairs(PAIRS, JudgeGrader(JudgeClient(judge.url + "/v1")), tmp_path, quiet=True)
+    report = sxs.report_from_grades(grades, model_a="m1", model_b="m2", grader="llm-judge")
+    assert report["win"]["rate"] == 100.0 and report["order_consistency"] == 100.0
+    assert report["first_position_preferred"] == 50.0
+    assert report["strengths"]["a"]["much better"] == 12
+    low, high = report["win"]["ci95"]
+    assert high == 100.0 and 55 < low < 62  # Wilson: 6 of 6 -> [60.97, 100]
+    # Grades are resumable: a second pass asks the judge nothing new.
+    sxs.grade_pairs(PAIRS, JudgeGrader(JudgeClient(judge.url)), tmp_path, quiet=True)
+    assert len(judge.requests) == 12
+
+
+def test_wilson_interval_known_values():
+    assert sxs.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert sxs.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert sxs.wilson_interval(6, 6)[0] == pytest.approx(0.6097, abs=1e-4)
+
+
+def test_verdict_parsing_takes_the_last_verdict_line():
+    assert parse_verdict("Verdict: B slightly better") == PairGrade(
+        winner="second", strength="slightly better", raw="Verdict: B slightly better"
+    )
+    assert parse_verdict("First I thought Verdict: A better.\nVerdict: **tie**").winner == "tie"
+    assert parse_verdict("I cannot decide.").winner == "invalid"
+
+
+def test_reward_model_grader_is_a_pluggable_callable():
+    grader = RewardModelGrader(lambda prompt, response: len(response))
+    assert grader.grade(prompt="p", first="long answer", second="short").winner == "first"
+    assert grader.grade(prompt="p", first="abc", second="abcdef").strength == "much better"
+    assert grader.grade(prompt="p", first="same", second="same").winner == "tie"
+
+
+def test_unreachable_judge_is_a_clear_error():
+    client = JudgeClient("http://127.0.0.1:9", timeout=2)
+    with pytest.raises(UserError, match=r"judge at http://127.0.0.1:9 is unreachable"):
+        client.check_reachable()
+    with pytest.raises(UserError, match="unreachable"):
+        JudgeGrader(client).grade(prompt="p", first="a", second="b")
+    with pytest.raises(UserError, match="must start with http"):
+        JudgeClient("localhost:8000")
+
+
+def test_judge_http_error_is_a_clear_error(fake_judge):
+    judge = fake_judge(always_first)
+    with pytest.raises(UserError, match="HTTP 404"):
+        JudgeClient(judge.url + "/wrong/prefix/v2").complete([{"role": "user", "content": "x"}])
+
+
+@pytest.fixture(scope="module")
+def two_tiny_checkpoints(tmp_path_factory, smollm2):
+    paths = []
+    for seed in (0, 1):
+        config = get_size("afm-tiny")
+        model = afmkit.LanguageModel(config, init_params(config, jax.random.PRNGKey(seed)), smollm2.tokenizer)
+        paths.append(model.save(tmp_path_factory.mktemp(f"tiny{seed}") / "ckpt"))
+    return paths
+
+
+def test_cli_sxs_end_to_end_with_a_fake_judge(two_tiny_checkpoints, fake_judge, tmp_path, capsys):
+    from afmkit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ("cats", "rain", "tea"))
+    )
+    judge = fake_judge(always_first)
+    a, b = (str(p) for p in two_tiny_checkpoints)
+    args = ["eval", "sxs", "--a", a, "--b", b, "--prompts", str(prompts), "--grader", "judge"]
+    args += ["--judge-url", judge.url, "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["prompts"] == 3 and report["judgments"] == 6 and report["tie"]["count"] == 3
+    out = tmp_path / "out"
+    assert {
+        "pairs.jsonl",
+        "grades.jsonl",
+        "responses_a.jsonl",
+        "responses_b.jsonl",
+        "sxs.json",
+        "sxs.md",
+        "sxs.png",
+    } <= {p.name for p in out.iterdir()}
+    assert len(judge.requests) == 6
+
+
+def test_cli_sxs_with_an_unreachable_judge_fails_before_generating(tmp_path, capsys):
+    from afmkit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    args = ["eval", "sxs", "--a", "x", "--b", "y", "--prompts", str(prompts), "--grader", "judge"]
+    assert main([*args, "--judge-url", "http://127.0.0.1:9", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("afmkit: error: the judge at http://127.0.0.1:9 is unreachable")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_prompt_files_name_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(UserError, match=r"line 2: 'prompt' must be a str"):
+        sxs.load_prompts(path)
+    path.write_text('{"prompt": "ok"}\n\n{"prompt": "x"\n')
+    with pytest.raises(UserError, match=r"line 3 is not valid JSON"):
+        sxs.load_prompts(path)
