@@ -107,15 +107,27 @@ def test_cli_scores_ready_made_responses_with_json_last_line_and_reports(tmp_pat
     assert (tmp_path / "per_instruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_adapter_flag_is_a_clear_error_until_adapters_exist(tmp_path, capsys):
-    import importlib.util
+def test_adapter_is_merged_into_the_evaluated_model(tiny_model, tmp_path):
+    """``--adapter DIR`` evaluates base + adapter: the same logits as the adapter applied in the
+    forward pass; a directory that is not an adapter is refused before the model loads."""
+    import jax
+    import numpy as np
 
-    if importlib.util.find_spec("afmkit.adapters") is not None:
-        pytest.skip("afmkit.adapters exists: --adapter is handled by it")
+    from afmkit.adapters.lora import LoraConfig, random_adapter, single
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.cli import main
     from afmkit.eval.cli import apply_adapter
+    from afmkit.model.transformer import logits_fn
 
-    with pytest.raises(UserError, match="adapters are not available yet"):
-        apply_adapter(object(), str(tmp_path))
+    adapter = random_adapter(tiny_model.config, LoraConfig(rank=4, targets=("q", "down")), jax.random.PRNGKey(1))
+    path = save_adapter(tmp_path / "ad", adapter, config=tiny_model.config, params=tiny_model.params)
+    adapted = apply_adapter(tiny_model, str(path))
+    ids = tiny_model.tokenizer.encode("Write a haiku about rivers.")
+    in_forward = logits_fn(tiny_model.params, np.asarray([ids]), config=tiny_model.config, adapters=single(adapter))
+    got = adapted.logits(ids)
+    assert not np.allclose(got, tiny_model.logits(ids), atol=1e-3)  # the adapter changes the model
+    np.testing.assert_allclose(got, np.asarray(in_forward)[0], atol=1e-4)
+    assert main(["eval", "ifeval", "--adapter", str(tmp_path), "--out", str(tmp_path / "o"), "--limit", "1"]) == 2
 
 
 # -- generation and resuming ---------------------------------------------------------------------
