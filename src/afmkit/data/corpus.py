@@ -18,6 +18,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from afmkit.errors import UserError
 
@@ -87,19 +88,24 @@ def iter_documents(
                 yield Document(text, str(path))
 
 
-def _jsonl_documents(path: Path, *, text_key: str) -> Iterator[Document]:
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line; bad JSON is an error naming the line."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                raise UserError(f"{path}:{line_no}: expected an object with a string field {text_key!r}")
-            if row[text_key].strip():
-                yield Document(row[text_key], f"{path}:{line_no}")
+
+
+def _jsonl_documents(path: Path, *, text_key: str) -> Iterator[Document]:
+    for line_no, row in iter_jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+            raise UserError(f"{path}:{line_no}: expected an object with a string field {text_key!r}")
+        if row[text_key].strip():
+            yield Document(row[text_key], f"{path}:{line_no}")
 
 
 def _paragraph_documents(path: Path) -> Iterator[Document]:

@@ -16,7 +16,6 @@ counts only n-grams that collide with a benchmark, so its memory is bounded by t
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from afmkit.data.corpus import Document
+from afmkit.data.corpus import Document, iter_jsonl_rows
 from afmkit.data.curation.hashing import ngram_hashes, word_hashes, words
 from afmkit.data.curation.pipeline import Removed
 from afmkit.errors import UserError
@@ -78,16 +77,7 @@ def load_eval_set(spec: str | os.PathLike) -> list[EvalExample]:
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if isinstance(row, dict):
-                yield line_no, row
+    return ((line, row) for line, row in iter_jsonl_rows(path) if isinstance(row, dict))
 
 
 class Decontaminator:
