@@ -166,6 +166,24 @@ async def run_load(url: str, models: list[str], *, requests: int, clients: int, 
     }
 
 
+def combine(runs: list[dict]) -> dict:
+    """One configuration over several runs: medians of throughput and p50, the worst p99."""
+    if len(runs) == 1:
+        return runs[0]
+    return {
+        "runs": len(runs),
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "incomplete": sum(r["incomplete"] for r in runs),
+        "completion_tokens": sum(r["completion_tokens"] for r in runs),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "tokens_per_s_each": [round(r["tokens_per_s"], 2) for r in runs],
+        "ttft_p50_s": statistics.median(r["ttft_p50_s"] for r in runs),
+        "ttft_p99_s": max(r["ttft_p99_s"] for r in runs),
+        "first_error": next((r["first_error"] for r in runs if r["first_error"]), None),
+    }
+
+
 class LiveServer:
     def __init__(self, app) -> None:
         import uvicorn
@@ -190,6 +208,9 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=8, help="adapters in the mixed run (default 8)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (default 32)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="single/mixed runs alternate this many times; medians reported"
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -216,8 +237,14 @@ def main() -> int:
             # Warm-up: compile every batch and prompt bucket the runs will meet.
             asyncio.run(run_load(server.url, mixed, **{**kwargs, "requests": args.clients}))
             asyncio.run(run_load(server.url, single, **{**kwargs, "requests": args.clients}))
-            one = asyncio.run(run_load(server.url, single, **kwargs))
-            many = asyncio.run(run_load(server.url, mixed, **kwargs))
+            # Alternate the order, so drift in the machine's load does not favour one configuration.
+            runs: dict[str, list[dict]] = {"single": [], "mixed": []}
+            for r in range(args.rounds):
+                for label in ("single", "mixed") if r % 2 == 0 else ("mixed", "single"):
+                    runs[label].append(
+                        asyncio.run(run_load(server.url, {"single": single, "mixed": mixed}[label], **kwargs))
+                    )
+            one, many = combine(runs["single"]), combine(runs["mixed"])
             # The bare base model (every row in bank slot 0): the price of LoRA itself.
             asyncio.run(run_load(server.url, [model.name], **{**kwargs, "requests": args.clients}))
             base = asyncio.run(run_load(server.url, [model.name], **kwargs))
