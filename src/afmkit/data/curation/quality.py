@@ -13,6 +13,7 @@ alphabetic words, word length, stop words, bullets, ellipses, line length) and `
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ def is_code(document: Document) -> bool:
     return PurePath(path).suffix.lower() in CODE_SUFFIXES
 
 
-class _QualityStep:
+class _QualityStep(abc.ABC):
     name = ""
 
     def __init__(self, *, profile: str = "auto", prose: QualityConfig | None = None, code: QualityConfig | None = None):
@@ -120,8 +121,9 @@ class _QualityStep:
         reason = self.check(document.text, self.config_for(document))
         return Removed(reason) if reason else document
 
+    @abc.abstractmethod
     def check(self, text: str, config: QualityConfig) -> str | None:
-        raise NotImplementedError
+        """Why ``text`` fails this step's rule, or None when it passes."""
 
 
 class LengthFilter(_QualityStep):
