@@ -36,12 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("afmkit", "afmkit-bf16", "llama.cpp", "transformers")
-AFMKIT_ENGINES = ("afmkit", "afmkit-bf16")  # held to the targets below
+ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "llama.cpp", "transformers")
+AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4")  # held to the targets below
 # Python modules each engine needs, with the install hint shown when one is missing.
 REQUIREMENTS = {
     "afmkit": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-bf16": (("afmkit", "jax"), "pip install -e ."),
+    "afmkit-int4": (("afmkit", "jax"), "pip install -e ."),
     "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python==0.3.36"),
     "transformers": (("transformers", "torch", "gguf"), "pip install torch transformers accelerate gguf"),
 }
@@ -149,7 +150,7 @@ def afmkit_engine(workload: dict[str, Any], threads: int, dtype: str = "float32"
         return start, first, last, count
 
     versions = {"afmkit": afmkit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
-    return run, {"versions": versions, "backend": jax.default_backend(), "dtype": str(model.params["embed"].dtype)}
+    return run, {"versions": versions, "backend": jax.default_backend(), "dtype": repr(model).split(", ")[-1][:-1]}
 
 
 def llama_cpp_engine(workload: dict[str, Any], threads: int) -> tuple[Runner, dict[str, Any]]:
@@ -330,6 +331,9 @@ ENGINE_FACTORIES = {
     "afmkit": afmkit_engine,
     # bf16 weights (fp32 activations): on CPUs with AVX512-BF16, faster than fp32 and half the memory.
     "afmkit-bf16": lambda workload, threads: afmkit_engine(workload, threads, dtype="bfloat16"),
+    # The GGUF's own 4-bit matrices and 8-bit embedding, packed losslessly, decoded by afmkit's
+    # native kernels (afmkit.kernels): the bytes llama.cpp reads, with fp32 arithmetic.
+    "afmkit-int4": lambda workload, threads: afmkit_engine(workload, threads, dtype="int4"),
     "llama.cpp": llama_cpp_engine,
     "transformers": transformers_engine,
 }
@@ -540,7 +544,7 @@ def target_rows(
     results: dict[str, dict[str, Any]], engine: str = "afmkit"
 ) -> list[tuple[str, str, str, float | None, bool | None]]:
     """(target, what is compared, requirement, measured value, passed) for each target of one
-    afmkit engine (``afmkit`` or ``afmkit-bf16``)."""
+    afmkit engine (``afmkit``, ``afmkit-bf16`` or ``afmkit-int4``)."""
 
     def metric(engine: str, key: str) -> float | None:
         value = results.get(engine, {}).get(key)

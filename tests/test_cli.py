@@ -86,3 +86,9 @@ def test_generate_with_bf16_weights():
     result = afmkit("generate", "--chat", "--prompt", "What is the capital of France?", "--dtype", "bfloat16", "--json")
     assert result.returncode == 0, result.stderr
     assert "Paris" in json.loads(result.stdout)["text"]
+
+
+def test_generate_with_int4_packed_weights():
+    result = afmkit("generate", "--chat", "--prompt", "What is the capital of France?", "--dtype", "int4", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in json.loads(result.stdout)["text"]

@@ -29,13 +29,13 @@ VERSION = 1
 MARKER = "afmkit.json"
 
 
-def _leaf_name(path: Any) -> str:
+def leaf_name(path: Any) -> str:
     """``layers.3.wq`` for the pytree path params["layers"][3]["wq"]."""
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _flatten(params: Params) -> dict[str, Any]:
-    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -121,18 +121,21 @@ class SafetensorsReader:
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, *, dtype: Any = jnp.float32
+    directory: str | os.PathLike, *, dtype: Any = jnp.float32, convert: Any = None
 ) -> tuple[ModelConfig, Params, Tokenizer | None]:
+    """Config, weights (as ``dtype``) and tokenizer (None if not saved) of a checkpoint.
+    ``convert(name, array)``, if given, makes each weight from its numpy value instead (packing
+    a weight as it is read keeps one full-precision weight in memory at a time, not all)."""
     directory = Path(directory)
     config = read_config(directory)
     reader = SafetensorsReader(directory / "model.safetensors")
 
     def load_leaf(path_keys: Any, spec: jax.ShapeDtypeStruct) -> jax.Array:
-        name = _leaf_name(path_keys)
+        name = leaf_name(path_keys)
         value = reader.read(name)
         if value.shape != spec.shape:
             raise CorruptFileError(f"{reader.path}: weight {name} has shape {value.shape}, config needs {spec.shape}")
-        return jnp.asarray(value, dtype=dtype)
+        return convert(name, value) if convert else jnp.asarray(value, dtype=dtype)
 
     params = jax.tree_util.tree_map_with_path(load_leaf, abstract_params(config))
     tokenizer = Tokenizer.from_directory(directory) if (directory / "tokenizer.json").is_file() else None

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afmkit import kernels
 from afmkit.config import ModelConfig
 from afmkit.model.kv_cache import KVCache
+from afmkit.model.packed import PackedWeight, packed_linear
 from afmkit.sharding.activations import constrain
 
 Params = dict[str, Any]
@@ -93,8 +95,12 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -
 def linear(spec: str, x: jax.Array, w: jax.Array, *, lora: Any = None) -> jax.Array:
     """``x`` times a weight. The matmul runs in the weight's precision (bf16 weights: bf16
     inputs, fp32 accumulation); the result comes back in ``x``'s dtype. ``lora``: an optional
-    low-rank update, called as ``lora(spec, x)`` (see ``afmkit.adapters.lora``)."""
-    y = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+    low-rank update, called as ``lora(spec, x)`` (see ``afmkit.adapters.lora``). A packed 4/8-bit
+    weight (``afmkit.model.packed``) contracts ``x``'s trailing axes with its input axes."""
+    if isinstance(w, PackedWeight):
+        y = packed_linear(x, w).astype(x.dtype)
+    else:
+        y = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return y if lora is None else y + lora(spec, x).astype(x.dtype)
 
 
@@ -162,6 +168,12 @@ def attention(
         k_cache = k_cache.at[rows, :, :, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
         # The cache may hold more rows than this call feeds (the engine pads decode batches).
+        if seq == 1 and k_cache.dtype == q.dtype == jnp.float32 and kernels.on_cpu():
+            # Decoding on CPU: the native kernel reads each row's visible positions in place.
+            q = q.reshape(batch, kv_heads, groups, head_dim)
+            out = kernels.decode_attention(q, k_cache, v_cache, positions[:, 0] + 1, 1 / math.sqrt(head_dim))
+            out = out.reshape(batch, 1, config.n_heads, head_dim)
+            return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), k_cache, v_cache
         keys, values = k_cache[:batch, ..., :attend_len], v_cache[:batch, :, :attend_len]
         key_positions = jnp.arange(attend_len)[None, None, :]
     q = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
@@ -213,7 +225,7 @@ def forward(
     """
     if segment_ids is not None and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
-    x = params["embed"][tokens].astype(activation_dtype or params["embed"].dtype)
+    x = embed_lookup(params["embed"], tokens).astype(activation_dtype or params["embed"].dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     no_cache = [None] * config.n_layers
@@ -238,6 +250,11 @@ def forward(
         new_k.append(k_cache)
         new_v.append(v_cache)
     return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v) if cache else None
+
+
+def embed_lookup(embed: Any, tokens: jax.Array) -> jax.Array:
+    """The embedding rows of ``tokens`` (dequantized when the table is packed)."""
+    return embed.rows(tokens) if isinstance(embed, PackedWeight) else embed[tokens]
 
 
 def output_logits(params: Params, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,136 @@
+"""Native CPU kernels, compiled on first use and called from jitted code through XLA's FFI.
+
+XLA:CPU has no matmul that reads 4- or 8-bit weights without first writing them out in full
+precision, and it copies a sliced KV cache before attending to it; both make decoding slow.
+``cpu_kernels.cc`` has a packed-weight matmul that dequantizes in registers and a decode
+attention that reads the cache in place. It is compiled here, on the machine that runs it
+(``-march=native``), with the system C++ compiler and JAX's FFI headers, and cached under
+``~/.cache/afmkit/kernels`` keyed by the source, the compiler, jax and the CPU. Without a
+compiler (or with ``AFMKIT_KERNELS=0``) callers use plain XLA, which gives the same numbers
+(up to float rounding) more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+# FFI target name -> symbol in the library
+TARGETS = {"afmkit_packed_matmul": "AfmkitPackedMatmul", "afmkit_decode_attention": "AfmkitDecodeAttention"}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("AFMKIT_CACHE", Path.home() / ".cache" / "afmkit")) / "kernels"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's model name and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(wanted) or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build(compiler: str) -> Path:
+    """Compile the kernel library (once per source, compiler, jax and CPU); return its path."""
+    source = KERNEL_SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"|".join([source, compiler.encode(), jax.__version__.encode(), _cpu_identity().encode()])
+    ).hexdigest()[:16]
+    library = _cache_root() / f"cpu_kernels-{key}.so"
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+        command += [f"-I{jax.ffi.include_dir()}", str(KERNEL_SOURCE), "-o", str(built)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot run {compiler}: {exc}") from None
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, library)  # atomic: a concurrent process sees the whole file or none
+    return library
+
+
+_features = {"bf16": False}
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and registered with XLA for the CPU backend (once per process;
+    a failure is reported once on stderr, and callers fall back to plain XLA)."""
+    if os.environ.get("AFMKIT_KERNELS", "1") == "0":
+        return False
+    compiler = _compiler()
+    if compiler is None:
+        print("afmkit: no C++ compiler found; decoding runs through plain XLA (slower)", file=sys.stderr)
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build(compiler)))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _features["bf16"] = bool(library.AfmkitHasBf16())
+    except (OSError, RuntimeError, AttributeError) as exc:
+        print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def has_bf16() -> bool:
+    """Whether the kernels were built with bf16 dot products (the CPU has AVX512-BF16)."""
+    return available() and _features["bf16"]
+
+
+def on_cpu() -> bool:
+    """Whether jitted code runs on the CPU with the kernels available."""
+    return jax.default_backend() == "cpu" and available()
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("afmkit's CPU kernels are not available here (see the message above); use the XLA path")
+
+
+def packed_matmul(
+    x: jax.Array, packed: jax.Array, scales: jax.Array, *, bits: int, n: int, bf16: bool = False
+) -> jax.Array:
+    """``x [M, K]`` (fp32) times a packed ``[K, n]`` weight (``afmkit.model.packed``). With
+    ``bf16`` (and a CPU with AVX512-BF16), x is rounded to bf16 for the dot products: twice the
+    arithmetic rate, for prefill; the weights stay exact and accumulation is fp32 either way."""
+    _require()
+    call = jax.ffi.ffi_call(
+        "afmkit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
+    )
+    return call(x, packed, scales, bits=np.int64(bits), bf16=bool(bf16))
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention of one query per row, ``q [B, KV, G, D]``, over the first ``lengths[b]``
+    positions of that row's cache (``keys [B', KV, D, C]``, ``values [B', KV, C, D]``, fp32)."""
+    _require()
+    call = jax.ffi.ffi_call(
+        "afmkit_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(q, keys, values, lengths.astype(jnp.int32), scale=np.float32(scale))

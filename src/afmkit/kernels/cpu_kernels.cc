@@ -1,0 +1,526 @@
+// afmkit's native CPU kernels, called from jitted code through XLA's FFI (afmkit/kernels/__init__.py
+// compiles this file on first use). Two kernels, both for decoding, where XLA:CPU is slow:
+//
+// * packed_matmul: y[M, N] = x[M, K] @ W[K, N] for a weight stored packed: 4-bit (unsigned,
+//   w = q * d + m) or 8-bit (signed, w = q * d) codes in blocks of 32 along K, with an fp16 scale d
+//   and offset m per (output, block). Decode-sized M is memory-bound: reading 4- or 8-bit codes
+//   instead of fp32 weights is the point, so codes are dequantized in registers, never in memory.
+// * decode_attention: one query per row against the row's cached keys and values, reading only
+//   the positions the row can see, straight from the cache (XLA copies a sliced cache first).
+//
+// Packed layout (afmkit/model/packed.py writes it): outputs in tiles of 16, K in blocks of 32,
+// and inside a block 16 pairs of k. For one pair (k, k + 1) a tile's 32 codes are 16 bytes at
+// 4 bits (byte j = code[k][j] | code[k + 1][j] << 4) or 32 bytes at 8 bits (code[k][0..15], then
+// code[k + 1][0..15]), so one vector lane is one output.
+// packed: uint8 [N / 16, K / 32, 16 pairs, bytes per pair]; scales: fp16 [N / 16, K / 32, 2, 16]
+// (d of the 16 outputs, then m).
+//
+// Rows of x are taken up to 16 at a time so the accumulators stay in registers. Work is shared out
+// over XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTile = 16;   // outputs per tile
+constexpr int kBlock = 32;  // k per block (one scale and offset)
+constexpr int kPairs = kBlock / 2;
+
+inline float half_to_float(uint16_t h) {
+  // IEEE binary16 to binary32, exact (subnormals included).
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct Problem {
+  const float* x;
+  const uint8_t* packed;
+  const uint16_t* scales;
+  float* y;
+  int64_t m, k, n, bits;
+  const uint16_t* x_bf16;  // x rounded to bf16 (set for the bf16 path), [M, K]
+  const float* x_block_sums;  // fp32 sum of x over each block of 32, [M, K / 32]
+};
+
+// Portable reference: the same arithmetic, one row at a time (used without AVX-512).
+void tile_scalar(const Problem& p, int64_t tile) {
+  const int64_t blocks = p.k / kBlock, pair_bytes = p.bits == 4 ? 16 : 32;
+  for (int64_t r = 0; r < p.m; ++r) {
+    float acc[kTile] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
+      const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+      for (int pair = 0; pair < kPairs; ++pair) {
+        const float* xk = p.x + r * p.k + b * kBlock + 2 * pair;
+        const uint8_t* pb = codes + pair * pair_bytes;
+        for (int j = 0; j < kTile; ++j) {
+          const int even = p.bits == 4 ? pb[j] & 15 : static_cast<int8_t>(pb[j]);
+          const int odd = p.bits == 4 ? pb[j] >> 4 : static_cast<int8_t>(pb[kTile + j]);
+          const float d = half_to_float(sc[j]), m = half_to_float(sc[kTile + j]);
+          acc[j] += (even * d + m) * xk[0];
+          acc[j] += (odd * d + m) * xk[1];
+        }
+      }
+    }
+    for (int j = 0; j < kTile; ++j) p.y[r * p.n + tile * kTile + j] = acc[j];
+  }
+}
+
+#if defined(__AVX512F__)
+// R rows of x against one tile: each pair of k is dequantized once, into two vectors of the 16
+// outputs' weights (at k and k + 1), and used by every row. Even and odd k accumulate separately
+// (two FMA chains hide the FMA latency when there are few rows); every row is summed in the same
+// order whatever R, so a row's result does not depend on the batch it came in.
+template <int R, int Bits>
+void tile_avx512(const Problem& p, int64_t tile, int64_t row0) {
+  constexpr int kChains = 2;
+  constexpr int pair_bytes = Bits == 4 ? 16 : 32;
+  const int64_t blocks = p.k / kBlock;
+  const __m512i nibble = _mm512_set1_epi32(15);
+  __m512 acc[R][kChains];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + kTile)));
+    const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+    const float* xb = p.x + row0 * p.k + b * kBlock;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      __m512i even, odd;
+      if constexpr (Bits == 4) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 16)));
+        even = _mm512_and_si512(v, nibble);
+        odd = _mm512_srli_epi32(v, 4);
+      } else {
+        even = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32)));
+        odd = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32 + 16)));
+      }
+      const __m512 w_even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), d, m);
+      const __m512 w_odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), d, m);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xb + r * p.k + 2 * pair;
+        acc[r][0] = _mm512_fmadd_ps(w_even, _mm512_set1_ps(xr[0]), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w_odd, _mm512_set1_ps(xr[1]), acc[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(p.y + (row0 + r) * p.n + tile * kTile, _mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+}
+
+#if defined(__AVX512BF16__)
+// Many rows (prefill): bf16 dot products, twice the multiply-adds of fp32 FMAs per instruction.
+// The codes are small integers, exact in bf16, and the scale and offset are applied in fp32 per
+// block, so only x is rounded (to bf16, 8 bits of mantissa): y = sum_b d_b (q_b . x_b) + m_b sum(x_b)
+// (4-bit codes centred: q - 8, with m + 8 d).
+// Lane j of a code vector holds output j's codes for (k, k + 1), as the bf16 pair a dot product
+// with the broadcast pair (x[k], x[k + 1]) wants.
+template <int R, int Bits>
+void tile_bf16(const Problem& p, int64_t tile, int64_t row0) {
+  constexpr int pair_bytes = Bits == 4 ? 16 : 32;
+  const int64_t blocks = p.k / kBlock;
+  // bf16 bit patterns of the 4-bit codes minus 8, looked up by vpermw: centred codes halve the
+  // products' magnitude, so rounding x costs half as much (the offset absorbs the 8: m + 8d).
+  alignas(64) uint16_t small[32] = {};
+  for (int i = 0; i < 16; ++i) {
+    const float f = static_cast<float>(i - 8);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    small[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  const __m512i table = _mm512_load_si512(small);
+  const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004,
+                                               0x00150005, 0x00160006, 0x00170007, 0x00180008, 0x00190009,
+                                               0x001a000a, 0x001b000b, 0x001c000c, 0x001d000d, 0x001e000e,
+                                               0x001f000f);
+  const __m512i low_nibble = _mm512_set1_epi32(0x0f), high_nibble = _mm512_set1_epi32(0xf0);
+  alignas(64) float total[R][kTile] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const uint16_t* xb = p.x_bf16 + row0 * p.k + b * kBlock;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      __m512i w;
+      if constexpr (Bits == 4) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 16)));
+        const __m512i index = _mm512_or_si512(_mm512_and_si512(v, low_nibble),
+                                              _mm512_slli_epi32(_mm512_and_si512(v, high_nibble), 12));
+        w = _mm512_permutexvar_epi16(index, table);
+      } else {
+        const __m512 even = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32))));
+        const __m512 odd = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32 + 16))));
+        w = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even)));
+      }
+      for (int r = 0; r < R; ++r) {
+        uint32_t x_pair;
+        std::memcpy(&x_pair, xb + r * p.k + 2 * pair, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(w),
+                                  reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x_pair))));
+      }
+    }
+    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + kTile)));
+    if constexpr (Bits == 4) m = _mm512_fmadd_ps(d, _mm512_set1_ps(8.0f), m);
+    for (int r = 0; r < R; ++r) {
+      __m512 t = _mm512_fmadd_ps(acc[r], d, _mm512_load_ps(total[r]));
+      t = _mm512_fmadd_ps(m, _mm512_set1_ps(p.x_block_sums[(row0 + r) * blocks + b]), t);
+      _mm512_store_ps(total[r], t);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (row0 + r) * p.n + tile * kTile, _mm512_load_ps(total[r]));
+}
+
+template <int Bits>
+void tile_rows_bf16(const Problem& p, int64_t tile) {
+  int64_t r = 0;
+  for (; r + 16 <= p.m; r += 16) tile_bf16<16, Bits>(p, tile, r);
+  if (p.m - r >= 8) { tile_bf16<8, Bits>(p, tile, r); r += 8; }
+  if (p.m - r >= 4) { tile_bf16<4, Bits>(p, tile, r); r += 4; }
+  if (p.m - r >= 2) { tile_bf16<2, Bits>(p, tile, r); r += 2; }
+  if (p.m - r >= 1) tile_bf16<1, Bits>(p, tile, r);
+}
+#endif
+
+template <int Bits>
+void tile_rows_avx512(const Problem& p, int64_t tile) {
+  int64_t r = 0;
+  for (; r + 8 <= p.m; r += 8) tile_avx512<8, Bits>(p, tile, r);
+  if (p.m - r >= 4) { tile_avx512<4, Bits>(p, tile, r); r += 4; }
+  if (p.m - r >= 2) { tile_avx512<2, Bits>(p, tile, r); r += 2; }
+  if (p.m - r >= 1) tile_avx512<1, Bits>(p, tile, r);
+}
+#endif
+
+void run_tile(const Problem& p, int64_t tile) {
+#if defined(__AVX512BF16__)
+  if (p.x_bf16 != nullptr) {
+    if (p.bits == 4) return tile_rows_bf16<4>(p, tile);
+    return tile_rows_bf16<8>(p, tile);
+  }
+#endif
+#if defined(__AVX512F__)
+  if (p.bits == 4) return tile_rows_avx512<4>(p, tile);
+  return tile_rows_avx512<8>(p, tile);
+#else
+  tile_scalar(p, tile);
+#endif
+}
+
+// Work items are handed out in chunks from one counter; the calling thread works too, so a call
+// finishes even if the pool's threads are all busy elsewhere.
+struct Shared {
+  void (*run)(const void* context, int64_t item);
+  const void* context;
+  int64_t items, chunk;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void work(Shared& s) {
+  for (;;) {
+    const int64_t start = s.next.fetch_add(s.chunk);
+    if (start >= s.items) return;
+    const int64_t end = std::min(start + s.chunk, s.items);
+    for (int64_t i = start; i < end; ++i) s.run(s.context, i);
+    s.done.fetch_add(end - start, std::memory_order_release);
+  }
+}
+
+void parallel_for(ffi::ThreadPool& pool, int64_t items, void (*run)(const void*, int64_t), const void* context) {
+  auto shared = std::make_shared<Shared>();
+  shared->run = run;
+  shared->context = context;
+  shared->items = items;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Enough chunks to balance the threads, few enough that a chunk amortises its atomics.
+  shared->chunk = std::max<int64_t>(1, items / (threads * 4));
+  const int64_t helpers = std::min<int64_t>(threads - 1, (items + shared->chunk - 1) / shared->chunk - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { work(*shared); });
+  work(*shared);
+  // The context lives on the caller's stack: wait until every item is done, not just handed out.
+  while (shared->done.load(std::memory_order_acquire) < items) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+// bf16 inputs for the dot products (rounded to nearest even), and fp32 block sums, of every row
+// of x (the bf16 path; only built with AVX512-BF16).
+void prepare_bf16(const float* x, int64_t m, int64_t k, std::vector<uint16_t>& x_bf16, std::vector<float>& sums) {
+#if defined(__AVX512BF16__)
+  x_bf16.resize(m * k);
+  sums.resize(m * (k / kBlock));
+  for (int64_t i = 0; i < m * k; i += kBlock) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    _mm512_storeu_si512(x_bf16.data() + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+    sums[i / kBlock] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  }
+#endif
+}
+
+bool have_bf16_path() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+// Whether this build has the bf16 path (asked by afmkit/kernels/__init__.py through ctypes).
+extern "C" int AfmkitHasBf16() { return have_bf16_path() ? 1 : 0; }
+
+namespace {
+
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
+                        ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool bf16) {
+  const auto xd = x.dimensions();
+  const auto pd = packed.dimensions();
+  if (xd.size() != 2 || pd.size() != 4) return ffi::Error::InvalidArgument("packed_matmul: x must be 2-D, packed 4-D");
+  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("packed_matmul: bits must be 4 or 8");
+  const int64_t m = xd[0], k = xd[1], tiles = pd[0];
+  if (pd[1] * kBlock != k || pd[2] != kPairs || pd[3] != (bits == 4 ? 16 : 32))
+    return ffi::Error::InvalidArgument("packed_matmul: packed weight does not match x's last dimension");
+  std::vector<uint16_t> x_bf16;
+  std::vector<float> sums;
+  if (bf16 && have_bf16_path()) prepare_bf16(x.typed_data(), m, k, x_bf16, sums);
+  const Problem problem{x.typed_data(), packed.typed_data(), reinterpret_cast<const uint16_t*>(scales.typed_data()),
+                        y->typed_data(), m, k, tiles * kTile, bits,
+                        x_bf16.empty() ? nullptr : x_bf16.data(), sums.empty() ? nullptr : sums.data()};
+  parallel_for(
+      pool, tiles, [](const void* c, int64_t tile) { run_tile(*static_cast<const Problem*>(c), tile); }, &problem);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: one new query per row (grouped heads) against that row's cached keys and
+// values, reading only the positions it can see. q [B, KV, G, D]; keys [B', KV, D, C]; values
+// [B', KV, C, D] (B' >= B: the cache may hold more rows); lengths [B]: keys each row sees.
+// One work item per (row, kv head); the G query heads of a group share every key and value read.
+
+struct Attention {
+  const float* q;
+  const float* keys;
+  const float* values;
+  const int32_t* lengths;
+  float* out;
+  int64_t kv_heads, groups, dim, capacity;
+  float scale;
+};
+
+#if defined(__AVX512F__)
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |error| ~ 2 ulp.
+inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// probs[0:n] = exp(probs[0:n] - max); returns their sum.
+float exp_shifted(float* probs, int64_t n, float max) {
+  float sum = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 total = _mm512_setzero_ps();
+  const __m512 shift = _mm512_set1_ps(max);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(probs + i), shift));
+    _mm512_storeu_ps(probs + i, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, probs + i), shift));
+    _mm512_mask_storeu_ps(probs + i, tail, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+    i = n;
+  }
+  sum = _mm512_reduce_add_ps(total);
+#endif
+  for (; i < n; ++i) {
+    probs[i] = std::exp(probs[i] - max);
+    sum += probs[i];
+  }
+  return sum;
+}
+
+#if defined(__AVX512F__)
+// scores[g, s] = scale * q[g] . keys[:, s] for all G heads of a group at once, 16 positions a step.
+template <int G>
+void scores_avx512(const Attention& a, const float* q, const float* keys, float* probs, int64_t n) {
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 mask = n - s >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - s)) - 1);
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < a.dim; ++d) {
+      const __m512 k = _mm512_maskz_loadu_ps(mask, keys + d * a.capacity + s);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * a.dim + d]), k, acc[g]);
+    }
+    const __m512 scale = _mm512_set1_ps(a.scale);
+    for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(probs + g * n + s, mask, _mm512_mul_ps(acc[g], scale));
+  }
+}
+
+// out[g, :] = sum_s probs[g, s] * values[s, :], 16 dimensions a step (dim is a multiple of 16).
+template <int G>
+void mix_avx512(const Attention& a, const float* probs, const float* values, float* out, int64_t n) {
+  for (int64_t d = 0; d < a.dim; d += 16) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      const __m512 v = _mm512_loadu_ps(values + s * a.dim + d);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * n + s]), v, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(out + g * a.dim + d, acc[g]);
+  }
+}
+
+template <int G>
+bool attend_avx512(const Attention& a, const float* q, const float* keys, const float* values, float* probs,
+                   float* out, int64_t n) {
+  scores_avx512<G>(a, q, keys, probs, n);
+  for (int g = 0; g < G; ++g) {
+    float* pg = probs + g * n;
+    const float inv = 1.0f / exp_shifted(pg, n, *std::max_element(pg, pg + n));
+    for (int64_t s = 0; s < n; ++s) pg[s] *= inv;
+  }
+  mix_avx512<G>(a, probs, values, out, n);
+  return true;
+}
+#endif
+
+void attend_scalar(const Attention& a, const float* q, const float* keys, const float* values, float* probs,
+                   float* out, int64_t n) {
+  const int64_t G = a.groups, D = a.dim;
+  std::fill(probs, probs + G * n, 0.0f);
+  for (int64_t d = 0; d < D; ++d) {  // scores[g, s] += q[g, d] * keys[d, s]
+    for (int64_t g = 0; g < G; ++g) {
+      const float qd = q[g * D + d] * a.scale;
+      for (int64_t s = 0; s < n; ++s) probs[g * n + s] += qd * keys[d * a.capacity + s];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = probs + g * n;
+    const float inv = 1.0f / exp_shifted(pg, n, *std::max_element(pg, pg + n));
+    for (int64_t s = 0; s < n; ++s) pg[s] *= inv;
+  }
+  std::fill(out, out + G * D, 0.0f);
+  for (int64_t s = 0; s < n; ++s) {  // out[g, :] += probs[g, s] * values[s, :]
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += probs[g * n + s] * values[s * D + d];
+    }
+  }
+}
+
+void attend(const void* context, int64_t item) {
+  const Attention& a = *static_cast<const Attention*>(context);
+  const int64_t row = item / a.kv_heads, head = item % a.kv_heads;
+  const int64_t n = std::min<int64_t>(std::max<int32_t>(a.lengths[row], 1), a.capacity);
+  const float* q = a.q + item * a.groups * a.dim;
+  const float* keys = a.keys + (row * a.kv_heads + head) * a.dim * a.capacity;
+  const float* values = a.values + (row * a.kv_heads + head) * a.capacity * a.dim;
+  float* out = a.out + item * a.groups * a.dim;
+  thread_local std::vector<float> scratch;
+  scratch.resize(a.groups * n);
+  float* probs = scratch.data();
+#if defined(__AVX512F__)
+  if (a.dim % 16 == 0) {
+    switch (a.groups) {
+      case 1: attend_avx512<1>(a, q, keys, values, probs, out, n); return;
+      case 2: attend_avx512<2>(a, q, keys, values, probs, out, n); return;
+      case 3: attend_avx512<3>(a, q, keys, values, probs, out, n); return;
+      case 4: attend_avx512<4>(a, q, keys, values, probs, out, n); return;
+      case 6: attend_avx512<6>(a, q, keys, values, probs, out, n); return;
+      case 8: attend_avx512<8>(a, q, keys, values, probs, out, n); return;
+      default: break;
+    }
+  }
+#endif
+  attend_scalar(a, q, keys, values, probs, out, n);
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> lengths,
+                           ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("decode_attention: q, keys and values must be 4-D");
+  const int64_t batch = qd[0], kv = qd[1], groups = qd[2], dim = qd[3], capacity = kd[3];
+  if (kd[0] < batch || kd[1] != kv || kd[2] != dim || vd[0] != kd[0] || vd[1] != kv || vd[2] != capacity ||
+      vd[3] != dim || lengths.element_count() != static_cast<size_t>(batch))
+    return ffi::Error::InvalidArgument("decode_attention: cache shapes do not match the queries");
+  const Attention attention{q.typed_data(), keys.typed_data(), values.typed_data(), lengths.typed_data(),
+                            out->typed_data(), kv, groups, dim, capacity, scale};
+  parallel_for(pool, batch * kv, attend, &attention);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<bool>("bf16"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

@@ -1,0 +1,154 @@
+"""Packed 4/8-bit weights and the native CPU kernels, checked against plain numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afmkit import kernels
+from afmkit.config import get_size
+from afmkit.errors import UserError
+from afmkit.model import packed as P
+from afmkit.model.kv_cache import KVCache
+from afmkit.model.transformer import forward, init_params, output_logits
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build afmkit's CPU kernels")
+RNG = np.random.default_rng(0)
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_stays_within_half_a_step_and_repacking_is_lossless(bits):
+    w = RNG.standard_normal((96, 48)).astype(np.float32)
+    packed = P.pack(w, bits)
+    dequantized = P.unpack_numpy(packed)
+    blocks = w.reshape(3, 32, 48)
+    step = (blocks.max(1) - blocks.min(1)) / 15 if bits == 4 else np.abs(blocks).max(1) / 127
+    assert np.all(np.abs(dequantized - w).reshape(3, 32, 48) <= step[:, None] * 0.5 + 1e-3 * step[:, None])
+    # numpy and jnp unpacking agree, and packing already-quantized weights gives them back exactly
+    np.testing.assert_array_equal(np.asarray(packed.matrix()), dequantized)
+    np.testing.assert_array_equal(P.unpack_numpy(P.pack(dequantized, bits)), dequantized)
+
+
+def test_dequantize_and_rows_follow_the_logical_layout():
+    wo = RNG.standard_normal((4, 16, 64)).astype(np.float32)  # [heads, head_dim, d]: contracts 2 axes
+    packed = P.pack(wo, 8, (0, 1))
+    assert packed.k == 64 and packed.n == 64
+    np.testing.assert_allclose(np.asarray(packed.dequantize()), wo, atol=np.abs(wo).max() / 127)
+    embed = RNG.standard_normal((48, 64)).astype(np.float32)  # [vocab, d]: contracts d
+    table = P.pack(embed, 8, (1,))
+    tokens = jnp.asarray([[3, 47, 0], [16, 17, 31]])
+    np.testing.assert_array_equal(np.asarray(table.rows(tokens)), np.asarray(table.dequantize())[np.asarray(tokens)])
+
+
+def test_unpackable_shapes_and_bad_bits_are_refused():
+    with pytest.raises(UserError, match="multiple of 32"):
+        P.pack(np.ones((40, 32), np.float32), 4)
+    with pytest.raises(UserError, match="4 or 8 bits"):
+        P.pack(np.ones((32, 32), np.float32), 3)
+    # a shape that does not tile is left unpacked by pack_params, not refused
+    assert not isinstance(P.pack_leaf("layers.0.wq", np.ones((40, 2, 8), np.float32), bits=4), P.PackedWeight)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 64])
+def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
+    w = RNG.standard_normal((576, 192)).astype(np.float32)
+    packed = P.pack(w, bits)
+    exact = P.unpack_numpy(packed).astype(np.float64)
+    x = RNG.standard_normal((rows, 576)).astype(np.float32)
+    run = jax.jit(kernels.packed_matmul, static_argnames=("bits", "n", "bf16"))
+    y32 = np.asarray(run(jnp.asarray(x), packed.packed, packed.scales, bits=bits, n=192, bf16=False))
+    np.testing.assert_allclose(y32, x @ exact, rtol=0, atol=2e-5 * np.abs(x @ exact).max())
+    if kernels.has_bf16():
+        y16 = np.asarray(run(jnp.asarray(x), packed.packed, packed.scales, bits=bits, n=192, bf16=True))
+        # only x is rounded: to within fp32 accumulation of the bf16-rounded x times exact weights
+        # (the offsets of 4-bit blocks multiply the exact sums of x, hence the looser bound there)
+        reference = bf16(x) @ exact
+        bound = (1e-5 if bits == 8 else 3e-3) * np.abs(reference).max()
+        np.testing.assert_allclose(y16, reference, rtol=0, atol=bound)
+
+
+@needs_kernels
+def test_a_row_gives_the_same_bits_whatever_its_batch():
+    packed = P.pack(RNG.standard_normal((576, 1536)).astype(np.float32), 4)
+    x = jnp.asarray(RNG.standard_normal((37, 576)), jnp.float32)
+    matmul = jax.jit(P.packed_matmul)
+    whole = np.asarray(matmul(x, packed))
+    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37)]:
+        np.testing.assert_array_equal(np.asarray(matmul(x[start:stop], packed)), whole[start:stop])
+
+
+@needs_kernels
+def test_gradient_reaches_the_input_through_the_kernel():
+    packed = P.pack(RNG.standard_normal((64, 32)).astype(np.float32), 4)
+    weights = jnp.asarray(P.unpack_numpy(packed))
+    x = jnp.asarray(RNG.standard_normal((5, 64)), jnp.float32)
+    probe = jnp.arange(32.0)
+    grad = jax.grad(lambda x: jnp.sum(P.packed_matmul(x, packed) * probe))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jnp.broadcast_to(probe @ weights.T, x.shape)), rtol=1e-6)
+
+
+def test_without_kernels_packed_weights_go_through_xla(monkeypatch):
+    packed = P.pack(RNG.standard_normal((64, 32)).astype(np.float32), 4)
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    monkeypatch.setattr(kernels, "on_cpu", lambda: False)
+    y = np.asarray(jax.jit(P.packed_matmul)(jnp.asarray(x), packed))
+    np.testing.assert_allclose(y, x @ P.unpack_numpy(packed), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("groups", [1, 3, 5])
+def test_decode_attention_reads_only_each_rows_visible_positions(groups):
+    batch, kv, dim, capacity = 4, 2, 32, 70
+    q = RNG.standard_normal((batch, kv, groups, dim)).astype(np.float32)
+    keys = RNG.standard_normal((batch + 2, kv, dim, capacity)).astype(np.float32)  # cache has spare rows
+    values = RNG.standard_normal((batch + 2, kv, capacity, dim)).astype(np.float32)
+    lengths = np.array([1, 17, 33, 70], np.int32)
+    got = np.asarray(
+        jax.jit(kernels.decode_attention, static_argnames="scale")(
+            jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(lengths), scale=0.2
+        )
+    )
+    for b, n in enumerate(lengths):
+        scores = np.einsum("kgd,kds->kgs", q[b], keys[b, :, :, :n]) * 0.2
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        np.testing.assert_allclose(got[b], np.einsum("kgs,ksd->kgd", probs, values[b, :, :n]), atol=2e-6)
+
+
+def _decode_logits(params, config, tokens, *, steps):
+    """Prefill ``tokens`` (one row per prompt), then greedy-decode ``steps`` tokens one at a time."""
+    batch, length = tokens.shape
+    cache = KVCache.zeros(config, batch=batch, capacity=64)
+    step = jax.jit(lambda p, t, pos, c: forward(p, t, pos, c, config=config, attend_len=64))
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    hidden, cache = step(params, tokens, positions, cache)
+    logits = [output_logits(params, hidden[:, -1])]
+    for i in range(steps):
+        token = jnp.argmax(logits[-1], axis=-1)[:, None]
+        hidden, cache = step(params, token, jnp.full((batch, 1), length + i), cache)
+        logits.append(output_logits(params, hidden[:, -1]))
+    return np.stack([np.asarray(x) for x in logits], axis=1)
+
+
+def test_a_packed_model_decodes_like_its_dequantized_weights():
+    config = get_size("afm-tiny")
+    params = init_params(config, jax.random.PRNGKey(3))
+    packed = P.pack_params(params, bits=4)
+    assert P.is_packed(packed) and isinstance(packed["embed"], P.PackedWeight) and packed["embed"].bits == 8
+    dequantized = jax.tree.map(
+        lambda w: w.dequantize() if isinstance(w, P.PackedWeight) else w,
+        packed,
+        is_leaf=lambda w: isinstance(w, P.PackedWeight),
+    )
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, config.vocab_size)
+    reference = _decode_logits(dequantized, config, tokens, steps=6)
+    got = _decode_logits(packed, config, tokens, steps=6)
+    # the kernel may round activations to bf16 (CPUs with AVX512-BF16): a bf16-sized difference
+    assert np.abs(got - reference).max() <= 2e-2 * np.abs(reference).max()
+    assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.9

@@ -1,0 +1,65 @@
+"""SmolLM2 with packed weights (``dtype="int4"``): the GGUF's own 4-bit weights, decoded fast."""
+
+import jax
+import numpy as np
+import pytest
+
+import afmkit
+from afmkit.adapters.lora import LoraConfig, merge, random_adapter
+from afmkit.errors import UserError
+from afmkit.model.packed import PackedWeight
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4():
+    return afmkit.load("smollm2-135m-instruct", dtype="int4")
+
+
+def test_int4_holds_exactly_the_weights_the_gguf_stores(smollm2, smollm2_int4):
+    """The GGUF's Q4_1 matrices and Q8_0 embedding repack without loss: dequantized, every
+    packed weight equals afmkit's fp32 dequantization of the file."""
+    assert "int4-packed" in repr(smollm2_int4)
+    packed = smollm2_int4.params
+    assert packed["embed"].bits == 8
+    np.testing.assert_array_equal(np.asarray(packed["embed"].dequantize()), np.asarray(smollm2.params["embed"]))
+    for fp32_layer, packed_layer in zip(smollm2.params["layers"], packed["layers"]):
+        for name, weight in packed_layer.items():
+            if isinstance(weight, PackedWeight):
+                assert weight.bits == 4
+                np.testing.assert_array_equal(np.asarray(weight.dequantize()), np.asarray(fp32_layer[name]))
+            else:  # norm scales stay fp32
+                np.testing.assert_array_equal(np.asarray(weight), np.asarray(fp32_layer[name]))
+
+
+def test_int4_predicts_what_fp32_predicts(smollm2, smollm2_int4):
+    ids = smollm2.tokenizer.encode(
+        "The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is"
+    )
+    reference, packed = smollm2.logits(ids), smollm2_int4.logits(ids)
+    # Activations may be rounded to bf16 at the matmuls; the bf16 engine differs from fp32 by
+    # ~0.06 on average here too.
+    assert np.abs(packed - reference).mean() < 0.08
+    assert (packed.argmax(-1) == reference.argmax(-1)).mean() >= 0.95
+    answer = smollm2_int4.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
+    assert "Paris" in answer.text
+
+
+def test_int4_generates_the_same_text_alone_and_in_a_batch(smollm2_int4):
+    prompts = ["Once upon a time", "The three primary colors are", "def fibonacci(n):", "Water boils at"]
+    alone = smollm2_int4.generate(prompts[0], max_new_tokens=24)
+    batched = smollm2_int4.generate(prompts, max_new_tokens=24)
+    assert batched[0].tokens == alone.tokens
+
+
+def test_packed_weights_refuse_to_be_saved_or_merged(smollm2_int4, tmp_path):
+    with pytest.raises(UserError, match="load time"):
+        smollm2_int4.save(tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+    adapter = random_adapter(smollm2_int4.config, LoraConfig(rank=4), jax.random.PRNGKey(0))
+    with pytest.raises(UserError, match="packed"):
+        merge(smollm2_int4.params, adapter)
+
+
+def test_unknown_dtype_lists_the_packed_formats():
+    with pytest.raises(UserError, match="int4"):
+        afmkit.load("smollm2-135m-instruct", dtype="int3")
