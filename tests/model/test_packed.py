@@ -1,5 +1,9 @@
 """Packed 4/8-bit weights and the native CPU kernels, checked against plain numpy."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +156,22 @@ def test_a_packed_model_decodes_like_its_dequantized_weights():
     # the kernel may round activations to bf16 (CPUs with AVX512-BF16): a bf16-sized difference
     assert np.abs(got - reference).max() <= 2e-2 * np.abs(reference).max()
     assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+
+
+@needs_kernels
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"], ids=["avx2", "portable"])
+def test_kernels_built_for_cpus_without_avx512(flags, tmp_path):
+    """The AVX2 and the plain C++ code of the kernels (this machine would otherwise build the
+    AVX-512 code) pass this file's kernel tests too."""
+    env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
+    tests = ["test_kernel_matches_numpy_in_fp32_and_bf16", "a_row_gives_the_same", "decode_attention", "decodes_like"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", __file__, "-k", " or ".join(tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+    assert list(tmp_path.glob("kernels/cpu_kernels-*.so")), "the kernels were not rebuilt with the flags"

@@ -5,7 +5,8 @@ precision, and it copies a sliced KV cache before attending to it; both make dec
 ``cpu_kernels.cc`` has a packed-weight matmul that dequantizes in registers and a decode
 attention that reads the cache in place. It is compiled here, on the machine that runs it
 (``-march=native``), with the system C++ compiler and JAX's FFI headers, and cached under
-``~/.cache/afmkit/kernels`` keyed by the source, the compiler, jax and the CPU. Without a
+``~/.cache/afmkit/kernels`` keyed by the source, the compiler and its flags, jax and the CPU
+(``AFMKIT_KERNEL_FLAGS`` adds flags, e.g. ``-mno-avx512f`` to try the portable code). Without a
 compiler (or with ``AFMKIT_KERNELS=0``) callers use plain XLA, which gives the same numbers
 (up to float rounding) more slowly.
 """
@@ -53,8 +54,18 @@ def _compiler() -> str | None:
 def build(compiler: str) -> Path:
     """Compile the kernel library (once per source, compiler, jax and CPU); return its path."""
     source = KERNEL_SOURCE.read_bytes()
+    flags = [
+        "-O3",
+        "-march=native",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        *os.environ.get("AFMKIT_KERNEL_FLAGS", "").split(),
+    ]
     key = hashlib.sha256(
-        b"|".join([source, compiler.encode(), jax.__version__.encode(), _cpu_identity().encode()])
+        b"|".join(
+            [source, compiler.encode(), " ".join(flags).encode(), jax.__version__.encode(), _cpu_identity().encode()]
+        )
     ).hexdigest()[:16]
     library = _cache_root() / f"cpu_kernels-{key}.so"
     if library.is_file():
@@ -62,8 +73,7 @@ def build(compiler: str) -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
-        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
-        command += [f"-I{jax.ffi.include_dir()}", str(KERNEL_SOURCE), "-o", str(built)]
+        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(KERNEL_SOURCE), "-o", str(built)]
         try:
             result = subprocess.run(command, capture_output=True, text=True)
         except OSError as exc:

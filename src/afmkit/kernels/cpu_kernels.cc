@@ -28,7 +28,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -71,29 +71,107 @@ struct Problem {
   const float* x_block_sums;  // fp32 sum of x over each block of 32, [M, K / 32]
 };
 
-// Portable reference: the same arithmetic, one row at a time (used without AVX-512).
-void tile_scalar(const Problem& p, int64_t tile) {
+// Portable version (CPUs without AVX-512 or AVX2, e.g. ARM): the same arithmetic and summation order as
+// the AVX-512 fp32 path, written as loops over the 16 outputs of a tile that the compiler
+// vectorizes for whatever -march=native offers.
+template <int R>
+void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
   const int64_t blocks = p.k / kBlock, pair_bytes = p.bits == 4 ? 16 : 32;
-  for (int64_t r = 0; r < p.m; ++r) {
-    float acc[kTile] = {};
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
-      const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
-      for (int pair = 0; pair < kPairs; ++pair) {
-        const float* xk = p.x + r * p.k + b * kBlock + 2 * pair;
-        const uint8_t* pb = codes + pair * pair_bytes;
+  float acc[R][2][kTile] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
+    float d[kTile], m[kTile];
+    for (int j = 0; j < kTile; ++j) {
+      d[j] = half_to_float(sc[j]);
+      m[j] = half_to_float(sc[kTile + j]);
+    }
+    // This block's x, copied: reading x in place, GCC 12 vectorizes the row loop below into
+    // loads that run past the end of x (caught by valgrind); a padded local copy is safe.
+    float xs[R][kBlock + 16];
+    for (int r = 0; r < R; ++r) std::memcpy(xs[r], p.x + (row0 + r) * p.k + b * kBlock, sizeof(float) * kBlock);
+    const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      const uint8_t* pb = codes + pair * pair_bytes;
+      float w_even[kTile], w_odd[kTile];
+      for (int j = 0; j < kTile; ++j) {
+        const int even = p.bits == 4 ? pb[j] & 15 : static_cast<int8_t>(pb[j]);
+        const int odd = p.bits == 4 ? pb[j] >> 4 : static_cast<int8_t>(pb[kTile + j]);
+        w_even[j] = static_cast<float>(even) * d[j] + m[j];
+        w_odd[j] = static_cast<float>(odd) * d[j] + m[j];
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xs[r] + 2 * pair;
         for (int j = 0; j < kTile; ++j) {
-          const int even = p.bits == 4 ? pb[j] & 15 : static_cast<int8_t>(pb[j]);
-          const int odd = p.bits == 4 ? pb[j] >> 4 : static_cast<int8_t>(pb[kTile + j]);
-          const float d = half_to_float(sc[j]), m = half_to_float(sc[kTile + j]);
-          acc[j] += (even * d + m) * xk[0];
-          acc[j] += (odd * d + m) * xk[1];
+          acc[r][0][j] += w_even[j] * xr[0];
+          acc[r][1][j] += w_odd[j] * xr[1];
         }
       }
     }
-    for (int j = 0; j < kTile; ++j) p.y[r * p.n + tile * kTile + j] = acc[j];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j) p.y[(row0 + r) * p.n + tile * kTile + j] = acc[r][0][j] + acc[r][1][j];
+}
+
+void tile_rows_portable(const Problem& p, int64_t tile) {
+  int64_t r = 0;
+  for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, tile, r);
+  for (; r < p.m; ++r) tile_portable<1>(p, tile, r);
+}
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// AVX2 (8 lanes): the AVX-512 fp32 path with each tile in two halves, outputs 0-7 and 8-15. Same
+// summation order per row (even and odd k apart, added at the end) whatever R.
+template <int R, int Bits>
+void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
+  constexpr int pair_bytes = Bits == 4 ? 16 : 32;
+  const int64_t blocks = p.k / kBlock;
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256 acc[R][4];  // [even k, outputs 0-7], [even, 8-15], [odd, 0-7], [odd, 8-15]
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8)));
+    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile)));
+    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile + 8)));
+    const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+    const float* xb = p.x + row0 * p.k + b * kBlock;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      const uint8_t* pb = codes + pair * pair_bytes;
+      __m256i q[4];
+      if constexpr (Bits == 4) {
+        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb)));
+        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 8)));
+        q[0] = _mm256_and_si256(v0, nibble);
+        q[1] = _mm256_and_si256(v1, nibble);
+        q[2] = _mm256_srli_epi32(v0, 4);
+        q[3] = _mm256_srli_epi32(v1, 4);
+      } else {
+        for (int i = 0; i < 4; ++i)
+          q[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 8 * i)));
+      }
+      const __m256 w[4] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(q[0]), d0, m0),
+                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[1]), d1, m1),
+                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), d0, m0),
+                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), d1, m1)};
+      for (int r = 0; r < R; ++r) {
+        const __m256 x_even = _mm256_broadcast_ss(xb + r * p.k + 2 * pair);
+        const __m256 x_odd = _mm256_broadcast_ss(xb + r * p.k + 2 * pair + 1);
+        acc[r][0] = _mm256_fmadd_ps(w[0], x_even, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w[1], x_even, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(w[2], x_odd, acc[r][2]);
+        acc[r][3] = _mm256_fmadd_ps(w[3], x_odd, acc[r][3]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* y = p.y + (row0 + r) * p.n + tile * kTile;
+    _mm256_storeu_ps(y, _mm256_add_ps(acc[r][0], acc[r][2]));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(acc[r][1], acc[r][3]));
   }
 }
+#endif
 
 #if defined(__AVX512F__)
 // R rows of x against one tile: each pair of k is dequantized once, into two vectors of the 16
@@ -236,8 +314,12 @@ void run_tile(const Problem& p, int64_t tile) {
 #if defined(__AVX512F__)
   if (p.bits == 4) return tile_rows_avx512<4>(p, tile);
   return tile_rows_avx512<8>(p, tile);
+#elif defined(__AVX2__) && defined(__FMA__)
+  int64_t r = 0;
+  for (; r + 2 <= p.m; r += 2) p.bits == 4 ? tile_avx2<2, 4>(p, tile, r) : tile_avx2<2, 8>(p, tile, r);
+  if (r < p.m) p.bits == 4 ? tile_avx2<1, 4>(p, tile, r) : tile_avx2<1, 8>(p, tile, r);
 #else
-  tile_scalar(p, tile);
+  tile_rows_portable(p, tile);
 #endif
 }
 
