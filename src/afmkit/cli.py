@@ -35,6 +35,10 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"model name or path (.gguf, afmkit or Hugging Face directory); default {DEFAULT_MODEL}",
     )
+    dtype_argument(parser)
+
+
+def dtype_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "int4", "int8"],

@@ -22,11 +22,9 @@ def _model_arguments(parser: argparse.ArgumentParser, flag: str = "--model", *, 
 
 
 def _dtype_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        help="weight precision (default: float32 on CPUs, bfloat16 on accelerators)",
-    )
+    from afmkit.cli import dtype_argument
+
+    dtype_argument(parser)
 
 
 def _judge_arguments(parser: argparse.ArgumentParser) -> None:
