@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import afmkit
-from afmkit.adapters.lora import LoraConfig, merge, random_adapter
+from afmkit.adapters.lora import LoraConfig, merge, random_adapter, single
 from afmkit.errors import UserError
 from afmkit.model.packed import PackedWeight
 
@@ -63,3 +63,32 @@ def test_packed_weights_refuse_to_be_saved_or_merged(smollm2_int4, tmp_path):
 def test_unknown_dtype_lists_the_packed_formats():
     with pytest.raises(UserError, match="int4"):
         afmkit.load("smollm2-135m-instruct", dtype="int3")
+
+
+def test_an_adapter_applies_on_a_packed_base(smollm2, smollm2_int4):
+    """LoRA updates add to the packed matmuls unmerged: the adapter moves int4 logits the way it
+    moves fp32 logits, and generation with it runs."""
+    import jax.numpy as jnp
+
+    from afmkit.infer.engine import activation_dtype
+    from afmkit.model.transformer import logits_fn
+
+    adapter = random_adapter(smollm2.config, LoraConfig(rank=8), jax.random.PRNGKey(1), b_std=0.05)
+    tokens = jnp.asarray([smollm2.tokenizer.encode("Adapters specialise a base model for one task.")])
+
+    def logits(model, with_adapter):
+        return np.asarray(
+            logits_fn(
+                model.params,
+                tokens,
+                config=model.config,
+                activation_dtype=activation_dtype(model.params),
+                adapters=single(adapter) if with_adapter else None,
+            )
+        )
+
+    shift_fp32 = logits(smollm2, True) - logits(smollm2, False)
+    shift_int4 = logits(smollm2_int4, True) - logits(smollm2_int4, False)
+    assert np.abs(shift_fp32).mean() > 0.5  # the adapter matters
+    assert np.abs(shift_int4 - shift_fp32).mean() < 0.2 * np.abs(shift_fp32).mean()
+    assert smollm2_int4.generate("Hello", adapter=adapter, max_new_tokens=4).tokens

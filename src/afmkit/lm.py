@@ -29,7 +29,7 @@ from afmkit.errors import CorruptFileError, ModelNotFoundError, UserError
 from afmkit.infer.engine import Completion, Engine, StreamEvent, activation_dtype, prompt_bucket
 from afmkit.infer.sampling import SamplingParams
 from afmkit.interop import native
-from afmkit.model.packed import PackedWeight, pack_leaf
+from afmkit.model.packed import PackedWeight, is_packed, pack_leaf
 from afmkit.model.transformer import Params, logits_fn
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -194,7 +194,7 @@ class LanguageModel:
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Save as an afmkit checkpoint directory (loadable with ``afmkit.load(directory)``)."""
-        if isinstance(self.params["embed"], PackedWeight):
+        if is_packed(self.params):
             raise UserError("packed (int4/int8) weights are made at load time; save the model loaded in float32")
         return native.save_checkpoint(directory, self.config, self.params, self.tokenizer)
 

@@ -175,3 +175,16 @@ def test_kernels_built_for_cpus_without_avx512(flags, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
     assert list(tmp_path.glob("kernels/cpu_kernels-*.so")), "the kernels were not rebuilt with the flags"
+
+
+@needs_kernels
+def test_decode_attention_kernel_and_the_xla_path_give_the_same_logits(monkeypatch):
+    """CPUs decode through the kernel; accelerators through XLA's attention. Both must agree."""
+    config = get_size("afm-tiny")
+    params = init_params(config, jax.random.PRNGKey(5))
+    tokens = jax.random.randint(jax.random.PRNGKey(6), (3, 7), 0, config.vocab_size)
+    with_kernel = _decode_logits(params, config, tokens, steps=5)
+    monkeypatch.setattr(kernels, "on_cpu", lambda: False)
+    with_xla = _decode_logits(params, config, tokens, steps=5)
+    np.testing.assert_allclose(with_kernel, with_xla, atol=1e-4 * np.abs(with_xla).max())
+    assert (with_kernel.argmax(-1) == with_xla.argmax(-1)).all()
