@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import afmkit
+from afmkit import kernels
 from afmkit.adapters.lora import LoraConfig, merge, random_adapter, single
 from afmkit.errors import UserError
 from afmkit.model.packed import PackedWeight
@@ -44,6 +45,7 @@ def test_int4_predicts_what_fp32_predicts(smollm2, smollm2_int4):
     assert "Paris" in answer.text
 
 
+@pytest.mark.skipif(not kernels.available(), reason="batch invariance is the native kernel's; XLA's matmul may differ")
 def test_int4_generates_the_same_text_alone_and_in_a_batch(smollm2_int4):
     prompts = ["Once upon a time", "The three primary colors are", "def fibonacci(n):", "Water boils at"]
     alone = smollm2_int4.generate(prompts[0], max_new_tokens=24)
