@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -87,10 +88,18 @@ def build(compiler: str) -> Path:
 _features = {"bf16": False}
 
 
-@functools.cache
+_lock = threading.Lock()
+
+
 def available() -> bool:
     """Whether the kernels are built and registered with XLA for the CPU backend (once per process;
     a failure is reported once on stderr, and callers fall back to plain XLA)."""
+    with _lock:  # the server's scheduler thread and the main thread may both ask first
+        return _load()
+
+
+@functools.cache
+def _load() -> bool:
     if os.environ.get("AFMKIT_KERNELS", "1") == "0":
         return False
     compiler = _compiler()
