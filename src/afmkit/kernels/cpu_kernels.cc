@@ -40,7 +40,7 @@ constexpr int kTile = 16;   // outputs per tile
 constexpr int kBlock = 32;  // k per block (one scale and offset)
 constexpr int kPairs = kBlock / 2;
 
-inline float half_to_float(uint16_t h) {
+[[maybe_unused]] inline float half_to_float(uint16_t h) {
   // IEEE binary16 to binary32, exact (subnormals included).
   uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
   if (exp == 0) {
@@ -112,7 +112,7 @@ void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
     for (int j = 0; j < kTile; ++j) p.y[(row0 + r) * p.n + tile * kTile + j] = acc[r][0][j] + acc[r][1][j];
 }
 
-void tile_rows_portable(const Problem& p, int64_t tile) {
+[[maybe_unused]] void tile_rows_portable(const Problem& p, int64_t tile) {
   int64_t r = 0;
   for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, tile, r);
   for (; r < p.m; ++r) tile_portable<1>(p, tile, r);
@@ -506,7 +506,7 @@ void mix_avx512(const Attention& a, const float* probs, const float* values, flo
 }
 
 template <int G>
-bool attend_avx512(const Attention& a, const float* q, const float* keys, const float* values, float* probs,
+void attend_avx512(const Attention& a, const float* q, const float* keys, const float* values, float* probs,
                    float* out, int64_t n) {
   scores_avx512<G>(a, q, keys, probs, n);
   for (int g = 0; g < G; ++g) {
@@ -515,7 +515,6 @@ bool attend_avx512(const Attention& a, const float* q, const float* keys, const 
     for (int64_t s = 0; s < n; ++s) pg[s] *= inv;
   }
   mix_avx512<G>(a, probs, values, out, n);
-  return true;
 }
 #endif
 
