@@ -1,14 +1,14 @@
 """Packed weights: 4- or 8-bit codes in blocks of 32 inputs, with an fp16 scale and offset each.
 
-A ``PackedWeight`` stands in for a matrix in the weight pytree. ``linear`` multiplies by it with
-the native kernel (``afmkit.kernels``) when a call has few rows (decoding: memory-bound, so
-reading 4-5 bits per weight instead of 32 is what makes it fast) and by dequantizing in XLA
-otherwise (prefill: compute-bound). Both give the same numbers up to float rounding.
+A ``PackedWeight`` stands in for a matrix in the weight pytree. On CPUs ``linear`` multiplies by
+it with afmkit's native kernel (``afmkit.kernels``), which expands the codes in registers: a
+decode step reads 4-5 bits per weight instead of 32, and prefill gets the CPU's bf16 dot products
+where it has them. Elsewhere (accelerators, no C++ compiler) the weight is dequantized by XLA.
 
 4-bit codes are unsigned with a per-block offset (``w = q * d + m``, as GGUF's Q4_1); 8-bit
 codes are signed without one (``w = q * d``, as GGUF's Q8_0). Quantizing weights that came from
 such a GGUF block gives back its exact codes, so packing SmolLM2's GGUF (Q4_1 matrices, a Q8_0
-embedding) is lossless. The memory layout is described in ``kernels/packed_matmul.cc``.
+embedding) is lossless. The memory layout is described in ``kernels/cpu_kernels.cc``.
 """
 
 from __future__ import annotations
