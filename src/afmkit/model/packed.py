@@ -53,10 +53,6 @@ class PackedWeight:
     def n(self) -> int:
         return math.prod(self.shape[a] for a in self.out_axes)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.packed.size * self.packed.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
-
     def matrix(self) -> jax.Array:
         """The dequantized ``[K, N]`` matrix (inputs by outputs), fp32."""
         return _unpack(self.packed, self.scales, self.bits, jnp)
