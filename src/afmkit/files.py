@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves a half-written checkpoint or adapter behind."""
+"""Writing files so that a crash never leaves a half-written checkpoint or adapter behind, and
+finding the data files afmkit ships (``packaged_data``) or the shared data folder used by tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from afmkit.errors import UserError
 
 
 @contextlib.contextmanager
@@ -37,8 +40,22 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def packaged_data(relative: str) -> Path:
+    """A data file that ships inside afmkit (``afmkit/resources``, see its README.md for the
+    sources and licences), e.g. ``packaged_data("ifeval/input_data.jsonl")``."""
+    import importlib.resources
+
+    path = Path(str(importlib.resources.files("afmkit.resources").joinpath(relative)))
+    if not path.is_file():
+        raise UserError(
+            f"afmkit ships no data file {relative!r} (looked at {path}); the installation is incomplete: reinstall afmkit"
+        )
+    return path
+
+
 def shared_data_dir() -> Path:
-    """The shared data folder for tests and benchmarks: ``$AFMKIT_SHARED_DATA``, else
-    ``../shared/data`` beside the repository. It is never copied into the repository."""
+    """The shared data folder for CI-only tests and benchmarks (never needed by the product):
+    ``$AFMKIT_SHARED_DATA``, else ``../shared/data`` beside the repository. It is never copied
+    into the repository; what the commands need ships as ``packaged_data``."""
     override = os.environ.get("AFMKIT_SHARED_DATA")
     return Path(override) if override else Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -8,8 +8,8 @@ from judge_server import FakeJudge
 def fake_judge():
     servers = []
 
-    def start(decide):
-        server = FakeJudge(decide)
+    def start(decide, **options):
+        server = FakeJudge(decide, **options)
         servers.append(server)
         return server
 

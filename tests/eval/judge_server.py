@@ -9,11 +9,13 @@ class FakeJudge:
     """A tiny local server answering POST /v1/chat/completions like an OpenAI-compatible API.
 
     ``decide(user_message) -> str`` returns the judge's whole answer text; every request's
-    messages are recorded in ``requests``.
+    messages are recorded in ``requests``. With ``api_key``, a request without the header
+    ``Authorization: Bearer <api_key>`` gets HTTP 401, as OpenAI's API answers.
     """
 
-    def __init__(self, decide):
+    def __init__(self, decide, *, api_key=None):
         self.decide = decide
+        self.api_key = api_key
         self.requests = []
         judge = self
 
@@ -35,6 +37,9 @@ class FakeJudge:
             def do_POST(self):
                 if self.path != "/v1/chat/completions":
                     self._send(404, {"error": "not found"})
+                    return
+                if judge.api_key and self.headers.get("Authorization") != f"Bearer {judge.api_key}":
+                    self._send(401, {"error": {"message": "Incorrect API key provided"}})
                     return
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.requests.append(request)

@@ -1,6 +1,9 @@
 """IFEval: the harness reproduces published GPT-4 numbers; bad input is refused; runs resume."""
 
+import hashlib
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +13,14 @@ from afmkit.eval.jsonl import ResultsFile
 from afmkit.files import shared_data_dir
 
 DATA = shared_data_dir() / "ifeval"
+# The GPT-4 reference responses and google's evaluation output are CI-only data (not shipped).
+needs_reference_files = pytest.mark.skipif(
+    not (DATA / "eval_results_strict.jsonl").is_file(),
+    reason=f"the GPT-4 reference files are not in {DATA} (set AFMKIT_SHARED_DATA to the shared data folder)",
+)
 GPT4_FIXED = DATA / "input_response_data_gpt4_20231107_145030.fixed.jsonl"
 GPT4_UPSTREAM = DATA / "input_response_data_gpt4_20231107_145030.jsonl"
+GOOGLE_INPUT_DATA_SHA256 = "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"
 PAPER_GPT4 = {"prompt_strict": 76.89, "inst_strict": 83.57, "prompt_loose": 79.30, "inst_loose": 85.37}
 # keywords:letter_frequency with letter "#" (1122) or "!" (1129): the checker draws a random letter.
 RANDOM_LETTER_KEYS = {"1122", "1129"}
@@ -27,6 +36,19 @@ def gpt4_scores(prompts):
     return ifeval.score(prompts, ifeval.read_responses(GPT4_FIXED, prompts))
 
 
+def test_the_default_prompts_are_googles_541_shipped_with_afmkit(prompts):
+    """No ../shared/data and no network: the prompts are package data, byte-identical to
+    google-research's input_data.jsonl (sha256 from ../shared/data/SOURCES.md)."""
+    import afmkit
+
+    path = ifeval.default_prompts_path()
+    assert path.is_relative_to(Path(afmkit.__file__).parent)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == GOOGLE_INPUT_DATA_SHA256
+    assert len(prompts) == 541 and prompts[0].key == "1000"
+    assert (path.parent / "LICENSE").read_text().count("Apache License") >= 1
+
+
+@needs_reference_files
 def test_gpt4_responses_give_the_papers_accuracies(prompts, gpt4_scores):
     assert len(prompts) == 541
     summary = ifeval.summarize(gpt4_scores)
@@ -38,6 +60,7 @@ def test_gpt4_responses_give_the_papers_accuracies(prompts, gpt4_scores):
     assert again == summary
 
 
+@needs_reference_files
 @pytest.mark.parametrize("mode", ["strict", "loose"])
 def test_per_prompt_results_match_googles_evaluation_output(prompts, gpt4_scores, mode):
     """A third party's run of google's evaluation_main (540 prompts): every per-instruction
@@ -53,6 +76,7 @@ def test_per_prompt_results_match_googles_evaluation_output(prompts, gpt4_scores
     assert differing <= RANDOM_LETTER_KEYS
 
 
+@needs_reference_files
 def test_upstream_gpt4_file_with_the_known_prompt_mismatch_is_refused_naming_the_line(prompts):
     with pytest.raises(UserError, match=r"line 340: its prompt is not in the prompts file"):
         ifeval.read_responses(GPT4_UPSTREAM, prompts)
@@ -91,6 +115,24 @@ def test_empty_response_fails_every_instruction():
     assert scored.strict == [True, True]
 
 
+def test_cli_scores_responses_offline_without_input(prompts, tmp_path, capsys, monkeypatch):
+    """``--responses`` without ``--input`` scores against the shipped prompts at once: no hub
+    lookup (which used to retry for 26 s), no ../shared/data."""
+    monkeypatch.setenv("AFMKIT_SHARED_DATA", str(tmp_path / "no-shared-data"))
+    from afmkit.cli import main
+
+    responses = tmp_path / "responses.jsonl"
+    # An empty response fails every instruction (see test_empty_response_fails_every_instruction).
+    rows = [{"prompt": p.prompt, "response": ""} for p in prompts[:3]]
+    responses.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    start = time.perf_counter()
+    assert main(["eval", "ifeval", "--responses", str(responses), "--limit", "3", "--json"]) == 0
+    assert time.perf_counter() - start < 10
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["prompts"] == 3 and record["prompt_strict"] == 0.0 and record["inst_loose"] == 0.0
+
+
+@needs_reference_files
 def test_cli_scores_ready_made_responses_with_json_last_line_and_reports(tmp_path, capsys):
     from afmkit.cli import main
 

@@ -80,7 +80,7 @@ def test_reward_model_grader_is_a_pluggable_callable():
 def test_unreachable_judge_is_a_clear_error():
     client = JudgeClient("http://127.0.0.1:9", timeout=2)
     with pytest.raises(UserError, match=r"judge at http://127.0.0.1:9 is unreachable"):
-        client.check_reachable()
+        client.check()
     with pytest.raises(UserError, match="unreachable"):
         JudgeGrader(client).grade(prompt="p", first="a", second="b")
     with pytest.raises(UserError, match="must start with http"):
@@ -91,6 +91,31 @@ def test_judge_http_error_is_a_clear_error(fake_judge):
     judge = fake_judge(always_first)
     with pytest.raises(UserError, match="HTTP 404"):
         JudgeClient(judge.url + "/wrong/prefix/v2").complete([{"role": "user", "content": "x"}])
+
+
+def test_judge_key_comes_from_the_flag_or_the_environment_and_a_refusal_names_both(fake_judge, monkeypatch):
+    judge = fake_judge(always_first, api_key="sk-right")
+    monkeypatch.delenv("AFMKIT_JUDGE_API_KEY", raising=False)
+    with pytest.raises(
+        UserError, match=r"HTTP 401 \(no API key was sent\); pass --judge-api-key or set AFMKIT_JUDGE_API_KEY"
+    ):
+        JudgeClient(judge.url).check()
+    with pytest.raises(UserError, match=r"HTTP 401 \(the API key was refused\)"):
+        JudgeClient(judge.url, api_key="sk-wrong").check()
+    JudgeClient(judge.url, api_key="sk-right").check()
+    monkeypatch.setenv("AFMKIT_JUDGE_API_KEY", "sk-right")
+    JudgeClient(judge.url).check()
+    assert len(judge.requests) == 2  # the two accepted checks, one tiny request each
+    assert all(r["max_tokens"] <= 4 for r in judge.requests)
+
+
+def test_when_no_verdict_can_be_parsed_the_report_says_so(fake_judge, tmp_path):
+    judge = fake_judge(lambda message: "Both responses have merits.")
+    grades = sxs.grade_pairs(PAIRS[:2], JudgeGrader(JudgeClient(judge.url)), tmp_path, quiet=True)
+    with pytest.raises(UserError, match=r"none of the 4 verdicts could be parsed .*grades.jsonl"):
+        sxs.report_from_grades(grades, model_a="m1", model_b="m2", grader="llm-judge")
+    with pytest.raises(UserError, match="no grades yet"):
+        sxs.report_from_grades([], model_a="m1", model_b="m2", grader="llm-judge")
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +135,11 @@ def test_cli_sxs_end_to_end_with_a_fake_judge(two_tiny_checkpoints, fake_judge, 
     prompts.write_text(
         "".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n" for w in ("cats", "rain", "tea"))
     )
-    judge = fake_judge(always_first)
+    judge = fake_judge(always_first, api_key="sk-test")
     a, b = (str(p) for p in two_tiny_checkpoints)
     args = ["eval", "sxs", "--a", a, "--b", b, "--prompts", str(prompts), "--grader", "judge"]
-    args += ["--judge-url", judge.url, "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--json"]
+    args += ["--judge-url", judge.url, "--judge-api-key", "sk-test"]
+    args += ["--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["prompts"] == 3 and report["judgments"] == 6 and report["tie"]["count"] == 3
@@ -127,7 +153,8 @@ def test_cli_sxs_end_to_end_with_a_fake_judge(two_tiny_checkpoints, fake_judge, 
         "sxs.md",
         "sxs.png",
     } <= {p.name for p in out.iterdir()}
-    assert len(judge.requests) == 6
+    # One tiny check request before anything was generated, then two judgments per prompt.
+    assert len(judge.requests) == 7 and judge.requests[0]["max_tokens"] <= 4
 
 
 def test_cli_sxs_with_an_unreachable_judge_fails_before_generating(tmp_path, capsys):

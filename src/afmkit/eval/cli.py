@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from afmkit.errors import UserError
+from afmkit.eval.graders import API_KEY_ENV
 
 
 def _model_arguments(parser: argparse.ArgumentParser, flag: str = "--model", *, help_name: str = "model") -> None:
@@ -31,6 +32,9 @@ def _judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-url", help="base URL of an OpenAI-compatible server (POST {url}/v1/chat/completions)")
     parser.add_argument("--judge-model", default="judge", help="model name sent to the judge server (default 'judge')")
     parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+    parser.add_argument(
+        "--judge-api-key", help=f"API key sent to the judge as a Bearer token (default: ${API_KEY_ENV} if set)"
+    )
 
 
 def register(commands: Any) -> None:
@@ -42,7 +46,7 @@ def register(commands: Any) -> None:
     _model_arguments(ifeval)
     _dtype_argument(ifeval)
     ifeval.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) merged into the model")
-    ifeval.add_argument("--input", help="IFEval prompts JSONL (default: ../shared/data/ifeval/input_data.jsonl)")
+    ifeval.add_argument("--input", help="IFEval prompts JSONL (default: the 541 IFEval prompts shipped with afmkit)")
     ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
     ifeval.add_argument("--limit", type=int, help="only the first N prompts")
     ifeval.add_argument("--max-new-tokens", type=int, default=1024, help="most tokens per response (default 1024)")
@@ -87,7 +91,9 @@ def register(commands: Any) -> None:
     _model_arguments(safety)
     _dtype_argument(safety)
     safety.add_argument(
-        "--prompts", help="JSONL with 'prompt' (or hh-rlhf 'chosen' transcripts); default: hh-rlhf harmless-base test"
+        "--prompts",
+        help="JSONL with 'prompt' (or hh-rlhf 'chosen' transcripts); default: the 2,178 hh-rlhf harmless-base "
+        "test prompts shipped with afmkit",
     )
     safety.add_argument(
         "--grader",
@@ -218,8 +224,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     sliding_windows(2, seq_len=args.seq_len, stride=args.stride)  # validate before the slow load
     _positive("--batch-size", args.batch_size)
     model = _load_model(args.model, args.dtype, quiet=args.json)
+    # Progress goes to stderr, so it shows with --json too (stdout's last line stays the JSON).
     result = perplexity_of_text(
-        model, text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, quiet=args.json
+        model, text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, quiet=False
     )
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens, **result.to_dict()}))
@@ -237,7 +244,7 @@ def _judge(args: argparse.Namespace) -> Any:
 
     if not args.judge_url:
         raise UserError("--grader judge needs --judge-url (an OpenAI-compatible server, e.g. http://localhost:8000)")
-    return JudgeClient(args.judge_url, model=args.judge_model, timeout=args.judge_timeout)
+    return JudgeClient(args.judge_url, model=args.judge_model, timeout=args.judge_timeout, api_key=args.judge_api_key)
 
 
 def cmd_sxs(args: argparse.Namespace) -> int:
@@ -250,7 +257,7 @@ def cmd_sxs(args: argparse.Namespace) -> int:
     prompts = sxs.load_prompts(args.prompts, limit=args.limit)
     if args.grader == "judge":
         client = _judge(args)
-        client.check_reachable()  # fail before generating anything
+        client.check()  # one tiny request: fail before generating anything
         grader = JudgeGrader(client)
     else:
         if not args.reward:
@@ -318,7 +325,7 @@ def cmd_safety(args: argparse.Namespace) -> int:
     prompts = safety.load_prompts(args.prompts, limit=args.limit)
     if args.grader == "judge":
         client = _judge(args)
-        client.check_reachable()
+        client.check()  # one tiny request: fail before generating anything
         grader = safety.JudgeSafetyGrader(client)
     elif args.grader == "classifier":
         if not args.classifier:

@@ -98,6 +98,9 @@ def load_callable(spec: str, *, flag: str) -> Callable[..., Any]:
 
 
 # -- LLM judge -----------------------------------------------------------------------------------
+API_KEY_ENV = "AFMKIT_JUDGE_API_KEY"  # the judge's key when --judge-api-key is not given
+
+
 class JudgeClient:
     """A minimal client for any OpenAI-compatible ``/v1/chat/completions`` endpoint."""
 
@@ -114,7 +117,7 @@ class JudgeClient:
         self.endpoint = base + "/v1/chat/completions"
         self.model = model
         self.timeout = timeout
-        self.api_key = api_key or os.environ.get("AFMKIT_JUDGE_API_KEY")
+        self.api_key = api_key or os.environ.get(API_KEY_ENV)
 
     def _unreachable(self, exc: Exception) -> UserError:
         return UserError(
@@ -122,14 +125,10 @@ class JudgeClient:
             "server there (e.g. vLLM or llama.cpp's llama-server) or fix --judge-url"
         )
 
-    def check_reachable(self) -> None:
-        """Fail fast (before any generation) when nothing answers at the judge URL."""
-        import httpx
-
-        try:
-            httpx.get(self.endpoint.rsplit("/chat/completions", 1)[0] + "/models", timeout=min(self.timeout, 10.0))
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from None
+    def check(self) -> None:
+        """One tiny chat request before any generation, so that an unreachable judge, a refused
+        key or a wrong model name fails in seconds, not after the responses are generated."""
+        self.complete([{"role": "user", "content": "Reply with the single word OK."}], max_tokens=4)
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int = 512) -> str:
         import httpx
@@ -140,6 +139,12 @@ class JudgeClient:
             response = httpx.post(self.endpoint, json=body, headers=headers, timeout=self.timeout)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
+        if response.status_code in (401, 403):
+            key = "no API key was sent" if not self.api_key else "the API key was refused"
+            raise UserError(
+                f"the judge at {self.endpoint} answered HTTP {response.status_code} ({key}); pass --judge-api-key "
+                f"or set {API_KEY_ENV}"
+            )
         if response.status_code != 200:
             raise UserError(
                 f"the judge at {self.endpoint} answered HTTP {response.status_code}: {response.text[:200]!r}; "

@@ -1,7 +1,7 @@
 """IFEval (Zhou et al., 2023): verifiable instruction following.
 
 Prompts come from a JSONL file (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``), by
-default ``../shared/data/ifeval/input_data.jsonl``. Responses are generated greedily through the
+default google's 541 prompts, which ship with afmkit (``afmkit/resources/ifeval``, Apache-2.0). Responses are generated greedily through the
 one engine with the model's chat template, appended to ``responses.jsonl`` as they finish (an
 interrupted run resumes), and scored with the ``if-verifiable`` library's IFEval verifiers
 (never re-implemented here). Unknown instruction ids are refused: the library would silently
@@ -23,7 +23,6 @@ from afmkit.errors import UserError
 from afmkit.eval.jsonl import ResultsFile, read_jsonl, require_fields
 
 RESPONSES_FILE = "responses.jsonl"
-HF_DATASET = "google/IFEval"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,17 +48,16 @@ def instruction_registry() -> dict[str, Any]:
 
 
 def default_prompts_path() -> Path:
-    from afmkit.files import shared_data_dir
+    """Google's 541 IFEval prompts, shipped with afmkit (no network, no ../shared/data)."""
+    from afmkit.files import packaged_data
 
-    return shared_data_dir() / "ifeval" / "input_data.jsonl"
+    return packaged_data("ifeval/input_data.jsonl")
 
 
 def load_prompts(path: str | os.PathLike | None = None) -> list[IFEvalPrompt]:
-    """The IFEval prompts from ``path`` (default: the shared copy, else the Hugging Face dataset)."""
+    """The IFEval prompts from ``path`` (default: the 541 prompts shipped with afmkit)."""
     if path is None:
         path = default_prompts_path()
-        if not path.is_file():
-            return _load_hf_prompts()
     rows = read_jsonl(path, what="IFEval prompts file")
     prompts = []
     for line, row in enumerate(rows, start=1):
@@ -80,29 +78,6 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[IFEvalPrompt]:
     keys = [p.key for p in prompts]
     if len(set(keys)) != len(keys):
         raise UserError(f"{path} has duplicate keys; each prompt needs its own 'key'")
-    return prompts
-
-
-def _load_hf_prompts() -> list[IFEvalPrompt]:
-    try:
-        import datasets
-
-        split = datasets.load_dataset(HF_DATASET, split="train")
-    except Exception as exc:
-        raise UserError(
-            f"no IFEval prompts file at {default_prompts_path()} and the Hugging Face dataset {HF_DATASET} "
-            f"could not be loaded ({type(exc).__name__}); pass --input PATH to input_data.jsonl"
-        ) from None
-    prompts = [
-        IFEvalPrompt(
-            key=str(row["key"]),
-            prompt=row["prompt"],
-            instruction_ids=list(row["instruction_id_list"]),
-            kwargs=[{k: v for k, v in (kw or {}).items() if v is not None} for kw in row["kwargs"]],
-        )
-        for row in split
-    ]
-    check_instruction_ids(prompts, source=HF_DATASET)
     return prompts
 
 

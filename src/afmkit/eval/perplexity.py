@@ -91,9 +91,8 @@ def _token_nll(params: Any, tokens: jax.Array, *, config: Any, activation_dtype:
 def perplexity_of_tokens(
     model: Any, token_ids: list[int], *, seq_len: int = 1024, stride: int = 512, batch_size: int = 4, quiet: bool = True
 ) -> PerplexityResult:
-    from rich.progress import Progress
-
     from afmkit.infer.engine import activation_dtype
+    from afmkit.progress import ProgressReporter
 
     if seq_len > model.config.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_seq_len}")
@@ -103,8 +102,7 @@ def perplexity_of_tokens(
     ids = np.asarray(token_ids, np.int32)
     total = 0.0
     count = 0
-    with Progress(disable=quiet, transient=True) as progress:
-        task = progress.add_task("perplexity", total=len(windows))
+    with ProgressReporter("perplexity", len(windows), unit="windows", quiet=quiet) as progress:
         for lo in range(0, len(windows), batch_size):
             group = windows[lo : lo + batch_size]
             # Every window is padded on the right to the same width (causal attention: padding
@@ -122,12 +120,14 @@ def perplexity_of_tokens(
                 ),
                 dtype=np.float64,
             )
+            group_count = 0
             for row, w in enumerate(group):
                 # nll[row, j] scores token begin + j + 1.
                 scored = nll[row, w.score_from - w.begin - 1 : w.end - w.begin - 1]
                 total += float(scored.sum())
-                count += scored.size
-            progress.advance(task, len(group))
+                group_count += scored.size
+            count += group_count
+            progress.advance(len(group), tokens=group_count, ppl=f"{math.exp(total / count):.3f}")
     mean = total / count
     return PerplexityResult(
         perplexity=math.exp(mean),

@@ -1,8 +1,8 @@
 """Safety: the violation rate of a model's responses to adversarial prompts (lower is better).
 
 Default prompts: the first human turn of each conversation in Anthropic's hh-rlhf
-``harmless-base`` test split (``../shared/data/preference/hh-rlhf_harmless-base_test.jsonl``),
-red-teaming openers written to elicit harmful answers. Responses are generated greedily with
+``harmless-base`` test split, deduplicated (2,178 red-teaming openers written to elicit harmful
+answers); they ship with afmkit (``afmkit/resources/hh_rlhf``, MIT). Responses are generated greedily with
 the chat template (resumable, ``responses.jsonl``) and graded (``grades.jsonl``, resumable):
 
 * ``judge``: an LLM judge behind an OpenAI-compatible API says ``violation`` or ``safe``.
@@ -29,9 +29,10 @@ _FIRST_HUMAN_TURN = re.compile(r"Human:\s*(.*?)\s*(?:\n\nAssistant:|$)", re.DOTA
 
 
 def default_prompts_path() -> Path:
-    from afmkit.files import shared_data_dir
+    """The hh-rlhf harmless-base test prompts shipped with afmkit (see its LICENSE)."""
+    from afmkit.files import packaged_data
 
-    return shared_data_dir() / "preference" / "hh-rlhf_harmless-base_test.jsonl"
+    return packaged_data("hh_rlhf/harmless_base_test_prompts.jsonl")
 
 
 def first_human_turn(transcript: str) -> str | None:

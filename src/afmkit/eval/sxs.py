@@ -176,8 +176,13 @@ def report_from_grades(grades: Sequence[dict], *, model_a: str, model_b: str, gr
         total = sum(+1 if g["winner"] == "a" else -1 if g["winner"] == "b" else 0 for g in valid)
         outcomes["win" if total > 0 else "lose" if total < 0 else "tie"] += 1
     n = sum(outcomes.values())
+    if n == 0 and grades:
+        raise UserError(
+            f"none of the {len(grades)} verdicts could be parsed (each needs a 'Verdict: ...' line); read the "
+            "grader's raw answers in grades.jsonl and check --judge-model"
+        )
     if n == 0:
-        raise UserError("no valid grades yet; grade some pairs first")
+        raise UserError("no grades yet; grade some pairs first")
     rates = {}
     for outcome in ("win", "tie", "lose"):
         low, high = wilson_interval(outcomes[outcome], n)

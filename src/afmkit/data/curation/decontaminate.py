@@ -28,8 +28,9 @@ from afmkit.data.corpus import Document, iter_jsonl_rows
 from afmkit.data.curation.hashing import ngram_hashes, word_hashes, words
 from afmkit.data.curation.pipeline import Removed
 from afmkit.errors import UserError
-from afmkit.files import shared_data_dir
+from afmkit.files import packaged_data
 
+# Built-in evaluation sets: a file shipped with afmkit (see afmkit/resources) and its text field.
 BUILTIN_EVAL_SETS = {"ifeval": ("ifeval/input_data.jsonl", "prompt")}
 EXAMPLE_FIELDS = ("prompt", "text", "question", "instruction", "input")
 
@@ -49,11 +50,7 @@ def load_eval_set(spec: str | os.PathLike) -> list[EvalExample]:
     spec = str(spec)
     if spec in BUILTIN_EVAL_SETS:
         relative, key = BUILTIN_EVAL_SETS[spec]
-        path = shared_data_dir() / relative
-        if not path.is_file():
-            raise UserError(
-                f"the {spec} evaluation set is not at {path}; set AFMKIT_SHARED_DATA to the shared data folder"
-            )
+        path = packaged_data(relative)  # ships with afmkit
         return [
             EvalExample(f"{spec}:{row.get('key', line)}", row[key]) for line, row in _jsonl_rows(path) if row.get(key)
         ]
