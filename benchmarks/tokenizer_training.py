@@ -25,7 +25,7 @@ def smollm2_tokenizer() -> Tokenizer:
     from gguf import GGUFReader
 
     from afmkit.interop.gguf import read_fields
-    from afmkit.lm import smollm2_gguf_path
+    from afmkit.weights import smollm2_gguf_path
 
     return Tokenizer.from_gguf_fields(read_fields(GGUFReader(smollm2_gguf_path())))
 

@@ -23,7 +23,7 @@ def smollm2() -> afmkit.LanguageModel:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    from afmkit.lm import smollm2_gguf_path
+    from afmkit.weights import smollm2_gguf_path
 
     return smollm2_gguf_path()
 

@@ -92,3 +92,66 @@ def test_generate_with_int4_packed_weights():
     result = afmkit("generate", "--chat", "--prompt", "What is the capital of France?", "--dtype", "int4", "--json")
     assert result.returncode == 0, result.stderr
     assert "Paris" in json.loads(result.stdout)["text"]
+
+
+def test_version():
+    from afmkit import __version__
+
+    result = afmkit("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"afmkit {__version__}"
+
+
+def test_prompt_file_gives_the_same_text_as_prompt(tmp_path):
+    prompt = "The three primary colors are"
+    (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")
+    from_file = afmkit("generate", "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8", "--json")
+    inline = afmkit("generate", "--prompt", prompt, "--max-new-tokens", "8", "--json")
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["tokens"] == json.loads(inline.stdout)["tokens"]
+    _assert_user_error(afmkit("generate", "--prompt-file", str(tmp_path / "none.txt")), "--prompt-file", "no such file")
+
+
+def _parser_for(*command):
+    """The argparse parser of one (sub-)command, found by walking the registered sub-parsers."""
+    import argparse
+
+    from afmkit.cli import build_parser
+
+    parser = build_parser()
+    for name in command:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("command", [("generate",), ("chat",)])
+def test_sampling_flag_defaults_are_sampling_params_defaults(command):
+    """The CLI has no defaults of its own for sampling: they are ``SamplingParams()``'s."""
+    import dataclasses
+
+    from afmkit.infer.sampling import SamplingParams
+
+    defaults = _parser_for(*command).parse_args(["--prompt", "x"] if command == ("generate",) else [])
+    for field in dataclasses.fields(SamplingParams):
+        cli_value = getattr(defaults, field.name)
+        expected = getattr(SamplingParams(), field.name)
+        assert (tuple(cli_value) if field.name == "stop" else cli_value) == expected, field.name
+
+
+def test_every_command_registers_a_run_function():
+    import argparse
+
+    from afmkit.cli import build_parser
+
+    def leaves(parser, path=()):
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers:
+            yield path, parser
+            return
+        for name, child in subparsers[0].choices.items():
+            yield from leaves(child, (*path, name))
+
+    found = dict(leaves(build_parser()))
+    assert {("generate",), ("eval", "ifeval"), ("pretrain",), ("adapter", "train"), ("curate",)} <= set(found)
+    for path, parser in found.items():
+        assert callable(parser.get_default("run")), path

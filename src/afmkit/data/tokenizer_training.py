@@ -226,11 +226,12 @@ def cmd_tokenizer_train(args) -> int:
     return 0
 
 
-def add_tokenizer_parser(commands) -> None:
+def register(commands) -> None:
     """Register ``afmkit tokenizer train`` on the CLI's sub-command set."""
     group = commands.add_parser("tokenizer", help="train tokenizers")
-    actions = group.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    actions = group.add_subparsers(required=True, metavar="ACTION")
     train = actions.add_parser("train", help="train a byte-level BPE tokenizer (digits split, ChatML tokens)")
+    train.set_defaults(run=cmd_tokenizer_train)
     train.add_argument(
         "--data", nargs="+", help="text/JSONL files, directories or globs (default: the Python standard library)"
     )

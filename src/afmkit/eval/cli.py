@@ -12,20 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from afmkit.cli_args import dtype_argument, load_model, model_argument
 from afmkit.errors import UserError
 from afmkit.eval.graders import API_KEY_ENV
-
-
-def _model_arguments(parser: argparse.ArgumentParser, flag: str = "--model", *, help_name: str = "model") -> None:
-    from afmkit.lm import DEFAULT_MODEL
-
-    parser.add_argument(flag, default=DEFAULT_MODEL, help=f"{help_name}: name or path (default {DEFAULT_MODEL})")
-
-
-def _dtype_argument(parser: argparse.ArgumentParser) -> None:
-    from afmkit.cli import dtype_argument
-
-    dtype_argument(parser)
 
 
 def _judge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +29,11 @@ def _judge_arguments(parser: argparse.ArgumentParser) -> None:
 def register(commands: Any) -> None:
     """Add the ``eval`` command group to the top-level sub-command parsers."""
     evaluation = commands.add_parser("eval", help="evaluate models: ifeval, perplexity, sxs, sxs-ui, safety")
-    tasks = evaluation.add_subparsers(dest="eval_command", required=True, metavar="TASK")
+    tasks = evaluation.add_subparsers(required=True, metavar="TASK")
 
     ifeval = tasks.add_parser("ifeval", help="IFEval instruction following (prompt/instruction, strict/loose)")
-    _model_arguments(ifeval)
-    _dtype_argument(ifeval)
+    ifeval.set_defaults(run=cmd_ifeval)
+    model_argument(ifeval)
     ifeval.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) merged into the model")
     ifeval.add_argument("--input", help="IFEval prompts JSONL (default: the 541 IFEval prompts shipped with afmkit)")
     ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
@@ -55,8 +44,8 @@ def register(commands: Any) -> None:
     ifeval.add_argument("--json", action="store_true", help="last line: one JSON object with the four accuracies")
 
     perplexity = tasks.add_parser("perplexity", help="sliding-window token perplexity of a text file")
-    _model_arguments(perplexity)
-    _dtype_argument(perplexity)
+    perplexity.set_defaults(run=cmd_perplexity)
+    model_argument(perplexity)
     perplexity.add_argument("--text", required=True, help="a UTF-8 text file")
     perplexity.add_argument("--max-chars", type=int, help="only the first N characters of the file")
     perplexity.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
@@ -65,9 +54,10 @@ def register(commands: Any) -> None:
     perplexity.add_argument("--json", action="store_true", help='last line: {"perplexity": ..., "tokens": ...}')
 
     sxs = tasks.add_parser("sxs", help="side-by-side: generate from two models, grade both orders, win/tie/lose")
+    sxs.set_defaults(run=cmd_sxs)
     sxs.add_argument("--a", required=True, help="model A: name or path")
     sxs.add_argument("--b", required=True, help="model B: name or path")
-    _dtype_argument(sxs)
+    dtype_argument(sxs)
     sxs.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     sxs.add_argument("--grader", required=True, choices=["judge", "reward"], help="LLM judge or reward model")
     _judge_arguments(sxs)
@@ -79,6 +69,7 @@ def register(commands: Any) -> None:
     sxs.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
 
     ui = tasks.add_parser("sxs-ui", help="grade pairs by hand in a local web page; or print the report")
+    ui.set_defaults(run=cmd_sxs_ui)
     ui.add_argument("--pairs", help="pairs.jsonl written by 'afmkit eval sxs' (key, prompt, a, b)")
     ui.add_argument("--db", required=True, help="SQLite file for the grades (created if missing)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -88,8 +79,8 @@ def register(commands: Any) -> None:
     ui.add_argument("--json", action="store_true", help="with --report: last line is one JSON object")
 
     safety = tasks.add_parser("safety", help="violation rate on adversarial prompts")
-    _model_arguments(safety)
-    _dtype_argument(safety)
+    safety.set_defaults(run=cmd_safety)
+    model_argument(safety)
     safety.add_argument(
         "--prompts",
         help="JSONL with 'prompt' (or hh-rlhf 'chosen' transcripts); default: the 2,178 hh-rlhf harmless-base "
@@ -110,24 +101,9 @@ def register(commands: Any) -> None:
     safety.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    return HANDLERS[args.eval_command](args)
-
-
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UserError(f"{name} must be a positive integer, got {value}")
-
-
-def _load_model(name: str, dtype: str | None, *, quiet: bool) -> Any:
-    from rich.console import Console
-
-    import afmkit
-
-    if quiet:
-        return afmkit.load(name, dtype=dtype)
-    with Console(stderr=True).status(f"loading {name}"):
-        return afmkit.load(name, dtype=dtype)
 
 
 def apply_adapter(model: Any, adapter: str) -> Any:
@@ -169,7 +145,7 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
         if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter {args.adapter}: not an adapter directory (no adapter_config.json)")
         start = time.perf_counter()
-        model = _load_model(args.model, args.dtype, quiet=args.json)
+        model = load_model(args.model, args.dtype, quiet=args.json)
         if args.adapter:
             model = apply_adapter(model, args.adapter)
         results, stats = ifeval.generate(
@@ -223,7 +199,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.text, max_chars=args.max_chars)
     sliding_windows(2, seq_len=args.seq_len, stride=args.stride)  # validate before the slow load
     _positive("--batch-size", args.batch_size)
-    model = _load_model(args.model, args.dtype, quiet=args.json)
+    model = load_model(args.model, args.dtype, quiet=args.json)
     # Progress goes to stderr, so it shows with --json too (stdout's last line stays the JSON).
     result = perplexity_of_text(
         model, text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, quiet=False
@@ -269,7 +245,7 @@ def cmd_sxs(args: argparse.Namespace) -> int:
         check_run_settings(out / f"responses_{side}.jsonl", settings)
         if sxs.responses_complete(out, side, prompts):
             continue
-        model = _load_model(name, args.dtype, quiet=args.json)
+        model = load_model(name, args.dtype, quiet=args.json)
         sxs.generate_side(
             model,
             prompts,
@@ -333,7 +309,7 @@ def cmd_safety(args: argparse.Namespace) -> int:
         grader = safety.ClassifierSafetyGrader(load_callable(args.classifier, flag="--classifier"))
     else:
         grader = safety.RefusalHeuristicGrader()
-    model = _load_model(args.model, args.dtype, quiet=args.json)
+    model = load_model(args.model, args.dtype, quiet=args.json)
     report = safety.run(
         model,
         prompts,
@@ -350,12 +326,3 @@ def cmd_safety(args: argparse.Namespace) -> int:
     else:
         print(safety.format_report(report))
     return 0
-
-
-HANDLERS = {
-    "ifeval": cmd_ifeval,
-    "perplexity": cmd_perplexity,
-    "sxs": cmd_sxs,
-    "sxs-ui": cmd_sxs_ui,
-    "safety": cmd_safety,
-}

@@ -21,7 +21,7 @@ LANGUAGE = "english"
 
 
 def nltk_data_dir() -> Path:
-    from afmkit.lm import cache_dir
+    from afmkit.runtime import cache_dir
 
     return cache_dir() / "nltk_data"
 

@@ -8,8 +8,9 @@ import json
 from afmkit.errors import UserError
 
 
-def add_parsers(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("pretrain", help="pre-train a model size on a corpus (sharded, checkpointed)")
+    p.set_defaults(run=cmd_pretrain)
     p.add_argument("--model", default="afm-tiny", help="model size from the registry (default afm-tiny)")
     p.add_argument(
         "--tokenizer",
@@ -56,6 +57,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
     s = commands.add_parser("shard-plan", help="each weight's partition spec and per-device memory on a mesh")
+    s.set_defaults(run=cmd_shard_plan)
     s.add_argument("--model", required=True, help="model size from the registry")
     s.add_argument("--mesh", required=True, help="mesh spec, e.g. fsdp=-1,tensor=8")
     s.add_argument("--devices", type=int, help="simulate this many devices (default: the devices present)")

@@ -95,7 +95,7 @@ class PretrainConfig:
 def load_tokenizer(name_or_path: str):
     """A tokenizer by model name (its tokenizer only, no weights) or from a directory/GGUF file."""
     from afmkit.data.tokenizer import Tokenizer
-    from afmkit.lm import NAMED_WEIGHTS, known_models
+    from afmkit.weights import NAMED_WEIGHTS, known_models
 
     path = NAMED_WEIGHTS[name_or_path]() if name_or_path in NAMED_WEIGHTS else Path(name_or_path).expanduser()
     if path.is_dir():
@@ -151,7 +151,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from afmkit.data.corpus import read_documents
     from afmkit.data.loader import PackedLoader
     from afmkit.data.packing import tokenize_documents
-    from afmkit.lm import cache_dir, enable_compilation_cache
+    from afmkit.runtime import cache_dir, enable_compilation_cache
     from afmkit.sharding.mesh import describe, make_mesh
     from afmkit.sharding.plan import param_specs
     from afmkit.train import hooks as hooks_lib

@@ -14,8 +14,9 @@ from pathlib import Path
 from afmkit.errors import UserError
 
 
-def add_curate_parser(commands) -> None:
+def register(commands) -> None:
     curate = commands.add_parser("curate", help="deduplicate, filter, scrub PII and decontaminate a corpus")
+    curate.set_defaults(run=cmd_curate)
     curate.add_argument(
         "--data", nargs="+", help="text/JSONL files, directories or globs (default: the Python standard library)"
     )

