@@ -11,8 +11,10 @@ copy them; it does not learn to paraphrase.
     python examples/summarize/make_data.py --out examples/summarize/data
 
 writes train.jsonl (the last 10% serve as held-out data in ``afmkit adapter train``) in the
-``{"messages": [...]}`` format. LIMA is CC BY-NC-SA (non-commercial), so the derived files are
-not committed; this script rebuilds them in a second.
+``{"messages": [...]}`` format. LIMA is CC BY-NC-SA (NON-COMMERCIAL): it never ships with afmkit,
+the derived files are not committed (this script rebuilds them in a second), and an adapter
+trained on them inherits the non-commercial terms. LIMA is read from the shared data folder
+(``$AFMKIT_SHARED_DATA``, else ``../shared/data`` beside the repository).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -69,8 +72,15 @@ def central_sentences(parts: list[str], k: int) -> list[str]:
     return [parts[i] for i in best]
 
 
+LIMA_NOTICE = "LIMA is CC BY-NC-SA 4.0 (non-commercial); data and adapters derived from it are for non-commercial use"
+
+
+def lima_path() -> Path:
+    return shared_data_dir() / "sft" / "lima_llamafactory.json"
+
+
 def build(limit: int, seed: int) -> list[dict]:
-    lima = json.loads((shared_data_dir() / "sft" / "lima_llamafactory.json").read_text())
+    lima = json.loads(lima_path().read_text())
     seen, rows = set(), []
     for item in lima:
         for paragraph in re.split(r"\n\s*\n", item["output"]):
@@ -98,6 +108,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not lima_path().is_file():
+        sys.exit(
+            f"make_data.py: LIMA is not at {lima_path()} (it never ships with afmkit: non-commercial licence); "
+            "set AFMKIT_SHARED_DATA to the folder holding sft/lima_llamafactory.json"
+        )
+    print(f"note: {LIMA_NOTICE}", file=sys.stderr)
     rows = build(args.limit, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
