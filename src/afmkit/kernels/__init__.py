@@ -59,6 +59,7 @@ def build(compiler: str) -> Path:
         "-O3",
         "-march=native",
         "-std=c++17",
+        "-ffp-contract=off",  # a * b + c rounds twice wherever it is written (see cpu_kernels.cc)
         "-shared",
         "-fPIC",
         *os.environ.get("AFMKIT_KERNEL_FLAGS", "").split(),

@@ -71,19 +71,39 @@ struct Problem {
   const float* x_block_sums;  // fp32 sum of x over each block of 32, [M, K / 32]
 };
 
+// Each path below has a row kernel (tile_*: R rows against one tile, the weights expanded from
+// the codes in registers, for every R rows) and, for many rows (prefill), a way to expand a tile's
+// weights once into a thread-local buffer and run the rows over that (see run_group). The
+// expanded values and the order of every sum are the row kernel's, so a row gives the same bits
+// whichever way its batch went.
+
 // Portable version (CPUs without AVX-512 or AVX2, e.g. ARM): the same arithmetic and summation order as
 // the AVX-512 fp32 path, written as loops over the 16 outputs of a tile that the compiler
-// vectorizes for whatever -march=native offers.
+// vectorizes for whatever -march=native offers (-ffp-contract=off: q * d + m rounds twice wherever
+// it is written, so expanded and in-place weights are equal).
+inline void weights_portable(const Problem& p, const uint8_t* pb, const float* d, const float* m, float* w_even,
+                             float* w_odd) {
+  for (int j = 0; j < kTile; ++j) {
+    const int even = p.bits == 4 ? pb[j] & 15 : static_cast<int8_t>(pb[j]);
+    const int odd = p.bits == 4 ? pb[j] >> 4 : static_cast<int8_t>(pb[kTile + j]);
+    w_even[j] = static_cast<float>(even) * d[j] + m[j];
+    w_odd[j] = static_cast<float>(odd) * d[j] + m[j];
+  }
+}
+
+// expanded (or nullptr): the tile's weights, [K / 2 pairs][even, odd][16] fp32 (expand_portable).
 template <int R>
-void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
+void tile_portable(const Problem& p, int64_t tile, int64_t row0, const float* expanded) {
   const int64_t blocks = p.k / kBlock, pair_bytes = p.bits == 4 ? 16 : 32;
   float acc[R][2][kTile] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
     float d[kTile], m[kTile];
-    for (int j = 0; j < kTile; ++j) {
-      d[j] = half_to_float(sc[j]);
-      m[j] = half_to_float(sc[kTile + j]);
+    if (expanded == nullptr) {
+      for (int j = 0; j < kTile; ++j) {
+        d[j] = half_to_float(sc[j]);
+        m[j] = half_to_float(sc[kTile + j]);
+      }
     }
     // This block's x, copied: reading x in place, GCC 12 vectorizes the row loop below into
     // loads that run past the end of x (caught by valgrind); a padded local copy is safe.
@@ -91,13 +111,13 @@ void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
     for (int r = 0; r < R; ++r) std::memcpy(xs[r], p.x + (row0 + r) * p.k + b * kBlock, sizeof(float) * kBlock);
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     for (int pair = 0; pair < kPairs; ++pair) {
-      const uint8_t* pb = codes + pair * pair_bytes;
-      float w_even[kTile], w_odd[kTile];
-      for (int j = 0; j < kTile; ++j) {
-        const int even = p.bits == 4 ? pb[j] & 15 : static_cast<int8_t>(pb[j]);
-        const int odd = p.bits == 4 ? pb[j] >> 4 : static_cast<int8_t>(pb[kTile + j]);
-        w_even[j] = static_cast<float>(even) * d[j] + m[j];
-        w_odd[j] = static_cast<float>(odd) * d[j] + m[j];
+      float own_even[kTile], own_odd[kTile];
+      const float *w_even = own_even, *w_odd = own_odd;
+      if (expanded != nullptr) {
+        w_even = expanded + (b * kPairs + pair) * 2 * kTile;
+        w_odd = w_even + kTile;
+      } else {
+        weights_portable(p, codes + pair * pair_bytes, d, m, own_even, own_odd);
       }
       for (int r = 0; r < R; ++r) {
         const float* xr = xs[r] + 2 * pair;
@@ -112,49 +132,81 @@ void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
     for (int j = 0; j < kTile; ++j) p.y[(row0 + r) * p.n + tile * kTile + j] = acc[r][0][j] + acc[r][1][j];
 }
 
-[[maybe_unused]] void tile_rows_portable(const Problem& p, int64_t tile) {
+[[maybe_unused]] void tile_rows_portable(const Problem& p, int64_t tile, const float* expanded) {
   int64_t r = 0;
-  for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, tile, r);
-  for (; r < p.m; ++r) tile_portable<1>(p, tile, r);
+  for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, tile, r, expanded);
+  for (; r < p.m; ++r) tile_portable<1>(p, tile, r, expanded);
+}
+
+[[maybe_unused]] void expand_portable(const Problem& p, int64_t tile, float* out) {
+  const int64_t blocks = p.k / kBlock, pair_bytes = p.bits == 4 ? 16 : 32;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
+    float d[kTile], m[kTile];
+    for (int j = 0; j < kTile; ++j) {
+      d[j] = half_to_float(sc[j]);
+      m[j] = half_to_float(sc[kTile + j]);
+    }
+    const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      float* w = out + (b * kPairs + pair) * 2 * kTile;
+      weights_portable(p, codes + pair * pair_bytes, d, m, w, w + kTile);
+    }
+  }
 }
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // AVX2 (8 lanes): the AVX-512 fp32 path with each tile in two halves, outputs 0-7 and 8-15. Same
 // summation order per row (even and odd k apart, added at the end) whatever R.
+// One pair's weights: [even k, outputs 0-7], [even, 8-15], [odd, 0-7], [odd, 8-15].
+template <int Bits>
+inline void weights_avx2(const uint8_t* pb, __m256 d0, __m256 d1, __m256 m0, __m256 m1, __m256* w) {
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256i q[4];
+  if constexpr (Bits == 4) {
+    const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb)));
+    const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 8)));
+    q[0] = _mm256_and_si256(v0, nibble);
+    q[1] = _mm256_and_si256(v1, nibble);
+    q[2] = _mm256_srli_epi32(v0, 4);
+    q[3] = _mm256_srli_epi32(v1, 4);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 8 * i)));
+  }
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[0]), d0, m0);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[1]), d1, m1);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), d0, m0);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), d1, m1);
+}
+
+inline void scales_avx2(const uint16_t* sc, __m256& d0, __m256& d1, __m256& m0, __m256& m1) {
+  d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+  d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8)));
+  m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile)));
+  m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile + 8)));
+}
+
+// expanded (or nullptr): the tile's weights, [K / 2 pairs][4][8] fp32 (expand_avx2).
 template <int R, int Bits>
-void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
+void tile_avx2(const Problem& p, int64_t tile, int64_t row0, const float* expanded) {
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
   const int64_t blocks = p.k / kBlock;
-  const __m256i nibble = _mm256_set1_epi32(15);
-  __m256 acc[R][4];  // [even k, outputs 0-7], [even, 8-15], [odd, 0-7], [odd, 8-15]
+  __m256 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
-    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 8)));
-    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile)));
-    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile + 8)));
+    __m256 d0, d1, m0, m1;
+    if (expanded == nullptr) scales_avx2(p.scales + (tile * blocks + b) * 2 * kTile, d0, d1, m0, m1);
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     const float* xb = p.x + row0 * p.k + b * kBlock;
     for (int pair = 0; pair < kPairs; ++pair) {
-      const uint8_t* pb = codes + pair * pair_bytes;
-      __m256i q[4];
-      if constexpr (Bits == 4) {
-        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb)));
-        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 8)));
-        q[0] = _mm256_and_si256(v0, nibble);
-        q[1] = _mm256_and_si256(v1, nibble);
-        q[2] = _mm256_srli_epi32(v0, 4);
-        q[3] = _mm256_srli_epi32(v1, 4);
+      __m256 w[4];
+      if (expanded != nullptr) {
+        for (int i = 0; i < 4; ++i) w[i] = _mm256_loadu_ps(expanded + ((b * kPairs + pair) * 4 + i) * 8);
       } else {
-        for (int i = 0; i < 4; ++i)
-          q[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(pb + 8 * i)));
+        weights_avx2<Bits>(codes + pair * pair_bytes, d0, d1, m0, m1, w);
       }
-      const __m256 w[4] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(q[0]), d0, m0),
-                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[1]), d1, m1),
-                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), d0, m0),
-                           _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), d1, m1)};
       for (int r = 0; r < R; ++r) {
         const __m256 x_even = _mm256_broadcast_ss(xb + r * p.k + 2 * pair);
         const __m256 x_odd = _mm256_broadcast_ss(xb + r * p.k + 2 * pair + 1);
@@ -171,9 +223,48 @@ void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
     _mm256_storeu_ps(y + 8, _mm256_add_ps(acc[r][1], acc[r][3]));
   }
 }
+
+template <int Bits>
+void tile_rows_avx2(const Problem& p, int64_t tile, const float* expanded) {
+  int64_t r = 0;
+  for (; r + 2 <= p.m; r += 2) tile_avx2<2, Bits>(p, tile, r, expanded);
+  if (r < p.m) tile_avx2<1, Bits>(p, tile, r, expanded);
+}
+
+template <int Bits>
+void expand_avx2(const Problem& p, int64_t tile, float* out) {
+  constexpr int pair_bytes = Bits == 4 ? 16 : 32;
+  const int64_t blocks = p.k / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 d0, d1, m0, m1;
+    scales_avx2(p.scales + (tile * blocks + b) * 2 * kTile, d0, d1, m0, m1);
+    const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      __m256 w[4];
+      weights_avx2<Bits>(codes + pair * pair_bytes, d0, d1, m0, m1, w);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + ((b * kPairs + pair) * 4 + i) * 8, w[i]);
+    }
+  }
+}
 #endif
 
 #if defined(__AVX512F__)
+// One pair's weights of a tile's 16 outputs, at k and k + 1.
+template <int Bits>
+inline void weights_avx512(const uint8_t* pair_codes, __m512 d, __m512 m, __m512& w_even, __m512& w_odd) {
+  __m512i even, odd;
+  if constexpr (Bits == 4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes)));
+    even = _mm512_and_si512(v, _mm512_set1_epi32(15));
+    odd = _mm512_srli_epi32(v, 4);
+  } else {
+    even = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes)));
+    odd = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes + 16)));
+  }
+  w_even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), d, m);
+  w_odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), d, m);
+}
+
 // R rows of x against one tile: each pair of k is dequantized once, into two vectors of the 16
 // outputs' weights (at k and k + 1), and used by every row. Even and odd k accumulate separately
 // (two FMA chains hide the FMA latency when there are few rows); every row is summed in the same
@@ -183,7 +274,6 @@ void tile_avx512(const Problem& p, int64_t tile, int64_t row0) {
   constexpr int kChains = 2;
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
   const int64_t blocks = p.k / kBlock;
-  const __m512i nibble = _mm512_set1_epi32(15);
   __m512 acc[R][kChains];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -194,17 +284,8 @@ void tile_avx512(const Problem& p, int64_t tile, int64_t row0) {
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     const float* xb = p.x + row0 * p.k + b * kBlock;
     for (int pair = 0; pair < kPairs; ++pair) {
-      __m512i even, odd;
-      if constexpr (Bits == 4) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 16)));
-        even = _mm512_and_si512(v, nibble);
-        odd = _mm512_srli_epi32(v, 4);
-      } else {
-        even = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32)));
-        odd = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32 + 16)));
-      }
-      const __m512 w_even = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), d, m);
-      const __m512 w_odd = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), d, m);
+      __m512 w_even, w_odd;
+      weights_avx512<Bits>(codes + pair * pair_bytes, d, m, w_even, w_odd);
       for (int r = 0; r < R; ++r) {
         const float* xr = xb + r * p.k + 2 * pair;
         acc[r][0] = _mm512_fmadd_ps(w_even, _mm512_set1_ps(xr[0]), acc[r][0]);
@@ -217,32 +298,130 @@ void tile_avx512(const Problem& p, int64_t tile, int64_t row0) {
   }
 }
 
+template <int Bits>
+void tile_rows_avx512(const Problem& p, int64_t tile) {
+  int64_t r = 0;
+  for (; r + 8 <= p.m; r += 8) tile_avx512<8, Bits>(p, tile, r);
+  if (p.m - r >= 4) { tile_avx512<4, Bits>(p, tile, r); r += 4; }
+  if (p.m - r >= 2) { tile_avx512<2, Bits>(p, tile, r); r += 2; }
+  if (p.m - r >= 1) tile_avx512<1, Bits>(p, tile, r);
+}
+
+// Prefill, fp32: a group of T tiles expanded to [K / 2 pairs][T][even, odd][16] fp32, then R rows
+// by T tiles at a time (2 R T accumulators in registers, each broadcast of x used T times). The
+// same chains and order as tile_avx512.
+template <int Bits>
+void expand_avx512(const Problem& p, int64_t tile0, int tiles, float* out) {
+  constexpr int pair_bytes = Bits == 4 ? 16 : 32;
+  const int64_t blocks = p.k / kBlock;
+  for (int t = 0; t < tiles; ++t) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t tb = (tile0 + t) * blocks + b;
+      const uint16_t* sc = p.scales + tb * 2 * kTile;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + kTile)));
+      const uint8_t* codes = p.packed + tb * kPairs * pair_bytes;
+      for (int pair = 0; pair < kPairs; ++pair) {
+        __m512 w_even, w_odd;
+        weights_avx512<Bits>(codes + pair * pair_bytes, d, m, w_even, w_odd);
+        float* w = out + ((b * kPairs + pair) * tiles + t) * 2 * kTile;
+        _mm512_storeu_ps(w, w_even);
+        _mm512_storeu_ps(w + kTile, w_odd);
+      }
+    }
+  }
+}
+
+template <int R, int T>
+void gemm_avx512(const Problem& p, const float* expanded, int64_t tile0, int64_t row0) {
+  const int64_t pairs = p.k / 2;
+  __m512 acc[R][T][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+  const float* xr0 = p.x + row0 * p.k;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    __m512 w[T][2];
+    for (int t = 0; t < T; ++t) {
+      w[t][0] = _mm512_loadu_ps(expanded + (pair * T + t) * 2 * kTile);
+      w[t][1] = _mm512_loadu_ps(expanded + (pair * T + t) * 2 * kTile + kTile);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 x_even = _mm512_set1_ps(xr0[r * p.k + 2 * pair]);
+      const __m512 x_odd = _mm512_set1_ps(xr0[r * p.k + 2 * pair + 1]);
+      for (int t = 0; t < T; ++t) {
+        acc[r][t][0] = _mm512_fmadd_ps(w[t][0], x_even, acc[r][t][0]);
+        acc[r][t][1] = _mm512_fmadd_ps(w[t][1], x_odd, acc[r][t][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+}
+
+template <int T>
+void gemm_rows_avx512(const Problem& p, const float* expanded, int64_t tile0) {
+  constexpr int R = 3;  // 2 R T = 18 accumulators, 2 T weights and 2 broadcasts: 26 of 32 registers
+  int64_t r = 0;
+  for (; r + R <= p.m; r += R) gemm_avx512<R, T>(p, expanded, tile0, r);
+  if (p.m - r == 2) gemm_avx512<2, T>(p, expanded, tile0, r);
+  if (p.m - r == 1) gemm_avx512<1, T>(p, expanded, tile0, r);
+}
+
 #if defined(__AVX512BF16__)
 // Many rows (prefill): bf16 dot products, twice the multiply-adds of fp32 FMAs per instruction.
 // The codes are small integers, exact in bf16, and the scale and offset are applied in fp32 per
 // block, so only x is rounded (to bf16, 8 bits of mantissa): y = sum_b d_b (q_b . x_b) + m_b sum(x_b)
 // (4-bit codes centred: q - 8, with m + 8 d).
-// Lane j of a code vector holds output j's codes for (k, k + 1), as the bf16 pair a dot product
-// with the broadcast pair (x[k], x[k + 1]) wants.
+struct Bf16Codes {
+  __m512i table, interleave, low_nibble, high_nibble;
+  Bf16Codes() {
+    // bf16 bit patterns of the 4-bit codes minus 8, looked up by vpermw
+    alignas(64) uint16_t small[32] = {};
+    for (int i = 0; i < 16; ++i) {
+      const float f = static_cast<float>(i - 8);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      small[i] = static_cast<uint16_t>(bits >> 16);
+    }
+    table = _mm512_load_si512(small);
+    interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
+                                   0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001a000a, 0x001b000b,
+                                   0x001c000c, 0x001d000d, 0x001e000e, 0x001f000f);
+    low_nibble = _mm512_set1_epi32(0x0f);
+    high_nibble = _mm512_set1_epi32(0xf0);
+  }
+  // The code vector of one pair of k (its pair_bytes bytes of one tile).
+  template <int Bits>
+  __m512i operator()(const uint8_t* pair_codes) const {
+    if constexpr (Bits == 4) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes)));
+      const __m512i index =
+          _mm512_or_si512(_mm512_and_si512(v, low_nibble), _mm512_slli_epi32(_mm512_and_si512(v, high_nibble), 12));
+      return _mm512_permutexvar_epi16(index, table);
+    } else {
+      const __m512 even =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes))));
+      const __m512 odd = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair_codes + 16))));
+      return _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even)));
+    }
+  }
+};
+
+// A block's scale d and offset m of one tile's 16 outputs, fp32 (4-bit: m + 8d, for centred codes).
+template <int Bits>
+inline void block_scales_bf16(const uint16_t* sc, __m512& d, __m512& m) {
+  d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+  m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + kTile)));
+  if constexpr (Bits == 4) m = _mm512_fmadd_ps(d, _mm512_set1_ps(8.0f), m);
+}
+
 template <int R, int Bits>
 void tile_bf16(const Problem& p, int64_t tile, int64_t row0) {
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
   const int64_t blocks = p.k / kBlock;
-  // bf16 bit patterns of the 4-bit codes minus 8, looked up by vpermw: centred codes halve the
-  // products' magnitude, so rounding x costs half as much (the offset absorbs the 8: m + 8d).
-  alignas(64) uint16_t small[32] = {};
-  for (int i = 0; i < 16; ++i) {
-    const float f = static_cast<float>(i - 8);
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    small[i] = static_cast<uint16_t>(bits >> 16);
-  }
-  const __m512i table = _mm512_load_si512(small);
-  const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004,
-                                               0x00150005, 0x00160006, 0x00170007, 0x00180008, 0x00190009,
-                                               0x001a000a, 0x001b000b, 0x001c000c, 0x001d000d, 0x001e000e,
-                                               0x001f000f);
-  const __m512i low_nibble = _mm512_set1_epi32(0x0f), high_nibble = _mm512_set1_epi32(0xf0);
+  const Bf16Codes expand;
   alignas(64) float total[R][kTile] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
@@ -250,30 +429,16 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t row0) {
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint16_t* xb = p.x_bf16 + row0 * p.k + b * kBlock;
     for (int pair = 0; pair < kPairs; ++pair) {
-      __m512i w;
-      if constexpr (Bits == 4) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 16)));
-        const __m512i index = _mm512_or_si512(_mm512_and_si512(v, low_nibble),
-                                              _mm512_slli_epi32(_mm512_and_si512(v, high_nibble), 12));
-        w = _mm512_permutexvar_epi16(index, table);
-      } else {
-        const __m512 even = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32))));
-        const __m512 odd = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + pair * 32 + 16))));
-        w = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even)));
-      }
-      for (int r = 0; r < R; ++r) {
+      const __m512i w = expand.template operator()<Bits>(codes + pair * pair_bytes);
+    for (int r = 0; r < R; ++r) {
         uint32_t x_pair;
         std::memcpy(&x_pair, xb + r * p.k + 2 * pair, 4);
         acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(w),
                                   reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x_pair))));
       }
     }
-    const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + kTile)));
-    if constexpr (Bits == 4) m = _mm512_fmadd_ps(d, _mm512_set1_ps(8.0f), m);
+    __m512 d, m;
+    block_scales_bf16<Bits>(p.scales + (tile * blocks + b) * 2 * kTile, d, m);
     for (int r = 0; r < R; ++r) {
       __m512 t = _mm512_fmadd_ps(acc[r], d, _mm512_load_ps(total[r]));
       t = _mm512_fmadd_ps(m, _mm512_set1_ps(p.x_block_sums[(row0 + r) * blocks + b]), t);
@@ -292,17 +457,95 @@ void tile_rows_bf16(const Problem& p, int64_t tile) {
   if (p.m - r >= 2) { tile_bf16<2, Bits>(p, tile, r); r += 2; }
   if (p.m - r >= 1) tile_bf16<1, Bits>(p, tile, r);
 }
-#endif
 
+// Prefill, bf16: a group of T tiles expanded to code vectors [K / 32 blocks][16 pairs][T][32 bf16]
+// and fp32 scales [K / 32][T][d, m][16], then R rows by T tiles at a time (R T block sums and R T
+// totals in registers). The same products and order as tile_bf16.
 template <int Bits>
-void tile_rows_avx512(const Problem& p, int64_t tile) {
+void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* codes_out, float* scales_out) {
+  constexpr int pair_bytes = Bits == 4 ? 16 : 32;
+  const int64_t blocks = p.k / kBlock;
+  const Bf16Codes expand;
+  for (int t = 0; t < tiles; ++t) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t tb = (tile0 + t) * blocks + b;
+      __m512 d, m;
+      block_scales_bf16<Bits>(p.scales + tb * 2 * kTile, d, m);
+      _mm512_storeu_ps(scales_out + (b * tiles + t) * 2 * kTile, d);
+      _mm512_storeu_ps(scales_out + (b * tiles + t) * 2 * kTile + kTile, m);
+      const uint8_t* codes = p.packed + tb * kPairs * pair_bytes;
+      for (int pair = 0; pair < kPairs; ++pair)
+        _mm512_storeu_si512(codes_out + ((b * kPairs + pair) * tiles + t) * 2 * kTile,
+                            expand.template operator()<Bits>(codes + pair * pair_bytes));
+    }
+  }
+}
+
+template <int R, int T>
+void gemm_bf16(const Problem& p, const uint16_t* codes, const float* scales, int64_t tile0, int64_t row0) {
+  const int64_t blocks = p.k / kBlock;
+  __m512 total[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    const uint16_t* cb = codes + b * kPairs * T * 2 * kTile;
+    const uint16_t* xb = p.x_bf16 + row0 * p.k + b * kBlock;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      __m512i w[T];
+      for (int t = 0; t < T; ++t) w[t] = _mm512_loadu_si512(cb + (pair * T + t) * 2 * kTile);
+      for (int r = 0; r < R; ++r) {
+        uint32_t x_pair;
+        std::memcpy(&x_pair, xb + r * p.k + 2 * pair, 4);
+        const __m512i x = _mm512_set1_epi32(static_cast<int>(x_pair));
+        for (int t = 0; t < T; ++t)
+          acc[r][t] = _mm512_dpbf16_ps(acc[r][t], reinterpret_cast<__m512bh>(w[t]), reinterpret_cast<__m512bh>(x));
+      }
+    }
+    const float* sb = scales + b * T * 2 * kTile;
+    for (int t = 0; t < T; ++t) {
+      const __m512 d = _mm512_loadu_ps(sb + t * 2 * kTile), m = _mm512_loadu_ps(sb + t * 2 * kTile + kTile);
+      for (int r = 0; r < R; ++r) {
+        total[r][t] = _mm512_fmadd_ps(acc[r][t], d, total[r][t]);
+        total[r][t] = _mm512_fmadd_ps(m, _mm512_set1_ps(p.x_block_sums[(row0 + r) * blocks + b]), total[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, total[r][t]);
+}
+
+template <int T>
+void gemm_rows_bf16(const Problem& p, const uint16_t* codes, const float* scales, int64_t tile0) {
+  constexpr int R = 4;  // 2 R T = 24 accumulators, T code vectors and a broadcast: 28 of 32 registers
   int64_t r = 0;
-  for (; r + 8 <= p.m; r += 8) tile_avx512<8, Bits>(p, tile, r);
-  if (p.m - r >= 4) { tile_avx512<4, Bits>(p, tile, r); r += 4; }
-  if (p.m - r >= 2) { tile_avx512<2, Bits>(p, tile, r); r += 2; }
-  if (p.m - r >= 1) tile_avx512<1, Bits>(p, tile, r);
+  for (; r + R <= p.m; r += R) gemm_bf16<R, T>(p, codes, scales, tile0, r);
+  if (p.m - r == 3) gemm_bf16<3, T>(p, codes, scales, tile0, r);
+  if (p.m - r == 2) gemm_bf16<2, T>(p, codes, scales, tile0, r);
+  if (p.m - r == 1) gemm_bf16<1, T>(p, codes, scales, tile0, r);
 }
 #endif
+#endif
+
+// Tiles per work item: T above (the AVX-512 paths block over tiles; AVX2 and portable do one).
+#if defined(__AVX512F__)
+constexpr int64_t kGroup = 3;
+#else
+constexpr int64_t kGroup = 1;
+#endif
+// From this many rows on, a tile's weights are expanded once into a buffer (run_group) instead of
+// in registers for every few rows (run_tile): both give the same bits, this is only speed.
+constexpr int64_t kExpandRows = 16;
+
+// The buffer run_group expands into, one per thread (prefill of a K = 1536 matrix: 300 KB).
+template <typename T>
+T* scratch(size_t elements) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < elements) buffer.resize(elements);
+  return buffer.data();
+}
 
 void run_tile(const Problem& p, int64_t tile) {
 #if defined(__AVX512BF16__)
@@ -315,11 +558,46 @@ void run_tile(const Problem& p, int64_t tile) {
   if (p.bits == 4) return tile_rows_avx512<4>(p, tile);
   return tile_rows_avx512<8>(p, tile);
 #elif defined(__AVX2__) && defined(__FMA__)
-  int64_t r = 0;
-  for (; r + 2 <= p.m; r += 2) p.bits == 4 ? tile_avx2<2, 4>(p, tile, r) : tile_avx2<2, 8>(p, tile, r);
-  if (r < p.m) p.bits == 4 ? tile_avx2<1, 4>(p, tile, r) : tile_avx2<1, 8>(p, tile, r);
+  if (p.bits == 4) return tile_rows_avx2<4>(p, tile, nullptr);
+  return tile_rows_avx2<8>(p, tile, nullptr);
 #else
-  tile_rows_portable(p, tile);
+  tile_rows_portable(p, tile, nullptr);
+#endif
+}
+
+// Work item `group`: tiles [group * kGroup, + kGroup) of the output, for every row of x.
+void run_group(const Problem& p, int64_t group) {
+  const int64_t tile0 = group * kGroup;
+  const int tiles = static_cast<int>(std::min<int64_t>(kGroup, p.n / kTile - tile0));
+#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+  if (p.x_bf16 != nullptr) {
+    uint16_t* codes = scratch<uint16_t>(p.k / 2 * tiles * 2 * kTile);
+    float* scales = scratch<float>(p.k / kBlock * tiles * 2 * kTile);
+    p.bits == 4 ? expand_bf16<4>(p, tile0, tiles, codes, scales) : expand_bf16<8>(p, tile0, tiles, codes, scales);
+    if (tiles == 3) return gemm_rows_bf16<3>(p, codes, scales, tile0);
+    if (tiles == 2) return gemm_rows_bf16<2>(p, codes, scales, tile0);
+    return gemm_rows_bf16<1>(p, codes, scales, tile0);
+  }
+#endif
+  float* expanded = scratch<float>(p.k * tiles * kTile);
+  p.bits == 4 ? expand_avx512<4>(p, tile0, tiles, expanded) : expand_avx512<8>(p, tile0, tiles, expanded);
+  if (tiles == 3) return gemm_rows_avx512<3>(p, expanded, tile0);
+  if (tiles == 2) return gemm_rows_avx512<2>(p, expanded, tile0);
+  return gemm_rows_avx512<1>(p, expanded, tile0);
+#elif defined(__AVX2__) && defined(__FMA__)
+  float* expanded = scratch<float>(p.k * kTile);
+  if (p.bits == 4) {
+    expand_avx2<4>(p, tile0, expanded);
+    return tile_rows_avx2<4>(p, tile0, expanded);
+  }
+  expand_avx2<8>(p, tile0, expanded);
+  tile_rows_avx2<8>(p, tile0, expanded);
+#else
+  (void)tiles;
+  float* expanded = scratch<float>(p.k * kTile);
+  expand_portable(p, tile0, expanded);
+  tile_rows_portable(p, tile0, expanded);
 #endif
 }
 
@@ -406,8 +684,14 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const Problem problem{x.typed_data(), packed.typed_data(), reinterpret_cast<const uint16_t*>(scales.typed_data()),
                         y->typed_data(), m, k, tiles * kTile, bits,
                         x_bf16.empty() ? nullptr : x_bf16.data(), sums.empty() ? nullptr : sums.data()};
-  parallel_for(
-      pool, tiles, [](const void* c, int64_t tile) { run_tile(*static_cast<const Problem*>(c), tile); }, &problem);
+  if (m >= kExpandRows) {
+    parallel_for(
+        pool, (tiles + kGroup - 1) / kGroup,
+        [](const void* c, int64_t group) { run_group(*static_cast<const Problem*>(c), group); }, &problem);
+  } else {
+    parallel_for(
+        pool, tiles, [](const void* c, int64_t tile) { run_tile(*static_cast<const Problem*>(c), tile); }, &problem);
+  }
   return ffi::Error::Success();
 }
 
