@@ -19,7 +19,6 @@ Three ways to apply adapters, all through the one ``forward``:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -93,16 +92,20 @@ class LoraAdapter:
         return dataclasses.replace(self, weights=jax.tree.map(lambda x: jnp.asarray(x, dtype), self.weights))
 
 
-@functools.lru_cache(maxsize=64)
-def _weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def lora_shape_table(config: ModelConfig, rank: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Shapes of ``A`` and ``B`` for every adaptable weight of ``config``. Loops over an
+    adapter's tensors take this once (nothing is memoized: adapters are cached in one place,
+    ``AdapterRegistry``)."""
     layer = weight_specs(config)["layers"][0]
-    return {name: layer[name].shape for name in INPUT_AXES}
+    return {
+        name: ((*layer[name].shape[:n_in], rank), (rank, *layer[name].shape[n_in:]))
+        for name, n_in in INPUT_AXES.items()
+    }
 
 
 def lora_shapes(config: ModelConfig, weight: str, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of ``A`` and ``B`` for one weight of ``config``."""
-    shape, n_in = _weight_shapes(config)[weight], INPUT_AXES[weight]
-    return (*shape[:n_in], rank), (rank, *shape[n_in:])
+    return lora_shape_table(config, rank)[weight]
 
 
 def init_adapter(config: ModelConfig, lora: LoraConfig, key: jax.Array, *, name: str = "") -> LoraAdapter:
@@ -131,11 +134,12 @@ def check_adapter(config: ModelConfig, adapter: LoraAdapter) -> None:
             f"adapter {adapter.name!r} has {len(adapter.weights)} layers but the model has {config.n_layers}; "
             "it was made for another base model"
         )
+    shapes = lora_shape_table(config, adapter.config.rank)
     for i, layer in enumerate(adapter.weights):
         for weight, ab in layer.items():
             if weight not in INPUT_AXES:
                 raise UserError(f"adapter {adapter.name!r}: layer {i} has unknown weight {weight!r}")
-            want_a, want_b = lora_shapes(config, weight, adapter.config.rank)
+            want_a, want_b = shapes[weight]
             if tuple(ab["a"].shape) != want_a or tuple(ab["b"].shape) != want_b:
                 raise UserError(
                     f"adapter {adapter.name!r}: layer {i} {weight} has A {tuple(ab['a'].shape)} and B "

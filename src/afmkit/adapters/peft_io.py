@@ -10,9 +10,11 @@ the GGUF importer already undoes llama.cpp's interleaved-RoPE row permutation, s
 in Hugging Face's (half-split RoPE) order and LoRA factors need no permutation, only the same
 transpose and reshape as the base weights.
 
-The config also records a fingerprint of the base model (shapes plus a sample of weights, see
-``base_fingerprint``); loading onto a different base is refused. Adapters made by PEFT itself
-have none: they are checked against the base's shapes only.
+Beside them afmkit writes ``afmkit_adapter.json``: a fingerprint of the base model (shapes plus a
+sample of weights, see ``base_fingerprint``), so loading onto a different base is refused. It is
+a file of its own because PEFT warns about any key of ``adapter_config.json`` it does not know;
+adapters saved before kept it under an ``afmkit`` key there, which is still read. Adapters made by
+PEFT itself have none: they are checked against the base's shapes only.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from afmkit.adapters.lora import INPUT_AXES, TARGETS, LoraAdapter, LoraConfig, check_adapter, lora_shapes
+from afmkit.adapters.lora import INPUT_AXES, TARGETS, LoraAdapter, LoraConfig, check_adapter, lora_shape_table
 from afmkit.config import ModelConfig
 from afmkit.errors import CorruptFileError, UserError
 from afmkit.files import atomic_directory
+from afmkit.model.packed import TILE, PackedWeight, _unpack_tiles
 from afmkit.model.transformer import Params
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+AFMKIT_FILE = "afmkit_adapter.json"  # afmkit's own metadata; PEFT never reads it
 # afmkit weight name -> PEFT module path inside a decoder layer.
 PEFT_MODULES = {
     "wq": "self_attn.q_proj",
@@ -55,7 +59,10 @@ _PREFIX = "base_model.model.model.layers."
 def base_fingerprint(config: ModelConfig, params: Params) -> str:
     """A short hash of the base model's shapes and a sample of its weights.
 
-    Samples are rounded to bf16 first, so the fp32 and bf16 loads of the same weights agree.
+    Samples are rounded to bf16 first, so the fp32 and bf16 loads of the same weights agree. A
+    packed (int4/int8) weight contributes its logical shape and the dequantized values at the
+    same positions, so a lossless pack (SmolLM2's own GGUF bits) has the fingerprint of the fp32
+    load: an adapter trained on either serves on the other.
     """
     digest = hashlib.sha256()
     digest.update(
@@ -65,11 +72,23 @@ def base_fingerprint(config: ModelConfig, params: Params) -> str:
     for layer in (params["layers"][0], params["layers"][-1]):
         samples += [layer[w] for w in INPUT_AXES]
     for w in samples:
-        flat = np.asarray(w).reshape(-1)
-        picks = flat[:: max(1, flat.size // 64)][:64]
-        digest.update(str(w.shape).encode())
+        size = math.prod(w.shape)
+        positions = np.arange(0, size, max(1, size // 64))[:64]
+        picks = _packed_values(w, positions) if isinstance(w, PackedWeight) else np.asarray(w).reshape(-1)[positions]
+        digest.update(str(tuple(w.shape)).encode())
         digest.update(np.asarray(jnp.asarray(picks, jnp.bfloat16).astype(jnp.float32)).tobytes())
     return digest.hexdigest()[:24]
+
+
+def _packed_values(w: PackedWeight, positions: np.ndarray) -> np.ndarray:
+    """The dequantized values of ``w`` at flat positions of its logical shape (fp32), without
+    dequantizing the whole weight: only the output rows that hold them."""
+    index = np.unravel_index(positions, w.shape)
+    k = np.ravel_multi_index([index[a] for a in w.in_axes], [w.shape[a] for a in w.in_axes])
+    n = np.ravel_multi_index([index[a] for a in w.out_axes], [w.shape[a] for a in w.out_axes])
+    tiles = n // TILE  # numpy, not ``w.rows``: no compilation per weight shape at server start
+    rows = _unpack_tiles(np.asarray(w.packed)[tiles], np.asarray(w.scales)[tiles], w.bits, np)  # [len, K, TILE]
+    return rows[np.arange(len(positions)), k, n % TILE]
 
 
 # -- a small safetensors reader/writer (fp16, bf16, fp32), so bf16 needs no torch --------------
@@ -164,16 +183,17 @@ def save_adapter(
         "target_modules": sorted(modules),
         "layers_to_transform": None if len(layers) == config.n_layers else layers,
         "base_model_name_or_path": base_name or config.name,
-        "afmkit": {
-            "base_fingerprint": base_fingerprint(config, params),
-            "base_config": config.name,
-            "name": adapter.name,
-            "dtype": adapter.config.dtype,
-        },
+    }
+    ours = {
+        "base_fingerprint": base_fingerprint(config, params),
+        "base_config": config.name,
+        "name": adapter.name,
+        "dtype": adapter.config.dtype,
     }
     with atomic_directory(directory) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+        (tmp / AFMKIT_FILE).write_text(json.dumps(ours, indent=2))
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text)
     return Path(directory)
@@ -192,6 +212,21 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         return data
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"cannot read {path}: {exc}; the adapter config is damaged") from None
+
+
+def read_afmkit_metadata(directory: str | os.PathLike, peft_config: dict[str, Any]) -> dict[str, Any]:
+    """afmkit's metadata of an adapter: ``afmkit_adapter.json``, else the ``afmkit`` key that
+    adapters saved before it kept in ``adapter_config.json``; ``{}`` for PEFT-made adapters."""
+    path = Path(directory) / AFMKIT_FILE
+    if not path.is_file():
+        return peft_config.get("afmkit") or {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"cannot read {path}: {exc}; the adapter's afmkit metadata is damaged") from None
 
 
 def load_adapter(
@@ -220,7 +255,7 @@ def load_adapter(
         raise UserError(f"adapter {name!r} trains biases (bias={meta['bias']!r}); afmkit's model has no biases")
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise UserError(f"adapter {name!r} has per-module ranks or alphas; afmkit needs one rank and alpha")
-    ours = meta.get("afmkit") or {}
+    ours = read_afmkit_metadata(directory, meta)
     if ours.get("base_fingerprint") and (params is not None or fingerprint):
         expected = fingerprint or base_fingerprint(config, params)
         if ours["base_fingerprint"] != expected:
@@ -241,6 +276,7 @@ def load_adapter(
     tensors = read_safetensors(weights_path)
     dtype = ours.get("dtype") or _storage_name(tensors)
     weights: list[dict[str, dict[str, Any]]] = [{} for _ in range(config.n_layers)]
+    shapes = lora_shape_table(config, rank)
     found_layers: set[int] = set()
     targets: set[str] = set()
     for key, value in tensors.items():
@@ -254,7 +290,7 @@ def load_adapter(
                 "it was made for another base model"
             )
         weight = _MODULE_TO_WEIGHT[module]
-        a_shape, b_shape = lora_shapes(config, weight, rank)
+        a_shape, b_shape = shapes[weight]
         want = (rank, math.prod(a_shape[:-1])) if part == "a" else (math.prod(b_shape[1:]), rank)
         if tuple(value.shape) != want:
             raise UserError(

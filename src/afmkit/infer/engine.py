@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -344,11 +346,25 @@ class _Row:
         return len(self.request.prompt) + self.dispatched
 
 
-@dataclasses.dataclass
 class _BankEntry:
-    adapter: LoraAdapter
-    refs: int = 0
-    last_used: float = 0.0
+    """The adapter in one bank slot, held weakly: the bank is a device copy, not a cache. How
+    long an adapter stays in memory is the caller's (the server's ``AdapterRegistry``'s) to
+    decide; a slot whose adapter is gone counts as least recently used, so it is reused first."""
+
+    def __init__(self, adapter: LoraAdapter, refs: int = 0, last_used: float = 0.0) -> None:
+        self._adapter, self.refs, self._last_used = weakref.ref(adapter), refs, last_used
+
+    @property
+    def adapter(self) -> LoraAdapter | None:
+        return self._adapter()
+
+    @property
+    def last_used(self) -> float:
+        return self._last_used if self._adapter() is not None else -math.inf
+
+    @last_used.setter
+    def last_used(self, value: float) -> None:
+        self._last_used = value
 
 
 _MODE_ORDER = [SamplerMode.GREEDY, SamplerMode.SAMPLE, SamplerMode.FILTERED]
