@@ -208,14 +208,17 @@ def single(adapter: LoraAdapter) -> SingleAdapter:
 class _BankUpdate:
     """The per-row LoRA update of one weight from a bank ``[n_slots, ...]``.
 
-    Two equivalent schedules, chosen per call from static shapes:
+    Each row's update comes from its own slot only, by selection (a gather), never by multiplying
+    other slots with a zero mask: ``0 * NaN`` is NaN, so one damaged slot would otherwise spread
+    to every row of the batch. Two equivalent schedules, chosen per call from static shapes:
 
     * gather: each row gathers its slot's ``A`` and ``B`` (``[B, ...]``), then two batched
       einsums. Reads ``B`` copies of an adapter; LoRA FLOPs are those of one adapter per row.
       Best for prefill (many tokens per row: compute-bound).
-    * all slots: every row's input times every slot's ``A``, masked to the row's own slot, times
-      every slot's ``B``. Reads the bank once; ``n_slots`` times the (small) LoRA FLOPs. Best for
-      decode (one token per row, memory-bound) when the bank has fewer slots than the batch rows.
+    * all slots: every row's input through every slot's ``A`` and ``B`` (``[B, n_slots, out]``),
+      then each row gathers its own slot's result. Reads the bank once; ``n_slots`` times the
+      (small) LoRA FLOPs. Best for decode (one token per row, memory-bound) when the bank has
+      fewer slots than the batch rows.
     """
 
     a: jax.Array  # [n_slots, in..., r]
@@ -226,30 +229,26 @@ class _BankUpdate:
     def __call__(self, spec: str, x: jax.Array) -> jax.Array:
         batch, tokens_per_row = x.shape[0], int(np.prod(x.shape[1:-1], dtype=np.int64))
         n_slots = self.a.shape[0]
-        if tokens_per_row == 1 and n_slots < batch:
-            first, mask, second = _bank_specs(spec)
-            # The mask selects the row's slot and carries its scale.
-            onehot = jax.nn.one_hot(self.row_slots, n_slots, dtype=x.dtype) * self.scales.astype(x.dtype)
-            low = jnp.einsum(mask, jnp.einsum(first, x, self.a.astype(x.dtype)), onehot)
-            return jnp.einsum(second, low, self.b.astype(x.dtype))
         rows = self.row_slots
-        out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
+        if tokens_per_row == 1 and n_slots < batch:
+            first, second = _bank_specs(spec)
+            every_slot = jnp.einsum(second, jnp.einsum(first, x, self.a.astype(x.dtype)), self.b.astype(x.dtype))
+            out = every_slot[jnp.arange(batch), rows]  # [B, n_slots, ...] -> the row's own slot
+        else:
+            out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
         return out * self.scales[rows].astype(x.dtype).reshape((batch,) + (1,) * (out.ndim - 1))
 
 
-def _bank_specs(spec: str) -> tuple[str, str, str]:
-    """Einsum specs of the all-slots schedule for a base spec like ``"btd,dhk->bthk"``."""
+def _bank_specs(spec: str) -> tuple[str, str]:
+    """Einsum specs of the all-slots schedule for a base spec like ``"btd,dhk->bthk"``: the
+    second one keeps the slot axis right after the batch axis, for the per-row gather."""
     inputs, out = spec.split("->")
     lhs, w = inputs.split(",")
     rank, slot = [c for c in string.ascii_lowercase if c not in spec][:2]
     w_in = "".join(c for c in w if c in lhs)
     w_out = "".join(c for c in w if c not in lhs)
     mid = "".join(c for c in lhs if c not in w_in) + slot + rank
-    return (
-        f"{lhs},{slot}{w_in}{rank}->{mid}",
-        f"{mid},{lhs[0]}{slot}->{mid}",
-        f"{mid},{slot}{rank}{w_out}->{out}",
-    )
+    return f"{lhs},{slot}{w_in}{rank}->{mid}", f"{mid},{slot}{rank}{w_out}->{out[0]}{slot}{out[1:]}"
 
 
 @jax.tree_util.register_dataclass
@@ -324,6 +323,26 @@ class AdapterBank:
         if adapter.config.rank > self.rank:
             return False
         return all(set(layer) <= set(self.layout.get(i, ())) for i, layer in enumerate(adapter.weights))
+
+    def grown_for(self, adapter: LoraAdapter) -> AdapterBank:
+        """A bank laid out for ``adapter`` too (the union of layouts, the larger rank) holding
+        every slot of this one, zero-padded, in the same slot: rows using those slots keep
+        running, and rows of ranks or layouts the bank had not seen join the same batch."""
+        layout = union_layout([adapter])
+        for i, weights in self.layout.items():
+            layout[i] = tuple(w for w in INPUT_AXES if w in set(weights) | set(layout.get(i, ())))
+        grown = AdapterBank(
+            self.config, slots=self.slots, layout=layout, rank=max(self.rank, adapter.config.rank), dtype=self.dtype
+        )
+        r = self.rank
+        for old, new in zip(self.weights, grown.weights):
+            for weight, ab in old.items():
+                new[weight] = {
+                    "a": new[weight]["a"].at[..., :r].set(ab["a"]),  # A: rank is the last axis
+                    "b": new[weight]["b"].at[:, :r].set(ab["b"]),  # B: rank follows the slot axis
+                }
+        grown.scales = self.scales.copy()
+        return grown
 
     def put(self, slot: int, adapter: LoraAdapter | None) -> None:
         """Write ``adapter`` (None: zeros) into ``slot``, in place on the device."""

@@ -8,16 +8,44 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 from afmkit.errors import UserError
 
+# Above this temperature every token is all but equally likely (logits of this model span a few
+# tens, so at 100 their differences shrink below 0.5 before the softmax): larger values buy nothing.
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1  # top_k is an int32 on the device
+MAX_NEW_TOKENS = 2**31 - 1
+SEED_RANGE = 2**32  # seeds are uint32 random keys
+
+
+class SamplingError(UserError):
+    """A sampling parameter out of its range; ``field`` names it (the server reports it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {len(text.lstrip('-'))}-digit number"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` are off."""
+    """How to pick tokens. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` are off.
+
+    Every field's range is checked here, the one place the engine, the CLI and the server share;
+    a new field gets its check here and its per-row device array in ``SamplerState``."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -29,18 +57,30 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise UserError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UserError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise UserError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
-        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**32):
-            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if any(not s for s in self.stop):
-            raise UserError("stop strings must be non-empty")
+
+        def require(field: str, ok: bool, what: str) -> None:
+            if not ok:
+                raise SamplingError(field, f"{field} must be {what}, got {_shown(getattr(self, field))}")
+
+        def integer_in(field: str, low: int, high: int, what: str) -> None:
+            value = getattr(self, field)
+            require(field, isinstance(value, int) and not isinstance(value, bool) and low <= value <= high, what)
+
+        integer_in("max_new_tokens", 1, MAX_NEW_TOKENS, "a positive integer")
+        t = self.temperature
+        require(
+            "temperature",
+            _is_number(t) and 0 <= t <= MAX_TEMPERATURE,  # NaN fails both comparisons
+            f"a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)",
+        )
+        integer_in("top_k", 0, MAX_TOP_K, f"an integer in [0, {MAX_TOP_K}] (0 turns it off)")
+        require("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 turns it off)")
+        integer_in("seed", 0, SEED_RANGE - 1, "an integer in [0, 2**32)")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingError("stop", "stop strings must be non-empty strings")
+        # Compared exactly above (a huge integer included); stored as the floats the device uses.
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_p", float(self.top_p))
 
     @property
     def greedy(self) -> bool:
