@@ -292,10 +292,21 @@ def load_adapter(
         weight = _MODULE_TO_WEIGHT[module]
         a_shape, b_shape = shapes[weight]
         want = (rank, math.prod(a_shape[:-1])) if part == "a" else (math.prod(b_shape[1:]), rank)
+        rank_axis = 0 if part == "a" else 1
+        if value.ndim == 2 and value.shape[1 - rank_axis] == want[1 - rank_axis] and value.shape[rank_axis] != rank:
+            raise CorruptFileError(
+                f"adapter {name!r}: {CONFIG_FILE} says r={rank} but {key} has rank {value.shape[rank_axis]}; "
+                f"set 'r' in {CONFIG_FILE} to the tensors' rank"
+            )
         if tuple(value.shape) != want:
             raise UserError(
                 f"adapter {name!r}: {key} has shape {tuple(value.shape)} but this base model needs {want}; "
                 "it was made for another base model"
+            )
+        if not np.isfinite(value).all():  # one NaN would turn every output of its rows into garbage
+            raise CorruptFileError(
+                f"adapter {name!r}: {key} holds NaN or infinite values; the adapter is damaged "
+                "(a diverged training run?): retrain it or restore a good copy"
             )
         array = value.T.reshape(a_shape) if part == "a" else value.T.reshape(b_shape)
         weights[layer].setdefault(weight, {})[part] = array  # a view of the file's bytes: no copy

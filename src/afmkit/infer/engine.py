@@ -442,14 +442,13 @@ class DecodeBatch:
                 entry.refs += 1
                 entry.last_used = now
                 return slot
-        if self.bank is None or not self.bank.fits(adapter):
-            in_use = [e.adapter for e in self.bank_entries if e is not None and e.refs > 0]
-            if in_use:
-                return None  # the bank's layout changes only once the rows using it have finished
+        if self.bank is None:
             self.adapter_slots = max(self.adapter_slots, 2)
             self._new_bank([adapter])
             self.bank_entries[1].refs, self.bank_entries[1].last_used = 1, now
             return 1
+        if not self.bank.fits(adapter):  # a larger rank or new weights: resident slots stay put
+            self.bank = self.bank.grown_for(adapter)
         free = [s for s in range(1, self.adapter_slots) if self.bank_entries[s] is None]
         if not free:
             idle = [s for s in range(1, self.adapter_slots) if self.bank_entries[s].refs == 0]
@@ -479,8 +478,28 @@ class DecodeBatch:
             )
 
     def admit(self, requests: Sequence[Request]) -> tuple[list[Request], list[tuple[Request, StreamEvent]]]:
-        """Prefill as many of ``requests`` as fit now; returns (admitted, their first-token events)."""
+        """Prefill as many of ``requests`` as fit now; returns (admitted, their first-token events).
+
+        If it raises, none of ``requests`` holds a slot afterwards (rows already running are
+        untouched, unless the device failed mid-step: see ``healthy``)."""
         rows: list[_Row] = []
+        try:
+            return self._admit(requests, rows)
+        except BaseException:
+            for row in rows:
+                row.finished = True
+                row.request.row = None
+                self._release(row)
+            raise
+
+    @property
+    def healthy(self) -> bool:
+        """False once a failed step left the donated KV cache deleted: the batch cannot run on."""
+        return not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache))
+
+    def _admit(
+        self, requests: Sequence[Request], rows: list[_Row]
+    ) -> tuple[list[Request], list[tuple[Request, StreamEvent]]]:
         now = time.perf_counter()
         for request in requests:
             self.check(request)
