@@ -3,7 +3,6 @@ continuous batching, and every fault case answered with the right status while o
 
 import json
 import shutil
-import threading
 import time
 
 import httpx
@@ -17,27 +16,6 @@ from afmkit.infer.server import ServerLimits, create_app
 
 KEY = "test-key"
 LIMITS = ServerLimits(max_prompt_tokens=96, max_tokens=48, default_max_tokens=16, max_body_bytes=4096)
-
-
-class LiveServer:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +34,11 @@ def adapters(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, adapters):
+def server(tiny_model, adapters, live_server):
     app = create_app(
         tiny_model, served_name="tiny", adapters_dir=str(adapters[0]), api_key=KEY, max_batch=4, limits=LIMITS
     )
-    live = LiveServer(app)
-    yield live
-    live.close()
+    return live_server(app)
 
 
 @pytest.fixture(scope="module")
@@ -207,16 +183,13 @@ def test_adapters_endpoint_loads_and_unloads_and_metrics_count_them(server):
         assert f"\n{name} " in "\n" + metrics
 
 
-def test_a_cache_budget_smaller_than_one_adapter_is_a_clear_error(tiny_model, adapters):
+def test_a_cache_budget_smaller_than_one_adapter_is_a_clear_error(tiny_model, adapters, live_server):
     app = create_app(tiny_model, served_name="tiny", adapters_dir=str(adapters[0]), cache_bytes=1000, limits=LIMITS)
-    live = LiveServer(app)
-    try:
-        response = httpx.post(live.url + "/v1/chat/completions", json={**CHAT, "model": "tiny:alpha"}, timeout=60)
-        assert response.status_code == 507
-        assert "cache-bytes" in response.json()["error"]["message"]
-        assert httpx.post(live.url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
-    finally:
-        live.close()
+    live = live_server(app)
+    response = httpx.post(live.url + "/v1/chat/completions", json={**CHAT, "model": "tiny:alpha"}, timeout=60)
+    assert response.status_code == 507
+    assert "cache-bytes" in response.json()["error"]["message"]
+    assert httpx.post(live.url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
 
 
 def test_a_request_keeps_its_adapter_when_it_is_unloaded_mid_stream(server, tiny_model, adapters):
