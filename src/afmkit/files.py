@@ -4,9 +4,11 @@ finding the data files afmkit ships (``packaged_data``) or the shared data folde
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest.parent, name=dest.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
@@ -38,6 +41,27 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# A temporary directory untouched this long belongs to a save that was killed: no live save
+# goes an hour without creating a file in it (which updates its modification time).
+STALE_AFTER_S = 3600.0
+
+
+def remove_stale_temporaries(
+    directory: str | os.PathLike, *, name: str | None = None, older_than_s: float = STALE_AFTER_S
+) -> list[Path]:
+    """Delete the ``.NAME.tmp-*`` directories that killed ``atomic_directory`` saves left in
+    ``directory`` (all names, or only ``name``); returns what was removed. Fresh ones may belong
+    to a save under way and are kept."""
+    removed = []
+    now = time.time()
+    for path in Path(directory).glob(f".{'*' if name is None else glob.escape(name)}.tmp-*"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete
+            if path.is_dir() and now - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 def packaged_data(relative: str) -> Path:

@@ -21,6 +21,7 @@ from afmkit.adapters.lora import LoraAdapter
 from afmkit.adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE, base_fingerprint, load_adapter
 from afmkit.config import ModelConfig
 from afmkit.errors import UserError
+from afmkit.files import remove_stale_temporaries
 from afmkit.model.transformer import Params
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -61,6 +62,7 @@ class AdapterRegistry:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise UserError(f"adapter directory {self.directory} does not exist; create it or pass another --adapters")
+        remove_stale_temporaries(self.directory)  # left by adapter saves that were killed
         self.config = config
         self.fingerprint = base_fingerprint(config, params)
         self.budget_bytes = int(budget_bytes)
