@@ -28,3 +28,8 @@ def test_unknown_size_lists_the_known_ones():
 def test_inconsistent_heads_are_refused():
     with pytest.raises(UserError, match="multiple of n_kv_heads"):
         get_size("test-tiny").replace(n_heads=5)
+
+
+def test_qk_norm_position_is_checked():
+    with pytest.raises(UserError, match="qk_norm_position must be one of before_rope, after_rope"):
+        get_size("test-tiny").replace(qk_norm_position="between")

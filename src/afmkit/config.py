@@ -13,6 +13,9 @@ from typing import Any
 from afmkit.errors import UserError
 
 
+QK_NORM_POSITIONS = ("before_rope", "after_rope")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape of a decoder-only AFM-style transformer."""
@@ -28,10 +31,16 @@ class ModelConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
     qk_norm: bool = False
+    # Where q/k RMSNorm sits relative to RoPE. AXLearn (AFM's own code) rotates first and then
+    # normalizes ("after_rope"); Qwen3 and OLMo-2 normalize first ("before_rope"). RoPE keeps each
+    # head vector's RMS, so the two differ only through the learned per-dimension scale.
+    qk_norm_position: str = "before_rope"
     # AFM stores one embedding for input and output ("mapped without duplications"); some
     # imported Llama-family checkpoints have a separate output matrix.
     tie_embeddings: bool = True
     max_seq_len: int = 4096
+    # AFM's auxiliary z-loss coefficient (``z_loss * logsumexp(logits)**2`` per token), the one
+    # source of it: the training loss reads it, ``afmkit pretrain --z-loss`` replaces it.
     z_loss: float = 1e-6
     note: str = ""
 
@@ -46,6 +55,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UserError(f"model config {self.name!r}: head_dim must be even for RoPE")
+        if self.qk_norm_position not in QK_NORM_POSITIONS:
+            raise UserError(
+                f"model config {self.name!r}: qk_norm_position must be one of {', '.join(QK_NORM_POSITIONS)}, "
+                f"got {self.qk_norm_position!r}"
+            )
+        if self.z_loss < 0:
+            raise UserError(f"model config {self.name!r}: z_loss must be >= 0, got {self.z_loss}")
 
     # -- parameter counts, from shapes alone (nothing is allocated) --------------------------
     @property
@@ -96,6 +112,7 @@ _SIZES = [
         d_ff=8064,
         rope_base=500_000.0,
         qk_norm=True,
+        qk_norm_position="after_rope",
         max_seq_len=4096,
         note="AFM-on-device as published (arXiv 2407.21075): ~2.58B non-embedding parameters.",
     ),
@@ -110,6 +127,7 @@ _SIZES = [
         d_ff=16_384,
         rope_base=500_000.0,
         qk_norm=True,
+        qk_norm_position="after_rope",
         max_seq_len=4096,
         note=(
             "Only the ~100K vocabulary is published. Depth, width, heads and FFN are afmkit's "
@@ -140,6 +158,7 @@ _SIZES = [
         d_ff=768,
         rope_base=500_000.0,
         qk_norm=True,
+        qk_norm_position="after_rope",
         max_seq_len=1024,
         note="A few-layer AFM (GQA, q/k-norm, tied embedding) that trains on a CPU; SmolLM2 vocab.",
     ),

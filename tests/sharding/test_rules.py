@@ -30,6 +30,8 @@ def test_mesh_spec_parsing():
     ("spec", "message"),
     [
         ("data=3", "mesh 'data=3' needs 3 devices but 8 are available"),
+        ("data=2,fsdp=8", "simulate 16 devices by starting with XLA_FLAGS=--xla_force_host_platform_device_count=16"),
+        ("tensor=16,fsdp=-1", "simulate more devices with XLA_FLAGS=--xla_force_host_platform_device_count=N"),
         ("data=3,fsdp=-1", "the fixed axes use 3 devices, which does not divide the 8 devices"),
         ("model=8", "'model=8' is not AXIS=SIZE"),
         ("data=-1,fsdp=-1", "only one axis may be -1"),

@@ -127,6 +127,20 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
+def _rope_and_qk_norm(
+    layer: Params, q: jax.Array, k: jax.Array, positions: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """RoPE on queries and keys, with q/k RMSNorm before or after it (``config.qk_norm_position``)."""
+    if config.qk_norm and config.qk_norm_position == "before_rope":
+        q = rms_norm(q, layer["q_norm"], config.norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.norm_eps)
+    q, k = rope(q, positions, config.rope_base), rope(k, positions, config.rope_base)
+    if config.qk_norm and config.qk_norm_position == "after_rope":  # AXLearn's order (AFM)
+        q = rms_norm(q, layer["q_norm"], config.norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.norm_eps)
+    return q, k
+
+
 def attention(
     layer: Params,
     x: jax.Array,
@@ -151,12 +165,10 @@ def attention(
     q = linear("btd,dhk->bthk", x, layer["wq"], lora=_lora(lora, "wq"))
     k = linear("btd,dhk->bthk", x, layer["wk"], lora=_lora(lora, "wk"))
     v = linear("btd,dhk->bthk", x, layer["wv"], lora=_lora(lora, "wv"))
-    if config.qk_norm:
-        q = rms_norm(q, layer["q_norm"], config.norm_eps)
-        k = rms_norm(k, layer["k_norm"], config.norm_eps)
-    q = constrain(rope(q, positions, config.rope_base), ("batch", "seq", "act_heads", "head_dim"))
+    q, k = _rope_and_qk_norm(layer, q, k, positions, config)
+    q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
     # Whole sequences of keys and values on every device: exact attention under sequence sharding.
-    k = constrain(rope(k, positions, config.rope_base), ("batch", "kv_seq", "act_kv_heads", "head_dim"))
+    k = constrain(k, ("batch", "kv_seq", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "kv_seq", "act_kv_heads", "head_dim"))
 
     # Keys as [B, KV, head_dim, S] and values as [B, KV, S, head_dim] (the cache's layouts), and
@@ -176,18 +188,21 @@ def attention(
             return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), k_cache, v_cache
         keys, values = k_cache[:batch, ..., :attend_len], v_cache[:batch, :, :attend_len]
         key_positions = jnp.arange(attend_len)[None, None, :]
+    # Queries as [B, KV, groups, T, head_dim]: the groups of one KV head side by side (so neither
+    # matmul transposes its operands) with the sequence kept as its own axis, so that under
+    # sequence parallelism each device keeps its slice of the queries (merging groups with the
+    # sequence would make XLA gather the queries and split the keys instead).
     q = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(batch, kv_heads, groups * seq, head_dim)
-    scores = jnp.einsum("bkqd,bkds->bkqs", q, keys).astype(jnp.float32) / math.sqrt(head_dim)
-    query_positions = jnp.tile(positions, (1, groups))  # [B, groups * T], in q's order
-    visible = key_positions <= query_positions[:, :, None]
+    q = constrain(q, ("batch", "act_kv_heads", None, "seq", "head_dim"))
+    with jax.named_scope("attention_scores"):
+        scores = jnp.einsum("bkgtd,bkds->bkgts", q, keys).astype(jnp.float32) / math.sqrt(head_dim)
+    visible = key_positions[:, :, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
     if segment_ids is not None:  # packed documents never attend to each other
-        visible &= segment_ids[:, None, :] == jnp.tile(segment_ids, (1, groups))[:, :, None]
+        visible &= segment_ids[:, None, None, :] == segment_ids[:, None, :, None]
     scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
-    out = out.reshape(batch, kv_heads, groups, seq, head_dim).transpose(0, 3, 1, 2, 4)
-    out = out.reshape(batch, seq, config.n_heads, head_dim)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, config.n_heads, head_dim)
     return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), k_cache, v_cache
 
 
@@ -225,7 +240,14 @@ def forward(
     """
     if segment_ids is not None and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
-    x = embed_lookup(params["embed"], tokens).astype(activation_dtype or params["embed"].dtype)
+    embed = params["embed"]
+    if not isinstance(embed, PackedWeight):
+        # Under FSDP, gather the table's model dimension before the lookup (as FSDP does for every
+        # weight); looking rows up in a table split along it would need the rows to change layout
+        # from "split by model dimension" to "split by batch", which XLA can only do through a
+        # full replication ("involuntary full rematerialization").
+        embed = constrain(embed, ("vocab", None))
+    x = embed_lookup(embed, tokens).astype(activation_dtype or params["embed"].dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     new_k, new_v = [], []
     no_cache = [None] * config.n_layers
@@ -276,14 +298,24 @@ def logits_fn(
     return output_logits(params, hidden)
 
 
-def cross_entropy_loss(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *, z_loss: float = 0.0
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean next-token cross-entropy plus AFM's auxiliary z-loss ``z_loss * logsumexp^2``."""
+def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood of ``targets`` under ``logits [..., V]``, in fp32, and the
+    log-partition ``logsumexp(logits)`` it used (the z-loss's input): both shaped like ``targets``.
+
+    The one place afmkit turns logits into token losses: training, perplexity and adapter
+    training all call it."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
+    return log_z - target_logit, log_z
+
+
+def cross_entropy_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *, z_loss: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-mean next-token cross-entropy plus AFM's auxiliary z-loss ``z_loss * logsumexp^2``
+    (pass the model's ``ModelConfig.z_loss``; 0 turns it off). Returns the loss and its parts."""
+    nll, log_z = token_nll(logits, targets)
     if mask is None:
         mask = jnp.ones_like(nll)
     mask = mask.astype(jnp.float32)

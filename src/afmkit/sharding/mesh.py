@@ -49,12 +49,18 @@ def parse_mesh_spec(spec: str | None, *, device_count: int) -> dict[str, int]:
             raise UserError(
                 f"mesh {spec!r}: the fixed axes use {fixed} devices, which does not divide the "
                 f"{device_count} devices available; choose sizes whose product divides {device_count}"
+                + (
+                    ", or, on a CPU, simulate more devices with XLA_FLAGS=--xla_force_host_platform_device_count=N"
+                    if fixed > device_count
+                    else ""
+                )
             )
         sizes[wildcards[0]] = device_count // fixed
     elif fixed != device_count:
         raise UserError(
             f"mesh {spec!r} needs {fixed} devices but {device_count} are available; "
-            f"make the sizes multiply to {device_count} (or use -1 for one axis)"
+            f"make the sizes multiply to {device_count} (or use -1 for one axis), or, on a CPU, simulate "
+            f"{fixed} devices by starting with XLA_FLAGS=--xla_force_host_platform_device_count={fixed}"
         )
     return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
 

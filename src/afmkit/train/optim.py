@@ -40,6 +40,9 @@ class OptimizerConfig:
     warmup_steps: int = 100
     total_steps: int = 1000
     final_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak (AFM: 0.005)
+    # Extensions of a run past its planned steps, as (from_step, to_step) pairs: from each
+    # from_step the LR follows a new cosine from its value there down to the floor at to_step.
+    replans: tuple[tuple[int, int], ...] = ()
     weight_decay: float = 3.16e-4  # per step at the peak LR (AFM's value); see the module docstring
     clip_global_norm: float = 1.0
     # AdamW
@@ -60,21 +63,49 @@ class OptimizerConfig:
             raise UserError("warm-up steps must be >= 0 and total steps >= 1")
         if not 0 <= self.final_lr_fraction <= 1:
             raise UserError(f"the final LR fraction must lie in [0, 1], got {self.final_lr_fraction}")
+        end = self.total_steps
+        for start, stop in self.replans:
+            if not 0 <= start <= end < stop:
+                raise UserError(
+                    f"a schedule extension from step {start} to {stop} must start within the previous plan "
+                    f"(steps 0..{end}) and end after it"
+                )
+            end = stop
 
 
 def lr_schedule(config: OptimizerConfig) -> optax.Schedule:
     """Linear warm-up from 0 to the peak over ``warmup_steps``, then cosine decay to
-    ``final_lr_fraction * peak`` at ``total_steps`` (and flat after)."""
+    ``final_lr_fraction * peak`` at ``total_steps`` (and flat after).
+
+    Each extension ``(start, stop)`` in ``config.replans`` re-plans the rest: from ``start`` the
+    LR follows a cosine from the value the plan so far gives at ``start`` down to the floor at
+    ``stop``, so the LR is continuous where a run was extended."""
     peak, warmup = config.peak_lr, config.warmup_steps
     floor = config.final_lr_fraction * peak
     decay_steps = max(config.total_steps - warmup, 1)
 
-    def schedule(count: jax.Array) -> jax.Array:
+    def planned(count: jax.Array) -> jax.Array:
         step = jnp.asarray(count, jnp.float32)
         warm = peak * jnp.minimum((step + 1) / max(warmup, 1), 1.0)  # step 0 already moves
         progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
         cosine = floor + (peak - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
         return jnp.where(step < warmup, warm, cosine)
+
+    schedule = planned
+    for start, stop in config.replans:
+        schedule = _replanned(schedule, start=start, stop=stop, floor=floor)
+    return schedule
+
+
+def _replanned(before: optax.Schedule, *, start: int, stop: int, floor: float) -> optax.Schedule:
+    """``before`` up to ``start``, then a cosine from ``before(start)`` to ``floor`` at ``stop``."""
+    begin = float(before(start))  # a number fixed when the plan is made, not traced
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.asarray(count, jnp.float32)
+        progress = jnp.clip((step - start) / (stop - start), 0.0, 1.0)
+        cosine = floor + (begin - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < start, before(count), cosine)
 
     return schedule
 

@@ -66,7 +66,6 @@ BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
 class StepConfig:
     accum_steps: int = 1
     compute_dtype: Any = jnp.float32
-    z_loss: float = 1e-6
 
 
 def init_state(config: ModelConfig, optimizer: optax.GradientTransformation, *, seed: int) -> TrainState:
@@ -138,9 +137,9 @@ def _loss_sums(
         segment_ids=batch.segment_ids,
     )
     logits = constrain(output_logits(params, hidden), ("batch", "seq", "act_vocab"))
-    _, parts = cross_entropy_loss(logits, batch.targets, batch.loss_mask, z_loss=step_config.z_loss)
+    loss, parts = cross_entropy_loss(logits, batch.targets, batch.loss_mask, z_loss=config.z_loss)
     count = batch.loss_mask.astype(jnp.float32).sum()
-    total = (parts["cross_entropy"] + step_config.z_loss * parts["z_loss"]) * count
+    total = loss * count
     return total, (parts["cross_entropy"] * count, count)
 
 
