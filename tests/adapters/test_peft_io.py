@@ -2,6 +2,7 @@
 the same logits; PEFT-made adapters load into afmkit with the same logits; bad adapters are refused."""
 
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from afmkit.adapters.lora import LoraConfig, single
-from afmkit.adapters.peft_io import WEIGHTS_FILE, load_adapter, save_adapter
+from afmkit.adapters.peft_io import AFMKIT_FILE, CONFIG_FILE, WEIGHTS_FILE, base_fingerprint, load_adapter, save_adapter
 from afmkit.errors import CorruptFileError, UserError
 
 PROMPT = "Summarize this: The committee met on Tuesday and agreed to fund the new library."
@@ -43,7 +44,10 @@ def test_afmkit_adapter_loads_in_peft_with_the_same_logits(smollm2, hf_model, tm
     save_adapter(tmp_path / "s", adapter, config=smollm2.config, params=smollm2.params)
     ids = smollm2.tokenizer.encode(PROMPT)
     base = _theirs(hf_model, ids)
-    peft_model = PeftModel.from_pretrained(hf_model, tmp_path / "s").eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(hf_model, tmp_path / "s").eval()
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]  # PEFT reads our config quietly
     try:
         theirs = _theirs(peft_model, ids)
     finally:
@@ -117,3 +121,73 @@ def test_foreign_shapes_and_corrupt_files_get_clear_errors(smollm2, tiny_model, 
         load_adapter(tmp_path / "tiny", config=tiny_model.config)
     with pytest.raises(UserError, match="adapter_config"):
         load_adapter(tmp_path / "missing", config=tiny_model.config)
+
+
+def _peft_warnings(directory):
+    from peft import PeftConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftConfig.from_pretrained(str(directory))
+    return [str(w.message) for w in caught if "Unexpected keyword" in str(w.message)]
+
+
+def _to_old_layout(directory):
+    """An adapter as afmkit saved them before afmkit_adapter.json: its metadata under an
+    ``afmkit`` key of adapter_config.json."""
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    config["afmkit"] = json.loads((directory / AFMKIT_FILE).read_text())
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    (directory / AFMKIT_FILE).unlink()
+
+
+def test_peft_reads_our_config_without_warnings_and_old_adapters_still_load(tiny_model, tmp_path, make_adapter):
+    config, params = tiny_model.config, tiny_model.params
+    adapter = make_adapter(config, LoraConfig(rank=4), seed=6, name="t")
+    save_adapter(tmp_path / "t", adapter, config=config, params=params)
+    assert "afmkit" not in json.loads((tmp_path / "t" / CONFIG_FILE).read_text())
+    assert json.loads((tmp_path / "t" / AFMKIT_FILE).read_text())["base_fingerprint"] == base_fingerprint(
+        config, params
+    )
+    assert _peft_warnings(tmp_path / "t") == []
+    _to_old_layout(tmp_path / "t")
+    assert _peft_warnings(tmp_path / "t")  # what users of adapters saved before saw
+    loaded = load_adapter(tmp_path / "t", config=config, params=params)  # the old location is read ...
+    np.testing.assert_array_equal(loaded.weights[0]["wq"]["b"], adapter.weights[0]["wq"]["b"])
+    other = jax.tree.map(lambda w: w * 1.01, params)
+    with pytest.raises(UserError, match="another base model"):  # ... and its fingerprint still checked
+        load_adapter(tmp_path / "t", config=config, params=other)
+
+
+def test_a_packed_base_is_fingerprinted_by_its_dequantized_values(tiny_model):
+    """A packed weight's fingerprint reads its dequantized values at the sampled positions: the
+    same as the fingerprint of the whole weight dequantized (an independent path), so a lossless
+    pack matches the float load; a lossy pack (random fp32 weights to 4 bits) is another base."""
+    from afmkit.model.packed import PackedWeight, pack_params
+
+    config = tiny_model.config
+    packed = pack_params(tiny_model.params, bits=4)
+    dense = jax.tree.map(
+        lambda w: w.dequantize() if isinstance(w, PackedWeight) else w,
+        packed,
+        is_leaf=lambda w: isinstance(w, PackedWeight),
+    )
+    assert base_fingerprint(config, packed) == base_fingerprint(config, dense)
+    assert base_fingerprint(config, packed) != base_fingerprint(config, tiny_model.params)
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4():
+    import afmkit
+
+    return afmkit.load("smollm2-135m-instruct", dtype="int4")
+
+
+def test_adapters_move_between_the_fp32_and_int4_loads_of_smollm2(smollm2, smollm2_int4, tmp_path, make_adapter):
+    """SmolLM2's int4 load holds exactly the GGUF's 4-bit weights, the fp32 load their exact
+    dequantized values: the same model, so an adapter made on either loads onto the other."""
+    adapter = make_adapter(smollm2.config, LoraConfig(rank=4, targets=("q", "down")), seed=8)
+    for made_on, used_on in ((smollm2, smollm2_int4), (smollm2_int4, smollm2)):
+        save_adapter(tmp_path / "a", adapter, config=made_on.config, params=made_on.params)
+        loaded = load_adapter(tmp_path / "a", config=used_on.config, params=used_on.params)
+        np.testing.assert_array_equal(loaded.weights[0]["wq"]["a"], adapter.weights[0]["wq"]["a"])

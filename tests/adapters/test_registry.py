@@ -63,3 +63,33 @@ def test_unknown_corrupt_and_unloaded_adapters(tiny_model, adapter_dir):
     with pytest.raises(CorruptFileError):
         registry.get("broken")
     assert registry.get("b").name == "b"  # others still load
+
+
+def test_the_registry_alone_decides_how_long_an_adapter_stays_in_memory(tiny_model, adapter_dir):
+    """Adapters are cached in one place, the registry's byte-bounded LRU: a decode batch's bank
+    holds a device copy of each adapter it ran, never the adapter itself, so an idle adapter the
+    registry evicts is freed (the host memory of cached adapters stays within the budget)."""
+    import gc
+    import weakref
+
+    from afmkit.infer.engine import Request
+    from afmkit.infer.sampling import SamplingParams
+
+    one = _registry(tiny_model, adapter_dir, 1 << 30).get("a").nbytes
+    registry = _registry(tiny_model, adapter_dir, one)  # room for one adapter
+    batch = tiny_model.engine.new_batch(slots=2, capacity=64, adapter_slots=3)
+    ids = tiny_model.tokenizer.encode("Adapters by name")
+
+    def run(adapter):
+        batch.admit([Request(ids, SamplingParams(max_new_tokens=2), adapter)])
+        while batch.busy:
+            batch.step()
+
+    a = registry.get("a")
+    run(a)  # a now sits idle in the bank
+    gone = weakref.ref(a)
+    del a
+    run(registry.get("b"))  # the registry evicts a
+    gc.collect()
+    assert gone() is None
+    assert registry.cached() == ["b"]
