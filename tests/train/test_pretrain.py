@@ -170,3 +170,53 @@ def test_checkpoint_from_one_mesh_resumes_on_another(finished_run, tmp_path, tok
     pretrain(run_config(out, tokenizer_dir, corpus_dir, mesh="data=2,fsdp=2,tensor=2", eval_every=2, resume=True))
     assert json.loads((out / "run.json").read_text())["mesh"] == "data=2,fsdp=2,seq=1,tensor=2"
     np.testing.assert_allclose(losses(out / "metrics.jsonl"), losses(reference / "metrics.jsonl"), rtol=1e-4)
+
+
+def test_a_larger_steps_extends_a_finished_run(finished_run, tmp_path, tokenizer_dir, corpus_dir, capsys):
+    source, _ = finished_run  # 4 steps, warm-up 1, checkpoints at 2 and 4
+    out = tmp_path / "extended"
+    shutil.copytree(source, out)
+    with pytest.raises(UserError, match=r"a run can be extended .* not shortened"):
+        pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=3, eval_every=2, resume=True))
+    capsys.readouterr()
+    summary = pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=6, eval_every=2, resume=True, quiet=False))
+    printed = capsys.readouterr().out
+    assert "extending the run from 4 to 6 steps: the LR schedule is re-planned from step 4" in printed
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and summary["steps"] == 6
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1] == 6
+    # the finished run ended on its floor; the re-planned cosine starts there and ends there
+    floor = 0.1 * 3e-3
+    assert [r["lr"] for r in records[4:]] == pytest.approx([floor, floor], rel=1e-5)
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["settings"]["steps"] == 6 and saved["lr_replans"] == [[4, 6]] and saved["planned_steps"] == 4
+
+
+def test_extending_mid_run_replans_a_continuous_cosine_that_a_second_resume_repeats(
+    tmp_path, tokenizer_dir, corpus_dir
+):
+    out = tmp_path / "mid"
+    pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=4, warmup=1))
+    shutil.rmtree(out / "checkpoints" / "4")  # as if it had crashed after the step-2 checkpoint
+    pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=8, warmup=1, resume=True))
+    first = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    peak, floor = 3e-3, 3e-4
+    # the 4-step plan at count 2 (cosine over steps 1..4), then a cosine from there to the floor at 8
+    begin = floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * (2 - 1) / 3))
+    want = [floor + (begin - floor) * 0.5 * (1 + np.cos(np.pi * (count - 2) / 6)) for count in range(2, 8)]
+    assert [r["step"] for r in first] == list(range(1, 9))
+    np.testing.assert_allclose([r["lr"] for r in first[2:]], want, rtol=1e-5)
+    # crash again inside the extension: the saved plan is reused, so the losses repeat exactly
+    shutil.rmtree(out / "checkpoints" / "8")
+    kept = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    pretrain(run_config(out, tokenizer_dir, corpus_dir, steps=8, warmup=1, resume=True))
+    second = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in second] == [r["loss"] for r in first] and kept < 8
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tokenizer_dir, corpus_dir, capsys):
+    pretrain(run_config(tmp_path / "log", tokenizer_dir, corpus_dir, steps=4, quiet=False, log_every=2))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
+    assert all(" loss " in line and " tok/s" in line for line in lines), lines
+    assert "ETA" in lines[0] and "done in" in lines[1]

@@ -9,42 +9,85 @@ from afmkit.errors import UserError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from afmkit.train.settings import RECIPES, PretrainConfig
+
+    d = PretrainConfig(out="")  # the defaults: PretrainConfig is their one source
+
     p = commands.add_parser("pretrain", help="pre-train a model size on a corpus (sharded, checkpointed)")
     p.set_defaults(run=cmd_pretrain)
-    p.add_argument("--model", default="afm-tiny", help="model size from the registry (default afm-tiny)")
+    # Every option below defaults to None, meaning "PretrainConfig's default (or the --recipe's)":
+    # the help texts quote PretrainConfig, and config_from_args leaves unset fields to it.
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="a preset of the settings below; flags given explicitly override it. afm-core: AFM's core "
+        "pre-training stage (RMSProp-momentum optimizer, LR 0.01, weight decay 3.16e-4, cosine to 0.005 x peak) "
+        "scaled down for a CPU (batch 8 x 256 tokens)",
+    )
+    p.add_argument("--model", help=f"model size from the registry (default {d.model})")
     p.add_argument(
         "--tokenizer",
-        default="smollm2-135m-instruct",
-        help="a model name (its tokenizer only), a directory with tokenizer.json, or a .gguf file",
+        help=f"a model name (its tokenizer only), a directory with tokenizer.json, or a .gguf file "
+        f"(default {d.tokenizer})",
     )
     p.add_argument("--data", nargs="+", help="text/JSONL files, directories or globs (default: the Python stdlib)")
     p.add_argument("--mesh", help="mesh spec, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--batch", type=int, default=8, help="global batch in sequences (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--optimizer", choices=["adamw", "afm"], default="adamw", help="adamw or afm (RMSProp-momentum)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"optimizer steps (default {d.steps}); with --resume, a larger value extends a run",
+    )
+    p.add_argument("--batch", type=int, help=f"global batch in sequences (default {d.batch})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "afm"],
+        help=f"adamw or afm (AFM's RMSProp with momentum) (default {d.optimizer})",
+    )
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 10%% of --steps, at most 100)")
-    p.add_argument("--final-lr-fraction", type=float, default=0.1, help="cosine floor as a fraction of the peak")
+    p.add_argument(
+        "--final-lr-fraction",
+        type=float,
+        help=f"cosine floor as a fraction of the peak (default {d.final_lr_fraction:g})",
+    )
     p.add_argument(
         "--weight-decay",
         type=float,
-        default=3.16e-4,
-        help="decoupled weight decay per step at the peak LR, not multiplied by the LR (default 3.16e-4, AFM's)",
+        help=f"decoupled weight decay per step at the peak LR, not multiplied by the LR (default {d.weight_decay:g}, "
+        "AFM's)",
     )
-    p.add_argument("--accum", type=int, default=1, help="gradient-accumulation microbatches per step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--z-loss", type=float, default=1e-6, help="auxiliary z-loss weight (default 1e-6)")
+    p.add_argument("--accum", type=int, help=f"gradient-accumulation microbatches per step (default {d.accum})")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed of the weight initialisation and of the data order (default {d.seed}); the same seed, data "
+        "and settings give the same losses step for step",
+    )
+    p.add_argument(
+        "--z-loss",
+        type=float,
+        help="auxiliary z-loss weight (default: the model size's, AFM's 1e-6)",
+    )
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, else bfloat16")
-    p.add_argument("--save-every", type=int, default=25, help="checkpoint every K steps (default 25)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--save-every", type=int, help=f"checkpoint every K steps (default {d.save_every})")
+    p.add_argument("--keep", type=int, help=f"checkpoints to keep (default {d.keep})")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, loss.png)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (a larger --steps extends a finished run)",
+    )
     p.add_argument("--metrics", help="JSONL metrics file (default OUT/metrics.jsonl)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0 = off)")
+    p.add_argument("--eval-every", type=int, help=f"held-out loss every N steps (default {d.eval_every}: off)")
     p.add_argument("--profile-dir", help="write a jax.profiler trace here")
-    p.add_argument("--profile-steps", default="3:6", help="FIRST:LAST steps to trace (default 3:6)")
+    p.add_argument("--profile-steps", help=f"FIRST:LAST steps to trace (default {d.profile_steps})")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from a table)")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        help="when stderr is not a terminal, a progress line every N steps (default: every 5%% of the steps)",
+    )
     p.add_argument("--coordinator", help="multi-process: coordinator host:port (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-process: process count (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-process: this process's id (or JAX_PROCESS_ID)")
@@ -53,7 +96,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="multi-process: let JAX detect the cluster (SLURM, mpirun, TPU pod, Kubernetes) without settings",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
     s = commands.add_parser("shard-plan", help="each weight's partition spec and per-device memory on a mesh")
@@ -61,8 +104,32 @@ def register(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="model size from the registry")
     s.add_argument("--mesh", required=True, help="mesh spec, e.g. fsdp=-1,tensor=8")
     s.add_argument("--devices", type=int, help="simulate this many devices (default: the devices present)")
-    s.add_argument("--optimizer", choices=["adamw", "afm"], default="adamw")
+    s.add_argument(
+        "--optimizer",
+        choices=["adamw", "afm"],
+        default="adamw",
+        help="whose state to count: adamw (two moments) or afm (AFM's RMSProp-momentum: the squared-gradient "
+        "and momentum EMAs), both fp32 and shaped like the weights (default adamw)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def config_from_args(args: argparse.Namespace):
+    """A ``PretrainConfig`` from parsed flags: the options left unset (None) keep PretrainConfig's
+    defaults or the recipe's values."""
+    import dataclasses
+
+    from afmkit.train.settings import PretrainConfig
+
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(PretrainConfig)
+        if getattr(args, field.name, None) is not None
+    }
+    if given.get("data") is not None:
+        given["data"] = tuple(given["data"])
+    given["quiet"] = args.quiet or args.json
+    return PretrainConfig.from_recipe(args.recipe, **given)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -74,38 +141,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         process_id=args.process_id,
         force=args.distributed,
     )
-    from afmkit.train.pretrain import PretrainConfig, pretrain
+    from afmkit.train.pretrain import pretrain
 
-    summary = pretrain(
-        PretrainConfig(
-            out=args.out,
-            model=args.model,
-            tokenizer=args.tokenizer,
-            data=tuple(args.data) if args.data else None,
-            mesh=args.mesh,
-            steps=args.steps,
-            batch=args.batch,
-            seq_len=args.seq_len,
-            lr=args.lr,
-            optimizer=args.optimizer,
-            warmup=args.warmup,
-            final_lr_fraction=args.final_lr_fraction,
-            weight_decay=args.weight_decay,
-            accum=args.accum,
-            seed=args.seed,
-            z_loss=args.z_loss,
-            compute_dtype=args.compute_dtype,
-            save_every=args.save_every,
-            keep=args.keep,
-            resume=args.resume,
-            metrics=args.metrics,
-            eval_every=args.eval_every,
-            profile_dir=args.profile_dir,
-            profile_steps=args.profile_steps,
-            peak_tflops=args.peak_tflops,
-            quiet=args.quiet or args.json,
-        )
-    )
+    summary = pretrain(config_from_args(args))
     import jax
 
     if jax.process_index() == 0:
@@ -117,7 +155,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['out']} "
                 f"(metrics {summary['metrics']}, curve {summary['plot']})"
             )
-    return 0
+    return 130 if summary.get("interrupted") else 0  # 130: stopped by Ctrl-C, as shells report it
 
 
 def cmd_shard_plan(args: argparse.Namespace) -> int:

@@ -53,26 +53,24 @@ class MetricsHook(Hook):
 
 
 class ProgressHook(Hook):
-    def __init__(self, *, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Steps, loss, tokens/s and ETA on stderr (``afmkit.progress.ProgressReporter``): a bar on a
+    terminal, else a plain log line every ``log_every`` steps (default: every 5% of the run)."""
 
-        self.progress = Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
-        )
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", speed="-")
-        self.progress.start()
+    def __init__(self, *, total: int, start: int, log_every: int | None = None) -> None:
+        from afmkit.progress import ProgressReporter
+
+        self.reporter = ProgressReporter("training", total, unit="steps", completed=start, log_every=log_every)
+        self.reporter.__enter__()
+        self.open = True
 
     def on_step(self, info: StepInfo) -> None:
         tokens = int(np.prod(info.batch.tokens.shape))
-        speed = f"{tokens / max(info.metrics['seconds'], 1e-9):,.0f}"
-        self.progress.update(self.task, completed=info.step, loss=f"{info.metrics['loss']:.4f}", speed=speed)
+        self.reporter.advance(1, tokens=tokens, loss=f"{info.metrics['loss']:.4f}")
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.open:
+            self.open = False
+            self.reporter.__exit__(None, None, None)
 
 
 class EvalHook(Hook):

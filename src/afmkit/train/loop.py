@@ -58,9 +58,13 @@ def train_loop(
     start_step: int,
     end_step: int,
     hooks: Sequence[Hook] = (),
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> TrainState:
-    """Steps ``start_step+1 .. end_step``; returns the final state."""
+    """Steps ``start_step+1 .. end_step``; returns the final state (its ``step`` says how far it
+    got). ``stop_requested`` is asked after each step's hooks: when it says yes (Ctrl-C), the loop
+    ends there and the hooks' ``on_end`` runs for that step (so the checkpoint hook saves it)."""
     last = time.perf_counter()
+    step = start_step
     for step in range(start_step + 1, end_step + 1):
         batch = next_batch()
         state, device_metrics = train_step(state, batch)
@@ -72,6 +76,8 @@ def train_loop(
         info = StepInfo(step=step, state=state, metrics=metrics, batch=batch)
         for hook in hooks:
             hook.on_step(info)
+        if stop_requested():
+            break
     for hook in hooks:
-        hook.on_end(state, end_step)
+        hook.on_end(state, step)
     return state

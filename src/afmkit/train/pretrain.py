@@ -27,69 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from afmkit.errors import UserError
+from afmkit.train.settings import RUN_IDENTITY, PretrainConfig, resume_command
 
-DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+__all__ = ["PretrainConfig", "load_tokenizer", "pretrain"]
+
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Settings that define a run: a resume must use the same ones.
-RUN_IDENTITY = (
-    "model",
-    "tokenizer",
-    "data",
-    "steps",
-    "batch",
-    "seq_len",
-    "lr",
-    "optimizer",
-    "warmup",
-    "final_lr_fraction",
-    "weight_decay",
-    "accum",
-    "seed",
-    "z_loss",
-    "compute_dtype",
-)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
-    out: str
-    model: str = "afm-tiny"
-    tokenizer: str = DEFAULT_TOKENIZER
-    data: tuple[str, ...] | None = None  # None: the Python standard library's sources
-    mesh: str | None = None  # None: every device on the data axis
-    steps: int = 100
-    batch: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3
-    optimizer: str = "adamw"
-    warmup: int | None = None  # None: 10% of the steps, at most 100
-    final_lr_fraction: float = 0.1
-    weight_decay: float = 3.16e-4
-    accum: int = 1
-    seed: int = 0
-    z_loss: float = 1e-6
-    compute_dtype: str | None = None  # None: float32 on CPUs, bfloat16 on accelerators
-    save_every: int = 25
-    keep: int = 3
-    resume: bool = False
-    metrics: str | None = None
-    eval_every: int = 0
-    eval_batches: int = 2
-    profile_dir: str | None = None
-    profile_steps: str = "3:6"
-    peak_tflops: float | None = None
-    quiet: bool = False
-
-    def resolved(self) -> PretrainConfig:
-        warmup = self.warmup if self.warmup is not None else min(100, self.steps // 10)
-        dtype = self.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        data = tuple(str(Path(d).absolute()) if not any(c in d for c in "*?[") else d for d in self.data or ())
-        return dataclasses.replace(self, warmup=warmup, compute_dtype=dtype, data=data or None)
-
-    def identity(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["data"] = list(d["data"]) if d["data"] else None
-        return {k: d[k] for k in RUN_IDENTITY}
 
 
 def load_tokenizer(name_or_path: str):
@@ -118,8 +60,9 @@ def _check_settings(cfg: PretrainConfig) -> None:
         raise UserError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}")
 
 
-def _prepare_out(cfg: PretrainConfig) -> int | None:
-    """Check ``--out`` against ``--resume``; return nothing, raise before any write."""
+def _prepare_out(cfg: PretrainConfig) -> dict[str, Any] | None:
+    """Check ``--out`` against ``--resume``; return the saved run record when resuming. Raises
+    before any write."""
     out = Path(cfg.out)
     run_file = out / "run.json"
     has_run = run_file.exists() or (out / "checkpoints").exists()
@@ -130,19 +73,31 @@ def _prepare_out(cfg: PretrainConfig) -> int | None:
         )
     if cfg.resume and not run_file.is_file():
         raise UserError(f"--resume: {out} holds no training run (no run.json); start one without --resume")
-    if cfg.resume:
-        try:
-            saved = json.loads(run_file.read_text())["settings"]
-        except (json.JSONDecodeError, KeyError, OSError) as exc:
-            raise UserError(f"--resume: cannot read {run_file} ({exc}); it is damaged") from None
-        mine = cfg.identity()
-        diffs = [f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}" for k in RUN_IDENTITY if saved.get(k) != mine[k]]
-        if diffs:
-            raise UserError(
-                f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); "
-                "resume with the same settings, or train into a new --out"
-            )
-    return None
+    if not cfg.resume:
+        return None
+    try:
+        record = json.loads(run_file.read_text())
+        saved = record["settings"]
+    except (json.JSONDecodeError, KeyError, OSError) as exc:
+        raise UserError(f"--resume: cannot read {run_file} ({exc}); it is damaged") from None
+    mine = cfg.identity()
+    # --steps may grow: that extends the run (the LR schedule is re-planned, see pretrain)
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, now {mine[k]!r}"
+        for k in RUN_IDENTITY
+        if k != "steps" and saved.get(k) != mine[k]
+    ]
+    if diffs:
+        raise UserError(
+            f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); "
+            "resume with the same settings, or train into a new --out"
+        )
+    if cfg.steps < saved["steps"]:
+        raise UserError(
+            f"--resume: --steps {cfg.steps} is below the run's {saved['steps']} steps; a run can be extended "
+            f"(a larger --steps), not shortened: use --steps {saved['steps']} or more"
+        )
+    return record
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -171,12 +126,20 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         state_shardings,
     )
 
+    warmup_given = cfg.warmup is not None
     cfg = cfg.resolved()
     _check_settings(cfg)
-    config = get_size(cfg.model)
+    config = get_size(cfg.model).replace(z_loss=cfg.z_loss)
     if cfg.seq_len > config.max_seq_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds {cfg.model}'s context of {config.max_seq_len}")
-    _prepare_out(cfg)
+    if cfg.resume and not warmup_given and (Path(cfg.out) / "run.json").is_file():
+        # the default warm-up depends on --steps: an extended run keeps the one it started with
+        try:
+            saved_warmup = json.loads((Path(cfg.out) / "run.json").read_text())["settings"]["warmup"]
+            cfg = dataclasses.replace(cfg, warmup=saved_warmup)
+        except (json.JSONDecodeError, KeyError, OSError):
+            pass  # _prepare_out names the damage
+    record = _prepare_out(cfg)
     if jax.process_count() > 1:  # every process has checked --out before the lead writes to it
         from jax.experimental import multihost_utils
 
@@ -190,18 +153,36 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     mesh = make_mesh(cfg.mesh)
     param_specs(config, mesh)  # clear errors for model dims the mesh does not divide
     check_batch_layout(mesh, batch=cfg.batch, seq_len=cfg.seq_len, accum_steps=cfg.accum)
+    lead = jax.process_index() == 0
+    show = lead and not cfg.quiet
+    out = Path(cfg.out)
+    checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep) if record is not None else None
+    latest = checkpoints.latest_step() if checkpoints is not None else None
+    # The schedule: the first plan's length, and any extensions of it (from_step, to_step).
+    planned_steps, replans = cfg.steps, []
+    if record is not None and latest is not None:
+        planned_steps = record.get("planned_steps", record["settings"]["steps"])
+        replans = [tuple(r) for r in record.get("lr_replans", [])]
+        if cfg.steps > record["settings"]["steps"]:
+            replans.append((latest, cfg.steps))
     opt_config = OptimizerConfig(
         name=cfg.optimizer,
         peak_lr=cfg.lr,
         warmup_steps=cfg.warmup,
-        total_steps=cfg.steps,
+        total_steps=planned_steps,
         final_lr_fraction=cfg.final_lr_fraction,
         weight_decay=cfg.weight_decay,
+        replans=tuple(replans),
     )
     optimizer = build_optimizer(opt_config)
     schedule = lr_schedule(opt_config)
-    lead = jax.process_index() == 0
-    show = lead and not cfg.quiet
+    if show and record is not None and latest is not None and cfg.steps > record["settings"]["steps"]:
+        print(
+            f"afmkit: extending the run from {record['settings']['steps']} to {cfg.steps} steps: the LR schedule "
+            f"is re-planned from step {latest} (cosine from {float(schedule(latest)):.3g} to "
+            f"{cfg.final_lr_fraction * cfg.lr:.3g} at step {cfg.steps})",
+            flush=True,
+        )
 
     documents = read_documents(list(cfg.data) if cfg.data else None)
     eval_documents = []
@@ -222,10 +203,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     positions = local_batch_positions(mesh, global_rows=cfg.batch, seq_len=cfg.seq_len, accum_steps=cfg.accum)
 
     shardings = state_shardings(config, optimizer, mesh)
-    out = Path(cfg.out)
-    checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep)
+    if checkpoints is None:
+        checkpoints = Checkpoints(out / "checkpoints", keep=cfg.keep)
     start_step = 0
-    latest = checkpoints.latest_step() if cfg.resume else None
     if latest is not None:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -242,12 +222,18 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         state = init_sharded_state(config, optimizer, shardings, seed=cfg.seed)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        record = {"settings": cfg.identity(), "config": config.to_dict(), "mesh": describe(mesh)}
+        run_record = {
+            "settings": cfg.identity(),
+            "planned_steps": planned_steps,
+            "lr_replans": [list(r) for r in replans],
+            "config": config.to_dict(),
+            "mesh": describe(mesh),
+        }
         tmp = out / f".run.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(run_record, indent=2))
         os.replace(tmp, out / "run.json")
 
-    step_config = StepConfig(accum_steps=cfg.accum, compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype], z_loss=cfg.z_loss)
+    step_config = StepConfig(accum_steps=cfg.accum, compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype])
     batch_shape = (cfg.batch, cfg.seq_len) if cfg.accum == 1 else (cfg.accum, cfg.batch // cfg.accum, cfg.seq_len)
     train_step = make_train_step(
         config=config,
@@ -294,17 +280,27 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.profile_dir:
         hooks.append(hooks_lib.ProfileHook(directory=cfg.profile_dir, steps=cfg.profile_steps))
     if show:
-        hooks.append(hooks_lib.ProgressHook(total=cfg.steps, start=start_step))
+        hooks.append(hooks_lib.ProgressHook(total=cfg.steps, start=start_step, log_every=cfg.log_every))
     enable_compilation_cache()
+    interrupt = _StopOnCtrlC(enabled=jax.process_count() == 1)
     try:
-        train_loop(
-            state=state,
-            train_step=train_step,
-            next_batch=next_batch,
-            start_step=start_step,
-            end_step=cfg.steps,
-            hooks=hooks,
-        )
+        with interrupt:
+            state = train_loop(
+                state=state,
+                train_step=train_step,
+                next_batch=next_batch,
+                start_step=start_step,
+                end_step=cfg.steps,
+                hooks=hooks,
+                stop_requested=interrupt.requested,
+            )
+    except KeyboardInterrupt:  # a second Ctrl-C, or one in a multi-process run: no new save
+        for hook in hooks:
+            hook.close()
+        checkpoints.close()
+        if lead:
+            _print_resume_hint(cfg, checkpoints)
+        raise
     except NonFiniteError as exc:
         for hook in hooks:
             hook.close()
@@ -320,12 +316,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         for hook in hooks:
             hook.close()
     checkpoints.close()
+    last_step = int(state.step)
     summary: dict[str, Any] = {
         "out": str(out),
-        "steps": cfg.steps,
+        "steps": last_step,
         "start_step": start_step,
         "metrics": str(metrics_path),
     }
+    if last_step < cfg.steps:
+        summary["interrupted"] = True
+        if lead:
+            _print_resume_hint(cfg, checkpoints)
     losses = [r["loss"] for r in log.records if "loss" in r] if log is not None else []
     if losses:
         summary.update(first_loss=losses[0], last_loss=losses[-1])
@@ -341,3 +342,63 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         tail = [r["tokens_per_s"] for r in log.records if "tokens_per_s" in r][-10:]
         summary["tokens_per_s"] = float(np.median(tail)) if tail else math.nan
     return summary
+
+
+class _StopOnCtrlC:
+    """While open, the first Ctrl-C (SIGINT) asks the loop to stop after the step in flight (the
+    checkpoint hook then saves it); a second one stops at once. Only in the main thread of a
+    single-process run: in a multi-process run every process must stop at the same step, so
+    Ctrl-C there interrupts at once and names the last checkpoint."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        import threading
+
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.stop = False
+        self.previous: Any = None
+
+    def requested(self) -> bool:
+        return self.stop
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+        import sys
+
+        if self.stop:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.stop = True
+        print(
+            "\nafmkit: Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if self.enabled:
+            import signal
+
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            import signal
+
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _print_resume_hint(cfg: PretrainConfig, checkpoints: Any) -> None:
+    import sys
+
+    step = checkpoints.latest_step()
+    where = (
+        f"the last checkpoint is step {step} in {checkpoints.directory}"
+        if step is not None
+        else "no checkpoint was saved yet"
+    )
+    print(
+        f"afmkit: training interrupted; {where}. Resume with:\n  {resume_command(cfg)}",
+        file=sys.stderr,
+        flush=True,
+    )
