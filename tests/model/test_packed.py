@@ -59,17 +59,19 @@ def test_unpackable_shapes_and_bad_bits_are_refused():
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 64])
+# From 32 rows on the kernel takes its prefill path (a GEMM over weights expanded once); 33 and
+# 102 rows leave remainders of its row blocks, and 208 outputs (13 tiles) one of its tile groups.
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 33, 64, 102])
 def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
-    w = RNG.standard_normal((576, 192)).astype(np.float32)
+    w = RNG.standard_normal((576, 208)).astype(np.float32)
     packed = P.pack(w, bits)
     exact = P.unpack_numpy(packed).astype(np.float64)
     x = RNG.standard_normal((rows, 576)).astype(np.float32)
     run = jax.jit(kernels.packed_matmul, static_argnames=("bits", "n", "bf16"))
-    y32 = np.asarray(run(jnp.asarray(x), packed.packed, packed.scales, bits=bits, n=192, bf16=False))
+    y32 = np.asarray(run(jnp.asarray(x), packed.packed, packed.scales, bits=bits, n=208, bf16=False))
     np.testing.assert_allclose(y32, x @ exact, rtol=0, atol=2e-5 * np.abs(x @ exact).max())
     if kernels.has_bf16():
-        y16 = np.asarray(run(jnp.asarray(x), packed.packed, packed.scales, bits=bits, n=192, bf16=True))
+        y16 = np.asarray(run(jnp.asarray(x), packed.packed, packed.scales, bits=bits, n=208, bf16=True))
         # only x is rounded: to within fp32 accumulation of the bf16-rounded x times exact weights
         # (the offsets of 4-bit blocks multiply the exact sums of x, hence the looser bound there)
         reference = bf16(x) @ exact
@@ -78,12 +80,16 @@ def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
 
 
 @needs_kernels
-def test_a_row_gives_the_same_bits_whatever_its_batch():
-    packed = P.pack(RNG.standard_normal((576, 1536)).astype(np.float32), 4)
-    x = jnp.asarray(RNG.standard_normal((37, 576)), jnp.float32)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gives_the_same_bits_whatever_its_batch(bits):
+    """Prefill-sized batches (32 rows or more) take the kernel's GEMM path, small ones its row
+    kernel: a row must come out bit for bit the same either way (1552 outputs: 97 tiles, a
+    remainder of the GEMM's tile groups)."""
+    packed = P.pack(RNG.standard_normal((576, 1552)).astype(np.float32), bits)
+    x = jnp.asarray(RNG.standard_normal((70, 576)), jnp.float32)
     matmul = jax.jit(P.packed_matmul)
     whole = np.asarray(matmul(x, packed))
-    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37)]:
+    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 34), (33, 70)]:
         np.testing.assert_array_equal(np.asarray(matmul(x[start:stop], packed)), whole[start:stop])
 
 

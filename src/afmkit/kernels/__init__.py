@@ -86,7 +86,7 @@ def build(compiler: str) -> Path:
     return library
 
 
-_features = {"bf16": False}
+_features: dict = {"bf16": False, "isa": None}
 
 
 _lock = threading.Lock()
@@ -112,6 +112,8 @@ def _load() -> bool:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _features["bf16"] = bool(library.AfmkitHasBf16())
+        library.AfmkitIsa.restype = ctypes.c_char_p
+        _features["isa"] = library.AfmkitIsa().decode()
     except (OSError, RuntimeError, AttributeError) as exc:
         print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
         return False
@@ -121,6 +123,12 @@ def _load() -> bool:
 def has_bf16() -> bool:
     """Whether the kernels were built with bf16 dot products (the CPU has AVX512-BF16)."""
     return available() and _features["bf16"]
+
+
+def describe() -> str:
+    """Which code multiplies packed weights here: ``native avx512-bf16`` (or ``avx512``, ``avx2``,
+    ``portable``: what the kernels were built for) or ``xla`` (no kernels: plain XLA)."""
+    return f"native {_features['isa']}" if on_cpu() else "xla"
 
 
 def on_cpu() -> bool:

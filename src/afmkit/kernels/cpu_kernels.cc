@@ -72,10 +72,20 @@ struct Problem {
 };
 
 // Each path below has a row kernel (tile_*: R rows against one tile, the weights expanded from
-// the codes in registers, for every R rows) and, for many rows (prefill), a way to expand a tile's
-// weights once into a thread-local buffer and run the rows over that (see run_group). The
-// expanded values and the order of every sum are the row kernel's, so a row gives the same bits
-// whichever way its batch went.
+// the codes in registers, again for every R rows) and, for many rows (prefill), a GEMM (gemm_*):
+// a group of tiles' weights expanded once into a thread-local buffer, a chunk of K at a time so
+// the buffer stays in L1, then R rows by T tiles at a time over it (see run_group). The expanded
+// values and the order of every sum are the row kernel's, so a row gives the same bits whichever
+// way its batch went.
+
+// Where the fp32 GEMMs are in K: blocks [b0, b1); their accumulators wait in `state`
+// ([M][tiles][2 chains][16] fp32) between chunks; the first chunk starts them at zero and the
+// last writes y.
+struct Chunk {
+  int64_t b0, b1;
+  float* state;
+  bool first, last;
+};
 
 // Portable version (CPUs without AVX-512 or AVX2, e.g. ARM): the same arithmetic and summation order as
 // the AVX-512 fp32 path, written as loops over the 16 outputs of a tile that the compiler
@@ -91,19 +101,16 @@ inline void weights_portable(const Problem& p, const uint8_t* pb, const float* d
   }
 }
 
-// expanded (or nullptr): the tile's weights, [K / 2 pairs][even, odd][16] fp32 (expand_portable).
 template <int R>
-void tile_portable(const Problem& p, int64_t tile, int64_t row0, const float* expanded) {
+void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
   const int64_t blocks = p.k / kBlock, pair_bytes = p.bits == 4 ? 16 : 32;
   float acc[R][2][kTile] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
     float d[kTile], m[kTile];
-    if (expanded == nullptr) {
-      for (int j = 0; j < kTile; ++j) {
-        d[j] = half_to_float(sc[j]);
-        m[j] = half_to_float(sc[kTile + j]);
-      }
+    for (int j = 0; j < kTile; ++j) {
+      d[j] = half_to_float(sc[j]);
+      m[j] = half_to_float(sc[kTile + j]);
     }
     // This block's x, copied: reading x in place, GCC 12 vectorizes the row loop below into
     // loads that run past the end of x (caught by valgrind); a padded local copy is safe.
@@ -111,14 +118,8 @@ void tile_portable(const Problem& p, int64_t tile, int64_t row0, const float* ex
     for (int r = 0; r < R; ++r) std::memcpy(xs[r], p.x + (row0 + r) * p.k + b * kBlock, sizeof(float) * kBlock);
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     for (int pair = 0; pair < kPairs; ++pair) {
-      float own_even[kTile], own_odd[kTile];
-      const float *w_even = own_even, *w_odd = own_odd;
-      if (expanded != nullptr) {
-        w_even = expanded + (b * kPairs + pair) * 2 * kTile;
-        w_odd = w_even + kTile;
-      } else {
-        weights_portable(p, codes + pair * pair_bytes, d, m, own_even, own_odd);
-      }
+      float w_even[kTile], w_odd[kTile];
+      weights_portable(p, codes + pair * pair_bytes, d, m, w_even, w_odd);
       for (int r = 0; r < R; ++r) {
         const float* xr = xs[r] + 2 * pair;
         for (int j = 0; j < kTile; ++j) {
@@ -132,15 +133,16 @@ void tile_portable(const Problem& p, int64_t tile, int64_t row0, const float* ex
     for (int j = 0; j < kTile; ++j) p.y[(row0 + r) * p.n + tile * kTile + j] = acc[r][0][j] + acc[r][1][j];
 }
 
-[[maybe_unused]] void tile_rows_portable(const Problem& p, int64_t tile, const float* expanded) {
+[[maybe_unused]] void tile_rows_portable(const Problem& p, int64_t tile) {
   int64_t r = 0;
-  for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, tile, r, expanded);
-  for (; r < p.m; ++r) tile_portable<1>(p, tile, r, expanded);
+  for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, tile, r);
+  for (; r < p.m; ++r) tile_portable<1>(p, tile, r);
 }
 
-[[maybe_unused]] void expand_portable(const Problem& p, int64_t tile, float* out) {
+// Prefill: one tile's weights of blocks [b0, b1), [pairs][even, odd][16] fp32.
+[[maybe_unused]] void expand_portable(const Problem& p, int64_t tile, const Chunk& c, float* out) {
   const int64_t blocks = p.k / kBlock, pair_bytes = p.bits == 4 ? 16 : 32;
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = c.b0; b < c.b1; ++b) {
     const uint16_t* sc = p.scales + (tile * blocks + b) * 2 * kTile;
     float d[kTile], m[kTile];
     for (int j = 0; j < kTile; ++j) {
@@ -149,10 +151,44 @@ void tile_portable(const Problem& p, int64_t tile, int64_t row0, const float* ex
     }
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     for (int pair = 0; pair < kPairs; ++pair) {
-      float* w = out + (b * kPairs + pair) * 2 * kTile;
+      float* w = out + ((b - c.b0) * kPairs + pair) * 2 * kTile;
       weights_portable(p, codes + pair * pair_bytes, d, m, w, w + kTile);
     }
   }
+}
+
+template <int R>
+void gemm_portable(const Problem& p, const float* expanded, int64_t tile, int64_t row0, const Chunk& c) {
+  float acc[R][2][kTile] = {};
+  float* state = c.state + row0 * 2 * kTile;
+  if (!c.first) std::memcpy(acc, state, sizeof(acc));
+  for (int64_t b = c.b0; b < c.b1; ++b) {
+    float xs[R][kBlock + 16];  // as in tile_portable
+    for (int r = 0; r < R; ++r) std::memcpy(xs[r], p.x + (row0 + r) * p.k + b * kBlock, sizeof(float) * kBlock);
+    for (int pair = 0; pair < kPairs; ++pair) {
+      const float* w_even = expanded + ((b - c.b0) * kPairs + pair) * 2 * kTile;
+      const float* w_odd = w_even + kTile;
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xs[r] + 2 * pair;
+        for (int j = 0; j < kTile; ++j) {
+          acc[r][0][j] += w_even[j] * xr[0];
+          acc[r][1][j] += w_odd[j] * xr[1];
+        }
+      }
+    }
+  }
+  if (!c.last) {
+    std::memcpy(state, acc, sizeof(acc));
+    return;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j) p.y[(row0 + r) * p.n + tile * kTile + j] = acc[r][0][j] + acc[r][1][j];
+}
+
+[[maybe_unused]] void gemm_rows_portable(const Problem& p, const float* expanded, int64_t tile, const Chunk& c) {
+  int64_t r = 0;
+  for (; r + 4 <= p.m; r += 4) gemm_portable<4>(p, expanded, tile, r, c);
+  for (; r < p.m; ++r) gemm_portable<1>(p, expanded, tile, r, c);
 }
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
@@ -187,9 +223,8 @@ inline void scales_avx2(const uint16_t* sc, __m256& d0, __m256& d1, __m256& m0, 
   m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + kTile + 8)));
 }
 
-// expanded (or nullptr): the tile's weights, [K / 2 pairs][4][8] fp32 (expand_avx2).
 template <int R, int Bits>
-void tile_avx2(const Problem& p, int64_t tile, int64_t row0, const float* expanded) {
+void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
   const int64_t blocks = p.k / kBlock;
   __m256 acc[R][4];
@@ -197,16 +232,12 @@ void tile_avx2(const Problem& p, int64_t tile, int64_t row0, const float* expand
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m256 d0, d1, m0, m1;
-    if (expanded == nullptr) scales_avx2(p.scales + (tile * blocks + b) * 2 * kTile, d0, d1, m0, m1);
+    scales_avx2(p.scales + (tile * blocks + b) * 2 * kTile, d0, d1, m0, m1);
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     const float* xb = p.x + row0 * p.k + b * kBlock;
     for (int pair = 0; pair < kPairs; ++pair) {
       __m256 w[4];
-      if (expanded != nullptr) {
-        for (int i = 0; i < 4; ++i) w[i] = _mm256_loadu_ps(expanded + ((b * kPairs + pair) * 4 + i) * 8);
-      } else {
-        weights_avx2<Bits>(codes + pair * pair_bytes, d0, d1, m0, m1, w);
-      }
+      weights_avx2<Bits>(codes + pair * pair_bytes, d0, d1, m0, m1, w);
       for (int r = 0; r < R; ++r) {
         const __m256 x_even = _mm256_broadcast_ss(xb + r * p.k + 2 * pair);
         const __m256 x_odd = _mm256_broadcast_ss(xb + r * p.k + 2 * pair + 1);
@@ -225,26 +256,65 @@ void tile_avx2(const Problem& p, int64_t tile, int64_t row0, const float* expand
 }
 
 template <int Bits>
-void tile_rows_avx2(const Problem& p, int64_t tile, const float* expanded) {
+void tile_rows_avx2(const Problem& p, int64_t tile) {
   int64_t r = 0;
-  for (; r + 2 <= p.m; r += 2) tile_avx2<2, Bits>(p, tile, r, expanded);
-  if (r < p.m) tile_avx2<1, Bits>(p, tile, r, expanded);
+  for (; r + 2 <= p.m; r += 2) tile_avx2<2, Bits>(p, tile, r);
+  if (r < p.m) tile_avx2<1, Bits>(p, tile, r);
 }
 
+// Prefill: one tile's weights of blocks [b0, b1), [pairs][4][8] fp32 (w[0..3] of weights_avx2).
 template <int Bits>
-void expand_avx2(const Problem& p, int64_t tile, float* out) {
+void expand_avx2(const Problem& p, int64_t tile, const Chunk& c, float* out) {
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
   const int64_t blocks = p.k / kBlock;
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = c.b0; b < c.b1; ++b) {
     __m256 d0, d1, m0, m1;
     scales_avx2(p.scales + (tile * blocks + b) * 2 * kTile, d0, d1, m0, m1);
     const uint8_t* codes = p.packed + (tile * blocks + b) * kPairs * pair_bytes;
     for (int pair = 0; pair < kPairs; ++pair) {
       __m256 w[4];
       weights_avx2<Bits>(codes + pair * pair_bytes, d0, d1, m0, m1, w);
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + ((b * kPairs + pair) * 4 + i) * 8, w[i]);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + (((b - c.b0) * kPairs + pair) * 4 + i) * 8, w[i]);
     }
   }
+}
+
+// R rows over an expanded tile (16 ymm registers: 4 R accumulators, 4 weights, 2 broadcasts).
+template <int R>
+void gemm_avx2(const Problem& p, const float* expanded, int64_t tile, int64_t row0, const Chunk& c) {
+  __m256 acc[R][4];
+  float* state = c.state + row0 * 2 * kTile;
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = c.first ? _mm256_setzero_ps() : _mm256_loadu_ps(state + (r * 4 + i) * 8);
+  const int64_t pairs = (c.b1 - c.b0) * kPairs, pair0 = c.b0 * kPairs;
+  const float* xr0 = p.x + row0 * p.k;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    __m256 w[4];
+    for (int i = 0; i < 4; ++i) w[i] = _mm256_loadu_ps(expanded + (pair * 4 + i) * 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 x_even = _mm256_broadcast_ss(xr0 + r * p.k + 2 * (pair0 + pair));
+      const __m256 x_odd = _mm256_broadcast_ss(xr0 + r * p.k + 2 * (pair0 + pair) + 1);
+      acc[r][0] = _mm256_fmadd_ps(w[0], x_even, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w[1], x_even, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(w[2], x_odd, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(w[3], x_odd, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (!c.last) {
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(state + (r * 4 + i) * 8, acc[r][i]);
+      continue;
+    }
+    float* y = p.y + (row0 + r) * p.n + tile * kTile;
+    _mm256_storeu_ps(y, _mm256_add_ps(acc[r][0], acc[r][2]));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(acc[r][1], acc[r][3]));
+  }
+}
+
+void gemm_rows_avx2(const Problem& p, const float* expanded, int64_t tile, const Chunk& c) {
+  int64_t r = 0;
+  for (; r + 2 <= p.m; r += 2) gemm_avx2<2>(p, expanded, tile, r, c);
+  if (r < p.m) gemm_avx2<1>(p, expanded, tile, r, c);
 }
 #endif
 
@@ -307,15 +377,15 @@ void tile_rows_avx512(const Problem& p, int64_t tile) {
   if (p.m - r >= 1) tile_avx512<1, Bits>(p, tile, r);
 }
 
-// Prefill, fp32: a group of T tiles expanded to [K / 2 pairs][T][even, odd][16] fp32, then R rows
-// by T tiles at a time (2 R T accumulators in registers, each broadcast of x used T times). The
-// same chains and order as tile_avx512.
+// Prefill, fp32: a group of T tiles' weights of blocks [b0, b1), [pairs][T][even, odd][16] fp32,
+// then R rows by T tiles at a time (2 R T accumulators in registers, each broadcast of x used T
+// times). The same chains and order as tile_avx512.
 template <int Bits>
-void expand_avx512(const Problem& p, int64_t tile0, int tiles, float* out) {
+void expand_avx512(const Problem& p, int64_t tile0, int tiles, const Chunk& c, float* out) {
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
   const int64_t blocks = p.k / kBlock;
   for (int t = 0; t < tiles; ++t) {
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = c.b0; b < c.b1; ++b) {
       const int64_t tb = (tile0 + t) * blocks + b;
       const uint16_t* sc = p.scales + tb * 2 * kTile;
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
@@ -324,7 +394,7 @@ void expand_avx512(const Problem& p, int64_t tile0, int tiles, float* out) {
       for (int pair = 0; pair < kPairs; ++pair) {
         __m512 w_even, w_odd;
         weights_avx512<Bits>(codes + pair * pair_bytes, d, m, w_even, w_odd);
-        float* w = out + ((b * kPairs + pair) * tiles + t) * 2 * kTile;
+        float* w = out + (((b - c.b0) * kPairs + pair) * tiles + t) * 2 * kTile;
         _mm512_storeu_ps(w, w_even);
         _mm512_storeu_ps(w + kTile, w_odd);
       }
@@ -333,39 +403,47 @@ void expand_avx512(const Problem& p, int64_t tile0, int tiles, float* out) {
 }
 
 template <int R, int T>
-void gemm_avx512(const Problem& p, const float* expanded, int64_t tile0, int64_t row0) {
-  const int64_t pairs = p.k / 2;
+void gemm_avx512(const Problem& p, const float* expanded, int64_t tile0, int64_t row0, const Chunk& c) {
   __m512 acc[R][T][2];
+  float* state = c.state + row0 * T * 2 * kTile;
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < 2; ++i)
+        acc[r][t][i] = c.first ? _mm512_setzero_ps() : _mm512_loadu_ps(state + ((r * T + t) * 2 + i) * kTile);
+  const int64_t pairs = (c.b1 - c.b0) * kPairs, pair0 = c.b0 * kPairs;
   const float* xr0 = p.x + row0 * p.k;
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    __m512 w[T][2];
-    for (int t = 0; t < T; ++t) {
-      w[t][0] = _mm512_loadu_ps(expanded + (pair * T + t) * 2 * kTile);
-      w[t][1] = _mm512_loadu_ps(expanded + (pair * T + t) * 2 * kTile + kTile);
-    }
+    __m512 x_even[R], x_odd[R];
     for (int r = 0; r < R; ++r) {
-      const __m512 x_even = _mm512_set1_ps(xr0[r * p.k + 2 * pair]);
-      const __m512 x_odd = _mm512_set1_ps(xr0[r * p.k + 2 * pair + 1]);
-      for (int t = 0; t < T; ++t) {
-        acc[r][t][0] = _mm512_fmadd_ps(w[t][0], x_even, acc[r][t][0]);
-        acc[r][t][1] = _mm512_fmadd_ps(w[t][1], x_odd, acc[r][t][1]);
+      x_even[r] = _mm512_set1_ps(xr0[r * p.k + 2 * (pair0 + pair)]);
+      x_odd[r] = _mm512_set1_ps(xr0[r * p.k + 2 * (pair0 + pair) + 1]);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512 w_even = _mm512_load_ps(expanded + (pair * T + t) * 2 * kTile);
+      const __m512 w_odd = _mm512_load_ps(expanded + (pair * T + t) * 2 * kTile + kTile);
+      for (int r = 0; r < R; ++r) {
+        acc[r][t][0] = _mm512_fmadd_ps(w_even, x_even[r], acc[r][t][0]);
+        acc[r][t][1] = _mm512_fmadd_ps(w_odd, x_odd[r], acc[r][t][1]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t)
-      _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+    for (int t = 0; t < T; ++t) {
+      if (c.last) {
+        _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+      } else {
+        for (int i = 0; i < 2; ++i) _mm512_storeu_ps(state + ((r * T + t) * 2 + i) * kTile, acc[r][t][i]);
+      }
+    }
 }
 
 template <int T>
-void gemm_rows_avx512(const Problem& p, const float* expanded, int64_t tile0) {
-  constexpr int R = 3;  // 2 R T = 18 accumulators, 2 T weights and 2 broadcasts: 26 of 32 registers
+void gemm_rows_avx512(const Problem& p, const float* expanded, int64_t tile0, const Chunk& c) {
+  constexpr int R = 3;  // 2 R T = 18 accumulators, 2 R broadcasts and 2 weights: 26 of 32 registers
   int64_t r = 0;
-  for (; r + R <= p.m; r += R) gemm_avx512<R, T>(p, expanded, tile0, r);
-  if (p.m - r == 2) gemm_avx512<2, T>(p, expanded, tile0, r);
-  if (p.m - r == 1) gemm_avx512<1, T>(p, expanded, tile0, r);
+  for (; r + R <= p.m; r += R) gemm_avx512<R, T>(p, expanded, tile0, r, c);
+  if (p.m - r == 2) gemm_avx512<2, T>(p, expanded, tile0, r, c);
+  if (p.m - r == 1) gemm_avx512<1, T>(p, expanded, tile0, r, c);
 }
 
 #if defined(__AVX512BF16__)
@@ -536,15 +614,22 @@ constexpr int64_t kGroup = 3;
 constexpr int64_t kGroup = 1;
 #endif
 // From this many rows on, a tile's weights are expanded once into a buffer (run_group) instead of
-// in registers for every few rows (run_tile): both give the same bits, this is only speed.
-constexpr int64_t kExpandRows = 16;
+// in registers for every few rows (run_tile): both give the same bits, this is only speed (at 16
+// rows the row kernels still win on AVX-512, by 10-30%; at 64 the GEMMs do).
+constexpr int64_t kExpandRows = 32;
 
-// The buffer run_group expands into, one per thread (prefill of a K = 1536 matrix: 300 KB).
-template <typename T>
+// K per chunk of the fp32 GEMMs: 128, so 3 tiles' expanded weights (24 KB) stay in L1.
+constexpr int64_t kChunkBlocks = 4;
+
+// Buffers run_group works in, one of each per thread (kind tells them apart), 64-byte aligned:
+// a vector load that straddles two cache lines costs two.
+template <typename T, int kind>
 T* scratch(size_t elements) {
   thread_local std::vector<T> buffer;
-  if (buffer.size() < elements) buffer.resize(elements);
-  return buffer.data();
+  const size_t pad = 64 / sizeof(T);
+  if (buffer.size() < elements + pad) buffer.resize(elements + pad);
+  const uintptr_t address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((address + 63) & ~uintptr_t{63});
 }
 
 void run_tile(const Problem& p, int64_t tile) {
@@ -558,10 +643,10 @@ void run_tile(const Problem& p, int64_t tile) {
   if (p.bits == 4) return tile_rows_avx512<4>(p, tile);
   return tile_rows_avx512<8>(p, tile);
 #elif defined(__AVX2__) && defined(__FMA__)
-  if (p.bits == 4) return tile_rows_avx2<4>(p, tile, nullptr);
-  return tile_rows_avx2<8>(p, tile, nullptr);
+  if (p.bits == 4) return tile_rows_avx2<4>(p, tile);
+  return tile_rows_avx2<8>(p, tile);
 #else
-  tile_rows_portable(p, tile, nullptr);
+  tile_rows_portable(p, tile);
 #endif
 }
 
@@ -569,36 +654,35 @@ void run_tile(const Problem& p, int64_t tile) {
 void run_group(const Problem& p, int64_t group) {
   const int64_t tile0 = group * kGroup;
   const int tiles = static_cast<int>(std::min<int64_t>(kGroup, p.n / kTile - tile0));
-#if defined(__AVX512F__)
 #if defined(__AVX512BF16__)
   if (p.x_bf16 != nullptr) {
-    uint16_t* codes = scratch<uint16_t>(p.k / 2 * tiles * 2 * kTile);
-    float* scales = scratch<float>(p.k / kBlock * tiles * 2 * kTile);
+    uint16_t* codes = scratch<uint16_t, 0>(p.k / 2 * tiles * 2 * kTile);
+    float* scales = scratch<float, 0>(p.k / kBlock * tiles * 2 * kTile);
     p.bits == 4 ? expand_bf16<4>(p, tile0, tiles, codes, scales) : expand_bf16<8>(p, tile0, tiles, codes, scales);
     if (tiles == 3) return gemm_rows_bf16<3>(p, codes, scales, tile0);
     if (tiles == 2) return gemm_rows_bf16<2>(p, codes, scales, tile0);
     return gemm_rows_bf16<1>(p, codes, scales, tile0);
   }
 #endif
-  float* expanded = scratch<float>(p.k * tiles * kTile);
-  p.bits == 4 ? expand_avx512<4>(p, tile0, tiles, expanded) : expand_avx512<8>(p, tile0, tiles, expanded);
-  if (tiles == 3) return gemm_rows_avx512<3>(p, expanded, tile0);
-  if (tiles == 2) return gemm_rows_avx512<2>(p, expanded, tile0);
-  return gemm_rows_avx512<1>(p, expanded, tile0);
+  const int64_t blocks = p.k / kBlock;
+  float* expanded = scratch<float, 1>(kChunkBlocks * kBlock * tiles * kTile);
+  float* state = scratch<float, 2>(p.m * tiles * 2 * kTile);
+  for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+    const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
+    const Chunk c{b0, b1, state, b0 == 0, b1 == blocks};
+#if defined(__AVX512F__)
+    p.bits == 4 ? expand_avx512<4>(p, tile0, tiles, c, expanded) : expand_avx512<8>(p, tile0, tiles, c, expanded);
+    if (tiles == 3) gemm_rows_avx512<3>(p, expanded, tile0, c);
+    if (tiles == 2) gemm_rows_avx512<2>(p, expanded, tile0, c);
+    if (tiles == 1) gemm_rows_avx512<1>(p, expanded, tile0, c);
 #elif defined(__AVX2__) && defined(__FMA__)
-  float* expanded = scratch<float>(p.k * kTile);
-  if (p.bits == 4) {
-    expand_avx2<4>(p, tile0, expanded);
-    return tile_rows_avx2<4>(p, tile0, expanded);
-  }
-  expand_avx2<8>(p, tile0, expanded);
-  tile_rows_avx2<8>(p, tile0, expanded);
+    p.bits == 4 ? expand_avx2<4>(p, tile0, c, expanded) : expand_avx2<8>(p, tile0, c, expanded);
+    gemm_rows_avx2(p, expanded, tile0, c);
 #else
-  (void)tiles;
-  float* expanded = scratch<float>(p.k * kTile);
-  expand_portable(p, tile0, expanded);
-  tile_rows_portable(p, tile0, expanded);
+    expand_portable(p, tile0, c, expanded);
+    gemm_rows_portable(p, expanded, tile0, c);
 #endif
+  }
 }
 
 // Work items are handed out in chunks from one counter; the calling thread works too, so a call
@@ -666,6 +750,19 @@ bool have_bf16_path() {
 
 // Whether this build has the bf16 path (asked by afmkit/kernels/__init__.py through ctypes).
 extern "C" int AfmkitHasBf16() { return have_bf16_path() ? 1 : 0; }
+
+// Which code this build runs (for benchmarks and bug reports).
+extern "C" const char* AfmkitIsa() {
+#if defined(__AVX512BF16__)
+  return "avx512-bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
 
 namespace {
 
