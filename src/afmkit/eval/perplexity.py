@@ -78,12 +78,11 @@ def _token_nll(params: Any, tokens: jax.Array, *, config: Any, activation_dtype:
     the matrix units, so this keeps every window's numbers independent of the batch size at no
     real cost.
     """
-    from afmkit.model.transformer import logits_fn
+    from afmkit.model.transformer import logits_fn, token_nll
 
     def one_window(row: jax.Array) -> jax.Array:
         logits = logits_fn(params, row[None], config=config, activation_dtype=activation_dtype)[0]
-        logits = logits.astype(jnp.float32)[:-1]
-        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, row[1:, None], axis=-1)[:, 0]
+        return token_nll(logits[:-1], row[1:])[0]
 
     return jax.lax.map(one_window, tokens)
 
