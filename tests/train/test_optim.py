@@ -111,3 +111,17 @@ def test_bad_optimizer_settings_are_clear_errors():
         OptimizerConfig(name="sgdx")
     with pytest.raises(UserError, match="learning rate must be positive"):
         OptimizerConfig(peak_lr=0)
+
+
+def test_an_extension_replans_a_continuous_cosine_to_the_floor():
+    base = OptimizerConfig(peak_lr=1.0, warmup_steps=2, total_steps=10, final_lr_fraction=0.1)
+    extended = OptimizerConfig(peak_lr=1.0, warmup_steps=2, total_steps=10, final_lr_fraction=0.1, replans=((6, 16),))
+    before, after = lr_schedule(base), lr_schedule(extended)
+    for step in range(6):  # the plan before the extension is untouched
+        assert float(after(step)) == pytest.approx(float(before(step)))
+    begin = float(before(6))
+    for step in range(6, 20):  # a cosine from the value at step 6 down to 0.1 at 16, flat after
+        progress = min((step - 6) / 10, 1.0)
+        assert float(after(step)) == pytest.approx(0.1 + (begin - 0.1) * 0.5 * (1 + np.cos(np.pi * progress)), rel=1e-5)
+    with pytest.raises(UserError, match="must start within the previous plan"):
+        OptimizerConfig(total_steps=10, replans=((12, 20),))
