@@ -3,7 +3,9 @@ survives any one request's failure (and says so truthfully on /health), work can
 client leaves, and a SIGTERM that always stops the process."""
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -194,6 +196,24 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_job(server, monkeyp
     assert stats.completed == completed and stats.generated_tokens - generated < 48
 
 
+def test_the_access_log_has_one_line_per_request(server, tiny_model, caplog):
+    caplog.set_level(logging.INFO, logger="afmkit.access")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0}
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    out = {}
+    _stream(server, "Hello", 7, out, "s")
+    assert httpx.post(server.url + "/v1/chat/completions", json={**body, "top_p": 2}, timeout=60).status_code == 400
+    lines = [r.getMessage() for r in caplog.records if r.name == "afmkit.access"]
+    assert len(lines) == 3, lines
+    tokens_in = len(_prompt(tiny_model, "Hello"))
+    expected_out = len(_solo(tiny_model, "Hello", 5).tokens), len(_solo(tiny_model, "Hello", 7).tokens)
+    pattern = r'127\.0\.0\.1 "POST /v1/chat/completions" (\d+) model=(\S+) tokens_in=(\d+) tokens_out=(\d+) [\d.]+s'
+    parsed = [re.fullmatch(pattern, line).groups() for line in lines]
+    assert parsed[0] == ("200", "tiny", str(tokens_in), str(expected_out[0]))
+    assert parsed[1] == ("200", "tiny", str(tokens_in), str(expected_out[1]))
+    assert parsed[2] == ("400", "-", "0", "0")
+
+
 # -- SIGTERM ----------------------------------------------------------------------------------
 STUCK_SERVER = """
 import sys, time
@@ -251,7 +271,7 @@ def test_sigterm_stops_a_server_whose_requests_can_never_finish(tiny_model, tmp_
             t.join(timeout=30)
         assert replies["plain"].status_code == 503
         assert replies["plain"].json()["error"]["code"] == "server_shutting_down"
-        assert "shutting down" in replies["stream"].text  # the stream ends with an error event
+        assert "server_shutting_down" in replies["stream"].text  # the stream ends with an error event
     finally:
         if process.poll() is None:
             process.kill()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from fastapi import FastAPI
 
 from afmkit.adapters.registry import AdapterRegistry
 from afmkit.errors import UserError
-from afmkit.infer.api.errors import ApiError, GuardMiddleware, install_error_handlers
+from afmkit.infer.api.errors import ApiError, GuardMiddleware, access_log, install_error_handlers
 from afmkit.infer.api.routes import router
 from afmkit.infer.api.state import ServerLimits, ServerState
 from afmkit.infer.engine import cache_capacity
@@ -169,6 +170,11 @@ def cmd_serve(args: Any) -> int:
         adapter_slots=args.adapter_slots,
         limits=limits,
     )
+    if not getattr(args, "no_access_log", False):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     console.print(f"serving {args.served_name or model.name} on http://{shown}:{port}/v1")
@@ -181,7 +187,7 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument("--served-name", help="the model name clients use (default: the model's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
     parser.add_argument("--max-batch", type=int, default=32, help="rows in the running decode batch (default 32)")
     parser.add_argument(
         "--cache-bytes", type=int, default=1 << 30, help="adapter cache budget in bytes (default 1 GiB)"
@@ -192,3 +198,8 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (default 2048)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="do not print one line per request (client, route, status, model, tokens in/out, latency)",
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -74,6 +75,30 @@ def install_error_handlers(app: FastAPI, state: Any) -> None:
         return error_response(state, ApiError(422, f"{where}: {first.get('msg', 'invalid')}", code="invalid_type"))
 
 
+access_log = logging.getLogger("afmkit.access")
+
+
+def _log_access(scope: dict, status: int, seconds: float) -> None:
+    """One line per request: client, method and path, status, model, tokens in/out, latency
+    (to the last byte; for a stream, its end). ``streaming`` leaves the job in the scope."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    job = scope.get("afmkit.job")
+    model, tokens_in, tokens_out = (job.gen.model, len(job.gen.prompt), job.count) if job else ("-", 0, 0)
+    client = scope.get("client") or ("-", 0)
+    access_log.info(
+        '%s "%s %s" %d model=%s tokens_in=%d tokens_out=%d %.3fs',
+        client[0],
+        scope.get("method"),
+        scope.get("path"),
+        status or 499,  # no response started: the client went away first
+        model,
+        tokens_in,
+        tokens_out,
+        seconds,
+    )
+
+
 PUBLIC_PATHS = ("/health", "/metrics")  # everything else needs the API key when one is set
 
 
@@ -94,25 +119,31 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(scope)
-        if refusal is not None:
-            await error_response(self.state, refusal)(scope, receive, send)
-            return
-        started = False
+        started, status = time.perf_counter(), 0
 
         async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:
-            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
-            if started:  # a stream already under way: nothing more can be said to this client
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await error_response(self.state, refusal)(scope, receive, tracking_send)
                 return
-            error = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
-            await error_response(self.state, error)(scope, receive, send)
+            try:
+                await self.app(scope, receive, tracking_send)
+            except Exception as exc:
+                log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+                if status:  # a stream already under way: nothing more can be said to this client
+                    return
+                error = ApiError(
+                    500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error"
+                )
+                await error_response(self.state, error)(scope, receive, tracking_send)
+        finally:
+            _log_access(scope, status, time.perf_counter() - started)
 
     def _refusal(self, scope: dict) -> ApiError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}

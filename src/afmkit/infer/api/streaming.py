@@ -64,6 +64,7 @@ class _Job:
 async def respond(request: Any, state: ServerState, gen: Generation, adapter: Any) -> Response:
     """Submit ``gen`` (with its resolved ``adapter``) and answer it."""
     job = _Job(state, gen, adapter)
+    request.scope["afmkit.job"] = job  # for the access log line
     if gen.stream:
         return StreamingResponse(_sse(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await _complete(request, job)
@@ -72,8 +73,11 @@ async def respond(request: Any, state: ServerState, gen: Generation, adapter: An
 async def _watch_disconnect(request: Any, job: _Job) -> None:
     """Wait for the client to go away, then cancel the job and wake its reader. The body was
     already read, so the next ASGI message is the disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server is closing the connection itself: nothing to watch
+        return
     job.job.cancel()
     job.events.put_nowait(_ClientGone())
 
@@ -143,7 +147,8 @@ async def _sse(job: _Job) -> AsyncIterator[str]:
             try:
                 event = await job.next()
             except Exception as exc:
-                yield f"data: {json.dumps(error_body(str(exc), 'server_error', 'generation_failed'))}\n\n"
+                code = "server_shutting_down" if isinstance(exc, SchedulerClosed) else "generation_failed"
+                yield f"data: {json.dumps(error_body(str(exc), 'server_error', code))}\n\n"
                 return
             finish = event.finish_reason
             yield _chunk(job, event.text, finish)
