@@ -6,6 +6,7 @@ which the GGUF importer reuses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -72,8 +73,55 @@ def config_from_hf(hf: dict[str, Any], *, name: str) -> ModelConfig:
     )
 
 
+# ModelConfig fields a Hugging Face Llama/Qwen3 config carries, or that do not change what the
+# model computes (training-only and descriptive fields). Any other field away from its default is
+# a feature those architectures lack, and the export is refused rather than silently wrong.
+HF_CARRIED_FIELDS = frozenset(
+    {
+        "name",
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "d_ff",
+        "rope_base",
+        "norm_eps",
+        "qk_norm",
+        "tie_embeddings",
+        "max_seq_len",
+        "z_loss",
+        "note",
+    }
+)
+_FEATURE_NAMES = {
+    "qk_norm": "q/k-norm",
+    "qk_norm_position": "q/k-norm after RoPE (AFM's order; Qwen3 normalizes before RoPE)",
+}
+
+
+def features_without_equivalent(config: ModelConfig, carried: frozenset[str]) -> list[str]:
+    """Names of the config's features that a target format lacking ``carried`` fields cannot express."""
+    features = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in carried or value == field.default:
+            continue
+        if field.name == "qk_norm_position" and not config.qk_norm:
+            continue  # the position of a norm that is not there changes nothing
+        features.append(_FEATURE_NAMES.get(field.name, f"{field.name}={value!r}"))
+    return features
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A Hugging Face ``config.json`` for this config (Llama, or Qwen3 when it has q/k-norm)."""
+    missing = features_without_equivalent(config, HF_CARRIED_FIELDS)
+    if missing:
+        raise UserError(
+            f"{config.name} uses {', '.join(missing)}; neither Hugging Face architecture afmkit writes "
+            "(Llama, Qwen3) has it, so transformers could not run this model"
+        )
     model_type = "qwen3" if config.qk_norm else "llama"
     return {
         "architectures": ["Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"],
@@ -198,17 +246,29 @@ def load_hf_directory(directory: str | os.PathLike, *, dtype: Any = jnp.float32)
     return config, params_from_hf_tensors(config, get, dtype=dtype)
 
 
-def save_hf_directory(directory: str | os.PathLike, config: ModelConfig, params: Params, tokenizer: Any = None) -> None:
-    """Write a checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+def save_hf_directory(
+    directory: str | os.PathLike, config: ModelConfig, params: Params, tokenizer: Any = None, *, dtype: Any = np.float32
+) -> None:
+    """Write a checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, its
+    tensors stored as ``dtype`` (float32 or float16)."""
     from safetensors.numpy import save_file
 
     from afmkit.files import atomic_directory
 
+    dtype = np.dtype(dtype)
+    hf_config = config_to_hf(config)  # refuses configs transformers cannot express, before any write
+    hf_config["torch_dtype"] = str(dtype)
+    generation = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids or tokenizer.eos_id}
+        hf_config.update({k: v for k, v in ids.items() if v is not None})
+        generation = {k: v for k, v in ids.items() if v is not None}
     with atomic_directory(directory) as tmp:
-        tensors = dict(params_to_hf_tensors(config, params))
+        tensors = {name: w.astype(dtype) for name, w in params_to_hf_tensors(config, params)}
         if config.tie_embeddings:
             tensors.pop("lm_head.weight", None)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -95,6 +95,7 @@ def run_config(path: str | os.PathLike) -> ModelConfig:
     found = find_run(path)
     if found is None:
         raise UserError(f"{path} is not a training run (no {RUN_FILE})")
+    resolve_step(*found)  # a path naming a step that was never saved is refused here too
     return read_run(found[0])[0]
 
 
