@@ -42,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"afmkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_GROUPS:
-        try:
-            importlib.import_module(module).register(commands)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a group that is not there yet is skipped; a broken import is not
-                raise
+        importlib.import_module(module).register(commands)
     return parser
 
 
