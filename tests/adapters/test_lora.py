@@ -39,7 +39,8 @@ def test_fresh_adapter_changes_nothing(smollm2, tokens):
 
 def test_merged_equals_unmerged_and_unmerge_restores_the_base(smollm2, tokens, make_adapter):
     adapter = make_adapter(smollm2.config, LoraConfig(rank=16, alpha=32), seed=1)
-    exact_base, exact = reference_logits(smollm2, tokens), reference_logits(smollm2, tokens, adapter)
+    both = reference_logits(smollm2, np.concatenate([tokens, tokens]), [None, None, adapter, adapter])
+    exact_base, exact = both[:2], both[2:]
     base, unmerged = _logits(smollm2, tokens), _logits(smollm2, tokens, single(adapter))
     # The plain fp32 paths (the bare base, the adapter unmerged) set the rounding bar ...
     rounding = max(rounding_error(base, exact_base), rounding_error(unmerged, exact))
@@ -67,7 +68,8 @@ def test_mixed_batch_rows_match_each_adapter_alone(smollm2, tokens, make_adapter
     slots = [0, 1, 2, 3, 1, 0, 3, 2]
     batch = np.concatenate([tokens] * 4)
     by_slot = {0: None, 1: attn_only, 2: full, 3: mlp_only}
-    exact = {slot: reference_logits(smollm2, tokens, adapter) for slot, adapter in by_slot.items()}
+    exact = reference_logits(smollm2, batch, [by_slot[slot] for slot in slots])
+    exact_base = {row % 2: exact[row] for row, slot in enumerate(slots) if slot == 0}  # each prompt, no adapter
     mixed = _logits(smollm2, batch, bank.rows(slots))
     alone, merged = [], {}
     for row, slot in enumerate(slots):
@@ -75,13 +77,13 @@ def test_mixed_batch_rows_match_each_adapter_alone(smollm2, tokens, make_adapter
         alone.append(_logits(smollm2, batch[row : row + 1], None if adapter is None else single(adapter))[0])
         if adapter is not None and slot not in merged:  # once per adapter (prompt 0 or 1: row % 2)
             merged[slot] = (row, _logits(smollm2, batch[row : row + 1], params=merge(smollm2.params, adapter))[0])
-    rounding = max(rounding_error(alone[row], exact[slot][row % 2]) for row, slot in enumerate(slots))
-    effects = [np.abs(exact[slot] - exact[0]).max() for slot in (1, 2, 3)]
+    rounding = max(rounding_error(alone[row], exact[row]) for row in range(len(slots)))
+    effects = [np.abs(exact[row] - exact_base[row % 2]).max() for row, slot in enumerate(slots) if slot]
     assert rounding <= 0.01 * min(effects)  # the plain path is right: each adapter's effect to two digits
     for row, slot in enumerate(slots):
-        assert rounding_error(mixed[row], exact[slot][row % 2]) <= SLACK * rounding, (row, slot)
+        assert rounding_error(mixed[row], exact[row]) <= SLACK * rounding, (row, slot)
     for slot, (row, logits) in merged.items():
-        assert rounding_error(logits, exact[slot][row % 2]) <= SLACK * rounding, slot
+        assert rounding_error(logits, exact[row]) <= SLACK * rounding, slot
 
 
 def test_merged_unmerged_alone_and_mixed_agree_on_afm_tiny(tiny_model, make_adapter):
@@ -91,8 +93,8 @@ def test_merged_unmerged_alone_and_mixed_agree_on_afm_tiny(tiny_model, make_adap
     bank = AdapterBank.for_adapters(config, adapters, slots=4)
     slots = [1, 2, 0, 3]
     by_slot = [None, *adapters]
-    exact = [reference_logits(tiny_model, tokens[row : row + 1], by_slot[slot])[0] for row, slot in enumerate(slots)]
-    exact_base = [reference_logits(tiny_model, tokens[row : row + 1])[0] for row in range(len(slots))]
+    both = reference_logits(tiny_model, np.concatenate([tokens, tokens]), [by_slot[s] for s in slots] + [None] * 4)
+    exact, exact_base = both[:4], both[4:]
     plain = [
         _logits(tiny_model, tokens[row : row + 1], by_slot[slot] and single(by_slot[slot]))[0]
         for row, slot in enumerate(slots)
@@ -158,9 +160,7 @@ def test_decode_schedule_that_reads_the_bank_once_matches_each_row_alone():
     positions = jnp.full((8, 1), 3, jnp.int32)
     mixed, _ = forward(params, tokens, positions, None, config=config, adapters=bank.rows(slots))
     by_slot = [None, *adapters]
-    exact = [
-        reference_hidden(config, params, tokens[row], by_slot[slot], positions=[3]) for row, slot in enumerate(slots)
-    ]
+    exact = reference_hidden(config, params, tokens, [by_slot[slot] for slot in slots], positions=[3])
     alone = [
         forward(
             params,
@@ -176,5 +176,5 @@ def test_decode_schedule_that_reads_the_bank_once_matches_each_row_alone():
     for row, slot in enumerate(slots):
         assert rounding_error(mixed[row], exact[row]) <= SLACK * rounding
         if slot:
-            base = reference_hidden(config, params, tokens[row], positions=[3])
+            base = reference_hidden(config, params, tokens[row : row + 1], positions=[3])[0]
             assert rounding <= 0.01 * np.abs(exact[row] - base).max()  # the adapter's effect to two digits
