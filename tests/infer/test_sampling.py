@@ -77,3 +77,37 @@ def test_mode_is_the_cheapest_that_serves_every_row():
     assert SamplerMode.for_batch([SamplingParams()]) is SamplerMode.GREEDY
     assert SamplerMode.for_batch([SamplingParams(), SamplingParams(temperature=0.7)]) is SamplerMode.SAMPLE
     assert SamplerMode.for_batch([SamplingParams(temperature=0.7, top_k=5)]) is SamplerMode.FILTERED
+
+
+def _greedy_with_penalties_by_hand(model, prompt, n, presence, frequency):
+    """The OpenAI penalty formula transcribed in numpy over full-sequence logits (no cache):
+    logit[t] -= presence * (count[t] > 0) + frequency * count[t], counts of generated tokens."""
+    ids, counts, out = list(prompt), np.zeros(model.config.vocab_size), []
+    for _ in range(n):
+        logits = model.logits(ids)[-1].astype(np.float64)
+        token = int(np.argmax(logits - presence * (counts > 0) - frequency * counts))
+        out.append(token)
+        ids.append(token)
+        counts[token] += 1
+        if token in model.engine.eos_ids:
+            break
+    return out
+
+
+def test_presence_and_frequency_penalties_match_the_formula_and_break_loops(smollm2):
+    prompt = smollm2.tokenizer.encode("Once upon a time there was a cat. The cat")
+    plain = smollm2.engine.generate([prompt], SamplingParams(max_new_tokens=16))[0].tokens
+    assert len(set(plain)) < len(plain)  # greedy SmolLM2 repeats itself here
+    penalized = SamplingParams(max_new_tokens=16, presence_penalty=0.5, frequency_penalty=1.0)
+    # With a row without penalties beside it: each row keeps its own counts and penalties.
+    got = smollm2.engine.generate([prompt, prompt], [penalized, SamplingParams(max_new_tokens=16)])
+    assert got[0].tokens == _greedy_with_penalties_by_hand(smollm2, prompt, 16, 0.5, 1.0)
+    assert got[1].tokens == plain
+    assert len(set(got[0].tokens)) > len(set(plain))  # fewer repeats
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [2.5, -3, float("nan"), float("inf")])
+def test_penalties_outside_openais_range_are_refused(field, value):
+    with pytest.raises(UserError, match=field):
+        SamplingParams(**{field: value})

@@ -155,6 +155,8 @@ MALFORMED = {
     "top-k-2**31": (_body(temperature=1, top_k=2147483648), 400, "invalid_sampling"),
     "top-k-negative": (_body(top_k=-1), 400, "invalid_sampling"),
     "top-p-zero": (_body(top_p=0), 400, "invalid_sampling"),
+    "presence-penalty-3": (_body(presence_penalty=3), 400, "invalid_sampling"),
+    "frequency-penalty-string": (_body(frequency_penalty="lots"), 422, "invalid_type"),
     "top-p-string": (_body(top_p="high"), 422, "invalid_type"),
     "max-tokens-401-digits": (_body()[:-1] + f', "max_tokens": {DIGITS_401}}}', 400, "invalid_max_tokens"),
     "seed-float": (_body(seed=1.5), 422, "invalid_type"),
@@ -229,6 +231,19 @@ def test_an_unexpected_exception_is_a_json_500_that_keeps_the_connection(server,
     connection.request("POST", "/v1/chat/completions", body=json.dumps(CHAT), headers=AUTH)
     assert connection.getresponse().status == 200
     assert _errors_counted(server) == errors_before + 1
+
+
+def test_penalties_reach_the_engine(server, tiny_model):
+    content = "Repeat after me: la la la la la."
+    ids = tiny_model.tokenizer.encode(tiny_model.tokenizer.apply_chat_template([{"role": "user", "content": content}]))
+    # Negative penalties: this random model never repeats itself, so rewarding repeats shows.
+    sampling = SamplingParams(max_new_tokens=20, presence_penalty=-2, frequency_penalty=-1.5)
+    expected = tiny_model.engine.generate([ids], sampling)[0].text
+    assert expected != tiny_model.engine.generate([ids], SamplingParams(max_new_tokens=20))[0].text
+    body = {**CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 20}
+    body.update(presence_penalty=-2, frequency_penalty=-1.5)
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120).json()
+    assert reply["choices"][0]["message"]["content"] == expected
 
 
 def test_openapi_schema_needs_the_api_key(server):

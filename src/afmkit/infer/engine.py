@@ -38,7 +38,7 @@ import numpy as np
 from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
 from afmkit.config import ModelConfig
 from afmkit.errors import UserError
-from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, sample
+from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, count_tokens, sample
 from afmkit.model.kv_cache import KVCache
 from afmkit.model.transformer import Params, forward, output_logits
 
@@ -216,13 +216,15 @@ def _decode_step(
     state: DecodeState,
     sampler: SamplerState,
     lora: RowAdapters | None = None,
+    counts: jax.Array | None = None,
     *,
     config: ModelConfig,
     attend_len: int,
     mode: SamplerMode,
     activation_dtype: Any,
-) -> tuple[KVCache, DecodeState]:
-    """One token for each of the first ``len(state.tokens)`` rows of the cache."""
+) -> tuple[KVCache, DecodeState, jax.Array | None]:
+    """One token for each of the first ``len(state.tokens)`` rows of the cache; ``counts``
+    (``[B, vocab]`` tokens generated so far, when a row has penalties) is applied and updated."""
     hidden, cache = forward(
         params,
         state.tokens[:, None],
@@ -234,8 +236,9 @@ def _decode_step(
         adapters=lora,
     )
     step = state.step + 1
-    tokens = sample(output_logits(params, hidden[:, 0]), sampler, step, mode=mode)
-    return cache, DecodeState(tokens=tokens, positions=state.positions + 1, step=step)
+    tokens = sample(output_logits(params, hidden[:, 0]), sampler, step, mode=mode, counts=counts)
+    counts = None if counts is None else count_tokens(counts, tokens)
+    return cache, DecodeState(tokens=tokens, positions=state.positions + 1, step=step), counts
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch", "capacity", "dtype"))
@@ -410,6 +413,7 @@ class DecodeBatch:
             self._new_bank(adapters)
         self.mode = SamplerMode.GREEDY
         self.inflight: list[tuple[jax.Array, list[_Row | None]]] = []
+        self.counts: jax.Array | None = None  # [slots, vocab] generated tokens, once a row has penalties
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -526,6 +530,11 @@ class DecodeBatch:
             positions=self.state.positions.at[slots].set(lengths),
             step=self.state.step.at[slots].set(0),
         )
+        if self.counts is None and any(r.request.sampling.penalized for r in rows):
+            self.counts = jnp.zeros((self.n_slots, self.engine.config.vocab_size), jnp.int32)
+        if self.counts is not None:  # each new row has generated its first token only
+            vocab = self.counts.shape[1]
+            self.counts = self.counts.at[slots].set(jax.nn.one_hot(first, vocab, dtype=jnp.int32))
         new_sampler = SamplerState.from_params([r.request.sampling for r in rows])
         self.sampler = jax.tree.map(lambda full, new: full.at[slots].set(new), self.sampler, new_sampler)
         if self.bank is not None:
@@ -625,12 +634,14 @@ class DecodeBatch:
         sampler = self.sampler if whole else jax.tree.map(lambda a: a[:rows], self.sampler)
         uses_adapter = self.bank is not None and any(r is not None and r.bank_slot for r in self.rows[:rows])
         lora = self.bank.rows(self.row_bank_slots[:rows]) if uses_adapter else None
-        self.cache, out = _decode_step(
+        counts = self.counts if whole or self.counts is None else self.counts[:rows]
+        self.cache, out, counts = _decode_step(
             engine.params,
             self.cache,
             state,
             sampler,
             lora,
+            counts,
             config=engine.config,
             attend_len=attend_len,
             mode=self.mode,
@@ -640,6 +651,8 @@ class DecodeBatch:
             self.state = out
         else:
             self.state = jax.tree.map(lambda new, old: jnp.concatenate([new, old[rows:]]), out, self.state)
+        if counts is not None:
+            self.counts = counts if whole else jnp.concatenate([counts, self.counts[rows:]])
         for r in needing:
             r.dispatched += 1
         return out.tokens, list(self.rows[:rows])

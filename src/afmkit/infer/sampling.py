@@ -21,6 +21,7 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 2**31 - 1  # top_k is an int32 on the device
 MAX_NEW_TOKENS = 2**31 - 1
 SEED_RANGE = 2**32  # seeds are uint32 random keys
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 
 
 class SamplingError(UserError):
@@ -53,6 +54,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    # OpenAI's penalties on tokens already generated (not the prompt), before any sampling:
+    # logit -= presence_penalty * (count > 0) + frequency_penalty * count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +81,10 @@ class SamplingParams:
         integer_in("top_k", 0, MAX_TOP_K, f"an integer in [0, {MAX_TOP_K}] (0 turns it off)")
         require("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 turns it off)")
         integer_in("seed", 0, SEED_RANGE - 1, "an integer in [0, 2**32)")
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, field)
+            require(field, _is_number(value) and -MAX_PENALTY <= value <= MAX_PENALTY, "a number in [-2, 2]")
+            object.__setattr__(self, field, float(value))
         if not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingError("stop", "stop strings must be non-empty strings")
         # Compared exactly above (a huge integer included); stored as the floats the device uses.
@@ -89,6 +98,10 @@ class SamplingParams:
     @property
     def filtered(self) -> bool:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class SamplerMode(enum.Enum):
@@ -114,6 +127,8 @@ class SamplerState:
     top_k: jax.Array  # [B] int32, 0 = off
     top_p: jax.Array  # [B] float32
     keys: jax.Array  # [B, 2] uint32
+    presence_penalty: jax.Array  # [B] float32
+    frequency_penalty: jax.Array  # [B] float32
 
     @classmethod
     def from_params(cls, params: list[SamplingParams]) -> SamplerState:
@@ -122,12 +137,32 @@ class SamplerState:
             top_k=jnp.asarray([p.top_k for p in params], jnp.int32),
             top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
             keys=jnp.stack([jax.random.PRNGKey(p.seed) for p in params]),
+            presence_penalty=jnp.asarray([p.presence_penalty for p in params], jnp.float32),
+            frequency_penalty=jnp.asarray([p.frequency_penalty for p in params], jnp.float32),
         )
 
 
-def sample(logits: jax.Array, state: SamplerState, step: jax.Array, *, mode: SamplerMode) -> jax.Array:
+def penalize(logits: jax.Array, state: SamplerState, counts: jax.Array) -> jax.Array:
+    """OpenAI's presence and frequency penalties: ``counts [B, V]`` is how often each row has
+    generated each token so far."""
+    counts = counts.astype(logits.dtype)
+    presence = state.presence_penalty[:, None].astype(logits.dtype)
+    frequency = state.frequency_penalty[:, None].astype(logits.dtype)
+    return logits - presence * (counts > 0) - frequency * counts
+
+
+def count_tokens(counts: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``counts [B, V]`` after each row generated ``tokens [B]``."""
+    return counts.at[jnp.arange(tokens.shape[0]), tokens].add(1)
+
+
+def sample(
+    logits: jax.Array, state: SamplerState, step: jax.Array, *, mode: SamplerMode, counts: jax.Array | None = None
+) -> jax.Array:
     """One token per row from ``logits [B, V]``; ``step`` (scalar or ``[B]``) makes each step's
-    randomness fresh."""
+    randomness fresh; ``counts`` (the rows' generated-token counts) applies the penalties."""
+    if counts is not None:
+        logits = penalize(logits, state, counts)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode is SamplerMode.GREEDY:
         return greedy_tokens

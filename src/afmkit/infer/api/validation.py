@@ -162,6 +162,8 @@ def sampling_params(data: dict, limits: ServerLimits) -> SamplingParams:
             top_k=number(data, "top_k", 0, integer=True),
             seed=number(data, "seed", 0, integer=True) % 2**32,  # OpenAI seeds are any integer
             stop=tuple(stop),
+            presence_penalty=number(data, "presence_penalty", 0.0, integer=False),
+            frequency_penalty=number(data, "frequency_penalty", 0.0, integer=False),
         )
     except SamplingError as exc:
         raise ApiError(400, str(exc), code="invalid_sampling", param=exc.field) from None
