@@ -79,3 +79,15 @@ def test_an_unknown_recipe_is_a_clear_error():
 
     with pytest.raises(UserError, match="unknown recipe 'afm-huge'; known recipes: afm-core"):
         PretrainConfig.from_recipe("afm-huge", out="o")
+
+
+def test_the_optimizer_config_defaults_come_from_the_same_dataclass():
+    from afmkit.train.optim import OptimizerConfig
+
+    run, optimizer = PretrainConfig(out="").resolved(), OptimizerConfig()
+    assert (optimizer.name, optimizer.peak_lr, optimizer.weight_decay) == (run.optimizer, run.lr, run.weight_decay)
+    assert (optimizer.total_steps, optimizer.warmup_steps, optimizer.final_lr_fraction) == (
+        run.steps,
+        run.warmup,
+        run.final_lr_fraction,
+    )

@@ -107,9 +107,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--optimizer",
         choices=["adamw", "afm"],
-        default="adamw",
+        default=d.optimizer,
         help="whose state to count: adamw (two moments) or afm (AFM's RMSProp-momentum: the squared-gradient "
-        "and momentum EMAs), both fp32 and shaped like the weights (default adamw)",
+        f"and momentum EMAs), both fp32 and shaped like the weights (default {d.optimizer})",
     )
     s.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -29,21 +29,25 @@ import jax.numpy as jnp
 import optax
 
 from afmkit.errors import UserError
+from afmkit.train.settings import PretrainConfig, default_warmup
 
 OPTIMIZERS = ("adamw", "afm")
 
 
+_RUN = PretrainConfig(out="")  # the run settings' defaults have one source: PretrainConfig
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    name: str = "adamw"
-    peak_lr: float = 3e-3
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    final_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak (AFM: 0.005)
+    name: str = _RUN.optimizer
+    peak_lr: float = _RUN.lr
+    warmup_steps: int = default_warmup(_RUN.steps)
+    total_steps: int = _RUN.steps
+    final_lr_fraction: float = _RUN.final_lr_fraction  # cosine decays to this fraction of the peak (AFM: 0.005)
     # Extensions of a run past its planned steps, as (from_step, to_step) pairs: from each
     # from_step the LR follows a new cosine from its value there down to the floor at to_step.
     replans: tuple[tuple[int, int], ...] = ()
-    weight_decay: float = 3.16e-4  # per step at the peak LR (AFM's value); see the module docstring
+    weight_decay: float = _RUN.weight_decay  # per step at the peak LR (AFM's value); see the module docstring
     clip_global_norm: float = 1.0
     # AdamW
     b1: float = 0.9

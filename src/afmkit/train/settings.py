@@ -80,7 +80,7 @@ class PretrainConfig:
     def resolved(self) -> PretrainConfig:
         from afmkit.config import get_size
 
-        warmup = self.warmup if self.warmup is not None else min(100, self.steps // 10)
+        warmup = self.warmup if self.warmup is not None else default_warmup(self.steps)
         import jax
 
         dtype = self.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -92,6 +92,11 @@ class PretrainConfig:
         d = dataclasses.asdict(self)
         d["data"] = list(d["data"]) if d["data"] else None
         return {k: d[k] for k in RUN_IDENTITY}
+
+
+def default_warmup(steps: int) -> int:
+    """The warm-up when none is given: 10% of the steps, at most 100."""
+    return min(100, steps // 10)
 
 
 # Presets of PretrainConfig fields (``--recipe``); flags given explicitly override them.
