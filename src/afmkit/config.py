@@ -12,7 +12,6 @@ from typing import Any
 
 from afmkit.errors import UserError
 
-
 QK_NORM_POSITIONS = ("before_rope", "after_rope")
 
 

@@ -127,7 +127,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     )
 
     warmup_given = cfg.warmup is not None
-    cfg = cfg.resolved()
+    as_given, cfg = cfg, cfg.resolved()
+    # the resume command repeats the settings as given (unset ones resolve the same way again),
+    # with the data paths made absolute
+    hint = dataclasses.replace(as_given, data=cfg.data)
     _check_settings(cfg)
     config = get_size(cfg.model).replace(z_loss=cfg.z_loss)
     if cfg.seq_len > config.max_seq_len:
@@ -299,7 +302,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             hook.close()
         checkpoints.close()
         if lead:
-            _print_resume_hint(cfg, checkpoints)
+            _print_resume_hint(hint, checkpoints)
         raise
     except NonFiniteError as exc:
         for hook in hooks:
@@ -326,7 +329,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if last_step < cfg.steps:
         summary["interrupted"] = True
         if lead:
-            _print_resume_hint(cfg, checkpoints)
+            _print_resume_hint(hint, checkpoints)
     losses = [r["loss"] for r in log.records if "loss" in r] if log is not None else []
     if losses:
         summary.update(first_loss=losses[0], last_loss=losses[-1])
