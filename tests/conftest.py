@@ -17,8 +17,9 @@ from afmkit.model.transformer import init_params
 
 @pytest.fixture(scope="session")
 def smollm2() -> afmkit.LanguageModel:
-    """The embedded default model, SmolLM2-135M-Instruct, in fp32."""
-    return afmkit.load("smollm2-135m-instruct")
+    """The embedded default model, SmolLM2-135M-Instruct, in fp32: the parity reference (the
+    default on CPUs is the file's own 4-bit weights, ``dtype="int4"``)."""
+    return afmkit.load("smollm2-135m-instruct", dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from afmkit.errors import CorruptFileError, ModelNotFoundError, UserError
 from afmkit.infer.engine import Completion, Engine, StreamEvent, activation_dtype, prompt_bucket
 from afmkit.infer.sampling import SamplingParams
 from afmkit.interop import native, training_run
-from afmkit.model.packed import PackedWeight, is_packed, pack_leaf
+from afmkit.model.packed import PackedWeight, dequantize_params, is_packed, pack_leaf
 from afmkit.model.transformer import Params, logits_fn
 from afmkit.runtime import cache_dir, enable_compilation_cache
 from afmkit.weights import DEFAULT_MODEL, NAMED_WEIGHTS, known_models
@@ -40,17 +40,32 @@ WEIGHT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PACKED_DTYPES = {"int4": 4, "int8": 8}
 
 
-def default_dtype() -> Any:
-    """Weights in fp32 on CPUs (exact, and bf16 matmuls are slow on CPUs without AVX512-BF16),
-    bf16 on accelerators."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def default_dtype(gguf: Path | None = None) -> Any:
+    """The weights' format when none is asked for (the one place that decides it).
+
+    On CPUs, a quantized GGUF keeps its own bits, as llama.cpp and Ollama run it: ``"int4"``
+    when its layer matrices have 4 bits or fewer (SmolLM2's Q4_1: exactly the file's weights),
+    ``"int8"`` when some have 5 to 8; afmkit's native kernels multiply them (docs/benchmarks.md:
+    3x the fp32 decode speed, and faster prefill). Other models, and every model when the kernels
+    are unavailable (no C++ compiler, ``AFMKIT_KERNELS=0``: XLA would dequantize every matrix at
+    every step), load in fp32, the exact parity reference. Accelerators get bf16."""
+    from afmkit import kernels
+    from afmkit.interop.gguf_types import matrix_bits
+
+    if jax.default_backend() != "cpu":
+        return jnp.bfloat16
+    bits = matrix_bits(gguf) if gguf is not None else None
+    if bits is not None and kernels.available():
+        return "int4" if bits <= 4 else "int8"
+    return jnp.float32
 
 
-def weight_dtype(dtype: Any) -> Any:
-    """A weight dtype from ``None`` (the default), a name ("float32", "bfloat16") or a dtype.
-    The packed formats ("int4", "int8") come back as their names."""
+def weight_dtype(dtype: Any, gguf: Path | None = None) -> Any:
+    """A weight dtype from ``None`` (the default for the model, ``gguf`` if it is that file), a
+    name ("float32", "bfloat16") or a dtype. The packed formats ("int4", "int8") come back as
+    their names."""
     if dtype is None:
-        return default_dtype()
+        return default_dtype(gguf)
     if isinstance(dtype, str):
         if dtype in PACKED_DTYPES:
             return dtype
@@ -160,38 +175,52 @@ class LanguageModel:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Save as an afmkit checkpoint directory (loadable with ``afmkit.load(directory)``)."""
-        if is_packed(self.params):
-            raise UserError("packed (int4/int8) weights are made at load time; save the model loaded in float32")
-        return native.save_checkpoint(directory, self.config, self.params, self.tokenizer)
+        """Save as an afmkit checkpoint directory (loadable with ``afmkit.load(directory)``).
+        Packed (int4/int8) weights are saved as the fp32 values they hold, exactly, so loading the
+        checkpoint with the same ``dtype`` packs them back to the same codes."""
+        params = dequantize_params(self.params) if is_packed(self.params) else self.params
+        return native.save_checkpoint(directory, self.config, params, self.tokenizer)
 
 
 _jitted_logits = jax.jit(logits_fn, static_argnames=("config", "activation_dtype"))
 
 
-def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) -> LanguageModel:
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, mesh: Any = None) -> LanguageModel:
     """Load a model by name (see ``known_models()``) or from a path (GGUF file, afmkit
     checkpoint directory, Hugging Face directory, pre-training run or one of its steps).
 
-    ``dtype`` is the weights' storage and matmul precision: ``"float32"`` (the CPU default) or
-    ``"bfloat16"`` (the accelerator default; on CPUs with AVX512-BF16 it also runs faster than
-    fp32 and halves memory). On CPUs, activations, the KV cache and logits stay fp32 either way.
-    ``"int4"``/``"int8"`` pack the layer matrices to 4/8 bits and the embedding to 8 bits in
-    blocks of 32 (``afmkit.model.packed``): the fastest decoding on CPUs, and for SmolLM2's GGUF
-    (Q4_1 matrices, Q8_0 embedding) ``"int4"`` holds exactly the weights the file stores.
+    ``dtype`` is the weights' storage and matmul precision: ``"float32"`` (exact: the parity
+    reference), ``"bfloat16"`` (the accelerator default; on CPUs with AVX512-BF16 it also runs
+    faster than fp32 and halves memory), or ``"int4"``/``"int8"``, which pack the layer matrices
+    to 4/8 bits and the embedding to 8 bits in blocks of 32 (``afmkit.model.packed``): the
+    fastest decoding on CPUs, and for SmolLM2's GGUF (Q4_1 matrices, Q8_0 embedding) ``"int4"``
+    holds exactly the weights the file stores. On CPUs, activations, the KV cache and logits
+    stay fp32 whatever the weights. The default (``None``) is ``default_dtype``'s: on CPUs a
+    quantized GGUF at its own bits (SmolLM2: int4), anything else in fp32.
+
+    ``mesh``: serve across devices, a spec string as ``pretrain --mesh`` takes (``"tensor=2"``,
+    ``"data=2,tensor=4"``) or a ``jax.sharding.Mesh``; weights and KV caches are split by the
+    trainer's rule table (``afmkit.sharding.inference``). Packed weights are single-device, so a
+    mesh takes float32 or bfloat16 (its default: fp32 on CPUs, bf16 on accelerators).
     """
+    if mesh is not None:  # a bad spec or dtype fails before any weights load
+        from afmkit.sharding.inference import as_mesh
+
+        mesh, dtype = as_mesh(mesh), _mesh_dtype(dtype)
+        return _on_mesh(load(name_or_path, dtype=dtype), mesh)
     enable_compilation_cache()
-    dtype = weight_dtype(dtype)
+    requested, dtype = dtype, weight_dtype(dtype)
     key = str(name_or_path)
     if key in NAMED_WEIGHTS:
-        config, params, tokenizer = _load_gguf_cached(NAMED_WEIGHTS[key](), name=key, dtype=dtype)
+        gguf = NAMED_WEIGHTS[key]()
+        config, params, tokenizer = _load_gguf_cached(gguf, name=key, dtype=weight_dtype(requested, gguf))
         return LanguageModel(config, params, tokenizer, name=key)
     path = Path(key).expanduser()
     if training_run.find_run(path) is not None:  # before the existence check: a missing step has its own error
         config, params, tokenizer, name = training_run.load_run(path, convert=_weight_maker(dtype))
         return LanguageModel(config, params, tokenizer, name=name)
     if path.is_file() and path.suffix == ".gguf":
-        config, params, tokenizer = _load_gguf_cached(path, name=path.stem, dtype=dtype)
+        config, params, tokenizer = _load_gguf_cached(path, name=path.stem, dtype=weight_dtype(requested, path))
         return LanguageModel(config, params, tokenizer, name=path.stem)
     if path.is_dir() and native.is_checkpoint(path):
         config, params, tokenizer = native.load_checkpoint(path, convert=_weight_maker(dtype))
@@ -216,6 +245,23 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None) 
         )
     hint = f" ({key} is a model size: use it with 'afmkit info')" if key in SIZES else ""
     raise ModelNotFoundError(f"unknown model {key!r}{hint}; known models: {', '.join(known_models())}, or give a path")
+
+
+def _mesh_dtype(dtype: Any) -> Any:
+    """The weight dtype for a mesh: packed formats refused, the default never packed."""
+    if isinstance(dtype, str) and dtype in PACKED_DTYPES:
+        raise UserError(
+            f"dtype {dtype!r} packs the weights for afmkit's single-device CPU kernels and cannot be "
+            "split over a mesh; use float32 or bfloat16 with a mesh"
+        )
+    return default_dtype() if dtype is None else dtype
+
+
+def _on_mesh(model: LanguageModel, mesh: Any) -> LanguageModel:
+    """``model`` with its weights split over ``mesh`` and an engine that runs there."""
+    model.engine = Engine(model.config, model.params, model.tokenizer, eos_ids=model.tokenizer.stop_ids, mesh=mesh)
+    model.params = model.engine.params
+    return model
 
 
 def load_config(name_or_path: str | os.PathLike) -> ModelConfig:

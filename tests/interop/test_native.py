@@ -88,7 +88,7 @@ def test_a_bf16_first_load_does_not_round_the_cached_weights(tmp_path, monkeypat
     monkeypatch.setenv("AFMKIT_CACHE", str(tmp_path))
     bf16 = afmkit.load(smollm2_gguf, dtype="bfloat16")
     assert bf16.params["embed"].dtype == jnp.bfloat16
-    fp32 = afmkit.load(smollm2_gguf)  # now from the cache the bf16 load wrote
+    fp32 = afmkit.load(smollm2_gguf, dtype="float32")  # now from the cache the bf16 load wrote
     np.testing.assert_array_equal(np.asarray(fp32.params["embed"]), np.asarray(smollm2.params["embed"]))
 
 

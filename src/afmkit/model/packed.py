@@ -236,6 +236,15 @@ def pack_params(params: dict[str, Any], *, bits: int, embed_bits: int = 8) -> di
     return packed
 
 
+def dequantize_params(params: Any) -> Any:
+    """The weights with every ``PackedWeight`` replaced by the fp32 values it holds (exactly)."""
+    return jax.tree.map(
+        lambda w: w.dequantize() if isinstance(w, PackedWeight) else w,
+        params,
+        is_leaf=lambda w: isinstance(w, PackedWeight),
+    )
+
+
 def is_packed(params: dict[str, Any]) -> bool:
     return any(
         isinstance(w, PackedWeight) for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, PackedWeight))
