@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
 from afmkit.config import ModelConfig
@@ -41,6 +42,7 @@ from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, count_tokens, sample
 from afmkit.model.kv_cache import KVCache
 from afmkit.model.transformer import Params, forward, output_logits
+from afmkit.sharding import inference as mesh_inference
 
 KV_BLOCK = 256  # attention-length and cache-capacity granularity
 PREFILL_CHUNK = 512  # longer prompts are prefilled in chunks of this many positions
@@ -95,7 +97,9 @@ class DecodeState:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("config", "attend_len", "mode", "activation_dtype", "cache_sharding"),
+    donate_argnames=("cache",),
 )
 def _prefill_chunk(
     params: Params,
@@ -111,10 +115,11 @@ def _prefill_chunk(
     attend_len: int,
     mode: SamplerMode,
     activation_dtype: Any,
+    cache_sharding: NamedSharding | None = None,
 ) -> tuple[KVCache, jax.Array]:
     """Write one chunk of prompt positions into the first rows of the cache; sample the first
     new token of every row whose last prompt token lies in this chunk (others keep ``first``)."""
-    return _prefill_rows(
+    cache, first = _prefill_rows(
         params,
         cache,
         tokens,
@@ -128,6 +133,15 @@ def _prefill_chunk(
         mode=mode,
         activation_dtype=activation_dtype,
     )
+    return _pin(cache, cache_sharding), first
+
+
+def _pin(cache: KVCache, sharding: NamedSharding | None) -> KVCache:
+    """The cache kept in its mesh layout across a step (``sharding``: None without a mesh), so
+    the donated input and the output match and the next step compiles for the same layout."""
+    if sharding is None:
+        return cache
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), cache)
 
 
 def _prefill_rows(
@@ -165,7 +179,9 @@ def _prefill_rows(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("config", "attend_len", "mode", "activation_dtype", "cache_sharding"),
+    donate_argnames=("cache",),
 )
 def _prefill_slots_chunk(
     params: Params,
@@ -182,6 +198,7 @@ def _prefill_slots_chunk(
     attend_len: int,
     mode: SamplerMode,
     activation_dtype: Any,
+    cache_sharding: NamedSharding | None = None,
 ) -> tuple[KVCache, jax.Array]:
     """``_prefill_chunk`` for rows at any slots of a running batch's cache: the slots' first
     ``attend_len`` positions are gathered, prefilled and written back (other rows untouched)."""
@@ -204,11 +221,13 @@ def _prefill_slots_chunk(
         k=[k.at[slots, ..., :attend_len].set(r) for k, r in zip(cache.k, rows.k)],
         v=[v.at[slots, :, :attend_len].set(r) for v, r in zip(cache.v, rows.v)],
     )
-    return cache, first
+    return _pin(cache, cache_sharding), first
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "attend_len", "mode", "activation_dtype"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("config", "attend_len", "mode", "activation_dtype", "cache_sharding"),
+    donate_argnames=("cache",),
 )
 def _decode_step(
     params: Params,
@@ -222,6 +241,7 @@ def _decode_step(
     attend_len: int,
     mode: SamplerMode,
     activation_dtype: Any,
+    cache_sharding: NamedSharding | None = None,
 ) -> tuple[KVCache, DecodeState, jax.Array | None]:
     """One token for each of the first ``len(state.tokens)`` rows of the cache; ``counts``
     (``[B, vocab]`` tokens generated so far, when a row has penalties) is applied and updated."""
@@ -238,12 +258,16 @@ def _decode_step(
     step = state.step + 1
     tokens = sample(output_logits(params, hidden[:, 0]), sampler, step, mode=mode, counts=counts)
     counts = None if counts is None else count_tokens(counts, tokens)
-    return cache, DecodeState(tokens=tokens, positions=state.positions + 1, step=step), counts
+    state = DecodeState(tokens=tokens, positions=state.positions + 1, step=step)
+    return _pin(cache, cache_sharding), state, counts
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "capacity", "dtype"))
-def _empty_cache(*, config: ModelConfig, batch: int, capacity: int, dtype: Any) -> KVCache:
-    return KVCache.zeros(config, batch=batch, capacity=capacity, dtype=dtype)
+@functools.partial(jax.jit, static_argnames=("config", "batch", "capacity", "dtype", "sharding"))
+def _empty_cache(
+    *, config: ModelConfig, batch: int, capacity: int, dtype: Any, sharding: NamedSharding | None = None
+) -> KVCache:
+    """A zeroed cache, made in place in its mesh layout (never whole on one device first)."""
+    return _pin(KVCache.zeros(config, batch=batch, capacity=capacity, dtype=dtype), sharding)
 
 
 @dataclasses.dataclass
@@ -400,7 +424,14 @@ class DecodeBatch:
         self.engine = engine
         self.n_slots = slots
         self.capacity = capacity
-        self.cache = _empty_cache(config=engine.config, batch=slots, capacity=capacity, dtype=engine.activation_dtype)
+        self.cache_sharding = engine.kv_cache_sharding(rows=slots)
+        self.cache = _empty_cache(
+            config=engine.config,
+            batch=slots,
+            capacity=capacity,
+            dtype=engine.activation_dtype,
+            sharding=self.cache_sharding,
+        )
         self.rows: list[_Row | None] = [None] * slots
         zeros = jnp.zeros((slots,), jnp.int32)
         self.state = DecodeState(tokens=zeros, positions=zeros, step=zeros)
@@ -587,6 +618,7 @@ class DecodeBatch:
                 attend_len=chunk_start + chunk,
                 mode=mode,
                 activation_dtype=engine.activation_dtype,
+                cache_sharding=self.cache_sharding,
             )
             args = (jnp.asarray(tokens[:, chunk_start : chunk_start + chunk]), jnp.int32(chunk_start), lengths_dev)
             if direct:
@@ -646,6 +678,7 @@ class DecodeBatch:
             attend_len=attend_len,
             mode=self.mode,
             activation_dtype=engine.activation_dtype,
+            cache_sharding=self.cache_sharding,
         )
         if whole:
             self.state = out
@@ -698,7 +731,12 @@ class DecodeBatch:
 
 
 class Engine:
-    """Batched, streamed generation over one model's weights."""
+    """Batched, streamed generation over one model's weights.
+
+    With a ``mesh`` (a ``Mesh`` or a spec string such as ``"tensor=2"``), the weights are split
+    over its devices by the trainer's rule table and every KV cache by rows (``data``) and KV
+    heads (``tensor``): see ``afmkit.sharding.inference``.
+    """
 
     def __init__(
         self,
@@ -708,8 +746,12 @@ class Engine:
         *,
         eos_ids: Sequence[int] = (),
         max_batch: int = MAX_BATCH,
+        mesh: Mesh | str | None = None,
     ) -> None:
         self.config = config
+        self.mesh = None if mesh is None else mesh_inference.as_mesh(mesh)
+        if self.mesh is not None:
+            params = mesh_inference.shard_weights(config, params, self.mesh)
         self.params = params
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
@@ -719,6 +761,14 @@ class Engine:
         # two rows there; a second row costs next to nothing when decode is bandwidth-bound.
         on_cpu = jax.default_backend() == "cpu"
         self.min_decode_batch = 2 if on_cpu and params["embed"].dtype == jnp.bfloat16 else 1
+        # Every cache's rows split evenly over the mesh's batch axes.
+        self.row_multiple = mesh_inference.row_multiple(self.mesh)
+
+    def kv_cache_sharding(self, *, rows: int) -> NamedSharding | None:
+        """The layout of a ``rows``-row KV cache on the mesh (None without one)."""
+        if self.mesh is None:
+            return None
+        return mesh_inference.kv_cache_sharding(self.config, self.mesh, rows=rows)
 
     # -- public API --------------------------------------------------------------------------
     def generate(
@@ -817,7 +867,7 @@ class Engine:
     ) -> Iterator[StreamEvent]:
         """One call's prompts as a fresh ``DecodeBatch``: all admitted at once, run to the end."""
         n = len(prompts)
-        rows_total = max(batch_bucket(n), self.min_decode_batch)
+        rows_total = _round_up(max(batch_bucket(n), self.min_decode_batch), self.row_multiple)
         longest = max(len(p) for p in prompts)
         capacity = cache_capacity(longest, max(s.max_new_tokens for s in sampling))
         distinct = list({id(a): a for a in adapters if a is not None}.values())

@@ -156,10 +156,15 @@ def cmd_serve(args: Any) -> int:
     )
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise UserError(f"adapter directory {args.adapters} does not exist; create it or pass another --adapters")
+    mesh = None
+    if getattr(args, "mesh", None):  # a bad spec fails before the model loads
+        from afmkit.sharding.inference import as_mesh
+
+        mesh = as_mesh(args.mesh)
     sock = bind(args.host, args.port)
     console = Console(stderr=True)
     with console.status(f"loading {args.model}"):
-        model = afmkit.load(args.model, dtype=args.dtype)
+        model = afmkit.load(args.model, dtype=args.dtype, mesh=mesh)
     app = create_app(
         model,
         served_name=args.served_name or model.name,
@@ -189,6 +194,11 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
     parser.add_argument("--max-batch", type=int, default=32, help="rows in the running decode batch (default 32)")
+    parser.add_argument(
+        "--mesh",
+        help="serve across devices: a mesh spec as pretrain --mesh takes, e.g. tensor=2 or data=2,tensor=4 "
+        "(weights split by the trainer's sharding rules; float32/bfloat16 weights only)",
+    )
     parser.add_argument(
         "--cache-bytes", type=int, default=1 << 30, help="adapter cache budget in bytes (default 1 GiB)"
     )
