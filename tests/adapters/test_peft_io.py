@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from float64_reference import SLACK, reference_logits, rounding_error
 
 from afmkit.adapters.lora import LoraConfig, single
 from afmkit.adapters.peft_io import AFMKIT_FILE, CONFIG_FILE, WEIGHTS_FILE, base_fingerprint, load_adapter, save_adapter
@@ -52,12 +53,16 @@ def test_afmkit_adapter_loads_in_peft_with_the_same_logits(smollm2, hf_model, tm
         theirs = _theirs(peft_model, ids)
     finally:
         peft_model.unload()
-    ours = _ours(smollm2, ids, adapter)
     assert np.abs(theirs - base).max() > 0.1  # the adapter matters on their side too
-    assert np.abs(ours - theirs).max() <= 1e-3  # the base models' own parity bound
-    # The adapter's effect itself agrees more tightly than the base logits do.
-    ours_delta, theirs_delta = ours - _ours(smollm2, ids), theirs - base
-    assert np.abs(ours_delta - theirs_delta).max() <= 1e-3
+    # transformers + PEFT in fp32 is one more order of the same sums: within the rounding that
+    # afmkit's own plain path makes of the exact (float64) logits (see float64_reference.py).
+    exact = reference_logits(smollm2, np.array([ids, ids]), [None, adapter])
+    rounding = max(
+        rounding_error(_ours(smollm2, ids), exact[0]), rounding_error(_ours(smollm2, ids, adapter), exact[1])
+    )
+    assert rounding <= 0.01 * np.abs(exact[1] - exact[0]).max()
+    assert rounding_error(base, exact[0]) <= SLACK * rounding
+    assert rounding_error(theirs, exact[1]) <= SLACK * rounding  # PEFT applies the adapter as afmkit does
 
 
 def test_peft_made_adapter_loads_into_afmkit_with_the_same_logits(smollm2, hf_model, tmp_path):
@@ -87,9 +92,14 @@ def test_peft_made_adapter_loads_into_afmkit_with_the_same_logits(smollm2, hf_mo
     adapter = load_adapter(tmp_path / "peft", config=smollm2.config, params=smollm2.params)
     assert adapter.config.rank == 8 and set(adapter.config.targets) == {"q", "k", "o", "down"}
     assert [i for i, layer in enumerate(adapter.weights) if layer] == [1, 5, 20]
-    ours = _ours(smollm2, ids, adapter)
-    assert np.abs(ours - _ours(smollm2, ids)).max() > 0.1
-    assert np.abs(ours - theirs).max() <= 1e-3
+    # The exact logits with the adapter as afmkit read it; PEFT's own run of its adapter lands
+    # within rounding of them only if afmkit read the layout right (see float64_reference.py).
+    exact = reference_logits(smollm2, np.array([ids, ids]), [None, adapter])
+    rounding = max(
+        rounding_error(_ours(smollm2, ids), exact[0]), rounding_error(_ours(smollm2, ids, adapter), exact[1])
+    )
+    assert np.abs(exact[1] - exact[0]).max() > 0.1 and rounding <= 0.01 * np.abs(exact[1] - exact[0]).max()
+    assert rounding_error(theirs, exact[1]) <= SLACK * rounding
 
 
 def test_round_trip_is_exact_and_the_save_is_atomic(smollm2, tmp_path, make_adapter):

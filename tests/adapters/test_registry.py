@@ -72,13 +72,13 @@ def test_the_registry_alone_decides_how_long_an_adapter_stays_in_memory(tiny_mod
     import gc
     import weakref
 
-    from afmkit.infer.engine import Request
+    from afmkit.infer.engine import Request, cache_capacity
     from afmkit.infer.sampling import SamplingParams
 
     one = _registry(tiny_model, adapter_dir, 1 << 30).get("a").nbytes
     registry = _registry(tiny_model, adapter_dir, one)  # room for one adapter
-    batch = tiny_model.engine.new_batch(slots=2, capacity=64, adapter_slots=3)
     ids = tiny_model.tokenizer.encode("Adapters by name")
+    batch = tiny_model.engine.new_batch(slots=2, capacity=cache_capacity(len(ids), 2), adapter_slots=3)
 
     def run(adapter):
         batch.admit([Request(ids, SamplingParams(max_new_tokens=2), adapter)])
