@@ -24,6 +24,7 @@
 #include <cstring>
 #include <cmath>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -313,8 +314,9 @@ void gemm_avx2(const Problem& p, const float* expanded, int64_t tile, int64_t ro
 
 void gemm_rows_avx2(const Problem& p, const float* expanded, int64_t tile, const Chunk& c) {
   int64_t r = 0;
-  for (; r + 2 <= p.m; r += 2) gemm_avx2<2>(p, expanded, tile, r, c);
-  if (r < p.m) gemm_avx2<1>(p, expanded, tile, r, c);
+  for (; r + 3 <= p.m; r += 3) gemm_avx2<3>(p, expanded, tile, r, c);
+  if (p.m - r == 2) gemm_avx2<2>(p, expanded, tile, r, c);
+  if (p.m - r == 1) gemm_avx2<1>(p, expanded, tile, r, c);
 }
 #endif
 
@@ -717,10 +719,16 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, void (*run)(const void*,
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { work(*shared); });
   work(*shared);
   // The context lives on the caller's stack: wait until every item is done, not just handed out.
-  while (shared->done.load(std::memory_order_acquire) < items) {
+  // Spin briefly (a helper usually finishes within microseconds), then yield the core: on a busy
+  // machine the helper may be waiting for this very core.
+  for (int spins = 0; shared->done.load(std::memory_order_acquire) < items; ++spins) {
+    if (spins < 4096) {
 #if defined(__x86_64__)
-    __builtin_ia32_pause();
+      __builtin_ia32_pause();
 #endif
+    } else {
+      std::this_thread::yield();
+    }
   }
 }
 
