@@ -64,6 +64,18 @@ def sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed for sampling (default {d.seed})")
     parser.add_argument("--stop", action="append", default=list(d.stop), help="stop string (repeatable)")
+    parser.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=d.presence_penalty,
+        help=f"lower a generated token's logit once it appeared (-2..2; default {d.presence_penalty:g})",
+    )
+    parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=d.frequency_penalty,
+        help=f"lower a token's logit per time it was generated (-2..2; default {d.frequency_penalty:g})",
+    )
 
 
 def sampling_from_args(args: argparse.Namespace):
