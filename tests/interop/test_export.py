@@ -168,9 +168,18 @@ def small_llama(smollm2_f32):
     return afmkit.LanguageModel(config, params, smollm2_f32.tokenizer)
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
-def test_gguf_export_runs_in_transformers_with_the_formats_rounding(tmp_path, small_llama, dtype):
-    path = export_model(small_llama, tmp_path / f"small-{dtype}.gguf", fmt="gguf", dtype=dtype)
+@pytest.fixture(scope="module")
+def small_llama_ggufs(tmp_path_factory, small_llama):
+    directory = tmp_path_factory.mktemp("gguf")
+    return {
+        dtype: export_model(small_llama, directory / f"small-{dtype}.gguf", fmt="gguf", dtype=dtype)
+        for dtype in FORMAT_ROUNDING
+    }
+
+
+@pytest.mark.parametrize("dtype", list(FORMAT_ROUNDING))
+def test_gguf_export_runs_in_transformers_with_the_formats_rounding(small_llama, small_llama_ggufs, dtype):
+    path = small_llama_ggufs[dtype]
     config, tokenizer = small_llama.config, small_llama.tokenizer
     # afmkit on the weights rounded as the format defines (matrices only; norms stay f32): what
     # remains between the two is the order of fp32 sums.
@@ -181,17 +190,16 @@ def test_gguf_export_runs_in_transformers_with_the_formats_rounding(tmp_path, sm
     rounded = params_from_hf_tensors(config, hf.__getitem__)
     ids = tokenizer.encode("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n")
     ours = afmkit.LanguageModel(config, rounded, tokenizer).logits(ids)
-    theirs = transformers_logits(tmp_path, ids, gguf_file=path.name)
+    theirs = transformers_logits(path.parent, ids, gguf_file=path.name)
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=reorder_tolerance(config, ours))
     reloaded = afmkit.load(path, dtype="float32")  # afmkit's own importer is the inverse of the exporter
     np.testing.assert_allclose(reloaded.logits(ids), ours, rtol=0, atol=reorder_tolerance(config, ours))
 
 
-def test_gguf_tokenizer_metadata_matches_the_original_file(tmp_path, small_llama, smollm2_gguf):
+def test_gguf_tokenizer_metadata_matches_the_original_file(small_llama_ggufs, smollm2_gguf):
     from afmkit.interop.gguf import read_gguf
 
-    path = export_model(small_llama, tmp_path / "small.gguf", fmt="gguf", dtype="f16")
-    _, exported, _ = read_gguf(path)
+    _, exported, _ = read_gguf(small_llama_ggufs["f16"])
     _, original, _ = read_gguf(smollm2_gguf)
     for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "add_bos_token"):
         assert exported[f"tokenizer.ggml.{key}"] == original[f"tokenizer.ggml.{key}"], key
