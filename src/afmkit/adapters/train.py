@@ -30,7 +30,7 @@ import optax
 from afmkit.adapters.lora import TARGETS, LoraAdapter, LoraConfig, SingleAdapter, init_adapter
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.errors import UserError
-from afmkit.model.transformer import logits_fn
+from afmkit.model.transformer import logits_fn, token_nll
 
 TRAINING_FILE = "training.json"
 
@@ -125,11 +125,10 @@ def _pad(examples: list[Example], length: int) -> tuple[np.ndarray, np.ndarray]:
 def _token_losses(adapter_weights: Any, params: Any, tokens: jax.Array, mask: jax.Array, *, config: Any, scale: float):
     """(sum of assistant-token losses, their count) for a batch: exact token-weighted means."""
     adapters = None if adapter_weights is None else SingleAdapter(adapter_weights, scale)
-    logits = logits_fn(params, tokens[:, :-1], config=config, adapters=adapters).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    logits = logits_fn(params, tokens[:, :-1], config=config, adapters=adapters)
+    nll, _ = token_nll(logits, tokens[:, 1:])
     weights = mask[:, 1:]
-    return ((log_z - target) * weights).sum(), weights.sum()
+    return (nll * weights).sum(), weights.sum()
 
 
 def evaluate(model: Any, adapter: LoraAdapter | None, examples: list[Example], *, batch: int, length: int) -> float:
