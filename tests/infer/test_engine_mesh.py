@@ -79,6 +79,7 @@ def test_continuous_batch_on_a_mesh_matches_unsharded(tiny):
     assert keys.addressable_shards[0].data.shape[:2] == (4 // 4, CONFIG.n_kv_heads // 2)
 
 
+@pytest.mark.slow  # ~50-80 s on 2 shared cores: compiling SmolLM2 for 6 simulated devices
 def test_smollm2_on_a_data_and_tensor_mesh_matches_unsharded(smollm2):
     """SmolLM2 (9 heads, 3 KV heads) splits 3 ways over tensor, on 6 of the 8 devices."""
     prompts = [
@@ -89,9 +90,14 @@ def test_smollm2_on_a_data_and_tensor_mesh_matches_unsharded(smollm2):
     assert _tokens(_engine(smollm2, mesh), prompts) == _tokens(smollm2.engine, prompts)
 
 
-def test_load_with_a_mesh_spec(tiny, tmp_path):
-    tiny.save(tmp_path / "tiny")
-    model = afmkit.load(tmp_path / "tiny", mesh="tensor=2,data=-1")
+@pytest.fixture(scope="module")
+def tiny_on_mesh(tiny, tmp_path_factory):
+    directory = tiny.save(tmp_path_factory.mktemp("tiny") / "tiny")
+    return afmkit.load(directory, mesh="tensor=2,data=-1")
+
+
+def test_load_with_a_mesh_spec(tiny, tiny_on_mesh):
+    model = tiny_on_mesh
     assert dict(model.engine.mesh.shape)["tensor"] == 2
     prompts = _prompts(seed=3)
     assert _tokens(model.engine, prompts) == _tokens(_engine(tiny), prompts)
@@ -127,3 +133,37 @@ def test_serve_checks_its_mesh_before_loading_the_model():
     add_serve_arguments(parser)
     with pytest.raises(UserError, match="bad mesh spec 'tensors=2'"):
         cmd_serve(parser.parse_args(["--mesh", "tensors=2", "--port", "0"]))
+    with pytest.raises(UserError, match=r"--max-batch 12 does not split over mesh 'data=8'.*multiple of 8"):
+        cmd_serve(parser.parse_args(["--mesh", "data=8", "--max-batch", "12", "--port", "0"]))
+
+
+def test_server_on_a_mesh_answers_as_unsharded_over_http(tiny_model, live_server, tmp_path):
+    """Base and adapter requests in flight together, over HTTP, against the unsharded engine
+    (afm-tiny: random weights with SmolLM2's vocabulary, so chat text tokenizes into it)."""
+    import concurrent.futures
+
+    import httpx
+
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.infer.server import create_app
+
+    tiny = tiny_model
+    adapter = random_adapter(tiny.config, LoraConfig(rank=4), jax.random.PRNGKey(5), b_std=0.5, name="alpha")
+    save_adapter(tmp_path / "adapters" / "alpha", adapter, config=tiny.config, params=tiny.params)
+    on_mesh = afmkit.load(tiny.save(tmp_path / "model"), mesh="tensor=2,data=-1")
+    server = live_server(create_app(on_mesh, served_name="tiny", adapters_dir=str(tmp_path / "adapters"), max_batch=4))
+    messages = [{"role": "user", "content": "Summarize: the cat sat on the mat."}]
+
+    def ask(model):
+        body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        base, adapted = pool.map(ask, ["tiny", "tiny:alpha"])
+    ids = tiny.tokenizer.encode(tiny.tokenizer.apply_chat_template(messages))
+    sampling = SamplingParams(max_new_tokens=8)
+    want_base, want_adapted = (_engine(tiny).generate([ids], sampling, adapters=a)[0].text for a in (None, adapter))
+    assert want_adapted != want_base
+    assert (base, adapted) == (want_base, want_adapted)

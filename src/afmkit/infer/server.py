@@ -158,9 +158,14 @@ def cmd_serve(args: Any) -> int:
         raise UserError(f"adapter directory {args.adapters} does not exist; create it or pass another --adapters")
     mesh = None
     if getattr(args, "mesh", None):  # a bad spec fails before the model loads
-        from afmkit.sharding.inference import as_mesh
+        from afmkit.sharding.inference import as_mesh, row_multiple
 
         mesh = as_mesh(args.mesh)
+        if args.max_batch % row_multiple(mesh):
+            raise UserError(
+                f"--max-batch {args.max_batch} does not split over mesh {args.mesh!r}, which divides the decode "
+                f"batch's rows {row_multiple(mesh)} ways (data x fsdp); use a multiple of {row_multiple(mesh)}"
+            )
     sock = bind(args.host, args.port)
     console = Console(stderr=True)
     with console.status(f"loading {args.model}"):
