@@ -95,6 +95,10 @@ class ModelConfig:
             raise UserError(f"unknown model config fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
+    def check_context(self, tokens: int, *, what: str, fix: str) -> None:
+        """The model's context rule, for every caller: ``tokens`` positions must fit."""
+        check_context(tokens, self.max_seq_len, what=what, fix=fix, whose=f"{self.name}'s context")
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -178,6 +182,13 @@ _SIZES = [
 ]
 
 SIZES: dict[str, ModelConfig] = {c.name: c for c in _SIZES}
+
+
+def check_context(tokens: int, limit: int, *, what: str, fix: str, whose: str = "the context") -> None:
+    """One rule and one message for every context-length check (model, batch, server): a
+    ``UserError`` naming the count, the limit and the fix when ``tokens > limit``."""
+    if tokens > limit:
+        raise UserError(f"{what} is {tokens} tokens, more than {whose} of {limit}; {fix}")
 
 
 def get_size(name: str) -> ModelConfig:

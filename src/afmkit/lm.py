@@ -160,8 +160,7 @@ class LanguageModel:
             array = array[None]
         if array.ndim != 2 or array.shape[1] == 0:
             raise UserError("logits() takes a non-empty list of token ids, or a list of equal-length lists")
-        if array.shape[1] > self.config.max_seq_len:
-            raise UserError(f"{array.shape[1]} tokens exceed the model's context of {self.config.max_seq_len}")
+        self.config.check_context(array.shape[1], what="the input", fix="score it in shorter pieces")
         if array.min() < 0 or array.max() >= self.config.vocab_size:
             raise UserError(f"token ids must lie in [0, {self.config.vocab_size})")
         length = array.shape[1]

@@ -80,7 +80,7 @@ def test_a_run_trains_logs_checkpoints_and_plots(finished_run):
         (["--mesh", "data=3"], "needs 3 devices but 8 are available"),
         (["--mesh", "tensor=8"], "dimension 'kv_heads' of size 2 cannot be split 8 ways"),
         (["--batch", "4"], "dimension 'batch' of size 4 cannot be split 8 ways"),
-        (["--seq-len", "4096"], "exceeds test-tiny's context of 256"),
+        (["--seq-len", "4096"], "more than test-tiny's context of 256"),
         (["--tokenizer", "/no/tokenizer"], "is neither a known model"),
     ],
 )

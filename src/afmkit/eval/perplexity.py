@@ -93,8 +93,7 @@ def perplexity_of_tokens(
     from afmkit.infer.engine import activation_dtype
     from afmkit.progress import ProgressReporter
 
-    if seq_len > model.config.max_seq_len:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    model.config.check_context(seq_len, what="--seq-len", fix="lower --seq-len")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     windows = sliding_windows(len(token_ids), seq_len=seq_len, stride=stride)

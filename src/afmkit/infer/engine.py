@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
-from afmkit.config import ModelConfig
+from afmkit.config import ModelConfig, check_context
 from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, count_tokens, sample
 from afmkit.model.kv_cache import KVCache
@@ -505,12 +505,13 @@ class DecodeBatch:
     # -- admission ---------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """A ``UserError`` if ``request`` can never run in this batch."""
-        need = len(request.prompt) + request.sampling.max_new_tokens
-        if need >= self.capacity:
-            raise UserError(
-                f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.sampling.max_new_tokens}) "
-                f"exceeds this batch's context of {self.capacity - 1} tokens; shorten the prompt or lower max_tokens"
-            )
+        check_context(
+            len(request.prompt) + request.sampling.max_new_tokens,
+            self.capacity - 1,
+            what=f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.sampling.max_new_tokens})",
+            fix="shorten the prompt or lower max_tokens",
+            whose="this batch's context",
+        )
 
     def admit(self, requests: Sequence[Request]) -> tuple[list[Request], list[tuple[Request, StreamEvent]]]:
         """Prefill as many of ``requests`` as fit now; returns (admitted, their first-token events).
@@ -841,17 +842,12 @@ class Engine:
     def _check_prompt(self, index: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
         if len(prompt) == 0:
             raise UserError(f"prompt {index} is empty; give at least one token")
-        context = self.config.max_seq_len
-        if len(prompt) >= context:
-            raise UserError(
-                f"prompt {index} has {len(prompt)} tokens but the model's context is {context}; shorten the prompt"
-            )
-        if len(prompt) + sampling.max_new_tokens > context:
-            raise UserError(
-                f"prompt {index} has {len(prompt)} tokens and max_new_tokens is {sampling.max_new_tokens}, "
-                f"more than the model's context of {context}; lower max_new_tokens to at most "
-                f"{context - len(prompt)} or shorten the prompt"
-            )
+        room = self.config.max_seq_len - len(prompt)  # positions left for generated tokens
+        self.config.check_context(
+            len(prompt) + sampling.max_new_tokens,
+            what=f"prompt {index} ({len(prompt)} tokens) plus max_new_tokens ({sampling.max_new_tokens})",
+            fix=f"lower max_new_tokens to at most {room} or shorten the prompt" if room > 0 else "shorten the prompt",
+        )
         bad = [t for t in prompt if not 0 <= int(t) < self.config.vocab_size]
         if bad:
             raise UserError(

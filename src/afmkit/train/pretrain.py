@@ -133,8 +133,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     hint = dataclasses.replace(as_given, data=cfg.data)
     _check_settings(cfg)
     config = get_size(cfg.model).replace(z_loss=cfg.z_loss)
-    if cfg.seq_len > config.max_seq_len:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds {cfg.model}'s context of {config.max_seq_len}")
+    config.check_context(cfg.seq_len, what="--seq-len", fix="lower --seq-len")
     if cfg.resume and not warmup_given and (Path(cfg.out) / "run.json").is_file():
         # the default warm-up depends on --steps: an extended run keeps the one it started with
         try:
