@@ -15,18 +15,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afmkit.adapters.lora import AdapterBank, LoraConfig, random_adapter
+from afmkit.adapters.lora import TARGETS, AdapterBank, LoraAdapter, LoraConfig, lora_shapes
 from afmkit.adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE, read_safetensors, save_adapter, write_safetensors
+from afmkit.config import get_size
 from afmkit.infer.engine import Request
 from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.server import ServerLimits, create_app
-from afmkit.model.transformer import forward
+from afmkit.model.transformer import forward, init_params
 
 KEY = "fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # A large body limit, so the 100,000 nested brackets reach the JSON parser.
 LIMITS = ServerLimits(max_prompt_tokens=96, max_tokens=48, default_max_tokens=8, max_body_bytes=1 << 20)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+
+
+def _adapter(config, lora, seed, name=""):
+    """A random adapter with non-zero B, made in numpy (eager JAX random per weight is slow):
+    A ~ N(0, 1/fan_in), B ~ N(0, 1), stored in fp16."""
+    rng = np.random.default_rng(seed)
+    weights = []
+    for _ in range(config.n_layers):
+        layer = {}
+        for target in lora.targets:
+            a_shape, b_shape = lora_shapes(config, TARGETS[target], lora.rank)
+            a = rng.standard_normal(a_shape) / np.sqrt(np.prod(a_shape[:-1]))
+            layer[TARGETS[target]] = {"a": a.astype(np.float16), "b": rng.standard_normal(b_shape).astype(np.float16)}
+        weights.append(layer)
+    return LoraAdapter(config=lora, weights=weights, name=name)
 
 
 def _save(directory, adapter, model):
@@ -38,15 +54,13 @@ def adapters(tiny_model, tmp_path_factory):
     directory = tmp_path_factory.mktemp("fault-adapters")
     config = tiny_model.config
     made = {
-        "low": random_adapter(config, LoraConfig(rank=4), jax.random.PRNGKey(11), b_std=1.0, name="low"),
-        "high": random_adapter(
-            config, LoraConfig(rank=16, targets=("q", "v", "down")), jax.random.PRNGKey(12), b_std=1.0, name="high"
-        ),
+        "low": _adapter(config, LoraConfig(rank=4), 11, "low"),
+        "high": _adapter(config, LoraConfig(rank=16, targets=("q", "v", "down")), 12, "high"),
     }
     for adapter in made.values():
         _save(directory, adapter, tiny_model)
     # One NaN in one tensor of an otherwise good adapter.
-    nan = random_adapter(config, LoraConfig(rank=4), jax.random.PRNGKey(13), b_std=1.0, name="nan")
+    nan = _adapter(config, LoraConfig(rank=4), 13, "nan")
     _save(directory, nan, tiny_model)
     tensors = dict(read_safetensors(directory / "nan" / WEIGHTS_FILE))
     bad_key = sorted(k for k in tensors if "lora_B" in k)[3]
@@ -314,24 +328,25 @@ def test_a_larger_rank_is_admitted_while_a_smaller_one_runs(tiny_model, adapters
     assert low.row is not None and not low.row.finished
 
 
-def test_bank_rows_are_immune_to_other_slots_in_both_schedules(tiny_model, adapters):
+def test_bank_rows_are_immune_to_other_slots_in_both_schedules():
     """The bank's two schedules (gather for prefill, all-slots for decode) against a bank
     without the poisoned slot: other rows are bitwise equal, the poisoned row is NaN."""
-    _, made, _ = adapters
-    config, params = tiny_model.config, tiny_model.params
+    config = get_size("test-tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    low = _adapter(config, LoraConfig(rank=4), 1, "low")
+    high = _adapter(config, LoraConfig(rank=8, targets=("q", "down")), 2, "high")
     poison = dataclasses.replace(
-        made["low"],
-        name="poison",
-        weights=jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.float16), made["low"].weights),
+        low, name="poison", weights=jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.float16), low.weights)
     )
-    clean = AdapterBank.for_adapters(config, [made["low"], made["high"]], slots=4)
-    dirty = AdapterBank.for_adapters(config, [made["low"], made["high"], poison], slots=4)
+    clean = AdapterBank.for_adapters(config, [low, high], slots=4)
+    dirty = AdapterBank.for_adapters(config, [low, high, poison], slots=4)
     row_slots = [0, 1, 2, 0, 1, 2, 3, 0]  # 8 rows, 4 slots: decode uses the all-slots schedule
     for tokens_per_row in (1, 5):
         tokens = jnp.asarray(np.arange(8 * tokens_per_row).reshape(8, tokens_per_row) % 500 + 3)
         positions = jnp.broadcast_to(jnp.arange(tokens_per_row), tokens.shape)
-        out_clean, _ = forward(params, tokens, positions, None, config=config, adapters=clean.rows(row_slots))
-        out_dirty, _ = forward(params, tokens, positions, None, config=config, adapters=dirty.rows(row_slots))
+        run = jax.jit(lambda t, p, lora: forward(params, t, p, None, config=config, adapters=lora)[0])
+        out_clean = run(tokens, positions, clean.rows(row_slots))
+        out_dirty = run(tokens, positions, dirty.rows(row_slots))
         others = [i for i, s in enumerate(row_slots) if s != 3]
         np.testing.assert_array_equal(np.asarray(out_dirty)[others], np.asarray(out_clean)[others])
         assert np.isnan(np.asarray(out_dirty)[6]).all()

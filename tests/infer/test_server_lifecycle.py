@@ -186,13 +186,15 @@ def test_a_failed_decode_step_fails_its_rows_and_the_queue_is_still_served(serve
 
 def test_a_non_streaming_client_that_disconnects_cancels_its_job(server, monkeypatch):
     scheduler = server.scheduler
-    _slow_steps(monkeypatch, scheduler, 0.2)  # 48 tokens now take over 9 s
+    _slow_steps(monkeypatch, scheduler, 0.5)  # 48 tokens now take over 24 s
     stats = scheduler.stats
     cancelled, completed, generated = stats.cancelled, stats.completed, stats.generated_tokens
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 48}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
-    _wait(lambda: stats.cancelled == cancelled + 1 and scheduler.running == 0, timeout=8, what="cancelled")
+    # A step that compiles can hold the cancel up on a busy machine: allow for it, but well
+    # before the 48 tokens could have finished.
+    _wait(lambda: stats.cancelled == cancelled + 1 and scheduler.running == 0, timeout=20, what="cancelled")
     assert stats.completed == completed and stats.generated_tokens - generated < 48
 
 
