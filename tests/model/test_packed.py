@@ -59,9 +59,10 @@ def test_unpackable_shapes_and_bad_bits_are_refused():
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
-# From 32 rows on the kernel takes its prefill path (a GEMM over weights expanded once); 33 and
-# 102 rows leave remainders of its row blocks, and 208 outputs (13 tiles) one of its tile groups.
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 33, 64, 102])
+# From 128 rows on (AVX-512; 16 on AVX2 and portable builds) the kernel takes its prefill path, a
+# GEMM over weights expanded once; 17, 130 and 201 rows leave remainders of its row blocks, and
+# 208 outputs (13 tiles) one of its tile groups.
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 64, 130, 201])
 def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
     w = RNG.standard_normal((576, 208)).astype(np.float32)
     packed = P.pack(w, bits)
@@ -82,14 +83,14 @@ def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gives_the_same_bits_whatever_its_batch(bits):
-    """Prefill-sized batches (32 rows or more) take the kernel's GEMM path, small ones its row
-    kernel: a row must come out bit for bit the same either way (1552 outputs: 97 tiles, a
-    remainder of the GEMM's tile groups)."""
+    """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds) take
+    the kernel's GEMM path, small ones its row kernel: a row must come out bit for bit the same
+    either way (1552 outputs: 97 tiles, a remainder of the GEMM's tile groups)."""
     packed = P.pack(RNG.standard_normal((576, 1552)).astype(np.float32), bits)
-    x = jnp.asarray(RNG.standard_normal((70, 576)), jnp.float32)
+    x = jnp.asarray(RNG.standard_normal((150, 576)), jnp.float32)
     matmul = jax.jit(P.packed_matmul)
     whole = np.asarray(matmul(x, packed))
-    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 34), (33, 70)]:
+    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 131), (19, 150)]:
         np.testing.assert_array_equal(np.asarray(matmul(x[start:stop], packed)), whole[start:stop])
 
 

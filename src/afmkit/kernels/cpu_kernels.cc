@@ -616,9 +616,15 @@ constexpr int64_t kGroup = 3;
 constexpr int64_t kGroup = 1;
 #endif
 // From this many rows on, a tile's weights are expanded once into a buffer (run_group) instead of
-// in registers for every few rows (run_tile): both give the same bits, this is only speed (at 16
-// rows the row kernels still win on AVX-512, by 10-30%; at 64 the GEMMs do).
-constexpr int64_t kExpandRows = 32;
+// in registers for every few rows (run_tile): both give the same bits, this is only speed
+// (benchmarks/packed_matmul.py). On AVX-512 the row kernels amortize their expansion over 8-16
+// rows and were still ~10% faster at 64 rows, the GEMMs 25% faster (bf16) at 512; the AVX2 and
+// portable row kernels expand for every 2 or 4 rows, and their GEMMs win from 16.
+#if defined(__AVX512F__)
+constexpr int64_t kExpandRows = 128;
+#else
+constexpr int64_t kExpandRows = 16;
+#endif
 
 // K per chunk of the fp32 GEMMs: 128, so 3 tiles' expanded weights (24 KB) stay in L1.
 constexpr int64_t kChunkBlocks = 4;
