@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from afmkit.adapters.lora import TARGETS, LoraAdapter, LoraConfig, SingleAdapter, init_adapter
+from afmkit.adapters.lora import LoraAdapter, LoraConfig, SingleAdapter, init_adapter
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.errors import UserError
 from afmkit.model.transformer import logits_fn, token_nll
@@ -37,10 +37,12 @@ TRAINING_FILE = "training.json"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSettings:
-    rank: int = 16
-    alpha: float = 32.0
-    targets: tuple[str, ...] = tuple(TARGETS)
-    layers: tuple[int, ...] | None = None
+    """Every setting of ``afmkit adapter train`` and its default: the one source the CLI reads."""
+
+    rank: int = LoraConfig.rank
+    alpha: float | None = None  # None: 2 x rank (LoRA's usual scale of 2)
+    targets: tuple[str, ...] = LoraConfig.targets
+    layers: tuple[int, ...] | None = None  # None: every layer
     steps: int = 200
     lr: float = 2e-4
     batch: int = 8
@@ -50,6 +52,10 @@ class TrainSettings:
     eval_fraction: float = 0.1
     save_every: int = 50
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2.0 * self.rank)
 
 
 @dataclasses.dataclass
@@ -282,39 +288,60 @@ def register(commands: Any) -> None:
 
 
 def add_train_arguments(parser: Any) -> None:
+    """The flags of ``adapter train``; every default (and the number its help quotes) is ``TrainSettings``'s."""
+    d = TrainSettings()
     parser.add_argument("--data", required=True, help="JSONL file: one {'messages': [{role, content}...]} per line")
     parser.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    parser.add_argument(
-        "--targets", default=",".join(TARGETS), help=f"comma-separated linears to adapt (default {','.join(TARGETS)})"
-    )
+    targets = ",".join(d.targets)
+    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
     parser.add_argument("--layers", help="layers to adapt, e.g. 0-5,10 (default: all)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    parser.add_argument("--batch", type=int, default=8, help="conversations per step (default 8)")
-    parser.add_argument("--max-len", type=int, default=512, help="longest conversation in tokens (default 512)")
-    parser.add_argument("--save-every", type=int, default=50, help="save the adapter every N steps (default 50)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the data (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warmup steps (default {d.warmup})")
+    parser.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay:g})"
+    )
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"conversations per step (default {d.batch})")
+    parser.add_argument(
+        "--max-len", type=int, default=d.max_len, help=f"longest conversation in tokens (default {d.max_len})"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=d.save_every, help=f"save the adapter every N steps (default {d.save_every})"
+    )
+    parser.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help=f"held-out share of the data (default {d.eval_fraction:g})",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"adapter init and data order (default {d.seed})")
 
 
-def cmd_adapter_train(args: Any) -> int:
-    import afmkit
-
-    settings = TrainSettings(
+def settings_from_args(args: Any) -> TrainSettings:
+    """``TrainSettings`` from parsed ``adapter train`` flags."""
+    return TrainSettings(
         rank=args.rank,
-        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        alpha=args.alpha,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         layers=_int_list(args.layers),
         steps=args.steps,
         lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
         batch=args.batch,
         max_len=args.max_len,
         save_every=args.save_every,
         eval_fraction=args.eval_fraction,
         seed=args.seed,
     )
+
+
+def cmd_adapter_train(args: Any) -> int:
+    import afmkit
+
+    settings = settings_from_args(args)
     LoraConfig(rank=settings.rank, alpha=settings.alpha, targets=settings.targets)  # validate before loading
     conversations = read_chat_jsonl(args.data)
     # The adapter is trained against the base at --dtype (int4: the GGUF's own 4-bit weights,

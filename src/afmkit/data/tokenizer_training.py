@@ -39,6 +39,14 @@ CHAT_SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 MIN_VOCAB_SIZE = 256 + len(CHAT_SPECIAL_TOKENS) + 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class TokenizerTrainSettings:
+    """Defaults of ``afmkit tokenizer train`` and of the functions below: the one source."""
+
+    min_frequency: int = 2  # least count for a merge
+    text_key: str = "text"  # JSONL field holding the text
+
+
 @dataclass(frozen=True)
 class TrainingStats:
     documents: int
@@ -62,7 +70,7 @@ def train_tokenizer(
     texts: Iterable[str],
     *,
     vocab_size: int,
-    min_frequency: int = 2,
+    min_frequency: int = TokenizerTrainSettings.min_frequency,
     show_progress: bool = True,
     length: int | None = None,
 ) -> tuple[Tokenizer, TrainingStats]:
@@ -102,8 +110,8 @@ def train_tokenizer_on_sources(
     sources: Sequence[str | os.PathLike] | None,
     *,
     vocab_size: int,
-    min_frequency: int = 2,
-    text_key: str = "text",
+    min_frequency: int = TokenizerTrainSettings.min_frequency,
+    text_key: str = TokenizerTrainSettings.text_key,
     show_progress: bool = True,
 ) -> tuple[Tokenizer, TrainingStats]:
     """Train on corpus sources (text files, JSONL, directories, globs; the standard library when ``None``)."""
@@ -237,7 +245,13 @@ def register(commands) -> None:
     )
     train.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, e.g. 49152 or 100000")
     train.add_argument("--out", required=True, help="directory to write tokenizer.json and tokenizer_config.json")
-    train.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
-    train.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    d = TokenizerTrainSettings()
+    train.add_argument(
+        "--min-frequency",
+        type=int,
+        default=d.min_frequency,
+        help=f"least count for a merge (default {d.min_frequency})",
+    )
+    train.add_argument("--text-key", default=d.text_key, help=f"JSONL field holding the text (default {d.text_key!r})")
     train.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     train.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,15 +14,44 @@ from typing import Any
 
 from afmkit.cli_args import dtype_argument, load_model, model_argument
 from afmkit.errors import UserError
-from afmkit.eval.graders import API_KEY_ENV
+from afmkit.eval.graders import API_KEY_ENV, JudgeSettings
+from afmkit.eval.ifeval import IFEvalSettings
+from afmkit.eval.perplexity import PerplexitySettings
+from afmkit.eval.safety import SafetySettings
+from afmkit.eval.sxs import SxsSettings
+from afmkit.eval.sxs_ui import SxsUiSettings
+
+# Each task's defaults live in its module's settings dataclass (read below, and by the task's
+# Python functions); tests/test_cli_defaults.py checks every flag against it.
 
 
 def _judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-url", help="base URL of an OpenAI-compatible server (POST {url}/v1/chat/completions)")
-    parser.add_argument("--judge-model", default="judge", help="model name sent to the judge server (default 'judge')")
-    parser.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+    d = JudgeSettings()
+    parser.add_argument(
+        "--judge-model", default=d.model, help=f"model name sent to the judge server (default {d.model!r})"
+    )
+    parser.add_argument(
+        "--judge-timeout", type=float, default=d.timeout, help=f"seconds per judge request (default {d.timeout:g})"
+    )
     parser.add_argument(
         "--judge-api-key", help=f"API key sent to the judge as a Bearer token (default: ${API_KEY_ENV} if set)"
+    )
+
+
+def _generation_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """``--max-new-tokens`` and ``--batch-size`` with a task's defaults (``IFEvalSettings``...)."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help=f"most tokens per response (default {defaults.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"prompts generated together (default {defaults.batch_size})",
     )
 
 
@@ -38,8 +67,7 @@ def register(commands: Any) -> None:
     ifeval.add_argument("--input", help="IFEval prompts JSONL (default: the 541 IFEval prompts shipped with afmkit)")
     ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
     ifeval.add_argument("--limit", type=int, help="only the first N prompts")
-    ifeval.add_argument("--max-new-tokens", type=int, default=1024, help="most tokens per response (default 1024)")
-    ifeval.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    _generation_arguments(ifeval, IFEvalSettings())
     ifeval.add_argument("--out", help="results folder (responses.jsonl, results.json, report.md, a chart)")
     ifeval.add_argument("--json", action="store_true", help="last line: one JSON object with the four accuracies")
 
@@ -48,9 +76,16 @@ def register(commands: Any) -> None:
     model_argument(perplexity)
     perplexity.add_argument("--text", required=True, help="a UTF-8 text file")
     perplexity.add_argument("--max-chars", type=int, help="only the first N characters of the file")
-    perplexity.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
-    perplexity.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
-    perplexity.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    ppl = PerplexitySettings()
+    perplexity.add_argument(
+        "--seq-len", type=int, default=ppl.seq_len, help=f"window length in tokens (default {ppl.seq_len})"
+    )
+    perplexity.add_argument(
+        "--stride", type=int, default=ppl.stride, help=f"tokens between window starts (default {ppl.stride})"
+    )
+    perplexity.add_argument(
+        "--batch-size", type=int, default=ppl.batch_size, help=f"windows per forward pass (default {ppl.batch_size})"
+    )
     perplexity.add_argument("--json", action="store_true", help='last line: {"perplexity": ..., "tokens": ...}')
 
     sxs = tasks.add_parser("sxs", help="side-by-side: generate from two models, grade both orders, win/tie/lose")
@@ -63,8 +98,7 @@ def register(commands: Any) -> None:
     _judge_arguments(sxs)
     sxs.add_argument("--reward", help="reward model for --grader reward, as module:callable scoring (prompt, response)")
     sxs.add_argument("--limit", type=int, help="only the first N prompts")
-    sxs.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per response (default 512)")
-    sxs.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    _generation_arguments(sxs, SxsSettings())
     sxs.add_argument("--out", required=True, help="results folder (responses, pairs.jsonl, grades, report)")
     sxs.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
 
@@ -72,8 +106,9 @@ def register(commands: Any) -> None:
     ui.set_defaults(run=cmd_sxs_ui)
     ui.add_argument("--pairs", help="pairs.jsonl written by 'afmkit eval sxs' (key, prompt, a, b)")
     ui.add_argument("--db", required=True, help="SQLite file for the grades (created if missing)")
-    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    ui.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    ui_defaults = SxsUiSettings()
+    ui.add_argument("--host", default=ui_defaults.host, help=f"address to listen on (default {ui_defaults.host})")
+    ui.add_argument("--port", type=int, default=ui_defaults.port, help=f"port (default {ui_defaults.port})")
     ui.add_argument("--report", action="store_true", help="print the report from the grades in --db and exit")
     ui.add_argument("--out", help="with --report: also write sxs.json, sxs.md and sxs.png here")
     ui.add_argument("--json", action="store_true", help="with --report: last line is one JSON object")
@@ -95,8 +130,7 @@ def register(commands: Any) -> None:
     _judge_arguments(safety)
     safety.add_argument("--classifier", help="for --grader classifier: module:callable(prompt, response) -> bool")
     safety.add_argument("--limit", type=int, help="only the first N prompts")
-    safety.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per response (default 256)")
-    safety.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    _generation_arguments(safety, SafetySettings())
     safety.add_argument("--out", required=True, help="results folder (responses, grades, report)")
     safety.add_argument("--json", action="store_true", help="last line: the report as one JSON object")
 

@@ -101,10 +101,25 @@ def load_callable(spec: str, *, flag: str) -> Callable[..., Any]:
 API_KEY_ENV = "AFMKIT_JUDGE_API_KEY"  # the judge's key when --judge-api-key is not given
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JudgeSettings:
+    """Defaults of the ``--judge-*`` flags (``sxs``, ``safety``) and of ``JudgeClient``: the one source."""
+
+    model: str = "judge"  # model name sent to the judge server
+    timeout: float = 120.0  # seconds per judge request
+
+
 class JudgeClient:
     """A minimal client for any OpenAI-compatible ``/v1/chat/completions`` endpoint."""
 
-    def __init__(self, url: str, *, model: str = "judge", timeout: float = 120.0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = JudgeSettings.model,
+        timeout: float = JudgeSettings.timeout,
+        api_key: str | None = None,
+    ) -> None:
         import os
 
         if not re.match(r"^https?://", url):

@@ -26,6 +26,14 @@ RESPONSES_FILE = "responses.jsonl"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class IFEvalSettings:
+    """Defaults of ``afmkit eval ifeval`` and of ``generate``: the one source."""
+
+    max_new_tokens: int = 1024  # most tokens per response
+    batch_size: int = 8  # prompts generated together
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class IFEvalPrompt:
     key: str
     prompt: str
@@ -102,8 +110,8 @@ def generate(
     prompts: list[IFEvalPrompt],
     out_dir: str | os.PathLike,
     *,
-    max_new_tokens: int = 1024,
-    batch_size: int = 16,
+    max_new_tokens: int = IFEvalSettings.max_new_tokens,
+    batch_size: int = IFEvalSettings.batch_size,
     quiet: bool = False,
     run_settings: dict[str, Any] | None = None,
 ) -> tuple[ResultsFile, dict[str, float]]:

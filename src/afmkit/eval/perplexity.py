@@ -29,6 +29,15 @@ from afmkit.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PerplexitySettings:
+    """Defaults of ``afmkit eval perplexity`` and of the functions below: the one source."""
+
+    seq_len: int = 1024  # window length in tokens
+    stride: int = 512  # tokens between window starts
+    batch_size: int = 4  # windows per forward pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Window:
     begin: int  # first token of the window
     end: int  # one past its last token
@@ -88,7 +97,13 @@ def _token_nll(params: Any, tokens: jax.Array, *, config: Any, activation_dtype:
 
 
 def perplexity_of_tokens(
-    model: Any, token_ids: list[int], *, seq_len: int = 1024, stride: int = 512, batch_size: int = 4, quiet: bool = True
+    model: Any,
+    token_ids: list[int],
+    *,
+    seq_len: int = PerplexitySettings.seq_len,
+    stride: int = PerplexitySettings.stride,
+    batch_size: int = PerplexitySettings.batch_size,
+    quiet: bool = True,
 ) -> PerplexityResult:
     from afmkit.infer.engine import activation_dtype
     from afmkit.progress import ProgressReporter
@@ -156,7 +171,13 @@ def read_text(path: str | os.PathLike, *, max_chars: int | None = None) -> str:
 
 
 def perplexity_of_text(
-    model: Any, text: str, *, seq_len: int = 1024, stride: int = 512, batch_size: int = 4, quiet: bool = True
+    model: Any,
+    text: str,
+    *,
+    seq_len: int = PerplexitySettings.seq_len,
+    stride: int = PerplexitySettings.stride,
+    batch_size: int = PerplexitySettings.batch_size,
+    quiet: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``text`` tokenized as the model's tokenizer does by default (with a BOS
     token only when the tokenizer adds one; SmolLM2's does not, like its Hugging Face tokenizer)."""

@@ -25,6 +25,15 @@ from typing import Any, Protocol
 from afmkit.errors import UserError
 from afmkit.eval.jsonl import ResultsFile, read_jsonl, require_fields
 
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SafetySettings:
+    """Defaults of ``afmkit eval safety`` and of ``run``: the one source."""
+
+    max_new_tokens: int = 256  # most tokens per response
+    batch_size: int = 8  # prompts generated together
+
+
 _FIRST_HUMAN_TURN = re.compile(r"Human:\s*(.*?)\s*(?:\n\nAssistant:|$)", re.DOTALL)
 
 
@@ -139,8 +148,8 @@ def run(
     grader: SafetyGrader,
     out: str | os.PathLike,
     *,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
+    max_new_tokens: int = SafetySettings.max_new_tokens,
+    batch_size: int = SafetySettings.batch_size,
     model_name: str = "",
     quiet: bool = False,
     run_settings: dict[str, Any] | None = None,

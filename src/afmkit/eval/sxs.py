@@ -18,6 +18,7 @@ same report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter, defaultdict
@@ -30,6 +31,14 @@ from afmkit.eval.graders import STRENGTHS, Grader, PairGrade
 from afmkit.eval.jsonl import ResultsFile, read_jsonl, require_fields, write_text_atomic
 
 Z_95 = 1.959963984540054
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SxsSettings:
+    """Defaults of ``afmkit eval sxs`` and of ``generate_side``: the one source."""
+
+    max_new_tokens: int = 512  # most tokens per response
+    batch_size: int = 8  # prompts generated together
 
 
 def load_prompts(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, str]]:
@@ -63,8 +72,8 @@ def generate_side(
     out: Path,
     *,
     side: str,
-    max_new_tokens: int,
-    batch_size: int,
+    max_new_tokens: int = SxsSettings.max_new_tokens,
+    batch_size: int = SxsSettings.batch_size,
     quiet: bool = False,
     run_settings: dict[str, Any] | None = None,
 ) -> ResultsFile:

@@ -11,6 +11,7 @@ sxs`` (win / tie / lose with 95% Wilson intervals).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sqlite3
@@ -35,6 +36,15 @@ CREATE TABLE IF NOT EXISTS grades (
     winner TEXT NOT NULL, created REAL NOT NULL
 );
 """
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SxsUiSettings:
+    """Defaults of ``afmkit eval sxs-ui`` and of ``serve``: the one source."""
+
+    host: str = "127.0.0.1"  # address to listen on (this machine only)
+    port: int = 8765
+
 
 CHOICES = ("tie", *(f"{side} {s}" for side in ("A", "B") for s in STRENGTHS))
 
@@ -185,7 +195,7 @@ def create_app(store: GradeStore) -> Any:
     return app
 
 
-def serve(store: GradeStore, *, host: str = "127.0.0.1", port: int = 8765) -> None:
+def serve(store: GradeStore, *, host: str = SxsUiSettings.host, port: int = SxsUiSettings.port) -> None:
     import uvicorn
 
     print(f"grading {store.count_pairs()} pairs at http://{host}:{port}/ (grades in {store.path}); Ctrl-C stops")

@@ -23,6 +23,7 @@ from afmkit.data.curation.quality import (
     RepetitionFilter,
     quality_steps,
 )
+from afmkit.data.curation.settings import CurationSettings
 
 STEP_NAMES = ("exact_dedup", "length", "composition", "repetition", "near_dedup", "decontaminate", "pii")
 
@@ -30,15 +31,15 @@ STEP_NAMES = ("exact_dedup", "length", "composition", "repetition", "near_dedup"
 def default_steps(
     *,
     decontaminate: Sequence[str] = (),
-    profile: str = "auto",
+    profile: str = CurationSettings.profile,
     prose: QualityConfig | None = None,
     code: QualityConfig | None = None,
-    near_threshold: float = 0.8,
-    shingle: str = "word",
-    shingle_size: int = 5,
-    ngram: int = 13,
-    min_ngram: int = 4,
-    common_count: int = 1000,
+    near_threshold: float = CurationSettings.near_threshold,
+    shingle: str = CurationSettings.shingle,
+    shingle_size: int = CurationSettings.shingle_size,
+    ngram: int = CurationSettings.ngram,
+    min_ngram: int = CurationSettings.min_ngram,
+    common_count: int = CurationSettings.common_count,
     scrub_ipv4: bool = False,
     skip: Sequence[str] = (),
 ) -> list[Step]:

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from afmkit.data.curation.settings import CurationSettings
 from afmkit.errors import UserError
 
 
 def register(commands) -> None:
+    d = CurationSettings()  # every default below (and the number its help quotes) is the dataclass's
     curate = commands.add_parser("curate", help="deduplicate, filter, scrub PII and decontaminate a corpus")
     curate.set_defaults(run=cmd_curate)
     curate.add_argument(
@@ -29,22 +31,47 @@ def register(commands) -> None:
         help="evaluation set to decontaminate against: 'ifeval' or a JSONL/text path (repeatable)",
     )
     curate.add_argument("--rejects", help="JSONL file recording each removed document with its step and reason")
-    curate.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    curate.add_argument("--text-key", default=d.text_key, help=f"JSONL field holding the text (default {d.text_key!r})")
     curate.add_argument(
         "--split-paragraphs", action="store_true", help="treat each paragraph of a text file as a document"
     )
     curate.add_argument(
-        "--profile", choices=["auto", "prose", "code"], default="auto", help="quality rules (default: by file suffix)"
+        "--profile",
+        choices=["auto", "prose", "code"],
+        default=d.profile,
+        help=f"quality rules (default {d.profile}: by file suffix)",
     )
     curate.add_argument("--min-words", type=int, help="override the quality profile's minimum word count")
-    curate.add_argument("--near-threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold (0.8)")
     curate.add_argument(
-        "--shingle", choices=["word", "char"], default="word", help="near-dedup shingles: word or character n-grams"
+        "--near-threshold",
+        type=float,
+        default=d.near_threshold,
+        help=f"near-duplicate Jaccard threshold (default {d.near_threshold:g})",
     )
-    curate.add_argument("--shingle-size", type=int, default=5, help="words (or characters) per shingle (5)")
-    curate.add_argument("--ngram", type=int, default=13, help="decontamination n-gram size in words (13)")
-    curate.add_argument("--min-ngram", type=int, default=4, help="shortest benchmark n-gram used (4)")
-    curate.add_argument("--common-count", type=int, default=1000, help="corpus count that makes an n-gram common")
+    curate.add_argument(
+        "--shingle",
+        choices=["word", "char"],
+        default=d.shingle,
+        help=f"near-dedup shingles: word or character n-grams (default {d.shingle})",
+    )
+    curate.add_argument(
+        "--shingle-size",
+        type=int,
+        default=d.shingle_size,
+        help=f"words (or characters) per shingle (default {d.shingle_size})",
+    )
+    curate.add_argument(
+        "--ngram", type=int, default=d.ngram, help=f"decontamination n-gram size in words (default {d.ngram})"
+    )
+    curate.add_argument(
+        "--min-ngram", type=int, default=d.min_ngram, help=f"shortest benchmark n-gram used (default {d.min_ngram})"
+    )
+    curate.add_argument(
+        "--common-count",
+        type=int,
+        default=d.common_count,
+        help=f"corpus count that makes an n-gram common (default {d.common_count})",
+    )
     curate.add_argument("--scrub-ipv4", action="store_true", help="also replace IPv4 addresses with <IP_ADDRESS>")
     curate.add_argument("--skip", action="append", default=[], metavar="STEP", help="leave out a step (repeatable)")
     curate.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
