@@ -215,10 +215,9 @@ class _BankUpdate:
     * gather: each row gathers its slot's ``A`` and ``B`` (``[B, ...]``), then two batched
       einsums. Reads ``B`` copies of an adapter; LoRA FLOPs are those of one adapter per row.
       Best for prefill (many tokens per row: compute-bound).
-    * all slots: every row's input through every slot's ``A`` and ``B`` (``[B, n_slots, out]``),
-      then each row gathers its own slot's result. Reads the bank once; ``n_slots`` times the
-      (small) LoRA FLOPs. Best for decode (one token per row, memory-bound) when the bank has
-      fewer slots than the batch rows.
+    * all slots: every row's input times every slot's ``A`` (``[B, n_slots, r]``, reading ``A``
+      once), each row gathers its own slot's result, then its own slot's ``B``. Best for decode
+      (one token per row, memory-bound) when the bank has fewer slots than the batch rows.
     """
 
     a: jax.Array  # [n_slots, in..., r]
@@ -231,24 +230,23 @@ class _BankUpdate:
         n_slots = self.a.shape[0]
         rows = self.row_slots
         if tokens_per_row == 1 and n_slots < batch:
-            first, second = _bank_specs(spec)
-            every_slot = jnp.einsum(second, jnp.einsum(first, x, self.a.astype(x.dtype)), self.b.astype(x.dtype))
-            out = every_slot[jnp.arange(batch), rows]  # [B, n_slots, ...] -> the row's own slot
+            every_slot = jnp.einsum(_bank_spec(spec), x, self.a.astype(x.dtype))  # [B, 1..., n_slots, r]
+            low = every_slot.reshape(batch, n_slots, -1)[jnp.arange(batch), rows]  # the row's own slot
+            low = low.reshape(*every_slot.shape[:-2], low.shape[-1])
+            out = jnp.einsum(_lora_specs(spec, per_row=True)[1], low, self.b[rows].astype(x.dtype))
         else:
             out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
         return out * self.scales[rows].astype(x.dtype).reshape((batch,) + (1,) * (out.ndim - 1))
 
 
-def _bank_specs(spec: str) -> tuple[str, str]:
-    """Einsum specs of the all-slots schedule for a base spec like ``"btd,dhk->bthk"``: the
-    second one keeps the slot axis right after the batch axis, for the per-row gather."""
-    inputs, out = spec.split("->")
+def _bank_spec(spec: str) -> str:
+    """``x`` times every slot's ``A`` for a base spec like ``"btd,dhk->bthk"``: ``"btd,sdr->btsr"``."""
+    inputs, _ = spec.split("->")
     lhs, w = inputs.split(",")
     rank, slot = [c for c in string.ascii_lowercase if c not in spec][:2]
     w_in = "".join(c for c in w if c in lhs)
-    w_out = "".join(c for c in w if c not in lhs)
     mid = "".join(c for c in lhs if c not in w_in) + slot + rank
-    return f"{lhs},{slot}{w_in}{rank}->{mid}", f"{mid},{slot}{rank}{w_out}->{out[0]}{slot}{out[1:]}"
+    return f"{lhs},{slot}{w_in}{rank}->{mid}"
 
 
 @jax.tree_util.register_dataclass
