@@ -23,6 +23,7 @@ from afmkit.eval.safety import SafetySettings
 from afmkit.eval.sxs import SxsSettings
 from afmkit.eval.sxs_ui import SxsUiSettings
 from afmkit.infer.sampling import SamplingParams
+from afmkit.interop.export import ExportSettings
 from afmkit.train.settings import PretrainConfig
 
 
@@ -37,14 +38,14 @@ SHARED = {"model", "help"}
 # Commands whose flags default to None and are filled from the dataclass after parsing
 # (tests/train/test_cli_defaults.py checks that resolution and the help texts).
 RESOLVED_AFTER_PARSING = {("pretrain",), ("shard-plan",)}
-# Commands whose defaults have not moved into a dataclass yet: ``serve`` (its owner is moving
-# them) and ``export`` (--dtype f32, also export_model's default).
-NOT_YET = {("serve",), ("export",)}
+# Commands whose defaults have not moved into a dataclass yet: ``serve`` (its owner is moving them).
+NOT_YET = {("serve",)}
 
 SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("generate",): (Source(SamplingParams),),
     ("chat",): (Source(SamplingParams),),
     ("info",): (),
+    ("export",): (Source(ExportSettings),),
     ("tokenizer", "train"): (Source(TokenizerTrainSettings),),
     ("curate",): (Source(CurationSettings),),
     ("pretrain",): (Source(PretrainConfig, every_field=False),),

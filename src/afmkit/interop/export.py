@@ -15,6 +15,7 @@ exactly), and ``--dtype`` here only chooses how the exported file stores them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ from afmkit.model.transformer import Params
 FORMATS = ("safetensors", "gguf")
 DTYPES = {"safetensors": ("f32", "f16"), "gguf": ("f32", "f16", "q8_0")}
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """``afmkit export``'s defaults, the one source its flags and ``export_model`` read."""
+
+    dtype: str = "f32"  # exact for every source: afmkit computes in fp32 and dequantizes to it
 
 
 def float_params(params: Params) -> Params:
@@ -58,7 +66,7 @@ def check_export(config: Any, fmt: str, dtype: str) -> None:
         check_gguf_exportable(config)
 
 
-def export_model(model: Any, out: str | Path, *, fmt: str, dtype: str = "f32") -> Path:
+def export_model(model: Any, out: str | Path, *, fmt: str, dtype: str = ExportSettings.dtype) -> Path:
     """Write ``model`` (an ``afmkit.LanguageModel``) to ``out`` as ``fmt`` with ``dtype`` tensors."""
     check_export(model.config, fmt, dtype)
     params = float_params(model.params)
@@ -90,9 +98,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--dtype",
-        default="f32",
+        default=ExportSettings.dtype,
         choices=DTYPES["gguf"],
-        help="how the file stores the weights: f32 (default, exact), f16, or q8_0 (GGUF only; 8-bit blocks of 32)",
+        help=f"how the file stores the weights: f32 (exact), f16, or q8_0 (GGUF only; 8-bit blocks of 32); "
+        f"default {ExportSettings.dtype}",
     )
     parser.set_defaults(run=cmd_export)
 
