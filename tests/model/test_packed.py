@@ -82,13 +82,15 @@ def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_row_gives_the_same_bits_whatever_its_batch(bits):
+def test_a_row_gives_the_same_bits_whatever_its_batch(bits, monkeypatch):
     """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds) take
     the kernel's GEMM path, small ones its row kernel: a row must come out bit for bit the same
-    either way (1552 outputs: 97 tiles, a remainder of the GEMM's tile groups)."""
+    either way (1552 outputs: 97 tiles, a remainder of the GEMM's tile groups). The kernel is
+    kept for every size here (on CPUs without AVX512-BF16 large batches otherwise go to XLA)."""
+    monkeypatch.setattr(P, "XLA_GEMM_ROWS", 1 << 30)
     packed = P.pack(RNG.standard_normal((576, 1552)).astype(np.float32), bits)
     x = jnp.asarray(RNG.standard_normal((150, 576)), jnp.float32)
-    matmul = jax.jit(P.packed_matmul)
+    matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))  # a fresh trace reads the patched threshold
     whole = np.asarray(matmul(x, packed))
     for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 131), (19, 150)]:
         np.testing.assert_array_equal(np.asarray(matmul(x[start:stop], packed)), whole[start:stop])
@@ -102,6 +104,21 @@ def test_gradient_reaches_the_input_through_the_kernel():
     probe = jnp.arange(32.0)
     grad = jax.grad(lambda x: jnp.sum(P.packed_matmul(x, packed) * probe))(x)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(jnp.broadcast_to(probe @ weights.T, x.shape)), rtol=1e-6)
+
+
+@needs_kernels
+def test_without_bf16_large_batches_go_through_xla_and_small_ones_through_the_kernel(monkeypatch):
+    """Without AVX512-BF16, XLA's fp32 GEMM on the dequantized weight beats the kernel's from
+    ``XLA_GEMM_ROWS`` rows on: those batches must give exactly XLA's product, smaller ones the
+    kernel's (which is exact fp32 too, so both agree with numpy to fp32 rounding)."""
+    monkeypatch.setattr(kernels, "has_bf16", lambda: False)
+    packed = P.pack(RNG.standard_normal((576, 64)).astype(np.float32), 4)
+    x = jnp.asarray(RNG.standard_normal((P.XLA_GEMM_ROWS, 576)), jnp.float32)
+    matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))
+    np.testing.assert_array_equal(np.asarray(matmul(x, packed)), np.asarray(jax.jit(jnp.dot)(x, packed.matrix())))
+    small = np.asarray(matmul(x[:8], packed))
+    native = np.asarray(kernels.packed_matmul(x[:8], packed.packed, packed.scales, bits=4, n=packed.n, bf16=False))
+    np.testing.assert_array_equal(small, native)
 
 
 def test_without_kernels_packed_weights_go_through_xla(monkeypatch):

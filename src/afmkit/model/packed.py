@@ -164,9 +164,18 @@ def packed_matmul(x: jax.Array, weight: PackedWeight) -> jax.Array:
     from afmkit import kernels
 
     x = x.astype(jnp.float32)
-    if kernels.on_cpu():
+    if kernels.on_cpu() and (kernels.has_bf16() or x.shape[0] < XLA_GEMM_ROWS):
         return _native_matmul(x, weight.packed, weight.scales, (weight.bits, weight.n, kernels.has_bf16()))
     return jnp.dot(x, weight.matrix())
+
+
+# Without AVX512-BF16 the kernel's fp32 GEMM is slower than XLA's fp32 dot, so from this many
+# rows on (prefill chunks) the weight is dequantized inside the call and XLA multiplies. One
+# SmolLM2 layer at 512 rows on an AVX-512 CPU (benchmarks/packed_matmul.py, CPU-ms): kernel fp32
+# 28.5, XLA on the dequantized weight 23.9, XLA on fp32 weights 18.4; at 128 rows the kernel still
+# wins (7.2 against 10.1). On AVX2 builds the kernel's GEMM is slower still (0.36x XLA's dot).
+# With AVX512-BF16 the kernel (8.2 at 512 rows) beats both at every size and is always used.
+XLA_GEMM_ROWS = 256
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
