@@ -95,3 +95,17 @@ def test_a_missing_step_is_one_line_on_the_command_line(pretrained_run, capsys):
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert "saved steps: 2, 4" in err and "\n" not in err
+
+
+def test_a_run_carries_its_tokenizer(pretrained_run, tmp_path):
+    """The run keeps a copy of its tokenizer, so it loads even when the tokenizer it was trained
+    with (a relative path, a folder since deleted) cannot be found from here."""
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(pretrained_run, copy)
+    record = json.loads((copy / "run.json").read_text())
+    record["settings"]["tokenizer"] = "no/such/tokenizer"
+    (copy / "run.json").write_text(json.dumps(record))
+    assert afmkit.load(copy).tokenizer.encode("def f():") == afmkit.load(pretrained_run).tokenizer.encode("def f():")

@@ -206,3 +206,20 @@ def _check_messages(messages: Sequence[Message]) -> None:
             raise UserError(f"chat message {i} must be a dict with 'role' and 'content', got {message!r}")
         if message["role"] not in ("system", "user", "assistant", "tool"):
             raise UserError(f"chat message {i} has unknown role {message['role']!r}; use system, user or assistant")
+
+
+def load_tokenizer(name_or_path: str):
+    """A tokenizer by model name (its tokenizer only, no weights) or from a directory/GGUF file."""
+    from afmkit.weights import NAMED_WEIGHTS, known_models
+
+    path = NAMED_WEIGHTS[name_or_path]() if name_or_path in NAMED_WEIGHTS else Path(name_or_path).expanduser()
+    if path.is_dir():
+        return Tokenizer.from_directory(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from afmkit.interop.gguf import read_gguf
+
+        return Tokenizer.from_gguf_fields(read_gguf(path)[1])
+    raise UserError(
+        f"--tokenizer {name_or_path!r} is neither a known model ({', '.join(known_models())}), "
+        "a directory with tokenizer.json, nor a .gguf file"
+    )

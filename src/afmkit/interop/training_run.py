@@ -102,7 +102,7 @@ def run_config(path: str | os.PathLike) -> ModelConfig:
 def _tokenizer(run: Path, settings: dict[str, Any]) -> Tokenizer:
     if (run / "tokenizer.json").is_file():  # a run that keeps its own copy
         return Tokenizer.from_directory(run)
-    from afmkit.train.pretrain import load_tokenizer  # the same lookup pretrain used
+    from afmkit.data.tokenizer import load_tokenizer  # the same lookup pretrain used
 
     name = settings.get("tokenizer")
     try:

@@ -3,6 +3,7 @@
 Layout of ``--out``::
 
     run.json          the run's settings; a resumed run must match them
+    tokenizer.json    the tokenizer it was trained with (+ tokenizer_config.json)
     checkpoints/      Orbax steps (weights, optimizer state, step, RNG, loader position)
     metrics.jsonl     one JSON object per step (unless --metrics names another file)
     loss.png          the loss curve, written at the end
@@ -29,27 +30,9 @@ import numpy as np
 from afmkit.errors import UserError
 from afmkit.train.settings import RUN_IDENTITY, PretrainConfig, resume_command
 
-__all__ = ["PretrainConfig", "load_tokenizer", "pretrain"]
+__all__ = ["PretrainConfig", "pretrain"]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def load_tokenizer(name_or_path: str):
-    """A tokenizer by model name (its tokenizer only, no weights) or from a directory/GGUF file."""
-    from afmkit.data.tokenizer import Tokenizer
-    from afmkit.weights import NAMED_WEIGHTS, known_models
-
-    path = NAMED_WEIGHTS[name_or_path]() if name_or_path in NAMED_WEIGHTS else Path(name_or_path).expanduser()
-    if path.is_dir():
-        return Tokenizer.from_directory(path)
-    if path.is_file() and path.suffix == ".gguf":
-        from afmkit.interop.gguf import read_gguf
-
-        return Tokenizer.from_gguf_fields(read_gguf(path)[1])
-    raise UserError(
-        f"--tokenizer {name_or_path!r} is neither a known model ({', '.join(known_models())}), "
-        "a directory with tokenizer.json, nor a .gguf file"
-    )
 
 
 def _check_settings(cfg: PretrainConfig) -> None:
@@ -106,6 +89,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from afmkit.data.corpus import read_documents
     from afmkit.data.loader import PackedLoader
     from afmkit.data.packing import tokenize_documents
+    from afmkit.data.tokenizer import load_tokenizer
     from afmkit.runtime import cache_dir, enable_compilation_cache
     from afmkit.sharding.mesh import describe, make_mesh
     from afmkit.sharding.plan import param_specs
@@ -231,6 +215,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "config": config.to_dict(),
             "mesh": describe(mesh),
         }
+        tokenizer.save(out)  # the run carries its tokenizer: it loads as a model from anywhere
         tmp = out / f".run.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(run_record, indent=2))
         os.replace(tmp, out / "run.json")
