@@ -22,7 +22,9 @@ from afmkit.eval.perplexity import PerplexitySettings
 from afmkit.eval.safety import SafetySettings
 from afmkit.eval.sxs import SxsSettings
 from afmkit.eval.sxs_ui import SxsUiSettings
+from afmkit.infer.api.state import ServerLimits
 from afmkit.infer.sampling import SamplingParams
+from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
 from afmkit.train.settings import PretrainConfig
 
@@ -39,13 +41,14 @@ SHARED = {"model", "help"}
 # (tests/train/test_cli_defaults.py checks that resolution and the help texts).
 RESOLVED_AFTER_PARSING = {("pretrain",), ("shard-plan",)}
 # Commands whose defaults have not moved into a dataclass yet: ``serve`` (its owner is moving them).
-NOT_YET = {("serve",)}
+NOT_YET: set[tuple[str, ...]] = set()
 
 SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("generate",): (Source(SamplingParams),),
     ("chat",): (Source(SamplingParams),),
     ("info",): (),
     ("export",): (Source(ExportSettings),),
+    ("serve",): (Source(ServeSettings), Source(ServerLimits, every_field=False)),
     ("tokenizer", "train"): (Source(TokenizerTrainSettings),),
     ("curate",): (Source(CurationSettings),),
     ("pretrain",): (Source(PretrainConfig, every_field=False),),

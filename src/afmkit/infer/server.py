@@ -20,6 +20,7 @@ errors live in ``afmkit.infer.api`` (its docstring says which module holds what)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
@@ -58,15 +59,26 @@ def check_settings(
         raise UserError(f"--port must be in 0..65535 (0 picks a free port), got {port}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """``afmkit serve``'s defaults (the request limits are ``ServerLimits``'s)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32  # rows in the running decode batch
+    cache_bytes: int = 1 << 30  # the adapter registry's budget
+    adapter_slots: int = 16  # adapters resident in the decode batch
+
+
 def create_app(
     model: Any,
     *,
     served_name: str | None = None,
     adapters_dir: str | None = None,
     api_key: str | None = None,
-    max_batch: int = 32,
-    cache_bytes: int = 1 << 30,
-    adapter_slots: int = 16,
+    max_batch: int = ServeSettings.max_batch,
+    cache_bytes: int = ServeSettings.cache_bytes,
+    adapter_slots: int = ServeSettings.adapter_slots,
     limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a ``LanguageModel``); its scheduler starts now."""
@@ -193,26 +205,51 @@ def cmd_serve(args: Any) -> int:
 
 
 def add_serve_arguments(parser: Any) -> None:
+    d, limits = ServeSettings(), ServerLimits()
     parser.add_argument("--adapters", help="directory of LoRA adapters (PEFT layout), served as MODEL:NAME")
     parser.add_argument("--served-name", help="the model name clients use (default: the model's name)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
-    parser.add_argument("--max-batch", type=int, default=32, help="rows in the running decode batch (default 32)")
+    parser.add_argument(
+        "--max-batch", type=int, default=d.max_batch, help=f"rows in the running decode batch (default {d.max_batch})"
+    )
     parser.add_argument(
         "--mesh",
         help="serve across devices: a mesh spec as pretrain --mesh takes, e.g. tensor=2 or data=2,tensor=4 "
         "(weights split by the trainer's sharding rules; float32/bfloat16 weights only)",
     )
     parser.add_argument(
-        "--cache-bytes", type=int, default=1 << 30, help="adapter cache budget in bytes (default 1 GiB)"
+        "--cache-bytes",
+        type=int,
+        default=d.cache_bytes,
+        help=f"adapter cache budget in bytes (default {d.cache_bytes} = {d.cache_bytes / 2**30:g} GiB)",
     )
     parser.add_argument(
-        "--adapter-slots", type=int, default=16, help="adapters resident in the decode batch (default 16)"
+        "--adapter-slots",
+        type=int,
+        default=d.adapter_slots,
+        help=f"adapters resident in the decode batch (default {d.adapter_slots})",
     )
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (default 2048)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens accepted (default 1024)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=limits.max_prompt_tokens,
+        help=f"longest prompt accepted (default {limits.max_prompt_tokens})",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=limits.max_tokens,
+        help=f"largest max_tokens accepted (default {limits.max_tokens}; a request without one gets "
+        f"{limits.default_max_tokens})",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=limits.max_body_bytes,
+        help=f"largest request body (default {limits.max_body_bytes} = {limits.max_body_bytes / 2**20:g} MiB)",
+    )
     parser.add_argument(
         "--no-access-log",
         action="store_true",

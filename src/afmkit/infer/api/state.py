@@ -8,6 +8,7 @@ from typing import Any
 from afmkit.adapters.registry import AdapterRegistry
 from afmkit.errors import UserError
 from afmkit.infer.api.metrics import Metrics
+from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.scheduler import Scheduler
 
 
@@ -15,7 +16,7 @@ from afmkit.infer.scheduler import Scheduler
 class ServerLimits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 1024  # most tokens one request may generate
-    default_max_tokens: int = 256
+    default_max_tokens: int = SamplingParams.max_new_tokens  # a request without max_tokens
     max_body_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:

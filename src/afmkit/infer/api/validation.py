@@ -133,6 +133,11 @@ def _boolean(data: dict, key: str, default: bool) -> bool:
     return value
 
 
+# A request's defaults are ``SamplingParams()``'s, except temperature, where the OpenAI API
+# documents 1 (clients rely on it); afmkit's own commands and Python API default to greedy.
+API_SAMPLING_DEFAULTS = dataclasses.replace(SamplingParams(), temperature=1.0)
+
+
 def sampling_params(data: dict, limits: ServerLimits) -> SamplingParams:
     """The request's ``SamplingParams``. A new sampling field is read here."""
     max_tokens = number(data, "max_completion_tokens", None, integer=True)
@@ -157,13 +162,13 @@ def sampling_params(data: dict, limits: ServerLimits) -> SamplingParams:
     try:
         return SamplingParams(
             max_new_tokens=max_tokens,
-            temperature=number(data, "temperature", 1.0, integer=False),
-            top_p=number(data, "top_p", 1.0, integer=False),
-            top_k=number(data, "top_k", 0, integer=True),
-            seed=number(data, "seed", 0, integer=True) % 2**32,  # OpenAI seeds are any integer
+            temperature=number(data, "temperature", API_SAMPLING_DEFAULTS.temperature, integer=False),
+            top_p=number(data, "top_p", API_SAMPLING_DEFAULTS.top_p, integer=False),
+            top_k=number(data, "top_k", API_SAMPLING_DEFAULTS.top_k, integer=True),
+            seed=number(data, "seed", API_SAMPLING_DEFAULTS.seed, integer=True) % 2**32,  # OpenAI seeds: any integer
             stop=tuple(stop),
-            presence_penalty=number(data, "presence_penalty", 0.0, integer=False),
-            frequency_penalty=number(data, "frequency_penalty", 0.0, integer=False),
+            presence_penalty=number(data, "presence_penalty", API_SAMPLING_DEFAULTS.presence_penalty, integer=False),
+            frequency_penalty=number(data, "frequency_penalty", API_SAMPLING_DEFAULTS.frequency_penalty, integer=False),
         )
     except SamplingError as exc:
         raise ApiError(400, str(exc), code="invalid_sampling", param=exc.field) from None
