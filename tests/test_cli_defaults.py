@@ -38,7 +38,7 @@ class Source(NamedTuple):
 # Flags every model-loading command shares; their defaults live in afmkit.cli_args.
 SHARED = {"model", "help"}
 # Commands whose flags default to None and are filled from the dataclass after parsing
-# (tests/train/test_cli_defaults.py checks that resolution and the help texts).
+# (tests/train/test_pretrain_defaults.py checks that resolution and the help texts).
 RESOLVED_AFTER_PARSING = {("pretrain",), ("shard-plan",)}
 # Commands whose defaults have not moved into a dataclass yet: ``serve`` (its owner is moving them).
 NOT_YET: set[tuple[str, ...]] = set()

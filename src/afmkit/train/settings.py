@@ -36,7 +36,7 @@ RUN_IDENTITY = (
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """Every setting of ``afmkit pretrain``; the one source of its defaults (the CLI reads them
-    from here, and ``tests/train/test_cli_defaults.py`` checks that it does)."""
+    from here, and ``tests/train/test_pretrain_defaults.py`` checks that it does)."""
 
     out: str
     model: str = "afm-tiny"
