@@ -5,6 +5,7 @@ on for nobody."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -31,11 +32,14 @@ class _Job:
     def __init__(self, state: ServerState, gen: Generation, adapter: Any) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
+
+        def deliver(event: Any) -> None:  # called on the scheduler's thread
+            if not loop.is_closed():  # a loop that has closed has nobody left to read the event
+                with contextlib.suppress(RuntimeError):  # it may close between the check and the call
+                    loop.call_soon_threadsafe(self.events.put_nowait, event)
+
         try:
-            self.job = state.scheduler.submit(
-                Request(gen.prompt, gen.sampling, adapter),
-                lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev),
-            )
+            self.job = state.scheduler.submit(Request(gen.prompt, gen.sampling, adapter), deliver)
         except SchedulerClosed as exc:
             raise ApiError(503, str(exc), type="server_error", code="server_shutting_down") from None
         except UserError as exc:
