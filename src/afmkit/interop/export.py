@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from afmkit.errors import UserError
-from afmkit.model.packed import PackedWeight
+from afmkit.model.packed import dequantize_params
 from afmkit.model.transformer import Params
 
 FORMATS = ("safetensors", "gguf")
@@ -41,11 +41,7 @@ class ExportSettings:
 
 def float_params(params: Params) -> Params:
     """The weights as float32 numpy arrays; packed weights dequantized (their exact values)."""
-
-    def to_float(w: Any) -> np.ndarray:
-        return np.asarray(w.dequantize() if isinstance(w, PackedWeight) else w, dtype=np.float32)
-
-    return jax.tree.map(to_float, params, is_leaf=lambda x: isinstance(x, PackedWeight))
+    return jax.tree.map(lambda w: np.asarray(w, dtype=np.float32), dequantize_params(params))
 
 
 def check_export(config: Any, fmt: str, dtype: str) -> None:
