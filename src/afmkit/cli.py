@@ -30,6 +30,7 @@ COMMAND_GROUPS = (
     "afmkit.data.curation.command",  # curate
     "afmkit.train.cli",  # pretrain, shard-plan
     "afmkit.adapters.train",  # adapter train
+    "afmkit.posttrain.cli",  # posttrain sft|synth-if|reward|itec|rl
     "afmkit.interop.export",  # export
     "afmkit.eval.cli",  # eval ifeval|perplexity|sxs|sxs-ui|safety
 )
