@@ -224,6 +224,7 @@ def forward(
     activation_dtype: Any = None,
     segment_ids: jax.Array | None = None,
     adapters: Any = None,
+    dropout: tuple[float, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
 
@@ -237,6 +238,9 @@ def forward(
 
     ``adapters``: optional LoRA adapters (``afmkit.adapters.lora``: one for every row, or a bank
     gathered per row); anything with ``.layer(i)`` returning that layer's updates or None.
+
+    ``dropout``: ``(rate, key)`` drops that share of each attention and MLP output before it is
+    added to the residual stream (training only; the survivors are scaled by ``1 / (1 - rate)``).
     """
     if segment_ids is not None and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
@@ -266,12 +270,21 @@ def forward(
             segment_ids=segment_ids,
             lora=lora,
         )
-        x = x + attn_out
-        x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps), lora=lora)
+        x = x + _dropout(attn_out, dropout, 2 * i)
+        x = x + _dropout(mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps), lora=lora), dropout, 2 * i + 1)
         x = constrain(x, ("batch", "seq", "act_embed"))
         new_k.append(k_cache)
         new_v.append(v_cache)
     return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v) if cache else None
+
+
+def _dropout(x: jax.Array, dropout: tuple[float, jax.Array] | None, index: int) -> jax.Array:
+    """Residual dropout (inverted: kept values scaled up, so evaluation needs no rescaling)."""
+    if dropout is None or dropout[0] <= 0:
+        return x
+    rate, key = dropout
+    keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 def embed_lookup(embed: Any, tokens: jax.Array) -> jax.Array:
