@@ -52,9 +52,9 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def build(compiler: str) -> Path:
-    """Compile the kernel library (once per source, compiler, jax and CPU); return its path."""
-    source = KERNEL_SOURCE.read_bytes()
+def build(compiler: str, source_file: Path = KERNEL_SOURCE) -> Path:
+    """Compile a kernel library (once per source, compiler, jax and CPU); return its path."""
+    source = source_file.read_bytes()
     flags = [
         "-O3",
         "-march=native",
@@ -69,13 +69,13 @@ def build(compiler: str) -> Path:
             [source, compiler.encode(), " ".join(flags).encode(), jax.__version__.encode(), _cpu_identity().encode()]
         )
     ).hexdigest()[:16]
-    library = _cache_root() / f"cpu_kernels-{key}.so"
+    library = _cache_root() / f"{source_file.stem}-{key}.so"
     if library.is_file():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
-        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(KERNEL_SOURCE), "-o", str(built)]
+        command = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(source_file), "-o", str(built)]
         try:
             result = subprocess.run(command, capture_output=True, text=True)
         except OSError as exc:
