@@ -1,0 +1,25 @@
+"""``CompressSettings``: every default of ``afmkit compress palettize`` and of the functions it
+calls (sensitivity analysis, allocation), in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SENSITIVITY_KINDS = ("proxy", "measured")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressSettings:
+    bits_per_weight: float | None = None  # the budget; exactly one of it and ``recipe``
+    recipe: str | None = None  # a recipe JSON fixing every matrix's bits (Talaria writes them)
+    calibration: str | None = None  # a UTF-8 text file, never the evaluation text
+    out: str | None = None  # the compressed model's directory
+    calibration_start: int = 0  # first character of the calibration file used
+    calibration_tokens: int = 8192  # tokens of calibration text for the Fisher information
+    seq_len: int = 512  # tokens per calibration window
+    measure_tokens: int = 1024  # tokens per KL measurement (--sensitivity measured)
+    sensitivity: str = "proxy"  # "proxy": 1/2 sum F (w - q)^2; "measured": KL per matrix and width
+    group_rows: int = 16  # output rows sharing one look-up table
+    per_row_scale: bool = True  # one fp16 scale per output row, before clustering
+    embed_bits: int = 8  # the embedding's integer bits (8 or 4)
+    no_cache: bool = False  # recompute the analysis even when a cached one matches
