@@ -30,6 +30,7 @@ import numpy as np
 from afmkit.config import ModelConfig
 from afmkit.errors import UserError
 from afmkit.model.packed import PackedWeight
+from afmkit.model.palettized import PalettizedWeight
 from afmkit.model.transformer import Params, weight_specs
 
 # Short target names (as in the PEFT and Apple write-ups) -> afmkit's per-layer weight names.
@@ -405,10 +406,10 @@ def _apply(params: Params, adapter: LoraAdapter, *, sign: float) -> Params:
         layer = dict(layer)
         for weight, ab in updates.items():
             w = layer[weight]
-            if isinstance(w, PackedWeight):
+            if isinstance(w, (PackedWeight, PalettizedWeight)):
                 raise UserError(
-                    "cannot merge an adapter into packed (int4/int8) weights; load the model in float32 or "
-                    "bfloat16 to merge, or serve the adapter unmerged"
+                    "cannot merge an adapter into packed (int4/int8) or palettized weights; load the model in "
+                    "float32 or bfloat16 to merge, or serve the adapter unmerged"
                 )
             # Accumulate in fp32 so bf16 weights lose no more than one rounding.
             layer[weight] = (

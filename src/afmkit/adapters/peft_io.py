@@ -35,6 +35,8 @@ from afmkit.config import ModelConfig
 from afmkit.errors import CorruptFileError, UserError
 from afmkit.files import atomic_directory
 from afmkit.model.packed import TILE, PackedWeight, _unpack_tiles
+from afmkit.model.palettized import PalettizedWeight
+from afmkit.model.palettized import values_at as palettized_values
 from afmkit.model.transformer import Params
 
 CONFIG_FILE = "adapter_config.json"
@@ -74,7 +76,12 @@ def base_fingerprint(config: ModelConfig, params: Params) -> str:
     for w in samples:
         size = math.prod(w.shape)
         positions = np.arange(0, size, max(1, size // 64))[:64]
-        picks = _packed_values(w, positions) if isinstance(w, PackedWeight) else np.asarray(w).reshape(-1)[positions]
+        if isinstance(w, PackedWeight):
+            picks = _packed_values(w, positions)
+        elif isinstance(w, PalettizedWeight):
+            picks = palettized_values(w, positions)
+        else:
+            picks = np.asarray(w).reshape(-1)[positions]
         digest.update(str(tuple(w.shape)).encode())
         digest.update(np.asarray(jnp.asarray(picks, jnp.bfloat16).astype(jnp.float32)).tobytes())
     return digest.hexdigest()[:24]

@@ -2,6 +2,9 @@
 
 * ``afmkit.json``: format marker, version and the model config;
 * ``model.safetensors``: weights, named by their path in the pytree (``layers.3.wq``);
+  a compressed weight (``PalettizedWeight``, ``PackedWeight``) is stored as its parts
+  (``layers.3.wq.indices``, ``.tables``, ``.scales``; ``embed.packed``, ``embed.scales``), and
+  ``afmkit.json`` lists it under ``quantized`` with its kind, bits, shape and input axes;
 * ``tokenizer.json`` and ``tokenizer_config.json`` (chat template, special tokens).
 
 Written atomically: a reader sees the old checkpoint or the new one, never a mix.
@@ -22,6 +25,8 @@ from afmkit.config import ModelConfig
 from afmkit.data.tokenizer import Tokenizer
 from afmkit.errors import CorruptFileError, UserError
 from afmkit.files import atomic_directory
+from afmkit.model.packed import BLOCK, PackedWeight
+from afmkit.model.palettized import CODES_PER_WORD, TILE, PalettizedWeight, check_layout
 from afmkit.model.transformer import Params, abstract_params
 
 FORMAT = "afmkit-checkpoint"
@@ -34,8 +39,24 @@ def leaf_name(path: Any) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _is_compressed(leaf: Any) -> bool:
+    return isinstance(leaf, (PalettizedWeight, PackedWeight))
+
+
 def _flatten(params: Params) -> dict[str, Any]:
-    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_compressed)
+    return {leaf_name(path): leaf for path, leaf in leaves}
+
+
+def _compressed_parts(name: str, leaf: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors a compressed weight is saved as, and its ``quantized`` entry in afmkit.json."""
+    meta = {"bits": leaf.bits, "shape": list(leaf.shape), "in_axes": list(leaf.in_axes)}
+    if isinstance(leaf, PackedWeight):
+        return {f"{name}.packed": leaf.packed, f"{name}.scales": leaf.scales}, {"kind": "packed", **meta}
+    tensors = {f"{name}.indices": leaf.indices, f"{name}.tables": leaf.tables}
+    if leaf.scales is not None:
+        tensors[f"{name}.scales"] = leaf.scales
+    return tensors, {"kind": "palettized", **meta}
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -49,26 +70,36 @@ def save_checkpoint(
 
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        tensors = {name: jnp.asarray(leaf) for name, leaf in _flatten(params).items()}
+        tensors, quantized = {}, {}
+        for name, leaf in _flatten(params).items():
+            if _is_compressed(leaf):
+                parts, quantized[name] = _compressed_parts(name, leaf)
+                tensors.update({part: jnp.asarray(value) for part, value in parts.items()})
+            else:
+                tensors[name] = jnp.asarray(leaf)
         save_file(tensors, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save(tmp)
         meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict()}
+        if quantized:
+            meta["quantized"] = quantized
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
     return directory
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
-    directory = Path(directory)
+    return ModelConfig.from_dict(_read_meta(Path(directory))["config"])
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
     try:
         meta = json.loads((directory / MARKER).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"cannot read {directory / MARKER}: {exc}; the checkpoint is damaged") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise UserError(
-            f"{directory} is not an afmkit checkpoint of version {VERSION} (found {meta.get('format')} v{meta.get('version')})"
-        )
-    return ModelConfig.from_dict(meta["config"])
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = meta if not isinstance(meta, dict) else f"{meta.get('format')} v{meta.get('version')}"
+        raise UserError(f"{directory} is not an afmkit checkpoint of version {VERSION} (found {found})")
+    return meta
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "I32": np.int32, "U8": np.uint8}
@@ -127,11 +158,15 @@ def load_checkpoint(
     ``convert(name, array)``, if given, makes each weight from its numpy value instead (packing
     a weight as it is read keeps one full-precision weight in memory at a time, not all)."""
     directory = Path(directory)
-    config = read_config(directory)
+    meta = _read_meta(directory)
+    config = ModelConfig.from_dict(meta["config"])
+    quantized = meta.get("quantized", {})
     reader = SafetensorsReader(directory / "model.safetensors")
 
-    def load_leaf(path_keys: Any, spec: jax.ShapeDtypeStruct) -> jax.Array:
+    def load_leaf(path_keys: Any, spec: jax.ShapeDtypeStruct) -> Any:
         name = leaf_name(path_keys)
+        if name in quantized:
+            return _load_compressed(reader, name, quantized[name], spec.shape)
         value = reader.read(name)
         if value.shape != spec.shape:
             raise CorruptFileError(f"{reader.path}: weight {name} has shape {value.shape}, config needs {spec.shape}")
@@ -140,3 +175,58 @@ def load_checkpoint(
     params = jax.tree_util.tree_map_with_path(load_leaf, abstract_params(config))
     tokenizer = Tokenizer.from_directory(directory) if (directory / "tokenizer.json").is_file() else None
     return config, params, tokenizer
+
+
+def _load_compressed(reader: SafetensorsReader, name: str, entry: Any, shape: tuple[int, ...]) -> Any:
+    """A compressed weight from its parts, each checked against the layout its entry describes
+    (a damaged file is a one-line ``CorruptFileError``, never a wrong model)."""
+
+    def damaged(problem: str) -> CorruptFileError:
+        return CorruptFileError(f"{reader.path}: compressed weight {name} {problem}; the checkpoint is damaged")
+
+    try:
+        kind, bits = entry["kind"], int(entry["bits"])
+        in_axes = tuple(int(a) for a in entry["in_axes"])
+        if tuple(entry["shape"]) != tuple(shape):
+            raise damaged(f"has shape {tuple(entry['shape'])}, the config needs {tuple(shape)}")
+        if not in_axes or any(a < 0 or a >= len(shape) for a in in_axes):
+            raise damaged(f"has input axes {in_axes} outside its shape {tuple(shape)}")
+    except (KeyError, TypeError, ValueError):
+        raise damaged(f"has an unreadable entry {entry!r} in {MARKER}") from None
+    k = int(np.prod([shape[a] for a in in_axes]))
+    n = int(np.prod(shape)) // k
+
+    def part(suffix: str, dtype: Any, expected: tuple[int, ...] | None) -> np.ndarray:
+        value = reader.read(f"{name}.{suffix}")
+        if value.dtype != dtype or (expected is not None and value.shape != expected):
+            raise damaged(
+                f"has {suffix} {value.dtype}{list(value.shape)}, expected {np.dtype(dtype)}{list(expected or [])}"
+            )
+        return value
+
+    if kind == "packed":
+        if bits not in (4, 8) or k % BLOCK or n % TILE:
+            raise damaged(f"cannot be a {bits}-bit packed weight of shape {tuple(shape)}")
+        per_pair = TILE if bits == 4 else 2 * TILE
+        packed = part("packed", np.uint8, (n // TILE, k // BLOCK, BLOCK // 2, per_pair))
+        scales = part("scales", np.float16, (n // TILE, k // BLOCK, 2, TILE))
+        return PackedWeight(jnp.asarray(packed), jnp.asarray(scales), bits, tuple(shape), in_axes)
+    if kind != "palettized":
+        raise damaged(f"has unknown kind {kind!r} (known: palettized, packed)")
+    indices = part("indices", np.uint8, (n // TILE, k // CODES_PER_WORD, bits, TILE))
+    tables = part("tables", np.float16, None)
+    scales = part("scales", np.float16, (n,)) if f"{name}.scales" in reader.entries else None
+    try:
+        if tables.ndim != 2 or tables.shape[1] != 2**bits or tables.shape[0] == 0 or n % tables.shape[0]:
+            raise UserError(f"has tables of shape {list(tables.shape)} for {bits}-bit indices and {n} outputs")
+        check_layout(tuple(shape), in_axes, bits, n // tables.shape[0])
+    except UserError as exc:
+        raise damaged(f"does not fit its layout ({exc})") from None
+    return PalettizedWeight(
+        jnp.asarray(indices),
+        jnp.asarray(tables),
+        None if scales is None else jnp.asarray(scales),
+        bits,
+        tuple(shape),
+        in_axes,
+    )

@@ -246,11 +246,15 @@ def pack_params(params: dict[str, Any], *, bits: int, embed_bits: int = 8) -> di
 
 
 def dequantize_params(params: Any) -> Any:
-    """The weights with every ``PackedWeight`` replaced by the fp32 values it holds (exactly)."""
+    """The weights with every ``PackedWeight`` (and ``PalettizedWeight``) replaced by the fp32
+    values it holds (exactly)."""
+    from afmkit.model.palettized import PalettizedWeight
+
+    quantized = (PackedWeight, PalettizedWeight)
     return jax.tree.map(
-        lambda w: w.dequantize() if isinstance(w, PackedWeight) else w,
+        lambda w: w.dequantize() if isinstance(w, quantized) else w,
         params,
-        is_leaf=lambda w: isinstance(w, PackedWeight),
+        is_leaf=lambda w: isinstance(w, quantized),
     )
 
 

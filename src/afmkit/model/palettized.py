@@ -172,6 +172,15 @@ def dequantize_numpy(weight: PalettizedWeight) -> np.ndarray:
     return _dequantize(np.asarray(weight.indices), np.asarray(weight.tables), scales, weight.bits, np)
 
 
+def values_at(weight: PalettizedWeight, positions: np.ndarray) -> np.ndarray:
+    """The dequantized values at flat positions of the weight's logical shape (fp32, numpy: no
+    compilation per weight shape, e.g. for ``adapters.peft_io.base_fingerprint``)."""
+    index = np.unravel_index(positions, weight.shape)
+    k = np.ravel_multi_index([index[a] for a in weight.in_axes], [weight.shape[a] for a in weight.in_axes])
+    n = np.ravel_multi_index([index[a] for a in weight.out_axes], [weight.shape[a] for a in weight.out_axes])
+    return dequantize_numpy(weight)[k, n]
+
+
 def palettized_linear(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
     """``x``'s trailing axes contracted with the weight's ``in_axes`` (fp32), as ``linear`` does.
     The matrix is expanded by XLA and multiplied in fp32; gradients reach ``x`` (adapters trained

@@ -23,6 +23,7 @@ from afmkit import kernels
 from afmkit.config import ModelConfig
 from afmkit.model.kv_cache import KVCache
 from afmkit.model.packed import PackedWeight, packed_linear
+from afmkit.model.palettized import PalettizedWeight, palettized_linear
 from afmkit.sharding.activations import constrain
 
 Params = dict[str, Any]
@@ -96,9 +97,12 @@ def linear(spec: str, x: jax.Array, w: jax.Array, *, lora: Any = None) -> jax.Ar
     """``x`` times a weight. The matmul runs in the weight's precision (bf16 weights: bf16
     inputs, fp32 accumulation); the result comes back in ``x``'s dtype. ``lora``: an optional
     low-rank update, called as ``lora(spec, x)`` (see ``afmkit.adapters.lora``). A packed 4/8-bit
-    weight (``afmkit.model.packed``) contracts ``x``'s trailing axes with its input axes."""
+    weight (``afmkit.model.packed``) or a palettized one (``afmkit.model.palettized``) contracts
+    ``x``'s trailing axes with its input axes."""
     if isinstance(w, PackedWeight):
         y = packed_linear(x, w).astype(x.dtype)
+    elif isinstance(w, PalettizedWeight):
+        y = palettized_linear(x, w).astype(x.dtype)
     else:
         y = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return y if lora is None else y + lora(spec, x).astype(x.dtype)
