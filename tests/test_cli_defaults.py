@@ -14,6 +14,7 @@ import pytest
 
 from afmkit.adapters.train import TrainSettings, settings_from_args
 from afmkit.cli import build_parser
+from afmkit.compress.settings import CompressSettings
 from afmkit.data.curation.settings import CurationSettings
 from afmkit.data.tokenizer_training import TokenizerTrainSettings
 from afmkit.eval.graders import JudgeSettings
@@ -49,6 +50,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("chat",): (Source(SamplingParams),),
     ("info",): (),
     ("export",): (Source(ExportSettings),),
+    ("compress", "palettize"): (Source(CompressSettings),),
     ("serve",): (Source(ServeSettings), Source(ServerLimits, every_field=False)),
     ("tokenizer", "train"): (Source(TokenizerTrainSettings),),
     ("curate",): (Source(CurationSettings),),

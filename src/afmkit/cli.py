@@ -32,6 +32,7 @@ COMMAND_GROUPS = (
     "afmkit.adapters.train",  # adapter train
     "afmkit.posttrain.cli",  # posttrain sft|synth-if|reward|itec|rl
     "afmkit.interop.export",  # export
+    "afmkit.compress.cli",  # compress palettize
     "afmkit.eval.cli",  # eval ifeval|perplexity|sxs|sxs-ui|safety
 )
 

@@ -116,3 +116,15 @@ def test_budget_outside_the_achievable_range_is_one_line_naming_both_ends():
         assert "\n" not in message and f"{lo:.4f}" in message and f"{hi:.4f}" in message
     with pytest.raises(UserError, match="must be positive"):
         allocate_bits(shapes, sensitivity, 0, group_rows=16, per_row_scale=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_row_scale", [True, False])
+def test_accounting_matches_what_a_palettized_weight_stores(bits, per_row_scale):
+    from afmkit.compress.palettize import palettize_matrix
+
+    w = np.random.default_rng(bits).normal(size=(32, 2, 24)).astype(np.float32)  # K=32, N=48: 3 groups
+    stored = palettize_matrix(w, bits, per_row_scale=per_row_scale)
+    assert stored.bits_per_weight * w.size == matrix_storage_bits(
+        32, 48, bits, group_rows=16, per_row_scale=per_row_scale
+    )

@@ -78,7 +78,7 @@ def palettized(params, name, bits, importance):
 def test_proxy_is_half_the_fisher_weighted_squared_error(params, calibration):
     fisher = sensitivity.fisher_diagonal(CONFIG, params, calibration, quiet=True)
     names = ["layers.0.wq", "layers.1.w_down"]
-    proxy = sensitivity.proxy_sensitivity(params, fisher, names=names, quiet=True)
+    proxy = sensitivity.proxy_sensitivity(params, fisher, names=names, extrapolated={}, quiet=True)
     for name in names:
         w = np.asarray(sensitivity.get_matrix(params, name), np.float64)
         for bits in (2, 3, 4, 8):

@@ -12,7 +12,7 @@ gradients were uncorrelated, ``E[g^2] = T * E[g_t^2]``, so this estimates the pe
 matrix is palettized at b bits, in nats per token:
 
 * ``proxy`` (default, the cost of k-means only): ``1/2 * sum F * (w - q)^2`` over the matrix,
-  ``q`` its palettized value: the second-order Taylor term of the loss with the Fisher standing
+  ``q`` its palettized value (8 bits extrapolated from 4, see ``proxy_sensitivity``): the second-order Taylor term of the loss with the Fisher standing
   in for the Hessian (the first-order term vanishes in expectation at a trained optimum);
 * ``measured``: the mean KL divergence from the float model's next-token distribution to that of
   the model with only this matrix palettized, over ``measure_tokens`` calibration tokens: one
@@ -56,6 +56,7 @@ from afmkit.runtime import cache_dir
 ANALYSIS_FORMAT = "afmkit-compress-analysis"
 ANALYSIS_VERSION = 1  # bump when the numbers an analysis holds would change for the same inputs
 _DEFAULTS = CompressSettings()
+EXTRAPOLATED = {8: 4}  # proxy widths taken from another's value, not clustered (see proxy_sensitivity)
 
 
 # -- the model's matrices -----------------------------------------------------------------------
@@ -243,20 +244,31 @@ def proxy_sensitivity(
     widths: Sequence[int] = BIT_WIDTHS,
     group_rows: int = _DEFAULTS.group_rows,
     per_row_scale: bool = _DEFAULTS.per_row_scale,
+    extrapolated: Mapping[int, int] = EXTRAPOLATED,
     quiet: bool = False,
 ) -> dict[str, dict[int, float]]:
-    """``1/2 * sum F (w - q)^2`` per matrix and width (see the module docstring)."""
+    """``1/2 * sum F (w - q)^2`` per matrix and width (see the module docstring). A width ``b`` in
+    ``extrapolated`` (``{8: 4}``) is not clustered: its value is that of ``extrapolated[b]``
+    times ``4 ** -(b - extrapolated[b])``, the high-resolution law (each added bit quarters the
+    squared error). 256-entry k-means is 6x slower than the 2-, 3- and 4-bit ones together, and an
+    8-bit matrix's error is negligible beside theirs (``benchmarks/compress_sensitivity.py``
+    checks the law on real matrices)."""
     names = list(matrix_names(params) if names is None else names)
+    skipped = {b: a for b, a in extrapolated.items() if b in widths and a in widths}
+    clustered = [b for b in widths if b not in skipped]
     out: dict[str, dict[int, float]] = {}
-    with ProgressReporter("sensitivity (proxy)", len(names) * len(widths), unit="k-means", quiet=quiet) as progress:
+    with ProgressReporter("sensitivity (proxy)", len(names) * len(clustered), unit="k-means", quiet=quiet) as progress:
         for name in names:
             w = np.asarray(get_matrix(params, name), np.float32)
             f = np.asarray(fisher[name], np.float32)
-            out[name] = {}
-            for b in widths:
+            by_width = {}
+            for b in clustered:
                 q = palettized_value(name, w, b, f, group_rows=group_rows, per_row_scale=per_row_scale)
-                out[name][b] = float(0.5 * np.sum(f.astype(np.float64) * (w.astype(np.float64) - q) ** 2))
+                by_width[b] = float(0.5 * np.sum(f.astype(np.float64) * (w.astype(np.float64) - q) ** 2))
                 progress.advance(1)
+            for b, anchor in skipped.items():
+                by_width[b] = by_width[anchor] * 4.0 ** -(b - anchor)
+            out[name] = {b: by_width[b] for b in widths}
     return out
 
 
