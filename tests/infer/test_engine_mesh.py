@@ -11,7 +11,7 @@ import afmkit
 from afmkit.adapters.lora import LoraConfig, random_adapter
 from afmkit.config import get_size
 from afmkit.errors import ModelNotFoundError, UserError
-from afmkit.infer.engine import Engine, Request
+from afmkit.infer.engine import Engine, KVSettings, Request
 from afmkit.infer.sampling import SamplingParams
 from afmkit.model.transformer import init_params
 from afmkit.sharding.mesh import make_mesh
@@ -53,11 +53,12 @@ def test_sharded_greedy_tokens_equal_unsharded_with_and_without_adapters(tiny):
     assert _tokens(engine, prompts, rows) == want_adapted
 
 
-def test_continuous_batch_on_a_mesh_matches_unsharded(tiny):
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_continuous_batch_on_a_mesh_matches_unsharded(tiny, layout):
     """The server's path: rows join a running batch at free slots (gathered prefill) mid-decode."""
 
     def run(engine):
-        batch = engine.new_batch(slots=4, capacity=256, adapter_slots=2)
+        batch = engine.new_batch(slots=4, capacity=256, adapter_slots=2, kv=KVSettings(layout=layout))
         first, second = (Request(p, GREEDY, index=i) for i, p in enumerate(_prompts(seed=2, lengths=(7, 11))))
         tokens = {0: [], 1: []}
         for _, event in batch.admit([first])[1]:
@@ -75,8 +76,11 @@ def test_continuous_batch_on_a_mesh_matches_unsharded(tiny):
     want, _ = run(_engine(tiny))
     got, keys = run(_engine(tiny, "data=4,tensor=2"))
     assert got == want
-    # keys [rows, kv_heads, head_dim, capacity]: each device holds a quarter of the rows, half the KV heads
-    assert keys.addressable_shards[0].data.shape[:2] == (4 // 4, CONFIG.n_kv_heads // 2)
+    if layout == "contiguous":
+        # keys [rows, kv_heads, head_dim, capacity]: each device holds a quarter of the rows, half the KV heads
+        assert keys.addressable_shards[0].data.shape[:2] == (4 // 4, CONFIG.n_kv_heads // 2)
+    else:  # a block pool [blocks, kv_heads, head_dim, page]: every block on every device, half the KV heads
+        assert keys.addressable_shards[0].data.shape[:2] == (keys.shape[0], CONFIG.n_kv_heads // 2)
 
 
 @pytest.mark.slow  # ~50-80 s on 2 shared cores: compiling SmolLM2 for 6 simulated devices

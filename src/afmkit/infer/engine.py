@@ -3,8 +3,17 @@
 The CLI, the server, evaluation, rejection sampling and RL rollouts all generate through
 ``Engine``. Design:
 
-* Prefill and decode are jitted functions over a preallocated KV cache that each step donates
-  and updates in place.
+* Prefill and decode are jitted functions over a KV cache that each step donates and updates in
+  place. The cache is paged by default (``KVSettings``): one pool of fixed-size blocks shared
+  by every row and a block table per row, so memory follows the tokens in flight; the pool
+  grows by doubling as rows need blocks and shrinks back when the batch goes idle. A row
+  reserves the blocks its prompt plus ``max_new_tokens`` can need when it is admitted, so a
+  running row never runs out; a request that does not fit the pool waits. The contiguous cache
+  (every row owns ``capacity`` positions) remains as ``KVSettings(layout="contiguous")``.
+* With the paged cache, prompts are prefilled in chunks between decode steps (chunked prefill):
+  each step runs the running rows' next tokens and then up to ``step_tokens`` minus that many
+  prompt positions of the requests being admitted (oldest first), so a long prompt never stalls
+  the decode batch for more than one chunk.
 * Shapes come from buckets (batch rounded to a power of two, prompt length to a power of two or
   a multiple of the prefill chunk, attention length to a multiple of ``KV_BLOCK``), so a call
   compiles only when it meets a new bucket; XLA's persistent cache keeps compiled steps across
@@ -40,7 +49,7 @@ from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
 from afmkit.config import ModelConfig, check_context
 from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, count_tokens, sample
-from afmkit.model.kv_cache import KVCache
+from afmkit.model.kv_cache import UNALLOCATED, KVCache, PagedKVCache
 from afmkit.model.transformer import Params, forward, output_logits
 from afmkit.sharding import inference as mesh_inference
 
@@ -86,6 +95,39 @@ def activation_dtype(params: Params) -> Any:
     """fp32 activations on CPUs whatever the weights (bf16 elementwise work is slow there);
     the weights' dtype on accelerators."""
     return jnp.float32 if jax.default_backend() == "cpu" else params["embed"].dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSettings:
+    """How a decode batch keeps its keys and values.
+
+    ``layout``: ``"paged"`` (a block pool and per-row block tables) or ``"contiguous"`` (every
+    row owns ``capacity`` positions, prefilled whole at admission). ``dtype``: ``"auto"`` (the
+    activations' dtype) or ``"int8"`` (paged only: int8 codes with one fp32 scale per position
+    and KV head; about a quarter of fp32's bytes). ``page``: positions per block.
+    ``step_tokens``: the paged batch's per-step token budget (decode rows first, then prompt
+    chunks). ``pool_tokens``: the most positions the pool may hold (None: ``slots x capacity``,
+    what the contiguous cache holds)."""
+
+    layout: str = "paged"
+    dtype: str = "auto"
+    page: int = 16
+    step_tokens: int = 256
+    pool_tokens: int | None = None
+
+    def check(self) -> None:
+        if self.layout not in ("paged", "contiguous"):
+            raise UserError(f"KV cache layout {self.layout!r} is not one of: paged, contiguous")
+        if self.dtype not in ("auto", "int8"):
+            raise UserError(f"KV cache dtype {self.dtype!r} is not one of: auto, int8")
+        if self.dtype == "int8" and self.layout != "paged":
+            raise UserError("an int8 KV cache needs the paged layout; drop --kv-layout contiguous")
+        if self.page < 1 or KV_BLOCK % self.page:
+            raise UserError(f"KV page {self.page} must divide {KV_BLOCK}")
+        if self.step_tokens < MIN_PROMPT_BUCKET:
+            raise UserError(f"step_tokens must be at least {MIN_PROMPT_BUCKET}, got {self.step_tokens}")
+        if self.pool_tokens is not None and self.pool_tokens < self.page:
+            raise UserError(f"the KV pool must hold at least one block ({self.page} tokens), got {self.pool_tokens}")
 
 
 @jax.tree_util.register_dataclass
@@ -136,12 +178,16 @@ def _prefill_chunk(
     return _pin(cache, cache_sharding), first
 
 
-def _pin(cache: KVCache, sharding: NamedSharding | None) -> KVCache:
-    """The cache kept in its mesh layout across a step (``sharding``: None without a mesh), so
-    the donated input and the output match and the next step compiles for the same layout."""
+def _pin(cache: Any, sharding: Any) -> Any:
+    """The cache kept in its mesh layout across a step (``sharding``: None without a mesh; for a
+    paged pool, its shardings by array rank), so the donated input and the output match and the
+    next step compiles for the same layout. A paged cache leaves without its call's tables."""
+    if isinstance(cache, PagedKVCache):
+        cache = dataclasses.replace(cache, tables=None)
     if sharding is None:
         return cache
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), cache)
+    by_rank = dict(sharding) if isinstance(sharding, tuple) else None
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, by_rank[a.ndim] if by_rank else sharding), cache)
 
 
 def _prefill_rows(
@@ -236,6 +282,7 @@ def _decode_step(
     sampler: SamplerState,
     lora: RowAdapters | None = None,
     counts: jax.Array | None = None,
+    tables: jax.Array | None = None,
     *,
     config: ModelConfig,
     attend_len: int,
@@ -244,7 +291,10 @@ def _decode_step(
     cache_sharding: NamedSharding | None = None,
 ) -> tuple[KVCache, DecodeState, jax.Array | None]:
     """One token for each of the first ``len(state.tokens)`` rows of the cache; ``counts``
-    (``[B, vocab]`` tokens generated so far, when a row has penalties) is applied and updated."""
+    (``[B, vocab]`` tokens generated so far, when a row has penalties) is applied and updated.
+    ``tables``: the rows' block tables when ``cache`` is a paged pool."""
+    if tables is not None:
+        cache = dataclasses.replace(cache, tables=tables)
     hidden, cache = forward(
         params,
         state.tokens[:, None],
@@ -260,6 +310,65 @@ def _decode_step(
     counts = None if counts is None else count_tokens(counts, tokens)
     state = DecodeState(tokens=tokens, positions=state.positions + 1, step=step)
     return _pin(cache, cache_sharding), state, counts
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "attend_len", "mode", "activation_dtype", "cache_sharding"),
+    donate_argnames=("cache",),
+)
+def _paged_prefill(
+    params: Params,
+    cache: PagedKVCache,
+    tables: jax.Array,
+    tokens: jax.Array,
+    starts: jax.Array,
+    lengths: jax.Array,
+    sampler: SamplerState,
+    lora: RowAdapters | None = None,
+    *,
+    config: ModelConfig,
+    attend_len: int,
+    mode: SamplerMode,
+    activation_dtype: Any,
+    cache_sharding: Any = None,
+) -> tuple[PagedKVCache, jax.Array]:
+    """One chunk of each row's prompt, ``tokens [B, T]`` from position ``starts[b]``, written
+    through the rows' block ``tables``; returns the first new token of every row (meaningful for
+    rows whose last prompt position, ``lengths[b] - 1``, lies in this chunk)."""
+    batch, chunk = tokens.shape
+    positions = starts[:, None] + jnp.arange(chunk)[None, :]
+    hidden, cache = forward(
+        params,
+        tokens,
+        positions,
+        dataclasses.replace(cache, tables=tables),
+        config=config,
+        attend_len=attend_len,
+        activation_dtype=activation_dtype,
+        adapters=lora,
+    )
+    last = jnp.clip(lengths - 1 - starts, 0, chunk - 1)
+    sampled = sample(output_logits(params, hidden[jnp.arange(batch), last]), sampler, jnp.int32(0), mode=mode)
+    return _pin(cache, cache_sharding), sampled
+
+
+@functools.partial(jax.jit, static_argnames=("config", "blocks", "page", "dtype", "quantized", "sharding"))
+def _empty_pool(
+    *, config: ModelConfig, blocks: int, page: int, dtype: Any, quantized: bool, sharding: Any = None
+) -> PagedKVCache:
+    """A zeroed block pool, made in place in its mesh layout."""
+    return _pin(PagedKVCache.zeros(config, blocks=blocks, page=page, dtype=dtype, quantized=quantized), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnames=("cache",))
+def _grow_pool(cache: PagedKVCache, *, blocks: int, sharding: Any = None) -> PagedKVCache:
+    """``cache`` with zeroed blocks appended up to ``blocks``; existing blocks keep their index."""
+
+    def grow(a: jax.Array) -> jax.Array:
+        return jnp.concatenate([a, jnp.zeros((blocks - a.shape[0], *a.shape[1:]), a.dtype)])
+
+    return _pin(jax.tree.map(grow, cache), sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch", "capacity", "dtype", "sharding"))
@@ -363,6 +472,9 @@ class _Row:
     start_time: float
     count: int = 0  # tokens emitted
     dispatched: int = 0  # decode steps dispatched for this row since it joined
+    prefilled: int = 0  # prompt positions in the cache (paged: grows chunk by chunk)
+    blocks: list[int] = dataclasses.field(default_factory=list)  # paged: the row's blocks, in order
+    reserved: int = 0  # paged: blocks held back for the row's prompt and max_new_tokens
     finished: bool = False
     first_token_time: float = 0.0
     finish_time: float = 0.0
@@ -420,18 +532,35 @@ class DecodeBatch:
         capacity: int,
         adapter_slots: int = 0,
         adapters: Sequence[LoraAdapter] = (),
+        kv: KVSettings | None = None,
     ) -> None:
         self.engine = engine
         self.n_slots = slots
         self.capacity = capacity
-        self.cache_sharding = engine.kv_cache_sharding(rows=slots)
-        self.cache = _empty_cache(
-            config=engine.config,
-            batch=slots,
-            capacity=capacity,
-            dtype=engine.activation_dtype,
-            sharding=self.cache_sharding,
-        )
+        self.kv = kv or engine.kv
+        self.kv.check()
+        self.paged = self.kv.layout == "paged"
+        if self.paged:
+            self.page = self.kv.page
+            self.row_blocks = -(-capacity // self.page)  # block-table width: a row's most blocks
+            pool_tokens = self.kv.pool_tokens or slots * self.row_blocks * self.page
+            self.max_blocks = max(1, pool_tokens // self.page)
+            # Start small (memory follows the tokens in flight); doubling reaches max_blocks.
+            self.min_blocks = min(self.max_blocks, 4 * KV_BLOCK // self.page)
+            self.cache_sharding = engine.paged_kv_sharding()
+            self.tables = np.full((slots, self.row_blocks), UNALLOCATED, np.int32)
+            self.reserved = 0  # blocks promised to admitted rows
+            self.prefilling: list[_Row] = []  # admitted rows whose prompt is not all in the cache
+            self._reset_pool()
+        else:
+            self.cache_sharding = engine.kv_cache_sharding(rows=slots)
+            self.cache = _empty_cache(
+                config=engine.config,
+                batch=slots,
+                capacity=capacity,
+                dtype=engine.activation_dtype,
+                sharding=self.cache_sharding,
+            )
         self.rows: list[_Row | None] = [None] * slots
         zeros = jnp.zeros((slots,), jnp.int32)
         self.state = DecodeState(tokens=zeros, positions=zeros, step=zeros)
@@ -458,6 +587,52 @@ class DecodeBatch:
     @property
     def busy(self) -> bool:
         return self.active_rows > 0 or bool(self.inflight)
+
+    # -- the paged pool ------------------------------------------------------------------------
+    def _reset_pool(self) -> None:
+        self.cache = _empty_pool(
+            config=self.engine.config,
+            blocks=self.min_blocks,
+            page=self.page,
+            dtype=self.engine.activation_dtype,
+            quantized=self.kv.dtype == "int8",
+            sharding=self.cache_sharding,
+        )
+        self.free_blocks = list(range(self.min_blocks - 1, -1, -1))  # popped from the end: lowest first
+
+    @property
+    def pool_blocks(self) -> int:
+        """Blocks the pool holds now (it grows up to ``max_blocks``)."""
+        return self.cache.n_blocks if self.paged else 0
+
+    def _blocks_for(self, request: Request) -> int:
+        return -(-(len(request.prompt) + request.sampling.max_new_tokens) // self.page)
+
+    def _back(self, row: _Row, positions: int) -> None:
+        """Give ``row`` blocks for its first ``positions`` positions, growing the pool if needed
+        (its reservation guarantees the pool may grow that far)."""
+        while len(row.blocks) * self.page < positions:
+            if not self.free_blocks:
+                old = self.cache.n_blocks
+                new = min(self.max_blocks, 2 * old)
+                if new <= old:
+                    raise RuntimeError("KV pool exhausted despite reservations")  # a bug, not a user error
+                self.cache = _grow_pool(self.cache, blocks=new, sharding=self.cache_sharding)
+                self.free_blocks = list(range(new - 1, old - 1, -1)) + self.free_blocks
+            block = self.free_blocks.pop()
+            self.tables[row.slot, len(row.blocks)] = block
+            row.blocks.append(block)
+
+    def _tables(self, rows: Sequence[_Row | None], attend_len: int) -> jax.Array:
+        """Block tables for one call: one line per row (UNALLOCATED for None), ``attend_len`` wide.
+        A fresh array: the host table changes while a dispatched step may still read it."""
+        width = -(-attend_len // self.page)
+        out = np.full((len(rows), width), UNALLOCATED, np.int32)
+        for i, row in enumerate(rows):
+            if row is not None:
+                n = min(width, self.row_blocks)
+                out[i, :n] = self.tables[row.slot, :n]
+        return jnp.asarray(out)
 
     # -- adapters ----------------------------------------------------------------------------
     def _new_bank(self, adapters: Sequence[LoraAdapter]) -> None:
@@ -496,6 +671,14 @@ class DecodeBatch:
         return slot
 
     def _release(self, row: _Row) -> None:
+        if self.paged:
+            if self.rows[row.slot] is row:
+                self.tables[row.slot] = UNALLOCATED
+            self.free_blocks.extend(reversed(row.blocks))
+            self.reserved -= row.reserved
+            row.blocks, row.reserved = [], 0
+            if row in self.prefilling:
+                self.prefilling.remove(row)
         if self.rows[row.slot] is row:
             self.rows[row.slot] = None
         entry = self.bank_entries[row.bank_slot] if row.bank_slot else None
@@ -512,6 +695,11 @@ class DecodeBatch:
             fix="shorten the prompt or lower max_tokens",
             whose="this batch's context",
         )
+        if self.paged and self._blocks_for(request) > self.max_blocks:
+            raise UserError(
+                f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.sampling.max_new_tokens}) "
+                f"exceed the KV pool ({self.max_blocks * self.page} tokens); shorten the prompt or lower max_tokens"
+            )
 
     def admit(self, requests: Sequence[Request]) -> tuple[list[Request], list[tuple[Request, StreamEvent]]]:
         """Prefill as many of ``requests`` as fit now; returns (admitted, their first-token events).
@@ -542,6 +730,8 @@ class DecodeBatch:
             free = [s for s in range(self.n_slots) if self.rows[s] is None]
             if not free:
                 break
+            if self.paged and self.reserved + self._blocks_for(request) > self.max_blocks:
+                break  # the pool is promised to running rows: wait (in order) for some to finish
             bank_slot = self._reserve_bank_slot(request.adapter)
             if bank_slot is None:
                 continue
@@ -549,13 +739,25 @@ class DecodeBatch:
             request.row = row
             self.rows[row.slot] = row
             rows.append(row)
+            if self.paged:
+                row.reserved = self._blocks_for(request)
+                self.reserved += row.reserved
+                self.prefilling.append(row)
         if not rows:
             return [], []
+        if self.paged:  # prefilled chunk by chunk by the next steps
+            return [r.request for r in rows], []
         groups = self._groups(rows)
         firsts = [self._prefill(group, padding)[: len(group)] for group, padding in groups]
         rows = [row for group, _ in groups for row in group]
-        slots = jnp.asarray([r.slot for r in rows], jnp.int32)
         first = firsts[0] if len(firsts) == 1 else jnp.concatenate(firsts)
+        for row in rows:
+            row.prefilled = len(row.request.prompt)
+        return [r.request for r in rows], self._start_decoding(rows, first)
+
+    def _start_decoding(self, rows: list[_Row], first: jax.Array) -> list[tuple[Request, StreamEvent]]:
+        """Rows whose prompt is all in the cache join the decode batch with their first tokens."""
+        slots = jnp.asarray([r.slot for r in rows], jnp.int32)
         lengths = jnp.asarray([len(r.request.prompt) for r in rows], jnp.int32)
         self.state = DecodeState(
             tokens=self.state.tokens.at[slots].set(first),
@@ -576,7 +778,58 @@ class DecodeBatch:
         for row, token in zip(rows, host):
             row.first_token_time = time.perf_counter()
             events.extend(self._emit(row, int(token)))
-        return [r.request for r in rows], events
+        return events
+
+    def _prefill_step(self, decoding: int) -> list[tuple[Request, StreamEvent]]:
+        """One chunk of the waiting prompts (oldest first) within the step's token budget, of
+        which ``decoding`` tokens go to the decode step; rows whose prompt completes join."""
+        engine = self.engine
+        budget = max(self.kv.step_tokens - decoding, MIN_PROMPT_BUCKET)
+        chunks: list[tuple[_Row, int]] = []
+        for row in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(len(row.request.prompt) - row.prefilled, budget)
+            chunks.append((row, n))
+            budget -= n
+        size = batch_bucket(len(chunks))
+        width = max(MIN_PROMPT_BUCKET, _next_pow2(max(n for _, n in chunks)))
+        tokens = np.zeros((size, width), np.int32)
+        starts = np.zeros((size,), np.int32)
+        lengths = np.ones((size,), np.int32)
+        for i, (row, n) in enumerate(chunks):
+            tokens[i, :n] = row.request.prompt[row.prefilled : row.prefilled + n]
+            starts[i], lengths[i] = row.prefilled, len(row.request.prompt)
+            self._back(row, row.prefilled + n)
+        rows: list[_Row | None] = [row for row, _ in chunks] + [None] * (size - len(chunks))
+        attend_len = kv_bucket(max(row.prefilled + n for row, n in chunks))
+        sampling = [r.request.sampling for r, _ in chunks] + [SamplingParams(max_new_tokens=1)] * (size - len(chunks))
+        uses_adapter = self.bank is not None and any(r.bank_slot for r, _ in chunks)
+        lora = self.bank.rows([r.bank_slot if r else 0 for r in rows]) if uses_adapter else None
+        self.cache, first = _paged_prefill(
+            engine.params,
+            self.cache,
+            self._tables(rows, attend_len),
+            jnp.asarray(tokens),
+            jnp.asarray(starts),
+            jnp.asarray(lengths),
+            SamplerState.from_params(sampling),
+            lora,
+            config=engine.config,
+            attend_len=attend_len,
+            mode=SamplerMode.for_batch(sampling),
+            activation_dtype=engine.activation_dtype,
+            cache_sharding=self.cache_sharding,
+        )
+        done = []
+        for i, (row, n) in enumerate(chunks):
+            row.prefilled += n
+            if row.prefilled == len(row.request.prompt):
+                self.prefilling.remove(row)
+                done.append(i)
+        if not done:
+            return []
+        return self._start_decoding([chunks[i][0] for i in done], first[jnp.asarray(done)])
 
     def _groups(self, rows: list[_Row]) -> list[tuple[list[_Row], list[int]]]:
         """Prefill groups of power-of-two size: padded with free slots when there are enough,
@@ -640,21 +893,32 @@ class DecodeBatch:
 
     # -- decoding ----------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, StreamEvent]]:
-        """Dispatch the next decode step (if any row needs it), then return the events of the
-        step dispatched before it."""
+        """Run a chunk of the prompts being prefilled (paged), dispatch the next decode step (if
+        any row needs it), then return the events of the step dispatched before it and of rows
+        whose prefill completed."""
+        first_events = self._prefill_step(len(self._needing())) if self.paged and self.prefilling else []
         dispatched = self._dispatch()
         events = self._read(self.inflight.pop(0)) if self.inflight else []
         if dispatched is not None:
             self.inflight.append(dispatched)
-        return events
+        if self.paged and not self.busy and self.cache.n_blocks > self.min_blocks:
+            self._reset_pool()  # idle: give the grown pool's memory back
+        return first_events + events
+
+    def _needing(self) -> list[_Row]:
+        """Rows that need another decode step (prompt all in the cache, tokens still to come)."""
+        return [
+            r
+            for r in self.rows
+            if r is not None
+            and not r.finished
+            and r.prefilled == len(r.request.prompt)
+            and 1 + r.dispatched < r.request.sampling.max_new_tokens
+        ]
 
     def _dispatch(self) -> tuple[jax.Array, list[_Row | None]] | None:
         engine = self.engine
-        needing = [
-            r
-            for r in self.rows
-            if r is not None and not r.finished and 1 + r.dispatched < r.request.sampling.max_new_tokens
-        ]
+        needing = self._needing()
         if not needing:
             return None
         rows = min(self.n_slots, max(batch_bucket(max(r.slot for r in needing) + 1), engine.min_decode_batch))
@@ -668,6 +932,13 @@ class DecodeBatch:
         uses_adapter = self.bank is not None and any(r is not None and r.bank_slot for r in self.rows[:rows])
         lora = self.bank.rows(self.row_bank_slots[:rows]) if uses_adapter else None
         counts = self.counts if whole or self.counts is None else self.counts[:rows]
+        # Only the rows that decode take part: the others' lines are no line (their writes drop).
+        snapshot = [r if r in needing else None for r in self.rows[:rows]]
+        tables = None
+        if self.paged:
+            for r in needing:
+                self._back(r, r.next_position + 1)
+            tables = self._tables(snapshot, attend_len)
         self.cache, out, counts = _decode_step(
             engine.params,
             self.cache,
@@ -675,6 +946,7 @@ class DecodeBatch:
             sampler,
             lora,
             counts,
+            tables,
             config=engine.config,
             attend_len=attend_len,
             mode=self.mode,
@@ -689,7 +961,7 @@ class DecodeBatch:
             self.counts = counts if whole else jnp.concatenate([counts, self.counts[rows:]])
         for r in needing:
             r.dispatched += 1
-        return out.tokens, list(self.rows[:rows])
+        return out.tokens, snapshot
 
     def _read(self, inflight: tuple[jax.Array, list[_Row | None]]) -> list[tuple[Request, StreamEvent]]:
         tokens, snapshot = inflight
@@ -748,8 +1020,11 @@ class Engine:
         eos_ids: Sequence[int] = (),
         max_batch: int = MAX_BATCH,
         mesh: Mesh | str | None = None,
+        kv: KVSettings | None = None,
     ) -> None:
         self.config = config
+        self.kv = kv or KVSettings()
+        self.kv.check()
         self.mesh = None if mesh is None else mesh_inference.as_mesh(mesh)
         if self.mesh is not None:
             params = mesh_inference.shard_weights(config, params, self.mesh)
@@ -770,6 +1045,12 @@ class Engine:
         if self.mesh is None:
             return None
         return mesh_inference.kv_cache_sharding(self.config, self.mesh, rows=rows)
+
+    def paged_kv_sharding(self) -> tuple[tuple[int, NamedSharding], ...] | None:
+        """The layouts of a paged pool's arrays on the mesh, by rank (None without one)."""
+        if self.mesh is None:
+            return None
+        return mesh_inference.paged_kv_sharding(self.config, self.mesh)
 
     # -- public API --------------------------------------------------------------------------
     def generate(
@@ -818,9 +1099,12 @@ class Engine:
                 event.index += lo
                 yield event
 
-    def new_batch(self, *, slots: int, capacity: int, adapter_slots: int = 0) -> DecodeBatch:
-        """An empty running batch for continuous batching (the server's scheduler)."""
-        return DecodeBatch(self, slots=slots, capacity=capacity, adapter_slots=adapter_slots)
+    def new_batch(
+        self, *, slots: int, capacity: int, adapter_slots: int = 0, kv: KVSettings | None = None
+    ) -> DecodeBatch:
+        """An empty running batch for continuous batching (the server's scheduler); ``kv``: its
+        cache's settings (default: the engine's)."""
+        return DecodeBatch(self, slots=slots, capacity=capacity, adapter_slots=adapter_slots, kv=kv)
 
     # -- internals ---------------------------------------------------------------------------
     def _per_prompt(self, prompts: Sequence[Sequence[int]], sampling: Any) -> list[SamplingParams]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from afmkit import kernels
 from afmkit.config import ModelConfig
-from afmkit.model.kv_cache import KVCache
+from afmkit.model.kv_cache import KVCache, PagedKVCache, PagedLayer
 from afmkit.model.packed import PackedWeight, packed_linear
 from afmkit.model.palettized import PalettizedWeight, palettized_linear
 from afmkit.sharding.activations import constrain
@@ -149,20 +149,21 @@ def attention(
     layer: Params,
     x: jax.Array,
     positions: jax.Array,
-    k_cache: jax.Array | None,
-    v_cache: jax.Array | None,
+    cache: tuple[jax.Array, jax.Array] | PagedLayer | None,
     *,
     config: ModelConfig,
     attend_len: int,
     segment_ids: jax.Array | None = None,
     lora: Any = None,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | PagedLayer | None]:
     """Grouped-query attention; a query at position p sees keys at positions <= p.
 
-    With a cache, this chunk's keys and values are written into it at ``positions`` first, then
-    the first ``attend_len`` cache slots are read, so a step costs what it attends to, not the
-    cache's capacity. Without a cache (training, scoring) the chunk attends to itself; with
-    ``segment_ids [B, T]`` (packed training rows) a query sees only keys of its own segment.
+    ``cache``: this layer's ``(k_cache, v_cache)`` of a contiguous ``KVCache``, or its
+    ``PagedLayer`` (block pool and block tables). With a cache, this chunk's keys and values are
+    written into it at ``positions`` first, then the first ``attend_len`` positions of each row
+    are read, so a step costs what it attends to, not the cache's capacity. Without a cache
+    (training, scoring) the chunk attends to itself; with ``segment_ids [B, T]`` (packed training
+    rows) a query sees only keys of its own segment.
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
@@ -177,19 +178,26 @@ def attention(
 
     # Keys as [B, KV, head_dim, S] and values as [B, KV, S, head_dim] (the cache's layouts), and
     # the queries of one KV group side by side, so neither matmul transposes its operands.
-    if k_cache is None:
+    if cache is None:
         keys, values, key_positions = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), positions[:, None, :]
     else:
-        rows = jnp.arange(batch)[:, None]
-        k_cache = k_cache.at[rows, :, :, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        if isinstance(cache, PagedLayer):
+            cache = cache.write(k, v, positions)
+            # Each row's blocks gathered in the contiguous layout (zeros past its allocation).
+            k_cache, v_cache = cache.read(attend_len, q.dtype)
+        else:
+            rows = jnp.arange(batch)[:, None]
+            k_cache, v_cache = cache
+            k_cache = k_cache.at[rows, :, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+            cache = (k_cache, v_cache)
         # The cache may hold more rows than this call feeds (the engine pads decode batches).
         if seq == 1 and k_cache.dtype == q.dtype == jnp.float32 and kernels.on_cpu():
             # Decoding on CPU: the native kernel reads each row's visible positions in place.
             q = q.reshape(batch, kv_heads, groups, head_dim)
             out = kernels.decode_attention(q, k_cache, v_cache, positions[:, 0] + 1, 1 / math.sqrt(head_dim))
             out = out.reshape(batch, 1, config.n_heads, head_dim)
-            return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), k_cache, v_cache
+            return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), cache
         keys, values = k_cache[:batch, ..., :attend_len], v_cache[:batch, :, :attend_len]
         key_positions = jnp.arange(attend_len)[None, None, :]
     # Queries as [B, KV, groups, T, head_dim]: the groups of one KV head side by side (so neither
@@ -207,7 +215,7 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, config.n_heads, head_dim)
-    return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), k_cache, v_cache
+    return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), cache
 
 
 def mlp(layer: Params, x: jax.Array, *, lora: Any = None) -> jax.Array:
@@ -221,7 +229,7 @@ def forward(
     params: Params,
     tokens: jax.Array,
     positions: jax.Array,
-    cache: KVCache | None,
+    cache: KVCache | PagedKVCache | None,
     *,
     config: ModelConfig,
     attend_len: int = 0,
@@ -229,14 +237,15 @@ def forward(
     segment_ids: jax.Array | None = None,
     adapters: Any = None,
     dropout: tuple[float, jax.Array] | None = None,
-) -> tuple[jax.Array, KVCache | None]:
+) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
 
     Activations are ``activation_dtype`` (default: the embedding's dtype); matmuls run in each
     weight's precision (see ``linear``).
 
     ``tokens`` and ``positions`` are ``[B, T]``: each row holds consecutive positions starting
-    wherever that row is. With a cache, the first ``attend_len`` cache slots are attended to.
+    wherever that row is. With a cache, the first ``attend_len`` cache positions of each row are
+    attended to (a ``PagedKVCache`` carries the rows' block ``tables``).
     Without one (training, scoring), the chunk attends to itself only; ``segment_ids [B, T]``
     then keeps packed documents apart (give each document positions that restart at 0).
 
@@ -257,18 +266,16 @@ def forward(
         embed = constrain(embed, ("vocab", None))
     x = embed_lookup(embed, tokens).astype(activation_dtype or params["embed"].dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
-    new_k, new_v = [], []
-    no_cache = [None] * config.n_layers
-    for i, (layer, k_cache, v_cache) in enumerate(
-        zip(params["layers"], cache.k if cache else no_cache, cache.v if cache else no_cache)
+    new_layers = []
+    for i, (layer, layer_cache) in enumerate(
+        zip(params["layers"], cache.layers() if cache else [None] * len(params["layers"]))
     ):
         lora = None if adapters is None else adapters.layer(i)
-        attn_out, k_cache, v_cache = attention(
+        attn_out, layer_cache = attention(
             layer,
             rms_norm(x, layer["attn_norm"], config.norm_eps),
             positions,
-            k_cache,
-            v_cache,
+            layer_cache,
             config=config,
             attend_len=attend_len,
             segment_ids=segment_ids,
@@ -277,9 +284,8 @@ def forward(
         x = x + _dropout(attn_out, dropout, 2 * i)
         x = x + _dropout(mlp(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps), lora=lora), dropout, 2 * i + 1)
         x = constrain(x, ("batch", "seq", "act_embed"))
-        new_k.append(k_cache)
-        new_v.append(v_cache)
-    return rms_norm(x, params["final_norm"], config.norm_eps), KVCache(k=new_k, v=new_v) if cache else None
+        new_layers.append(layer_cache)
+    return rms_norm(x, params["final_norm"], config.norm_eps), cache.with_layers(new_layers) if cache else None
 
 
 def _dropout(x: jax.Array, dropout: tuple[float, jax.Array] | None, index: int) -> jax.Array:

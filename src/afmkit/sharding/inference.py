@@ -4,7 +4,7 @@ Weights take the specs ``plan.param_specs`` gives them (the same ``LOGICAL_AXIS_
 trainer uses: heads, KV heads, the FFN and the vocabulary over ``tensor``; the embedding
 dimension over ``fsdp``). The KV cache ``[rows, kv_heads, ...]`` splits its rows as the
 activations' ``batch`` (``data`` and ``fsdp``) and its KV heads as ``act_kv_heads`` (``tensor``).
-Jitted steps take these layouts as given and XLA partitions the rest (GSPMD), so a sharded step
+A paged pool ``[blocks, kv_heads, ...]`` splits only its KV heads. Jitted steps take these layouts as given and XLA partitions the rest (GSPMD), so a sharded step
 computes what the unsharded one does, up to the order of float sums.
 
 Packed (int4/int8) weights are laid out for afmkit's single-device CPU kernels and have no
@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmkit.config import ModelConfig
 from afmkit.errors import UserError
@@ -52,6 +52,17 @@ def kv_cache_sharding(config: ModelConfig, mesh: Mesh, *, rows: int) -> NamedSha
     ``[rows, kv_heads]``)."""
     shape = (rows, config.n_kv_heads, config.head_dim, 1)
     return NamedSharding(mesh, resolve(KV_CACHE_AXES, shape, mesh, name="KV cache"))
+
+
+def paged_kv_sharding(config: ModelConfig, mesh: Mesh) -> tuple[tuple[int, NamedSharding], ...]:
+    """The layouts of a paged KV pool's arrays by rank: blocks ``[blocks, kv_heads, ...]`` (4-D)
+    and int8 scales ``[blocks, kv_heads, page]`` (3-D) split their KV heads as ``act_kv_heads``;
+    blocks are whole on every device (any row's table may name any block)."""
+    heads = resolve((None, "act_kv_heads"), (1, config.n_kv_heads), mesh, name="KV cache")[1]
+    return (
+        (4, NamedSharding(mesh, PartitionSpec(None, heads, None, None))),
+        (3, NamedSharding(mesh, PartitionSpec(None, heads, None))),
+    )
 
 
 def row_multiple(mesh: Mesh | None) -> int:
