@@ -300,10 +300,17 @@ def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the prompt file -----------------------------------------------------------------------------
-def _task_split(task: Task, *, seed: int, dev_fraction: float) -> str:
-    """``dev`` for a stable share of tasks, by a hash of the text (so adding a pool moves no task)."""
-    digest = hashlib.blake2b(f"synth-if/{seed}/{task.text}".encode(), digest_size=8).digest()
-    return "dev" if int.from_bytes(digest, "little") / 2**64 < dev_fraction else "train"
+def split_tasks(tasks: list[Task], *, seed: int, dev_fraction: float) -> dict[str, list[Task]]:
+    """Hold out ``dev_fraction`` of the tasks (at least one when there is a fraction to hold out):
+    those whose seeded hash of the text is smallest, so adding tasks moves few between splits."""
+
+    def rank(task: Task) -> bytes:
+        return hashlib.blake2b(f"synth-if/{seed}/{task.text}".encode(), digest_size=8).digest()
+
+    ranked = sorted(tasks, key=rank)
+    n_dev = max(1, round(len(tasks) * dev_fraction)) if dev_fraction > 0 and len(tasks) > 1 else 0
+    dev = {id(t) for t in ranked[:n_dev]}
+    return {"train": [t for t in tasks if id(t) not in dev], "dev": [t for t in tasks if id(t) in dev]}
 
 
 def build_prompts(
@@ -330,9 +337,7 @@ def build_prompts(
         raise UserError(f"--max-constraints must be at least 1, got {max_constraints}")
     decontaminators = benchmark_decontaminators() if decontaminators is None else decontaminators
     clean, dropped_tasks = decontaminate_tasks(tasks, decontaminators)
-    by_split: dict[str, list[Task]] = {"train": [], "dev": []}
-    for task in clean:
-        by_split[_task_split(task, seed=seed, dev_fraction=dev_fraction)].append(task)
+    by_split = split_tasks(clean, seed=seed, dev_fraction=dev_fraction)
     wanted = {"dev": round(n * dev_fraction)}
     wanted["train"] = n - wanted["dev"]
     for split, count in wanted.items():

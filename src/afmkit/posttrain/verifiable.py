@@ -106,7 +106,15 @@ def loop_period(response: str | Sequence[int], *, min_repeats: int = 3, min_span
     """
     if min_repeats < 2 or min_span < 1:
         raise UserError(f"need min_repeats >= 2 and min_span >= 1, got {min_repeats} and {min_span}")
-    tokens = _text_tokens(response) if isinstance(response, str) else np.asarray(response, dtype=np.int64)
+    if isinstance(response, str):
+        # Text stops at a token boundary, maybe mid-word ("aye, aye, ay"): a cycle that holds up
+        # to the last word counts.
+        tokens = _text_tokens(response)
+        return _period(tokens, min_repeats, min_span) or _period(tokens[:-1], min_repeats, min_span)
+    return _period(np.asarray(response, dtype=np.int64), min_repeats, min_span)
+
+
+def _period(tokens: np.ndarray, min_repeats: int, min_span: int) -> int | None:
     n = len(tokens)
     if n < max(min_span, min_repeats):
         return None
