@@ -86,6 +86,9 @@ def test_proxy_is_half_the_fisher_weighted_squared_error(params, calibration):
             assert proxy[name][bits] == pytest.approx(0.5 * np.sum(fisher[name] * (w - q) ** 2), rel=1e-6)
         # fewer bits, larger error: the proxy falls with every added bit
         assert proxy[name][2] > proxy[name][3] > proxy[name][4] > proxy[name][8] >= 0
+    # by default 8 bits is not clustered but extrapolated from 4: four more bits, 4^-4 the error
+    default = sensitivity.proxy_sensitivity(params, fisher, names=names[:1], quiet=True)[names[0]]
+    assert default[8] == default[4] / 256 and default[4] == proxy[names[0]][4]
 
 
 def test_measured_sensitivity_is_the_kl_to_the_float_model(params, calibration):
