@@ -112,6 +112,15 @@ def test_rows_are_ifeval_rows_whose_constraints_are_the_librarys_and_never_confl
         for description in rebuilt_descriptions(row):
             assert description in row["prompt"]
         assert any(row["prompt"].startswith(task + "\n") for task in CLEAN_TASKS)
+        # No draw no response could satisfy: paragraph n+1 of n, fewer than 1 sentence, a word both
+        # required and forbidden.
+        kw = dict(zip(ids, row["kwargs"]))
+        paragraph = kw.get("length_constraints:nth_paragraph_first_word")
+        assert not paragraph or paragraph["nth_paragraph"] <= paragraph["num_paragraphs"]
+        sentences = kw.get("length_constraints:number_sentences")
+        assert not sentences or (sentences["relation"], sentences["num_sentences"]) != ("less than", 1)
+        required = set(kw.get("keywords:existence", {}).get("keywords", [])) | {(paragraph or {}).get("first_word")}
+        assert not required & set(kw.get("keywords:forbidden_words", {}).get("forbidden_words", []))
     # Every family shows up, and the existing IFEval reader and scorer take the file as it is.
     assert {i for r in rows for i in r["instruction_id_list"]} == set(INSTRUCTION_DICT)
     prompts = load_prompts(out)

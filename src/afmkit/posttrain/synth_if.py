@@ -268,7 +268,7 @@ def draw_constraints(
             break
         ids.append(rng.choice(allowed))
         banned |= conflicts[ids[-1]]
-    built: dict[str, tuple[str, tuple[str, dict[str, Any]]]] = {}  # id -> (sentence, (id, kwargs))
+    built: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (sentence, kwargs)
     with _library_random(library_seed):
         for iid in ids:
             if iid == REPEAT_PROMPT:
@@ -277,21 +277,21 @@ def draw_constraints(
                 checker = INSTRUCTION_DICT[iid](iid)
                 description = checker.build_description()
                 kwargs = _plain(checker.get_instruction_args() or {})
-                if not _impossible([*(pair for _, pair in built.values()), (iid, kwargs)]):
+                if not _impossible([*((i, k) for i, (_, k) in built.items()), (iid, kwargs)]):
                     break
             else:
                 raise RuntimeError(f"could not draw satisfiable arguments for {iid}")
-            built[iid] = (description, (iid, kwargs))
+            built[iid] = (description, kwargs)
     constraints = " ".join(built[iid][0] for iid in ids if iid != REPEAT_PROMPT)
     prompt = f"{task}\n\n{constraints}" if constraints else task
     if REPEAT_PROMPT in ids:
         # IFEval's form: the request (task and other constraints), then the instruction to repeat it.
         checker = INSTRUCTION_DICT[REPEAT_PROMPT](REPEAT_PROMPT)
         description = checker.build_description(prompt_to_repeat=prompt)
-        built[REPEAT_PROMPT] = (description, (REPEAT_PROMPT, {"prompt_to_repeat": prompt}))
+        built[REPEAT_PROMPT] = (description, {"prompt_to_repeat": prompt})
         constraints = f"{constraints}\n{description}" if constraints else description
         prompt = f"{prompt}\n{description}"
-    return prompt, ids, [built[iid][1][1] for iid in ids], constraints
+    return prompt, ids, [built[iid][1] for iid in ids], constraints
 
 
 def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -441,10 +441,9 @@ def write_prompts(out: str | Path, rows: list[dict[str, Any]], report: dict[str,
 def read_prompts(path: str | Path, *, split: str | None = None) -> list[dict[str, Any]]:
     """The rows of a synth-if file (all, or one split), checked like IFEval's prompts."""
     from afmkit.eval.ifeval import load_prompts
-
-    load_prompts(path)  # the fields, kwargs lengths, known instruction ids and unique keys
     from afmkit.eval.jsonl import read_jsonl
 
+    load_prompts(path)  # the fields, kwargs lengths, known instruction ids and unique keys
     rows = read_jsonl(path, what="synth-if prompts file")
     if split is not None:
         if split not in ("train", "dev"):
