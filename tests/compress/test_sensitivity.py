@@ -128,6 +128,9 @@ def test_analysis_is_cached_by_weights_text_and_settings(params, calibration, sm
     monkeypatch.setattr(sensitivity, "fisher_diagonal", must_not_run)
     again = sensitivity.analyze(CONFIG, params, calibration, model_name="micro", settings=settings, quiet=True)
     assert again.sensitivity == first.sensitivity
+    [listed] = sensitivity.find_analyses("micro")
+    assert listed.fingerprint == first.fingerprint and listed.sensitivity == first.sensitivity
+    assert sensitivity.find_analyses("another-model") == []
     for name, value in again.load_fisher().items():
         np.testing.assert_array_equal(value, first.fisher[name])
 

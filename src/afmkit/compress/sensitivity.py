@@ -438,6 +438,23 @@ def cached_analysis(fingerprint: str, calibration_sha256: str, settings: dict[st
         return None
 
 
+def find_analyses(model_name: str | None = None) -> list[Analysis]:
+    """Every cached analysis (of ``model_name`` only, if given), newest first, without loading a
+    model or its Fisher: reading ``analysis.json`` files is all it costs (Talaria's start)."""
+    found = []
+    for path in (cache_dir() / "compress").glob("*/analysis.json"):
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != ANALYSIS_FORMAT or data.get("version") != ANALYSIS_VERSION:
+                continue
+            analysis = Analysis.from_json(data, path.parent)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if model_name is None or analysis.model_name == model_name:
+            found.append((path.stat().st_mtime, analysis))
+    return [analysis for _, analysis in sorted(found, key=lambda pair: -pair[0])]
+
+
 def _save(analysis: Analysis) -> None:
     from safetensors.numpy import save_file
 
