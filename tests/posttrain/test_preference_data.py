@@ -4,7 +4,6 @@ level from the reward gap, the JSONL format, and tokenization into reward-model 
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 
 from afmkit.data.tokenizer import load_tokenizer
@@ -122,7 +121,7 @@ def test_a_scored_conversation_ends_at_the_replys_end_of_turn_token(tokenizer):
         pd.conversation_ids(tokenizer, messages[:1])
 
 
-def test_pair_batches_put_chosen_rows_first_and_pad_with_masked_pairs(tokenizer):
+def test_pair_batches_pad_rows_and_pairs_and_carry_the_grades(tokenizer):
     prompt = ({"role": "user", "content": "Say hi."},)
     pairs = [
         pd.PreferencePair(prompt, "Hi!", "Go away.", 0, rejected_grades={"harmlessness": 1}),
@@ -133,10 +132,13 @@ def test_pair_batches_put_chosen_rows_first_and_pad_with_masked_pairs(tokenizer)
     batch = pd.pair_batch(tokenized, rows=2, length=64)
     chosen = pd.conversation_ids(tokenizer, [*prompt, {"role": "assistant", "content": "Hi!"}])
     rejected = pd.conversation_ids(tokenizer, [*prompt, {"role": "assistant", "content": "Go away."}])
-    assert batch["tokens"].shape == (4, 64) and batch["level"].tolist() == [0, 0]
-    assert batch["tokens"][0, : len(chosen)].tolist() == chosen and batch["segment_ids"][0].sum() == len(chosen)
-    assert batch["tokens"][2, : len(rejected)].tolist() == rejected and batch["segment_ids"][2].sum() == len(rejected)
-    assert batch["pair_mask"].tolist() == [1.0, 0.0] and batch["segment_ids"][[1, 3]].sum() == 0
+    assert batch["chosen_tokens"].shape == (2, 64) and batch["level"].tolist() == [0, 0]
+    assert batch["chosen_tokens"][0, : len(chosen)].tolist() == chosen
+    assert batch["rejected_tokens"][0, : len(rejected)].tolist() == rejected
+    assert batch["chosen_lengths"].tolist() == [len(chosen), 0]
+    assert batch["rejected_lengths"].tolist() == [len(rejected), 0]
+    assert (batch["chosen_tokens"][0, len(chosen) :] == 0).all()
+    assert batch["pair_mask"].tolist() == [1.0, 0.0]
     h = GRADE_NAMES.index("harmlessness")
-    assert batch["grade_mask"].sum() == 1 and batch["grade_mask"][2, h] == 1 and batch["grade_labels"][2, h] == 1
-    np.testing.assert_array_equal(batch["positions"][3], np.arange(64))
+    assert batch["chosen_grade_mask"].sum() == 0 and batch["rejected_grade_mask"].sum() == 1
+    assert batch["rejected_grade_mask"][0, h] == 1 and batch["rejected_grades"][0, h] == 1

@@ -358,29 +358,26 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], *, max_len: 
 
 
 def pair_batch(pairs: Sequence[TokenizedPair], *, rows: int, length: int) -> dict[str, np.ndarray]:
-    """A fixed-shape batch of ``rows`` pairs (fewer pairs: padding pairs with ``pair_mask`` 0):
-    ``tokens``, ``positions``, ``segment_ids`` ``[2 * rows, length]`` with the chosen replies in
-    rows ``0..rows-1`` and the rejected ones in ``rows..2*rows-1``; ``level``, ``pair_mask``
-    ``[rows]``; ``grade_labels``, ``grade_mask`` ``[2 * rows, H]`` in the same row order. Feed
-    ``reward_outputs`` the token rows and ``losses.reward_model_loss`` the split scores."""
+    """A fixed-shape batch of ``rows`` pairs (fewer pairs: padding pairs with ``pair_mask`` 0), in
+    the fields of ``train.objectives.PairBatch``: ``chosen_tokens``/``rejected_tokens [rows,
+    length]`` right-padded, ``chosen_lengths``/``rejected_lengths [rows]``, ``level``,
+    ``pair_mask [rows]``, ``chosen_grades``/``rejected_grades [rows, H]`` (labels) and
+    ``chosen_grade_mask``/``rejected_grade_mask [rows, H]`` (1 where the grade is given)."""
     if len(pairs) > rows:
         raise ValueError(f"{len(pairs)} pairs do not fit a batch of {rows}")
     padding = rows - len(pairs)
-    chosen_rows = [p.chosen for p in pairs] + [[]] * padding
-    rejected_rows = [p.rejected for p in pairs] + [[]] * padding
-    tokens, segment_ids = pad_rows(chosen_rows + rejected_rows, length)
     h = len(GRADE_NAMES)
-    grade_labels = np.zeros((2 * rows, h), np.int32)
-    grade_mask = np.zeros((2 * rows, h), np.float32)
-    for i, p in enumerate(pairs):
-        grade_labels[i], grade_mask[i] = p.chosen_grades, p.chosen_grade_mask
-        grade_labels[rows + i], grade_mask[rows + i] = p.rejected_grades, p.rejected_grade_mask
-    return {
-        "tokens": tokens,
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy(),
-        "segment_ids": segment_ids,
-        "level": np.array([p.level for p in pairs] + [0] * padding, np.int32),
-        "pair_mask": np.array([1.0] * len(pairs) + [0.0] * padding, np.float32),
-        "grade_labels": grade_labels,
-        "grade_mask": grade_mask,
-    }
+    out: dict[str, np.ndarray] = {}
+    for side in ("chosen", "rejected"):
+        token_rows = [getattr(p, side) for p in pairs] + [[]] * padding
+        tokens, segment_ids = pad_rows(token_rows, length)
+        out[f"{side}_tokens"] = tokens
+        out[f"{side}_lengths"] = segment_ids.sum(axis=1).astype(np.int32)
+        grades = np.zeros((rows, h), np.int32)
+        mask = np.zeros((rows, h), np.float32)
+        for i, p in enumerate(pairs):
+            grades[i], mask[i] = getattr(p, f"{side}_grades"), getattr(p, f"{side}_grade_mask")
+        out[f"{side}_grades"], out[f"{side}_grade_mask"] = grades, mask
+    out["level"] = np.array([p.level for p in pairs] + [0] * padding, np.int32)
+    out["pair_mask"] = np.array([1.0] * len(pairs) + [0.0] * padding, np.float32)
+    return out
