@@ -361,7 +361,7 @@ def _empty_pool(
     return _pin(PagedKVCache.zeros(config, blocks=blocks, page=page, dtype=dtype, quantized=quantized), sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("blocks", "sharding"))  # a larger output: nothing to donate to
 def _grow_pool(cache: PagedKVCache, *, blocks: int, sharding: Any = None) -> PagedKVCache:
     """``cache`` with zeroed blocks appended up to ``blocks``; existing blocks keep their index."""
 

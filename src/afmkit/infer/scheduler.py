@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 
 from afmkit.errors import UserError
-from afmkit.infer.engine import DecodeBatch, Engine, Request, StreamEvent
+from afmkit.infer.engine import DecodeBatch, Engine, KVSettings, Request, StreamEvent
 
 EventSink = Callable[[StreamEvent | BaseException], None]
 
@@ -65,11 +65,21 @@ class Scheduler:
     fails, only the rows in that step fail; the loop starts a fresh batch and keeps serving.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 32, capacity: int = 2049, adapter_slots: int = 16) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 32,
+        capacity: int = 2049,
+        adapter_slots: int = 16,
+        kv: KVSettings | None = None,
+    ) -> None:
         if max_batch < 1:
             raise UserError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
-        self.batch: DecodeBatch = engine.new_batch(slots=max_batch, capacity=capacity, adapter_slots=adapter_slots)
+        self.batch: DecodeBatch = engine.new_batch(
+            slots=max_batch, capacity=capacity, adapter_slots=adapter_slots, kv=kv
+        )
         self.stats = SchedulerStats()
         self._waiting: collections.deque[Job] = collections.deque()  # until admitted
         self._running: dict[int, Job] = {}
@@ -231,7 +241,7 @@ class Scheduler:
         old = self.batch
         try:
             self.batch = self.engine.new_batch(
-                slots=old.n_slots, capacity=old.capacity, adapter_slots=old.adapter_slots
+                slots=old.n_slots, capacity=old.capacity, adapter_slots=old.adapter_slots, kv=old.kv
             )
         except Exception:  # e.g. out of memory: try again shortly rather than spin
             traceback.print_exc()

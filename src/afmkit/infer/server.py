@@ -35,7 +35,7 @@ from afmkit.errors import UserError
 from afmkit.infer.api.errors import ApiError, GuardMiddleware, access_log, install_error_handlers
 from afmkit.infer.api.routes import router
 from afmkit.infer.api.state import ServerLimits, ServerState
-from afmkit.infer.engine import cache_capacity
+from afmkit.infer.engine import KVSettings, cache_capacity
 from afmkit.infer.scheduler import Scheduler
 
 __all__ = ["ApiError", "ServerLimits", "add_serve_arguments", "check_settings", "cmd_serve", "create_app"]
@@ -68,6 +68,15 @@ class ServeSettings:
     max_batch: int = 32  # rows in the running decode batch
     cache_bytes: int = 1 << 30  # the adapter registry's budget
     adapter_slots: int = 16  # adapters resident in the decode batch
+    kv_layout: str = "paged"  # KV cache: a block pool with per-row block tables, or "contiguous"
+    kv_dtype: str = "auto"  # "auto": the activations' dtype; "int8": 8-bit codes with per-head scales
+    kv_pool_tokens: int | None = None  # the paged pool's most positions (None: max_batch x context)
+    step_tokens: int = 256  # per decode step: decode rows plus prompt chunks (chunked prefill)
+
+    def kv_settings(self) -> KVSettings:
+        return KVSettings(
+            layout=self.kv_layout, dtype=self.kv_dtype, pool_tokens=self.kv_pool_tokens, step_tokens=self.step_tokens
+        )
 
 
 def create_app(
@@ -80,6 +89,7 @@ def create_app(
     cache_bytes: int = ServeSettings.cache_bytes,
     adapter_slots: int = ServeSettings.adapter_slots,
     limits: ServerLimits | None = None,
+    kv: KVSettings | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a ``LanguageModel``); its scheduler starts now."""
     limits = limits or ServerLimits()
@@ -90,7 +100,13 @@ def create_app(
         else None
     )
     capacity = cache_capacity(limits.max_prompt_tokens, limits.max_tokens)
-    scheduler = Scheduler(model.engine, max_batch=max_batch, capacity=capacity, adapter_slots=adapter_slots)
+    scheduler = Scheduler(
+        model.engine,
+        max_batch=max_batch,
+        capacity=capacity,
+        adapter_slots=adapter_slots,
+        kv=kv or ServeSettings().kv_settings(),
+    )
     state = ServerState(
         model=model,
         served_name=served_name or model.name,
@@ -166,6 +182,13 @@ def cmd_serve(args: Any) -> int:
     limits = ServerLimits(
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes
     )
+    kv = ServeSettings(
+        kv_layout=args.kv_layout,
+        kv_dtype=args.kv_dtype,
+        kv_pool_tokens=args.kv_pool_tokens,
+        step_tokens=args.step_tokens,
+    ).kv_settings()
+    kv.check()  # before the slow load
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise UserError(f"adapter directory {args.adapters} does not exist; create it or pass another --adapters")
     mesh = None
@@ -191,6 +214,7 @@ def cmd_serve(args: Any) -> int:
         cache_bytes=args.cache_bytes,
         adapter_slots=args.adapter_slots,
         limits=limits,
+        kv=kv,
     )
     if not getattr(args, "no_access_log", False):
         handler = logging.StreamHandler()
@@ -230,6 +254,32 @@ def add_serve_arguments(parser: Any) -> None:
         type=int,
         default=d.adapter_slots,
         help=f"adapters resident in the decode batch (default {d.adapter_slots})",
+    )
+    parser.add_argument(
+        "--kv-layout",
+        default=d.kv_layout,
+        choices=("paged", "contiguous"),
+        help=f"KV cache: a pool of blocks shared by the rows (memory follows the tokens in flight, prompts "
+        f"prefilled in chunks between decode steps) or one full-context buffer per row (default {d.kv_layout})",
+    )
+    parser.add_argument(
+        "--kv-dtype",
+        default=d.kv_dtype,
+        choices=("auto", "int8"),
+        help="KV cache precision: the activations' (auto) or int8 codes with a scale per position and head "
+        f"(about a quarter of fp32's memory; paged only; default {d.kv_dtype})",
+    )
+    parser.add_argument(
+        "--kv-pool-tokens",
+        type=int,
+        default=d.kv_pool_tokens,
+        help="most positions the paged KV pool holds; requests beyond it wait (default: max-batch x context)",
+    )
+    parser.add_argument(
+        "--step-tokens",
+        type=int,
+        default=d.step_tokens,
+        help=f"tokens per decode step, decode rows first, then prompt chunks (default {d.step_tokens})",
     )
     parser.add_argument(
         "--max-prompt-tokens",
