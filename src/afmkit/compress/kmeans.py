@@ -75,6 +75,9 @@ def kmeans1d_groups(values, k: int, weights=None) -> tuple[np.ndarray, np.ndarra
         )
     else:
         centroids, bounds = _groups_numpy(sorted_values, sorted_weights, k)
+    # Means of consecutive runs of sorted values ascend; rounding (runs of one repeated value) can
+    # put two of them an ulp out of order.
+    centroids = np.maximum.accumulate(centroids, axis=1)
     # cluster of each sorted position, then back to the original order
     counts = np.diff(bounds.astype(np.int64), axis=1)
     sorted_labels = np.repeat(np.tile(np.arange(k, dtype=np.int32), groups), counts.reshape(-1)).reshape(groups, n)
