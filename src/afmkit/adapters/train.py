@@ -1,36 +1,35 @@
 """Fine-tune a LoRA adapter on chat data: ``afmkit adapter train``.
 
-Only the adapter is trained: the base weights are an argument of the jitted step, never
-differentiated. The loss is next-token cross-entropy on the assistant's tokens only; which tokens
-those are is derived from the model's own chat template (each assistant turn's span is the text
-between the conversation rendered up to the turn's generation prompt and rendered through the
-turn), so whatever the template adds around a reply (ChatML's ``<|im_end|>``) is learned too.
+An SFT recipe on the one trainer (``train.finetune`` over ``train.step``): the trainable subset
+is a LoRA adapter over the frozen base (float, or the packed int4 GGUF weights, QLoRA-style),
+the objective assistant-only next-token cross-entropy (``train.objectives.assistant_sft``), and
+the conversations (``data.chat``: which tokens are the assistant's comes from the model's chat
+template) are packed into rows with segment ids, so conversations never attend to each other.
 
 Data: JSONL, one ``{"messages": [{"role", "content"}, ...]}`` per line. A held-out slice (the
-last ``eval_fraction`` of the file) is scored before and after training; the numbers are printed
-and saved with the adapter (``training.json``). The adapter is saved atomically every
-``save_every`` steps and at the end, in the PEFT layout.
+last ``eval_fraction`` of the file) is scored before and after training (before: the fresh
+adapter, whose ``B`` is zero, i.e. the base exactly); the numbers are printed and saved with the
+adapter (``training.json``). The adapter is saved atomically every ``save_every`` steps and at
+the end, in the PEFT layout. The optimizer is the trainer's AdamW (gradients clipped to a global
+norm of 1, decoupled weight decay), the LR a linear warm-up then a cosine to a tenth of the peak.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from afmkit.adapters.lora import LoraAdapter, LoraConfig, SingleAdapter, init_adapter
+from afmkit.adapters.lora import LoraConfig
 from afmkit.adapters.peft_io import save_adapter
+from afmkit.data.chat import Example, fits, pack_conversations, read_chat_jsonl, tokenize_conversation
 from afmkit.errors import UserError
-from afmkit.model.transformer import logits_fn, token_nll
+
+__all__ = ["TRAINING_FILE", "Example", "TrainSettings", "read_chat_jsonl", "tokenize_conversation", "train_adapter"]
 
 TRAINING_FILE = "training.json"
 
@@ -45,7 +44,7 @@ class TrainSettings:
     layers: tuple[int, ...] | None = None  # None: every layer
     steps: int = 200
     lr: float = 2e-4
-    batch: int = 8
+    batch: int = 8  # packed rows per step (each holds one or more whole conversations)
     max_len: int = 512
     warmup: int = 10
     weight_decay: float = 0.0
@@ -58,98 +57,26 @@ class TrainSettings:
             object.__setattr__(self, "alpha", 2.0 * self.rank)
 
 
-@dataclasses.dataclass
-class Example:
-    ids: list[int]
-    mask: list[int]  # 1 where the token is the assistant's
-
-
-def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
-    """Conversations from a JSONL file; clear errors name the bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"training data {path} does not exist; give a JSONL file of {{'messages': [...]}} lines")
-    conversations = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            messages = json.loads(line)["messages"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}:{number}: expected a JSON object with a 'messages' list") from None
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise UserError(f"{path}:{number}: 'messages' must be a list of {{'role': str, 'content': str}}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{path}:{number}: the conversation has no assistant message to learn from")
-        conversations.append(messages)
-    if not conversations:
-        raise UserError(f"{path} holds no conversations")
-    return conversations
-
-
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
-    """Token ids of the whole conversation and a mask of the assistant's tokens."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
-        if not text.startswith(before) or not text.startswith(through):
-            raise UserError("the chat template does not render conversations prefix by prefix; cannot mask turns")
-        spans.append((len(before), len(through)))
-    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    mask = [int(any(s <= start and end <= e and end > start for s, e in spans)) for start, end in encoding.offsets]
-    return Example(ids=list(encoding.ids), mask=mask)
-
-
-def _batches(examples: list[Example], *, batch: int, length: int, rng: np.random.Generator):
-    """Endless shuffled batches of fixed shape ``[batch, length]`` (right-padded, mask 0)."""
-    while True:
-        order = rng.permutation(len(examples))
-        for lo in range(0, len(order) - batch + 1 if len(order) >= batch else 1, batch):
-            picked = [examples[i] for i in order[lo : lo + batch]]
-            while len(picked) < batch:
-                picked.append(examples[rng.integers(len(examples))])
-            yield _pad(picked, length)
-
-
-def _pad(examples: list[Example], length: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.zeros((len(examples), length), np.int32)
-    mask = np.zeros((len(examples), length), np.float32)
-    for row, ex in enumerate(examples):
-        n = min(len(ex.ids), length)
-        tokens[row, :n] = ex.ids[:n]
-        mask[row, :n] = ex.mask[:n]
-    return tokens, mask
-
-
-def _token_losses(adapter_weights: Any, params: Any, tokens: jax.Array, mask: jax.Array, *, config: Any, scale: float):
-    """(sum of assistant-token losses, their count) for a batch: exact token-weighted means."""
-    adapters = None if adapter_weights is None else SingleAdapter(adapter_weights, scale)
-    logits = logits_fn(params, tokens[:, :-1], config=config, adapters=adapters)
-    nll, _ = token_nll(logits, tokens[:, 1:])
-    weights = mask[:, 1:]
-    return (nll * weights).sum(), weights.sum()
-
-
-def evaluate(model: Any, adapter: LoraAdapter | None, examples: list[Example], *, batch: int, length: int) -> float:
-    """Mean cross-entropy per assistant token over ``examples`` (None: the base model)."""
-    fn = jax.jit(_token_losses, static_argnames=("config", "scale"))
-    weights = None if adapter is None else jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter.weights)
-    scale = adapter.config.scale if adapter is not None else 1.0
-    total, count = 0.0, 0.0
-    for lo in range(0, len(examples), batch):
-        chunk = examples[lo : lo + batch]
-        chunk = chunk + [Example([0], [0])] * (batch - len(chunk))
-        tokens, mask = _pad(chunk, length)
-        s, c = fn(weights, model.params, jnp.asarray(tokens), jnp.asarray(mask), config=model.config, scale=scale)
-        total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+def split_examples(
+    model: Any, conversations: list[list[dict[str, str]]], *, max_len: int, eval_fraction: float
+) -> tuple[list[Example], list[Example], int, int]:
+    """Tokenized (train, held-out) conversations of at most ``max_len`` tokens with assistant
+    tokens, the count dropped as too long, and the row length (the longest, rounded up to 32)."""
+    examples = [tokenize_conversation(model.tokenizer, c) for c in conversations]
+    too_long = sum(len(e.ids) > max_len for e in examples)
+    examples = [e for e in examples if len(e.ids) <= max_len and sum(e.mask) > 0]
+    if len(examples) < 2:
+        raise UserError(
+            f"need at least 2 usable conversations of at most {max_len} tokens ({too_long} were longer); "
+            "raise --max-len or add data"
+        )
+    n_eval = max(1, round(len(examples) * eval_fraction))
+    train, held_out = examples[:-n_eval], examples[-n_eval:]
+    if not train:
+        raise UserError("no training conversations left after the held-out split; lower --eval-fraction")
+    length = min(max_len, -(-max(len(e.ids) for e in examples) // 32) * 32)
+    assert all(fits(e, length) for e in examples)
+    return train, held_out, too_long, length
 
 
 def train_adapter(
@@ -162,48 +89,40 @@ def train_adapter(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train an adapter for ``model`` (a ``LanguageModel``) and save it to ``out``; returns the results."""
+    from afmkit.train.finetune import FinetuneRun, finetune
+    from afmkit.train.objectives import assistant_sft
+    from afmkit.train.optim import OptimizerConfig
+    from afmkit.train.step import StepConfig
+    from afmkit.train.trainable import LoraWeights
+
     if settings.steps < 1 or settings.batch < 1:
         raise UserError("--steps and --batch must be positive")
     lora = LoraConfig(
         rank=settings.rank, alpha=settings.alpha, targets=settings.targets, layers=settings.layers, dtype="float16"
     )
-    examples = [tokenize_conversation(model.tokenizer, c) for c in conversations]
-    too_long = sum(len(e.ids) > settings.max_len for e in examples)
-    examples = [e for e in examples if len(e.ids) <= settings.max_len and sum(e.mask) > 0]
-    if len(examples) < 2:
-        raise UserError(
-            f"need at least 2 usable conversations of at most {settings.max_len} tokens ({too_long} were longer); "
-            "raise --max-len or add data"
-        )
-    n_eval = max(1, round(len(examples) * settings.eval_fraction))
-    train, held_out = examples[:-n_eval], examples[-n_eval:]
-    if not train:
-        raise UserError("no training conversations left after the held-out split; lower --eval-fraction")
-    length = min(settings.max_len, -(-max(len(e.ids) for e in examples) // 32) * 32)
-
-    adapter = init_adapter(model.config, lora, jax.random.PRNGKey(settings.seed), name=name)
-    weights = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapter.weights)  # fp32 master copy
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, min(settings.warmup, settings.steps - 1), settings.steps, settings.lr * 0.1
+    lora.layer_ids(model.config)
+    train, held_out, too_long, length = split_examples(
+        model, conversations, max_len=settings.max_len, eval_fraction=settings.eval_fraction
     )
-    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
-    opt_state = optimizer.init(weights)
-    config, scale = model.config, lora.scale
-
-    @jax.jit
-    def step(weights, opt_state, params, tokens, mask):
-        loss, grads = jax.value_and_grad(_token_mean_loss)(weights, params, tokens, mask)
-        updates, opt_state = optimizer.update(grads, opt_state, weights)
-        return optax.apply_updates(weights, updates), opt_state, loss
-
-    def _token_mean_loss(weights, params, tokens, mask):
-        total, count = _token_losses(weights, params, tokens, mask, config=config, scale=scale)
-        return total / jnp.maximum(count, 1.0)
-
-    def snapshot(weights: Any) -> LoraAdapter:
-        stored = jax.tree.map(lambda x: np.asarray(x).astype(np.float16), weights)
-        return LoraAdapter(config=lora, weights=stored, name=name)
-
+    subset = LoraWeights(lora)
+    run = FinetuneRun(
+        subset=subset,
+        objective=assistant_sft(),
+        optimizer=OptimizerConfig(
+            name="adamw",
+            peak_lr=settings.lr,
+            warmup_steps=min(settings.warmup, settings.steps - 1),
+            total_steps=settings.steps,
+            final_lr_fraction=0.1,
+            weight_decay=settings.weight_decay,
+        ),
+        step_config=StepConfig(),
+        batch=settings.batch,
+        steps=settings.steps,
+        seed=settings.seed,
+        save_every=settings.save_every,
+        progress=progress,
+    )
     results: dict[str, Any] = {
         "settings": {k: v for k, v in dataclasses.asdict(settings).items()},
         "train_conversations": len(train),
@@ -211,52 +130,38 @@ def train_adapter(
         "sequence_length": length,
         "skipped_too_long": too_long,
     }
-    eval_batch = settings.batch
-    results["held_out_loss_base"] = evaluate(model, None, held_out, batch=eval_batch, length=length)
-    print(f"held-out loss before training (base model): {results['held_out_loss_base']:.4f}")
 
-    def save(weights: Any, done: int) -> None:
+    def save(params: Any, done: int) -> None:
         results["steps_done"] = done
         save_adapter(
             out,
-            snapshot(weights),
+            subset.adapter(params, model.config, name=name),
             config=model.config,
             params=model.params,
             base_name=model.name,
             extra_files={TRAINING_FILE: json.dumps(results, indent=2)},
         )
 
-    rng = np.random.default_rng(settings.seed)
-    batches = _batches(train, batch=settings.batch, length=length, rng=rng)
-    losses: list[float] = []
-    start = time.perf_counter()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def save_before_the_end(params: Any, done: int) -> None:
+        if done < settings.steps:  # the last save comes below, with the held-out loss after training
+            save(params, done)
 
-    columns = [
-        TextColumn("training"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=settings.steps, loss="-")
-        for i in range(1, settings.steps + 1):
-            tokens, mask = next(batches)
-            weights, opt_state, loss = step(weights, opt_state, model.params, jnp.asarray(tokens), jnp.asarray(mask))
-            losses.append(float(loss))
-            if not math.isfinite(losses[-1]):
-                raise UserError(f"the training loss became {losses[-1]} at step {i}; lower --lr")
-            bar.update(task, advance=1, loss=f"{np.mean(losses[-10:]):.4f}")
-            if settings.save_every and i % settings.save_every == 0 and i < settings.steps:
-                save(weights, i)
-    results["train_seconds"] = time.perf_counter() - start
+    trained = finetune(
+        model,
+        pack_conversations(train, seq_len=length),
+        run,
+        eval_rows=pack_conversations(held_out, seq_len=length),
+        on_save=save_before_the_end,
+    )
+    losses = trained["losses"]
+    results["held_out_loss_base"] = trained["eval_before"]
+    results["held_out_loss_adapter"] = trained["eval_after"]
+    results["train_seconds"] = trained["seconds"]
     results["train_loss_first10"] = float(np.mean(losses[:10]))
     results["train_loss_last10"] = float(np.mean(losses[-10:]))
-    trained = snapshot(weights)
-    results["held_out_loss_adapter"] = evaluate(model, trained, held_out, batch=eval_batch, length=length)
+    print(f"held-out loss before training (base model): {results['held_out_loss_base']:.4f}")
     print(f"held-out loss after training (with the adapter): {results['held_out_loss_adapter']:.4f}")
-    save(weights, settings.steps)
+    save(trained["params"], trained["steps_done"])
     return results
 
 

@@ -16,6 +16,13 @@ from afmkit.train.metrics import MetricsLog, mfu
 from afmkit.train.step import TrainState
 
 
+def batch_tokens(batch: Any) -> int:
+    """Tokens a step processed, including masked ones: every field named ``tokens`` or
+    ``*_tokens`` (a pair batch has two)."""
+    fields = vars(batch) if hasattr(batch, "__dict__") else dict(batch)
+    return sum(int(np.prod(v.shape)) for k, v in fields.items() if k == "tokens" or k.endswith("_tokens"))
+
+
 class MetricsHook(Hook):
     """Per step: loss, cross-entropy, grad norm, LR, tokens/s, MFU (when the peak is known)."""
 
@@ -32,12 +39,13 @@ class MetricsHook(Hook):
 
     def on_step(self, info: StepInfo) -> None:
         m = info.metrics
-        tokens = int(np.prod(info.batch.tokens.shape))  # processed, including masked targets
+        tokens = batch_tokens(info.batch)
         tokens_per_s = tokens / max(m["seconds"], 1e-9)
         record: dict[str, Any] = {
             "step": info.step,
             "loss": m["loss"],
-            "cross_entropy": m["cross_entropy"],
+            # the objective's own metrics (next-token: cross_entropy; reward model: pair_accuracy...)
+            **{k: v for k, v in m.items() if k not in ("loss", "grad_norm", "lr", "count", "seconds")},
             "grad_norm": m["grad_norm"],
             "lr": m["lr"],
             "tokens": tokens,
@@ -64,7 +72,7 @@ class ProgressHook(Hook):
         self.open = True
 
     def on_step(self, info: StepInfo) -> None:
-        tokens = int(np.prod(info.batch.tokens.shape))
+        tokens = batch_tokens(info.batch)
         self.reporter.advance(1, tokens=tokens, loss=f"{info.metrics['loss']:.4f}")
 
     def close(self) -> None:
@@ -74,14 +82,16 @@ class ProgressHook(Hook):
 
 
 class EvalHook(Hook):
-    """Mean loss on fixed held-out batches every ``every`` steps (and at the end)."""
+    """Mean loss on fixed held-out batches every ``every`` steps (and at the end): the eval
+    step's sums over all batches divided by their summed count (an exact token mean)."""
 
     def __init__(self, *, every: int, eval_step: Any, batches: Sequence[Any], log: MetricsLog | None) -> None:
         self.every, self.eval_step, self.batches, self.log = every, eval_step, list(batches), log
         self.done: set[int] = set()
 
     def evaluate(self, state: TrainState, step: int) -> float:
-        loss = float(np.mean([float(self.eval_step(state.params, b)) for b in self.batches]))
+        sums = [self.eval_step(state.params, b) for b in self.batches]
+        loss = sum(float(total) for total, _ in sums) / max(sum(float(count) for _, count in sums), 1.0)
         self.done.add(step)
         if self.log is not None:
             self.log.write({"step": step, "eval_loss": loss})

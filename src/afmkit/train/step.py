@@ -1,10 +1,19 @@
-"""The training state and the pure, jitted ``train_step``.
+"""The training state and the pure, jitted ``train_step``: the one training loop of afmkit.
 
 ``train_step(state, batch) -> (state, metrics)`` runs forward and backward (over microbatches
-when accumulating), clips, applies the optimizer and returns scalar metrics. It is compiled with
-explicit in/out shardings (weights and optimizer state laid out by the logical-axis rules, the
-batch split over ``data``+``fsdp`` and ``seq``) and donates the old state, so a step needs one
-copy of the weights and optimizer state, not two.
+when accumulating), clips, applies the optimizer and returns scalar metrics. Two arguments make
+it every trainer afmkit has:
+
+* the **objective** (``train.objectives``): a loss over a batch and the model's outputs,
+  returned as a sum plus a ``count`` so that microbatches add up exactly (next-token for
+  pre-training, assistant-only SFT, the reward model, the sequence-level policy losses);
+* the **trainable subset** (``train.trainable``): all weights, or a LoRA adapter over a frozen
+  base (float or packed int4). ``state.params`` holds only what is trained; the frozen base is a
+  separate, never differentiated and never donated argument of the compiled step.
+
+The step is compiled with explicit in/out shardings (weights and optimizer state laid out by the
+logical-axis rules, the batch split over ``data``+``fsdp`` and ``seq``) and donates the old
+state, so a step needs one copy of the trainable weights and optimizer state, not two.
 
 Master weights and optimizer state are fp32; ``compute_dtype`` (bf16 on accelerators) is what
 the matmuls and activations run in, the weights being cast inside the step.
@@ -25,17 +34,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmkit.config import ModelConfig
 from afmkit.errors import UserError
-from afmkit.model.transformer import Params, abstract_params, cross_entropy_loss, forward, init_params, output_logits
-from afmkit.sharding.activations import activation_sharding, constrain
-from afmkit.sharding.plan import param_shardings
+from afmkit.model.transformer import Params
+from afmkit.sharding.activations import activation_sharding
 from afmkit.sharding.rules import resolve
+from afmkit.train.objectives import ModelView, Objective, default_batch_axes, next_token
+from afmkit.train.trainable import FULL, FullWeights, LoraWeights, cast_floats
+
+Subset = FullWeights | LoraWeights
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Params  # fp32 master weights
+    params: Params  # fp32 master copy of what is trained (see ``trainable_tree``)
     opt_state: Any
     rng: jax.Array  # uint32 [2]: a raw PRNG key, split once per step
 
@@ -56,7 +68,7 @@ class Batch:
     targets: jax.Array  # int32 next tokens
     positions: jax.Array  # int32, restarting at 0 for each packed document
     segment_ids: jax.Array  # int32, one id per document in a row; 0 = padding
-    loss_mask: jax.Array  # float32, 1 where the target belongs to the same document
+    loss_mask: jax.Array  # float32, 1 where the target is learned (same document; SFT: the assistant's)
 
 
 BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
@@ -66,17 +78,61 @@ BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(Batch))
 class StepConfig:
     accum_steps: int = 1
     compute_dtype: Any = jnp.float32
+    dropout: float = 0.0  # residual dropout while training (AFM's SFT: 0.1); evaluation never drops
 
 
-def init_state(config: ModelConfig, optimizer: optax.GradientTransformation, *, seed: int) -> TrainState:
-    """Fresh fp32 weights and optimizer state (unsharded; see ``init_sharded_state``)."""
+def _resolve_objective(config: ModelConfig, objective: Objective | None) -> Objective:
+    return next_token(config) if objective is None else objective
+
+
+def trainable_tree(subset_tree: Any, extra: Any) -> Any:
+    """What ``state.params`` holds: the subset's weights, plus the objective's own parameters (a
+    reward model's heads) when it has any. Without extras the tree is the subset's alone, so
+    pre-training's checkpoints keep their layout."""
+    return subset_tree if extra is None else {"weights": subset_tree, "extra": extra}
+
+
+def split_trainable(params: Any, objective: Objective) -> tuple[Any, Any]:
+    return (params["weights"], params["extra"]) if objective.has_extra else (params, None)
+
+
+def init_state(
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    seed: int,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+    initial: Any = None,
+) -> TrainState:
+    """Fresh fp32 trainable weights (or ``initial``: a pretrained model's weights for full
+    fine-tuning) and optimizer state (unsharded; see ``init_sharded_state``)."""
+    objective = _resolve_objective(config, objective)
     params_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_params(config, params_key, jnp.float32)
+    weights = (
+        subset.init(config, params_key)
+        if initial is None
+        else jax.tree.map(lambda w: jnp.asarray(w, jnp.float32), initial)
+    )
+    extra = objective.init_extra(config, jax.random.fold_in(params_key, 1)) if objective.has_extra else None
+    params = trainable_tree(weights, extra)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
 
 
-def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation) -> TrainState:
-    params = abstract_params(config, jnp.float32)
+def abstract_state(
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+) -> TrainState:
+    objective = _resolve_objective(config, objective)
+    extra = (
+        jax.eval_shape(functools.partial(objective.init_extra, config), jax.random.PRNGKey(0))
+        if objective.has_extra
+        else None
+    )
+    params = trainable_tree(subset.abstract(config), extra)
     return TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
@@ -85,15 +141,26 @@ def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation)
     )
 
 
-def state_shardings(config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Weights by the rule table; optimizer slots shaped like weights follow their weight;
-    counters and the RNG are replicated."""
-    weights = param_shardings(config, mesh)
+def state_shardings(
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+) -> TrainState:
+    """Weights by the rule table (a LoRA adapter and an objective's heads are small: replicated);
+    optimizer slots shaped like weights follow their weight; counters and the RNG are replicated."""
+    objective = _resolve_objective(config, objective)
     replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = abstract_state(config, optimizer, subset=subset, objective=objective)
+    _, abstract_extra = split_trainable(abstract.params, objective)
+    extra = jax.tree.map(lambda _: replicated, abstract_extra) if objective.has_extra else None
+    weights = trainable_tree(subset.shardings(config, mesh), extra)
     opt = optax.tree_map_params(
         optimizer,
         lambda _, sharding: sharding,
-        abstract_state(config, optimizer).opt_state,
+        abstract.opt_state,
         weights,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding),
@@ -102,15 +169,44 @@ def state_shardings(config: ModelConfig, optimizer: optax.GradientTransformation
 
 
 def init_sharded_state(
-    config: ModelConfig, optimizer: optax.GradientTransformation, shardings: TrainState, *, seed: int
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    *,
+    seed: int,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+    initial: Any = None,
 ) -> TrainState:
     """Initialise directly into the sharded layout (no device ever holds the whole model)."""
-    return jax.jit(functools.partial(init_state, config, optimizer, seed=seed), out_shardings=shardings)()
+    fn = functools.partial(init_state, config, optimizer, seed=seed, subset=subset, objective=objective)
+    return jax.jit(lambda initial: fn(initial=initial), out_shardings=shardings)(initial)
 
 
-def batch_sharding(mesh: Mesh, *, shape: tuple[int, ...]) -> NamedSharding:
-    axes = ("batch", "seq") if len(shape) == 2 else ("microbatch", "batch", "seq")
+def batch_sharding(mesh: Mesh, *, shape: tuple[int, ...], axes: tuple[str | None, ...] | None = None) -> NamedSharding:
+    """A batch field's layout. ``axes``: the logical axes of one global batch's field (rows
+    first, from the objective's ``batch_axes``; default ``("batch", "seq")``); a leading
+    microbatch axis is added when ``shape`` has one more dimension (accumulating)."""
+    axes = ("batch", "seq") if axes is None else tuple(axes)
+    if len(shape) == len(axes) + 1:
+        axes = ("microbatch", *axes)
     return NamedSharding(mesh, resolve(axes, shape, mesh, name=f"batch {shape}"))
+
+
+def batch_shardings(mesh: Mesh, example: Any, *, objective: Objective, accum_steps: int) -> Any:
+    """The layout of every field of a global batch like ``example`` (a pytree of arrays or
+    ``ShapeDtypeStruct``s, ``[A, B/A, ...]`` when accumulating)."""
+
+    def one(path: Any, leaf: Any) -> NamedSharding:
+        rank = len(leaf.shape) - (1 if accum_steps > 1 else 0)
+        return batch_sharding(mesh, shape=tuple(leaf.shape), axes=objective.batch_axes(_field_name(path), rank))
+
+    return jax.tree_util.tree_map_with_path(one, example)
+
+
+def _field_name(path: Any) -> str:
+    last = path[-1] if path else None
+    return str(getattr(last, "name", getattr(last, "key", last)))
 
 
 def check_batch_layout(mesh: Mesh, *, batch: int, seq_len: int, accum_steps: int) -> None:
@@ -121,55 +217,78 @@ def check_batch_layout(mesh: Mesh, *, batch: int, seq_len: int, accum_steps: int
 
 
 def _loss_sums(
-    params: Params, batch: Batch, *, config: ModelConfig, step_config: StepConfig
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Summed (not averaged) loss over the batch's target tokens, so microbatches add up exactly."""
+    params: Any,
+    batch: Any,
+    frozen: Any,
+    dropout_key: jax.Array | None,
+    *,
+    config: ModelConfig,
+    step_config: StepConfig,
+    subset: Subset,
+    objective: Objective,
+    training: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The objective's summed (not averaged) loss and metric sums over one (micro)batch, so
+    microbatches add up exactly."""
+    weights, extra = split_trainable(params, objective)
+    base, adapters = subset.apply(weights, frozen, config=config, compute_dtype=step_config.compute_dtype)
     compute = step_config.compute_dtype
-    if compute != jnp.float32:
-        params = jax.tree.map(lambda w: w.astype(compute), params)
-    hidden, _ = forward(
-        params,
-        batch.tokens,
-        batch.positions,
-        None,
+    extra = cast_floats(extra, compute)
+    rate = step_config.dropout if training else 0.0
+    model = ModelView(
         config=config,
-        activation_dtype=compute,
-        segment_ids=batch.segment_ids,
+        params=base,
+        adapters=adapters,
+        compute_dtype=compute,
+        dropout=(rate, dropout_key) if rate > 0 and dropout_key is not None else None,
     )
-    logits = constrain(output_logits(params, hidden), ("batch", "seq", "act_vocab"))
-    loss, parts = cross_entropy_loss(logits, batch.targets, batch.loss_mask, z_loss=config.z_loss)
-    count = batch.loss_mask.astype(jnp.float32).sum()
-    total = loss * count
-    return total, (parts["cross_entropy"] * count, count)
+    loss_sum, sums = objective.loss(model, extra, batch)
+    return loss_sum, sums
 
 
 def train_step_fn(
     state: TrainState,
-    batch: Batch,
+    batch: Any,
+    frozen: Any = None,
     *,
     config: ModelConfig,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     step_config: StepConfig,
     mesh: Mesh | None,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step (unjitted; ``make_train_step`` compiles it)."""
+    """One optimizer step (unjitted; ``make_train_step`` compiles it). ``frozen``: the base
+    weights a LoRA subset adapts (None when every weight trains)."""
+    objective = _resolve_objective(config, objective)
+    loss_fn = functools.partial(_loss_sums, config=config, step_config=step_config, subset=subset, objective=objective)
+    rng, dropout_rng = jax.random.split(state.rng)
     with activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
-        grad_fn = jax.value_and_grad(
-            functools.partial(_loss_sums, config=config, step_config=step_config), has_aux=True
-        )
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if step_config.accum_steps == 1:
-            (loss_sum, (ce_sum, count)), grads = grad_fn(state.params, batch)
+            (loss_sum, sums), grads = grad_fn(state.params, batch, frozen, dropout_rng)
         else:
 
-            def microbatch(carry: Any, mb: Batch) -> tuple[Any, None]:
-                grads_acc, loss_acc, ce_acc, count_acc = carry
-                (loss, (ce, n)), grads = grad_fn(state.params, mb)
-                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, ce_acc + ce, count_acc + n), None
+            def microbatch(carry: Any, xs: Any) -> tuple[Any, None]:
+                grads_acc, loss_acc, sums_acc = carry
+                index, mb = xs
+                (loss, mb_sums), grads = grad_fn(state.params, mb, frozen, jax.random.fold_in(dropout_rng, index))
+                return (
+                    jax.tree.map(jnp.add, grads_acc, grads),
+                    loss_acc + loss,
+                    jax.tree.map(jnp.add, sums_acc, mb_sums),
+                ), None
 
+            first = jax.tree.map(lambda x: x[0], batch)
+            sums_shape = jax.eval_shape(loss_fn, state.params, first, frozen, dropout_rng)[1]
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            scalar = jnp.zeros((), jnp.float32)
-            (grads, loss_sum, ce_sum, count), _ = jax.lax.scan(microbatch, (zeros, scalar, scalar, scalar), batch)
+            zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+            indices = jnp.arange(step_config.accum_steps)
+            (grads, loss_sum, sums), _ = jax.lax.scan(
+                microbatch, (zeros, jnp.zeros((), jnp.float32), zero_sums), (indices, batch)
+            )
+        count = sums["count"]
         denominator = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         loss = loss_sum / denominator
@@ -177,18 +296,11 @@ def train_step_fn(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    rng, _ = jax.random.split(state.rng)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     # A non-finite step leaves the state as it was; the loop sees `finite` and stops.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = {
-        "loss": loss,
-        "cross_entropy": ce_sum / denominator,
-        "grad_norm": grad_norm,
-        "lr": schedule(state.step),
-        "tokens": count,
-        "finite": finite,
-    }
+    metrics = {name: value / denominator for name, value in sums.items() if name != "count"}
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), count=count, finite=finite)
     return new_state, metrics
 
 
@@ -200,20 +312,40 @@ def make_train_step(
     step_config: StepConfig,
     mesh: Mesh,
     shardings: TrainState,
-    batch_shape: tuple[int, ...],
+    batch_shape: tuple[int, ...] | None = None,
+    batch_example: Any = None,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+    frozen: Any = None,
 ) -> Any:
-    """``train_step(state, batch)`` compiled for ``mesh`` with the state donated."""
-    data = batch_sharding(mesh, shape=batch_shape)
+    """``train_step(state, batch)`` compiled for ``mesh`` with the state donated. The batch is a
+    ``Batch`` of ``batch_shape`` fields, or any pytree laid out like ``batch_example``;
+    ``frozen`` (a LoRA subset's base) is placed on the mesh once and passed to every step."""
+    objective = _resolve_objective(config, objective)
+    if batch_example is None:
+        batch_example = Batch(*[jax.ShapeDtypeStruct(batch_shape, jnp.int32)] * len(BATCH_FIELDS))
+    accum = step_config.accum_steps
+    data = batch_shardings(mesh, batch_example, objective=objective, accum_steps=accum)
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = functools.partial(
-        train_step_fn, config=config, optimizer=optimizer, schedule=schedule, step_config=step_config, mesh=mesh
+        train_step_fn,
+        config=config,
+        optimizer=optimizer,
+        schedule=schedule,
+        step_config=step_config,
+        mesh=mesh,
+        subset=subset,
+        objective=objective,
     )
-    return jax.jit(
+    base_layout = subset.frozen_shardings(config, frozen, mesh)
+    placed = None if frozen is None else jax.device_put(frozen, base_layout)
+    compiled = jax.jit(
         fn,
-        in_shardings=(shardings, Batch(*[data] * len(BATCH_FIELDS))),
+        in_shardings=(shardings, data, base_layout),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
+    return lambda state, batch: compiled(state, batch, placed)
 
 
 def local_batch_positions(mesh: Mesh, *, global_rows: int, seq_len: int, accum_steps: int) -> np.ndarray:
@@ -234,34 +366,69 @@ def local_batch_positions(mesh: Mesh, *, global_rows: int, seq_len: int, accum_s
     return np.concatenate([a * per_micro + np.arange(start, stop) for a in range(accum_steps)])
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, *, global_rows: int, accum_steps: int) -> Batch:
-    """A global ``Batch`` from this process's rows (``local_batch_positions``; all rows when
-    there is one process)."""
+def global_batch(
+    local: dict[str, np.ndarray],
+    mesh: Mesh,
+    *,
+    global_rows: int,
+    accum_steps: int,
+    objective: Objective | None = None,
+    batch_type: Any = Batch,
+) -> Any:
+    """A global batch (``batch_type``, a dataclass of the fields in ``local``) from this
+    process's rows (``local_batch_positions``; all rows when there is one process)."""
+    axes_of = default_batch_axes if objective is None else objective.batch_axes
     fields = {}
-    for name in BATCH_FIELDS:
-        array = local[name]
-        seq = array.shape[-1]
-        shape = (global_rows, seq) if accum_steps == 1 else (accum_steps, global_rows // accum_steps, seq)
+    for name, array in local.items():
+        array = np.asarray(array)
+        rest = array.shape[1:]
+        shape = (global_rows, *rest) if accum_steps == 1 else (accum_steps, global_rows // accum_steps, *rest)
         if accum_steps > 1:
-            array = array.reshape(accum_steps, -1, seq)
-        sharding = batch_sharding(mesh, shape=shape)
+            array = array.reshape(accum_steps, -1, *rest)
+        sharding = batch_sharding(mesh, shape=shape, axes=axes_of(name, 1 + len(rest)))
         fields[name] = jax.make_array_from_process_local_data(sharding, array, shape)
-    return Batch(**fields)
+    return batch_type(**fields)
 
 
 def make_eval_step(
-    *, config: ModelConfig, step_config: StepConfig, mesh: Mesh, shardings: TrainState, batch_shape: tuple[int, ...]
+    *,
+    config: ModelConfig,
+    step_config: StepConfig,
+    mesh: Mesh,
+    shardings: TrainState,
+    batch_shape: tuple[int, ...] | None = None,
+    batch_example: Any = None,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+    frozen: Any = None,
+    metric: str = "cross_entropy",
 ) -> Any:
-    """``eval_step(params, batch) -> mean loss`` (cross-entropy only), compiled for ``mesh``."""
+    """``eval_step(params, batch) -> (metric sum, count)`` summed for exact averages over many
+    batches, without dropout; compiled for ``mesh``. ``metric="loss"`` gives the objective's loss."""
+    objective = _resolve_objective(config, objective)
+    if batch_example is None:
+        batch_example = Batch(*[jax.ShapeDtypeStruct(batch_shape, jnp.int32)] * len(BATCH_FIELDS))
 
-    def eval_fn(params: Params, batch: Batch) -> jax.Array:
+    def eval_fn(params: Any, batch: Any, frozen: Any) -> tuple[jax.Array, jax.Array]:
         with activation_sharding(mesh):
-            _, (ce_sum, count) = _loss_sums(params, batch, config=config, step_config=step_config)
-        return ce_sum / jnp.maximum(count, 1.0)
+            loss_sum, sums = _loss_sums(
+                params,
+                batch,
+                frozen,
+                None,
+                config=config,
+                step_config=step_config,
+                subset=subset,
+                objective=objective,
+                training=False,
+            )
+        return (loss_sum if metric == "loss" else sums[metric]), sums["count"]
 
-    data = batch_sharding(mesh, shape=batch_shape)
-    return jax.jit(
-        eval_fn,
-        in_shardings=(shardings.params, Batch(*[data] * len(BATCH_FIELDS))),
-        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    data = batch_shardings(mesh, batch_example, objective=objective, accum_steps=1)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    base_layout = subset.frozen_shardings(config, frozen, mesh)
+    placed = None if frozen is None else jax.device_put(frozen, base_layout)
+    compiled = jax.jit(
+        eval_fn, in_shardings=(shardings.params, data, base_layout), out_shardings=(replicated, replicated)
     )
+    return lambda params, batch: compiled(params, batch, placed)
