@@ -27,6 +27,7 @@ from afmkit.infer.api.state import ServerLimits
 from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
+from afmkit.posttrain.sft import SFTSettings
 from afmkit.posttrain.synth_if import SynthIFSettings
 from afmkit.train.settings import PretrainConfig
 
@@ -62,6 +63,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "sxs"): (Source(SxsSettings), Source(JudgeSettings, prefix="judge_")),
     ("eval", "sxs-ui"): (Source(SxsUiSettings),),
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
+    ("posttrain", "sft"): (Source(SFTSettings),),
     ("posttrain", "synth-if"): (Source(SynthIFSettings),),
 }
 

@@ -1,0 +1,287 @@
+"""``afmkit posttrain sft``: supervised fine-tuning on chat data (AFM_SPEC section 5), a recipe on
+the one trainer (``train.finetune`` over ``train.step``).
+
+The loss is next-token cross-entropy on the assistant's tokens only (``train.objectives.
+assistant_sft``); conversations are packed into rows with segment ids, so attention never crosses
+from one conversation to another (``data.chat``). The learning rate warms up linearly and then
+stays constant (AFM's choice for SFT); residual dropout (``--dropout``, AFM: 0.1) is optional.
+Train a LoRA adapter over the frozen base (``--lora-rank R``, the default; the base may be the
+packed int4 GGUF) or every weight (``--full``, on fp32 weights).
+
+Layout of ``--out DIR``::
+
+    adapter_config.json ...     LoRA: the adapter in PEFT's layout (loads in PEFT and afmkit)
+    model.safetensors ...       --full: an afmkit checkpoint (``afmkit.load(DIR)``)
+    training.json               the settings and the held-out loss before and after
+    training/checkpoints/       Orbax steps (trained weights, optimizer state, RNG, data position)
+    training/metrics.jsonl      one JSON object per step; training/loss.png the curve
+    training/settings.json      the run's settings; ``--resume`` must repeat them
+
+Nothing in DIR is overwritten unless ``--resume`` is given, and every input check runs before
+the first write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from afmkit.adapters.lora import TARGETS, LoraConfig
+from afmkit.errors import UserError
+
+TRAINING_FILE = "training.json"
+RUN_DIR = "training"
+# Settings that may change on --resume (the rest define the run).
+MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTSettings:
+    """Every setting of ``afmkit posttrain sft`` and its default: the one source the CLI reads."""
+
+    lora_rank: int = 16
+    full: bool = False  # train every weight instead of a LoRA adapter
+    alpha: float | None = None  # None: 2 x rank
+    targets: tuple[str, ...] = tuple(TARGETS)
+    steps: int = 200
+    lr: float = 2e-4
+    warmup: int = 20  # linear warm-up steps, then a constant LR
+    batch: int = 8  # packed rows per step
+    seq_len: int = 512  # tokens per row; longer conversations are skipped (and counted)
+    dropout: float = 0.0  # residual dropout while training (AFM: 0.1)
+    weight_decay: float = 0.0
+    accum: int = 1
+    eval_fraction: float = 0.05
+    save_every: int = 50
+    keep: int = 2
+    mesh: str | None = None  # None: one device
+    seed: int = 0
+    resume: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        if not self.full and self.lora_rank < 1:
+            raise UserError(f"--lora-rank must be at least 1, got {self.lora_rank} (or train every weight with --full)")
+        for name in ("steps", "batch", "seq_len", "accum", "keep"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        if self.lr <= 0 or self.warmup < 0 or self.save_every < 0:
+            raise UserError("--lr must be positive and --warmup, --save-every non-negative")
+        if not 0 < self.eval_fraction < 1:
+            raise UserError(f"--eval-fraction must lie in (0, 1), got {self.eval_fraction}")
+
+    def lora(self) -> LoraConfig:
+        alpha = self.alpha if self.alpha is not None else 2.0 * self.lora_rank
+        return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=self.targets, dtype="float16")
+
+
+def _check_out(out: Path, settings: SFTSettings) -> None:
+    """``--out`` against ``--resume``, before anything is written."""
+    record = out / RUN_DIR / "settings.json"
+    if not settings.resume:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(
+                f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it "
+                "(nothing was changed)"
+            )
+        return
+    if not record.is_file():
+        raise UserError(f"--resume: {out} holds no SFT run ({RUN_DIR}/settings.json); start one without --resume")
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--resume: cannot read {record} ({exc}); it is damaged") from None
+    mine = _identity(settings)
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in mine.items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
+
+
+def _identity(settings: SFTSettings) -> dict[str, Any]:
+    d = dataclasses.asdict(settings)
+    d["targets"] = list(d["targets"])
+    return {k: v for k, v in d.items() if k not in (*MAY_CHANGE_ON_RESUME, "resume")}
+
+
+def _publish(out: Path, write: Any) -> None:
+    """``write(directory)`` into a fresh directory beside ``out``, then each file moved into
+    ``out`` (replacing the previous version of it; ``training/`` is left alone)."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.publish-", dir=out.parent))
+    try:
+        write(staging / "artifact")
+        for path in (staging / "artifact").iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def sft(
+    model: Any, conversations: list[list[dict[str, str]]], out: str | os.PathLike, settings: SFTSettings
+) -> dict[str, Any]:
+    """Fine-tune ``model`` (a ``LanguageModel``, left unchanged) on ``conversations``; writes
+    ``out`` (see the module docstring) and returns the results."""
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.adapters.train import split_examples
+    from afmkit.data.chat import pack_conversations
+    from afmkit.interop.native import save_checkpoint
+    from afmkit.train.finetune import FinetuneRun, finetune
+    from afmkit.train.objectives import assistant_sft
+    from afmkit.train.optim import OptimizerConfig
+    from afmkit.train.step import StepConfig
+    from afmkit.train.trainable import FULL, LoraWeights
+
+    settings.check()
+    out = Path(out)
+    subset = FULL if settings.full else LoraWeights(settings.lora())
+    if not settings.full:
+        settings.lora().layer_ids(model.config)
+    train, held_out, too_long, _ = split_examples(
+        model, conversations, max_len=settings.seq_len + 1, eval_fraction=settings.eval_fraction
+    )
+    _check_out(out, settings)
+    run = FinetuneRun(
+        subset=subset,
+        objective=assistant_sft(),
+        optimizer=OptimizerConfig(
+            name="adamw",
+            peak_lr=settings.lr,
+            warmup_steps=settings.warmup,
+            total_steps=max(settings.steps, settings.warmup + 1),
+            final_lr_fraction=1.0,  # warm-up, then constant
+            weight_decay=settings.weight_decay,
+        ),
+        step_config=StepConfig(accum_steps=settings.accum, dropout=settings.dropout),
+        batch=settings.batch,
+        steps=settings.steps,
+        seed=settings.seed,
+        mesh=settings.mesh,
+        run_dir=out / RUN_DIR,
+        save_every=settings.save_every,
+        keep=settings.keep,
+        resume=settings.resume,
+        progress=not settings.quiet,
+    )
+    (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
+    (out / RUN_DIR / "settings.json").write_text(json.dumps(_identity(settings), indent=2))
+    trained = finetune(
+        model,
+        pack_conversations(train, seq_len=settings.seq_len),
+        run,
+        eval_rows=pack_conversations(held_out, seq_len=settings.seq_len),
+    )
+    results = {
+        "settings": {**dataclasses.asdict(settings), "targets": list(settings.targets)},
+        "base": model.name,
+        "train_conversations": len(train),
+        "held_out_conversations": len(held_out),
+        "skipped_too_long": too_long,
+        "steps_done": trained["steps_done"],
+        "held_out_loss_start": trained["eval_before"],
+        "held_out_loss_end": trained["eval_after"],
+        "train_seconds": trained["seconds"],
+    }
+    extra = {TRAINING_FILE: json.dumps(results, indent=2)}
+    if settings.full:
+
+        def write(directory: Path) -> None:
+            save_checkpoint(directory, model.config, trained["params"], model.tokenizer)
+            for name, text in extra.items():
+                (directory / name).write_text(text)
+    else:
+
+        def write(directory: Path) -> None:
+            adapter = subset.adapter(trained["params"], model.config, name=out.name)
+            save_adapter(
+                directory, adapter, config=model.config, params=model.params, base_name=model.name, extra_files=extra
+            )
+
+    _publish(out, write)
+    return results
+
+
+def register(recipes: Any) -> None:
+    from afmkit.cli_args import model_argument
+
+    d = SFTSettings()
+    parser = recipes.add_parser("sft", help="supervised fine-tuning on chat JSONL (assistant-only loss, packed)")
+    model_argument(parser)
+    parser.add_argument("--data", required=True, help="JSONL file: one {'messages': [{role, content}...]} per line")
+    parser.add_argument("--out", required=True, help="directory: a PEFT adapter (LoRA) or an afmkit model (--full)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    kind.add_argument("--full", action="store_true", help="train every weight (fp32) instead of a LoRA adapter")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    targets = ",".join(d.targets)
+    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak (and constant) learning rate (default {d.lr:g})")
+    parser.add_argument(
+        "--warmup", type=int, default=d.warmup, help=f"linear warm-up steps, then constant (default {d.warmup})"
+    )
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"packed rows per step (default {d.batch})")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per packed row (default {d.seq_len})")
+    parser.add_argument(
+        "--dropout", type=float, default=d.dropout, help=f"residual dropout; AFM uses 0.1 (default {d.dropout:g})"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"decoupled weight decay (default {d.weight_decay:g})",
+    )
+    parser.add_argument(
+        "--accum", type=int, default=d.accum, help=f"gradient-accumulation microbatches (default {d.accum})"
+    )
+    parser.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help=f"held-out share of the conversations (default {d.eval_fraction:g})",
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})"
+    )
+    parser.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help=f"initialisation, dropout and data order (default {d.seed})"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=cmd_sft)
+
+
+def settings_from_args(args: Any) -> SFTSettings:
+    fields = {f.name for f in dataclasses.fields(SFTSettings)}
+    values = {name: getattr(args, name) for name in fields if name != "targets"}
+    values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    return SFTSettings(**values)
+
+
+def cmd_sft(args: Any) -> int:
+    import afmkit
+    from afmkit.data.chat import read_chat_jsonl
+
+    settings = settings_from_args(args)
+    settings.check()
+    if not settings.full:
+        settings.lora()  # bad targets / alpha: one line before loading anything
+    conversations = read_chat_jsonl(args.data)
+    _check_out(Path(args.out), settings)
+    # --full trains fp32 master weights: load them exactly; LoRA trains over the base as loaded
+    # (on CPUs SmolLM2's own int4 weights, QLoRA-style).
+    dtype = args.dtype or ("float32" if settings.full else None)
+    model = afmkit.load(args.model, dtype=dtype)
+    results = sft(model, conversations, args.out, settings)
+    print(
+        json.dumps({k: results[k] for k in ("held_out_loss_start", "held_out_loss_end", "steps_done", "train_seconds")})
+    )
+    return 0
