@@ -60,9 +60,10 @@ def test_unpackable_shapes_and_bad_bits_are_refused():
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 # From 128 rows on (AVX-512; 16 on AVX2 and portable builds) the kernel takes its prefill path, a
-# GEMM over weights expanded once; 17, 130 and 201 rows leave remainders of its row blocks, and
-# 208 outputs (13 tiles) one of its tile groups.
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 64, 130, 201])
+# GEMM over weights expanded once, up to 1024 rows (prompts are prefilled in chunks of 512); 17,
+# 130, 131, 201 and 517 rows leave remainders of its row blocks (3 or 4 rows), and 208 outputs
+# (13 tiles) one of its tile groups.
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 64, 130, 131, 201, 256, 517, 1024])
 def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
     w = RNG.standard_normal((576, 208)).astype(np.float32)
     packed = P.pack(w, bits)
@@ -82,17 +83,16 @@ def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_row_gives_the_same_bits_whatever_its_batch(bits, monkeypatch):
+def test_a_row_gives_the_same_bits_whatever_its_batch(bits):
     """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds) take
     the kernel's GEMM path, small ones its row kernel: a row must come out bit for bit the same
-    either way (1552 outputs: 97 tiles, a remainder of the GEMM's tile groups). The kernel is
-    kept for every size here (on CPUs without AVX512-BF16 large batches otherwise go to XLA)."""
-    monkeypatch.setattr(P, "XLA_GEMM_ROWS", 1 << 30)
+    either way and whatever its place in a prefill chunk (1552 outputs: 97 tiles, a remainder of
+    the GEMM's tile groups)."""
     packed = P.pack(RNG.standard_normal((576, 1552)).astype(np.float32), bits)
-    x = jnp.asarray(RNG.standard_normal((150, 576)), jnp.float32)
-    matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))  # a fresh trace reads the patched threshold
+    x = jnp.asarray(RNG.standard_normal((600, 576)), jnp.float32)
+    matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))
     whole = np.asarray(matmul(x, packed))
-    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 131), (19, 150)]:
+    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 131), (19, 150), (0, 256), (77, 589)]:
         np.testing.assert_array_equal(np.asarray(matmul(x[start:stop], packed)), whole[start:stop])
 
 
@@ -107,18 +107,20 @@ def test_gradient_reaches_the_input_through_the_kernel():
 
 
 @needs_kernels
-def test_without_bf16_large_batches_go_through_xla_and_small_ones_through_the_kernel(monkeypatch):
-    """Without AVX512-BF16, XLA's fp32 GEMM on the dequantized weight beats the kernel's from
-    ``XLA_GEMM_ROWS`` rows on: those batches must give exactly XLA's product, smaller ones the
-    kernel's (which is exact fp32 too, so both agree with numpy to fp32 rounding)."""
+def test_without_bf16_a_prefill_chunk_goes_through_the_kernels_fp32_gemm(monkeypatch):
+    """Without AVX512-BF16 (or when it is not used) a 512-row prefill chunk is multiplied by the
+    kernel's fp32 GEMM, not dequantized for XLA: the same bits as the kernel called directly,
+    and numpy's product to fp32 rounding."""
     monkeypatch.setattr(kernels, "has_bf16", lambda: False)
     packed = P.pack(RNG.standard_normal((576, 64)).astype(np.float32), 4)
-    x = jnp.asarray(RNG.standard_normal((P.XLA_GEMM_ROWS, 576)), jnp.float32)
-    matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))
-    np.testing.assert_array_equal(np.asarray(matmul(x, packed)), np.asarray(jax.jit(jnp.dot)(x, packed.matrix())))
-    small = np.asarray(matmul(x[:8], packed))
-    native = np.asarray(kernels.packed_matmul(x[:8], packed.packed, packed.scales, bits=4, n=packed.n, bf16=False))
-    np.testing.assert_array_equal(small, native)
+    x = RNG.standard_normal((512, 576)).astype(np.float32)
+    y = np.asarray(jax.jit(lambda x, w: P.packed_matmul(x, w))(jnp.asarray(x), packed))
+    native = kernels.packed_matmul(jnp.asarray(x), packed.packed, packed.scales, bits=4, n=packed.n, bf16=False)
+    np.testing.assert_array_equal(y, np.asarray(native))
+    exact = x @ P.unpack_numpy(packed).astype(np.float64)
+    # fp32 rounding of 576 products summed in two chains grows like sqrt(K) * 2^-24 * |x w| (about
+    # 1e-6 of the largest output); a wrong code, scale or lost block of K errs by 1e-2 or more
+    np.testing.assert_allclose(y, exact, rtol=0, atol=2e-5 * np.abs(exact).max())
 
 
 def test_without_kernels_packed_weights_go_through_xla(monkeypatch):
@@ -183,10 +185,14 @@ def test_a_packed_model_decodes_like_its_dequantized_weights():
 
 
 @needs_kernels
-@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"], ids=["avx2", "portable"])
+@pytest.mark.parametrize(
+    "flags",
+    ["-mno-avx512bf16", "-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"],
+    ids=["avx512-fp32", "avx2", "portable"],
+)
 def test_kernels_built_for_cpus_without_avx512(flags, tmp_path):
-    """The AVX2 and the plain C++ code of the kernels (this machine would otherwise build the
-    AVX-512 code) pass this file's kernel tests too."""
+    """The AVX-512 code without bf16 dot products, the AVX2 and the plain C++ code of the kernels
+    (this machine may otherwise build another) pass this file's kernel tests too."""
     env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
     tests = ["test_kernel_matches_numpy_in_fp32_and_bf16", "a_row_gives_the_same", "decode_attention", "decodes_like"]
     result = subprocess.run(

@@ -88,6 +88,16 @@ struct Chunk {
   bool first, last;
 };
 
+// A loaded vector kept in a register: otherwise the compiler folds the load into every FMA that
+// uses it (one load per FMA), and the GEMMs below become limited by loads instead of FMAs.
+template <typename V>
+[[maybe_unused]] inline V in_register(V v) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 // Portable version (CPUs without AVX-512 or AVX2, e.g. ARM): the same arithmetic and summation order as
 // the AVX-512 fp32 path, written as loops over the 16 outputs of a tile that the compiler
 // vectorizes for whatever -march=native offers (-ffp-contract=off: q * d + m rounds twice wherever
@@ -280,32 +290,38 @@ void expand_avx2(const Problem& p, int64_t tile, const Chunk& c, float* out) {
   }
 }
 
-// R rows over an expanded tile (16 ymm registers: 4 R accumulators, 4 weights, 2 broadcasts).
+// R rows over an expanded tile. Of the 16 ymm registers, 4 R = 12 hold accumulators, 2 the weights
+// of one k (loaded once, used by all R rows) and 1 a broadcast of x: 12 FMAs per 10 loads.
 template <int R>
 void gemm_avx2(const Problem& p, const float* expanded, int64_t tile, int64_t row0, const Chunk& c) {
   __m256 acc[R][4];
   float* state = c.state + row0 * 2 * kTile;
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) acc[r][i] = c.first ? _mm256_setzero_ps() : _mm256_loadu_ps(state + (r * 4 + i) * 8);
-  const int64_t pairs = (c.b1 - c.b0) * kPairs, pair0 = c.b0 * kPairs;
-  const float* xr0 = p.x + row0 * p.k;
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  if (!c.first) {  // a separate branch: a select per accumulator went through the stack (GCC 12)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_load_ps(state + (r * 4 + i) * 8);
+  }
+  const int64_t pairs = (c.b1 - c.b0) * kPairs;
+  const float* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = p.x + (row0 + r) * p.k + c.b0 * kBlock;
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    __m256 w[4];
-    for (int i = 0; i < 4; ++i) w[i] = _mm256_loadu_ps(expanded + (pair * 4 + i) * 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 x_even = _mm256_broadcast_ss(xr0 + r * p.k + 2 * (pair0 + pair));
-      const __m256 x_odd = _mm256_broadcast_ss(xr0 + r * p.k + 2 * (pair0 + pair) + 1);
-      acc[r][0] = _mm256_fmadd_ps(w[0], x_even, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w[1], x_even, acc[r][1]);
-      acc[r][2] = _mm256_fmadd_ps(w[2], x_odd, acc[r][2]);
-      acc[r][3] = _mm256_fmadd_ps(w[3], x_odd, acc[r][3]);
+    for (int parity = 0; parity < 2; ++parity) {  // even k (acc 0, 1), then odd k (acc 2, 3)
+      __m256 w[2];
+      for (int h = 0; h < 2; ++h) w[h] = in_register(_mm256_load_ps(expanded + (pair * 4 + 2 * parity + h) * 8));
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(xr[r] + 2 * pair + parity);
+        acc[r][2 * parity] = _mm256_fmadd_ps(w[0], x, acc[r][2 * parity]);
+        acc[r][2 * parity + 1] = _mm256_fmadd_ps(w[1], x, acc[r][2 * parity + 1]);
+      }
     }
   }
+  if (!c.last) {
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(state + (r * 4 + i) * 8, acc[r][i]);
+    return;
+  }
   for (int r = 0; r < R; ++r) {
-    if (!c.last) {
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(state + (r * 4 + i) * 8, acc[r][i]);
-      continue;
-    }
     float* y = p.y + (row0 + r) * p.n + tile * kTile;
     _mm256_storeu_ps(y, _mm256_add_ps(acc[r][0], acc[r][2]));
     _mm256_storeu_ps(y + 8, _mm256_add_ps(acc[r][1], acc[r][3]));
@@ -380,8 +396,9 @@ void tile_rows_avx512(const Problem& p, int64_t tile) {
 }
 
 // Prefill, fp32: a group of T tiles' weights of blocks [b0, b1), [pairs][T][even, odd][16] fp32,
-// then R rows by T tiles at a time (2 R T accumulators in registers, each broadcast of x used T
-// times). The same chains and order as tile_avx512.
+// then R rows by T tiles at a time: 2 R T accumulators in registers, and for each k the T tiles'
+// weights (loaded once, used by R rows) and one broadcast of x (used by T tiles). The same chains
+// and order as tile_avx512.
 template <int Bits>
 void expand_avx512(const Problem& p, int64_t tile0, int tiles, const Chunk& c, float* out) {
   constexpr int pair_bytes = Bits == 4 ? 16 : 32;
@@ -410,40 +427,44 @@ void gemm_avx512(const Problem& p, const float* expanded, int64_t tile0, int64_t
   float* state = c.state + row0 * T * 2 * kTile;
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t)
-      for (int i = 0; i < 2; ++i)
-        acc[r][t][i] = c.first ? _mm512_setzero_ps() : _mm512_loadu_ps(state + ((r * T + t) * 2 + i) * kTile);
-  const int64_t pairs = (c.b1 - c.b0) * kPairs, pair0 = c.b0 * kPairs;
-  const float* xr0 = p.x + row0 * p.k;
+      for (int i = 0; i < 2; ++i) acc[r][t][i] = _mm512_setzero_ps();
+  if (!c.first) {  // a separate branch: a select per accumulator went through the stack (GCC 12)
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int i = 0; i < 2; ++i) acc[r][t][i] = _mm512_load_ps(state + ((r * T + t) * 2 + i) * kTile);
+  }
+  const int64_t pairs = (c.b1 - c.b0) * kPairs;
+  const float* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = p.x + (row0 + r) * p.k + c.b0 * kBlock;
   for (int64_t pair = 0; pair < pairs; ++pair) {
-    __m512 x_even[R], x_odd[R];
-    for (int r = 0; r < R; ++r) {
-      x_even[r] = _mm512_set1_ps(xr0[r * p.k + 2 * (pair0 + pair)]);
-      x_odd[r] = _mm512_set1_ps(xr0[r * p.k + 2 * (pair0 + pair) + 1]);
-    }
-    for (int t = 0; t < T; ++t) {
-      const __m512 w_even = _mm512_load_ps(expanded + (pair * T + t) * 2 * kTile);
-      const __m512 w_odd = _mm512_load_ps(expanded + (pair * T + t) * 2 * kTile + kTile);
+    for (int parity = 0; parity < 2; ++parity) {  // even k, then odd k: one chain each
+      __m512 w[T];
+      for (int t = 0; t < T; ++t) w[t] = in_register(_mm512_load_ps(expanded + ((pair * T + t) * 2 + parity) * kTile));
       for (int r = 0; r < R; ++r) {
-        acc[r][t][0] = _mm512_fmadd_ps(w_even, x_even[r], acc[r][t][0]);
-        acc[r][t][1] = _mm512_fmadd_ps(w_odd, x_odd[r], acc[r][t][1]);
+        const __m512 x = _mm512_set1_ps(xr[r][2 * pair + parity]);
+        for (int t = 0; t < T; ++t) acc[r][t][parity] = _mm512_fmadd_ps(w[t], x, acc[r][t][parity]);
       }
     }
   }
+  if (!c.last) {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int i = 0; i < 2; ++i) _mm512_store_ps(state + ((r * T + t) * 2 + i) * kTile, acc[r][t][i]);
+    return;
+  }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      if (c.last) {
-        _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
-      } else {
-        for (int i = 0; i < 2; ++i) _mm512_storeu_ps(state + ((r * T + t) * 2 + i) * kTile, acc[r][t][i]);
-      }
-    }
+    for (int t = 0; t < T; ++t)
+      _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_add_ps(acc[r][t][0], acc[r][t][1]));
 }
 
 template <int T>
 void gemm_rows_avx512(const Problem& p, const float* expanded, int64_t tile0, const Chunk& c) {
-  constexpr int R = 3;  // 2 R T = 18 accumulators, 2 R broadcasts and 2 weights: 26 of 32 registers
+  // 2 R T = 24 accumulators, T = 3 weights and a broadcast: 28 of 32 registers, and per k 12 FMAs
+  // for 3 weight loads and 4 broadcasts (loads, not FMAs, limited 3 rows with weights re-read)
+  constexpr int R = 4;
   int64_t r = 0;
   for (; r + R <= p.m; r += R) gemm_avx512<R, T>(p, expanded, tile0, r, c);
+  if (p.m - r == 3) gemm_avx512<3, T>(p, expanded, tile0, r, c);
   if (p.m - r == 2) gemm_avx512<2, T>(p, expanded, tile0, r, c);
   if (p.m - r == 1) gemm_avx512<1, T>(p, expanded, tile0, r, c);
 }

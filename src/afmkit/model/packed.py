@@ -158,24 +158,16 @@ def packed_matmul(x: jax.Array, weight: PackedWeight) -> jax.Array:
     On CPUs, the native kernel. Where the CPU has AVX512-BF16 it multiplies the exact codes by x
     rounded to bf16 (fp32 accumulation, scales applied in fp32): twice the arithmetic rate of fp32
     FMAs, and a rounding far below the weights' own 4- or 8-bit quantization (llama.cpp rounds
-    activations to 8 bits here). Otherwise it works in fp32. Either way each row is computed in
-    the same order whatever the batch, so a row's result does not depend on its batch. Elsewhere
-    (accelerators, no compiler) the weight is dequantized and multiplied by XLA in fp32."""
+    activations to 8 bits here). Otherwise it works in fp32, its prefill GEMM as fast as an fp32
+    model's (docs/benchmarks.md) and faster than dequantizing for XLA. Either way each row is
+    computed in the same order whatever the batch, so a row's result does not depend on its batch.
+    Elsewhere (accelerators, no compiler) the weight is dequantized and multiplied by XLA in fp32."""
     from afmkit import kernels
 
     x = x.astype(jnp.float32)
-    if kernels.on_cpu() and (kernels.has_bf16() or x.shape[0] < XLA_GEMM_ROWS):
+    if kernels.on_cpu():
         return _native_matmul(x, weight.packed, weight.scales, (weight.bits, weight.n, kernels.has_bf16()))
     return jnp.dot(x, weight.matrix())
-
-
-# Without AVX512-BF16 the kernel's fp32 GEMM is slower than XLA's fp32 dot, so from this many
-# rows on (prefill chunks) the weight is dequantized inside the call and XLA multiplies. One
-# SmolLM2 layer at 512 rows on an AVX-512 CPU (benchmarks/packed_matmul.py, CPU-ms): kernel fp32
-# 28.5, XLA on the dequantized weight 23.9, XLA on fp32 weights 18.4; at 128 rows the kernel still
-# wins (7.2 against 10.1). On AVX2 builds the kernel's GEMM is slower still (0.36x XLA's dot).
-# With AVX512-BF16 the kernel (8.2 at 512 rows) beats both at every size and is always used.
-XLA_GEMM_ROWS = 256
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
