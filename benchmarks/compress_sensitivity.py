@@ -34,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="compress_sensitivity.json")
     parser.add_argument("--study-layers", default="0,10,20,29")
+    parser.add_argument("--study-widths", default="2,4")
+    parser.add_argument("--measure-tokens", type=int, default=1024)
     parser.add_argument("--skip-perplexity", action="store_true")
     args = parser.parse_args()
     result: dict = {"load_average_start": os.getloadavg()}
@@ -108,12 +110,13 @@ def main() -> None:
     layers = [int(x) for x in args.study_layers.split(",")]
     names = [f"layers.{i}.{k}" for i in layers for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
     begin = time.perf_counter()
+    widths = tuple(int(x) for x in args.study_widths.split(","))
     measured = sensitivity.measured_sensitivity(
-        model.config, model.params, calibration, fisher, names=names, widths=(2, 4), measure_tokens=1024
+        model.config, model.params, calibration, fisher, names=names, widths=widths, measure_tokens=args.measure_tokens
     )
     result["study"] = {
         "matrices": names,
-        "measure_tokens": 1024,
+        "measure_tokens": args.measure_tokens,
         "seconds": time.perf_counter() - begin,
         "measured_kl": measured,
         "proxy": {n: analysis.sensitivity[n] for n in names},
@@ -121,7 +124,12 @@ def main() -> None:
     }
     save()
     exact8 = sensitivity.proxy_sensitivity(
-        model.params, fisher, names=names[:7], widths=(4, 8), extrapolated={}, quiet=True
+        model.params,
+        fisher,
+        names=["layers.0.wq", "layers.0.wk", "layers.0.w_down"],
+        widths=(4, 8),
+        extrapolated={},
+        quiet=True,
     )
     result["extrapolation_8bit"] = {
         n: {"kmeans": exact8[n][8], "extrapolated": analysis.sensitivity[n][8]} for n in exact8

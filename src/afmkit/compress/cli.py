@@ -38,7 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "palettize",
         help="palettize a float model's matrices under a bits-per-weight budget or a recipe",
-        description=(__doc__ or "").split("\n\n")[0],
+        description="Palettize a float model's matrices (16-row k-means tables, Fisher-weighted), each at "
+        "2, 3, 4 or 8 bits chosen from measured sensitivity under --bits-per-weight, or as a --recipe says. "
+        "Writes the model, recipe.json and compress_report.json to --out (docs/compression.md).",
     )
     model_argument(p, role="the float model to compress", dtype=False)
     d = DEFAULTS
