@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import afmkit
-from afmkit.adapters.lora import LoraConfig, random_adapter, single
+from afmkit.adapters.lora import LoraConfig, SingleAdapter, random_adapter, single
 from afmkit.config import get_size
 from afmkit.data.tokenizer import load_tokenizer
 from afmkit.errors import UserError
@@ -105,7 +105,7 @@ def test_a_lora_trunk_changes_scores_and_gradients_reach_only_heads_and_adapter(
             positions,
             segment_ids,
             config=CONFIG,
-            adapters=single(adapter).__class__(lora_weights, adapter.config.scale),
+            adapters=SingleAdapter(lora_weights, adapter.config.scale),
         )
         total, _ = losses.reward_model_loss(
             scores[:1],
