@@ -1,0 +1,1 @@
+"""Talaria: the interactive latency, power and quality page that chooses each matrix's bits (issue 14)."""
