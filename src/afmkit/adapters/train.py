@@ -58,7 +58,12 @@ class TrainSettings:
 
 
 def split_examples(
-    model: Any, conversations: list[list[dict[str, str]]], *, max_len: int, eval_fraction: float
+    model: Any,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_len: int,
+    eval_fraction: float,
+    length_flag: str = "--max-len",
 ) -> tuple[list[Example], list[Example], int, int]:
     """Tokenized (train, held-out) conversations of at most ``max_len`` tokens with assistant
     tokens, the count dropped as too long, and the row length (the longest, rounded up to 32)."""
@@ -68,7 +73,7 @@ def split_examples(
     if len(examples) < 2:
         raise UserError(
             f"need at least 2 usable conversations of at most {max_len} tokens ({too_long} were longer); "
-            "raise --max-len or add data"
+            f"raise {length_flag} or add data"
         )
     n_eval = max(1, round(len(examples) * eval_fraction))
     train, held_out = examples[:-n_eval], examples[-n_eval:]

@@ -144,7 +144,11 @@ def sft(
     if not settings.full:
         settings.lora().layer_ids(model.config)
     train, held_out, too_long, _ = split_examples(
-        model, conversations, max_len=settings.seq_len + 1, eval_fraction=settings.eval_fraction
+        model,
+        conversations,
+        max_len=settings.seq_len + 1,
+        eval_fraction=settings.eval_fraction,
+        length_flag="--seq-len",
     )
     _check_out(out, settings)
     run = FinetuneRun(
@@ -267,6 +271,8 @@ def settings_from_args(args: Any) -> SFTSettings:
 
 
 def cmd_sft(args: Any) -> int:
+    import sys
+
     import afmkit
     from afmkit.data.chat import read_chat_jsonl
 
@@ -281,6 +287,12 @@ def cmd_sft(args: Any) -> int:
     dtype = args.dtype or ("float32" if settings.full else None)
     model = afmkit.load(args.model, dtype=dtype)
     results = sft(model, conversations, args.out, settings)
+    if results["steps_done"] < settings.steps:
+        print(
+            f"afmkit: stopped at step {results['steps_done']} of {settings.steps}; the output holds that step. "
+            "Continue with the same command plus --resume",
+            file=sys.stderr,
+        )
     print(
         json.dumps({k: results[k] for k in ("held_out_loss_start", "held_out_loss_end", "steps_done", "train_seconds")})
     )
