@@ -35,8 +35,8 @@ class NonFiniteError(UserError):
 class StepInfo:
     step: int  # optimizer steps completed, counting this one
     state: TrainState
-    metrics: dict[str, float]  # loss, cross_entropy, grad_norm, lr, tokens, seconds
-    batch: Batch
+    metrics: dict[str, float]  # loss, the objective's own (next-token: cross_entropy), grad_norm, lr, count, seconds
+    batch: Any  # a train.step.Batch, or the objective's own batch type
 
 
 class Hook:
