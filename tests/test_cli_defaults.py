@@ -28,6 +28,7 @@ from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
 from afmkit.posttrain.sft import SFTSettings
+from afmkit.posttrain.itec import ItecSettings
 from afmkit.posttrain.synth_if import SynthIFSettings
 from afmkit.train.settings import PretrainConfig
 
@@ -64,6 +65,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "sxs-ui"): (Source(SxsUiSettings),),
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
     ("posttrain", "sft"): (Source(SFTSettings),),
+    ("posttrain", "itec"): (Source(ItecSettings),),
     ("posttrain", "synth-if"): (Source(SynthIFSettings),),
 }
 
