@@ -10,7 +10,7 @@ import argparse
 import importlib
 
 # Modules with a ``register(recipes)`` function, in the order ``afmkit posttrain --help`` lists them.
-RECIPES: tuple[str, ...] = ("afmkit.posttrain.sft", "afmkit.posttrain.synth_if")
+RECIPES: tuple[str, ...] = ("afmkit.posttrain.sft", "afmkit.posttrain.synth_if", "afmkit.posttrain.itec")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
