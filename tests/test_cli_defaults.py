@@ -27,8 +27,8 @@ from afmkit.infer.api.state import ServerLimits
 from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
-from afmkit.posttrain.sft import SFTSettings
 from afmkit.posttrain.itec import ItecSettings
+from afmkit.posttrain.sft import SFTSettings
 from afmkit.posttrain.synth_if import SynthIFSettings
 from afmkit.train.settings import PretrainConfig
 
@@ -64,8 +64,8 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "sxs"): (Source(SxsSettings), Source(JudgeSettings, prefix="judge_")),
     ("eval", "sxs-ui"): (Source(SxsUiSettings),),
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
-    ("posttrain", "sft"): (Source(SFTSettings),),
     ("posttrain", "itec"): (Source(ItecSettings),),
+    ("posttrain", "sft"): (Source(SFTSettings),),
     ("posttrain", "synth-if"): (Source(SynthIFSettings),),
 }
 
