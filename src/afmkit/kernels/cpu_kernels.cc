@@ -460,7 +460,7 @@ void gemm_avx512(const Problem& p, const float* expanded, int64_t tile0, int64_t
 template <int T>
 void gemm_rows_avx512(const Problem& p, const float* expanded, int64_t tile0, const Chunk& c) {
   // 2 R T = 24 accumulators, T = 3 weights and a broadcast: 28 of 32 registers, and per k 12 FMAs
-  // for 3 weight loads and 4 broadcasts (loads, not FMAs, limited 3 rows with weights re-read)
+  // for 3 weight loads and 4 broadcasts (3 rows reading the weights in every FMA were load-bound)
   constexpr int R = 4;
   int64_t r = 0;
   for (; r + R <= p.m; r += R) gemm_avx512<R, T>(p, expanded, tile0, r, c);
