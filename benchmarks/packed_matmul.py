@@ -4,10 +4,14 @@
     AFMKIT_KERNEL_FLAGS=-mno-avx512f python benchmarks/packed_matmul.py --paths fp32   # the AVX2 code
 
 Each figure is the best of ``--repeats`` calls, in CPU seconds of this process (all threads), so
-other jobs on a shared machine disturb it less than wall time would; compare paths within a run.
-Paths: ``bf16`` and ``fp32`` (the kernel's two modes; bf16 needs AVX512-BF16), ``xla`` (fp32
-dot on the dequantized weights, what an fp32 model runs) and ``xla-dequantize`` (the packed
-weight dequantized inside the jitted call: the kernels-off fallback).
+other jobs on a shared machine disturb it less than wall time would; the paths are called in turn
+for each matrix (rotating which goes first), so a change of load between paths shows up in all of
+them; compare paths within a run. Paths: ``bf16`` and ``fp32`` (the kernel's two modes; bf16
+needs AVX512-BF16), ``xla`` (fp32 dot on the dequantized weights, what an fp32 model runs),
+``xla-dequantize`` (the packed weight dequantized inside the jitted call: the kernels-off
+fallback) and ``numpy`` (numpy's BLAS on the dequantized weights: with ``OPENBLAS_NUM_THREADS=1
+OPENBLAS_CORETYPE=Haswell`` a tuned AVX2 fp32 GEMM, what an AVX2 build's kernel competes with on
+an AVX2-only CPU, where this machine's XLA would use AVX-512).
 """
 
 from __future__ import annotations
@@ -27,29 +31,39 @@ from afmkit.model import packed as P
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 
 
-def best_cpu_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        jax.block_until_ready(fn(*args))
-        times.append(time.process_time() - start)
-    return min(times)
+def call(path: str, x: jax.Array, weight: P.PackedWeight) -> tuple:
+    """The function that multiplies x by the weight on this path, and its arguments."""
+    if path == "xla":
+        return jax.jit(jnp.dot), (x, jnp.asarray(P.unpack_numpy(weight)))
+    if path == "xla-dequantize":
+        return jax.jit(lambda x, w: jnp.dot(x, w.matrix())), (x, weight)
+    if path == "numpy":
+        return np.matmul, (np.asarray(x), P.unpack_numpy(weight))
+    bits, n, bf16 = weight.bits, weight.n, path == "bf16"
+    kernel = jax.jit(lambda x, p, s: kernels.packed_matmul(x, p, s, bits=bits, n=n, bf16=bf16))
+    return kernel, (x, weight.packed, weight.scales)
 
 
-def layer_seconds(path: str, rows: int, bits: int, repeats: int) -> float:
+def layer_seconds(paths: list[str], rows: int, bits: int, repeats: int) -> dict[str, float]:
+    """Each path's CPU seconds for one layer: per matrix the best of ``repeats`` calls, the paths
+    called in turn."""
     rng = np.random.default_rng(0)
-    total = 0.0
+    total = dict.fromkeys(paths, 0.0)
     for k, n in SHAPES:
         weight = P.pack(rng.standard_normal((k, n)).astype(np.float32), bits)
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-        if path == "xla":
-            total += best_cpu_seconds(jax.jit(jnp.dot), x, jnp.asarray(P.unpack_numpy(weight)), repeats=repeats)
-        elif path == "xla-dequantize":
-            total += best_cpu_seconds(jax.jit(lambda x, w: jnp.dot(x, w.matrix())), x, weight, repeats=repeats)
-        else:
-            call = jax.jit(lambda x, p, s, n=n: kernels.packed_matmul(x, p, s, bits=bits, n=n, bf16=path == "bf16"))
-            total += best_cpu_seconds(call, x, weight.packed, weight.scales, repeats=repeats)
+        calls = {path: call(path, x, weight) for path in paths}
+        best = dict.fromkeys(paths, float("inf"))
+        for fn, args in calls.values():
+            jax.block_until_ready(fn(*args))  # compile
+        for i in range(repeats):
+            for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
+                fn, args = calls[path]
+                start = time.process_time()
+                jax.block_until_ready(fn(*args))
+                best[path] = min(best[path], time.process_time() - start)
+        for path in paths:
+            total[path] += best[path]
     return total
 
 
@@ -62,13 +76,12 @@ def main() -> None:
     args = parser.parse_args()
     paths = args.paths.split(",")
     if not kernels.available():
-        paths = [p for p in paths if p.startswith("xla")]
+        paths = [p for p in paths if p.startswith("xla") or p == "numpy"]
     elif not kernels.has_bf16():
         paths = [p for p in paths if p != "bf16"]
     flops_per_row = 2 * sum(k * n for k, n in SHAPES)
-    for path in paths:
-        for rows in (int(r) for r in args.rows.split(",")):
-            seconds = layer_seconds(path, rows, args.bits, args.repeats)
+    for rows in (int(r) for r in args.rows.split(",")):
+        for path, seconds in layer_seconds(paths, rows, args.bits, args.repeats).items():
             record = {
                 "path": path,
                 "kernels": kernels.describe(),
