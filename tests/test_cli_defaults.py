@@ -30,6 +30,7 @@ from afmkit.interop.export import ExportSettings
 from afmkit.posttrain.itec import ItecSettings
 from afmkit.posttrain.sft import SFTSettings
 from afmkit.posttrain.synth_if import SynthIFSettings
+from afmkit.talaria.settings import TalariaSettings
 from afmkit.train.settings import PretrainConfig
 
 
@@ -67,6 +68,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("posttrain", "itec"): (Source(ItecSettings),),
     ("posttrain", "sft"): (Source(SFTSettings),),
     ("posttrain", "synth-if"): (Source(SynthIFSettings),),
+    ("talaria",): (Source(TalariaSettings),),
 }
 
 

@@ -34,6 +34,7 @@ COMMAND_GROUPS = (
     "afmkit.interop.export",  # export
     "afmkit.compress.cli",  # compress palettize
     "afmkit.eval.cli",  # eval ifeval|perplexity|sxs|sxs-ui|safety
+    "afmkit.talaria.cli",  # talaria
 )
 
 

@@ -85,7 +85,7 @@ const STRIP_METRICS = COLUMNS.filter(([k]) => !["name", "layer", "kind", "bits"]
 
 function cell(key, value, row) {
   if (key === "bits" && row.group === "matrix") {
-    const options = A.widths.map((b) => `<option ${String(b) === value ? "selected" : ""}>${b}</option>`).join("");
+    const options = A.widths.map((b) => `<option value="${b}" ${String(b) === value ? "selected" : ""}>${b}</option>`).join("");
     return `<select class="row-bits" data-name="${row.name}">${options}</select>`;
   }
   if (key === "name" || key === "kind" || key === "bits") return value;
@@ -263,6 +263,7 @@ async function init() {
     state.bits[e.target.dataset.name] = Number(e.target.value); renderSummary(); renderStrip();
   };
   render();
+  window.talariaReadyMs = performance.now(); // since navigation began: the page-open time
   document.body.dataset.ready = "1";
 }
 
