@@ -15,12 +15,23 @@ Measures, on SmolLM2-135M-Instruct with rank-16 LoRA adapters on all 7 linears o
 Prints one JSON object. Example::
 
     python benchmarks/serving.py --requests 64 --clients 32 --adapters 8 --max-tokens 32
+
+``--kv-compare`` measures the KV cache instead (issue 11 §2): the paged cache (fp32 and int8)
+against the contiguous one, side by side in one JSON object, each in a fresh process (RSS is a
+process's) serving ``--clients`` slots with the default limits: RSS at start; time to first
+token of one client alone and p95 when all clients send at the same moment; throughput of the
+steady load (clients coming back for more); peak RSS while every client sends a ~1k-token
+conversation at once (``--conversation-tokens``); and for int8 the greedy agreement and logit
+error against fp32::
+
+    python benchmarks/serving.py --kv-compare --clients 32 --out kv.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -34,12 +45,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import httpx
 import jax
+import jax.numpy as jnp
 
 import afmkit
 from afmkit.adapters.lora import AdapterBank, LoraConfig, random_adapter
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.adapters.registry import AdapterRegistry
-from afmkit.infer.server import ServerLimits, create_app
+from afmkit.infer.engine import Engine, KVSettings
+from afmkit.infer.sampling import SamplingParams
+from afmkit.infer.server import ServerLimits, ServeSettings, create_app
+from afmkit.model.kv_cache import PagedKVCache
+from afmkit.model.transformer import forward, output_logits
 
 QUESTIONS = [
     "Summarize the plot of Romeo and Juliet.",
@@ -161,6 +177,7 @@ async def run_load(url: str, models: list[str], *, requests: int, clients: int, 
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
         "ttft_p99_s": percentile(ttfts, 99),
         "first_error": next((r["error"] for r in results if r.get("error")), None),
     }
@@ -200,6 +217,234 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+def rss_bytes(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """The largest RSS seen while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def conversation(tokenizer, seed: int, target_tokens: int) -> list[dict]:
+    """A multi-turn chat of about ``target_tokens`` prompt tokens, different for every seed."""
+    order = [QUESTIONS[(seed * 3 + i) % len(QUESTIONS)] for i in range(len(QUESTIONS))]
+    messages, turn = [], 0
+    while True:
+        user = f"(conversation {seed}, turn {turn}) {order[turn % len(order)]}"
+        reply = " ".join(order[(turn + k) % len(order)] for k in range(1, 4))
+        candidate = [*messages, {"role": "user", "content": user}]
+        if len(tokenizer.encode(tokenizer.apply_chat_template(candidate))) >= target_tokens:
+            return candidate
+        messages = [*candidate, {"role": "assistant", "content": reply}]
+        turn += 1
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    start = time.perf_counter()
+    ttft, last, tokens, error = None, None, 0, None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            return {"error": f"HTTP {response.status_code}"}
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            error = chunk.get("error", {}).get("message") or error
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if "role" not in choice["delta"] and choice["delta"].get("content") is not None:
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    last = time.perf_counter() - start
+    return {"error": error, "ttft": ttft, "last": last, "tokens": tokens, "start": start}
+
+
+async def conversations_at_once(url: str, bodies: list[dict]) -> dict:
+    limits = httpx.Limits(max_connections=len(bodies) + 4)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_chat(client, url, b) for b in bodies))
+        wall = time.perf_counter() - start
+    ttfts = [r["ttft"] for r in results if r.get("ttft") is not None]
+    tokens = sum(r.get("tokens", 0) for r in results)
+    # decode: tokens after each first token, over the time from the first first token to the last token
+    first = min((r["start"] - start + r["ttft"] for r in results if r.get("ttft") is not None), default=0.0)
+    decode_tokens = sum(max(0, r.get("tokens", 0) - 1) for r in results)
+    return {
+        "requests": len(results),
+        "errors": sum(bool(r.get("error")) for r in results),
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "decode_tokens_per_s": decode_tokens / max(wall - first, 1e-9),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+        "ttft_max_s": max(ttfts, default=float("nan")),
+    }
+
+
+def int8_accuracy(model, tokenizer, conversations: list[list[int]], max_tokens: int) -> dict:
+    """Greedy agreement of int8 KV with fp32 KV (both paged), and the logit error of a decode step
+    that reads ~1k quantized positions (max |difference| over the vocabulary, per row)."""
+    fp32 = Engine(model.config, model.params, tokenizer, eos_ids=tokenizer.stop_ids, kv=KVSettings())
+    int8 = Engine(model.config, model.params, tokenizer, eos_ids=tokenizer.stop_ids, kv=KVSettings(dtype="int8"))
+    sampling = SamplingParams(max_new_tokens=max_tokens)
+    want = [c.tokens for c in fp32.generate(conversations, sampling)]
+    got = [c.tokens for c in int8.generate(conversations, sampling)]
+    agree = [next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g))) for w, g in zip(want, got)]
+    identical = sum(w == g for w, g in zip(want, got))
+    # Logits after the prompt, which read every quantized key and value of ~1k positions.
+    ids = conversations[0]
+    blocks = -(-len(ids) // 16)
+    first_logits = []
+    for quantized in (False, True):
+        cache = PagedKVCache.zeros(model.config, blocks=blocks, page=16, quantized=quantized)
+        cache = dataclasses.replace(cache, tables=jnp.arange(blocks, dtype=jnp.int32)[None])
+
+        @jax.jit
+        def last_logits(params, cache):
+            positions = jnp.arange(len(ids))[None]
+            hidden, _ = forward(
+                params, jnp.asarray([ids]), positions, cache, config=model.config, attend_len=blocks * 16
+            )
+            return output_logits(params, hidden[0, -1])
+
+        first_logits.append(last_logits(model.params, cache))
+    diff = abs(first_logits[0] - first_logits[1])
+    return {
+        "conversations": len(conversations),
+        "tokens_each": max_tokens,
+        "identical_rows": identical,
+        "tokens_before_first_divergence_median": statistics.median(agree),
+        "tokens_agreeing_fraction": sum(agree) / sum(len(w) for w in want),
+        "last_prompt_position_logit_max_abs_error": float(diff.max()),
+        "logit_std": float(first_logits[0].std()),
+        "same_argmax": bool(first_logits[0].argmax() == first_logits[1].argmax()),
+    }
+
+
+def kv_worker(args) -> dict:
+    """One KV configuration in this (fresh) process."""
+    layout, dtype = args.kv_worker.split(":")
+    model = afmkit.load(args.model)
+    loaded_rss = rss_bytes()
+    tokenizer = model.tokenizer
+    settings = ServeSettings(max_batch=args.clients, kv_layout=layout, kv_dtype=dtype)
+    app = create_app(model, max_batch=settings.max_batch, kv=settings.kv_settings())
+    server = LiveServer(app)
+    result: dict = {"layout": layout, "dtype": dtype, "model_loaded_rss_gib": loaded_rss / 2**30}
+    short = dict(models=[model.name], max_tokens=args.max_tokens)
+    try:
+        time.sleep(1.0)
+        result["idle_rss_at_start_gib"] = rss_bytes() / 2**30
+        # Warm-up: compile the shapes of the short loads (clients arriving together, then one).
+        asyncio.run(run_load(server.url, **short, requests=args.clients, clients=args.clients))
+        asyncio.run(run_load(server.url, **short, requests=2, clients=1))
+        singles = [asyncio.run(run_load(server.url, **short, requests=1, clients=1)) for _ in range(3)]
+        result["single_client_ttft_s"] = statistics.median(r["ttft_p50_s"] for r in singles)
+        # Every client sends at the same moment (the issue's "32 clients arriving together").
+        together = asyncio.run(run_load(server.url, **short, requests=args.clients, clients=args.clients))
+        result["together"] = together
+        result["p95_ttft_over_single"] = together["ttft_p95_s"] / result["single_client_ttft_s"]
+        # Steady load: clients coming back for more (the default benchmark's runs).
+        result["steady"] = asyncio.run(run_load(server.url, **short, requests=2 * args.clients, clients=args.clients))
+        # Memory: every client a ~1k-token conversation at once (one run: compiles included).
+        bodies = []
+        for seed in range(args.clients):
+            messages = conversation(tokenizer, seed, args.conversation_tokens)
+            bodies.append({"model": model.name, "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
+                           "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+        with PeakRss() as peak:
+            result["conversations"] = asyncio.run(conversations_at_once(server.url, bodies))
+        result["conversations"]["prompt_tokens_mean"] = statistics.mean(
+            len(tokenizer.encode(tokenizer.apply_chat_template(b["messages"]))) for b in bodies
+        )
+        result["peak_rss_gib"] = peak.peak / 2**30
+        time.sleep(1.0)
+        result["idle_rss_after_gib"] = rss_bytes() / 2**30
+    finally:
+        server.close()
+        app.state.scheduler.close()
+    if dtype == "int8":
+        ids = [
+            tokenizer.encode(tokenizer.apply_chat_template(conversation(tokenizer, s, args.conversation_tokens)))
+            for s in range(4)
+        ]
+        result["int8_vs_fp32"] = int8_accuracy(model, tokenizer, ids, 32)
+    return result
+
+
+def kv_compare(args) -> dict:
+    """Each configuration in a fresh process, contiguous first; then the ratios side by side."""
+    import subprocess
+
+    configs = ["contiguous:auto", "paged:auto", "paged:int8"]
+    results = {}
+    for config in configs:
+        command = [sys.executable, __file__, "--kv-worker", config, "--clients", str(args.clients),
+                   "--max-tokens", str(args.max_tokens), "--conversation-tokens", str(args.conversation_tokens),
+                   "--model", args.model]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            results[config] = {"error": done.stderr[-2000:]}
+            continue
+        results[config] = json.loads(done.stdout.strip().splitlines()[-1])
+    base, paged, int8 = (results[c] for c in configs)
+
+    def ratio(a: dict, b: dict, *path: str) -> float | None:
+        try:
+            for key in path[:-1]:
+                a, b = a[key], b[key]
+            return a[path[-1]] / b[path[-1]]
+        except (KeyError, TypeError, ZeroDivisionError):
+            return None
+
+    side_by_side = {}
+    for name, path in {
+        "idle_rss_at_start_gib": ("idle_rss_at_start_gib",),
+        "peak_rss_gib": ("peak_rss_gib",),
+        "single_client_ttft_s": ("single_client_ttft_s",),
+        "together_ttft_p95_s": ("together", "ttft_p95_s"),
+        "together_tokens_per_s": ("together", "tokens_per_s"),
+        "steady_tokens_per_s": ("steady", "tokens_per_s"),
+        "conversations_tokens_per_s": ("conversations", "tokens_per_s"),
+    }.items():
+        side_by_side[name] = {
+            "paged_over_contiguous": ratio(paged, base, *path),
+            "int8_over_contiguous": ratio(int8, base, *path),
+        }
+    targets = {}
+    for label, r in (("paged", paged), ("int8", int8)):
+        if "error" in r:
+            continue
+        targets[label] = {
+            "idle_rss_under_1gib": r["idle_rss_at_start_gib"] < 1.0,
+            "peak_rss_under_2gib": r["peak_rss_gib"] < 2.0,
+            "p95_ttft_at_most_3x_single": r["p95_ttft_over_single"] <= 3.0,
+            "steady_throughput_not_below_contiguous": (ratio(r, base, "steady", "tokens_per_s") or 0) >= 1.0,
+        }
+    return {"model": args.model, "cpu_count": os.cpu_count(), "clients": args.clients, "max_tokens": args.max_tokens,
+            "conversation_tokens": args.conversation_tokens, "configs": results, "ratios": side_by_side,
+            "targets": targets}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -212,7 +457,20 @@ def main() -> int:
         "--rounds", type=int, default=1, help="single/mixed runs alternate this many times; medians reported"
     )
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--kv-compare", action="store_true", help="compare KV caches instead (see above)")
+    parser.add_argument("--kv-worker", help=argparse.SUPPRESS)  # LAYOUT:DTYPE, one configuration
+    parser.add_argument("--conversation-tokens", type=int, default=1000, help="prompt tokens per conversation")
     args = parser.parse_args()
+    if args.kv_worker:
+        print(json.dumps(kv_worker(args)))
+        return 0
+    if args.kv_compare:
+        result = kv_compare(args)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
 
     model = afmkit.load(args.model)
     with tempfile.TemporaryDirectory() as tmp:
