@@ -212,7 +212,7 @@ def test_only_the_trainable_subset_learns(objective_name):
     assert all(np.abs(np.asarray(layer[w]["b"])).max() > 0 for layer in weights.values() for w in layer)
     if objective.has_extra:
         fresh = objective.init_extra(CONFIG, jax.random.fold_in(jax.random.split(jax.random.PRNGKey(0))[0], 1))
-        assert not np.array_equal(np.asarray(state.params["extra"]["score"]), np.asarray(fresh["score"]))
+        assert not np.array_equal(np.asarray(state.params["extra"]["score"]["w"]), np.asarray(fresh["score"]["w"]))
 
 
 def test_accumulating_pairs_equals_the_full_batch():

@@ -123,8 +123,6 @@ def assistant_sft() -> TokenCrossEntropy:
 
 
 # -- the reward model ------------------------------------------------------------------------
-GRADE_HEADS = ("instruction_following", "verbosity", "truthfulness", "harmlessness")
-GRADE_LEVELS = 3
 _PER_HEAD_FIELDS = ("chosen_grades", "chosen_grade_mask", "rejected_grades", "rejected_grade_mask")
 
 
@@ -150,8 +148,8 @@ class PairBatch:
 
 @dataclasses.dataclass(frozen=True)
 class RewardModel(Objective):
-    """AFM's reward model: a scalar head and ``GRADE_HEADS`` 3-level heads on the last token's
-    hidden state, sharing the trunk; loss ``posttrain.losses.reward_model_loss`` (soft-label
+    """AFM's reward model: ``posttrain.reward_model``'s scalar head and 3-level grade heads on
+    the last token's hidden state, sharing the trunk; loss ``posttrain.losses.reward_model_loss`` (soft-label
     Bradley-Terry + ``grade_weight`` x the heads' cross-entropy); ``count`` = pairs."""
 
     grade_weight: float = 1.0
@@ -159,12 +157,9 @@ class RewardModel(Objective):
     has_extra: bool = True
 
     def init_extra(self, config: ModelConfig, key: jax.Array) -> Any:
-        d = config.d_model
-        return {
-            "score": jnp.zeros((d,), jnp.float32),
-            "score_bias": jnp.zeros((), jnp.float32),
-            "grades": jax.random.normal(key, (d, len(GRADE_HEADS), GRADE_LEVELS), jnp.float32) / jnp.sqrt(d),
-        }
+        from afmkit.posttrain.reward_model import init_reward_heads
+
+        return init_reward_heads(config, key)
 
     def batch_axes(self, field: str, rank: int) -> tuple[str | None, ...]:
         return ("batch", None) if field in _PER_HEAD_FIELDS else default_batch_axes(field, rank)
@@ -172,15 +167,16 @@ class RewardModel(Objective):
     def scores(
         self, model: ModelView, heads: Any, tokens: jax.Array, lengths: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """The scalar reward ``[B]`` and grade logits ``[B, H, 3]`` of right-padded responses."""
+        """The scalar reward ``[B]`` and grade logits ``[B, H, 3]`` of right-padded responses
+        (the heads of ``posttrain.reward_model``, read at each row's last token)."""
+        from afmkit.posttrain.reward_model import apply_heads
+
         rows, seq = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (rows, seq))
         segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # padding: its own segment 0
-        hidden = model.hidden(tokens, positions, segment_ids).astype(jnp.float32)
+        hidden = model.hidden(tokens, positions, segment_ids)
         last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-        score = last @ heads["score"].astype(jnp.float32) + heads["score_bias"].astype(jnp.float32)
-        grades = jnp.einsum("bd,dhl->bhl", last, heads["grades"].astype(jnp.float32))
-        return score, grades
+        return apply_heads(heads, last)
 
     def loss(self, model: ModelView, extra: Any, batch: PairBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         from afmkit.posttrain.losses import reward_model_loss
