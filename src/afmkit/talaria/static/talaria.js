@@ -234,7 +234,7 @@ async function init() {
   $("filter-kind").innerHTML += kinds.map((k) => option(k)).join("");
   $("set-kind").innerHTML += [...new Set(A.rows.filter((r) => r.group === "matrix").map((r) => r.kind))].map((k) => option(k)).join("");
   $("strip-metric").innerHTML = STRIP_METRICS.map(([k, label]) => option(k, label)).join("");
-  $("strip-metric").value = "measured_decode_us";
+  $("strip-metric").value = "sensitivity"; // the one that differs layer to layer
   $("ops-head").innerHTML = COLUMNS.map(([k, label]) => `<th data-key="${k}">${label}</th>`).join("");
   $("sources").innerHTML = A.profiles
     .map((p) => `<p><b>${p.label}</b> — ${fmtNum(p.peak_flops / 1e12, 2)} TFLOP/s, ${fmtNum(p.bandwidth / 1e9, 1)} GB/s, ` +
