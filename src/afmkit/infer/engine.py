@@ -730,8 +730,12 @@ class DecodeBatch:
             free = [s for s in range(self.n_slots) if self.rows[s] is None]
             if not free:
                 break
-            if self.paged and self.reserved + self._blocks_for(request) > self.max_blocks:
-                break  # the pool is promised to running rows: wait (in order) for some to finish
+            if self.paged:
+                if self.reserved + self._blocks_for(request) > self.max_blocks:
+                    break  # the pool is promised to running rows: wait (in order) for some to finish
+                # Its prefill runs in later steps, where a failure could not be told apart from
+                # the batch's: what can fail for this request alone (its sampler) fails here.
+                SamplerState.from_params([request.sampling])
             bank_slot = self._reserve_bank_slot(request.adapter)
             if bank_slot is None:
                 continue
