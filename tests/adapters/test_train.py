@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from afmkit.adapters.peft_io import load_adapter
-from afmkit.adapters.train import TRAINING_FILE, TrainSettings, read_chat_jsonl, tokenize_conversation, train_adapter
+from afmkit.adapters.train import TRAINING_FILE, TrainSettings, train_adapter
+from afmkit.data.chat import read_chat_jsonl, tokenize_conversation
 from afmkit.errors import UserError
 
 

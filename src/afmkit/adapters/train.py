@@ -29,7 +29,7 @@ from afmkit.adapters.peft_io import save_adapter
 from afmkit.data.chat import Example, fits, pack_conversations, read_chat_jsonl, tokenize_conversation
 from afmkit.errors import UserError
 
-__all__ = ["TRAINING_FILE", "Example", "TrainSettings", "read_chat_jsonl", "tokenize_conversation", "train_adapter"]
+__all__ = ["TRAINING_FILE", "TrainSettings", "train_adapter"]
 
 TRAINING_FILE = "training.json"
 

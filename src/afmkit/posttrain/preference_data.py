@@ -18,7 +18,7 @@ On disk (``afmkit posttrain reward --data pairs.jsonl``): one JSON object per li
 optional ``"source"`` and ``"chosen_grades"`` / ``"rejected_grades"``: ``{grade name: 0-2}`` for
 any of ``reward_model.GRADE_NAMES``.
 
-Tokenization is the project's one chat tokenization (``adapters.train.tokenize_conversation``
+Tokenization is the project's one chat tokenization (``data.chat.tokenize_conversation``
 over ``Tokenizer.apply_chat_template``); each row ends at the reply's end-of-turn token.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from afmkit.adapters.train import tokenize_conversation
+from afmkit.data.chat import tokenize_conversation
 from afmkit.errors import UserError
 from afmkit.files import shared_data_dir
 from afmkit.posttrain.losses import PREFERENCE_LEVEL_PROBS
