@@ -28,9 +28,10 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        for path in tmp.rglob("*"):  # sub-folders too (a reward model's adapter)
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
