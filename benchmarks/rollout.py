@@ -3,7 +3,7 @@ that dominates RL and rejection sampling (issue 12 section 8).
 
 Measures generated tokens per second of ``posttrain.rollout.rollout`` (scoring excluded) for the
 base alone and for a committee of the base plus LoRA adapters decoding in one mixed-adapter
-batch, after a warm-up run of the same shapes (compilation excluded). Prints one JSON object.
+batch, after a warm-up run of the same requests (compilation excluded). Prints one JSON object.
 
     python benchmarks/rollout.py --prompts /work/data/synth_if/prompts.jsonl --n-prompts 16 --samples 4
 """
@@ -26,7 +26,8 @@ from afmkit.posttrain.synth_if import read_prompts
 
 def measure(members, prompts, settings):
     print(f"warming up {len(members)} member(s)...", file=sys.stderr, flush=True)
-    rollout(members, prompts[:2], settings, scorers=())  # warm-up: compiles prefill and decode
+    # Warm-up on the same requests: compiles every batch, prompt and cache shape the timed run meets.
+    rollout(members, prompts, settings, scorers=())
     stats = {}
     samples = rollout(members, prompts, settings, scorers=(), stats=stats)
     return {
