@@ -92,7 +92,7 @@ def test_paged_greedy_equals_contiguous_with_adapters_and_chunked_prompts(tiny_m
     want = [c.tokens for c in contiguous.generate(prompts, sampling, adapters=rows)]
     assert want[1] != contiguous.generate(prompts[1:2], sampling[1])[0].tokens, "the adapter must matter"
     # 16 tokens a step: the 70-token prompt takes five chunks, interleaved with the others' decoding
-    paged = _engine(tiny_model, step_tokens=16)
+    paged = _engine(tiny_model, layout="paged", step_tokens=16)
     assert [c.tokens for c in paged.generate(prompts, sampling, adapters=rows)] == want
 
 
@@ -113,7 +113,7 @@ def _drain(events):
 
 
 def test_rows_joining_a_paged_batch_mid_decode_match_running_alone(tiny_model, contiguous, adapter):
-    engine = _engine(tiny_model, step_tokens=32)
+    engine = _engine(tiny_model, layout="paged", step_tokens=32)
     scheduler = Scheduler(engine, max_batch=4, capacity=257, adapter_slots=2, kv=engine.kv)
     try:
         prompts = _prompts((9, 100, 20, 60, 7), seed=1)
@@ -137,7 +137,7 @@ def test_rows_joining_a_paged_batch_mid_decode_match_running_alone(tiny_model, c
 
 
 def test_cancelled_and_finished_rows_give_their_blocks_back_and_the_pool_shrinks_when_idle(tiny_model):
-    engine = _engine(tiny_model, page=16)
+    engine = _engine(tiny_model, layout="paged", page=16)
     batch = engine.new_batch(slots=4, capacity=1025)
     start_blocks = batch.pool_blocks  # 1024 positions
     prompts = _prompts((600, 600, 5), seed=2)
@@ -157,7 +157,7 @@ def test_cancelled_and_finished_rows_give_their_blocks_back_and_the_pool_shrinks
 
 
 def test_a_full_pool_makes_requests_wait_and_one_that_never_fits_is_refused(tiny_model, contiguous):
-    engine = _engine(tiny_model, pool_tokens=64)
+    engine = _engine(tiny_model, layout="paged", pool_tokens=64)
     scheduler = Scheduler(engine, max_batch=4, capacity=257, kv=engine.kv)
     try:
         prompts = _prompts((30, 25, 20), seed=3)
