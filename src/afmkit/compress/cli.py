@@ -58,21 +58,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="UTF-8 text for the Fisher information and sensitivities; never the text you evaluate on",
     )
     p.add_argument("--out", default=d.out, required=True, help="directory for the compressed model")
-    p.add_argument(
-        "--calibration-start",
-        type=int,
-        default=d.calibration_start,
-        help=f"first character of --calibration to use (default {d.calibration_start})",
-    )
-    p.add_argument(
-        "--calibration-tokens",
-        type=int,
-        default=d.calibration_tokens,
-        help=f"calibration tokens for the Fisher information (default {d.calibration_tokens})",
-    )
-    p.add_argument(
-        "--seq-len", type=int, default=d.seq_len, help=f"tokens per calibration window (default {d.seq_len})"
-    )
+    add_calibration_window_arguments(p, d)
     p.add_argument(
         "--sensitivity",
         choices=SENSITIVITY_KINDS,
@@ -109,6 +95,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", default=d.no_cache, help="recompute a cached analysis")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=cmd_palettize)
+
+
+def add_calibration_window_arguments(p: argparse.ArgumentParser, d: Any) -> None:
+    """Which part of ``--calibration`` the sensitivity analysis reads (``compress``, ``talaria``);
+    ``d``: the command's settings, whose defaults come from ``CompressSettings``."""
+    p.add_argument(
+        "--calibration-start",
+        type=int,
+        default=d.calibration_start,
+        help=f"first character of --calibration to use (default {d.calibration_start})",
+    )
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=d.calibration_tokens,
+        help=f"calibration tokens for the Fisher information (default {d.calibration_tokens})",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=d.seq_len, help=f"tokens per calibration window (default {d.seq_len})"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> CompressSettings:

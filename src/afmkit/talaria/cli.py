@@ -19,6 +19,7 @@ DEFAULTS = TalariaSettings()
 
 def register(commands: argparse._SubParsersAction) -> None:
     from afmkit.cli_args import model_argument
+    from afmkit.compress.cli import add_calibration_window_arguments
     from afmkit.talaria.profiles import PROFILE_NAMES
 
     d = DEFAULTS
@@ -40,21 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=d.calibration,
         help="UTF-8 text for the sensitivity analysis (default: the newest cached analysis of the model)",
     )
-    p.add_argument(
-        "--calibration-start",
-        type=int,
-        default=d.calibration_start,
-        help=f"first character of --calibration to use (default {d.calibration_start})",
-    )
-    p.add_argument(
-        "--calibration-tokens",
-        type=int,
-        default=d.calibration_tokens,
-        help=f"calibration tokens (default {d.calibration_tokens})",
-    )
-    p.add_argument(
-        "--seq-len", type=int, default=d.seq_len, help=f"tokens per calibration window (default {d.seq_len})"
-    )
+    add_calibration_window_arguments(p, d)
     p.add_argument(
         "--eval-text",
         default=d.eval_text,
