@@ -14,7 +14,14 @@ from afmkit.adapters.lora import LoraConfig, merge, random_adapter
 from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplingParams
 from afmkit.posttrain import verifiable
-from afmkit.posttrain.rollout import Member, RolloutSettings, chat_prompt_ids, rollout, sample_seed, sequence_logprobs
+from afmkit.posttrain.rollout import (
+    Member,
+    RolloutSettings,
+    chat_prompt_ids,
+    response_token_logprobs,
+    rollout,
+    sample_seed,
+)
 
 PROMPTS = [
     {
@@ -111,12 +118,12 @@ def reference_logprobs(model, prompt, response):
     return logp[np.arange(p - 1, p - 1 + len(response)), response]
 
 
-def test_sequence_logprobs_match_the_models_logits_per_row_adapter(tiny_model, adapters):
+def test_response_token_logprobs_match_the_models_logits_per_row_adapter(tiny_model, adapters):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 49152, n).tolist() for n in (5, 9, 3, 12, 7)]
     responses = [rng.integers(0, 49152, n).tolist() for n in (6, 2, 11, 4, 1)]
     per_row = [None, adapters[0], adapters[1], adapters[0], None]
-    got = sequence_logprobs(tiny_model.params, tiny_model.config, prompts, responses, per_row, batch=2)
+    got = response_token_logprobs(tiny_model.params, tiny_model.config, prompts, responses, per_row, batch=2)
     assert got.shape == (5, 11)
     merged = {
         id(a): afmkit.LanguageModel(tiny_model.config, merge(tiny_model.params, a), tiny_model.tokenizer)
@@ -130,9 +137,9 @@ def test_sequence_logprobs_match_the_models_logits_per_row_adapter(tiny_model, a
         np.testing.assert_allclose(got[i, : len(r)], reference_logprobs(model, p, r), atol=1e-4)
         assert np.all(got[i, len(r) :] == 0)
     # One adapter for every row, and the bare base.
-    every = sequence_logprobs(tiny_model.params, tiny_model.config, prompts[:2], responses[:2], adapters[1])
+    every = response_token_logprobs(tiny_model.params, tiny_model.config, prompts[:2], responses[:2], adapters[1])
     np.testing.assert_allclose(
         every[0, :6], reference_logprobs(merged[id(adapters[1])], prompts[0], responses[0]), atol=1e-4
     )
-    bare = sequence_logprobs(tiny_model.params, tiny_model.config, prompts[:1], responses[:1])
+    bare = response_token_logprobs(tiny_model.params, tiny_model.config, prompts[:1], responses[:1])
     np.testing.assert_allclose(bare[0], reference_logprobs(tiny_model, prompts[0], responses[0]), atol=1e-4)

@@ -12,7 +12,7 @@ Every request's random seed is a hash of (seed, prompt id, member, sample index)
 samples each row from its own key, so a sample does not depend on the batch it ran in: the same
 seed gives the same samples for any batch size or committee order.
 
-``sequence_logprobs``: per-token log-probs of given responses after given prompts under given
+``response_token_logprobs``: per-token log-probs of given responses after given prompts under given
 weights (and per-row adapters), batched, without a cache; ``LanguageModel.logits`` is its
 independent reference in the tests.
 """
@@ -228,7 +228,7 @@ def _token_logprobs(
 _jitted_token_logprobs = jax.jit(_token_logprobs, static_argnames=("config", "activation_dtype"))
 
 
-def sequence_logprobs(
+def response_token_logprobs(
     params: Params,
     config: ModelConfig,
     prompt_ids: Sequence[Sequence[int]],
