@@ -110,7 +110,8 @@ class KVSettings:
     what the contiguous cache holds)."""
 
     # Contiguous by default: the paged decode gathers each row's blocks every layer and step,
-    # 0.58x contiguous's tokens/s at 32 rows (measured); the server picks paged for its memory.
+    # 0.58-0.69x contiguous's tokens/s at 32 rows (benchmarks/kv_layouts.py); the server picks
+    # paged for its memory.
     layout: str = "contiguous"
     dtype: str = "auto"
     page: int = 16

@@ -24,6 +24,7 @@ logical axes for sharding (per-row fields ``[B]`` over ``batch``; per-token ``[B
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -78,20 +79,23 @@ class ModelView:
         return -nll
 
 
-class Objective:
-    """Base of every objective (see the module docstring)."""
+class Objective(abc.ABC):
+    """Base of every objective (see the module docstring): a subclass defines ``loss``."""
 
     name: str = "objective"
     has_extra: bool = False  # True: ``init_extra`` gives trainable parameters of its own
 
     def init_extra(self, config: ModelConfig, key: jax.Array) -> Any:
-        raise NotImplementedError
+        """The objective's own trainable parameters (a reward model's heads); most have none."""
+        del config, key
+        return None
 
     def batch_axes(self, field: str, rank: int) -> tuple[str | None, ...]:
         return default_batch_axes(field, rank)
 
+    @abc.abstractmethod
     def loss(self, model: ModelView, extra: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        raise NotImplementedError
+        """``(loss_sum, sums)`` over one (micro)batch, ``sums["count"]`` the denominator."""
 
 
 @dataclasses.dataclass(frozen=True)
