@@ -28,6 +28,7 @@ from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
 from afmkit.posttrain.itec import ItecSettings
+from afmkit.posttrain.reward import RewardSettings
 from afmkit.posttrain.sft import SFTSettings
 from afmkit.posttrain.synth_if import SynthIFSettings
 from afmkit.talaria.settings import TalariaSettings
@@ -66,6 +67,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "sxs-ui"): (Source(SxsUiSettings),),
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
     ("posttrain", "itec"): (Source(ItecSettings),),
+    ("posttrain", "reward"): (Source(RewardSettings),),
     ("posttrain", "sft"): (Source(SFTSettings),),
     ("posttrain", "synth-if"): (Source(SynthIFSettings),),
     ("talaria",): (Source(TalariaSettings),),

@@ -139,13 +139,13 @@ class ChatLoader(PackedLoader):
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(packed[name]).tobytes())
         stream = TokenStream(np.zeros(0, np.int32), np.zeros(0, np.int64), digest.hexdigest()[:24])
-        seq_len = packed["tokens"].shape[1]
+        seq_len = next(iter(packed.values())).shape[1]  # any rows: packed tokens, or pairs
         return cls(stream=stream, seq_len=seq_len, global_batch=global_batch, seed=seed, packed=packed)
 
     def __post_init__(self) -> None:
         if self.global_batch < 1:
             raise UserError("the batch size must be positive")
-        self.rows = len(self.packed["tokens"])
+        self.rows = len(next(iter(self.packed.values()), ()))
         if self.rows == 0:
             raise UserError("no conversations to train on")
 

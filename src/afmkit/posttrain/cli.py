@@ -10,7 +10,12 @@ import argparse
 import importlib
 
 # Modules with a ``register(recipes)`` function, in the order ``afmkit posttrain --help`` lists them.
-RECIPES: tuple[str, ...] = ("afmkit.posttrain.sft", "afmkit.posttrain.synth_if", "afmkit.posttrain.itec")
+RECIPES: tuple[str, ...] = (
+    "afmkit.posttrain.sft",
+    "afmkit.posttrain.synth_if",
+    "afmkit.posttrain.itec",
+    "afmkit.posttrain.reward",
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -16,7 +16,9 @@ straddle the split and the split does not depend on file order.
 On disk (``afmkit posttrain reward --data pairs.jsonl``): one JSON object per line,
 ``{"prompt": [{"role", "content"}, ...], "chosen": str, "rejected": str, "level": 0-3}`` plus
 optional ``"source"`` and ``"chosen_grades"`` / ``"rejected_grades"``: ``{grade name: 0-2}`` for
-any of ``reward_model.GRADE_NAMES``.
+any of ``reward_model.GRADE_NAMES``. ``"prompt"`` may be a string (one user turn) or be named
+``"messages"``; ``"level"`` defaults to 1 ("better"). Chosen and rejected must differ.
+``load_pair_sources`` reads ``--data``: such files, ``hh-rlhf`` and iTeC run directories.
 
 Tokenization is the project's one chat tokenization (``data.chat.tokenize_conversation``
 over ``Tokenizer.apply_chat_template``); each row ends at the reply's end-of-turn token.
@@ -43,6 +45,7 @@ from afmkit.posttrain.reward_model import GRADE_LEVELS, GRADE_NAMES
 Message = dict[str, str]
 HH_RLHF_GLOB = "preference/*.jsonl"
 HH_RLHF_LEVEL = 1  # "better": hh-rlhf says which reply is preferred, not by how much
+DEFAULT_LEVEL = 1  # a JSONL pair without "level": "better", the same reading as hh-rlhf's binary labels
 TEST_FRACTION = 0.1
 # Reward gaps (on the verifiable reward's 0..1 scale) at or above which a pair is level 0, 1, 2;
 # any smaller positive gap is level 3 ("negligibly better"); equal rewards make no pair.
@@ -210,6 +213,83 @@ def pairs_from_scored(
     return pairs
 
 
+def itec_pairs(
+    run_dir: str | os.PathLike, *, reward: str = "strict", level_gaps: Sequence[float] = LEVEL_GAPS
+) -> list[PreferencePair]:
+    """Pairs from an iTeC run (``afmkit posttrain itec --out RUN``): every round's
+    ``samples.jsonl`` grouped by prompt, the K responses paired by their verifiable ``reward``
+    (``pairs_from_scored``); the prompt texts come from the prompts file the run recorded in
+    ``itec.json``. Responses that ran to the token limit are kept: the reward already judged
+    them. Source: ``RUN/round-NN:prompt id``."""
+    from afmkit.posttrain.itec import STATE_FILE
+
+    run_dir = Path(run_dir)
+    state = run_dir / STATE_FILE
+    try:
+        prompts_path = Path(json.loads(state.read_text())["settings"]["prompts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{run_dir} is not an iTeC run (no readable {STATE_FILE}); give the directory of 'posttrain itec --out'"
+        ) from None
+    if not prompts_path.is_file():
+        raise UserError(
+            f"{state} names the prompts file {prompts_path}, which does not exist; restore it to pair the samples"
+        )
+    texts = {}
+    for line in prompts_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts[str(row.get("id", row.get("key")))] = row["prompt"]
+    rounds = sorted(run_dir.glob("round-*/samples.jsonl"))
+    if not rounds:
+        raise UserError(f"{run_dir} has no round-NN/samples.jsonl yet; run at least one iTeC round first")
+    pairs: list[PreferencePair] = []
+    for path in rounds:
+        by_prompt: dict[str, list[tuple[str, float]]] = {}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                by_prompt.setdefault(str(row["prompt_id"]), []).append((row["text"], float(row["rewards"][reward])))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: not an iTeC sample with a {reward!r} reward") from None
+        for prompt_id, scored in by_prompt.items():
+            if prompt_id not in texts:
+                raise UserError(
+                    f"{path}: prompt {prompt_id!r} is not in {prompts_path}; the run's prompts file changed"
+                )
+            pairs += pairs_from_scored(
+                [{"role": "user", "content": texts[prompt_id]}],
+                [text for text, _ in scored],
+                [value for _, value in scored],
+                level_gaps=level_gaps,
+                source=f"{run_dir.name}/{path.parent.name}:{prompt_id}",
+            )
+    return pairs
+
+
+HH_RLHF_SOURCE = "hh-rlhf"  # the --data name of the shared hh-rlhf dialogues
+
+
+def load_pair_sources(spec: str) -> list[PreferencePair]:
+    """Pairs from ``--data``: comma-separated sources, each a pairs JSONL file
+    (``read_pairs_jsonl``), ``hh-rlhf`` (``hh_rlhf_pairs``) or an iTeC run directory
+    (``itec_pairs``)."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise UserError("--data is empty; give pairs JSONL files, 'hh-rlhf' or iTeC run directories")
+    pairs: list[PreferencePair] = []
+    for name in names:
+        if name == HH_RLHF_SOURCE:
+            pairs += hh_rlhf_pairs()[0]
+        elif Path(name).is_dir():
+            pairs += itec_pairs(name)
+        else:
+            pairs += read_pairs_jsonl(name)
+    return pairs
+
+
 # -- JSONL ------------------------------------------------------------------------------------
 def write_pairs_jsonl(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> int:
     count = 0
@@ -234,9 +314,12 @@ def read_pairs_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
-            prompt, chosen, rejected, level = row["prompt"], row["chosen"], row["rejected"], row["level"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{where}: expected a JSON object with prompt, chosen, rejected and level") from None
+            prompt = row["prompt"] if "prompt" in row else row["messages"]
+            chosen, rejected, level = row["chosen"], row["rejected"], row.get("level", DEFAULT_LEVEL)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{where}: expected a JSON object with prompt (or messages), chosen and rejected") from None
+        if isinstance(prompt, str) and prompt:
+            prompt = [{"role": "user", "content": prompt}]
         if (
             not isinstance(prompt, list)
             or not prompt
@@ -245,9 +328,11 @@ def read_pairs_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
                 for m in prompt
             )
         ):
-            raise UserError(f"{where}: 'prompt' must be a non-empty list of {{'role': str, 'content': str}}")
+            raise UserError(f"{where}: 'prompt' must be a non-empty string or list of {{'role': str, 'content': str}}")
         if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen or not rejected:
             raise UserError(f"{where}: 'chosen' and 'rejected' must be non-empty strings")
+        if chosen == rejected:
+            raise UserError(f"{where}: 'chosen' and 'rejected' are the same text, which says nothing; drop the line")
         _check_level(level, source=f"{where}: level")
         grades = {
             key: _read_grades(row.get(key), where=f"{where}: {key}") for key in ("chosen_grades", "rejected_grades")

@@ -26,7 +26,7 @@ from afmkit.model.packed import is_packed
 from afmkit.train.loop import Hook, StepInfo
 from afmkit.train.objectives import Objective
 from afmkit.train.optim import OptimizerConfig
-from afmkit.train.step import StepConfig
+from afmkit.train.step import Batch, StepConfig
 from afmkit.train.trainable import FullWeights, LoraWeights
 
 
@@ -47,6 +47,11 @@ class FinetuneRun:
     keep: int = 3
     resume: bool = False
     progress: bool = True
+    # The rows' batch type: ``train.step.Batch`` (packed token rows) by default; an objective
+    # of another batch (``objectives.PairBatch``) names its own, and the held-out metric.
+    batch_type: Any = None
+    initial: Any = None  # a LoRA subset's trained tree to start from (a recovery adapter's); None: fresh
+    eval_metric: str = "cross_entropy"
 
 
 class _SaveHook(Hook):
@@ -77,6 +82,15 @@ def _mesh(spec: str | None) -> Any:
     from afmkit.sharding.mesh import make_mesh
 
     return make_mesh(spec) if spec else make_mesh("data=1", devices=jax.devices()[:1])
+
+
+def _row_count(rows: dict[str, np.ndarray]) -> int:
+    return len(next(iter(rows.values())))
+
+
+def _batch_example(rows: dict[str, np.ndarray], batch_type: Any, lead: tuple[int, ...]) -> Any:
+    """The global batch's layout (``ShapeDtypeStruct`` fields) for rows of any batch type."""
+    return batch_type(**{name: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype) for name, a in rows.items()})
 
 
 def finetune(
@@ -119,7 +133,8 @@ def finetune(
             "full fine-tuning updates every weight, which packed (int4/int8) weights cannot hold; "
             "load the model with --dtype float32 (or train a LoRA adapter on the packed base)"
         )
-    seq_len = rows["tokens"].shape[1]
+    batch_type = run.batch_type or Batch
+    seq_len = next(array.shape[1] for name, array in rows.items() if name.endswith("tokens"))
     mesh = _mesh(run.mesh)
     accum = run.step_config.accum_steps
     check_batch_layout(mesh, batch=run.batch, seq_len=seq_len, accum_steps=accum)
@@ -139,7 +154,7 @@ def finetune(
         state = TrainState.from_dict(restored)
         loader.restore(loader_state)
     else:
-        initial = model.params if full else None
+        initial = model.params if full else run.initial
         state = init_sharded_state(
             config, optimizer, shardings, seed=run.seed, subset=subset, objective=objective, initial=initial
         )
@@ -151,33 +166,45 @@ def finetune(
         step_config=run.step_config,
         mesh=mesh,
         shardings=shardings,
-        batch_shape=(run.batch, seq_len) if accum == 1 else (accum, run.batch // accum, seq_len),
+        batch_example=_batch_example(rows, batch_type, (run.batch,) if accum == 1 else (accum, run.batch // accum)),
         subset=subset,
         objective=objective,
         frozen=frozen,
     )
 
     def next_batch() -> Any:
-        return global_batch(loader.next_batch(positions), mesh, global_rows=run.batch, accum_steps=accum)
+        return global_batch(
+            loader.next_batch(positions),
+            mesh,
+            global_rows=run.batch,
+            accum_steps=accum,
+            objective=objective,
+            batch_type=batch_type,
+        )
 
     evaluate = None
-    if eval_rows is not None and len(eval_rows["tokens"]):
+    if eval_rows is not None and _row_count(eval_rows):
         eval_step = make_eval_step(
             config=config,
             step_config=run.step_config,
             mesh=mesh,
             shardings=shardings,
-            batch_shape=(run.batch, seq_len),
+            batch_example=_batch_example(eval_rows, batch_type, (run.batch,)),
             subset=subset,
             objective=objective,
             frozen=frozen,
+            metric=run.eval_metric,
         )
         eval_batches = []
-        for lo in range(0, len(eval_rows["tokens"]), run.batch):
+        for lo in range(0, _row_count(eval_rows), run.batch):
             chunk = {k: v[lo : lo + run.batch] for k, v in eval_rows.items()}
-            pad = run.batch - len(chunk["tokens"])  # all-zero rows: segment 0, no loss
+            pad = run.batch - _row_count(chunk)  # all-zero rows: segment 0 / pair_mask 0, no loss
             chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
-            eval_batches.append(global_batch(chunk, mesh, global_rows=run.batch, accum_steps=1))
+            eval_batches.append(
+                global_batch(
+                    chunk, mesh, global_rows=run.batch, accum_steps=1, objective=objective, batch_type=batch_type
+                )
+            )
 
         def evaluate(params: Any) -> float:
             sums = [eval_step(params, b) for b in eval_batches]

@@ -1,0 +1,393 @@
+"""``afmkit posttrain reward``: AFM's reward model (AFM_SPEC section 5), a recipe on the one
+trainer (``train.finetune`` over ``train.step`` with the ``RewardModel`` objective).
+
+The trunk (a LoRA adapter over the frozen base, ``--lora-rank R``, the default; or every weight,
+``--full``) and the heads of ``posttrain.reward_model`` learn together from preference pairs:
+soft-label Bradley-Terry over the four preference levels plus ``--grade-weight`` (lambda) times
+the grade heads' cross-entropy where a pair has grades (``posttrain.losses``).
+
+``--data`` is a comma-separated list of sources (``preference_data.load_pair_sources``): pairs
+JSONL files, ``hh-rlhf`` (the shared hh-rlhf dialogues) and iTeC run directories (their sampled
+responses paired by the verifiable reward). A held-out part (``--test-fraction``, chosen by a
+hash of the prompt, so a prompt never straddles it) is never trained on; after training every
+held-out pair is scored, whatever its length, and its pair accuracy is reported overall and
+per source, printed and in ``report.json``.
+
+Layout of ``--out DIR``::
+
+    reward_model.json ...     the reward model (``reward_model.save_reward_model``): heads,
+                              base and tokenizer fingerprints, the trunk (a PEFT adapter, or
+                              an afmkit checkpoint with --full); ``load_reward_model(DIR, base)``
+    report.json               settings, data counts, held-out accuracy (all and per source)
+    training/checkpoints/     Orbax steps (exact resume); training/metrics.jsonl, loss.png
+    training/settings.json    the run's settings; ``--resume`` must repeat them
+
+Nothing in DIR is overwritten unless ``--resume`` is given, and every input check runs before
+the first write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from afmkit.adapters.lora import TARGETS, LoraConfig
+from afmkit.errors import UserError
+
+REPORT_FILE = "report.json"
+RUN_DIR = "training"
+# Settings that may change on --resume (the rest define the run).
+MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardSettings:
+    """Every setting of ``afmkit posttrain reward`` and its default: the one source the CLI reads."""
+
+    lora_rank: int = 16
+    full: bool = False  # train every weight instead of a LoRA adapter
+    alpha: float | None = None  # None: 2 x rank
+    targets: tuple[str, ...] = tuple(TARGETS)
+    steps: int = 200
+    lr: float = 1e-4
+    warmup: int = 10  # linear warm-up steps, then a cosine decay to a tenth of the peak
+    batch: int = 8  # pairs per step (each pair is two rows: chosen and rejected)
+    max_tokens: int = 384  # longest conversation trained on; longer pairs are skipped (and counted)
+    grade_weight: float = 1.0  # lambda: weight of the grade heads' cross-entropy (AFM does not publish it)
+    test_fraction: float = 0.1  # held-out share of the prompts (never trained on)
+    weight_decay: float = 0.0
+    accum: int = 1
+    save_every: int = 50
+    keep: int = 2
+    mesh: str | None = None  # None: one device
+    seed: int = 0
+    resume: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        if not self.full and self.lora_rank < 1:
+            raise UserError(f"--lora-rank must be at least 1, got {self.lora_rank} (or train every weight with --full)")
+        for name in ("steps", "batch", "max_tokens", "accum", "keep"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup < 0 or self.save_every < 0 or self.grade_weight < 0:
+            raise UserError("--lr must be positive and --warmup, --save-every, --grade-weight non-negative")
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
+
+    def lora(self) -> LoraConfig:
+        alpha = self.alpha if self.alpha is not None else 2.0 * self.lora_rank
+        return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=self.targets, dtype="float16")
+
+
+def _identity(settings: RewardSettings) -> dict[str, Any]:
+    d = dataclasses.asdict(settings)
+    d["targets"] = list(d["targets"])
+    return {k: v for k, v in d.items() if k not in (*MAY_CHANGE_ON_RESUME, "resume")}
+
+
+def _check_out(out: Path, settings: RewardSettings) -> None:
+    """``--out`` against ``--resume``, before anything is written."""
+    record = out / RUN_DIR / "settings.json"
+    if not settings.resume:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(
+                f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it "
+                "(nothing was changed)"
+            )
+        return
+    if not record.is_file():
+        raise UserError(
+            f"--resume: {out} holds no reward-model run ({RUN_DIR}/settings.json); start one without --resume"
+        )
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--resume: cannot read {record} ({exc}); it is damaged") from None
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in _identity(settings).items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
+
+
+# -- held-out evaluation -----------------------------------------------------------------------
+def source_group(source: str) -> str:
+    """The part of a pair's ``source`` that names where it came from: ``file.jsonl:12`` ->
+    ``file.jsonl`` (a line or prompt id after the last colon is dropped)."""
+    head, sep, _ = source.rpartition(":")
+    return head if sep and head else source
+
+
+def pair_scores(scorer: Any, pairs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of each pair's chosen and rejected conversation ``([N], [N])`` by a
+    ``reward_model.RewardModel``."""
+    chosen = [[*p.prompt, {"role": "assistant", "content": p.chosen}] for p in pairs]
+    rejected = [[*p.prompt, {"role": "assistant", "content": p.rejected}] for p in pairs]
+    scores = scorer.score(chosen + rejected)
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def accuracy_summary(correct: np.ndarray) -> dict[str, float | int]:
+    """Pair accuracy with its binomial standard error ``sqrt(p (1 - p) / n)``."""
+    n = len(correct)
+    p = float(np.mean(correct)) if n else float("nan")
+    return {"pairs": n, "accuracy": p, "stderr": math.sqrt(p * (1 - p) / n) if n else float("nan")}
+
+
+def evaluate_pairs(scorer: Any, pairs: Sequence[Any]) -> dict[str, Any]:
+    """Held-out metrics of a reward model: pair accuracy (chosen scored strictly above rejected,
+    as the training metric counts it; a tie is wrong), overall and per ``source_group``, ties,
+    mean margin and the mean soft-label Bradley-Terry loss (``losses.reward_pair_loss``)."""
+    import jax.numpy as jnp
+
+    from afmkit.posttrain.losses import reward_pair_loss
+
+    chosen, rejected = pair_scores(scorer, pairs)
+    margin = chosen - rejected
+    correct = margin > 0
+    levels = jnp.asarray([p.level for p in pairs], jnp.int32)
+    loss = reward_pair_loss(jnp.asarray(chosen), jnp.asarray(rejected), levels)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(source_group(p.source), []).append(i)
+    return {
+        **accuracy_summary(correct),
+        "ties": int(np.sum(margin == 0)),
+        "mean_margin": float(np.mean(margin)),
+        "loss": float(np.mean(np.asarray(loss))),
+        "by_source": {name: accuracy_summary(correct[idx]) for name, idx in sorted(groups.items())},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    held = report["held_out"]
+    lines = [
+        f"held-out pair accuracy {100 * held['accuracy']:.1f}% +- {100 * held['stderr']:.1f}% "
+        f"({held['pairs']} pairs, loss {held['loss']:.4f}, {report['steps_done']} steps, "
+        f"{report['train_seconds']:.0f} s)"
+    ]
+    for name, row in held["by_source"].items():
+        lines.append(f"  {name}: {100 * row['accuracy']:.1f}% +- {100 * row['stderr']:.1f}% ({row['pairs']} pairs)")
+    return "\n".join(lines)
+
+
+# -- the recipe --------------------------------------------------------------------------------
+def split_for_training(pairs: Sequence[Any], settings: RewardSettings) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) by ``preference_data.split_pairs``; refused with one line when either
+    side is empty."""
+    from afmkit.posttrain.preference_data import split_pairs
+
+    if not pairs:
+        raise UserError("no preference pairs to train on; give --data with at least one pair")
+    train, test = split_pairs(pairs, test_fraction=settings.test_fraction)
+    if not test:
+        raise UserError(
+            f"none of the {len(pairs)} pairs' prompts fell in the held-out {settings.test_fraction:g}; "
+            "add pairs with more distinct prompts or raise --test-fraction"
+        )
+    if not train:
+        raise UserError(f"all {len(pairs)} pairs were held out; add data or lower --test-fraction")
+    return train, test
+
+
+def train_reward_model(
+    model: Any, pairs: Sequence[Any], out: str | os.PathLike, settings: RewardSettings
+) -> dict[str, Any]:
+    """Train a reward model on ``model`` (a ``LanguageModel``, left unchanged) from ``pairs``
+    (``preference_data.PreferencePair``); writes ``out`` (see the module docstring) and returns
+    the report."""
+    from afmkit.posttrain.preference_data import pair_batch, tokenize_pairs
+    from afmkit.posttrain.reward_model import RewardModel as Scorer
+    from afmkit.posttrain.reward_model import save_reward_model
+    from afmkit.posttrain.sft import _publish
+    from afmkit.train.finetune import FinetuneRun, finetune
+    from afmkit.train.objectives import PairBatch, RewardModel
+    from afmkit.train.optim import OptimizerConfig
+    from afmkit.train.step import StepConfig
+    from afmkit.train.trainable import FULL, LoraWeights
+
+    settings.check()
+    out = Path(out)
+    subset = FULL if settings.full else LoraWeights(settings.lora())
+    if not settings.full:
+        settings.lora().layer_ids(model.config)
+    train, test = split_for_training(pairs, settings)
+    tokenized, too_long = tokenize_pairs(model.tokenizer, train, max_len=settings.max_tokens)
+    if not tokenized:
+        raise UserError(f"all {len(train)} training pairs are longer than --max-tokens {settings.max_tokens}; raise it")
+    _check_out(out, settings)
+    rows = pair_batch(tokenized, rows=len(tokenized), length=settings.max_tokens)
+    run = FinetuneRun(
+        subset=subset,
+        objective=RewardModel(grade_weight=settings.grade_weight),
+        optimizer=OptimizerConfig(
+            name="adamw",
+            peak_lr=settings.lr,
+            warmup_steps=settings.warmup,
+            total_steps=max(settings.steps, settings.warmup + 1),
+            final_lr_fraction=0.1,
+            weight_decay=settings.weight_decay,
+        ),
+        step_config=StepConfig(accum_steps=settings.accum),
+        batch=settings.batch,
+        steps=settings.steps,
+        seed=settings.seed,
+        mesh=settings.mesh,
+        run_dir=out / RUN_DIR,
+        save_every=settings.save_every,
+        keep=settings.keep,
+        resume=settings.resume,
+        progress=not settings.quiet,
+        batch_type=PairBatch,
+        eval_metric="loss",
+    )
+    (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
+    (out / RUN_DIR / "settings.json").write_text(json.dumps(_identity(settings), indent=2))
+    trained = finetune(model, rows, run)
+    weights, heads = trained["params"]["weights"], trained["params"]["extra"]
+    adapter = None if settings.full else subset.adapter(weights, model.config, name=out.name)
+    # Score the held-out pairs with the model as it is saved (the adapter in its fp16 storage).
+    scorer = Scorer(
+        config=model.config,
+        params=weights if settings.full else model.params,
+        heads=heads,
+        tokenizer=model.tokenizer,
+        adapter=adapter,
+        name=out.name,
+    )
+    losses = trained["losses"]
+    report = {
+        "settings": {**dataclasses.asdict(settings), "targets": list(settings.targets)},
+        "base": model.name,
+        "pairs": len(pairs),
+        "train_pairs": len(train),
+        "trained_pairs": len(tokenized),
+        "skipped_too_long": too_long,
+        "steps_done": trained["steps_done"],
+        "train_seconds": trained["seconds"],
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last_10": float(np.mean(losses[-10:])) if losses else None,
+        "held_out": evaluate_pairs(scorer, test),
+    }
+
+    def write(directory: Path) -> None:
+        save_reward_model(
+            directory,
+            heads,
+            config=model.config,
+            base_params=model.params,
+            tokenizer=model.tokenizer,
+            adapter=adapter,
+            trunk_params=weights if settings.full else None,
+            base_name=model.name,
+            extra_files={REPORT_FILE: json.dumps(report, indent=2)},
+        )
+
+    _publish(out, write)
+    return report
+
+
+# -- command -----------------------------------------------------------------------------------
+def register(recipes: Any) -> None:
+    from afmkit.cli_args import model_argument
+
+    d = RewardSettings()
+    parser = recipes.add_parser(
+        "reward", help="AFM's reward model: soft-label Bradley-Terry + grade heads on preference pairs"
+    )
+    model_argument(parser)
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="comma-separated sources: pairs JSONL files, 'hh-rlhf' (the shared dialogues), "
+        "iTeC run directories (responses paired by the verifiable reward)",
+    )
+    parser.add_argument("--out", required=True, help="directory of the reward model (and report.json)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    kind.add_argument("--full", action="store_true", help="train every weight (fp32) instead of a LoRA adapter")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    targets = ",".join(d.targets)
+    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    parser.add_argument(
+        "--warmup", type=int, default=d.warmup, help=f"linear warm-up steps, then cosine decay (default {d.warmup})"
+    )
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"pairs per step (default {d.batch})")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=d.max_tokens,
+        help=f"longest conversation trained on; longer pairs are skipped (default {d.max_tokens})",
+    )
+    parser.add_argument(
+        "--grade-weight",
+        type=float,
+        default=d.grade_weight,
+        help=f"lambda, the grade heads' cross-entropy weight (default {d.grade_weight:g})",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.test_fraction,
+        help=f"held-out share of the prompts, never trained on (default {d.test_fraction:g})",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help=f"decoupled weight decay (default {d.weight_decay:g})",
+    )
+    parser.add_argument(
+        "--accum", type=int, default=d.accum, help=f"gradient-accumulation microbatches (default {d.accum})"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})"
+    )
+    parser.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"initialisation and data order (default {d.seed})")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=cmd_reward)
+
+
+def settings_from_args(args: Any) -> RewardSettings:
+    fields = {f.name for f in dataclasses.fields(RewardSettings)}
+    values = {name: getattr(args, name) for name in fields if name != "targets"}
+    values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    return RewardSettings(**values)
+
+
+def cmd_reward(args: Any) -> int:
+    import afmkit
+    from afmkit.posttrain.preference_data import load_pair_sources
+
+    settings = settings_from_args(args)
+    settings.check()
+    if not settings.full:
+        settings.lora()  # bad targets / alpha: one line before loading anything
+    pairs = load_pair_sources(args.data)
+    split_for_training(pairs, settings)  # an empty side: one line before loading the model
+    _check_out(Path(args.out), settings)
+    # --full trains fp32 master weights: load them exactly; LoRA trains over the base as loaded
+    # (on CPUs SmolLM2's own int4 weights, QLoRA-style).
+    dtype = args.dtype or ("float32" if settings.full else None)
+    model = afmkit.load(args.model, dtype=dtype)
+    report = train_reward_model(model, pairs, args.out, settings)
+    if report["steps_done"] < settings.steps:
+        print(
+            f"afmkit: stopped at step {report['steps_done']} of {settings.steps}; the output holds that step. "
+            "Continue with the same command plus --resume",
+            file=sys.stderr,
+        )
+    print(format_report(report))
+    return 0
