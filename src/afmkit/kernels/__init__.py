@@ -33,6 +33,9 @@ KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # FFI target name -> symbol in the library
 TARGETS = {"afmkit_packed_matmul": "AfmkitPackedMatmul", "afmkit_decode_attention": "AfmkitDecodeAttention"}
 
+# The palettized (look-up-table) weight kernel: its own library, built and loaded beside the first.
+PALETTIZED_SOURCE = Path(__file__).with_name("palettized_kernels.cc")
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("AFMKIT_CACHE", Path.home() / ".cache" / "afmkit")) / "kernels"
@@ -114,6 +117,11 @@ def _load() -> bool:
         _features["bf16"] = bool(library.AfmkitHasBf16())
         library.AfmkitIsa.restype = ctypes.c_char_p
         _features["isa"] = library.AfmkitIsa().decode()
+        palettized = ctypes.cdll.LoadLibrary(str(build(compiler, PALETTIZED_SOURCE)))
+        target = jax.ffi.pycapsule(palettized.AfmkitPalettizedMatmul)
+        jax.ffi.register_ffi_target("afmkit_palettized_matmul", target, platform="cpu")
+        palettized.AfmkitPalettizedBf16Rows.restype = ctypes.c_int64
+        _features["palettized_bf16_rows"] = int(palettized.AfmkitPalettizedBf16Rows())
     except (OSError, RuntimeError, AttributeError) as exc:
         print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
         return False
@@ -152,6 +160,28 @@ def packed_matmul(
         "afmkit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
     )
     return call(x, packed, scales, bits=np.int64(bits), bf16=bool(bf16))
+
+
+def palettized_matmul(
+    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: jax.Array | None, *, bits: int
+) -> jax.Array:
+    """``x [M, K]`` (fp32) times a palettized ``[K, N]`` weight (``afmkit.model.palettized``: indices
+    ``[N / 16, K / 8, bits, 16]``, tables ``[groups, 2^bits]`` of a multiple of 16 rows each, scales
+    ``[N]`` or None; fp16 or fp32, multiplied in fp32), table entries expanded in registers."""
+    _require()
+    n = indices.shape[0] * indices.shape[3]
+    tables = tables.astype(jnp.float32)
+    scales = jnp.zeros((0,), jnp.float32) if scales is None else scales.astype(jnp.float32)
+    call = jax.ffi.ffi_call(
+        "afmkit_palettized_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
+    )
+    return call(x, indices, tables, scales, bits=np.int64(bits))
+
+
+def palettized_bf16_rows() -> int:
+    """From how many rows ``palettized_matmul`` rounds x and the table entries to bf16 for the
+    CPU's bf16 dot products (prefill on CPUs with AVX512-BF16); 0 when it never does."""
+    return _features.get("palettized_bf16_rows", 0) if available() else 0
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, scale: float) -> jax.Array:

@@ -12,13 +12,16 @@ contiguously: ``indices`` is uint8 ``[N / 16, K / 8, bits, 16]``. For 8 consecut
 ``sum_p code[k0 + p] << (bits * p)``, stored little-endian as ``bits`` bytes ``[.., 0..bits-1, j]``.
 That costs exactly ``bits`` bits per weight, 3 bits included.
 
-``linear`` multiplies by it through XLA on the dequantized matrix (fp32 table values, fp32
-accumulation). Adapters add their update on top of the result, as on any base weight.
+``linear`` multiplies by it, on CPUs with afmkit's native kernel (``kernels/palettized_kernels.cc``:
+each code picks its table entry in registers, so a decode step reads ``bits`` bits per weight, not
+32), elsewhere through XLA on the dequantized matrix; fp32 table values and accumulation either way.
+Adapters add their update on top of the result, as on any base weight.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -183,14 +186,52 @@ def values_at(weight: PalettizedWeight, positions: np.ndarray) -> np.ndarray:
 
 def palettized_linear(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
     """``x``'s trailing axes contracted with the weight's ``in_axes`` (fp32), as ``linear`` does.
-    The matrix is expanded by XLA and multiplied in fp32; gradients reach ``x`` (adapters trained
-    on a palettized base) and the tables, never the integer indices."""
+    Gradients reach ``x`` (adapters trained on a palettized base), the tables and the scales, never
+    the integer indices."""
     n_in = len(weight.in_axes)
     if x.shape[x.ndim - n_in :] != tuple(weight.shape[a] for a in weight.in_axes):
         raise ValueError(f"input {x.shape} does not match palettized weight {weight.shape} (in_axes {weight.in_axes})")
     lead = x.shape[: x.ndim - n_in]
-    y = jnp.dot(x.reshape(-1, weight.k).astype(jnp.float32), weight.matrix())
+    y = palettized_matmul(x.reshape(-1, weight.k), weight)
     return y.reshape(*lead, *(weight.shape[a] for a in weight.out_axes))
+
+
+def palettized_matmul(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
+    """``x [M, K] @ W [K, N]``, fp32 out. On CPUs (tables of a multiple of 16 rows, as
+    ``compress`` makes them) the native kernel: each row summed in the same order whatever its
+    batch, the scale applied once per output. Elsewhere XLA expands the matrix and multiplies."""
+    from afmkit import kernels
+
+    x = x.astype(jnp.float32)
+    if weight.group_rows % TILE == 0 and kernels.on_cpu():
+        return _native_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
+    return _xla_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
+
+
+def _xla_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> jax.Array:
+    return jnp.dot(x, _dequantize(indices, tables, scales, bits, jnp))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _native_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> jax.Array:
+    from afmkit import kernels
+
+    return kernels.palettized_matmul(x, indices, tables, scales, bits=bits)
+
+
+def _native_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> Any:
+    return _native_matmul(x, indices, tables, scales, bits), (x, indices, tables, scales)
+
+
+def _native_matmul_bwd(bits: int, saved: Any, grad: jax.Array) -> Any:
+    """The XLA path's gradients (to x, the tables and the scales); none to the integer indices."""
+    x, indices, tables, scales = saved
+    _, pullback = jax.vjp(lambda x, t, s: _xla_matmul(x, indices, t, s, bits), x, tables, scales)
+    grad_x, grad_tables, grad_scales = pullback(grad)
+    return grad_x, None, grad_tables, grad_scales
+
+
+_native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
 
 
 def is_palettized(params: Any) -> bool:

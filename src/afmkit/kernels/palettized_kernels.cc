@@ -1,0 +1,528 @@
+// afmkit's native CPU kernel for palettized (look-up-table) weights, called from jitted code through
+// XLA's FFI (afmkit/kernels/__init__.py compiles this file on first use, beside cpu_kernels.cc).
+//
+// palettized_matmul: y[M, N] = x[M, K] @ W[K, N] where W[k, n] = table[n / group_rows][code[k, n]] *
+// scale[n] (afmkit/model/palettized.py). The codes are 2, 3, 4 or 8 bits; XLA would first write W out
+// in fp32, which makes decoding (a few rows) as slow as reading fp32 weights. Here every table entry
+// is expanded in registers: for <= 16 entries the table lives in one vector and a code picks its
+// entry with one permute (`vpermps` on AVX-512; on AVX2 one or two 8-lane permutes and a blend); for
+// 256 entries (8-bit) a gather from the table in L1.
+//
+// Index layout (palettized.py writes it): outputs in tiles of 16, K in blocks of 8. For a block of 8
+// inputs and output lane j of a tile, the 8 codes form one 8 * bits-bit word (code p at bit bits * p),
+// stored as `bits` bytes, byte q at [q][j]: indices are uint8 [N / 16, K / 8, bits, 16]. For <= 4 bits
+// a lane's word fits 32 bits; code p is (word >> bits * p) masked to `bits` bits. The mask is never
+// applied: a table of 2^bits < 16 entries is repeated to fill 16 lanes (entry i at lanes i, i + 2^bits,
+// ...), so the higher bits a 4-bit permute index also reads do not change the entry it picks.
+//
+// Arithmetic, the same in every path and for every number of rows (so a row's result does not depend
+// on its batch): per output, two fp32 accumulators, one for the even codes of each block of 8 and one
+// for the odd ones, each summed over K in order; y = (even + odd) * scale (scale 1 without scales;
+// multiplying by 1 is exact). Scaling once per output instead of once per weight is one rounding
+// instead of K.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTile = 16;  // outputs per tile
+constexpr int kCodes = 8;  // inputs per word of codes
+
+struct Problem {
+  const float* x;           // [M, K]
+  const uint8_t* indices;   // [N / 16, K / 8, bits, 16]
+  const float* tables;      // fp32 [groups, entries], entries repeated to 16 when fewer (see above)
+  const float* scales;      // fp32 [N] (ones without scales)
+  float* y;                 // [M, N]
+  int64_t m, k, n, bits;
+  int64_t tiles_per_group;  // group_rows / 16
+  int64_t table_stride;     // floats per table row in `tables`: max(16, 2^bits)
+  const uint16_t* x_bf16;   // x rounded to bf16, [M, K] (set for the bf16 path only)
+};
+
+inline const float* tile_table(const Problem& p, int64_t tile) {
+  return p.tables + (tile / p.tiles_per_group) * p.table_stride;
+}
+
+inline const uint8_t* block_codes(const Problem& p, int64_t tile, int64_t block) {
+  return p.indices + (tile * (p.k / kCodes) + block) * p.bits * kTile;
+}
+
+// Portable version (no AVX-512 or AVX2, e.g. ARM): loops over a tile's 16 outputs that the compiler
+// vectorizes for whatever -march=native offers; the same chains and order as the vector paths.
+template <int R>
+void tile_portable(const Problem& p, int64_t tile, int64_t row0) {
+  const int64_t blocks = p.k / kCodes;
+  const int bits = static_cast<int>(p.bits);
+  const uint32_t mask = (1u << bits) - 1;
+  const float* table = tile_table(p, tile);
+  float acc[R][2][kTile] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* planes = block_codes(p, tile, b);
+    uint32_t words[kTile] = {};
+    if (bits < 8)
+      for (int q = 0; q < bits; ++q)
+        for (int j = 0; j < kTile; ++j) words[j] |= static_cast<uint32_t>(planes[q * kTile + j]) << (8 * q);
+    for (int c = 0; c < kCodes; ++c) {
+      float w[kTile];
+      for (int j = 0; j < kTile; ++j) {
+        const uint32_t code = bits == 8 ? planes[c * kTile + j] : (words[j] >> (bits * c)) & mask;
+        w[j] = table[code];
+      }
+      for (int r = 0; r < R; ++r) {
+        const float xr = p.x[(row0 + r) * p.k + b * kCodes + c];
+        for (int j = 0; j < kTile; ++j) acc[r][c & 1][j] += w[j] * xr;
+      }
+    }
+  }
+  const float* scale = p.scales + tile * kTile;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTile; ++j)
+      p.y[(row0 + r) * p.n + tile * kTile + j] = (acc[r][0][j] + acc[r][1][j]) * scale[j];
+}
+
+[[maybe_unused]] void tiles_portable(const Problem& p, int64_t tile0, int64_t tiles) {
+  for (int64_t t = tile0; t < tile0 + tiles; ++t) {
+    int64_t r = 0;
+    for (; r + 4 <= p.m; r += 4) tile_portable<4>(p, t, r);
+    for (; r < p.m; ++r) tile_portable<1>(p, t, r);
+  }
+}
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// AVX2 (8 lanes): each tile in two halves, outputs 0-7 and 8-15, the same chains and order.
+template <int Bits>
+struct TableAvx2 {
+  __m256 lo, hi;  // entries 0-7 and 8-15 (<= 8 entries: the repeated table in both)
+  const float* all;
+};
+
+// The 8 weights of one half for codes `codes` (a lane's code in its low bits, higher bits ignored).
+template <int Bits>
+inline __m256 lookup_avx2(const TableAvx2<Bits>& t, __m256i codes) {
+  if constexpr (Bits == 8) {
+    return _mm256_i32gather_ps(t.all, codes, 4);
+  } else if constexpr (Bits == 4) {
+    const __m256 lo = _mm256_permutevar8x32_ps(t.lo, codes), hi = _mm256_permutevar8x32_ps(t.hi, codes);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));  // by bit 3
+  } else {
+    return _mm256_permutevar8x32_ps(t.lo, codes);
+  }
+}
+
+template <int R, int Bits>
+void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
+  const int64_t blocks = p.k / kCodes;
+  const float* table = tile_table(p, tile);
+  TableAvx2<Bits> t{_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8), table};
+  __m256 acc[R][2][2];  // [row][half][chain]
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) acc[r][h][0] = acc[r][h][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* planes = block_codes(p, tile, b);
+    __m256i words[2];
+    if constexpr (Bits < 8) {
+      for (int h = 0; h < 2; ++h) {
+        words[h] = _mm256_setzero_si256();
+        for (int q = 0; q < Bits; ++q) {
+          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes + q * kTile + h * 8));
+          words[h] = _mm256_or_si256(words[h], _mm256_slli_epi32(_mm256_cvtepu8_epi32(bytes), 8 * q));
+        }
+      }
+    }
+    for (int c = 0; c < kCodes; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        __m256i codes;
+        if constexpr (Bits == 8) {
+          codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(planes + c * kTile + h * 8)));
+        } else {
+          codes = _mm256_srli_epi32(words[h], Bits * c);
+        }
+        const __m256 w = lookup_avx2<Bits>(t, codes);
+        for (int r = 0; r < R; ++r) {
+          const __m256 xr = _mm256_set1_ps(p.x[(row0 + r) * p.k + b * kCodes + c]);
+          acc[r][h][c & 1] = _mm256_fmadd_ps(w, xr, acc[r][h][c & 1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_loadu_ps(p.scales + tile * kTile + h * 8);
+      _mm256_storeu_ps(p.y + (row0 + r) * p.n + tile * kTile + h * 8,
+                       _mm256_mul_ps(_mm256_add_ps(acc[r][h][0], acc[r][h][1]), s));
+    }
+}
+
+template <int Bits>
+void tiles_avx2(const Problem& p, int64_t tile0, int64_t tiles) {
+  for (int64_t t = tile0; t < tile0 + tiles; ++t) {
+    int64_t r = 0;
+    for (; r + 2 <= p.m; r += 2) tile_avx2<2, Bits>(p, t, r);
+    if (r < p.m) tile_avx2<1, Bits>(p, t, r);
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// A block's words of the 16 lanes (<= 4 bits): byte q of lane j is planes[q * 16 + j].
+template <int Bits>
+inline __m512i words_avx512(const uint8_t* planes) {
+#if defined(__AVX512VBMI__)
+  // one masked load of the bits * 16 bytes and one byte permute: byte 4 j + q <- byte 16 q + j
+  static const __m512i interleave = [] {
+    alignas(64) uint8_t order[64];
+    for (int j = 0; j < 16; ++j)
+      for (int q = 0; q < 4; ++q) order[4 * j + q] = static_cast<uint8_t>(16 * q + j);
+    return _mm512_load_si512(order);
+  }();
+  const __mmask64 loaded = Bits == 4 ? ~__mmask64{0} : (__mmask64{1} << (Bits * 16)) - 1;
+  const __mmask64 kept = Bits == 2 ? 0x3333333333333333ull : Bits == 3 ? 0x7777777777777777ull : ~__mmask64{0};
+  return _mm512_maskz_permutexvar_epi8(kept, interleave, _mm512_maskz_loadu_epi8(loaded, planes));
+#else
+  __m512i words = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(planes)));
+  for (int q = 1; q < Bits; ++q) {
+    const __m512i byte = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(planes + q * kTile)));
+    words = _mm512_or_si512(words, _mm512_slli_epi32(byte, 8 * q));
+  }
+  return words;
+#endif
+}
+
+// R rows by T tiles: each code is expanded once (one permute, or a gather at 8 bits) and used by the
+// R rows; 2 R T independent accumulators (T tiles at once give decode, R = 1, enough chains to hide
+// the FMA latency).
+template <int R, int T, int Bits>
+void tiles_avx512(const Problem& p, int64_t tile0, int64_t row0) {
+  const int64_t blocks = p.k / kCodes;
+  __m512 table[T];
+  const float* tables[T];
+  for (int t = 0; t < T; ++t) {
+    tables[t] = tile_table(p, tile0 + t);
+    if constexpr (Bits < 8) table[t] = _mm512_loadu_ps(tables[t]);
+  }
+  __m512 acc[R][T][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
+  const float* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = p.x + (row0 + r) * p.k;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* planes[T];
+    __m512i words[T];
+    for (int t = 0; t < T; ++t) {
+      planes[t] = block_codes(p, tile0 + t, b);
+      if constexpr (Bits < 8) words[t] = words_avx512<Bits>(planes[t]);
+    }
+    for (int c = 0; c < kCodes; ++c) {
+      __m512 w[T];
+      for (int t = 0; t < T; ++t) {
+        if constexpr (Bits == 8) {
+          const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[t] + c * kTile)));
+          w[t] = _mm512_i32gather_ps(codes, tables[t], 4);
+        } else {
+          w[t] = _mm512_permutexvar_ps(_mm512_srli_epi32(words[t], Bits * c), table[t]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(xr[r][b * kCodes + c]);
+        for (int t = 0; t < T; ++t) acc[r][t][c & 1] = _mm512_fmadd_ps(w[t], x, acc[r][t][c & 1]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512 s = _mm512_loadu_ps(p.scales + (tile0 + t) * kTile);
+    for (int r = 0; r < R; ++r)
+      _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile,
+                       _mm512_mul_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), s));
+  }
+}
+
+// Rows of every tile in [tile0, tile0 + tiles): blocks of 6 rows by 2 tiles (24 accumulators of
+// 32 registers; per code 12 FMAs for 2 expansions and 6 broadcasts), then the few rows left by 4
+// tiles (decode: 8 or 16 independent chains).
+template <int Bits>
+void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
+  int64_t t = tile0;
+  const int64_t end = tile0 + tiles;
+  int64_t r0 = 0;
+  for (; r0 + 6 <= p.m; r0 += 6) {
+    int64_t u = tile0;
+    for (; u + 2 <= end; u += 2) tiles_avx512<6, 2, Bits>(p, u, r0);
+    if (u < end) tiles_avx512<6, 1, Bits>(p, u, r0);
+  }
+  for (; t + 4 <= end; t += 4) {
+    int64_t r = r0;
+    for (; r + 2 <= p.m; r += 2) tiles_avx512<2, 4, Bits>(p, t, r);
+    if (r < p.m) tiles_avx512<1, 4, Bits>(p, t, r);
+  }
+  for (; t < end; ++t) {
+    int64_t r = r0;
+    for (; r + 2 <= p.m; r += 2) tiles_avx512<2, 1, Bits>(p, t, r);
+    if (r < p.m) tiles_avx512<1, 1, Bits>(p, t, r);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// Many rows (prefill) with AVX512-BF16: the table entries and x rounded to bf16 (8 bits of mantissa,
+// a relative 2^-9 per product; the tables' own k-means error is orders larger) for dot products of
+// pairs of k, twice the multiply-adds of fp32 FMAs per instruction, fp32 accumulation, the scale in
+// fp32 at the end. A group of tiles is expanded once into a buffer of bf16 pairs (lane j holds the
+// weights of k and k + 1 of output j), [K / 2][tiles][32], then read by every row. One chain per
+// output over the pairs of K in order, whatever the rows: a row's result does not depend on its
+// batch among calls that take this path (from kBf16Rows rows on).
+constexpr int64_t kBf16Rows = 64;
+
+template <typename V>
+inline V in_register(V v) {
+  asm("" : "+v"(v));  // keep a loaded vector in a register instead of one load per use
+  return v;
+}
+
+template <int Bits>
+void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
+  // 16-bit element 2 j + e of a pair <- element 16 e + j of [16 entries at k, 16 at k + 1]
+  static const __m512i interleave = [] {
+    alignas(64) uint16_t order[32];
+    for (int j = 0; j < 16; ++j) order[2 * j] = j, order[2 * j + 1] = 16 + j;
+    return _mm512_load_si512(order);
+  }();
+  const int64_t blocks = p.k / kCodes;
+  for (int t = 0; t < tiles; ++t) {
+    const float* tables = tile_table(p, tile0 + t);
+    const __m512 table = _mm512_loadu_ps(tables);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* planes = block_codes(p, tile0 + t, b);
+      __m512i words = _mm512_setzero_si512();
+      if constexpr (Bits < 8) words = words_avx512<Bits>(planes);
+      for (int c = 0; c < kCodes; c += 2) {
+        __m512 w[2];
+        for (int e = 0; e < 2; ++e) {
+          if constexpr (Bits == 8) {
+            const __m512i codes =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(planes + (c + e) * kTile)));
+            w[e] = _mm512_i32gather_ps(codes, tables, 4);
+          } else {
+            w[e] = _mm512_permutexvar_ps(_mm512_srli_epi32(words, Bits * (c + e)), table);
+          }
+        }
+        const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));  // [k: 0-15, k + 1: 16-31]
+        _mm512_store_si512(out + ((b * kCodes / 2 + c / 2) * tiles + t) * 32, _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+  }
+}
+
+template <int R, int T>
+void gemm_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0, int64_t row0) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t pairs = p.k / 2;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    __m512bh w[T];
+    for (int t = 0; t < T; ++t)
+      w[t] = reinterpret_cast<__m512bh>(in_register(_mm512_load_si512(expanded + (pair * T + t) * 32)));
+    for (int r = 0; r < R; ++r) {
+      uint32_t both;
+      std::memcpy(&both, p.x_bf16 + (row0 + r) * p.k + 2 * pair, 4);
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(both)));
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w[t], x);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512 s = _mm512_loadu_ps(p.scales + (tile0 + t) * kTile);
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_mul_ps(acc[r][t], s));
+  }
+}
+
+// R = 6 rows by T = 4 tiles: 24 accumulators, 4 weight vectors and a broadcast in 32 registers; per
+// pair of k 24 dot products for 4 loads and 6 broadcasts.
+template <int T>
+void gemm_rows_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0) {
+  int64_t r = 0;
+  for (; r + 6 <= p.m; r += 6) gemm_bf16<6, T>(p, expanded, tile0, r);
+  for (; r < p.m; ++r) gemm_bf16<1, T>(p, expanded, tile0, r);
+}
+
+void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
+  thread_local std::vector<uint16_t> buffer;
+  const size_t elements = p.k / 2 * tiles * 32;
+  if (buffer.size() < elements + 32) buffer.resize(elements + 32);
+  uint16_t* expanded = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  switch (p.bits) {
+    case 2: expand_bf16<2>(p, tile0, tiles, expanded); break;
+    case 3: expand_bf16<3>(p, tile0, tiles, expanded); break;
+    case 4: expand_bf16<4>(p, tile0, tiles, expanded); break;
+    default: expand_bf16<8>(p, tile0, tiles, expanded);
+  }
+  switch (tiles) {
+    case 4: return gemm_rows_bf16<4>(p, expanded, tile0);
+    case 3: return gemm_rows_bf16<3>(p, expanded, tile0);
+    case 2: return gemm_rows_bf16<2>(p, expanded, tile0);
+    default: return gemm_rows_bf16<1>(p, expanded, tile0);
+  }
+}
+
+// x rounded to bf16 (to nearest even), [M, K]; M K is a multiple of 8.
+void prepare_bf16(const float* x, int64_t count, std::vector<uint16_t>& out) {
+  out.resize(count);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.data() + i),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i))));
+  if (i < count) {  // the last 8
+    const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(0xff, x + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.data() + i), _mm256_castsi256_si128(half));
+  }
+}
+#else
+constexpr int64_t kBf16Rows = 0;  // no bf16 path in this build
+#endif
+#endif
+#if !defined(__AVX512F__)
+constexpr int64_t kBf16Rows = 0;
+#endif
+
+// Tiles per work item: 4, so that decode (one row) has 4 tiles' chains in flight.
+constexpr int64_t kGroup = 4;
+
+void run_group(const Problem& p, int64_t group) {
+  const int64_t tile0 = group * kGroup;
+  const int64_t tiles = std::min<int64_t>(kGroup, p.n / kTile - tile0);
+#if defined(__AVX512BF16__)
+  if (p.x_bf16 != nullptr) return run_group_bf16(p, tile0, static_cast<int>(tiles));
+#endif
+#if defined(__AVX512F__)
+  switch (p.bits) {
+    case 2: return tiles_rows_avx512<2>(p, tile0, tiles);
+    case 3: return tiles_rows_avx512<3>(p, tile0, tiles);
+    case 4: return tiles_rows_avx512<4>(p, tile0, tiles);
+    default: return tiles_rows_avx512<8>(p, tile0, tiles);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  switch (p.bits) {
+    case 2: return tiles_avx2<2>(p, tile0, tiles);
+    case 3: return tiles_avx2<3>(p, tile0, tiles);
+    case 4: return tiles_avx2<4>(p, tile0, tiles);
+    default: return tiles_avx2<8>(p, tile0, tiles);
+  }
+#else
+  tiles_portable(p, tile0, tiles);
+#endif
+}
+
+// Work items are handed out in chunks from one counter; the calling thread works too, so a call
+// finishes even if the pool's threads are all busy elsewhere (as cpu_kernels.cc does).
+struct Shared {
+  const Problem* problem;
+  int64_t items, chunk;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void work(Shared& s) {
+  for (;;) {
+    const int64_t start = s.next.fetch_add(s.chunk);
+    if (start >= s.items) return;
+    const int64_t end = std::min(start + s.chunk, s.items);
+    for (int64_t i = start; i < end; ++i) run_group(*s.problem, i);
+    s.done.fetch_add(end - start, std::memory_order_release);
+  }
+}
+
+void parallel_groups(ffi::ThreadPool& pool, const Problem& problem, int64_t items) {
+  auto shared = std::make_shared<Shared>();
+  shared->problem = &problem;
+  shared->items = items;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  shared->chunk = std::max<int64_t>(1, items / (threads * 4));
+  const int64_t helpers = std::min<int64_t>(threads - 1, (items + shared->chunk - 1) / shared->chunk - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { work(*shared); });
+  work(*shared);
+  // The problem lives on the caller's stack: wait until every item is done, spinning briefly, then
+  // yielding the core (on a busy machine the helper may be waiting for this very core).
+  for (int spins = 0; shared->done.load(std::memory_order_acquire) < items; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> indices,
+                            ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::F32> scales,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t bits) {
+  const auto xd = x.dimensions(), id = indices.dimensions(), td = tables.dimensions();
+  if (xd.size() != 2 || id.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("palettized_matmul: x must be 2-D, indices 4-D, tables 2-D");
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    return ffi::Error::InvalidArgument("palettized_matmul: bits must be 2, 3, 4 or 8");
+  const int64_t m = xd[0], k = xd[1], tiles = id[0], n = tiles * kTile, entries = int64_t{1} << bits;
+  if (id[1] * kCodes != k || id[2] != bits || id[3] != kTile)
+    return ffi::Error::InvalidArgument("palettized_matmul: indices do not match x's last dimension and bits");
+  const int64_t groups = td[0];
+  if (td[1] != entries || groups < 1 || n % groups || (n / groups) % kTile)
+    return ffi::Error::InvalidArgument("palettized_matmul: tables must be [groups of a multiple of 16 rows, 2^bits]");
+  const bool scaled = scales.element_count() != 0;
+  if (scaled && scales.element_count() != static_cast<size_t>(n))
+    return ffi::Error::InvalidArgument("palettized_matmul: scales must have one entry per output (or none)");
+  // The tables, each repeated to 16 entries when it has fewer, and the scales, once per call (a few KB)
+  const int64_t stride = std::max<int64_t>(kTile, entries);
+  std::vector<float> table32(groups * stride + kTile), scale32(n, 1.0f);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < stride; ++i) table32[g * stride + i] = tables.typed_data()[g * entries + i % entries];
+  if (scaled) std::copy(scales.typed_data(), scales.typed_data() + n, scale32.begin());
+  std::vector<uint16_t> x_bf16;
+#if defined(__AVX512BF16__)
+  if (m >= kBf16Rows) prepare_bf16(x.typed_data(), m * k, x_bf16);
+#endif
+  const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scale32.data(), y->typed_data(),
+                        m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
+  if (m > 0 && n > 0) parallel_groups(pool, problem, (tiles + kGroup - 1) / kGroup);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// From how many rows x and the table entries are rounded to bf16 (0: never; asked through ctypes).
+extern "C" int64_t AfmkitPalettizedBf16Rows() { return kBf16Rows; }
+
+// Which code this build runs (for benchmarks and bug reports).
+extern "C" const char* AfmkitPalettizedIsa() {
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+  return "avx512-vbmi";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmul, PalettizedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits"));

@@ -1,0 +1,140 @@
+"""The native kernel for palettized (look-up-table) weights, checked against numpy in float64."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afmkit import kernels
+from afmkit.model import palettized as PL
+from afmkit.model.palettized import from_codes
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build afmkit's CPU kernels")
+
+_kernel = jax.jit(kernels.palettized_matmul, static_argnames=("bits",))
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+class Weight:
+    """A random palettized weight, with what the kernel should compute built from its codes, tables
+    and scales directly in float64 (not through the package's own unpacking)."""
+
+    def __init__(self, bits, k, n, *, group_rows=16, scaled=True, seed=0):
+        rng = np.random.default_rng(seed)
+        self.codes = rng.integers(0, 2**bits, size=(k, n))
+        self.codes[0] = 2**bits - 1  # every bit of some words set
+        self.tables = rng.normal(size=(n // group_rows, 2**bits)).astype(np.float16)
+        self.scales = rng.uniform(0.5, 2.0, size=n).astype(np.float16) if scaled else None
+        self.group_rows = group_rows
+        self.leaf = from_codes(self.codes, self.tables, self.scales, bits=bits, shape=(k, n))
+
+    def exact(self, rounded: bool = False):
+        """W in float64; ``rounded``: the table entries rounded to bf16, as the kernel's bf16 path does."""
+        tables = bf16(self.tables) if rounded else self.tables
+        w = tables.astype(np.float64)[np.arange(self.codes.shape[1])[None, :] // self.group_rows, self.codes]
+        return w if self.scales is None else w * self.scales.astype(np.float64)[None, :]
+
+    def check(self, x):
+        """The kernel's result on x, within fp32 accumulation of the exact one: K products summed in
+        two chains, then their sum and the scale, each output within (K + 2) units of fp32 rounding
+        (2^-24) of sum |x w| (the standard dot-product bound). From ``palettized_bf16_rows()`` rows on,
+        the exact products are those of x and the table entries rounded to bf16."""
+        rounded = 0 < kernels.palettized_bf16_rows() <= x.shape[0]
+        x64 = (bf16(x) if rounded else x).astype(np.float64)
+        w = self.exact(rounded)
+        got = np.asarray(
+            _kernel(jnp.asarray(x), self.leaf.indices, self.leaf.tables, self.leaf.scales, bits=self.leaf.bits)
+        )
+        bound = (x.shape[1] + 2) * 2.0**-24 * (np.abs(x64) @ np.abs(w)) + 1e-30
+        assert np.all(np.abs(got - x64 @ w) <= bound), np.abs(got - x64 @ w).max()
+        return got
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+# The AVX-512 kernel takes rows 6 at a time over pairs of tiles, then the rest 2 or 1 at a time over 4
+# tiles: 1-63 rows and 208 outputs (13 tiles: a lone tile after the pairs and after the fours) cover
+# every remainder; K = 72 is 9 blocks of 8 (odd). From 64 rows (AVX512-BF16) the bf16 GEMM: 6 rows
+# by 4 tiles, then single rows (64, 101).
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 16, 17, 63, 64, 101])
+def test_kernel_matches_numpy(bits, rows):
+    x = np.random.default_rng(rows).normal(size=(rows, 72)).astype(np.float32)
+    Weight(bits, 72, 208, seed=bits).check(x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kernel_without_scales_and_with_tables_of_32_rows(bits):
+    for group_rows, scaled in ((16, False), (32, True), (64, False)):
+        weight = Weight(bits, 576, 192, group_rows=group_rows, scaled=scaled, seed=group_rows)
+        for rows in (9, 70):
+            weight.check(np.random.default_rng(rows).normal(size=(rows, 576)).astype(np.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [3, 4])
+def test_a_row_gives_the_same_bits_in_any_batch(bits):
+    """Decode batches grow and shrink: a request's logits must not depend on who shares its batch."""
+    weight = Weight(bits, 160, 208, seed=3)
+    x = np.random.default_rng(4).normal(size=(200, 160)).astype(np.float32)
+    alone = np.concatenate([weight.check(x[i : i + 1]) for i in range(0, 63, 9)])
+    for rows in (2, 7, 16, 63):
+        np.testing.assert_array_equal(weight.check(x[:rows])[::9], alone[: len(range(0, rows, 9))])
+    # prefill-sized calls (the bf16 path on CPUs with AVX512-BF16) agree among themselves too
+    many = weight.check(x)
+    for rows in (64, 131):
+        np.testing.assert_array_equal(weight.check(x[:rows]), many[:rows])
+
+
+@needs_kernels
+def test_linear_uses_the_kernel_and_agrees_with_xla_values_and_gradients(monkeypatch):
+    """CPUs multiply through the kernel, accelerators through XLA: the same numbers (to fp32
+    rounding) and the same gradients to the input, the tables and the scales."""
+    weight = Weight(3, 96, 64, seed=5).leaf
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 96)).astype(np.float32))
+
+    def loss(x, tables, scales):
+        w = PL.PalettizedWeight(weight.indices, tables, scales, weight.bits, weight.shape, weight.in_axes)
+        return jnp.sum(jnp.sin(PL.palettized_linear(x, w)))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    native_value, native_grads = grad(x, weight.tables, weight.scales)
+    monkeypatch.setattr(kernels, "on_cpu", lambda: False)
+    xla_value, xla_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weight.tables, weight.scales)
+    # 320 outputs, each within ~100 fp32 roundings of its value: the sums of sines agree to ~1e-4
+    np.testing.assert_allclose(native_value, xla_value, rtol=1e-4)
+    for native, xla in zip(native_grads, xla_grads):
+        native, xla = np.asarray(native, np.float32), np.asarray(xla, np.float32)
+        # the backward pass is XLA's in both; only the cosines' arguments differ (by fp32 rounding),
+        # and the fp16 table/scale gradients round to fp16 (2^-11)
+        np.testing.assert_allclose(native, xla, atol=2e-3 * np.abs(xla).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "flags",
+    ["-mno-avx512vbmi -mno-avx512bf16", "-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"],
+    ids=["avx512-fp32-no-vbmi", "avx2", "portable"],
+)
+def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
+    """The AVX-512 code without byte permutes, the AVX2 and the plain C++ code of the kernel (this
+    machine may otherwise build another) pass this file's numpy and batch tests too."""
+    env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
+    tests = ["matches_numpy", "without_scales", "any_batch"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", __file__, "-k", " or ".join(tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+    assert list(tmp_path.glob("kernels/palettized_kernels-*.so")), "the kernel was not rebuilt with the flags"
