@@ -16,10 +16,19 @@ logical axes for sharding (per-row fields ``[B]`` over ``batch``; per-token ``[B
 * ``next_token``: pre-training's cross-entropy on every target of packed rows, plus AFM's z-loss;
 * ``assistant_sft``: the same cross-entropy, no z-loss, on the targets the rows' ``loss_mask``
   marks: the assistant's tokens (``afmkit.data.chat``);
+* ``Distillation``: KL(teacher || student) over next-token distributions, the teacher's top-k
+  probabilities plus its tail lumped into one bucket, given with the rows (``DistillBatch``;
+  ``teacher_top_k`` makes them): the accuracy-recovery adapter's objective (``compress.recover``);
 * ``RewardModel``: AFM's reward model, a scalar head plus grade heads on the last token
   (``posttrain.losses.reward_model_loss``) on a ``PairBatch``;
 * ``Policy``: a sequence-level policy loss (MDLOO, RLOO or PPO-clip) on a ``PolicyBatch`` of
   sampled responses with their advantages and the sampling policy's log-probabilities.
+
+Every objective turns hidden states into vocabulary log-probabilities in chunks of ``seq_chunk``
+positions (``ModelView.per_token``): the output projection and log-softmax of one chunk at a
+time, each recomputed in the backward pass (``jax.checkpoint``), so neither direction holds
+``[batch, seq, vocab]`` logits at once (SFT at 4 x 1,024 tokens on a 49k vocabulary needed 10 GB
+for them alone).
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from afmkit.config import ModelConfig
 from afmkit.errors import UserError
 from afmkit.model.transformer import Params, forward, output_logits, token_nll
 from afmkit.sharding.activations import constrain
+
+SEQ_CHUNK = 128  # positions per chunk of logits: [rows, 128, vocab] fp32 is 25 MB per row at 49k
 
 
 def default_batch_axes(field: str, rank: int) -> tuple[str | None, ...]:
@@ -71,11 +82,44 @@ class ModelView:
     def logits(self, hidden: jax.Array) -> jax.Array:
         return constrain(output_logits(self.params, hidden), ("batch", "seq", "act_vocab"))
 
+    def per_token(self, fn: Any, hidden: jax.Array, *per_position: Any, seq_chunk: int = SEQ_CHUNK) -> Any:
+        """``fn(logits [B, c, V], *per_position chunks)`` over the sequence in chunks of
+        ``seq_chunk`` positions, its outputs (``[B, c, ...]`` each) put back together as
+        ``[B, T, ...]``. Only one chunk's logits exist at a time, in the forward pass and (each
+        chunk recomputed under ``jax.checkpoint``) in the backward pass."""
+        rows, seq = hidden.shape[:2]
+        chunk = max(1, min(seq_chunk, seq))
+        n_chunks = -(-seq // chunk)
+        pad = n_chunks * chunk - seq
+
+        def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, c, ...]
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            x = x.reshape(rows, n_chunks, chunk, *x.shape[2:])
+            return jnp.moveaxis(x, 1, 0)
+
+        @jax.checkpoint
+        def one_chunk(xs: Any) -> Any:
+            h, *rest = xs
+            return fn(self.logits(h), *rest)
+
+        out = jax.lax.map(one_chunk, jax.tree.map(split, (hidden, *per_position)))
+
+        def join(y: jax.Array) -> jax.Array:  # [n, B, c, ...] -> [B, T, ...]
+            y = jnp.moveaxis(y, 0, 1).reshape(rows, n_chunks * chunk, *y.shape[3:])
+            return y[:, :seq]
+
+        return jax.tree.map(join, out)
+
+    def token_nll(self, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``transformer.token_nll`` of ``targets`` (``-log p`` and ``logsumexp``, ``[B, T]``
+        fp32), computed chunk by chunk (``per_token``)."""
+        return self.per_token(token_nll, hidden, targets)
+
     def target_log_probs(
         self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, targets: jax.Array
     ) -> jax.Array:
         """``log p(targets)`` per token ``[B, T]``, fp32."""
-        nll, _ = token_nll(self.logits(self.hidden(tokens, positions, segment_ids)), targets)
+        nll, _ = self.token_nll(self.hidden(tokens, positions, segment_ids), targets)
         return -nll
 
 
@@ -108,8 +152,7 @@ class TokenCrossEntropy(Objective):
 
     def loss(self, model: ModelView, extra: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         del extra
-        logits = model.logits(model.hidden(batch.tokens, batch.positions, batch.segment_ids))
-        nll, log_z = token_nll(logits, batch.targets)
+        nll, log_z = model.token_nll(model.hidden(batch.tokens, batch.positions, batch.segment_ids), batch.targets)
         mask = batch.loss_mask.astype(jnp.float32)
         ce = (nll * mask).sum()
         z = (jnp.square(log_z) * mask).sum()
@@ -124,6 +167,91 @@ def next_token(config: ModelConfig) -> TokenCrossEntropy:
 def assistant_sft() -> TokenCrossEntropy:
     """SFT: the assistant's tokens only (rows from ``afmkit.data.chat``), no z-loss."""
     return TokenCrossEntropy(z_loss=0.0, name="sft")
+
+
+# -- distillation ----------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DistillBatch:
+    """Packed rows (``train.step.Batch``'s fields, ``targets`` unused by the loss but kept so the
+    rows stay ordinary packed rows) with the teacher's next-token distribution at every position:
+    ``teacher_ids [B, T, k]`` its k most likely tokens, ``teacher_log_probs [B, T, k]`` their
+    log-probabilities under its full softmax, ``teacher_tail_log_prob [B, T]`` the log of the
+    probability left to every other token (``teacher_top_k`` makes all three)."""
+
+    tokens: jax.Array
+    targets: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    loss_mask: jax.Array
+    teacher_ids: jax.Array
+    teacher_log_probs: jax.Array
+    teacher_tail_log_prob: jax.Array
+
+
+def _log_tail(logits: jax.Array, ids: jax.Array, log_z: jax.Array) -> jax.Array:
+    """``log`` of the softmax mass of every token not in ``ids [..., k]``: the logsumexp of the
+    logits with those k masked out (not ``log(1 - sum p_k)``, which cancels catastrophically
+    when the top k hold nearly all the mass)."""
+    masked = jnp.put_along_axis(logits, ids, -jnp.inf, axis=-1, inplace=False)
+    return jax.nn.logsumexp(masked, axis=-1) - log_z
+
+
+def top_k_distribution(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(ids [..., k], log-probs [..., k], tail log-prob [...])`` of ``softmax(logits)``: the k
+    most likely tokens and the mass of the rest lumped into one bucket, fp32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    top, ids = jax.lax.top_k(logits, k)
+    return ids.astype(jnp.int32), top - log_z[..., None], _log_tail(logits, ids, log_z)
+
+
+def lumped_kl(
+    student_logits: jax.Array, ids: jax.Array, teacher_log_probs: jax.Array, teacher_tail: jax.Array
+) -> jax.Array:
+    """KL(teacher || student) per position ``[...]`` over k + 1 outcomes: the teacher's top-k
+    tokens and "any other token". Both distributions are coarsened the same way, so this is a
+    true KL (>= 0, 0 only when the student gives the k tokens and the tail the teacher's
+    probabilities) and a lower bound of the full-vocabulary KL (coarsening never adds divergence).
+    Lumping, rather than renormalising the top k, keeps the teacher's own probabilities and
+    makes the student pay for the mass it puts on tokens the teacher thinks unlikely."""
+    logits = student_logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    student_top = jnp.take_along_axis(logits, ids, axis=-1) - log_z[..., None]
+    student_tail = _log_tail(logits, ids, log_z)
+    p_top, p_tail = jnp.exp(teacher_log_probs), jnp.exp(teacher_tail)
+    # A token with p = 0 adds 0 (p log p -> 0); where() keeps 0 * inf out of the sum and its gradient.
+    top = jnp.where(p_top > 0, p_top * (teacher_log_probs - student_top), 0.0).sum(-1)
+    tail = jnp.where(p_tail > 0, p_tail * (teacher_tail - student_tail), 0.0)
+    return top + tail
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation(Objective):
+    """KL(teacher || student) of the next-token distributions (``lumped_kl``) where
+    ``batch.loss_mask`` is 1, on a ``DistillBatch``; ``count`` = those positions. The student is
+    the model the step trains (e.g. a compressed base + a LoRA adapter); the teacher's top-k
+    come with the batch, so the step never holds the teacher's weights."""
+
+    name: str = "distill_kl"
+
+    def loss(self, model: ModelView, extra: Any, batch: DistillBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del extra
+        hidden = model.hidden(batch.tokens, batch.positions, batch.segment_ids)
+        kl = model.per_token(lumped_kl, hidden, batch.teacher_ids, batch.teacher_log_probs, batch.teacher_tail_log_prob)
+        mask = batch.loss_mask.astype(jnp.float32)
+        total = (kl * mask).sum()
+        return total, {"count": mask.sum(), "kl": total}
+
+
+def teacher_top_k(model: ModelView, rows: dict[str, Any], *, k: int, seq_chunk: int = SEQ_CHUNK) -> dict[str, Any]:
+    """The ``DistillBatch`` teacher fields for packed ``rows`` (``tokens``, ``positions``,
+    ``segment_ids`` ``[B, T]``) under ``model`` (the teacher; no gradient), chunked like the loss."""
+    if not 1 <= k < model.config.vocab_size:
+        raise UserError(f"--top-k must be between 1 and {model.config.vocab_size - 1}, got {k}")
+    hidden = model.hidden(rows["tokens"], rows["positions"], rows["segment_ids"])
+    ids, log_probs, tail = model.per_token(lambda logits: top_k_distribution(logits, k), hidden, seq_chunk=seq_chunk)
+    return {"teacher_ids": ids, "teacher_log_probs": log_probs, "teacher_tail_log_prob": tail}
 
 
 # -- the reward model ------------------------------------------------------------------------
