@@ -14,7 +14,7 @@ import pytest
 
 from afmkit.adapters.train import TrainSettings, settings_from_args
 from afmkit.cli import build_parser
-from afmkit.compress.settings import CompressSettings
+from afmkit.compress.settings import CompressSettings, RecoverSettings
 from afmkit.data.curation.settings import CurationSettings
 from afmkit.data.tokenizer_training import TokenizerTrainSettings
 from afmkit.eval.graders import JudgeSettings
@@ -29,6 +29,7 @@ from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
 from afmkit.posttrain.itec import ItecSettings
 from afmkit.posttrain.reward import RewardSettings
+from afmkit.posttrain.rl import RLSettings
 from afmkit.posttrain.sft import SFTSettings
 from afmkit.posttrain.synth_if import SynthIFSettings
 from afmkit.talaria.settings import TalariaSettings
@@ -55,6 +56,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("info",): (),
     ("export",): (Source(ExportSettings),),
     ("compress", "palettize"): (Source(CompressSettings),),
+    ("compress", "recover"): (Source(RecoverSettings),),
     ("serve",): (Source(ServeSettings), Source(ServerLimits, every_field=False)),
     ("tokenizer", "train"): (Source(TokenizerTrainSettings),),
     ("curate",): (Source(CurationSettings),),
@@ -68,6 +70,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
     ("posttrain", "itec"): (Source(ItecSettings),),
     ("posttrain", "reward"): (Source(RewardSettings),),
+    ("posttrain", "rl"): (Source(RLSettings),),
     ("posttrain", "sft"): (Source(SFTSettings),),
     ("posttrain", "synth-if"): (Source(SynthIFSettings),),
     ("talaria",): (Source(TalariaSettings),),

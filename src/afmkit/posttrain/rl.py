@@ -1,0 +1,569 @@
+"""``afmkit posttrain rl``: RLHF with MDLOO (AFM_SPEC section 5), RLOO and PPO-clip as baselines.
+
+The policy is a LoRA adapter over the frozen base (on CPUs SmolLM2's own int4 weights), fresh
+(the policy starts as the base) or ``--init-adapter`` (an SFT/iTeC adapter); the reference policy
+``pi_ref`` is the starting policy. Each iteration ``k``:
+
+1. a new slice of ``--prompts-per-iteration`` train-split prompts; K samples each from the
+   current policy ``pi_k`` through the one engine (``posttrain.rollout``);
+2. rewards ``r``: the verifiable reward (strict) by default, a reward model's score with
+   ``--reward-model DIR``;
+3. per-token log-probs of every response under ``pi_k`` and ``pi_ref``
+   (``rollout.response_token_logprobs``); the sequence reward ``R = r - beta log(pi_k/pi_ref)``
+   and the leave-one-out advantage (``posttrain.losses``);
+4. the update, through the one trainer's step (``train.step`` with the ``Policy`` objective, the
+   whole iteration's samples one batch, split into microbatches of ``--train-batch`` rows):
+   ``mdloo`` takes ``--inner-steps`` gradient steps on ``E_{pi_k}[(pi/pi_k) A] - (1/t_k)
+   KL(pi || pi_k)``, ``rloo`` one policy-gradient step, ``ppo-clip`` ``--inner-steps`` clipped steps;
+5. a checkpoint (adapter, optimizer state, RNG, iteration), the adapter in PEFT layout, one line
+   of metrics; greedy dev-split accuracy every ``--dev-every`` iterations (IFEval is never used).
+
+Layout of ``--out DIR``::
+
+    rl.json            the run's settings (``--resume`` must repeat them, ``--iterations`` aside)
+    adapter/           the policy after the last finished iteration (PEFT layout)
+    checkpoints/       Orbax steps, one per iteration: adapter, optimizer state, RNG
+    metrics.jsonl      one record per iteration (``step`` = iteration; step 0: the starting dev score)
+    curves.png         reward, KL to the reference, response length, loops, dev accuracy
+    samples/iteration-NNNN.jsonl   every scored sample of an iteration
+
+Every sample's seed is a hash of (seed, iteration, prompt, index), so a run resumed from its
+last checkpoint after a kill gives the same adapter as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from afmkit.errors import UserError
+from afmkit.train.objectives import POLICY_ALGOS
+
+STATE_FILE = "rl.json"
+# Settings that may change on --resume (the rest define the run).
+MAY_CHANGE_ON_RESUME = ("iterations", "quiet", "resume")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLSettings:
+    """Every setting of ``afmkit posttrain rl`` and its default: the one source the CLI reads."""
+
+    algo: str = "mdloo"  # mdloo | rloo | ppo-clip
+    k: int = 4  # samples per prompt (the leave-one-out baseline needs K >= 2)
+    beta: float = 0.05  # weight of log(pi/pi_ref) in the sequence reward
+    iterations: int = 20
+    prompts_per_iteration: int = 8  # train-split prompts per iteration, a new slice each time
+    inner_steps: int = 4  # gradient steps per iteration for mdloo and ppo-clip (rloo takes one)
+    step_size: float = 1.0  # t_k, MDLOO's mirror-descent step size (larger: looser trust region)
+    clip_epsilon: float = 0.2  # PPO-clip's ratio clip
+    lr: float = 2e-5
+    lora_rank: int = 16  # a fresh adapter's rank (alpha 2 x rank); --init-adapter brings its own
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 1 and top-p 1: the samples come from pi itself (on-policy)
+    top_p: float = 1.0
+    batch: int = 64  # rollout rows decoded together
+    train_batch: int = 4  # rows per microbatch of the update (bounds the logits' memory)
+    dev_prompts: int = 32  # dev-split prompts answered greedily
+    dev_every: int = 5  # iterations between dev scores (0: never)
+    keep: int = 2  # checkpoints kept
+    seed: int = 0
+    resume: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        if self.algo not in POLICY_ALGOS:
+            raise UserError(f"unknown --algo {self.algo!r}; choose one of {', '.join(POLICY_ALGOS)}")
+        if self.k < 2:
+            raise UserError(
+                f"--k must be at least 2, got {self.k}: the leave-one-out advantage compares each sample "
+                "with the other samples of its prompt"
+            )
+        for name in (
+            "iterations",
+            "prompts_per_iteration",
+            "inner_steps",
+            "lora_rank",
+            "max_new_tokens",
+            "batch",
+            "train_batch",
+            "keep",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.dev_prompts < 0 or self.dev_every < 0:
+            raise UserError("--dev-prompts and --dev-every must be 0 or more")
+        if self.beta < 0 or self.lr <= 0 or self.step_size <= 0 or not 0 < self.clip_epsilon < 1:
+            raise UserError("--beta must be >= 0, --lr and --step-size positive, --clip-epsilon in (0, 1)")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise UserError(
+                f"--temperature must be positive and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
+            )
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return 1 if self.algo == "rloo" else self.inner_steps
+
+
+# -- one iteration's pieces ------------------------------------------------------------------
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The rollout seed of one iteration: fresh samples each iteration, the same ones on resume."""
+    return int.from_bytes(hashlib.sha256(f"rl|{seed}|{iteration}".encode()).digest()[:4], "little")
+
+
+def train_slice(prompts: Sequence[dict[str, Any]], per_iteration: int, iteration: int) -> list[dict[str, Any]]:
+    """Iteration ``iteration`` (1-based)'s prompts: consecutive slices, wrapping round the split."""
+    n = min(per_iteration, len(prompts))
+    start = ((iteration - 1) * per_iteration) % len(prompts)
+    return [prompts[(start + i) % len(prompts)] for i in range(n)]
+
+
+def policy_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    old_log_probs: np.ndarray,
+    advantages: np.ndarray,
+    *,
+    rows_multiple: int,
+) -> dict[str, np.ndarray]:
+    """The fields of a ``train.objectives.PolicyBatch``: each row is one prompt + response shifted
+    by one (inputs, next-token targets), the loss mask and old log-probs on the response's
+    targets. Rows are padded to a multiple of ``rows_multiple`` with empty rows (no loss) and the
+    length to the engine's prompt bucket, so few shapes compile."""
+    from afmkit.infer.engine import prompt_bucket
+
+    n = len(prompt_ids)
+    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids)) - 1
+    length = prompt_bucket(longest)
+    rows = -(-n // rows_multiple) * rows_multiple
+    fields = {
+        "tokens": np.zeros((rows, length), np.int32),
+        "targets": np.zeros((rows, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+        "segment_ids": np.zeros((rows, length), np.int32),
+        "loss_mask": np.zeros((rows, length), np.float32),
+        "old_log_probs": np.zeros((rows, length), np.float32),
+        "advantages": np.zeros((rows,), np.float32),
+    }
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        seq = list(p) + list(r)
+        fields["tokens"][i, : len(seq) - 1] = seq[:-1]
+        fields["targets"][i, : len(seq) - 1] = seq[1:]
+        fields["segment_ids"][i, : len(seq) - 1] = 1
+        # Response token t is the target at input position len(p) - 1 + t.
+        fields["loss_mask"][i, len(p) - 1 : len(seq) - 1] = 1.0
+        fields["old_log_probs"][i, len(p) - 1 : len(seq) - 1] = old_log_probs[i, : len(r)]
+        fields["advantages"][i] = advantages[i]
+    return fields
+
+
+# -- files -------------------------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _identity(settings: RLSettings, **inputs: Any) -> dict[str, Any]:
+    d = {k: v for k, v in dataclasses.asdict(settings).items() if k not in MAY_CHANGE_ON_RESUME}
+    return {**d, **inputs}
+
+
+def _check_out(out: Path, identity: dict[str, Any], resume: bool) -> None:
+    """``--out`` against ``--resume``, before anything is written."""
+    state = out / STATE_FILE
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it")
+        return
+    if not state.is_file():
+        raise UserError(f"--resume: {out} holds no RL run ({STATE_FILE}); start one without --resume")
+    try:
+        saved = json.loads(state.read_text()).get("settings", {})
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"--resume: cannot read {state} ({exc}); it is damaged") from None
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
+
+
+def read_split(path: str | os.PathLike, split: str) -> list[dict[str, Any]]:
+    from afmkit.posttrain.synth_if import read_prompts
+
+    return read_prompts(path, split=split)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:
+    """One PNG: reward, KL to the reference, response length, loops / max-token hits, dev accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("reward", ("mean_reward", "dev_strict")),
+        ("KL(pi_k || pi_ref), nats", ("kl_to_reference",)),
+        ("response tokens", ("response_length",)),
+        ("share of samples", ("loop_share", "max_tokens_share")),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=110)
+    for ax, (label, keys) in zip(axes.flat, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), "o-" if key.startswith("dev") else "-", label=key, linewidth=1, markersize=3)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- the run -------------------------------------------------------------------------------------
+def load_init_adapter(base: Any, path: str | os.PathLike) -> Any:
+    """An SFT/iTeC adapter to start from (refused in one line if made for another base)."""
+    from afmkit.adapters.peft_io import CONFIG_FILE, load_adapter
+
+    path = Path(path).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"--init-adapter {path} is not an adapter directory (no {CONFIG_FILE}); give one")
+    return load_adapter(path, config=base.config, params=base.params, name=path.name)
+
+
+def rl(
+    base: Any,
+    prompts_path: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: RLSettings,
+    *,
+    init_adapter: str | os.PathLike | None = None,
+    reward_model: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``settings.iterations`` iterations (the module docstring) into ``out``; returns the
+    metric records. ``base``: the loaded base model (``LanguageModel``, never modified) that the
+    policy adapter sits on. Every input check runs before the first write."""
+    import jax
+
+    from afmkit.adapters.lora import LoraConfig
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.posttrain import losses, verifiable
+    from afmkit.posttrain.rollout import (
+        Member,
+        RolloutSettings,
+        response_token_logprobs,
+        reward_model_scorer,
+        rollout,
+        verifier_scorer,
+    )
+    from afmkit.sharding.mesh import make_mesh
+    from afmkit.train.checkpoint import Checkpoints
+    from afmkit.train.metrics import MetricsLog
+    from afmkit.train.objectives import Policy, PolicyBatch
+    from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
+    from afmkit.train.step import (
+        StepConfig,
+        TrainState,
+        abstract_state,
+        global_batch,
+        init_sharded_state,
+        make_train_step,
+        state_shardings,
+    )
+    from afmkit.train.trainable import LoraWeights
+
+    settings.check()
+    out = Path(out)
+    train = read_split(prompts_path, "train")
+    dev = read_split(prompts_path, "dev")[: settings.dev_prompts] if settings.dev_prompts and settings.dev_every else []
+    reference = load_init_adapter(base, init_adapter) if init_adapter is not None else None
+    scorers, reward_name = [verifier_scorer], "strict"
+    if reward_model is not None:
+        from afmkit.posttrain.reward_model import load_reward_model
+
+        scorers, reward_name = [reward_model_scorer(load_reward_model(reward_model, base))], "rm"
+    if reference is None:
+        lora = LoraConfig(rank=settings.lora_rank, alpha=2.0 * settings.lora_rank, dtype="float32")
+    else:  # the starting adapter's shape; fp32 so the sampled policy is exactly the trained one
+        lora = dataclasses.replace(reference.config, dtype="float32")
+    lora.layer_ids(base.config)
+    identity = _identity(
+        settings,
+        prompts=str(prompts_path),
+        model=base.name,
+        init_adapter=None if init_adapter is None else str(init_adapter),
+        reward_model=None if reward_model is None else str(reward_model),
+    )
+    _check_out(out, identity, settings.resume)
+
+    config = base.config
+    subset = LoraWeights(lora)
+    saved_subset = LoraWeights(dataclasses.replace(lora, dtype="float16"))  # PEFT's usual storage
+    objective = Policy(algo=settings.algo, step_size=settings.step_size, clip_epsilon=settings.clip_epsilon)
+    total_steps = settings.iterations * settings.steps_per_iteration
+    optimizer_config = OptimizerConfig(
+        name="adamw", peak_lr=settings.lr, warmup_steps=0, total_steps=total_steps, final_lr_fraction=1.0,
+        weight_decay=0.0,
+    )  # fmt: skip
+    optimizer = build_optimizer(optimizer_config)
+    schedule = lr_schedule(optimizer_config)
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    shardings = state_shardings(config, optimizer, mesh, subset=subset, objective=objective)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / STATE_FILE, {"settings": identity})
+    (out / "samples").mkdir(exist_ok=True)
+    checkpoints = Checkpoints(out / "checkpoints", keep=settings.keep, async_save=False)
+    latest = checkpoints.latest_step() if settings.resume else None
+    if latest is not None:
+        abstract = abstract_state(config, optimizer, subset=subset, objective=objective)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        restored, position = checkpoints.restore(latest, target.as_dict())
+        state, done = TrainState.from_dict(restored), int(position["iteration"])
+    else:
+        initial = None if reference is None else LoraWeights.tree(reference)
+        state = init_sharded_state(
+            config, optimizer, shardings, seed=settings.seed, subset=subset, objective=objective, initial=initial
+        )
+        done = 0
+    log = MetricsLog(out / "metrics.jsonl", resume_from_step=done)
+    steps: dict[tuple[int, ...], Any] = {}  # one compiled step per batch shape
+
+    def step_for(shape: tuple[int, ...], example: Any) -> Any:
+        if shape not in steps:
+            steps[shape] = make_train_step(
+                config=config,
+                optimizer=optimizer,
+                schedule=schedule,
+                step_config=StepConfig(accum_steps=shape[0]),
+                mesh=mesh,
+                shardings=shardings,
+                batch_example=example,
+                subset=subset,
+                objective=objective,
+                frozen=base.params,
+            )
+        return steps[shape]
+
+    def policy_member(params: Any, iteration: int) -> Member:
+        return Member(f"policy-{iteration}", base, subset.adapter(jax.device_get(params), config, name="policy"))
+
+    def dev_scores(member: Member) -> dict[str, float]:
+        greedy = RolloutSettings(
+            samples=1,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=settings.seed,
+            batch=settings.batch,
+        )
+        samples = rollout([member], dev, greedy, scorers=())
+        by_id = {str(p.get("id", p.get("key"))): p for p in dev}
+        scored = verifiable.instruction_rewards([by_id[s.prompt_id] for s in samples], [s.text for s in samples])
+        return {
+            "dev_strict": float(np.mean(scored.strict)),
+            "dev_strict_all": float(np.mean(scored.strict_all)),
+            "dev_loop_share": float(np.mean([s.loop for s in samples])),
+        }
+
+    if dev and not any(r.get("step") == 0 for r in log.records):
+        log.write({"step": 0, **dev_scores(policy_member(state.params, 0))})
+
+    for iteration in range(done + 1, settings.iterations + 1):
+        started = time.perf_counter()
+        prompts = train_slice(train, settings.prompts_per_iteration, iteration)
+        member = policy_member(state.params, iteration)
+        stats: dict[str, float] = {}
+        rollout_settings = RolloutSettings(
+            samples=settings.k,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=iteration_seed(settings.seed, iteration),
+            batch=settings.batch,
+        )
+        samples = rollout([member], prompts, rollout_settings, scorers=scorers, stats=stats)
+        prompt_ids = [s.prompt_tokens for s in samples]
+        response_ids = [s.tokens for s in samples]
+        lengths = np.array([len(r) for r in response_ids])
+        old = response_token_logprobs(base.params, config, prompt_ids, response_ids, member.adapter)
+        ref = response_token_logprobs(base.params, config, prompt_ids, response_ids, reference)
+        mask = np.arange(old.shape[1])[None, :] < lengths[:, None]
+        old_seq = np.where(mask, old, 0.0).sum(axis=1)
+        ref_seq = np.where(mask, ref, 0.0).sum(axis=1)
+        rewards = np.array([s.rewards[reward_name] for s in samples], np.float32)
+        sequence_rewards = np.asarray(losses.sequence_rewards(rewards, old_seq, ref_seq, settings.beta))
+        advantages = np.asarray(losses.leave_one_out_advantages(sequence_rewards.reshape(-1, settings.k))).reshape(-1)
+        rows = policy_rows(prompt_ids, response_ids, old, advantages, rows_multiple=settings.train_batch)
+        accum = len(rows["tokens"]) // settings.train_batch
+        batch = global_batch(
+            rows, mesh, global_rows=len(rows["tokens"]), accum_steps=accum, objective=objective, batch_type=PolicyBatch
+        )
+        train_step = step_for((accum, *rows["tokens"].shape), batch)
+        rollout_seconds = time.perf_counter() - started
+        train_started = time.perf_counter()
+        first = None
+        for _ in range(settings.steps_per_iteration):
+            state, metrics = train_step(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not metrics["finite"]:
+                raise UserError(
+                    f"iteration {iteration}: the policy loss or its gradient is not finite; lower --lr "
+                    "(the last good checkpoint is kept)"
+                )
+            first = metrics if first is None else first
+        train_seconds = time.perf_counter() - train_started
+        trained_tokens = int(rows["segment_ids"].sum()) * settings.steps_per_iteration
+        checkpoints.save(iteration, state.as_dict(), {"iteration": iteration})
+        saved = saved_subset.adapter(jax.device_get(state.params), config, name=out.name)
+        save_adapter(out / "adapter", saved, config=config, params=base.params, base_name=base.name)
+        _write_jsonl(
+            out / "samples" / f"iteration-{iteration:04d}.jsonl",
+            [{**s.to_json(), "advantage": float(a)} for s, a in zip(samples, advantages)],
+        )
+        record = {
+            "step": iteration,
+            "mean_reward": float(rewards.mean()),
+            "mean_sequence_reward": float(sequence_rewards.mean()),
+            "kl_to_reference": float(np.mean(old_seq - ref_seq)),  # y ~ pi_k: a sample of KL(pi_k || pi_ref)
+            "response_length": float(lengths.mean()),
+            "loop_share": float(np.mean([s.loop for s in samples])),
+            "max_tokens_share": float(np.mean([s.finish_reason == "length" for s in samples])),
+            "loss_first": first["loss"],
+            "loss_last": metrics["loss"],
+            "grad_norm": metrics["grad_norm"],
+            **{f"{k}_last": metrics[k] for k in ("kl_to_previous", "ratio", "clip_fraction") if k in metrics},
+            "rollout_tokens_per_second": stats["tokens_per_second"],
+            "train_tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
+            "rollout_seconds": rollout_seconds,
+            "train_seconds": train_seconds,
+        }
+        if dev and iteration % settings.dev_every == 0:
+            record.update(dev_scores(policy_member(state.params, iteration)))
+        record["seconds"] = time.perf_counter() - started
+        log.write(record)
+        plot_curves(log.records, out / "curves.png", title=f"{settings.algo} on {base.name}")
+        if not settings.quiet:
+            print(format_record(record, settings.iterations), flush=True)
+    checkpoints.close()
+    if not (out / "adapter").is_dir():  # nothing ran (already finished): the adapter is the checkpoint's
+        saved = saved_subset.adapter(jax.device_get(state.params), config, name=out.name)
+        save_adapter(out / "adapter", saved, config=config, params=base.params, base_name=base.name)
+    return log.records
+
+
+def format_record(record: dict[str, Any], iterations: int) -> str:
+    line = (
+        f"iteration {record['step']}/{iterations}  reward {record['mean_reward']:.3f}  "
+        f"KL(ref) {record['kl_to_reference']:.4f}  length {record['response_length']:.0f}  "
+        f"loops {record['loop_share']:.2f}  max-tokens {record['max_tokens_share']:.2f}  "
+        f"rollout {record['rollout_tokens_per_second']:.0f} tok/s  train {record['train_tokens_per_second']:.0f} tok/s  "
+        f"{record['seconds']:.0f} s"
+    )
+    if "dev_strict" in record:
+        line += f"  dev strict {record['dev_strict']:.3f} (all {record['dev_strict_all']:.3f})"
+    return line
+
+
+# -- command -------------------------------------------------------------------------------------
+def register(recipes: Any) -> None:
+    from afmkit.cli_args import model_argument
+
+    d = RLSettings()
+    parser = recipes.add_parser("rl", help="RLHF: MDLOO (AFM), with RLOO and PPO-clip as baselines")
+    model_argument(parser, role="base model (the policy is a LoRA adapter over it)")
+    parser.add_argument("--prompts", required=True, help="a synth-if prompts file (train split sampled, dev judged)")
+    parser.add_argument("--out", required=True, help="run directory (see docs/posttraining.md)")
+    parser.add_argument(
+        "--init-adapter", default=None, help="start from this adapter (SFT/iTeC); it is also the reference policy"
+    )
+    parser.add_argument("--reward-model", default=None, help="reward with this reward model (default: the verifier)")
+    parser.add_argument("--algo", choices=POLICY_ALGOS, default=d.algo, help=f"policy update (default {d.algo})")
+    parser.add_argument("--k", type=int, default=d.k, help=f"samples per prompt, K >= 2 (default {d.k})")
+    parser.add_argument(
+        "--beta", type=float, default=d.beta, help=f"KL weight in R = r - beta log(pi/pi_ref) (default {d.beta:g})"
+    )
+    parser.add_argument("--iterations", type=int, default=d.iterations, help=f"iterations (default {d.iterations})")
+    parser.add_argument(
+        "--prompts-per-iteration",
+        type=int,
+        default=d.prompts_per_iteration,
+        help=f"train prompts per iteration (default {d.prompts_per_iteration})",
+    )
+    parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=d.inner_steps,
+        help=f"gradient steps per iteration for mdloo and ppo-clip; rloo takes 1 (default {d.inner_steps})",
+    )
+    parser.add_argument(
+        "--step-size", type=float, default=d.step_size, help=f"MDLOO's step size t_k (default {d.step_size:g})"
+    )
+    parser.add_argument(
+        "--clip-epsilon", type=float, default=d.clip_epsilon, help=f"PPO-clip's clip (default {d.clip_epsilon:g})"
+    )
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"learning rate, constant (default {d.lr:g})")
+    parser.add_argument(
+        "--lora-rank", type=int, default=d.lora_rank, help=f"rank of a fresh adapter (default {d.lora_rank})"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens per response (default {d.max_new_tokens})"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature:g})"
+    )
+    parser.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling (default {d.top_p:g})")
+    parser.add_argument("--batch", type=int, default=d.batch, help=f"rollout rows decoded together (default {d.batch})")
+    parser.add_argument(
+        "--train-batch", type=int, default=d.train_batch, help=f"rows per update microbatch (default {d.train_batch})"
+    )
+    parser.add_argument(
+        "--dev-prompts", type=int, default=d.dev_prompts, help=f"dev prompts scored greedily (default {d.dev_prompts})"
+    )
+    parser.add_argument(
+        "--dev-every",
+        type=int,
+        default=d.dev_every,
+        help=f"iterations between dev scores; 0 = never (default {d.dev_every})",
+    )
+    parser.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"sampling and initialisation seed (default {d.seed})")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last iteration")
+    parser.add_argument("--quiet", action="store_true", help="no per-iteration lines")
+    parser.set_defaults(run=cmd_rl)
+
+
+def settings_from_args(args: Any) -> RLSettings:
+    return RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
+
+
+def cmd_rl(args: Any) -> int:
+    import afmkit
+
+    settings = settings_from_args(args)
+    settings.check()
+    read_split(args.prompts, "train")
+    if settings.dev_prompts and settings.dev_every:
+        read_split(args.prompts, "dev")
+    if not settings.resume:  # --resume compares the settings once the base is loaded
+        _check_out(Path(args.out), {}, resume=False)
+    base = afmkit.load(args.model, dtype=args.dtype)
+    records = rl(base, args.prompts, args.out, settings, init_adapter=args.init_adapter, reward_model=args.reward_model)
+    last = records[-1] if records else {}
+    print(json.dumps({k: last.get(k) for k in ("step", "mean_reward", "kl_to_reference", "dev_strict")}))
+    return 0

@@ -1,0 +1,283 @@
+"""``afmkit posttrain rl``: the policy rows put each response's targets where the teacher-forced
+log-probs put them; an iteration's advantages are the leave-one-out ones of the verifier's
+rewards; only the LoRA adapter trains; the reward rises on a toy verifiable task; a run killed
+with SIGKILL and resumed gives the same adapter as one never interrupted; bad input is one line
+and writes nothing."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afmkit.adapters.lora import LoraConfig, random_adapter, single
+from afmkit.adapters.peft_io import load_adapter, save_adapter
+from afmkit.cli import main
+from afmkit.model.transformer import init_params
+from afmkit.posttrain import verifiable
+from afmkit.posttrain.reward_model import init_reward_heads, save_reward_model
+from afmkit.posttrain.rl import RLSettings, policy_rows, rl
+from afmkit.posttrain.rollout import chat_prompt_ids, response_token_logprobs
+from afmkit.train.metrics import read_metrics
+from afmkit.train.objectives import ModelView
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+# A toy verifiable task a random tiny model can learn: "fewer than 3 letters e" in a 4-token
+# response. Its random samples meet it about 40% of the time (so the K samples of a prompt
+# disagree often) and every token choice moves the reward.
+TOY = {
+    "instruction_id_list": ["keywords:letter_frequency"],
+    "kwargs": [{"letter": "e", "let_frequency": 3, "let_relation": "less than"}],
+}
+
+
+def prompt_rows(n_train=4, n_dev=2):
+    rows = []
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        for i in range(n):
+            key = f"t-{split}-{i}"
+            rows.append({"id": key, "key": key, "prompt": f"Tell me about thing {i}.", "split": split, **TOY})
+    return rows
+
+
+def write_prompts(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", prompt_rows())
+
+
+SMALL = RLSettings(
+    k=2,
+    beta=0.1,
+    iterations=2,
+    prompts_per_iteration=2,
+    inner_steps=2,
+    lr=1e-3,
+    lora_rank=2,
+    max_new_tokens=4,
+    batch=8,
+    train_batch=2,
+    dev_prompts=2,
+    dev_every=2,
+    quiet=True,
+)
+
+
+def test_policy_rows_score_the_response_tokens_like_teacher_forcing(tiny_model):
+    """The objective's log-probs of a row's targets, where its loss mask is 1, equal
+    ``response_token_logprobs`` of the response (a separate forward on unpadded prompt +
+    response), and the old log-probs land on the same positions."""
+    config, params = tiny_model.config, tiny_model.params
+    prompts = [chat_prompt_ids(tiny_model.tokenizer, t) for t in ("Hi.", "Tell me a longer thing, please.")]
+    responses = [[11, 12, 13], [40, 41, 42, 43, 44]]
+    adapter = random_adapter(config, LoraConfig(rank=2, alpha=4.0), jax.random.PRNGKey(3), b_std=0.3, name="a")
+    want = response_token_logprobs(params, config, prompts, responses, adapter)
+    rows = policy_rows(prompts, responses, want, np.array([0.5, -0.5]), rows_multiple=4)
+    assert rows["tokens"].shape[0] == 4 and rows["loss_mask"][2:].sum() == 0  # padding rows: no loss
+    view = ModelView(config=config, params=params, adapters=single(adapter), compute_dtype=jnp.float32)
+    got = np.asarray(
+        view.target_log_probs(
+            jnp.asarray(rows["tokens"]),
+            jnp.asarray(rows["positions"]),
+            jnp.asarray(rows["segment_ids"]),
+            jnp.asarray(rows["targets"]),
+        )
+    )
+    for i, r in enumerate(responses):
+        on = rows["loss_mask"][i] > 0
+        assert on.sum() == len(r)
+        np.testing.assert_array_equal(rows["targets"][i][on], r)
+        # fp32 forwards of the same weights on differently padded inputs: summation-order noise only
+        np.testing.assert_allclose(got[i][on], want[i, : len(r)], atol=1e-4)
+        np.testing.assert_array_equal(rows["old_log_probs"][i][on], want[i, : len(r)])
+    np.testing.assert_array_equal(rows["advantages"], [0.5, -0.5, 0.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_model, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl") / "run"
+    before = jax.tree.map(np.array, tiny_model.params)
+    records = rl(tiny_model, prompts_file, out, SMALL)
+    return out, records, before
+
+
+def test_an_iteration_uses_leave_one_out_advantages_and_trains_only_the_adapter(tiny_model, small_run):
+    out, records, before = small_run
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "dev_strict" in records[0] and "dev_strict" in records[2] and "dev_strict" not in records[1]
+    for name in ("adapter/adapter_config.json", "metrics.jsonl", "curves.png", "rl.json"):
+        assert (out / name).is_file(), name
+    # Iteration 1 samples from the starting policy, which is the reference: R = r exactly, and
+    # A_i = r_i - r_other for K = 2 (a numpy transcription, from the verifier called directly).
+    samples = [json.loads(line) for line in (out / "samples" / "iteration-0001.jsonl").read_text().splitlines()]
+    rows = {r["id"]: r for r in prompt_rows()}
+    r = verifiable.instruction_rewards([rows[s["prompt_id"]] for s in samples], [s["text"] for s in samples]).strict
+    np.testing.assert_array_equal([s["rewards"]["strict"] for s in samples], r)
+    pairs = r.reshape(-1, 2)
+    want = np.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], axis=1).reshape(-1)
+    np.testing.assert_allclose([s["advantage"] for s in samples], want, atol=1e-6)
+    assert records[1]["mean_reward"] == pytest.approx(r.mean())
+    assert records[1]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # pi_1 is pi_ref
+    # The base is untouched; the adapter moved (LoRA's B starts at zero), where the advantages
+    # were not all zero.
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, tiny_model.params), before)
+    adapter = load_adapter(out / "adapter", config=tiny_model.config, params=tiny_model.params)
+    moved = sum(
+        float(np.abs(np.asarray(ab["b"], np.float32)).sum()) for layer in adapter.weights for ab in layer.values()
+    )
+    advantages = [
+        s["advantage"] for i in (1, 2) for s in map(json.loads, (out / "samples" / f"iteration-{i:04d}.jsonl").open())
+    ]
+    assert (moved > 0) == any(a != 0 for a in advantages)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory):
+    return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "afm-tiny")
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter(tiny_model, tmp_path_factory):
+    """An adapter saved for another base of the same shapes (other random weights)."""
+    other = init_params(tiny_model.config, jax.random.PRNGKey(99))
+    adapter = random_adapter(tiny_model.config, LoraConfig(rank=2, alpha=4.0), jax.random.PRNGKey(1), name="other")
+    return save_adapter(tmp_path_factory.mktemp("adapters") / "other", adapter, config=tiny_model.config, params=other)
+
+
+@pytest.fixture(scope="module")
+def foreign_reward_model(tiny_model, tmp_path_factory):
+    """A heads-only reward model saved for the same base but another tokenizer (another chat template)."""
+    other = copy.copy(tiny_model.tokenizer)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    other._template = None
+    heads = init_reward_heads(tiny_model.config, jax.random.PRNGKey(2))
+    directory = tmp_path_factory.mktemp("rm") / "rm"
+    save_reward_model(directory, heads, config=tiny_model.config, base_params=tiny_model.params, tokenizer=other)
+    return directory
+
+
+def cli_args(model, prompts, out, settings=SMALL, *extra):
+    return [
+        "posttrain", "rl", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+        "--algo", settings.algo, "--k", str(settings.k), "--beta", str(settings.beta),
+        "--iterations", str(settings.iterations), "--prompts-per-iteration", str(settings.prompts_per_iteration),
+        "--inner-steps", str(settings.inner_steps), "--lr", str(settings.lr), "--lora-rank", str(settings.lora_rank),
+        "--max-new-tokens", str(settings.max_new_tokens), "--batch", str(settings.batch),
+        "--train-batch", str(settings.train_batch), "--dev-prompts", str(settings.dev_prompts),
+        "--dev-every", str(settings.dev_every), "--seed", str(settings.seed), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "is empty"),
+        ("k1", "--k must be at least 2"),
+        ("foreign-adapter", "another base model"),
+        ("foreign-reward-model", "another tokenizer"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    case, message, checkpoint, foreign_adapter, foreign_reward_model, tmp_path, capsys
+):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [] if case == "empty" else prompt_rows())
+    extra = {
+        "k1": ["--k", "1"],
+        "foreign-adapter": ["--init-adapter", str(foreign_adapter)],
+        "foreign-reward-model": ["--reward-model", str(foreign_reward_model)],
+    }.get(case, [])
+    out = tmp_path / "out"
+    assert main([*cli_args(checkpoint, prompts, out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_resume_with_other_settings_is_refused_and_changes_nothing(checkpoint, prompts_file, small_run, capsys):
+    out, _, _ = small_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main([*cli_args(checkpoint, prompts_file, out), "--resume", "--beta", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "settings differ" in err and "beta" in err and len(err.splitlines()) == 1, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+# -- slow: learning and exact resume -------------------------------------------------------------
+@pytest.mark.slow  # 30 iterations of rollout + update: a few minutes on 2 shared cores
+@pytest.mark.parametrize("algo", ["mdloo"])
+def test_reward_rises_on_a_toy_verifiable_task(tiny_model, prompts_file, tmp_path, algo):
+    settings = RLSettings(
+        algo=algo,
+        k=4,
+        beta=0.0,
+        iterations=30,
+        prompts_per_iteration=4,
+        inner_steps=2,
+        lr=3e-3,
+        lora_rank=4,
+        max_new_tokens=4,
+        batch=16,
+        train_batch=8,
+        dev_prompts=0,
+        quiet=True,
+    )
+    records = rl(tiny_model, prompts_file, tmp_path / "run", settings)
+    rewards = np.array([r["mean_reward"] for r in records])
+    # Each iteration's mean is over 16 samples of a 0/1 reward: its standard error is at most
+    # 0.5 / 4 = 0.125, so a mean over 8 iterations has at most ~0.044; a rise of 0.2 between
+    # the first and last 8 is > 3 standard errors of the difference (0.063).
+    assert rewards[-8:].mean() > rewards[:8].mean() + 0.2, rewards
+
+
+def environment():
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.mark.slow  # three processes that each compile the rollout and the update
+def test_sigkill_then_resume_gives_the_adapter_of_an_uninterrupted_run(checkpoint, prompts_file, tmp_path):
+    settings = RLSettings(**{**SMALL.__dict__, "iterations": 4, "dev_every": 0})
+    reference = tmp_path / "reference"
+    subprocess.run(
+        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, reference, settings)],
+        check=True,
+        env=environment(),
+        timeout=900,
+    )
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, killed, settings)], env=environment()
+    )
+    deadline = time.monotonic() + 900
+    metrics = killed / "metrics.jsonl"
+    while not (metrics.exists() and any(r["step"] >= 2 for r in read_metrics(metrics))):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(r["step"] for r in read_metrics(metrics)) < settings.iterations, "killed mid-run"
+    subprocess.run(
+        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, killed, settings), "--resume"],
+        check=True,
+        env=environment(),
+        timeout=900,
+    )
+    got = (killed / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert got == (reference / "adapter" / "adapter_model.safetensors").read_bytes()
+    keys = ("step", "mean_reward", "loss_last", "grad_norm")
+    assert [{k: r[k] for k in keys} for r in read_metrics(metrics)] == [
+        {k: r[k] for k in keys} for r in read_metrics(reference / "metrics.jsonl")
+    ]
