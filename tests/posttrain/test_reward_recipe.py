@@ -122,6 +122,17 @@ def test_held_out_metrics_match_a_numpy_transcription():
     assert got["by_source"]["b"]["accuracy"] == pytest.approx(2 / 3)
 
 
+def test_a_held_out_limit_takes_a_fixed_sample_from_every_source():
+    pairs = [
+        pd.PreferencePair(({"role": "user", "content": f"q{i}"},), "a", "b", level=1, source=f"s{i % 3}:{i}")
+        for i in range(60)
+    ]
+    sample = recipe.held_out_sample(pairs, 12)
+    assert len(sample) == 12 and sample == recipe.held_out_sample(list(reversed(pairs)), 12)[::-1]
+    assert {recipe.source_group(p.source) for p in sample} == {"s0", "s1", "s2"}
+    assert recipe.held_out_sample(pairs, 0) == pairs
+
+
 def test_itec_samples_become_pairs_ranked_by_the_verifiable_reward(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "p1", "key": "p1", "prompt": "Write two words."}) + "\n")

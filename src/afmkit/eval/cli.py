@@ -96,7 +96,14 @@ def register(commands: Any) -> None:
     sxs.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     sxs.add_argument("--grader", required=True, choices=["judge", "reward"], help="LLM judge or reward model")
     _judge_arguments(sxs)
-    sxs.add_argument("--reward", help="reward model for --grader reward, as module:callable scoring (prompt, response)")
+    sxs.add_argument(
+        "--reward",
+        help="for --grader reward: a reward-model directory ('afmkit posttrain reward --out'), "
+        "or module:callable scoring (prompt, response)",
+    )
+    sxs.add_argument(
+        "--reward-base", help="model the reward-model directory runs on (default: the base it was trained on)"
+    )
     sxs.add_argument("--limit", type=int, help="only the first N prompts")
     _generation_arguments(sxs, SxsSettings())
     sxs.add_argument("--out", required=True, help="results folder (responses, pairs.jsonl, grades, report)")
@@ -260,7 +267,13 @@ def _judge(args: argparse.Namespace) -> Any:
 def cmd_sxs(args: argparse.Namespace) -> int:
     from afmkit.eval import sxs
     from afmkit.eval.generation import check_run_settings
-    from afmkit.eval.graders import JudgeGrader, RewardModelGrader, load_callable
+    from afmkit.eval.graders import (
+        JudgeGrader,
+        RewardModelGrader,
+        is_reward_model_dir,
+        load_callable,
+        reward_model_grader,
+    )
 
     for name in ("--limit", "--max-new-tokens", "--batch-size"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
@@ -271,8 +284,13 @@ def cmd_sxs(args: argparse.Namespace) -> int:
         grader = JudgeGrader(client)
     else:
         if not args.reward:
-            raise UserError("--grader reward needs --reward module:callable (a function scoring (prompt, response))")
-        grader = RewardModelGrader(load_callable(args.reward, flag="--reward"))
+            raise UserError(
+                "--grader reward needs --reward: a reward-model directory or module:callable scoring (prompt, response)"
+            )
+        if is_reward_model_dir(args.reward):
+            grader = reward_model_grader(args.reward, args.reward_base, dtype=args.dtype)
+        else:
+            grader = RewardModelGrader(load_callable(args.reward, flag="--reward"))
     out = Path(args.out)
     for side, name in (("a", args.a), ("b", args.b)):
         settings = {"model": name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}

@@ -52,7 +52,7 @@ class RewardModelGrader:
     The margin in reward points maps to a strength: ``>= much`` much better, ``>= better``
     better, ``>= slightly`` slightly better, ``> tie`` negligibly better, else a tie. The
     defaults suit rewards on a logit scale (Bradley-Terry: a margin of 2 is a ~88% preference).
-    Any callable works: the post-training reward model plugs in here.
+    Any callable works; ``reward_model_grader`` plugs in the post-training reward model.
     """
 
     score: RewardFunction
@@ -77,6 +77,43 @@ class RewardModelGrader:
             else "negligibly better"
         )
         return PairGrade(winner="first" if a > b else "second", strength=strength, raw=f"{a:.4f} vs {b:.4f}")
+
+
+def reward_model_grader(directory: str, base: Any = None, *, dtype: Any = None) -> RewardModelGrader:
+    """A reward model trained by ``afmkit posttrain reward --out DIR`` as a grader: it scores the
+    exchange (the prompt as a user turn, the response as the assistant's) and prefers the
+    higher score; its scores are Bradley-Terry logits, the scale ``RewardModelGrader``'s
+    thresholds assume. ``base``: the model it runs on (a ``LanguageModel`` or a name/path;
+    default the base recorded in the reward model), refused with one line when its tokenizer,
+    or for an adapter trunk its weights, are not the ones the reward model was trained with.
+    Each (prompt, response) is scored once, though ``sxs`` shows every pair in both orders."""
+    from pathlib import Path
+
+    from afmkit.posttrain.reward_model import load_reward_model, read_reward_metadata
+
+    meta = read_reward_metadata(directory)
+    if base is None or isinstance(base, str):
+        from afmkit.lm import load
+
+        base = load(base or meta["base_name"], dtype=dtype)
+    model = load_reward_model(directory, base, dtype=dtype)
+    cache: dict[tuple[str, str], float] = {}
+
+    def score(prompt: str, response: str) -> float:
+        if (prompt, response) not in cache:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            cache[prompt, response] = float(model.score([messages])[0])
+        return cache[prompt, response]
+
+    return RewardModelGrader(score, name=f"reward-model:{Path(directory).name}")
+
+
+def is_reward_model_dir(spec: str) -> bool:
+    """Whether ``--reward`` names a directory (a reward model; ``reward_model_grader`` says so in
+    one line when it is not one) rather than ``module:callable``."""
+    from pathlib import Path
+
+    return Path(spec).expanduser().is_dir()
 
 
 def load_callable(spec: str, *, flag: str) -> Callable[..., Any]:

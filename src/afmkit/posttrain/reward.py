@@ -45,7 +45,7 @@ from afmkit.errors import UserError
 REPORT_FILE = "report.json"
 RUN_DIR = "training"
 # Settings that may change on --resume (the rest define the run).
-MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet")
+MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet", "held_out_limit")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +63,7 @@ class RewardSettings:
     max_tokens: int = 384  # longest conversation trained on; longer pairs are skipped (and counted)
     grade_weight: float = 1.0  # lambda: weight of the grade heads' cross-entropy (AFM does not publish it)
     test_fraction: float = 0.1  # held-out share of the prompts (never trained on)
+    held_out_limit: int = 0  # score only this many held-out pairs (0: all), a quicker, noisier report
     weight_decay: float = 0.0
     accum: int = 1
     save_every: int = 50
@@ -75,6 +76,8 @@ class RewardSettings:
     def check(self) -> None:
         if not self.full and self.lora_rank < 1:
             raise UserError(f"--lora-rank must be at least 1, got {self.lora_rank} (or train every weight with --full)")
+        if self.held_out_limit < 0:
+            raise UserError(f"--held-out-limit must be 0 (all) or more, got {self.held_out_limit}")
         for name in ("steps", "batch", "max_tokens", "accum", "keep"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -179,6 +182,17 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 # -- the recipe --------------------------------------------------------------------------------
+def held_out_sample(test: Sequence[Any], limit: int) -> list[Any]:
+    """All held-out pairs (``limit`` 0), or ``limit`` of them in the order of their prompts'
+    hashes: a fixed sample spread over every source, the same for every run on the same data."""
+    from afmkit.posttrain.preference_data import prompt_key
+
+    if not limit or limit >= len(test):
+        return list(test)
+    ranked = sorted(range(len(test)), key=lambda i: (prompt_key(test[i].prompt), i))
+    return [test[i] for i in sorted(ranked[:limit])]
+
+
 def split_for_training(pairs: Sequence[Any], settings: RewardSettings) -> tuple[list[Any], list[Any]]:
     """(train, held-out) by ``preference_data.split_pairs``; refused with one line when either
     side is empty."""
@@ -198,11 +212,12 @@ def split_for_training(pairs: Sequence[Any], settings: RewardSettings) -> tuple[
 
 
 def train_reward_model(
-    model: Any, pairs: Sequence[Any], out: str | os.PathLike, settings: RewardSettings
+    model: Any, pairs: Sequence[Any], out: str | os.PathLike, settings: RewardSettings, *, base_name: str = ""
 ) -> dict[str, Any]:
     """Train a reward model on ``model`` (a ``LanguageModel``, left unchanged) from ``pairs``
     (``preference_data.PreferencePair``); writes ``out`` (see the module docstring) and returns
-    the report."""
+    the report. ``base_name``: how to load the base again (a name or path; default the model's
+    name), recorded for the graders that load the reward model."""
     from afmkit.posttrain.preference_data import pair_batch, tokenize_pairs
     from afmkit.posttrain.reward_model import RewardModel as Scorer
     from afmkit.posttrain.reward_model import save_reward_model
@@ -274,7 +289,8 @@ def train_reward_model(
         "train_seconds": trained["seconds"],
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last_10": float(np.mean(losses[-10:])) if losses else None,
-        "held_out": evaluate_pairs(scorer, test),
+        "held_out_pairs_total": len(test),
+        "held_out": evaluate_pairs(scorer, held_out_sample(test, settings.held_out_limit)),
     }
 
     def write(directory: Path) -> None:
@@ -286,7 +302,7 @@ def train_reward_model(
             tokenizer=model.tokenizer,
             adapter=adapter,
             trunk_params=weights if settings.full else None,
-            base_name=model.name,
+            base_name=base_name or model.name,
             extra_files={REPORT_FILE: json.dumps(report, indent=2)},
         )
 
@@ -341,6 +357,12 @@ def register(recipes: Any) -> None:
         help=f"held-out share of the prompts, never trained on (default {d.test_fraction:g})",
     )
     parser.add_argument(
+        "--held-out-limit",
+        type=int,
+        default=d.held_out_limit,
+        help=f"score only N held-out pairs, a fixed sample (0 = all; default {d.held_out_limit})",
+    )
+    parser.add_argument(
         "--weight-decay",
         type=float,
         default=d.weight_decay,
@@ -382,7 +404,8 @@ def cmd_reward(args: Any) -> int:
     # (on CPUs SmolLM2's own int4 weights, QLoRA-style).
     dtype = args.dtype or ("float32" if settings.full else None)
     model = afmkit.load(args.model, dtype=dtype)
-    report = train_reward_model(model, pairs, args.out, settings)
+    named = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    report = train_reward_model(model, pairs, args.out, settings, base_name=named)
     if report["steps_done"] < settings.steps:
         print(
             f"afmkit: stopped at step {report['steps_done']} of {settings.steps}; the output holds that step. "

@@ -50,6 +50,7 @@ FORMAT = "afmkit-reward-model"
 VERSION = 1
 META_FILE = "reward_model.json"
 HEADS_FILE = "reward_heads.safetensors"
+SCORE_BUCKET = 64  # scored rows are padded to a multiple of this many tokens
 
 Heads = dict[str, dict[str, jax.Array]]
 
@@ -150,15 +151,22 @@ class RewardModel:
         return np.asarray(scores), np.asarray(jax.nn.softmax(grade_logits, axis=-1))
 
     def score(self, conversations: Sequence[Sequence[dict[str, str]]], *, batch: int = 8) -> np.ndarray:
-        """Scores ``[N]`` of whole conversations (each ending with the assistant's reply)."""
+        """Scores ``[N]`` of whole conversations (each ending with the assistant's reply), in
+        their order. Rows are batched by length and padded to a multiple of ``SCORE_BUCKET``
+        tokens, so padding stays small and few shapes compile; a row's score does not depend
+        on its padding (it is read at its own last token, and padding is its own segment)."""
         from afmkit.posttrain.preference_data import conversation_ids, pad_rows
 
         rows = [conversation_ids(self.tokenizer, list(messages)) for messages in conversations]
-        out = []
-        for lo in range(0, len(rows), batch):
-            tokens, segment_ids = pad_rows(rows[lo : lo + batch])
-            out.append(self.outputs(tokens, segment_ids)[0])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        scores = np.zeros((len(rows),), np.float32)
+        for lo in range(0, len(order), batch):
+            chunk = order[lo : lo + batch]
+            longest = max(len(rows[i]) for i in chunk)
+            length = -(-longest // SCORE_BUCKET) * SCORE_BUCKET
+            tokens, segment_ids = pad_rows([rows[i] for i in chunk] + [[]] * (batch - len(chunk)), length)
+            scores[chunk] = self.outputs(tokens, segment_ids)[0][: len(chunk)]
+        return scores
 
 
 _jitted_outputs = jax.jit(
