@@ -9,6 +9,10 @@ Names resolve to weights:
 * a path to a ``.gguf`` file, an afmkit checkpoint directory or a Hugging Face directory;
 * a pre-training run (``afmkit pretrain --out DIR``): ``DIR`` for its latest checkpoint or
   ``DIR/checkpoints/STEP`` for a chosen step (``afmkit.interop.training_run``).
+
+A compressed model's directory with a ``recovery/`` adapter (``afmkit compress recover``) loads
+with it applied to every request that names no adapter of its own (``LanguageModel.recovery``);
+``load(DIR, recovery=False)`` leaves it off.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afmkit.adapters.lora import LoraAdapter
 from afmkit.config import SIZES, ModelConfig
 from afmkit.data.tokenizer import Message, Tokenizer
 from afmkit.errors import CorruptFileError, ModelNotFoundError, UserError
@@ -79,11 +84,22 @@ def weight_dtype(dtype: Any, gguf: Path | None = None) -> Any:
 class LanguageModel:
     """A model's config, weights and tokenizer behind the one inference engine."""
 
-    def __init__(self, config: ModelConfig, params: Params, tokenizer: Tokenizer, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Params,
+        tokenizer: Tokenizer,
+        *,
+        name: str | None = None,
+        recovery: Any = None,
+    ) -> None:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.name = name or config.name
+        # A compressed model's accuracy-recovery adapter (a ``LoraAdapter``): used wherever no
+        # other adapter is given (a task adapter started from it replaces it).
+        self.recovery = recovery
         self.engine = Engine(config, params, tokenizer, eos_ids=tokenizer.stop_ids)
 
     def __repr__(self) -> str:
@@ -142,6 +158,11 @@ class LanguageModel:
             sampling = SamplingParams(**kwargs)
         elif kwargs:
             raise UserError("pass sampling settings either as a SamplingParams or as keywords, not both")
+        if self.recovery is not None:
+            if adapter is None:
+                adapter = self.recovery
+            elif not isinstance(adapter, LoraAdapter):
+                adapter = [self.recovery if a is None else a for a in adapter]
         if stream:
             return self.engine.stream(prompts, sampling, adapters=adapter)
         completions = self.engine.generate(prompts, sampling, adapters=adapter)
@@ -167,10 +188,21 @@ class LanguageModel:
         padded = np.zeros((array.shape[0], prompt_bucket(length)), np.int32)
         padded[:, :length] = array  # causal: padding on the right changes nothing before it
         logits = _jitted_logits(
-            self.params, jnp.asarray(padded), config=self.config, activation_dtype=activation_dtype(self.params)
+            self.params,
+            jnp.asarray(padded),
+            config=self.config,
+            activation_dtype=activation_dtype(self.params),
+            adapters=self.default_adapters(),
         )
         out = np.asarray(logits)[:, :length]
         return out[0] if single else out
+
+    def default_adapters(self) -> Any:
+        """What ``forward(..., adapters=...)`` takes for requests without an adapter: the
+        recovery adapter (a ``SingleAdapter``), or None."""
+        from afmkit.adapters.lora import single
+
+        return None if self.recovery is None else single(self.recovery.astype(jnp.float32))
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
@@ -184,7 +216,9 @@ class LanguageModel:
 _jitted_logits = jax.jit(logits_fn, static_argnames=("config", "activation_dtype"))
 
 
-def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, mesh: Any = None) -> LanguageModel:
+def load(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, mesh: Any = None, recovery: bool = True
+) -> LanguageModel:
     """Load a model by name (see ``known_models()``) or from a path (GGUF file, afmkit
     checkpoint directory, Hugging Face directory, pre-training run or one of its steps).
 
@@ -201,12 +235,15 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, 
     ``"data=2,tensor=4"``) or a ``jax.sharding.Mesh``; weights and KV caches are split by the
     trainer's rule table (``afmkit.sharding.inference``). Packed weights are single-device, so a
     mesh takes float32 or bfloat16 (its default: fp32 on CPUs, bf16 on accelerators).
+
+    ``recovery``: apply a compressed model's accuracy-recovery adapter (``DIR/recovery``) when
+    there is one (the default); False loads the compressed weights alone.
     """
     if mesh is not None:  # a bad spec or dtype fails before any weights load
         from afmkit.sharding.inference import as_mesh
 
         mesh, dtype = as_mesh(mesh), _mesh_dtype(dtype)
-        return _on_mesh(load(name_or_path, dtype=dtype), mesh)
+        return _on_mesh(load(name_or_path, dtype=dtype, recovery=recovery), mesh)
     enable_compilation_cache()
     requested, dtype = dtype, weight_dtype(dtype)
     key = str(name_or_path)
@@ -225,7 +262,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, 
         config, params, tokenizer = native.load_checkpoint(path, convert=_weight_maker(dtype))
         if tokenizer is None:
             raise CorruptFileError(f"{path} has no tokenizer.json; save the model with its tokenizer")
-        return LanguageModel(config, params, tokenizer, name=path.name)
+        adapter = _recovery_adapter(path, config, params) if recovery else None
+        return LanguageModel(config, params, tokenizer, name=path.name, recovery=adapter)
     if path.is_dir() and (path / "config.json").is_file():
         from afmkit.interop.huggingface import load_hf_directory
 
@@ -244,6 +282,17 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, 
         )
     hint = f" ({key} is a model size: use it with 'afmkit info')" if key in SIZES else ""
     raise ModelNotFoundError(f"unknown model {key!r}{hint}; known models: {', '.join(known_models())}, or give a path")
+
+
+def _recovery_adapter(path: Path, config: ModelConfig, params: Params) -> Any:
+    """``path/recovery`` (``afmkit compress recover``'s adapter) checked against these weights, or None."""
+    from afmkit.adapters.peft_io import load_adapter
+    from afmkit.compress.recover import RECOVERY_DIR
+
+    directory = path / RECOVERY_DIR
+    if not (directory / "adapter_config.json").is_file():
+        return None
+    return load_adapter(directory, config=config, params=params, name=RECOVERY_DIR)
 
 
 def _mesh_dtype(dtype: Any) -> Any:

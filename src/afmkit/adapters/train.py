@@ -51,6 +51,7 @@ class TrainSettings:
     eval_fraction: float = 0.1
     save_every: int = 50
     seed: int = 0
+    init_from_recovery: bool = False  # start from the compressed model's recovery adapter (its rank and targets)
 
     def __post_init__(self) -> None:
         if self.alpha is None:
@@ -105,6 +106,17 @@ def train_adapter(
     lora = LoraConfig(
         rank=settings.rank, alpha=settings.alpha, targets=settings.targets, layers=settings.layers, dtype="float16"
     )
+    initial = None
+    if settings.init_from_recovery:
+        recovery = getattr(model, "recovery", None)
+        if recovery is None:
+            raise UserError(
+                f"--init-from-recovery: {model.name} has no recovery adapter; "
+                "run 'afmkit compress recover --model DIR' on the compressed model first"
+            )
+        # The task adapter continues the recovery adapter (AFM's recipe), so it takes its shape.
+        lora = dataclasses.replace(recovery.config, dtype="float16")
+        initial = LoraWeights.tree(recovery)
     lora.layer_ids(model.config)
     train, held_out, too_long, length = split_examples(
         model, conversations, max_len=settings.max_len, eval_fraction=settings.eval_fraction
@@ -127,6 +139,7 @@ def train_adapter(
         seed=settings.seed,
         save_every=settings.save_every,
         progress=progress,
+        initial=initial,
     )
     results: dict[str, Any] = {
         "settings": {k: v for k, v in dataclasses.asdict(settings).items()},
@@ -227,6 +240,12 @@ def add_train_arguments(parser: Any) -> None:
         help=f"held-out share of the data (default {d.eval_fraction:g})",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help=f"adapter init and data order (default {d.seed})")
+    parser.add_argument(
+        "--init-from-recovery",
+        action="store_true",
+        default=d.init_from_recovery,
+        help="start from the compressed model's accuracy-recovery adapter (its rank, alpha and targets)",
+    )
 
 
 def settings_from_args(args: Any) -> TrainSettings:
@@ -245,6 +264,7 @@ def settings_from_args(args: Any) -> TrainSettings:
         save_every=args.save_every,
         eval_fraction=args.eval_fraction,
         seed=args.seed,
+        init_from_recovery=args.init_from_recovery,
     )
 
 

@@ -4,8 +4,8 @@
         --calibration ../shared/data/pretrain/tinyshakespeare_input.txt --calibration-start 600000 --out DIR
     afmkit compress palettize --recipe recipe.json --calibration ... --out DIR   # bits from a recipe
 
-``compress`` is a command group: ``palettize`` now, ``recover`` (the accuracy-recovery adapter)
-beside it later. The phases: load the model in float32; read the calibration text; analyse
+``compress`` is a command group: ``palettize``, and ``recover`` (the accuracy-recovery adapter,
+``afmkit.compress.recover``). The phases: load the model in float32; read the calibration text; analyse
 (Fisher information, per-matrix sensitivity; cached, ``afmkit.compress.sensitivity``); choose the
 bits (``afmkit.compress.allocate``) or read them from ``--recipe``; palettize with Fisher-weighted
 k-means (``afmkit.compress.palettize``); save. ``DIR`` then holds the model (``afmkit.load(DIR)``),
@@ -33,7 +33,7 @@ REPORT_FILE = "compress_report.json"
 def register(commands: argparse._SubParsersAction) -> None:
     from afmkit.cli_args import model_argument
 
-    group = commands.add_parser("compress", help="on-device compression: palettize a model (recover: later)")
+    group = commands.add_parser("compress", help="on-device compression: palettize a model, recover its accuracy")
     actions = group.add_subparsers(dest="compress_command", required=True, metavar="ACTION")
     p = actions.add_parser(
         "palettize",
@@ -95,6 +95,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", default=d.no_cache, help="recompute a cached analysis")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=cmd_palettize)
+
+    from afmkit.compress import recover
+
+    r = actions.add_parser(
+        "recover",
+        help="train the accuracy-recovery adapter of a compressed model (distillation from the float model)",
+        description="Train a rank-16 LoRA adapter on a compressed model's frozen weights by distillation "
+        "(KL to the float teacher's next-token distribution) on generic text, and save it in MODEL/recovery, "
+        "where afmkit.load(MODEL) applies it (docs/compression.md).",
+    )
+    recover.add_arguments(r)
+    r.set_defaults(run=recover.cmd_recover)
 
 
 def add_calibration_window_arguments(p: argparse.ArgumentParser, d: Any) -> None:

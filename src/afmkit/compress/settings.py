@@ -23,3 +23,25 @@ class CompressSettings:
     per_row_scale: bool = True  # one fp16 scale per output row, before clustering
     embed_bits: int = 8  # the embedding's integer bits (8 or 4)
     no_cache: bool = False  # recompute the analysis even when a cached one matches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecoverSettings:
+    """Every default of ``afmkit compress recover`` (``afmkit.compress.recover``)."""
+
+    teacher: str = "smollm2-135m-instruct"  # the float model to distil from (same tokenizer)
+    data: str | None = None  # UTF-8 generic text to distil on, never the evaluation text
+    data_start: int = 0  # first character of --data used
+    out: str | None = None  # the adapter's directory; None: MODEL_DIR/recovery (loaded by default)
+    steps: int = 200
+    batch: int = 4  # rows per step
+    seq_len: int = 512  # tokens per row
+    rank: int = 16
+    alpha: float = 32.0
+    lr: float = 1e-3  # AdamW peak; a linear warm-up then a cosine to a tenth
+    warmup: int = 10
+    top_k: int = 64  # the teacher's most likely tokens kept per position; the rest lumped
+    eval_rows: int = 8  # held-out rows (the end of the text window) scored before and after
+    save_every: int = 50
+    seed: int = 0
+    resume: bool = False

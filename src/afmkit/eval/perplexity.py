@@ -79,18 +79,18 @@ def sliding_windows(n_tokens: int, *, seq_len: int, stride: int) -> list[Window]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "activation_dtype"))
-def _token_nll(params: Any, tokens: jax.Array, *, config: Any, activation_dtype: Any) -> jax.Array:
+def _token_nll(params: Any, tokens: jax.Array, adapters: Any, *, config: Any, activation_dtype: Any) -> jax.Array:
     """NLL of ``tokens[:, t + 1]`` given ``tokens[:, : t + 1]``, fp32, shape ``[B, T - 1]``.
 
     Windows go through the model one at a time inside one compiled call (``lax.map``): a matmul's
     rounding can depend on how many rows it has, and a window of ~1,000 tokens already fills
     the matrix units, so this keeps every window's numbers independent of the batch size at no
-    real cost.
+    real cost. ``adapters``: the model's default adapter (a compressed model's recovery adapter) or None.
     """
     from afmkit.model.transformer import logits_fn, token_nll
 
     def one_window(row: jax.Array) -> jax.Array:
-        logits = logits_fn(params, row[None], config=config, activation_dtype=activation_dtype)[0]
+        logits = logits_fn(params, row[None], config=config, activation_dtype=activation_dtype, adapters=adapters)[0]
         return token_nll(logits[:-1], row[1:])[0]
 
     return jax.lax.map(one_window, tokens)
@@ -128,6 +128,7 @@ def perplexity_of_tokens(
                 _token_nll(
                     model.params,
                     jnp.asarray(batch),
+                    model.default_adapters() if hasattr(model, "default_adapters") else None,
                     config=model.config,
                     activation_dtype=activation_dtype(model.params),
                 ),

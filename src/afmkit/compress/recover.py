@@ -1,0 +1,287 @@
+"""The accuracy-recovery adapter: ``afmkit compress recover``.
+
+A rank-16 LoRA adapter trained on the frozen compressed (palettized) model by distillation from
+the float model, AFM's recipe (spec section 6): the objective is KL(teacher || student) of the
+next-token distributions (``train.objectives.Distillation``: the teacher's top-k probabilities
+and the rest lumped into one bucket), on generic text, on the one trainer (``train.finetune``
+over ``train.step``). The teacher's top-k are computed once per row before training (a forward
+pass of the float model, chunked like the loss), so the step never holds the teacher.
+
+The adapter is saved in the PEFT layout in ``MODEL_DIR/recovery`` (or ``--out``) with
+``recovery.json`` (settings, data, held-out KL before and after, times); ``afmkit.load(MODEL_DIR)``
+applies ``MODEL_DIR/recovery`` by default (``recovery=False`` leaves it off) and ``afmkit adapter
+train --init-from-recovery`` starts a task adapter from it. Checkpoints, ``metrics.jsonl`` and
+``loss.png`` go to ``OUT.run/``; ``--resume`` continues from the last checkpoint (the teacher's
+top-k are recomputed: the same rows give the same values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from afmkit.compress.settings import RecoverSettings
+from afmkit.errors import UserError
+
+RECOVERY_DIR = "recovery"  # inside a compressed model's directory: applied when it loads
+RESULTS_FILE = "recovery.json"
+
+
+def check_settings(settings: RecoverSettings) -> RecoverSettings:
+    """One line for each setting that cannot work, before anything is loaded."""
+    if settings.steps < 1:
+        raise UserError(f"--steps must be positive, got {settings.steps}; e.g. --steps 200")
+    if settings.batch < 1 or settings.seq_len < 2:
+        raise UserError(f"--batch must be positive and --seq-len at least 2 (got {settings.batch}, {settings.seq_len})")
+    if settings.eval_rows < 1:
+        raise UserError(f"--eval-rows must be positive, got {settings.eval_rows}")
+    if settings.data is None:
+        raise UserError("recovery needs --data: a UTF-8 text file of generic text (never the evaluation text)")
+    return settings
+
+
+def output_dir(model_dir: str | Path, settings: RecoverSettings) -> Path:
+    return Path(settings.out) if settings.out else Path(model_dir) / RECOVERY_DIR
+
+
+def check_same_tokenizer(student: Any, teacher: Any, teacher_name: str) -> None:
+    """Distillation compares distributions token by token: both must use one vocabulary."""
+    same = student.config.vocab_size == teacher.config.vocab_size and student.tokenizer.backend.get_vocab(
+        with_added_tokens=True
+    ) == teacher.tokenizer.backend.get_vocab(with_added_tokens=True)
+    if not same:
+        raise UserError(
+            f"teacher {teacher_name!r} has another tokenizer than the compressed model; "
+            "give the float model it was compressed from (--teacher)"
+        )
+
+
+def text_rows(token_ids: list[int], seq_len: int) -> dict[str, np.ndarray]:
+    """Consecutive windows of ``seq_len`` tokens as packed rows (one document per row): every
+    position is a distillation target (the teacher's next-token distribution needs no label)."""
+    n_rows = len(token_ids) // seq_len
+    tokens = np.asarray(token_ids[: n_rows * seq_len], np.int32).reshape(n_rows, seq_len)
+    return {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
+        "segment_ids": np.ones_like(tokens),
+        "loss_mask": np.ones(tokens.shape, np.float32),
+    }
+
+
+def add_teacher(teacher: Any, rows: dict[str, np.ndarray], *, k: int, batch: int, quiet: bool) -> dict[str, np.ndarray]:
+    """``rows`` with the teacher's top-k fields (``objectives.teacher_top_k``), ``batch`` rows per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from afmkit.infer.engine import activation_dtype
+    from afmkit.progress import ProgressReporter
+    from afmkit.train.objectives import ModelView, teacher_top_k
+
+    compute = activation_dtype(teacher.params)
+
+    @jax.jit
+    def top_k(params: Any, tokens: Any, positions: Any, segment_ids: Any) -> dict[str, Any]:
+        view = ModelView(config=teacher.config, params=params, adapters=None, compute_dtype=compute)
+        return teacher_top_k(view, {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}, k=k)
+
+    n = len(rows["tokens"])
+    parts: list[dict[str, np.ndarray]] = []
+    with ProgressReporter("teacher top-k", n, unit="rows", quiet=quiet) as progress:
+        for lo in range(0, n, batch):
+            chunk = {name: rows[name][lo : lo + batch] for name in ("tokens", "positions", "segment_ids")}
+            real = len(chunk["tokens"])
+            chunk = {name: np.pad(a, [(0, batch - real), (0, 0)]) for name, a in chunk.items()}  # one shape
+            out = top_k(teacher.params, *(jnp.asarray(chunk[n_]) for n_ in ("tokens", "positions", "segment_ids")))
+            parts.append({name: np.asarray(v)[:real] for name, v in out.items()})
+            progress.advance(real)
+    return {**rows, **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]}}
+
+
+def recover(
+    model_dir: str | Path,
+    settings: RecoverSettings,
+    *,
+    student: Any = None,
+    teacher: Any = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train and save the recovery adapter of the compressed model in ``model_dir``; returns the
+    results (also saved as ``recovery.json`` beside the adapter). ``student``/``teacher``:
+    already loaded models (tests), else loaded from ``model_dir`` (without its recovery adapter)
+    and ``settings.teacher`` (float32)."""
+    import afmkit
+    from afmkit.adapters.lora import LoraConfig
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.eval.perplexity import read_text
+    from afmkit.model.palettized import is_palettized
+    from afmkit.train.finetune import FinetuneRun, finetune
+    from afmkit.train.objectives import Distillation, DistillBatch
+    from afmkit.train.optim import OptimizerConfig
+    from afmkit.train.step import StepConfig
+    from afmkit.train.trainable import LoraWeights
+
+    settings = check_settings(settings)
+    clock = time.perf_counter
+    seconds: dict[str, float] = {}
+    begin = clock()
+    if student is None:
+        student = afmkit.load(model_dir, recovery=False)
+    if not is_palettized(student.params):
+        raise UserError(
+            f"{model_dir} is not a compressed model (no palettized weights); "
+            "make one with 'afmkit compress palettize' and recover that"
+        )
+    if teacher is None:
+        teacher = afmkit.load(settings.teacher, dtype="float32")
+    check_same_tokenizer(student, teacher, settings.teacher)
+    seconds["load"] = clock() - begin
+
+    begin = clock()
+    text = read_text(settings.data)
+    if not 0 <= settings.data_start < len(text):
+        raise UserError(f"--data-start {settings.data_start} is outside {settings.data} ({len(text)} characters)")
+    window = text[settings.data_start :]
+    all_rows = text_rows(student.tokenizer.encode(window), settings.seq_len)
+    n_rows = len(all_rows["tokens"])
+    if n_rows < settings.eval_rows + 1:
+        raise UserError(
+            f"{settings.data} from character {settings.data_start} holds {n_rows} rows of {settings.seq_len} "
+            f"tokens; recovery needs more than --eval-rows {settings.eval_rows}: give more text"
+        )
+    # Held out: the window's last rows; trained: the first ones, no more than the steps consume.
+    n_train = min(n_rows - settings.eval_rows, settings.steps * settings.batch)
+    train_rows = {name: a[:n_train] for name, a in all_rows.items()}
+    eval_rows = {name: a[n_rows - settings.eval_rows :] for name, a in all_rows.items()}
+    seconds["tokenize"] = clock() - begin
+
+    begin = clock()
+    train_rows = add_teacher(teacher, train_rows, k=settings.top_k, batch=settings.batch, quiet=quiet)
+    eval_rows = add_teacher(teacher, eval_rows, k=settings.top_k, batch=settings.batch, quiet=True)
+    seconds["teacher"] = clock() - begin
+    del teacher  # only its top-k are needed from here on
+
+    out = output_dir(model_dir, settings)
+    lora = LoraConfig(rank=settings.rank, alpha=settings.alpha, dtype="float16")
+    subset = LoraWeights(lora)
+    run = FinetuneRun(
+        subset=subset,
+        objective=Distillation(),
+        optimizer=OptimizerConfig(
+            name="adamw",
+            peak_lr=settings.lr,
+            warmup_steps=min(settings.warmup, settings.steps - 1),
+            total_steps=settings.steps,
+            final_lr_fraction=0.1,
+            weight_decay=0.0,
+        ),
+        step_config=StepConfig(),
+        batch=settings.batch,
+        steps=settings.steps,
+        seed=settings.seed,
+        run_dir=Path(f"{out}.run"),
+        save_every=settings.save_every,
+        resume=settings.resume,
+        progress=not quiet,
+        batch_type=DistillBatch,
+        eval_metric="kl",
+    )
+    results: dict[str, Any] = {
+        "model": str(model_dir),
+        "teacher": settings.teacher,
+        "settings": dataclasses.asdict(settings),
+        "data": {
+            "file": str(settings.data),
+            "start_char": settings.data_start,
+            "chars": len(window),
+            "rows_available": n_rows,
+            "train_rows": n_train,
+            "train_tokens": n_train * settings.seq_len,
+            "held_out_rows": settings.eval_rows,
+        },
+        "objective": "KL(teacher || student), teacher top-k + lumped tail, every position",
+    }
+
+    def save(params: Any, done: int) -> None:
+        results["steps_done"] = done
+        save_adapter(
+            out,
+            subset.adapter(params, student.config, name="recovery"),
+            config=student.config,
+            params=student.params,
+            base_name=str(model_dir),
+            extra_files={RESULTS_FILE: json.dumps(results, indent=2)},
+        )
+
+    def save_before_the_end(params: Any, done: int) -> None:
+        if done < settings.steps:  # the last save comes below, with the held-out KL after training
+            save(params, done)
+
+    begin = clock()
+    trained = finetune(student, train_rows, run, eval_rows=eval_rows, on_save=save_before_the_end)
+    seconds["train"] = clock() - begin
+    results["held_out_kl_before"] = trained["eval_before"]
+    results["held_out_kl_after"] = trained["eval_after"]
+    results["seconds_per_step"] = trained["seconds"] / max(1, trained["steps_done"] - trained["start_step"])
+    results["seconds"] = {**seconds, "total": sum(seconds.values())}
+    save(trained["params"], trained["steps_done"])
+    return results
+
+
+# -- the command ----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``compress recover``; every default is ``RecoverSettings``'."""
+    d = RecoverSettings()
+    p.add_argument("--model", required=True, help="a compressed model's directory ('afmkit compress palettize --out')")
+    p.add_argument("--teacher", default=d.teacher, help=f"the float model to distil from (default {d.teacher})")
+    p.add_argument("--data", required=True, help="UTF-8 generic text to distil on; never the text you evaluate on")
+    p.add_argument(
+        "--data-start", type=int, default=d.data_start, help=f"first character of --data used (default {d.data_start})"
+    )
+    p.add_argument("--out", default=d.out, help="adapter directory (default MODEL/recovery, applied when MODEL loads)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"rows per step (default {d.batch})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default {d.seq_len})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=d.top_k,
+        help=f"teacher tokens kept per position, the rest lumped (default {d.top_k})",
+    )
+    p.add_argument(
+        "--eval-rows", type=int, default=d.eval_rows, help=f"held-out rows scored before/after (default {d.eval_rows})"
+    )
+    p.add_argument(
+        "--save-every", type=int, default=d.save_every, help=f"save the adapter every N steps (default {d.save_every})"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"adapter init and data order (default {d.seed})")
+    p.add_argument("--resume", action="store_true", default=d.resume, help="continue from OUT.run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def settings_from_args(args: argparse.Namespace) -> RecoverSettings:
+    names = {f.name for f in dataclasses.fields(RecoverSettings)}
+    return check_settings(RecoverSettings(**{n: getattr(args, n) for n in names}))
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    results = recover(args.model, settings, quiet=args.quiet)
+    out = output_dir(args.model, settings)
+    print(
+        f"{out}: held-out KL to {settings.teacher} {results['held_out_kl_before']:.4f} -> "
+        f"{results['held_out_kl_after']:.4f} nats/token after {results['steps_done']} steps; "
+        f"{results['seconds']['total']:.0f} s"
+    )
+    return 0
