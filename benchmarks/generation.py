@@ -8,6 +8,9 @@ exactly the requested number of tokens:
 * ``afmkit-bf16`` and ``afmkit-int4``: bf16 weights, and the file's own 4-bit matrices packed
   for afmkit's native kernels; ``afmkit-default``: whatever ``afmkit.load()`` picks here (int4
   on CPUs with the kernels, fp32 without);
+* ``afmkit-3.5bpw``: a palettized model (``--palettized-model DIR``, made from the same file by
+  ``afmkit compress palettize --bits-per-weight 3.5``), its look-up tables expanded by afmkit's
+  native palettized kernel; held to issue 13's compressed-model targets;
 * ``llama.cpp``: ``llama-cpp-python`` running the file as stored (Q4_1 weights);
 * ``transformers``: the file dequantized to fp32 by ``from_pretrained(..., gguf_file=...)``, PyTorch on CPU.
 
@@ -39,14 +42,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "llama.cpp", "transformers")
-AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default")  # held to the targets below
+ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "afmkit-3.5bpw", "llama.cpp", "transformers")
+# held to the targets below
+AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "afmkit-3.5bpw")
 # Python modules each engine needs, with the install hint shown when one is missing.
 REQUIREMENTS = {
     "afmkit": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-bf16": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-int4": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-default": (("afmkit", "jax"), "pip install -e ."),
+    "afmkit-3.5bpw": (("afmkit", "jax"), "pip install -e ."),
     "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python==0.3.36"),
     "transformers": (("transformers", "torch", "gguf"), "pip install torch transformers accelerate gguf"),
 }
@@ -81,6 +86,13 @@ TARGETS = (
     ("batch-16 vs llama.cpp decode", "afmkit batch-16 decode / llama.cpp single-stream decode", ">= 3x", 3.0),
     ("peak RSS", "afmkit peak RSS", "<= 1.5 GiB", 1.5 * 1024),
 )
+# Issue 13's targets for the compressed model, where they are stricter than the above.
+ENGINE_TARGETS = {
+    "afmkit-3.5bpw": {
+        "decode vs llama.cpp": (">= 1.25x", 1.25),
+        "batch-16 vs llama.cpp decode": (">= 4x", 4.0),
+    }
+}
 
 
 # -- workload ------------------------------------------------------------------------------------
@@ -132,7 +144,7 @@ Runner = Callable[[list[list[int]], int], Timed]
 
 
 def afmkit_engine(
-    workload: dict[str, Any], threads: int, dtype: str | None = "float32"
+    workload: dict[str, Any], threads: int, dtype: str | None = "float32", source: str | None = None
 ) -> tuple[Runner, dict[str, Any]]:
     import jax
     import jaxlib
@@ -142,7 +154,7 @@ def afmkit_engine(
     from afmkit.infer.engine import Engine
     from afmkit.model.packed import is_packed
 
-    model = afmkit.load(dtype=dtype)
+    model = afmkit.load(source, dtype=dtype) if source else afmkit.load(dtype=dtype)
     # No EOS: rows always run to max_new_tokens, so every engine generates the same count.
     engine = Engine(model.config, model.params, model.tokenizer, eos_ids=())
 
@@ -164,6 +176,8 @@ def afmkit_engine(
     info["kernels"] = kernels.describe()
     if is_packed(model.params):
         info["packed_matmul"] = kernels.describe()
+    if source:
+        info["model"] = source
     return run, info
 
 
@@ -350,6 +364,10 @@ ENGINE_FACTORIES = {
     "afmkit-int4": lambda workload, threads: afmkit_engine(workload, threads, dtype="int4"),
     # What a user gets from afmkit.load() with no dtype (the CPU default: the GGUF's own bits).
     "afmkit-default": lambda workload, threads: afmkit_engine(workload, threads, dtype=None),
+    # A palettized model made from the same file (--palettized-model), decoded by the palettized kernel.
+    "afmkit-3.5bpw": lambda workload, threads: afmkit_engine(
+        workload, threads, dtype=None, source=workload["palettized_model"]
+    ),
     "llama.cpp": llama_cpp_engine,
     "transformers": transformers_engine,
 }
@@ -505,7 +523,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- parent --------------------------------------------------------------------------------------------
-def missing_requirement(name: str) -> str | None:
+def missing_requirement(name: str, palettized_model: str | None = None) -> str | None:
+    if name == "afmkit-3.5bpw" and not palettized_model:
+        return (
+            f"skipping {name}: give --palettized-model DIR (make it with: afmkit compress palettize "
+            "--bits-per-weight 3.5 --calibration TEXT --out DIR)"
+        )
     modules, hint = REQUIREMENTS[name]
     absent = [m for m in modules if importlib.util.find_spec(m) is None]
     if absent:
@@ -577,6 +600,7 @@ def target_rows(
     ]
     rows = []
     for (name, what, requirement, bound), value in zip(TARGETS, values):
+        requirement, bound = ENGINE_TARGETS.get(engine, {}).get(name, (requirement, bound))
         passed = None
         if value is not None:
             passed = value <= bound if requirement.startswith("<=") else value >= bound
@@ -644,6 +668,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="before each engine, wait up to this long for other processes to leave the CPUs idle",
     )
+    parser.add_argument(
+        "--palettized-model",
+        metavar="DIR",
+        help="the compressed model the afmkit-3.5bpw engine runs (afmkit compress palettize --out DIR)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -667,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runnable = []
     for name in engines:
-        reason = missing_requirement(name)
+        reason = missing_requirement(name, args.palettized_model)
         if reason:
             print(f"benchmark: {reason}", file=sys.stderr)
         else:
@@ -680,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="afmkit-bench-") as tmp:
         workload_file = Path(tmp) / "workload.json"
-        workload_file.write_text(json.dumps(build_workload(path)))
+        workload = build_workload(path)
+        if args.palettized_model:
+            workload["palettized_model"] = str(Path(args.palettized_model).resolve())
+        workload_file.write_text(json.dumps(workload))
         # One engine at a time: they would otherwise compete for the same cores.
         for name in runnable:
             if args.wait_quiet > 0:
