@@ -182,9 +182,9 @@ class CountingEngine:
         self.stop_after = stop_after
         self.finished = 0
 
-    def stream(self, prompts, sampling):
+    def stream(self, prompts, sampling, **options):
         self.prompts_seen += len(prompts)
-        for event in self.engine.stream(prompts, sampling):
+        for event in self.engine.stream(prompts, sampling, **options):
             yield event
             if event.finish_reason:
                 self.finished += 1

@@ -95,6 +95,38 @@ def test_more_prompts_than_max_batch_are_run_in_several_batches(tiny_model):
     assert [c.tokens for c in split] == [c.tokens for c in whole]
 
 
+def test_a_finished_row_frees_its_slot_for_the_next_prompt_at_once(tiny_model):
+    """Continuous batching: with 2 slots, a long answer does not hold the short ones back, and
+    every row's tokens equal the same prompt generated alone."""
+    engine = Engine(tiny_model.config, tiny_model.params, tiny_model.tokenizer, max_batch=2)
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(5)]
+    sampling = [SamplingParams(max_new_tokens=n) for n in (40, 3, 3, 3, 3)]
+    finished = [e.index for e in engine.stream(prompts, sampling) if e.finish_reason]
+    assert finished[-1] == 0  # the four short rows all ran beside the long one
+    together = engine.generate(prompts, sampling)
+    for prompt, params, row in zip(prompts, sampling, together):
+        assert row.tokens == engine.generate([prompt], params)[0].tokens
+
+
+def test_stop_when_ends_only_the_row_it_names_with_its_reason(tiny_model):
+    every = engine_module.STOP_CHECK_EVERY
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    sampling = SamplingParams(max_new_tokens=3 * every)
+    plain = tiny_model.engine.generate(prompts, sampling)
+    asked = []
+
+    def stop_when(index, tokens):
+        asked.append((index, len(tokens)))
+        return "loop" if index == 1 and len(tokens) >= 2 * every else None
+
+    events = list(tiny_model.engine.stream(prompts, sampling, stop_when=stop_when))
+    cut = [e.token for e in events if e.index == 1]
+    assert cut == plain[1].tokens[: 2 * every]
+    assert [e.finish_reason for e in events if e.index == 1][-1] == "loop"
+    assert [e.token for e in events if e.index == 0] == plain[0].tokens
+    assert all(n % every == 0 for _, n in asked)
+
+
 def test_calls_in_the_same_bucket_do_not_recompile(tiny_model):
     engine = tiny_model.engine
     engine.generate([[1, 2, 3, 4, 5]], SamplingParams(max_new_tokens=8))

@@ -41,22 +41,26 @@ def prompts_file(tmp_path):
     return path
 
 
-def sample(pid, member, reward, tokens, loop=False):
-    return Sample(pid, member, 0, [1], list(range(tokens)), "x", "stop", loop, {"strict": reward})
+def sample(pid, member, reward, tokens, loop=False, finish="stop"):
+    return Sample(pid, member, 0, [1], list(range(tokens)), "x", finish, loop, {"strict": reward})
 
 
-def test_winner_is_the_best_reward_then_non_looping_then_shorter():
+def test_winner_is_the_best_finished_non_looping_reward_then_the_shorter():
     samples = [
         sample("a", "m1", 0.5, 3),
         sample("a", "m2", 1.0, 9),  # best reward wins although longer
-        sample("b", "m1", 1.0, 4, loop=True),
-        sample("b", "m2", 1.0, 8),  # tie: the non-looping one
-        sample("b", "m3", 1.0, 6),  # ... and among those the shorter
+        sample("b", "m1", 1.0, 4, loop=True),  # a loop never wins
+        sample("b", "m2", 1.0, 8),
+        sample("b", "m3", 1.0, 6),  # tie: the shorter
         sample("c", "m1", 0.0, 5),
         sample("c", "m2", 0.0, 5),  # a full tie: the earlier
+        sample("d", "m1", 1.0, 7, finish="length"),  # cut at the limit: not a winner ...
+        sample("d", "m2", 0.5, 7),  # ... so the finished one wins
+        sample("e", "m1", 1.0, 7, loop=True, finish="loop"),  # cut as a loop: no winner at all
     ]
     winners = pick_winners(samples, "strict")
-    assert {pid: s.member for pid, s in winners.items()} == {"a": "m2", "b": "m3", "c": "m1"}
+    assert {pid: s.member for pid, s in winners.items()} == {"a": "m2", "b": "m3", "c": "m1", "d": "m2"}
+    assert pick_winners(samples, "strict", keep_truncated=True)["d"].member == "m1"
     assert win_rate(np.array([1.0, 0.5, 0.0]), np.array([0.5, 0.5, 1.0])) == pytest.approx(0.5)
 
 
@@ -64,7 +68,15 @@ def test_winner_is_the_best_reward_then_non_looping_then_shorter():
 def test_two_rounds_then_resume_never_redoes_a_round(tiny_model, prompts_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     settings = ItecSettings(
-        samples=2, rounds=1, max_new_tokens=8, temperature=1.0, batch=8, sft_steps=2, lora_rank=2, quiet=True
+        samples=2,
+        rounds=1,
+        max_new_tokens=8,
+        temperature=1.0,
+        batch=8,
+        sft_steps=2,
+        lora_rank=2,
+        keep_truncated=True,  # the random tiny model never ends a response in 8 tokens
+        quiet=True,
     )
     table = itec(tiny_model, ["base"], prompts_file, out, settings)
     assert [row["round"] for row in table] == [1]

@@ -104,7 +104,7 @@ def generate_responses(
     ) as progress:
         task = progress.add_task(description, total=len(items), completed=len(items) - len(todo))
         try:
-            _run_batches(model, todo, encoded, order, results, sampling, batch_size, progress, task)
+            _generate_all(model, todo, encoded, order, results, sampling, batch_size, progress, task)
         except KeyboardInterrupt:
             print(
                 f"\ninterrupted: {len(results)} of {len(items)} responses are saved in {results.path}; "
@@ -117,25 +117,27 @@ def generate_responses(
     return {"generated": len(todo), "generated_tokens": generated_tokens, "generation_s": round(elapsed, 1)}
 
 
-def _run_batches(model, todo, encoded, order, results, sampling, batch_size, progress, task) -> None:
-    for lo in range(0, len(order), batch_size):
-        batch = order[lo : lo + batch_size]
-        texts: dict[int, list[str]] = {row: [] for row in range(len(batch))}
-        counts = dict.fromkeys(range(len(batch)), 0)
-        for event in model.engine.stream([encoded[i] for i in batch], sampling):
-            texts[event.index].append(event.text)
-            counts[event.index] += 1
-            if event.finish_reason is None:
-                continue
-            item = todo[batch[event.index]]
-            results.append(
-                {
-                    "key": item.key,
-                    **item.extra,
-                    "response": "".join(texts[event.index]),
-                    "finish_reason": event.finish_reason,
-                    "prompt_tokens": len(encoded[batch[event.index]]),
-                    "new_tokens": counts[event.index],
-                }
-            )
-            progress.advance(task)
+def _generate_all(model, todo, encoded, order, results, sampling, batch_size, progress, task) -> None:
+    # One stream over every prompt: ``batch_size`` rows decode together and a finished row's
+    # slot goes to the next prompt at once, so a response that runs to the limit holds no batch
+    # of finished ones back. Greedy rows are batch-invariant, so this changes no response.
+    prompts = [encoded[i] for i in order]
+    texts: list[list[str]] = [[] for _ in order]
+    counts = [0] * len(order)
+    for event in model.engine.stream(prompts, sampling, max_batch=batch_size):
+        texts[event.index].append(event.text)
+        counts[event.index] += 1
+        if event.finish_reason is None:
+            continue
+        item = todo[order[event.index]]
+        results.append(
+            {
+                "key": item.key,
+                **item.extra,
+                "response": "".join(texts[event.index]),
+                "finish_reason": event.finish_reason,
+                "prompt_tokens": len(prompts[event.index]),
+                "new_tokens": counts[event.index],
+            }
+        )
+        progress.advance(task)

@@ -6,7 +6,8 @@ The CLI, the server, evaluation, rejection sampling and RL rollouts all generate
 * Prefill and decode are jitted functions over a KV cache that each step donates and updates in
   place. The cache is paged by default (``KVSettings``): one pool of fixed-size blocks shared
   by every row and a block table per row, so memory follows the tokens in flight; the pool
-  grows by doubling as rows need blocks and shrinks back when the batch goes idle. A row
+  grows a quarter at a time (``pool_size``) as rows need blocks and shrinks back when the batch
+  goes idle. A row
   reserves the blocks its prompt plus ``max_new_tokens`` can need when it is admitted, so a
   running row never runs out; a request that does not fit the pool waits. The contiguous cache
   (every row owns ``capacity`` positions) remains as ``KVSettings(layout="contiguous")``.
@@ -37,7 +38,7 @@ import functools
 import math
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from afmkit import kernels
 from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
 from afmkit.config import ModelConfig, check_context
 from afmkit.errors import UserError
@@ -57,6 +59,7 @@ KV_BLOCK = 256  # attention-length and cache-capacity granularity
 PREFILL_CHUNK = 512  # longer prompts are prefilled in chunks of this many positions
 MIN_PROMPT_BUCKET = 16
 MAX_BATCH = 64
+STOP_CHECK_EVERY = 32  # tokens of a row between two ``stop_when`` checks in ``Engine.stream``
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -356,22 +359,49 @@ def _paged_prefill(
     return _pin(cache, cache_sharding), sampled
 
 
-@functools.partial(jax.jit, static_argnames=("config", "blocks", "page", "dtype", "quantized", "sharding"))
+@functools.partial(jax.jit, static_argnames=("config", "blocks", "page", "dtype", "quantized", "sharding", "lazy"))
 def _empty_pool(
-    *, config: ModelConfig, blocks: int, page: int, dtype: Any, quantized: bool, sharding: Any = None
+    *,
+    config: ModelConfig,
+    blocks: int,
+    page: int,
+    dtype: Any,
+    quantized: bool,
+    sharding: Any = None,
+    lazy: bool = False,
 ) -> PagedKVCache:
-    """A zeroed block pool, made in place in its mesh layout."""
-    return _pin(PagedKVCache.zeros(config, blocks=blocks, page=page, dtype=dtype, quantized=quantized), sharding)
+    """A zeroed block pool, made in place in its mesh layout; ``lazy``: its pages committed by the
+    OS as blocks are first written (``kernels.lazy_zeros``)."""
+    zeros = kernels.lazy_zeros if lazy else jnp.zeros
+    cache = PagedKVCache.zeros(config, blocks=blocks, page=page, dtype=dtype, quantized=quantized, zeros=zeros)
+    return _pin(cache, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "sharding"))  # a larger output: nothing to donate to
-def _grow_pool(cache: PagedKVCache, *, blocks: int, sharding: Any = None) -> PagedKVCache:
-    """``cache`` with zeroed blocks appended up to ``blocks``; existing blocks keep their index."""
+def _grown(array: jax.Array, *, blocks: int, sharding: Any = None) -> jax.Array:
+    """One pool array with zeroed blocks appended up to ``blocks``."""
+    grown = jnp.concatenate([array, jnp.zeros((blocks - array.shape[0], *array.shape[1:]), array.dtype)])
+    return _pin(grown, sharding)
 
-    def grow(a: jax.Array) -> jax.Array:
-        return jnp.concatenate([a, jnp.zeros((blocks - a.shape[0], *a.shape[1:]), a.dtype)])
 
-    return _pin(jax.tree.map(grow, cache), sharding)
+def _grow_pool(cache: PagedKVCache, *, blocks: int, sharding: Any = None) -> None:
+    """Append zeroed blocks to every array of ``cache`` up to ``blocks``, in place; existing
+    blocks keep their index. One array at a time, each old one dropped as soon as its copy
+    exists, so growing holds the new pool plus one layer's array, never two whole pools."""
+    for arrays in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+        for i in range(len(arrays)):
+            arrays[i] = _grown(arrays[i], blocks=blocks, sharding=sharding)
+
+
+def pool_size(blocks: int) -> int:
+    """The pool size (in blocks) that holds ``blocks``: the next of 1, 1.25, 1.5 and 1.75 times a
+    power of two. Every size is a shape the steps compile for, so sizes come from a short ladder;
+    four steps an octave waste at most a quarter of the pool, where doubling wasted up to half."""
+    octave = 1 << max(0, (blocks - 1).bit_length() - 1)  # the power of two at or below blocks
+    for quarters in (4, 5, 6, 7, 8):
+        if blocks <= octave * quarters // 4:
+            return octave * quarters // 4
+    return 2 * octave
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch", "capacity", "dtype", "sharding"))
@@ -380,6 +410,10 @@ def _empty_cache(
 ) -> KVCache:
     """A zeroed cache, made in place in its mesh layout (never whole on one device first)."""
     return _pin(KVCache.zeros(config, batch=batch, capacity=capacity, dtype=dtype), sharding)
+
+
+# stop_when(prompt index, its tokens so far) -> a finish reason to end the row now, or None
+StopCheck = Callable[[int, Sequence[int]], "str | None"]
 
 
 @dataclasses.dataclass
@@ -548,9 +582,14 @@ class DecodeBatch:
             self.row_blocks = -(-capacity // self.page)  # block-table width: a row's most blocks
             pool_tokens = self.kv.pool_tokens or slots * self.row_blocks * self.page
             self.max_blocks = max(1, pool_tokens // self.page)
-            # Start small (memory follows the tokens in flight); doubling reaches max_blocks.
-            self.min_blocks = min(self.max_blocks, 4 * KV_BLOCK // self.page)
             self.cache_sharding = engine.paged_kv_sharding()
+            # On CPUs the pool is reserved at its largest once, its pages committed by the OS as
+            # blocks are first written: memory follows the tokens in flight, the pool's shape (and
+            # so every compiled step) never changes, and it never holds two pools to grow.
+            # Elsewhere it starts small and grows a quarter at a time (``pool_size``).
+            self.lazy_pool = kernels.on_cpu() and self.cache_sharding is None
+            self.min_blocks = self.max_blocks if self.lazy_pool else min(self.max_blocks, 4 * KV_BLOCK // self.page)
+            self.pool_written = False  # a block was handed out since the pool was made
             self.tables = np.full((slots, self.row_blocks), UNALLOCATED, np.int32)
             self.reserved = 0  # blocks promised to admitted rows
             self.prefilling: list[_Row] = []  # admitted rows whose prompt is not all in the cache
@@ -600,8 +639,11 @@ class DecodeBatch:
             dtype=self.engine.activation_dtype,
             quantized=self.kv.dtype == "int8",
             sharding=self.cache_sharding,
+            lazy=self.lazy_pool,
         )
-        self.free_blocks = list(range(self.min_blocks - 1, -1, -1))  # popped from the end: lowest first
+        self.pool_written = False
+        # Popped from the end: lowest first, so the blocks in use (the committed pages) stay dense.
+        self.free_blocks = list(range(self.min_blocks - 1, -1, -1))
 
     @property
     def pool_blocks(self) -> int:
@@ -617,12 +659,13 @@ class DecodeBatch:
         while len(row.blocks) * self.page < positions:
             if not self.free_blocks:
                 old = self.cache.n_blocks
-                new = min(self.max_blocks, 2 * old)
+                new = min(self.max_blocks, pool_size(old + 1))
                 if new <= old:
                     raise RuntimeError("KV pool exhausted despite reservations")  # a bug, not a user error
-                self.cache = _grow_pool(self.cache, blocks=new, sharding=self.cache_sharding)
+                _grow_pool(self.cache, blocks=new, sharding=self.cache_sharding)
                 self.free_blocks = list(range(new - 1, old - 1, -1)) + self.free_blocks
             block = self.free_blocks.pop()
+            self.pool_written = True
             self.tables[row.slot, len(row.blocks)] = block
             row.blocks.append(block)
 
@@ -908,8 +951,12 @@ class DecodeBatch:
         events = self._read(self.inflight.pop(0)) if self.inflight else []
         if dispatched is not None:
             self.inflight.append(dispatched)
-        if self.paged and not self.busy and self.cache.n_blocks > self.min_blocks:
-            self._reset_pool()  # idle: give the grown pool's memory back
+        if (
+            self.paged
+            and not self.busy
+            and (self.cache.n_blocks > self.min_blocks or (self.lazy_pool and self.pool_written))
+        ):
+            self._reset_pool()  # idle: give the grown (or committed) pool's memory back
         return first_events + events
 
     def _needing(self) -> list[_Row]:
@@ -1093,18 +1140,58 @@ class Engine:
         *,
         timings_out: list[dict[str, float]] | None = None,
         adapters: LoraAdapter | Sequence[LoraAdapter | None] | None = None,
+        stop_when: StopCheck | None = None,
+        max_batch: int | None = None,
     ) -> Iterator[StreamEvent]:
-        """Yield ``StreamEvent``s as tokens come, for prompts in batches of up to ``max_batch``."""
+        """Yield ``StreamEvent``s as tokens come. Up to ``max_batch`` prompts (default: the
+        engine's) decode together and
+        a finished row's slot goes to the next prompt at once (continuous batching), so one long
+        answer never holds a whole batch of finished ones back.
+
+        ``stop_when(index, tokens)`` is asked every ``STOP_CHECK_EVERY`` tokens of a row; a
+        string it returns ends the row there, with that string as its ``finish_reason`` (rollouts
+        cut repetition loops this way instead of decoding them to ``max_new_tokens``).
+        """
         params_list = self._per_prompt(prompts, sampling)
         adapter_list = self._per_prompt_adapters(prompts, adapters)
         for i, prompt in enumerate(prompts):
             self._check_prompt(i, prompt, params_list[i])
-        for lo in range(0, len(prompts), self.max_batch):
-            hi = min(lo + self.max_batch, len(prompts))
-            batch_timings = timings_out[lo:hi] if timings_out is not None else None
-            for event in self._stream_batch(prompts[lo:hi], params_list[lo:hi], batch_timings, adapter_list[lo:hi]):
-                event.index += lo
+        if not prompts:
+            return
+        n = len(prompts)
+        width = min(n, max_batch or self.max_batch)
+        rows_total = _round_up(max(batch_bucket(width), self.min_decode_batch), self.row_multiple)
+        capacity = cache_capacity(max(len(p) for p in prompts), max(s.max_new_tokens for s in params_list))
+        distinct = list({id(a): a for a in adapter_list if a is not None}.values())
+        batch = DecodeBatch(self, slots=rows_total, capacity=capacity, adapters=distinct)
+        requests = [
+            Request(list(p), s, a, index=i) for i, (p, s, a) in enumerate(zip(prompts, params_list, adapter_list))
+        ]
+        waiting = list(requests)  # in order: admitted as slots free up
+        generated: list[list[int]] = [[] for _ in prompts] if stop_when is not None else []
+        while waiting or batch.busy:
+            events: list[tuple[Request, StreamEvent]] = []
+            if waiting and batch.free_slots:
+                admitted, events = batch.admit(waiting[: batch.free_slots])
+                if not admitted and not batch.busy:
+                    raise RuntimeError("an empty batch admits a request it accepted")  # check() refuses the rest
+                taken = {id(r) for r in admitted}
+                waiting = [r for r in waiting if id(r) not in taken]
+            events += batch.step()
+            for request, event in events:
+                if stop_when is not None and event.finish_reason is None:
+                    row_tokens = generated[event.index]
+                    row_tokens.append(event.token)
+                    if len(row_tokens) % STOP_CHECK_EVERY == 0:
+                        reason = stop_when(event.index, row_tokens)
+                        if reason:
+                            event.text += request.row.text.flush()
+                            event.finish_reason = reason
+                            batch.cancel(request)
                 yield event
+        if timings_out is not None:
+            for i, request in enumerate(requests):
+                timings_out[i].update(batch.timings(request.row))
 
     def new_batch(
         self, *, slots: int, capacity: int, adapter_slots: int = 0, kv: KVSettings | None = None
@@ -1144,30 +1231,3 @@ class Engine:
             raise UserError(
                 f"prompt {index} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}"
             )
-
-    def _stream_batch(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling: list[SamplingParams],
-        timings_out: list[dict[str, float]] | None,
-        adapters: list[LoraAdapter | None],
-    ) -> Iterator[StreamEvent]:
-        """One call's prompts as a fresh ``DecodeBatch``: all admitted at once, run to the end."""
-        n = len(prompts)
-        rows_total = _round_up(max(batch_bucket(n), self.min_decode_batch), self.row_multiple)
-        longest = max(len(p) for p in prompts)
-        capacity = cache_capacity(longest, max(s.max_new_tokens for s in sampling))
-        distinct = list({id(a): a for a in adapters if a is not None}.values())
-        batch = DecodeBatch(self, slots=rows_total, capacity=capacity, adapters=distinct)
-        requests = [Request(list(p), s, a, index=i) for i, (p, s, a) in enumerate(zip(prompts, sampling, adapters))]
-        admitted, events = batch.admit(requests)
-        if len(admitted) != n:
-            raise RuntimeError("a fresh batch admits every prompt")  # it has a slot for each
-        for _, event in events:
-            yield event
-        while batch.busy:
-            for _, event in batch.step():
-                yield event
-        if timings_out is not None:
-            for i, request in enumerate(requests):
-                timings_out[i].update(batch.timings(request.row))

@@ -7,8 +7,8 @@ Each round:
    are adapters of the base decode together in mixed-adapter batches of the one engine);
 2. each response is scored: the verifiable-instruction reward (strict) by default, or a reward
    model's score with ``--reward-model DIR``;
-3. per prompt the best response wins (ties: a non-looping one, then the shorter, then committee
-   order); a winner is kept if its reward exceeds ``--min-reward`` and it is not a loop;
+3. per prompt the best response that finished on its own and is not a loop wins (ties: the
+   shorter, then committee order); a winner is kept if its reward exceeds ``--min-reward``;
 4. a LoRA adapter is fine-tuned over the base on every winner kept so far (``posttrain.sft``);
 5. the adapter joins the committee, and its greedy answers to the synth-if dev prompts are
    compared with the previous round's model's (IFEval is never used here).
@@ -48,6 +48,7 @@ from afmkit.posttrain.rollout import (
     rollout,
     verifier_scorer,
 )
+from afmkit.posttrain.sft import SFTSettings, sft
 
 STATE_FILE = "itec.json"
 ROUND_FILE = "round.json"
@@ -64,6 +65,7 @@ class ItecSettings:
     train_prompts: int = 0  # train-split prompts per round, a new slice each round (0: all)
     dev_prompts: int = 32  # dev-split prompts for the win rate
     min_reward: float = 0.0  # a winner is kept only with a reward above this
+    keep_truncated: bool = False  # responses cut at max_new_tokens may win (off: only finished ones)
     max_new_tokens: int = 512
     temperature: float = 0.8
     top_p: float = 0.95
@@ -145,12 +147,16 @@ def load_committee(specs: Sequence[str], base: Any, *, dtype: Any = None) -> lis
 
 
 # -- one round's pieces ----------------------------------------------------------------------------
-def pick_winners(samples: Sequence[Sample], reward: str) -> dict[str, Sample]:
-    """The best sample per prompt: the highest ``reward``; ties go to a non-looping one, then
-    the shorter, then the earlier (committee order, sample index)."""
+def pick_winners(samples: Sequence[Sample], reward: str, *, keep_truncated: bool = False) -> dict[str, Sample]:
+    """The best eligible sample per prompt: the highest ``reward``; ties go to the shorter, then
+    the earlier (committee order, sample index). A loop is never eligible, nor (unless
+    ``keep_truncated``) a response cut at the token limit: SFT on it would teach the model not to
+    stop. A prompt without an eligible sample has no winner."""
     best: dict[str, tuple[tuple, Sample]] = {}
     for order, s in enumerate(samples):
-        key = (-s.rewards[reward], s.loop, len(s.tokens), order)
+        if s.loop or (s.finish_reason != "stop" and not keep_truncated):
+            continue
+        key = (-s.rewards[reward], len(s.tokens), order)
         if s.prompt_id not in best or key < best[s.prompt_id][0]:
             best[s.prompt_id] = (key, s)
     return {pid: s for pid, (_, s) in best.items()}
@@ -185,7 +191,7 @@ def _write_json(path: Path, data: Any) -> None:
 def dev_responses(member: Member, prompts: Sequence[dict[str, Any]], settings: ItecSettings, reward: str, scorers: Any):
     """Greedy answers of one model to the dev prompts, scored: rows for ``dev*.jsonl``."""
     greedy = dataclasses.replace(settings.rollout(), samples=1, temperature=0.0, top_p=1.0)
-    samples = rollout([member], prompts, greedy, scorers=scorers)
+    samples = rollout([member], prompts, greedy, scorers=scorers, quiet=settings.quiet)
     return [{"prompt_id": s.prompt_id, "text": s.text, "loop": s.loop, "reward": s.rewards[reward]} for s in samples]
 
 
@@ -195,15 +201,6 @@ def _train_slice(prompts: list[dict[str, Any]], settings: ItecSettings, round_in
         return prompts
     start = ((round_index - 1) * n) % len(prompts)
     return [prompts[(start + i) % len(prompts)] for i in range(n)]
-
-
-def _sft_function() -> Any:
-    """``posttrain.sft.sft`` and its settings, or None where that recipe is not installed."""
-    try:
-        from afmkit.posttrain.sft import SFTSettings, sft
-    except ImportError:
-        return None
-    return sft, SFTSettings
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -254,7 +251,6 @@ def itec(
         from afmkit.posttrain.reward_model import load_reward_model
 
         scorers, reward = [reward_model_scorer(load_reward_model(reward_model, base))], "rm"
-    sft_api = _sft_function()
 
     out.mkdir(parents=True, exist_ok=True)
     table: list[dict[str, Any]] = []
@@ -281,11 +277,13 @@ def itec(
         if samples_path.is_file():
             samples = [Sample(**row) for row in _read_jsonl(samples_path)]
         else:
-            samples = rollout(members, round_prompts, settings.rollout(), scorers=scorers, stats=stats)
+            samples = rollout(
+                members, round_prompts, settings.rollout(), scorers=scorers, stats=stats, quiet=settings.quiet
+            )
             _write_jsonl(samples_path, [s.to_json() for s in samples])
         by_id = {str(p.get("id", p.get("key"))): p for p in round_prompts}
-        picked = pick_winners(samples, reward)
-        kept = {pid: s for pid, s in picked.items() if s.rewards[reward] > settings.min_reward and not s.loop}
+        picked = pick_winners(samples, reward, keep_truncated=settings.keep_truncated)
+        kept = {pid: s for pid, s in picked.items() if s.rewards[reward] > settings.min_reward}
         for pid, s in kept.items():
             winners[pid] = {
                 "prompt_id": pid,
@@ -301,19 +299,14 @@ def itec(
             "prompts": len(round_prompts),
             "samples": len(samples),
             "mean_reward": float(rewards.mean()),
-            "best_reward": float(np.mean([s.rewards[reward] for s in picked.values()])),
+            # per prompt: its winner's reward, 0 without one
+            "best_reward": float(np.mean([picked[pid].rewards[reward] if pid in picked else 0.0 for pid in by_id])),
             "loop_share": float(np.mean([s.loop for s in samples])),
             "length_share": float(np.mean([s.finish_reason == "length" for s in samples])),
             "winners_kept": len(kept),
             "sft_conversations": len(winners),
             "rollout_tokens_per_second": stats.get("tokens_per_second"),
         }
-        if sft_api is None:
-            _write_json(out / STATE_FILE, {"settings": identity, "table": [*table, row]})
-            raise UserError(
-                f"afmkit.posttrain.sft is not installed: round {r}'s winners are in {directory / 'winners.jsonl'}; "
-                f"train on them with 'afmkit posttrain sft --data {directory / 'winners.jsonl'}'"
-            )
         if not winners:
             raise UserError(
                 f"round {r}: no prompt has a winner with reward above {settings.min_reward} that is not a loop; "
@@ -321,12 +314,11 @@ def itec(
             )
         adapter_dir = directory / "adapter"
         if not (adapter_dir / "adapter_config.json").is_file():
-            sft, sft_settings = sft_api
             sft(
                 base,
                 [w["messages"] for w in winners.values()],
                 adapter_dir,
-                sft_settings(
+                SFTSettings(
                     lora_rank=settings.lora_rank,
                     steps=settings.sft_steps,
                     lr=settings.lr,
@@ -426,6 +418,11 @@ def register(recipes: Any) -> None:
         type=float,
         default=d.min_reward,
         help=f"keep winners above this reward (default {d.min_reward:g})",
+    )
+    parser.add_argument(
+        "--keep-truncated",
+        action="store_true",
+        help="responses cut at --max-new-tokens may win (default: only responses that finished on their own)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens per response (default {d.max_new_tokens})"

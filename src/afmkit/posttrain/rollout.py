@@ -36,6 +36,7 @@ from afmkit.infer.engine import Engine, activation_dtype, prompt_bucket
 from afmkit.infer.sampling import SamplingParams
 from afmkit.model.transformer import Params, forward, output_logits
 from afmkit.posttrain import verifiable
+from afmkit.progress import ProgressReporter
 
 # scorer(prompt rows, response texts) -> {reward name: [N] array}
 Scorer = Callable[[Sequence[dict[str, Any]], Sequence[str]], dict[str, np.ndarray]]
@@ -51,7 +52,8 @@ class RolloutSettings:
     top_p: float = 0.95
     top_k: int = 0
     seed: int = 0
-    batch: int = 64  # rows decoded together per engine batch
+    batch: int = 64  # rows decoded together (a finished row's slot goes to the next request)
+    stop_loops: bool = True  # end a response as soon as it is a repetition loop (finish_reason "loop")
 
     def check(self, *, min_samples: int = 1) -> None:
         if self.samples < min_samples:
@@ -77,12 +79,21 @@ class Sample:
     prompt_tokens: list[int]
     tokens: list[int]  # the generated ids (the EOS that ended it included)
     text: str
-    finish_reason: str  # "stop" (EOS or stop string) or "length" (ran to max_new_tokens)
-    loop: bool  # verifiable.is_loop on the text
+    finish_reason: str  # "stop" (EOS or stop string), "length" (ran to max_new_tokens) or "loop" (cut)
+    loop: bool  # cut as a loop, or verifiable.is_loop on the text
     rewards: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+LOOP = "loop"  # the finish reason of a response cut where it became a repetition loop
+
+
+def _stop_at_loop(index: int, tokens: Sequence[int]) -> str | None:
+    """The engine's ``stop_when`` for rollouts: a looping response is never a winner and its
+    reward is settled, so decoding it to ``max_new_tokens`` would only burn time."""
+    return LOOP if verifiable.is_loop(tokens) else None
 
 
 def sample_seed(seed: int, prompt_id: str, member: str, index: int) -> int:
@@ -129,12 +140,14 @@ def rollout(
     *,
     scorers: Sequence[Scorer] = (verifier_scorer,),
     stats: dict[str, float] | None = None,
+    quiet: bool = False,
 ) -> list[Sample]:
     """``settings.samples`` responses per prompt from every member, scored by every scorer.
 
     ``prompts``: rows with an ``id`` (or ``key``) and a ``prompt`` (synth-if rows; the verifier
     also reads their constraints). Returns samples ordered by prompt, then member, then index.
-    ``stats``, if given, receives the generated token count, seconds and tokens/s.
+    ``stats``, if given, receives the generated token count, seconds and tokens/s. Progress goes
+    to stderr (a bar on a terminal, log lines otherwise) unless ``quiet``.
     """
     settings.check()
     if not members:
@@ -152,6 +165,7 @@ def rollout(
     generated, started = 0, time.perf_counter()
     for group in by_model.values():
         model = group[0].model
+        model_label = ", ".join(m.name for m in group)
         prompt_ids = [chat_prompt_ids(model.tokenizer, p["prompt"]) for p in prompts]
         keys = [(i, m, k) for i in range(len(prompts)) for m in group for k in range(settings.samples)]
         keys.sort(key=lambda key: len(prompt_ids[key[0]]))  # similar lengths share a batch: less padding
@@ -165,22 +179,33 @@ def rollout(
             )
             for i, m, k in keys
         ]
-        completions = _engine(model, settings.batch).generate(
-            [prompt_ids[i] for i, _, _ in keys], sampling, adapters=[m.adapter for _, m, _ in keys]
-        )
-        for (i, m, k), c in zip(keys, completions):
-            generated += len(c.tokens)
-            out[(i, m.name, k)] = Sample(
-                prompt_id=ids[i],
-                member=m.name,
-                index=k,
-                prompt_tokens=list(prompt_ids[i]),
-                tokens=list(c.tokens),
-                text=c.text,
-                finish_reason=c.finish_reason,
-                loop=verifiable.is_loop(c.text),
-                rewards={},
-            )
+        tokens: list[list[int]] = [[] for _ in keys]
+        texts: list[list[str]] = [[] for _ in keys]
+        with ProgressReporter(f"rollout ({model_label})", len(keys), unit="responses", quiet=quiet) as progress:
+            for event in _engine(model, settings.batch).stream(
+                [prompt_ids[i] for i, _, _ in keys],
+                sampling,
+                adapters=[m.adapter for _, m, _ in keys],
+                stop_when=_stop_at_loop if settings.stop_loops else None,
+            ):
+                tokens[event.index].append(event.token)
+                texts[event.index].append(event.text)
+                if event.finish_reason is None:
+                    continue
+                (i, m, k), text = keys[event.index], "".join(texts[event.index])
+                generated += len(tokens[event.index])
+                progress.advance(tokens=len(tokens[event.index]))
+                out[(i, m.name, k)] = Sample(
+                    prompt_id=ids[i],
+                    member=m.name,
+                    index=k,
+                    prompt_tokens=list(prompt_ids[i]),
+                    tokens=tokens[event.index],
+                    text=text,
+                    finish_reason=event.finish_reason,
+                    loop=event.finish_reason == LOOP or verifiable.is_loop(text),
+                    rewards={},
+                )
     seconds = time.perf_counter() - started
     samples = [out[(i, m.name, k)] for i in range(len(prompts)) for m in members for k in range(settings.samples)]
     by_id = dict(zip(ids, prompts))
