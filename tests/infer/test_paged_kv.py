@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from afmkit import kernels
 from afmkit.adapters.lora import LoraConfig, random_adapter
 from afmkit.errors import UserError
-from afmkit.infer.engine import Engine, KVSettings, Request
+from afmkit.infer.engine import Engine, KVSettings, Request, pool_size
 from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.scheduler import Scheduler
 from afmkit.model.kv_cache import UNALLOCATED, PagedLayer, quantize_int8
@@ -136,17 +137,29 @@ def test_rows_joining_a_paged_batch_mid_decode_match_running_alone(tiny_model, c
         scheduler.close()
 
 
-def test_cancelled_and_finished_rows_give_their_blocks_back_and_the_pool_shrinks_when_idle(tiny_model):
+@pytest.mark.parametrize("lazy", [True, False])
+def test_cancelled_and_finished_rows_give_their_blocks_back_and_the_pool_shrinks_when_idle(
+    tiny_model, lazy, monkeypatch
+):
+    """The lazy pool (CPU kernels) is made at its largest and remade when idle; the other starts
+    at 1024 positions, grows and shrinks back."""
+    if lazy and not kernels.on_cpu():
+        pytest.skip("the lazy pool needs afmkit's CPU kernels")
+    if not lazy:
+        monkeypatch.setattr(kernels, "on_cpu", lambda: False)
     engine = _engine(tiny_model, layout="paged", page=16)
     batch = engine.new_batch(slots=4, capacity=1025)
-    start_blocks = batch.pool_blocks  # 1024 positions
+    assert batch.lazy_pool == lazy
+    start_blocks = batch.pool_blocks
+    assert start_blocks == (4 * -(-1025 // 16) if lazy else 64)  # slots x row blocks, or 1024 positions
     prompts = _prompts((600, 600, 5), seed=2)
     requests = [Request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, (100, 100, 3))]
     batch.admit(requests)
     assert batch.reserved == 2 * -(-700 // 16) + 1  # each prompt plus max_new_tokens, in whole blocks
     while any(r.row.prefilled < len(r.prompt) for r in requests[:2]):
-        batch.step()  # 256-token chunks; 1200 prompt positions: the pool doubles
-    assert batch.pool_blocks == 2 * start_blocks
+        batch.step()  # 256-token chunks; 1205 prompt positions need 77 blocks: the pool grows
+    # grown a quarter beyond the 64 it started with, not doubled (the lazy pool never grows)
+    assert batch.pool_blocks == (start_blocks if lazy else 80)
     assert len(requests[0].row.blocks) >= 600 // 16
     batch.cancel(requests[0])
     assert requests[0].row.blocks == [] and batch.reserved == -(-700 // 16) + (0 if requests[2].row.finished else 1)
@@ -154,6 +167,7 @@ def test_cancelled_and_finished_rows_give_their_blocks_back_and_the_pool_shrinks
         batch.step()
     assert batch.reserved == 0 and batch.active_rows == 0
     assert batch.pool_blocks == start_blocks and len(batch.free_blocks) == start_blocks
+    assert not batch.pool_written  # remade when idle: its written pages went back to the OS
 
 
 def test_a_full_pool_makes_requests_wait_and_one_that_never_fits_is_refused(tiny_model, contiguous):
@@ -181,3 +195,10 @@ def test_bad_kv_settings_are_one_line_errors(tiny_model):
     ]:
         with pytest.raises(UserError, match=message):
             Engine(tiny_model.config, tiny_model.params, tiny_model.tokenizer, kv=settings)
+
+
+def test_the_pool_grows_by_quarters_of_an_octave():
+    # 1, 1.25, 1.5, 1.75 x a power of two: at most a quarter of a grown pool is beyond its need
+    assert [pool_size(n) for n in (64, 65, 80, 81, 97, 113, 2049, 2561)] == [64, 80, 80, 96, 112, 128, 2560, 3072]
+    for n in range(1, 5000):
+        assert n <= pool_size(n) <= max(n, 1.25 * n)

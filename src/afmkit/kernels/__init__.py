@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,12 @@ import numpy as np
 
 KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # FFI target name -> symbol in the library
-TARGETS = {"afmkit_packed_matmul": "AfmkitPackedMatmul", "afmkit_decode_attention": "AfmkitDecodeAttention"}
+TARGETS = {
+    "afmkit_packed_matmul": "AfmkitPackedMatmul",
+    "afmkit_decode_attention": "AfmkitDecodeAttention",
+    "afmkit_paged_decode_attention": "AfmkitPagedDecodeAttention",
+    "afmkit_lazy_zeros": "AfmkitLazyZeros",
+}
 
 # The palettized (look-up-table) weight kernel: its own library, built and loaded beside the first.
 PALETTIZED_SOURCE = Path(__file__).with_name("palettized_kernels.cc")
@@ -192,3 +198,23 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: 
         "afmkit_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
     )
     return call(q, keys, values, lengths.astype(jnp.int32), scale=np.float32(scale))
+
+
+def paged_decode_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, tables: jax.Array, lengths: jax.Array, scale: float
+) -> jax.Array:
+    """``decode_attention`` over a paged cache, read in place block by block: the pool's keys
+    ``[blocks, KV, D, page]`` and values ``[blocks, KV, page, D]`` (fp32), each row's block table
+    ``tables [B', width]`` (an entry outside the pool reads zeros, as ``PagedLayer.read``)."""
+    _require()
+    call = jax.ffi.ffi_call(
+        "afmkit_paged_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(q, keys, values, tables.astype(jnp.int32), lengths.astype(jnp.int32), scale=np.float32(scale))
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """A zero array whose memory the OS commits only as it is written (a large one: pages the
+    kernel hands out on first write), for a buffer reserved at its largest and filled over time."""
+    _require()
+    return jax.ffi.ffi_call("afmkit_lazy_zeros", jax.ShapeDtypeStruct(shape, dtype))()

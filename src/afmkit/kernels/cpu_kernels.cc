@@ -6,7 +6,10 @@
 //   and offset m per (output, block). Decode-sized M is memory-bound: reading 4- or 8-bit codes
 //   instead of fp32 weights is the point, so codes are dequantized in registers, never in memory.
 // * decode_attention: one query per row against the row's cached keys and values, reading only
-//   the positions the row can see, straight from the cache (XLA copies a sliced cache first).
+//   the positions the row can see, straight from the cache (XLA copies a sliced cache first);
+//   paged_decode_attention does the same through a paged cache's block table, block by block.
+// * lazy_zeros: a zeroed buffer whose pages the OS commits only when written (the paged KV pool:
+//   allocated once at its largest, its memory follows the blocks in use).
 //
 // Packed layout (afmkit/model/packed.py writes it): outputs in tiles of 16, K in blocks of 32,
 // and inside a block 16 pairs of k. For one pair (k, k + 1) a tile's 32 codes are 16 bytes at
@@ -26,6 +29,9 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -890,58 +896,80 @@ float exp_shifted(float* probs, int64_t n, float max) {
   return sum;
 }
 
+// The positions a (row, kv head) attends to, as spans of consecutive positions: the whole row for
+// the contiguous cache, one block at a time for the paged one. Span i holds positions [s0, s0 +
+// count); its keys are [D][stride] from `keys` (key s0 + j of dimension d at keys[d * stride + j])
+// and its values [count][D] from `values`; a span without a block (nullptr) is all zeros, as the
+// XLA path reads an unallocated block. Every sum runs over positions in order, so a row gives the
+// same bits through either cache.
+struct Span {
+  const float* keys;
+  const float* values;
+  int64_t s0, count, stride;
+};
+
 #if defined(__AVX512F__)
 // scores[g, s] = scale * q[g] . keys[:, s] for all G heads of a group at once, 16 positions a step.
 template <int G>
-void scores_avx512(const Attention& a, const float* q, const float* keys, float* probs, int64_t n) {
-  for (int64_t s = 0; s < n; s += 16) {
-    const __mmask16 mask = n - s >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - s)) - 1);
+void scores_avx512(const Attention& a, const float* q, const Span& span, float* probs, int64_t n) {
+  for (int64_t j = 0; j < span.count; j += 16) {
+    const int64_t left = span.count - j, s = span.s0 + j;
+    const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
     __m512 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < a.dim; ++d) {
-      const __m512 k = _mm512_maskz_loadu_ps(mask, keys + d * a.capacity + s);
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * a.dim + d]), k, acc[g]);
+    if (span.keys != nullptr) {
+      for (int64_t d = 0; d < a.dim; ++d) {
+        const __m512 k = _mm512_maskz_loadu_ps(mask, span.keys + d * span.stride + j);
+        for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * a.dim + d]), k, acc[g]);
+      }
     }
     const __m512 scale = _mm512_set1_ps(a.scale);
     for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(probs + g * n + s, mask, _mm512_mul_ps(acc[g], scale));
   }
 }
 
-// out[g, :] = sum_s probs[g, s] * values[s, :], 16 dimensions a step (dim is a multiple of 16).
+// out[g, :] += sum_s probs[g, s] * values[s, :] over one span, 16 dimensions a step (dim is a
+// multiple of 16); the first span starts the sums at zero. A span of zeros adds nothing.
 template <int G>
-void mix_avx512(const Attention& a, const float* probs, const float* values, float* out, int64_t n) {
+void mix_avx512(const Attention& a, const float* probs, const Span& span, float* out, int64_t n, bool first) {
+  if (span.values == nullptr && !first) return;
   for (int64_t d = 0; d < a.dim; d += 16) {
     __m512 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < n; ++s) {
-      const __m512 v = _mm512_loadu_ps(values + s * a.dim + d);
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * n + s]), v, acc[g]);
+    for (int g = 0; g < G; ++g) acc[g] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + g * a.dim + d);
+    for (int64_t j = 0; span.values != nullptr && j < span.count; ++j) {
+      const __m512 v = _mm512_loadu_ps(span.values + j * a.dim + d);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * n + span.s0 + j]), v, acc[g]);
     }
     for (int g = 0; g < G; ++g) _mm512_storeu_ps(out + g * a.dim + d, acc[g]);
   }
 }
 
 template <int G>
-void attend_avx512(const Attention& a, const float* q, const float* keys, const float* values, float* probs,
-                   float* out, int64_t n) {
-  scores_avx512<G>(a, q, keys, probs, n);
+void attend_avx512(const Attention& a, const float* q, const Span* spans, int64_t n_spans, float* probs, float* out,
+                   int64_t n) {
+  for (int64_t i = 0; i < n_spans; ++i) scores_avx512<G>(a, q, spans[i], probs, n);
   for (int g = 0; g < G; ++g) {
     float* pg = probs + g * n;
     const float inv = 1.0f / exp_shifted(pg, n, *std::max_element(pg, pg + n));
     for (int64_t s = 0; s < n; ++s) pg[s] *= inv;
   }
-  mix_avx512<G>(a, probs, values, out, n);
+  for (int64_t i = 0; i < n_spans; ++i) mix_avx512<G>(a, probs, spans[i], out, n, i == 0);
 }
 #endif
 
-void attend_scalar(const Attention& a, const float* q, const float* keys, const float* values, float* probs,
-                   float* out, int64_t n) {
+void attend_scalar(const Attention& a, const float* q, const Span* spans, int64_t n_spans, float* probs, float* out,
+                   int64_t n) {
   const int64_t G = a.groups, D = a.dim;
   std::fill(probs, probs + G * n, 0.0f);
-  for (int64_t d = 0; d < D; ++d) {  // scores[g, s] += q[g, d] * keys[d, s]
-    for (int64_t g = 0; g < G; ++g) {
-      const float qd = q[g * D + d] * a.scale;
-      for (int64_t s = 0; s < n; ++s) probs[g * n + s] += qd * keys[d * a.capacity + s];
+  for (int64_t i = 0; i < n_spans; ++i) {
+    const Span& span = spans[i];
+    if (span.keys == nullptr) continue;
+    for (int64_t d = 0; d < D; ++d) {  // scores[g, s] += q[g, d] * keys[d, s]
+      for (int64_t g = 0; g < G; ++g) {
+        const float qd = q[g * D + d] * a.scale;
+        float* pg = probs + g * n + span.s0;
+        for (int64_t j = 0; j < span.count; ++j) pg[j] += qd * span.keys[d * span.stride + j];
+      }
     }
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -950,20 +978,21 @@ void attend_scalar(const Attention& a, const float* q, const float* keys, const 
     for (int64_t s = 0; s < n; ++s) pg[s] *= inv;
   }
   std::fill(out, out + G * D, 0.0f);
-  for (int64_t s = 0; s < n; ++s) {  // out[g, :] += probs[g, s] * values[s, :]
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t d = 0; d < D; ++d) out[g * D + d] += probs[g * n + s] * values[s * D + d];
+  for (int64_t i = 0; i < n_spans; ++i) {
+    const Span& span = spans[i];
+    if (span.values == nullptr) continue;
+    for (int64_t j = 0; j < span.count; ++j) {  // out[g, :] += probs[g, s] * values[s, :]
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = probs[g * n + span.s0 + j];
+        for (int64_t d = 0; d < D; ++d) out[g * D + d] += p * span.values[j * D + d];
+      }
     }
   }
 }
 
-void attend(const void* context, int64_t item) {
-  const Attention& a = *static_cast<const Attention*>(context);
-  const int64_t row = item / a.kv_heads, head = item % a.kv_heads;
-  const int64_t n = std::min<int64_t>(std::max<int32_t>(a.lengths[row], 1), a.capacity);
+// Attention of one (row, kv head) work item over its spans; n: the positions they cover.
+void attend_spans(const Attention& a, int64_t item, const Span* spans, int64_t n_spans, int64_t n) {
   const float* q = a.q + item * a.groups * a.dim;
-  const float* keys = a.keys + (row * a.kv_heads + head) * a.dim * a.capacity;
-  const float* values = a.values + (row * a.kv_heads + head) * a.capacity * a.dim;
   float* out = a.out + item * a.groups * a.dim;
   thread_local std::vector<float> scratch;
   scratch.resize(a.groups * n);
@@ -971,17 +1000,53 @@ void attend(const void* context, int64_t item) {
 #if defined(__AVX512F__)
   if (a.dim % 16 == 0) {
     switch (a.groups) {
-      case 1: attend_avx512<1>(a, q, keys, values, probs, out, n); return;
-      case 2: attend_avx512<2>(a, q, keys, values, probs, out, n); return;
-      case 3: attend_avx512<3>(a, q, keys, values, probs, out, n); return;
-      case 4: attend_avx512<4>(a, q, keys, values, probs, out, n); return;
-      case 6: attend_avx512<6>(a, q, keys, values, probs, out, n); return;
-      case 8: attend_avx512<8>(a, q, keys, values, probs, out, n); return;
+      case 1: attend_avx512<1>(a, q, spans, n_spans, probs, out, n); return;
+      case 2: attend_avx512<2>(a, q, spans, n_spans, probs, out, n); return;
+      case 3: attend_avx512<3>(a, q, spans, n_spans, probs, out, n); return;
+      case 4: attend_avx512<4>(a, q, spans, n_spans, probs, out, n); return;
+      case 6: attend_avx512<6>(a, q, spans, n_spans, probs, out, n); return;
+      case 8: attend_avx512<8>(a, q, spans, n_spans, probs, out, n); return;
       default: break;
     }
   }
 #endif
-  attend_scalar(a, q, keys, values, probs, out, n);
+  attend_scalar(a, q, spans, n_spans, probs, out, n);
+}
+
+void attend(const void* context, int64_t item) {
+  const Attention& a = *static_cast<const Attention*>(context);
+  const int64_t row = item / a.kv_heads, head = item % a.kv_heads;
+  const int64_t n = std::min<int64_t>(std::max<int32_t>(a.lengths[row], 1), a.capacity);
+  const Span span{a.keys + (row * a.kv_heads + head) * a.dim * a.capacity,
+                  a.values + (row * a.kv_heads + head) * a.capacity * a.dim, 0, n, a.capacity};
+  attend_spans(a, item, &span, 1, n);
+}
+
+// The paged cache: keys [blocks, KV, D, page], values [blocks, KV, page, D], tables [B', width]
+// (position p of row b in block tables[b, p / page] at offset p % page; an entry outside the
+// pool is no block). `capacity` is width * page.
+struct PagedAttention {
+  Attention a;
+  const int32_t* tables;
+  int64_t blocks, page, width;
+};
+
+void attend_paged(const void* context, int64_t item) {
+  const PagedAttention& p = *static_cast<const PagedAttention*>(context);
+  const Attention& a = p.a;
+  const int64_t row = item / a.kv_heads, head = item % a.kv_heads;
+  const int64_t n = std::min<int64_t>(std::max<int32_t>(a.lengths[row], 1), a.capacity);
+  const int64_t n_spans = (n + p.page - 1) / p.page;
+  thread_local std::vector<Span> spans;
+  spans.resize(n_spans);
+  for (int64_t i = 0; i < n_spans; ++i) {
+    const int64_t block = p.tables[row * p.width + i];
+    const bool present = block >= 0 && block < p.blocks;
+    const int64_t base = (block * a.kv_heads + head) * a.dim * p.page;  // same size for keys and values
+    spans[i] = Span{present ? a.keys + base : nullptr, present ? a.values + base : nullptr, i * p.page,
+                    std::min(p.page, n - i * p.page), p.page};
+  }
+  attend_spans(a, item, spans.data(), n_spans, n);
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
@@ -1000,7 +1065,48 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
+// q [B, KV, G, D]; keys [blocks, KV, D, page]; values [blocks, KV, page, D]; tables [B', width]
+// int32 (B' >= B); lengths [B]: keys each row sees (at most width * page).
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                                ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> tables,
+                                ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions(), td = tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("paged_decode_attention: q, keys and values must be 4-D, tables 2-D");
+  const int64_t batch = qd[0], kv = qd[1], groups = qd[2], dim = qd[3], blocks = kd[0], page = kd[3];
+  if (kd[1] != kv || kd[2] != dim || vd[0] != blocks || vd[1] != kv || vd[2] != page || vd[3] != dim ||
+      td[0] < batch || lengths.element_count() != static_cast<size_t>(batch))
+    return ffi::Error::InvalidArgument("paged_decode_attention: pool or table shapes do not match the queries");
+  const PagedAttention attention{{q.typed_data(), keys.typed_data(), values.typed_data(), lengths.typed_data(),
+                                  out->typed_data(), kv, groups, dim, td[1] * page, scale},
+                                 tables.typed_data(), blocks, page, td[1]};
+  parallel_for(pool, batch * kv, attend_paged, &attention);
+  return ffi::Error::Success();
+}
+
+// Zeroes `out` without touching its whole pages: MADV_DONTNEED hands them back to the kernel,
+// and a private anonymous page (what a large malloc gets) reads as zeros until written, when the
+// kernel commits it. Only the partial pages at either end are written. Where the pages are not
+// private anonymous memory (then they would not read as zeros), it falls back to memset.
+ffi::Error LazyZeros(ffi::Result<ffi::AnyBuffer> out) {
+  char* data = static_cast<char*>(out->untyped_data());
+  const size_t size = out->size_bytes();
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data), end = start + size;
+  const uintptr_t inner0 = (start + page - 1) & ~(page - 1), inner1 = end & ~(page - 1);
+  bool lazy = inner1 > inner0 && madvise(reinterpret_cast<void*>(inner0), inner1 - inner0, MADV_DONTNEED) == 0;
+  if (lazy) {
+    std::memset(data, 0, inner0 - start);
+    std::memset(reinterpret_cast<char*>(inner1), 0, end - inner1);
+    lazy = *reinterpret_cast<const volatile char*>(inner0) == 0;  // reads as zero: private anonymous
+  }
+  if (!lazy) std::memset(data, 0, size);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitLazyZeros, LazyZeros, ffi::Ffi::Bind().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPackedMatmul, PackedMatmul,
                               ffi::Ffi::Bind()
@@ -1018,6 +1124,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPagedDecodeAttention, PagedDecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

@@ -20,6 +20,7 @@ With ``quantized`` pools the blocks hold int8 codes and one fp32 scale per (posi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -83,21 +84,43 @@ class PagedLayer:
         v_pool = self.v.at[block, :, offset].set(v.astype(self.v.dtype), mode="drop")
         return PagedLayer(k_pool, v_pool, k_scale, v_scale, self.tables)
 
-    def read(self, attend_len: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
-        """The first ``attend_len`` positions of every row, as the contiguous cache lays them out:
-        keys ``[B, KV, D, attend_len]`` and values ``[B, KV, attend_len, D]`` in ``dtype``."""
+    def _blocks(self, attend_len: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """The blocks covering each row's first ``attend_len`` positions as the pool lays them
+        out, keys ``[B, n, KV, D, page]`` and values ``[B, n, KV, page, D]`` (zeros for no block)."""
         n = -(-attend_len // self.page)
         tables = self.tables[:, :n]
         if tables.shape[1] < n:  # the table is narrower than the read: the rest is unallocated
             pad = jnp.full((tables.shape[0], n - tables.shape[1]), UNALLOCATED, tables.dtype)
             tables = jnp.concatenate([tables, pad], axis=1)
-        keys = self.k.at[tables].get(mode="fill", fill_value=0)  # [B, n, KV, D, page]
-        values = self.v.at[tables].get(mode="fill", fill_value=0)  # [B, n, KV, page, D]
-        keys, values = keys.astype(dtype), values.astype(dtype)
+        keys = self.k.at[tables].get(mode="fill", fill_value=0).astype(dtype)
+        values = self.v.at[tables].get(mode="fill", fill_value=0).astype(dtype)
         if self.k_scale is not None:
             keys = keys * self.k_scale.at[tables].get(mode="fill", fill_value=0)[:, :, :, None, :].astype(dtype)
             values = values * self.v_scale.at[tables].get(mode="fill", fill_value=0)[..., None].astype(dtype)
-        batch, _, kv, dim, page = keys.shape
+        return keys, values
+
+    def decode_attention(self, q: jax.Array, lengths: jax.Array, attend_len: int) -> jax.Array:
+        """Softmax attention (scores scaled by ``1 / sqrt(D)``) of one query per row, ``q [B, KV,
+        G, D]``, over the first ``lengths[b]`` positions of each row (XLA; the CPU kernel is
+        ``kernels.paged_decode_attention``).
+        The blocks are gathered but scored where they land, block by block, without the copy
+        into the contiguous layout that ``read`` makes."""
+        rows = dataclasses.replace(self, tables=self.tables[: q.shape[0]])  # the table may have spare lines
+        keys, values = rows._blocks(attend_len, q.dtype)  # [B, n, KV, D, page], [B, n, KV, page, D]
+        n, page = keys.shape[1], keys.shape[-1]
+        scores = jnp.einsum("bkgd,bnkdp->bkgnp", q, keys).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        positions = (jnp.arange(n)[:, None] * page + jnp.arange(page)[None, :])[None]  # [1, n, page]
+        visible = positions < lengths[:, None, None]
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        shape = scores.shape
+        probs = jax.nn.softmax(scores.reshape(*shape[:3], n * page), axis=-1).reshape(shape).astype(values.dtype)
+        return jnp.einsum("bkgnp,bnkpd->bkgd", probs, values)
+
+    def read(self, attend_len: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """The first ``attend_len`` positions of every row, as the contiguous cache lays them out:
+        keys ``[B, KV, D, attend_len]`` and values ``[B, KV, attend_len, D]`` in ``dtype``."""
+        keys, values = self._blocks(attend_len, dtype)
+        batch, n, kv, dim, page = keys.shape
         keys = keys.transpose(0, 2, 3, 1, 4).reshape(batch, kv, dim, n * page)[..., :attend_len]
         values = values.transpose(0, 2, 1, 3, 4).reshape(batch, kv, n * page, dim)[:, :, :attend_len]
         return keys, values
@@ -126,15 +149,24 @@ class PagedKVCache:
 
     @classmethod
     def zeros(
-        cls, config: ModelConfig, *, blocks: int, page: int, dtype: Any = jnp.float32, quantized: bool = False
+        cls,
+        config: ModelConfig,
+        *,
+        blocks: int,
+        page: int,
+        dtype: Any = jnp.float32,
+        quantized: bool = False,
+        zeros: Any = jnp.zeros,
     ) -> PagedKVCache:
+        """An empty pool; ``zeros(shape, dtype)`` makes each array (``kernels.lazy_zeros``: memory
+        committed as blocks are first written)."""
         kv, dim, layers = config.n_kv_heads, config.head_dim, config.n_layers
         store = jnp.int8 if quantized else dtype
         return cls(
-            k=[jnp.zeros((blocks, kv, dim, page), store) for _ in range(layers)],
-            v=[jnp.zeros((blocks, kv, page, dim), store) for _ in range(layers)],
-            k_scale=[jnp.zeros((blocks, kv, page), jnp.float32) for _ in range(layers)] if quantized else [],
-            v_scale=[jnp.zeros((blocks, kv, page), jnp.float32) for _ in range(layers)] if quantized else [],
+            k=[zeros((blocks, kv, dim, page), store) for _ in range(layers)],
+            v=[zeros((blocks, kv, page, dim), store) for _ in range(layers)],
+            k_scale=[zeros((blocks, kv, page), jnp.float32) for _ in range(layers)] if quantized else [],
+            v_scale=[zeros((blocks, kv, page), jnp.float32) for _ in range(layers)] if quantized else [],
         )
 
     @property

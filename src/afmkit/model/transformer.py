@@ -183,6 +183,17 @@ def attention(
     else:
         if isinstance(cache, PagedLayer):
             cache = cache.write(k, v, positions)
+            if seq == 1:
+                q = q.reshape(batch, kv_heads, groups, head_dim)
+                lengths = positions[:, 0] + 1
+                if cache.k.dtype == q.dtype == jnp.float32 and kernels.on_cpu():
+                    # Decoding on CPU: the native kernel reads each row's blocks in place.
+                    scale = 1 / math.sqrt(head_dim)
+                    out = kernels.paged_decode_attention(q, cache.k, cache.v, cache.tables, lengths, scale)
+                else:
+                    out = cache.decode_attention(q, lengths, attend_len)
+                out = out.reshape(batch, 1, config.n_heads, head_dim)
+                return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), cache
             # Each row's blocks gathered in the contiguous layout (zeros past its allocation).
             k_cache, v_cache = cache.read(attend_len, q.dtype)
         else:
