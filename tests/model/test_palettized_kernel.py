@@ -59,9 +59,8 @@ class Weight:
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-# The AVX-512 kernel takes rows 6 at a time over pairs of tiles, then the rest 2 or 1 at a time over 4
-# tiles: 1-63 rows and 208 outputs (13 tiles: a lone tile after the pairs and after the fours) cover
-# every remainder; K = 72 is 9 blocks of 8 (odd). From 64 rows (AVX512-BF16) the bf16 GEMM: 6 rows
+# The AVX-512 kernel takes rows 6 at a time, then the rest 2 or 1 at a time, over pairs of tiles: 1-63
+# rows and 208 outputs (13 tiles: a lone tile after the pairs) cover every remainder; K = 72 is 9 blocks of 8 (odd). From 64 rows (AVX512-BF16) the bf16 GEMM: 6 rows
 # by 4 tiles, then single rows (64, 101).
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 16, 17, 63, 64, 101])
 def test_kernel_matches_numpy(bits, rows):

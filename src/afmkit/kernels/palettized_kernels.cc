@@ -204,8 +204,8 @@ inline __m512i words_avx512(const uint8_t* planes) {
 }
 
 // R rows by T tiles: each code is expanded once (one permute, or a gather at 8 bits) and used by the
-// R rows; 2 R T independent accumulators (T tiles at once give decode, R = 1, enough chains to hide
-// the FMA latency).
+// R rows; 2 R T independent accumulators (T = 2 tiles at once give decode, R = 1, four chains: enough
+// to hide the FMA latency).
 template <int R, int T, int Bits>
 void tiles_avx512(const Problem& p, int64_t tile0, int64_t row0) {
   const int64_t blocks = p.k / kCodes;
@@ -251,9 +251,9 @@ void tiles_avx512(const Problem& p, int64_t tile0, int64_t row0) {
   }
 }
 
-// Rows of every tile in [tile0, tile0 + tiles): blocks of 6 rows by 2 tiles (24 accumulators of
-// 32 registers; per code 12 FMAs for 2 expansions and 6 broadcasts), then the few rows left by 4
-// tiles (decode: 8 or 16 independent chains).
+// Rows of every tile in [tile0, tile0 + tiles) (2 tiles, or 1 at the end): blocks of 6 rows by 2
+// tiles (24 accumulators of 32 registers; per code 12 FMAs for 2 expansions and 6 broadcasts), then
+// the few rows left 2 or 1 at a time.
 template <int Bits>
 void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
   int64_t t = tile0;
@@ -264,10 +264,10 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
     for (; u + 2 <= end; u += 2) tiles_avx512<6, 2, Bits>(p, u, r0);
     if (u < end) tiles_avx512<6, 1, Bits>(p, u, r0);
   }
-  for (; t + 4 <= end; t += 4) {
+  for (; t + 2 <= end; t += 2) {
     int64_t r = r0;
-    for (; r + 2 <= p.m; r += 2) tiles_avx512<2, 4, Bits>(p, t, r);
-    if (r < p.m) tiles_avx512<1, 4, Bits>(p, t, r);
+    for (; r + 2 <= p.m; r += 2) tiles_avx512<2, 2, Bits>(p, t, r);
+    if (r < p.m) tiles_avx512<1, 2, Bits>(p, t, r);
   }
   for (; t < end; ++t) {
     int64_t r = r0;
@@ -397,12 +397,13 @@ constexpr int64_t kBf16Rows = 0;  // no bf16 path in this build
 constexpr int64_t kBf16Rows = 0;
 #endif
 
-// Tiles per work item: 4, so that decode (one row) has 4 tiles' chains in flight.
-constexpr int64_t kGroup = 4;
+// Tiles per work item: 4 for the bf16 GEMM (its register block), else 2: enough chains in flight for
+// one row, and small items that share a decode's few tiles (12 for N = 192) evenly between threads.
+inline int64_t group_tiles(const Problem& p) { return p.x_bf16 != nullptr ? 4 : 2; }
 
 void run_group(const Problem& p, int64_t group) {
-  const int64_t tile0 = group * kGroup;
-  const int64_t tiles = std::min<int64_t>(kGroup, p.n / kTile - tile0);
+  const int64_t size = group_tiles(p), tile0 = group * size;
+  const int64_t tiles = std::min<int64_t>(size, p.n / kTile - tile0);
 #if defined(__AVX512BF16__)
   if (p.x_bf16 != nullptr) return run_group_bf16(p, tile0, static_cast<int>(tiles));
 #endif
@@ -495,7 +496,7 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 #endif
   const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scale32.data(), y->typed_data(),
                         m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
-  if (m > 0 && n > 0) parallel_groups(pool, problem, (tiles + kGroup - 1) / kGroup);
+  if (m > 0 && n > 0) parallel_groups(pool, problem, (tiles + group_tiles(problem) - 1) / group_tiles(problem));
   return ffi::Error::Success();
 }
 
