@@ -88,6 +88,12 @@ def test_the_command_learns_a_separable_preference_and_reports_held_out_accuracy
     chosen, rejected = recipe.pair_scores(scorer, test)
     assert np.all(chosen > rejected)
     np.testing.assert_allclose(np.mean(chosen - rejected), held["mean_margin"], rtol=1e-5)
+    # --resume of the finished run with another --held-out-limit trains nothing and only scores
+    assert run_reward(checkpoint, pairs_file, out, *flags, "--held-out-limit", "2", "--resume") == 0
+    again = json.loads((out / recipe.REPORT_FILE).read_text())
+    assert again["held_out"]["pairs"] == 2 and again["held_out_pairs_total"] == len(test)
+    assert again["steps_done"] == STEPS and again["held_out"]["accuracy"] == 1.0
+    assert [r["loss"] for r in read_metrics(out / "training" / "metrics.jsonl") if "loss" in r] == curve
 
 
 def test_held_out_metrics_match_a_numpy_transcription():
