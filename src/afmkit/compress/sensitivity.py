@@ -233,7 +233,12 @@ def palettized_value(
         per_row_scale=per_row_scale,
         importance=importance,
     )
-    return np.asarray(palettized.dequantize(), np.float32)
+    return np.asarray(_dequantize(palettized), np.float32)
+
+
+# One compiled program per shape and width: run eagerly, ``dequantize``'s dozen array operations
+# were compiled one by one (about 200 small compilations over SmolLM2's 4 shapes x 3 widths).
+_dequantize = jax.jit(lambda palettized: palettized.dequantize())
 
 
 def proxy_sensitivity(

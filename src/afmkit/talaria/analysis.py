@@ -60,6 +60,10 @@ SPECS = {  # the einsum each matrix runs in the model (transformer.attention / m
     "w_down": "btf,fd->btd",
 }
 FORMATS = ("float", *map(str, BIT_WIDTHS))  # a matrix's formats, as JSON keys
+# Every perplexity window in one compiled call: batches of 4 left a smaller last batch, a second
+# compilation of the whole model (tens of seconds on 2 loaded cores). The windows still run one at
+# a time inside it (``lax.map``), so memory and the result do not change.
+_ALL_WINDOWS = 1 << 30
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -469,7 +473,9 @@ def analyze_model(model: Any, settings: TalariaSettings = _DEFAULTS, *, quiet: b
     seconds["benchmarks"] = time.perf_counter() - begin
     begin = time.perf_counter()
     eval_seq = min(512, model.config.max_seq_len)
-    float_ppl = perplexity_of_text(model, text, seq_len=eval_seq, stride=eval_seq // 2).perplexity
+    float_ppl = perplexity_of_text(
+        model, text, seq_len=eval_seq, stride=eval_seq // 2, batch_size=_ALL_WINDOWS
+    ).perplexity
     seconds["float_perplexity"] = time.perf_counter() - begin
     from afmkit.compress.sensitivity import get_matrix
 
