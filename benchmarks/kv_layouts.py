@@ -58,6 +58,50 @@ def measure(model, rows: int, new_tokens: int, repeats: int) -> dict:
     }
 
 
+def attention_only(rows: int, positions: int, repeats: int = 200) -> dict:
+    """The two native decode-attention kernels alone on SmolLM2's attention shape (3 KV heads of
+    3 query heads, head_dim 64), ``rows`` rows of ``positions`` keys each, the same values laid out
+    both ways; calls alternate and the fastest of ``repeats`` counts (robust to a busy machine)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    kv, groups, dim, page = 3, 3, 64, 16
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((rows, kv, groups, dim)), jnp.float32)
+    keys = rng.standard_normal((rows, kv, dim, positions)).astype(np.float32)
+    values = rng.standard_normal((rows, kv, positions, dim)).astype(np.float32)
+    blocks = positions // page
+    order = rng.permutation(rows * blocks)  # rows' blocks scattered over the pool
+    tables = order.reshape(rows, blocks).astype(np.int32)
+    pool_k = np.empty((rows * blocks, kv, dim, page), np.float32)
+    pool_v = np.empty((rows * blocks, kv, page, dim), np.float32)
+    for b in range(rows):
+        for i in range(blocks):
+            pool_k[tables[b, i]] = keys[b, :, :, i * page : (i + 1) * page]
+            pool_v[tables[b, i]] = values[b, :, i * page : (i + 1) * page]
+    lengths = jnp.full((rows,), positions, jnp.int32)
+    scale = 1 / dim**0.5
+    contiguous = jax.jit(lambda q, k, v, n: kernels.decode_attention(q, k, v, n, scale))
+    paged = jax.jit(lambda q, k, v, t, n: kernels.paged_decode_attention(q, k, v, t, n, scale))
+    args_c = (q, jnp.asarray(keys), jnp.asarray(values), lengths)
+    args_p = (q, jnp.asarray(pool_k), jnp.asarray(pool_v), jnp.asarray(tables), lengths)
+    same = bool((np.asarray(contiguous(*args_c)) == np.asarray(paged(*args_p))).all())
+    best = {"paged": float("inf"), "contiguous": float("inf")}
+    for _ in range(repeats):
+        for name, call, args in (("paged", paged, args_p), ("contiguous", contiguous, args_c)):
+            start = time.perf_counter()
+            call(*args).block_until_ready()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {
+        "rows": rows,
+        "positions": positions,
+        "best_ms": {k: v * 1e3 for k, v in best.items()},
+        "paged_over_contiguous_time": best["paged"] / best["contiguous"],
+        "bit_identical": same,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="32", help="prompts decoded together; a comma list runs each")
@@ -65,7 +109,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="int4")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument(
+        "--attention-only", action="store_true", help="time the two attention kernels alone (no model, seconds)"
+    )
     args = parser.parse_args()
+    if args.attention_only:
+        result = {"attention": kernels.describe() if kernels.available() else "xla", "by_rows": {}}
+        for rows in args.rows.split(","):
+            result["by_rows"][rows] = [attention_only(int(rows), n) for n in (256, 1024)]
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        return
 
     model = afmkit.load(dtype=args.dtype)
     result = {
