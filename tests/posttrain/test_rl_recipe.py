@@ -227,14 +227,14 @@ def peaked_model(tiny_model):
     return afmkit.LanguageModel(tiny_model.config, params, tiny_model.tokenizer, name="afm-tiny-peaked")
 
 
-@pytest.mark.slow  # 12 iterations of rollout + update: a few minutes on 2 shared cores
+@pytest.mark.slow  # 8 iterations of rollout + update: a few minutes on 2 shared cores
 @pytest.mark.parametrize("algo", ["mdloo"])
 def test_reward_rises_on_a_toy_verifiable_task(peaked_model, prompts_file, tmp_path, algo):
     settings = RLSettings(
         algo=algo,
         k=4,
         beta=0.0,
-        iterations=12,
+        iterations=8,
         prompts_per_iteration=4,
         inner_steps=2,
         lr=2e-3,
@@ -247,10 +247,11 @@ def test_reward_rises_on_a_toy_verifiable_task(peaked_model, prompts_file, tmp_p
     )
     records = rl(peaked_model, prompts_file, tmp_path / "run", settings)
     rewards = np.array([r["mean_reward"] for r in records])
-    # Each iteration's mean is over 16 samples of a 0/1 reward: standard error at most
-    # 0.5 / 4 = 0.125, so a mean over 4 iterations has at most 0.0625 and the difference of two
-    # such means at most 0.088; a rise of 0.3 is more than 3 of those.
-    assert rewards[-4:].mean() > rewards[:4].mean() + 0.3, rewards
+    # The starting policy meets the task about 30% of the time (27% of 64 samples; iteration 1
+    # here: 44% of 16). The last 4 iterations hold 64 samples: if the policy still met the task
+    # with p = 0.45, their mean would have a standard error of sqrt(0.45 * 0.55 / 64) = 0.062,
+    # and 0.9 would be more than 7 of those away. (With lr 2e-3 it reaches 1.0 by iteration 3.)
+    assert rewards[-4:].mean() >= 0.9, rewards
 
 
 def environment():

@@ -372,7 +372,7 @@ def rl(
             seed=settings.seed,
             batch=settings.batch,
         )
-        samples = rollout([member], dev, greedy, scorers=())
+        samples = rollout([member], dev, greedy, scorers=(), quiet=settings.quiet)
         by_id = {str(p.get("id", p.get("key"))): p for p in dev}
         scored = verifiable.instruction_rewards([by_id[s.prompt_id] for s in samples], [s.text for s in samples])
         return {
@@ -397,7 +397,7 @@ def rl(
             seed=iteration_seed(settings.seed, iteration),
             batch=settings.batch,
         )
-        samples = rollout([member], prompts, rollout_settings, scorers=scorers, stats=stats)
+        samples = rollout([member], prompts, rollout_settings, scorers=scorers, stats=stats, quiet=settings.quiet)
         prompt_ids = [s.prompt_tokens for s in samples]
         response_ids = [s.tokens for s in samples]
         lengths = np.array([len(r) for r in response_ids])
