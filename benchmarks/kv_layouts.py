@@ -14,9 +14,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 import afmkit
 from afmkit import kernels
-from afmkit.infer.engine import Engine, KVSettings
+from afmkit.infer.engine import Engine, KVSettings, Request
 from afmkit.infer.sampling import SamplingParams
 
 LAYOUTS = ("paged", "contiguous")
@@ -64,7 +66,6 @@ def attention_only(rows: int, positions: int, repeats: int = 200) -> dict:
     both ways; calls alternate and the fastest of ``repeats`` counts (robust to a busy machine)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     kv, groups, dim, page = 3, 3, 64, 16
     rng = np.random.default_rng(0)
@@ -102,6 +103,41 @@ def attention_only(rows: int, positions: int, repeats: int = 200) -> dict:
     }
 
 
+def rss_gib(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def memory(model, layout: str, rows: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """RSS of one decode batch serving ``rows`` prompts of ``prompt_tokens`` at once (the server's
+    32 slots of 3073 positions): at start, peak (the kernel's high-water mark, no sampling gaps)
+    and after the batch went idle. Run it in a fresh process per layout: RSS is the process's."""
+    rng = np.random.default_rng(0)
+    engine = Engine(model.config, model.params, model.tokenizer, kv=KVSettings(layout=layout))
+    batch = engine.new_batch(slots=rows, capacity=3073)
+    start = rss_gib()
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    requests = [Request([int(t) for t in rng.integers(10, 40000, prompt_tokens)], sampling) for _ in range(rows)]
+    admitted, _ = batch.admit(requests)
+    assert len(admitted) == rows
+    began = time.perf_counter()
+    while batch.busy:
+        batch.step()
+    seconds = time.perf_counter() - began
+    return {
+        "layout": layout,
+        "rows": rows,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "rss_after_load_gib": start,
+        "peak_rss_gib": rss_gib("VmHWM"),
+        "idle_rss_after_gib": rss_gib(),
+        "seconds": seconds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="32", help="prompts decoded together; a comma list runs each")
@@ -112,7 +148,14 @@ def main() -> None:
     parser.add_argument(
         "--attention-only", action="store_true", help="time the two attention kernels alone (no model, seconds)"
     )
+    parser.add_argument(
+        "--memory", metavar="LAYOUT", help="RSS of --rows 1000-token prompts at once with this layout (own process)"
+    )
     args = parser.parse_args()
+    if args.memory:
+        model = afmkit.load(dtype=args.dtype)
+        print(json.dumps(memory(model, args.memory, int(args.rows), 1000, args.new_tokens), indent=2))
+        return
     if args.attention_only:
         result = {"attention": kernels.describe() if kernels.available() else "xla", "by_rows": {}}
         for rows in args.rows.split(","):
