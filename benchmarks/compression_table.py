@@ -88,7 +88,9 @@ def palettized(float_model, bits_of, calibration_file: str, calibration_start: i
         tokens=settings.calibration_tokens,
         seq_len=settings.seq_len,
     )
-    analysis = sensitivity.analyze(float_model.config, float_model.params, calibration, model_name=MODEL)
+    analysis = sensitivity.analyze(
+        float_model.config, float_model.params, calibration, model_name=MODEL, settings=settings
+    )
     bits = bits_of(analysis, settings)
     params = palettize_params(
         float_model.params,
