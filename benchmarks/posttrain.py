@@ -1,0 +1,177 @@
+"""One RLOO iteration of ``afmkit posttrain rl`` against TRL's ``RLOOTrainer`` on the same model
+and settings, on CPU (issue 12 section 8): the ratio of their seconds per iteration, in one run.
+
+Both sample K responses to each of the same synth-if train prompts (temperature 1, top-p 1, the
+same token budget), score them with the same verifier (``verifiable.instruction_rewards``,
+strict), compute the leave-one-out advantage with the KL penalty ``beta`` and take one optimizer
+step on a rank-16 LoRA over every linear (AdamW, the same learning rate, microbatches of the same
+size). TRL runs SmolLM2-135M-Instruct's float32 weights, exported to a Hugging Face directory by
+afmkit's own exporter (so both run the same numbers); afmkit runs them as float32 too and, by
+default on CPUs, as the GGUF's int4 weights. Each side runs two iterations and the second is
+timed (the first compiles / warms up). Prints one JSON object and writes it to ``--json``.
+
+    python benchmarks/posttrain.py --n-prompts 8 --k 4 --max-new-tokens 64 \\
+        --json benchmarks/results/posttrain_rloo_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import afmkit
+from afmkit.posttrain import verifiable
+from afmkit.posttrain.rl import RLSettings, rl
+from afmkit.posttrain.synth_if import read_prompts
+
+
+def ours(args, dtype, prompts_file, work):
+    model = afmkit.load(args.model, dtype=dtype)
+    settings = RLSettings(
+        algo="rloo",
+        k=args.k,
+        beta=args.beta,
+        iterations=2,
+        prompts_per_iteration=args.n_prompts,
+        lr=args.lr,
+        lora_rank=16,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        train_batch=args.train_batch,
+        dev_prompts=0,
+        quiet=True,
+    )
+    started = time.perf_counter()
+    records = rl(model, prompts_file, Path(work) / f"ours-{dtype}", settings)
+    timed = records[-1]
+    return {
+        "dtype": dtype,
+        "first_iteration_seconds": round(time.perf_counter() - started - timed["seconds"], 1),
+        "seconds_per_iteration": round(timed["seconds"], 2),
+        "rollout_seconds": round(timed["rollout_seconds"], 2),
+        "train_seconds": round(timed["train_seconds"], 2),
+        "rollout_tokens_per_second": round(timed["rollout_tokens_per_second"], 1),
+        "train_tokens_per_second": round(timed["train_tokens_per_second"], 1),
+        "response_length": timed["response_length"],
+        "mean_reward": timed["mean_reward"],
+    }
+
+
+def trl_side(args, rows, work):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from afmkit.interop.export import export_model
+
+    hf_dir = Path(work) / "hf"
+    export_model(afmkit.load(args.model, dtype="float32"), hf_dir, fmt="safetensors", dtype="float32")
+    by_prompt = {r["prompt"]: r for r in rows}
+
+    def reward(prompts, completions, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        users = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        return [float(x) for x in verifiable.instruction_rewards([by_prompt[u] for u in users], texts).strict]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    timer = Timer()
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows * 2])
+    completions = args.n_prompts * args.k
+    config = RLOOConfig(
+        output_dir=str(Path(work) / "trl"),
+        use_cpu=True,
+        num_generations=args.k,
+        per_device_train_batch_size=args.train_batch,
+        gradient_accumulation_steps=completions // args.train_batch,  # one generation round per step
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        beta=args.beta,
+        learning_rate=args.lr,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        shuffle_dataset=False,
+        seed=0,
+    )
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    trainer = RLOOTrainer(
+        model=str(hf_dir), reward_funcs=reward, args=config, train_dataset=data, peft_config=lora, callbacks=[timer]
+    )
+    started = time.perf_counter()
+    trainer.train()
+    ends = timer.ends
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "first_iteration_seconds": round(ends[0] - started, 1),
+        "seconds_per_iteration": round(ends[1] - ends[0], 2),
+        "log": [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in trainer.state.log_history],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", default="/work/data/synth_if/prompts.jsonl")
+    parser.add_argument("--n-prompts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--train-batch", type=int, default=4, help="completions per microbatch")
+    parser.add_argument("--dtypes", default="float32,int4", help="afmkit's weights, comma-separated")
+    parser.add_argument("--json", default=None, help="also write the result here")
+    args = parser.parse_args()
+
+    # Both sides see the same 2 x n prompts: iteration 1 (warm-up) and iteration 2 (timed).
+    rows = read_prompts(args.prompts, split="train")[: 2 * args.n_prompts]
+    with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as work:
+        prompts_file = Path(work) / "prompts.jsonl"
+        dev = read_prompts(args.prompts, split="dev")[:1]
+        prompts_file.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *dev]))
+        result = {
+            "benchmark": "one RLOO iteration: afmkit posttrain rl vs TRL RLOOTrainer",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()},
+        }
+        print("afmkit ...", file=sys.stderr, flush=True)
+        result["afmkit"] = [ours(args, dtype, prompts_file, work) for dtype in args.dtypes.split(",")]
+        print("TRL ...", file=sys.stderr, flush=True)
+        result["trl"] = trl_side(args, rows, work)
+        import trl
+
+        result["trl_version"] = trl.__version__
+        result["speedup_vs_trl"] = {
+            r["dtype"]: round(result["trl"]["seconds_per_iteration"] / r["seconds_per_iteration"], 2)
+            for r in result["afmkit"]
+        }
+        result["machine"]["load_after"] = os.getloadavg()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
