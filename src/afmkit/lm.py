@@ -11,12 +11,13 @@ Names resolve to weights:
   ``DIR/checkpoints/STEP`` for a chosen step (``afmkit.interop.training_run``).
 
 A compressed model's directory with a ``recovery/`` adapter (``afmkit compress recover``) loads
-with it applied to every request that names no adapter of its own (``LanguageModel.recovery``);
+with it applied to every request that names no adapter of its own (``LanguageModel.adapter``);
 ``load(DIR, recovery=False)`` leaves it off.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import sys
@@ -91,15 +92,16 @@ class LanguageModel:
         tokenizer: Tokenizer,
         *,
         name: str | None = None,
-        recovery: Any = None,
+        adapter: Any = None,
     ) -> None:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.name = name or config.name
-        # A compressed model's accuracy-recovery adapter (a ``LoraAdapter``): used wherever no
-        # other adapter is given (a task adapter started from it replaces it).
-        self.recovery = recovery
+        # The default adapter (a ``LoraAdapter``), applied wherever no other adapter is given: a
+        # compressed model's accuracy-recovery adapter, a named model's shipped adapter, or one
+        # attached with ``with_adapter``. Kept unmerged, so it works on packed weights too.
+        self.adapter = adapter
         self.engine = Engine(config, params, tokenizer, eos_ids=tokenizer.stop_ids)
 
     def __repr__(self) -> str:
@@ -158,11 +160,11 @@ class LanguageModel:
             sampling = SamplingParams(**kwargs)
         elif kwargs:
             raise UserError("pass sampling settings either as a SamplingParams or as keywords, not both")
-        if self.recovery is not None:
+        if self.adapter is not None:
             if adapter is None:
-                adapter = self.recovery
+                adapter = self.adapter
             elif not isinstance(adapter, LoraAdapter):
-                adapter = [self.recovery if a is None else a for a in adapter]
+                adapter = [self.adapter if a is None else a for a in adapter]
         if stream:
             return self.engine.stream(prompts, sampling, adapters=adapter)
         completions = self.engine.generate(prompts, sampling, adapters=adapter)
@@ -198,11 +200,18 @@ class LanguageModel:
         return out[0] if single else out
 
     def default_adapters(self) -> Any:
-        """What ``forward(..., adapters=...)`` takes for requests without an adapter: the
-        recovery adapter (a ``SingleAdapter``), or None."""
+        """What ``forward(..., adapters=...)`` takes for requests without an adapter: the default
+        adapter (a ``SingleAdapter``), or None."""
         from afmkit.adapters.lora import single
 
-        return None if self.recovery is None else single(self.recovery.astype(jnp.float32))
+        return None if self.adapter is None else single(self.adapter.astype(jnp.float32))
+
+    def with_adapter(self, adapter: LoraAdapter, *, name: str | None = None) -> LanguageModel:
+        """This model (the same weights and engine) with ``adapter`` applied to every request
+        that names none: what ``--adapter`` of the eval commands and named adapted models use."""
+        model = copy.copy(self)
+        model.adapter, model.name = adapter, name or f"{self.name}:{adapter.name}"
+        return model
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
@@ -263,7 +272,7 @@ def load(
         if tokenizer is None:
             raise CorruptFileError(f"{path} has no tokenizer.json; save the model with its tokenizer")
         adapter = _recovery_adapter(path, config, params) if recovery else None
-        return LanguageModel(config, params, tokenizer, name=path.name, recovery=adapter)
+        return LanguageModel(config, params, tokenizer, name=path.name, adapter=adapter)
     if path.is_dir() and (path / "config.json").is_file():
         from afmkit.interop.huggingface import load_hf_directory
 

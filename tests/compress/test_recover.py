@@ -83,7 +83,7 @@ def test_recovery_lowers_kl_to_the_teacher_on_held_out_text(recovered, models):
     teacher = afmkit.load(models / "float", dtype="float32")
     bare = afmkit.load(recovered, recovery=False)
     with_recovery = afmkit.load(recovered)
-    assert bare.recovery is None and with_recovery.recovery is not None
+    assert bare.adapter is None and with_recovery.adapter is not None
     ids = teacher.tokenizer.encode((models / "held_out.txt").read_text())[:200]
     before, after = full_kl(teacher, bare, ids), full_kl(teacher, with_recovery, ids)
     # The full-vocabulary KL on text recovery never read: lower by a clear margin, not by noise.
@@ -100,7 +100,7 @@ def test_the_recovery_adapter_is_applied_on_load_everywhere(recovered, models):
     # generation without an adapter runs with the recovery adapter: the same as naming it
     prompt = "To be, or not"
     implicit = model.generate(prompt, max_new_tokens=8, temperature=0.0)
-    explicit = bare.generate(prompt, max_new_tokens=8, temperature=0.0, adapter=model.recovery)
+    explicit = bare.generate(prompt, max_new_tokens=8, temperature=0.0, adapter=model.adapter)
     assert implicit.tokens == explicit.tokens
 
 
@@ -118,8 +118,8 @@ def test_init_from_recovery_starts_the_task_adapter_from_it(recovered, tmp_path)
     settings = TrainSettings(steps=1, batch=2, lr=1e-30, warmup=0, save_every=0, init_from_recovery=True)
     results = train_adapter(model, conversations, tmp_path / "task", settings, progress=False)
     task = load_adapter(tmp_path / "task", config=model.config, params=model.params)
-    assert task.config.rank == model.recovery.config.rank
-    for got, want in zip(jax.tree.leaves(task.weights), jax.tree.leaves(model.recovery.weights)):
+    assert task.config.rank == model.adapter.config.rank
+    for got, want in zip(jax.tree.leaves(task.weights), jax.tree.leaves(model.adapter.weights)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     # Its held-out loss before training is the base's with the recovery adapter, not without it.
     bare_settings = dataclasses.replace(settings, init_from_recovery=False)

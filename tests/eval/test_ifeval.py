@@ -196,6 +196,7 @@ class ModelWithEngine:
     def __init__(self, model, engine):
         self.tokenizer = model.tokenizer
         self.engine = engine
+        self.adapter = None
 
 
 def test_interrupted_run_resumes_with_only_the_missing_prompts(tiny_model, prompts, tmp_path):

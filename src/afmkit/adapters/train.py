@@ -108,7 +108,7 @@ def train_adapter(
     )
     initial = None
     if settings.init_from_recovery:
-        recovery = getattr(model, "recovery", None)
+        recovery = model.adapter  # a compressed model's recovery adapter, applied when it loads
         if recovery is None:
             raise UserError(
                 f"--init-from-recovery: {model.name} has no recovery adapter; "

@@ -63,7 +63,7 @@ def register(commands: Any) -> None:
     ifeval = tasks.add_parser("ifeval", help="IFEval instruction following (prompt/instruction, strict/loose)")
     ifeval.set_defaults(run=cmd_ifeval)
     model_argument(ifeval)
-    ifeval.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) merged into the model")
+    ifeval.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) applied to every prompt")
     ifeval.add_argument("--input", help="IFEval prompts JSONL (default: the 541 IFEval prompts shipped with afmkit)")
     ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
     ifeval.add_argument("--limit", type=int, help="only the first N prompts")
@@ -148,16 +148,13 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def apply_adapter(model: Any, adapter: str) -> Any:
-    """The model with the PEFT-format LoRA adapter in directory ``adapter`` merged into its
-    weights (checked against the base's fingerprint and shapes): zero overhead per token."""
-    import afmkit
-    from afmkit.adapters.lora import merge
+    """The model with the PEFT-format LoRA adapter in directory ``adapter`` (checked against the
+    base's fingerprint and shapes) applied to every request, unmerged: it works on packed and
+    palettized weights alike."""
     from afmkit.adapters.peft_io import load_adapter
 
     lora = load_adapter(adapter, config=model.config, params=model.params)
-    return afmkit.LanguageModel(
-        model.config, merge(model.params, lora), model.tokenizer, name=f"{model.name}:{lora.name or adapter}"
-    )
+    return model.with_adapter(lora, name=f"{model.name}:{lora.name or adapter}")
 
 
 def _print(text: str, *, quiet: bool) -> None:

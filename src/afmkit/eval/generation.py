@@ -124,7 +124,7 @@ def _generate_all(model, todo, encoded, order, results, sampling, batch_size, pr
     prompts = [encoded[i] for i in order]
     texts: list[list[str]] = [[] for _ in order]
     counts = [0] * len(order)
-    for event in model.engine.stream(prompts, sampling, max_batch=batch_size):
+    for event in model.engine.stream(prompts, sampling, max_batch=batch_size, adapters=model.adapter):
         texts[event.index].append(event.text)
         counts[event.index] += 1
         if event.finish_reason is None:

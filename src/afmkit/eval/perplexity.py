@@ -128,7 +128,7 @@ def perplexity_of_tokens(
                 _token_nll(
                     model.params,
                     jnp.asarray(batch),
-                    model.default_adapters() if hasattr(model, "default_adapters") else None,
+                    model.default_adapters(),
                     config=model.config,
                     activation_dtype=activation_dtype(model.params),
                 ),

@@ -68,9 +68,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}
         ]
         prompt = model.tokenizer.apply_chat_template(messages)
-    ids = model.tokenizer.encode(prompt)
     if args.json:
-        completion = model.engine.generate([ids], sampling)[0]
+        completion = model.generate(prompt, sampling=sampling)
         timings = {"load_s": round(load_s, 4), **{k: round(v, 4) for k, v in completion.timings.items()}}
         record = {
             "model": model.name,
@@ -82,7 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }
         print(json.dumps(record, ensure_ascii=False))
         return 0
-    for event in model.engine.stream([ids], sampling):
+    for event in model.generate(prompt, stream=True, sampling=sampling):
         sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -113,11 +112,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": text})
-        ids = model.tokenizer.encode(model.tokenizer.apply_chat_template(history))
         if interactive:
             sys.stdout.write("assistant> ")
         reply = []
-        for event in model.engine.stream([ids], sampling):
+        for event in model.chat(history, stream=True, sampling=sampling):
             reply.append(event.text)
             sys.stdout.write(event.text)
             sys.stdout.flush()

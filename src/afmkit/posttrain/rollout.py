@@ -185,7 +185,7 @@ def rollout(
             for event in _engine(model, settings.batch).stream(
                 [prompt_ids[i] for i, _, _ in keys],
                 sampling,
-                adapters=[m.adapter for _, m, _ in keys],
+                adapters=[m.adapter if m.adapter is not None else model.adapter for _, m, _ in keys],
                 stop_when=_stop_at_loop if settings.stop_loops else None,
             ):
                 tokens[event.index].append(event.token)
