@@ -50,7 +50,8 @@ def load_named_adapter(state: ServerState, name: str) -> LoraAdapter:
 
 
 def resolve_model(state: ServerState, name: str) -> LoraAdapter | None:
-    """The adapter a model name asks for (None: the bare base); 404 for unknown names."""
+    """The adapter a model name asks for (the bare name: the model's own default adapter, e.g. a
+    compressed model's recovery adapter, or None); 404 for unknown names."""
     base, sep, adapter_name = name.partition(":")
     if base != state.served_name:
         raise ApiError(
@@ -60,7 +61,7 @@ def resolve_model(state: ServerState, name: str) -> LoraAdapter | None:
             param="model",
         )
     if not sep:
-        return None
+        return state.model.adapter
     if state.registry is None:
         raise _no_adapters(f"; asked for {name!r}")
     return load_named_adapter(state, adapter_name)
