@@ -14,6 +14,18 @@ from afmkit.weights import DEFAULT_MODEL
 WEIGHT_DTYPE_CHOICES = ("float32", "bfloat16", "int4", "int8")
 
 
+def settings_from_args(settings_class: type, args: argparse.Namespace, **parsed: object):
+    """A command's settings dataclass from its parsed flags, which share the fields' names;
+    ``parsed``: fields whose flag text needs converting first (e.g. ``comma_list``)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class) if hasattr(args, f.name)}
+    return settings_class(**{**values, **parsed})
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"q, v,"`` -> ``("q", "v")``: a comma-separated flag's items."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def dtype_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from afmkit import cli_args
 from afmkit.adapters.lora import LoraConfig
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.data.chat import Example, fits, pack_conversations, read_chat_jsonl, tokenize_conversation
@@ -250,21 +251,8 @@ def add_train_arguments(parser: Any) -> None:
 
 def settings_from_args(args: Any) -> TrainSettings:
     """``TrainSettings`` from parsed ``adapter train`` flags."""
-    return TrainSettings(
-        rank=args.rank,
-        alpha=args.alpha,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-        layers=_int_list(args.layers),
-        steps=args.steps,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        batch=args.batch,
-        max_len=args.max_len,
-        save_every=args.save_every,
-        eval_fraction=args.eval_fraction,
-        seed=args.seed,
-        init_from_recovery=args.init_from_recovery,
+    return cli_args.settings_from_args(
+        TrainSettings, args, targets=cli_args.comma_list(args.targets), layers=_int_list(args.layers)
     )
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from afmkit import cli_args
 from afmkit.compress.settings import SENSITIVITY_KINDS, CompressSettings
 from afmkit.errors import UserError
 
@@ -130,8 +131,7 @@ def add_calibration_window_arguments(p: argparse.ArgumentParser, d: Any) -> None
 
 
 def settings_from_args(args: argparse.Namespace) -> CompressSettings:
-    names = {f.name for f in dataclasses.fields(CompressSettings)}
-    return check_settings(CompressSettings(**{n: getattr(args, n) for n in names if hasattr(args, n)}))
+    return check_settings(cli_args.settings_from_args(CompressSettings, args))
 
 
 def check_settings(settings: CompressSettings) -> CompressSettings:

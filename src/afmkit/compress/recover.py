@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from afmkit import cli_args
 from afmkit.compress.settings import RecoverSettings
 from afmkit.errors import UserError
 
@@ -271,8 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> RecoverSettings:
-    names = {f.name for f in dataclasses.fields(RecoverSettings)}
-    return check_settings(RecoverSettings(**{n: getattr(args, n) for n in names}))
+    return check_settings(cli_args.settings_from_args(RecoverSettings, args))
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

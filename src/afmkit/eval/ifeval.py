@@ -62,11 +62,12 @@ def default_prompts_path() -> Path:
     return packaged_data("ifeval/input_data.jsonl")
 
 
-def load_prompts(path: str | os.PathLike | None = None) -> list[IFEvalPrompt]:
-    """The IFEval prompts from ``path`` (default: the 541 prompts shipped with afmkit)."""
+def load_prompts(path: str | os.PathLike | None = None, *, what: str = "IFEval prompts file") -> list[IFEvalPrompt]:
+    """The IFEval-format prompts from ``path`` (default: the 541 prompts shipped with afmkit);
+    ``what`` names the file in errors."""
     if path is None:
         path = default_prompts_path()
-    rows = read_jsonl(path, what="IFEval prompts file")
+    rows = read_jsonl(path, what=what)
     prompts = []
     for line, row in enumerate(rows, start=1):
         require_fields(

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from afmkit import cli_args
 from afmkit.errors import UserError
 from afmkit.posttrain.rollout import (
     Member,
@@ -444,7 +445,7 @@ def register(recipes: Any) -> None:
 
 
 def settings_from_args(args: Any) -> ItecSettings:
-    return ItecSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ItecSettings)})
+    return cli_args.settings_from_args(ItecSettings, args)
 
 
 def cmd_itec(args: Any) -> int:

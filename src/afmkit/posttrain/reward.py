@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from afmkit import cli_args
 from afmkit.adapters.lora import TARGETS, LoraConfig
 from afmkit.errors import UserError
 
@@ -383,10 +384,7 @@ def register(recipes: Any) -> None:
 
 
 def settings_from_args(args: Any) -> RewardSettings:
-    fields = {f.name for f in dataclasses.fields(RewardSettings)}
-    values = {name: getattr(args, name) for name in fields if name != "targets"}
-    values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return RewardSettings(**values)
+    return cli_args.settings_from_args(RewardSettings, args, targets=cli_args.comma_list(args.targets))
 
 
 def cmd_reward(args: Any) -> int:

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from afmkit import cli_args
 from afmkit.errors import UserError
 from afmkit.train.objectives import POLICY_ALGOS
 
@@ -549,7 +550,7 @@ def register(recipes: Any) -> None:
 
 
 def settings_from_args(args: Any) -> RLSettings:
-    return RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
+    return cli_args.settings_from_args(RLSettings, args)
 
 
 def cmd_rl(args: Any) -> int:

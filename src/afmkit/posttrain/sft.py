@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from afmkit import cli_args
 from afmkit.adapters.lora import TARGETS, LoraConfig
 from afmkit.errors import UserError
 
@@ -264,10 +265,7 @@ def register(recipes: Any) -> None:
 
 
 def settings_from_args(args: Any) -> SFTSettings:
-    fields = {f.name for f in dataclasses.fields(SFTSettings)}
-    values = {name: getattr(args, name) for name in fields if name != "targets"}
-    values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return SFTSettings(**values)
+    return cli_args.settings_from_args(SFTSettings, args, targets=cli_args.comma_list(args.targets))
 
 
 def cmd_sft(args: Any) -> int:

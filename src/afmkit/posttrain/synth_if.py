@@ -443,7 +443,7 @@ def read_prompts(path: str | Path, *, split: str | None = None) -> list[dict[str
     from afmkit.eval.ifeval import load_prompts
     from afmkit.eval.jsonl import read_jsonl
 
-    load_prompts(path)  # the fields, kwargs lengths, known instruction ids and unique keys
+    load_prompts(path, what="synth-if prompts file")  # fields, kwargs, known instruction ids, unique keys
     rows = read_jsonl(path, what="synth-if prompts file")
     if split is not None:
         if split not in ("train", "dev"):

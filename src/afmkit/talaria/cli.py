@@ -9,9 +9,9 @@ micro-benchmarks, both cached; progress bars when computed); serve the page.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
+from afmkit import cli_args
 from afmkit.talaria.settings import TalariaSettings
 
 DEFAULTS = TalariaSettings()
@@ -71,8 +71,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> TalariaSettings:
-    names = {f.name for f in dataclasses.fields(TalariaSettings)}
-    return check_settings(TalariaSettings(**{n: getattr(args, n) for n in names if hasattr(args, n)}))
+    return check_settings(cli_args.settings_from_args(TalariaSettings, args))
 
 
 def check_settings(settings: TalariaSettings) -> TalariaSettings:
