@@ -39,7 +39,7 @@ from afmkit.interop import native, training_run
 from afmkit.model.packed import PackedWeight, dequantize_params, is_packed, pack_leaf
 from afmkit.model.transformer import Params, logits_fn
 from afmkit.runtime import cache_dir, enable_compilation_cache
-from afmkit.weights import DEFAULT_MODEL, NAMED_WEIGHTS, known_models
+from afmkit.weights import DEFAULT_MODEL, NAMED_ADAPTED, NAMED_WEIGHTS, known_models
 
 WEIGHT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Packed formats (``afmkit.model.packed``): layer matrices at this many bits, the embedding at 8.
@@ -256,6 +256,9 @@ def load(
     enable_compilation_cache()
     requested, dtype = dtype, weight_dtype(dtype)
     key = str(name_or_path)
+    if key in NAMED_ADAPTED:
+        base, folder = NAMED_ADAPTED[key]
+        return _with_packaged_adapter(load(base, dtype=requested), folder, name=key)
     if key in NAMED_WEIGHTS:
         gguf = NAMED_WEIGHTS[key]()
         config, params, tokenizer = _load_gguf_cached(gguf, name=key, dtype=weight_dtype(requested, gguf))
@@ -293,6 +296,15 @@ def load(
     raise ModelNotFoundError(f"unknown model {key!r}{hint}; known models: {', '.join(known_models())}, or give a path")
 
 
+def _with_packaged_adapter(model: LanguageModel, folder: str, *, name: str) -> LanguageModel:
+    """``model`` with the adapter that ships in ``afmkit/resources/folder`` as its default."""
+    from afmkit.adapters.peft_io import load_adapter
+    from afmkit.files import packaged_data
+
+    directory = packaged_data(f"{folder}/adapter_config.json").parent
+    return model.with_adapter(load_adapter(directory, config=model.config, params=model.params, name=name), name=name)
+
+
 def _recovery_adapter(path: Path, config: ModelConfig, params: Params) -> Any:
     """``path/recovery`` (``afmkit compress recover``'s adapter) checked against these weights, or None."""
     from afmkit.adapters.peft_io import load_adapter
@@ -326,6 +338,8 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
     key = str(name_or_path)
     if key in SIZES:
         return SIZES[key]
+    if key in NAMED_ADAPTED:
+        key = NAMED_ADAPTED[key][0]  # an adapter leaves the base's config as it is
     path = NAMED_WEIGHTS[key]() if key in NAMED_WEIGHTS else Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         from afmkit.interop.gguf import read_gguf

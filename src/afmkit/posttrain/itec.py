@@ -110,12 +110,12 @@ def _is_adapter_dir(spec: str) -> bool:
 
 def check_committee(specs: Sequence[str], base: str) -> None:
     """Every member names something that exists, before any model loads."""
-    from afmkit.weights import NAMED_WEIGHTS, known_models
+    from afmkit.weights import known_models
 
     if not specs:
         raise UserError("--committee is empty; give comma-separated members: the base model's name or adapter dirs")
     for spec in specs:
-        if spec in ("base", base) or spec in NAMED_WEIGHTS or _is_adapter_dir(spec):
+        if spec in ("base", base) or spec in known_models() or _is_adapter_dir(spec):
             continue
         if not Path(spec).expanduser().exists():
             raise UserError(
