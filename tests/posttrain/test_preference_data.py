@@ -90,7 +90,7 @@ def test_pairs_round_trip_through_jsonl_and_bad_lines_name_themselves(tmp_path):
     # A pair without a source is named by where it was read.
     assert read[1] == dataclasses.replace(graded, source=f"{path}:2")
     bad = {
-        '{"prompt": [], "chosen": "a", "rejected": "b", "level": 0}': "non-empty list",
+        '{"prompt": [], "chosen": "a", "rejected": "b", "level": 0}': "non-empty string or list",
         '{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b", "level": 7}': "level 7",
         '{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b", "level": 0, '
         '"chosen_grades": {"style": 1}}': "unknown grade 'style'",
