@@ -9,8 +9,9 @@ On CPUs the base loads as SmolLM2's own int4 weights by default (``afmkit.load``
 fastest decoding there.
 
 Every request's random seed is a hash of (seed, prompt id, member, sample index), and the engine
-samples each row from its own key, so a sample does not depend on the batch it ran in: the same
-seed gives the same samples for any batch size or committee order.
+samples each row from its own key, so a run repeats exactly; a sample does not depend on the
+batch it ran in up to rounding (attention over a longer padded cache can round differently and so
+change a sampled token on the real model; the tests' tiny model gives equal samples).
 
 ``response_token_logprobs``: per-token log-probs of given responses after given prompts under given
 weights (and per-row adapters), batched, without a cache; ``LanguageModel.logits`` is its
