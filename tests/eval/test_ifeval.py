@@ -226,6 +226,17 @@ def test_interrupted_run_resumes_with_only_the_missing_prompts(tiny_model, promp
     assert third.prompts_seen == 0
 
 
+def test_piped_generation_logs_progress_lines_counting_from_the_resumed_position(tiny_model, prompts, tmp_path, capsys):
+    # A long IFEval run in the background (stderr to a file) must say how far it is.
+    subset = prompts[:6]
+    ifeval.generate(tiny_model, subset[:2], tmp_path, max_new_tokens=4, batch_size=2, quiet=True)
+    capsys.readouterr()
+    ifeval.generate(tiny_model, subset, tmp_path, max_new_tokens=4, batch_size=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "/6 responses" in line]
+    assert lines and lines[0].split(": ")[1].startswith("3/6")  # the 2 kept ones count as done
+    assert lines[-1].split(": ")[1].startswith("6/6 responses (100%)")
+
+
 def test_corrupt_line_inside_a_results_file_is_an_error_not_silently_dropped(tmp_path):
     path = tmp_path / "responses.jsonl"
     path.write_text('{"key": "1", "response": "a"}\nnot json\n{"key": "2", "response": "b"}\n')

@@ -88,23 +88,17 @@ def generate_responses(
 
     Result rows are ``{key, prompt_tokens, response, finish_reason, new_tokens, **extra}``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from afmkit.progress import ProgressReporter
 
     todo = [item for item in items if item.key not in results]
     encoded = [model.tokenizer.encode(model.tokenizer.apply_chat_template(item.messages)) for item in todo]
     order = generation_order(todo, [len(ids) for ids in encoded], batch_size=batch_size)
     start = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=quiet,
-        transient=False,
+    with ProgressReporter(
+        description, len(items), unit="responses", quiet=quiet, completed=len(items) - len(todo)
     ) as progress:
-        task = progress.add_task(description, total=len(items), completed=len(items) - len(todo))
         try:
-            _generate_all(model, todo, encoded, order, results, sampling, batch_size, progress, task)
+            _generate_all(model, todo, encoded, order, results, sampling, batch_size, progress)
         except KeyboardInterrupt:
             print(
                 f"\ninterrupted: {len(results)} of {len(items)} responses are saved in {results.path}; "
@@ -117,7 +111,7 @@ def generate_responses(
     return {"generated": len(todo), "generated_tokens": generated_tokens, "generation_s": round(elapsed, 1)}
 
 
-def _generate_all(model, todo, encoded, order, results, sampling, batch_size, progress, task) -> None:
+def _generate_all(model, todo, encoded, order, results, sampling, batch_size, progress) -> None:
     # One stream over every prompt: ``batch_size`` rows decode together and a finished row's
     # slot goes to the next prompt at once, so a response that runs to the limit holds no batch
     # of finished ones back. Greedy rows are batch-invariant, so this changes no response.
@@ -140,4 +134,4 @@ def _generate_all(model, todo, encoded, order, results, sampling, batch_size, pr
                 "new_tokens": counts[event.index],
             }
         )
-        progress.advance(task)
+        progress.advance(tokens=counts[event.index])

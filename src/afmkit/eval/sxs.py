@@ -133,12 +133,11 @@ def model_winner(grade_winner: str, order: str) -> str:
 
 def grade_pairs(pairs: Sequence[dict[str, str]], grader: Grader, out: Path, *, quiet: bool = False) -> list[dict]:
     """Grade every pair in both orders; judgments already in ``grades.jsonl`` are kept."""
-    from rich.progress import Progress
+    from afmkit.progress import ProgressReporter
 
     grades = ResultsFile(Path(out) / "grades.jsonl")
     jobs = [(pair, order) for pair in pairs for order in ("ab", "ba") if f"{pair['key']}:{order}" not in grades]
-    with Progress(disable=quiet, transient=True) as progress:
-        task = progress.add_task(f"grading ({grader.name})", total=len(jobs))
+    with ProgressReporter(f"grading ({grader.name})", len(jobs), unit="judgments", quiet=quiet) as progress:
         for pair, order in jobs:
             first, second = (pair["a"], pair["b"]) if order == "ab" else (pair["b"], pair["a"])
             grade: PairGrade = grader.grade(prompt=pair["prompt"], first=first, second=second)
@@ -154,7 +153,7 @@ def grade_pairs(pairs: Sequence[dict[str, str]], grader: Grader, out: Path, *, q
                     "raw": grade.raw,
                 }
             )
-            progress.advance(task)
+            progress.advance()
     keys = {p["key"] for p in pairs}
     return [g for g in grades if g["pair"] in keys]
 
