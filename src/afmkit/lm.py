@@ -217,9 +217,11 @@ class LanguageModel:
     def save(self, directory: str | os.PathLike) -> Path:
         """Save as an afmkit checkpoint directory (loadable with ``afmkit.load(directory)``).
         Packed (int4/int8) weights are saved as the fp32 values they hold, exactly, so loading the
-        checkpoint with the same ``dtype`` packs them back to the same codes."""
+        checkpoint with the same ``dtype`` packs them back to the same codes. The default adapter
+        (``self.adapter``) is saved beside the weights, unmerged, and is the default again after
+        loading (``load(directory, recovery=False)`` leaves it off)."""
         params = dequantize_params(self.params) if is_packed(self.params) else self.params
-        return native.save_checkpoint(directory, self.config, params, self.tokenizer)
+        return native.save_checkpoint(directory, self.config, params, self.tokenizer, default_adapter=self.adapter)
 
 
 _jitted_logits = jax.jit(logits_fn, static_argnames=("config", "activation_dtype"))

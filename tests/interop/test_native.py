@@ -27,6 +27,22 @@ def test_save_and_load_round_trip(tmp_path, tiny):
     ) == tiny.tokenizer.apply_chat_template([{"role": "user", "content": "x"}])
 
 
+def test_a_model_with_a_default_adapter_saves_and_loads_with_it_applied(tmp_path, tiny):
+    # e.g. smollm2-135m-afm (base + shipped adapter) saved to a folder must answer as it did.
+    from afmkit.adapters.lora import LoraConfig, random_adapter
+
+    adapter = random_adapter(tiny.config, LoraConfig(rank=4), jax.random.PRNGKey(1), b_std=0.05, name="tuned")
+    adapted = tiny.with_adapter(adapter)
+    adapted.save(tmp_path / "ckpt")
+    loaded = afmkit.load(tmp_path / "ckpt")
+    assert loaded.adapter is not None
+    # The same fp16 A and B (their storage dtype) over the same fp32 weights: the same numbers.
+    np.testing.assert_array_equal(loaded.logits([1, 2, 3]), adapted.logits([1, 2, 3]))
+    assert np.abs(np.asarray(adapted.logits([1, 2, 3]) - tiny.logits([1, 2, 3]))).max() > 1e-2
+    bare = afmkit.load(tmp_path / "ckpt", recovery=False)
+    np.testing.assert_array_equal(bare.logits([1, 2, 3]), tiny.logits([1, 2, 3]))
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
     path = tmp_path / "ckpt"
     tiny.save(path)

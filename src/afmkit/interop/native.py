@@ -64,8 +64,15 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, config: ModelConfig, params: Params, tokenizer: Tokenizer | None
+    directory: str | os.PathLike,
+    config: ModelConfig,
+    params: Params,
+    tokenizer: Tokenizer | None,
+    *,
+    default_adapter: Any = None,
 ) -> Path:
+    """``default_adapter`` (a ``LoraAdapter``) goes in ``directory/recovery``, the adapter
+    ``afmkit.load(directory)`` applies to requests that name none, inside the same atomic write."""
     from safetensors.flax import save_file
 
     directory = Path(directory)
@@ -84,6 +91,11 @@ def save_checkpoint(
         if quantized:
             meta["quantized"] = quantized
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+        if default_adapter is not None:
+            from afmkit.adapters.peft_io import save_adapter
+            from afmkit.compress.recover import RECOVERY_DIR
+
+            save_adapter(tmp / RECOVERY_DIR, default_adapter, config=config, params=params)
     return directory
 
 
