@@ -1,4 +1,5 @@
-"""Arguments that several commands share (``--model``, ``--dtype``, sampling), each defined once.
+"""Arguments that several commands share (``--model``, ``--dtype``, sampling, the training-run
+flags), each defined once.
 
 Defaults come from the dataclasses that consume them (``SamplingParams``), never from literals
 here, so the CLI, the Python API and the server cannot drift apart.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 from afmkit.weights import DEFAULT_MODEL
 
@@ -48,6 +50,59 @@ def model_argument(
     )
     if dtype:
         dtype_argument(parser)
+
+
+def setting_argument(parser: Any, defaults: Any, name: str, help: str, **kwargs: Any) -> None:
+    """``--name`` (underscores as dashes) for the settings field ``name``, its type and default
+    those of ``defaults`` (the command's settings dataclass as constructed with no arguments),
+    the default quoted at the end of ``help``; a bool field is an on-switch."""
+    flag = "--" + name.replace("_", "-")
+    value = getattr(defaults, name)
+    if isinstance(value, bool):
+        parser.add_argument(flag, action="store_true", default=value, help=help, **kwargs)
+        return
+    shown = f"{value:g}" if isinstance(value, float) else value
+    parser.add_argument(flag, type=type(value), default=value, help=f"{help} (default {shown})", **kwargs)
+
+
+def lora_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """A LoRA-training command's adapter flags: the rank (``--rank`` or ``--lora-rank``, as its
+    settings name the field; where they have ``full``, ``--full`` is the alternative: every
+    weight), ``--alpha`` and ``--targets``."""
+    rank = "rank" if hasattr(defaults, "rank") else "lora_rank"
+    if hasattr(defaults, "full"):
+        kind = parser.add_mutually_exclusive_group()
+        setting_argument(kind, defaults, rank, "LoRA rank")
+        setting_argument(kind, defaults, "full", "train every weight (fp32) instead of a LoRA adapter")
+    else:
+        setting_argument(parser, defaults, rank, "LoRA rank")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    targets = ",".join(defaults.targets)
+    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
+
+
+def run_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: Any,
+    *,
+    seed: str,
+    save_every: str = "checkpoint every N steps",
+    resume: str = "continue the run in --out from its last checkpoint",
+    quiet: str = "no progress bar",
+) -> None:
+    """A training command's run flags, each where its settings have the field: ``--save-every``,
+    ``--keep``, ``--mesh``, ``--seed``, ``--resume``, ``--quiet``; the texts are what the
+    command's seed seeds and what its saves, resume and quiet mean."""
+    if hasattr(defaults, "save_every"):
+        setting_argument(parser, defaults, "save_every", save_every)
+    if hasattr(defaults, "keep"):
+        setting_argument(parser, defaults, "keep", "checkpoints kept")
+    if hasattr(defaults, "mesh"):  # None: one device
+        parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
+    setting_argument(parser, defaults, "seed", seed)
+    if hasattr(defaults, "resume"):
+        setting_argument(parser, defaults, "resume", resume)
+        setting_argument(parser, defaults, "quiet", quiet)
 
 
 def sampling_defaults():

@@ -213,40 +213,27 @@ def register(commands: Any) -> None:
 
 def add_train_arguments(parser: Any) -> None:
     """The flags of ``adapter train``; every default (and the number its help quotes) is ``TrainSettings``'s."""
+    from afmkit.cli_args import lora_arguments, run_arguments, setting_argument
+
     d = TrainSettings()
     parser.add_argument("--data", required=True, help="JSONL file: one {'messages': [{role, content}...]} per line")
     parser.add_argument("--out", required=True, help="adapter directory to write (PEFT layout)")
-    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    targets = ",".join(d.targets)
-    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
+    lora_arguments(parser, d)
     parser.add_argument("--layers", help="layers to adapt, e.g. 0-5,10 (default: all)")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
-    parser.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warmup steps (default {d.warmup})")
-    parser.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay:g})"
+    setting_argument(parser, d, "steps", "optimizer steps")
+    setting_argument(parser, d, "lr", "peak learning rate")
+    setting_argument(parser, d, "warmup", "linear warmup steps")
+    setting_argument(parser, d, "weight_decay", "AdamW weight decay")
+    setting_argument(parser, d, "batch", "conversations per step")
+    setting_argument(parser, d, "max_len", "longest conversation in tokens")
+    setting_argument(parser, d, "eval_fraction", "held-out share of the data")
+    setting_argument(
+        parser,
+        d,
+        "init_from_recovery",
+        "start from the compressed model's accuracy-recovery adapter (its rank, alpha and targets)",
     )
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"conversations per step (default {d.batch})")
-    parser.add_argument(
-        "--max-len", type=int, default=d.max_len, help=f"longest conversation in tokens (default {d.max_len})"
-    )
-    parser.add_argument(
-        "--save-every", type=int, default=d.save_every, help=f"save the adapter every N steps (default {d.save_every})"
-    )
-    parser.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        help=f"held-out share of the data (default {d.eval_fraction:g})",
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"adapter init and data order (default {d.seed})")
-    parser.add_argument(
-        "--init-from-recovery",
-        action="store_true",
-        default=d.init_from_recovery,
-        help="start from the compressed model's accuracy-recovery adapter (its rank, alpha and targets)",
-    )
+    run_arguments(parser, d, seed="adapter init and data order", save_every="save the adapter every N steps")
 
 
 def settings_from_args(args: Any) -> TrainSettings:

@@ -388,7 +388,7 @@ def print_table(table: Sequence[dict[str, Any]]) -> None:
 
 # -- command -------------------------------------------------------------------------------------
 def register(recipes: Any) -> None:
-    from afmkit.cli_args import model_argument
+    from afmkit.cli_args import model_argument, run_arguments, setting_argument
 
     d = ItecSettings()
     parser = recipes.add_parser("itec", help="rejection sampling from a teacher committee, SFT on the winners (iTeC)")
@@ -401,46 +401,31 @@ def register(recipes: Any) -> None:
     )
     parser.add_argument("--out", required=True, help="run directory (see docs/posttraining.md)")
     parser.add_argument("--reward-model", default=None, help="score with this reward model (default: the verifier)")
-    parser.add_argument(
-        "--samples", type=int, default=d.samples, help=f"responses per prompt and member, K >= 1 (default {d.samples})"
+    setting_argument(parser, d, "samples", "responses per prompt and member, K >= 1")
+    setting_argument(parser, d, "rounds", "rounds")
+    setting_argument(parser, d, "train_prompts", "train prompts per round, a new slice each round; 0 = all")
+    setting_argument(parser, d, "dev_prompts", "dev prompts for the win rate")
+    setting_argument(parser, d, "min_reward", "keep winners above this reward")
+    setting_argument(
+        parser,
+        d,
+        "keep_truncated",
+        "responses cut at --max-new-tokens may win (default: only responses that finished on their own)",
     )
-    parser.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds (default {d.rounds})")
-    parser.add_argument(
-        "--train-prompts",
-        type=int,
-        default=d.train_prompts,
-        help=f"train prompts per round, a new slice each round; 0 = all (default {d.train_prompts})",
+    setting_argument(parser, d, "max_new_tokens", "tokens per response")
+    setting_argument(parser, d, "temperature", "sampling temperature")
+    setting_argument(parser, d, "top_p", "nucleus sampling")
+    setting_argument(parser, d, "batch", "rows decoded together")
+    setting_argument(parser, d, "sft_steps", "SFT steps per round")
+    setting_argument(parser, d, "lora_rank", "LoRA rank")
+    setting_argument(parser, d, "lr", "SFT learning rate")
+    run_arguments(
+        parser,
+        d,
+        seed="sampling and training seed",
+        resume="continue the run in --out (finished rounds are kept)",
+        quiet="no progress output",
     )
-    parser.add_argument(
-        "--dev-prompts", type=int, default=d.dev_prompts, help=f"dev prompts for the win rate (default {d.dev_prompts})"
-    )
-    parser.add_argument(
-        "--min-reward",
-        type=float,
-        default=d.min_reward,
-        help=f"keep winners above this reward (default {d.min_reward:g})",
-    )
-    parser.add_argument(
-        "--keep-truncated",
-        action="store_true",
-        help="responses cut at --max-new-tokens may win (default: only responses that finished on their own)",
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens per response (default {d.max_new_tokens})"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature:g})"
-    )
-    parser.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling (default {d.top_p:g})")
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"rows decoded together (default {d.batch})")
-    parser.add_argument(
-        "--sft-steps", type=int, default=d.sft_steps, help=f"SFT steps per round (default {d.sft_steps})"
-    )
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"SFT learning rate (default {d.lr:g})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"sampling and training seed (default {d.seed})")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out (finished rounds are kept)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(run=cmd_itec)
 
 

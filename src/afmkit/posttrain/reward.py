@@ -313,7 +313,7 @@ def train_reward_model(
 
 # -- command -----------------------------------------------------------------------------------
 def register(recipes: Any) -> None:
-    from afmkit.cli_args import model_argument
+    from afmkit.cli_args import lora_arguments, model_argument, run_arguments, setting_argument
 
     d = RewardSettings()
     parser = recipes.add_parser(
@@ -327,59 +327,18 @@ def register(recipes: Any) -> None:
         "iTeC run directories (responses paired by the verifiable reward)",
     )
     parser.add_argument("--out", required=True, help="directory of the reward model (and report.json)")
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
-    kind.add_argument("--full", action="store_true", help="train every weight (fp32) instead of a LoRA adapter")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    targets = ",".join(d.targets)
-    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
-    parser.add_argument(
-        "--warmup", type=int, default=d.warmup, help=f"linear warm-up steps, then cosine decay (default {d.warmup})"
-    )
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"pairs per step (default {d.batch})")
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=d.max_tokens,
-        help=f"longest conversation trained on; longer pairs are skipped (default {d.max_tokens})",
-    )
-    parser.add_argument(
-        "--grade-weight",
-        type=float,
-        default=d.grade_weight,
-        help=f"lambda, the grade heads' cross-entropy weight (default {d.grade_weight:g})",
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        default=d.test_fraction,
-        help=f"held-out share of the prompts, never trained on (default {d.test_fraction:g})",
-    )
-    parser.add_argument(
-        "--held-out-limit",
-        type=int,
-        default=d.held_out_limit,
-        help=f"score only N held-out pairs, a fixed sample (0 = all; default {d.held_out_limit})",
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=d.weight_decay,
-        help=f"decoupled weight decay (default {d.weight_decay:g})",
-    )
-    parser.add_argument(
-        "--accum", type=int, default=d.accum, help=f"gradient-accumulation microbatches (default {d.accum})"
-    )
-    parser.add_argument(
-        "--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})"
-    )
-    parser.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
-    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"initialisation and data order (default {d.seed})")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    lora_arguments(parser, d)
+    setting_argument(parser, d, "steps", "optimizer steps")
+    setting_argument(parser, d, "lr", "peak learning rate")
+    setting_argument(parser, d, "warmup", "linear warm-up steps, then cosine decay")
+    setting_argument(parser, d, "batch", "pairs per step")
+    setting_argument(parser, d, "max_tokens", "longest conversation trained on; longer pairs are skipped")
+    setting_argument(parser, d, "grade_weight", "lambda, the grade heads' cross-entropy weight")
+    setting_argument(parser, d, "test_fraction", "held-out share of the prompts, never trained on")
+    setting_argument(parser, d, "held_out_limit", "score only N held-out pairs, a fixed sample; 0 = all")
+    setting_argument(parser, d, "weight_decay", "decoupled weight decay")
+    setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
+    run_arguments(parser, d, seed="initialisation and data order")
     parser.set_defaults(run=cmd_reward)
 
 

@@ -483,7 +483,7 @@ def format_record(record: dict[str, Any], iterations: int) -> str:
 
 # -- command -------------------------------------------------------------------------------------
 def register(recipes: Any) -> None:
-    from afmkit.cli_args import model_argument
+    from afmkit.cli_args import model_argument, run_arguments, setting_argument
 
     d = RLSettings()
     parser = recipes.add_parser("rl", help="RLHF: MDLOO (AFM), with RLOO and PPO-clip as baselines")
@@ -494,58 +494,30 @@ def register(recipes: Any) -> None:
         "--init-adapter", default=None, help="start from this adapter (SFT/iTeC); it is also the reference policy"
     )
     parser.add_argument("--reward-model", default=None, help="reward with this reward model (default: the verifier)")
-    parser.add_argument("--algo", choices=POLICY_ALGOS, default=d.algo, help=f"policy update (default {d.algo})")
-    parser.add_argument("--k", type=int, default=d.k, help=f"samples per prompt, K >= 2 (default {d.k})")
-    parser.add_argument(
-        "--beta", type=float, default=d.beta, help=f"KL weight in R = r - beta log(pi/pi_ref) (default {d.beta:g})"
+    setting_argument(parser, d, "algo", "policy update", choices=POLICY_ALGOS)
+    setting_argument(parser, d, "k", "samples per prompt, K >= 2")
+    setting_argument(parser, d, "beta", "KL weight in R = r - beta log(pi/pi_ref)")
+    setting_argument(parser, d, "iterations", "iterations")
+    setting_argument(parser, d, "prompts_per_iteration", "train prompts per iteration")
+    setting_argument(parser, d, "inner_steps", "gradient steps per iteration for mdloo and ppo-clip; rloo takes 1")
+    setting_argument(parser, d, "step_size", "MDLOO's step size t_k")
+    setting_argument(parser, d, "clip_epsilon", "PPO-clip's clip")
+    setting_argument(parser, d, "lr", "learning rate, constant")
+    setting_argument(parser, d, "lora_rank", "rank of a fresh adapter")
+    setting_argument(parser, d, "max_new_tokens", "tokens per response")
+    setting_argument(parser, d, "temperature", "sampling temperature")
+    setting_argument(parser, d, "top_p", "nucleus sampling")
+    setting_argument(parser, d, "batch", "rollout rows decoded together")
+    setting_argument(parser, d, "train_batch", "rows per update microbatch")
+    setting_argument(parser, d, "dev_prompts", "dev prompts scored greedily")
+    setting_argument(parser, d, "dev_every", "iterations between dev scores; 0 = never")
+    run_arguments(
+        parser,
+        d,
+        seed="sampling and initialisation seed",
+        resume="continue the run in --out from its last iteration",
+        quiet="no per-iteration lines",
     )
-    parser.add_argument("--iterations", type=int, default=d.iterations, help=f"iterations (default {d.iterations})")
-    parser.add_argument(
-        "--prompts-per-iteration",
-        type=int,
-        default=d.prompts_per_iteration,
-        help=f"train prompts per iteration (default {d.prompts_per_iteration})",
-    )
-    parser.add_argument(
-        "--inner-steps",
-        type=int,
-        default=d.inner_steps,
-        help=f"gradient steps per iteration for mdloo and ppo-clip; rloo takes 1 (default {d.inner_steps})",
-    )
-    parser.add_argument(
-        "--step-size", type=float, default=d.step_size, help=f"MDLOO's step size t_k (default {d.step_size:g})"
-    )
-    parser.add_argument(
-        "--clip-epsilon", type=float, default=d.clip_epsilon, help=f"PPO-clip's clip (default {d.clip_epsilon:g})"
-    )
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"learning rate, constant (default {d.lr:g})")
-    parser.add_argument(
-        "--lora-rank", type=int, default=d.lora_rank, help=f"rank of a fresh adapter (default {d.lora_rank})"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=d.max_new_tokens, help=f"tokens per response (default {d.max_new_tokens})"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature:g})"
-    )
-    parser.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling (default {d.top_p:g})")
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"rollout rows decoded together (default {d.batch})")
-    parser.add_argument(
-        "--train-batch", type=int, default=d.train_batch, help=f"rows per update microbatch (default {d.train_batch})"
-    )
-    parser.add_argument(
-        "--dev-prompts", type=int, default=d.dev_prompts, help=f"dev prompts scored greedily (default {d.dev_prompts})"
-    )
-    parser.add_argument(
-        "--dev-every",
-        type=int,
-        default=d.dev_every,
-        help=f"iterations between dev scores; 0 = never (default {d.dev_every})",
-    )
-    parser.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"sampling and initialisation seed (default {d.seed})")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last iteration")
-    parser.add_argument("--quiet", action="store_true", help="no per-iteration lines")
     parser.set_defaults(run=cmd_rl)
 
 

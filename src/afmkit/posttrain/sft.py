@@ -213,54 +213,24 @@ def sft(
 
 
 def register(recipes: Any) -> None:
-    from afmkit.cli_args import model_argument
+    from afmkit.cli_args import lora_arguments, model_argument, run_arguments, setting_argument
 
     d = SFTSettings()
     parser = recipes.add_parser("sft", help="supervised fine-tuning on chat JSONL (assistant-only loss, packed)")
     model_argument(parser)
     parser.add_argument("--data", required=True, help="JSONL file: one {'messages': [{role, content}...]} per line")
     parser.add_argument("--out", required=True, help="directory: a PEFT adapter (LoRA) or an afmkit model (--full)")
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
-    kind.add_argument("--full", action="store_true", help="train every weight (fp32) instead of a LoRA adapter")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    targets = ",".join(d.targets)
-    parser.add_argument("--targets", default=targets, help=f"comma-separated linears to adapt (default {targets})")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak (and constant) learning rate (default {d.lr:g})")
-    parser.add_argument(
-        "--warmup", type=int, default=d.warmup, help=f"linear warm-up steps, then constant (default {d.warmup})"
-    )
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"packed rows per step (default {d.batch})")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per packed row (default {d.seq_len})")
-    parser.add_argument(
-        "--dropout", type=float, default=d.dropout, help=f"residual dropout; AFM uses 0.1 (default {d.dropout:g})"
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=d.weight_decay,
-        help=f"decoupled weight decay (default {d.weight_decay:g})",
-    )
-    parser.add_argument(
-        "--accum", type=int, default=d.accum, help=f"gradient-accumulation microbatches (default {d.accum})"
-    )
-    parser.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        help=f"held-out share of the conversations (default {d.eval_fraction:g})",
-    )
-    parser.add_argument(
-        "--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})"
-    )
-    parser.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept (default {d.keep})")
-    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
-    parser.add_argument(
-        "--seed", type=int, default=d.seed, help=f"initialisation, dropout and data order (default {d.seed})"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    lora_arguments(parser, d)
+    setting_argument(parser, d, "steps", "optimizer steps")
+    setting_argument(parser, d, "lr", "peak (and constant) learning rate")
+    setting_argument(parser, d, "warmup", "linear warm-up steps, then constant")
+    setting_argument(parser, d, "batch", "packed rows per step")
+    setting_argument(parser, d, "seq_len", "tokens per packed row")
+    setting_argument(parser, d, "dropout", "residual dropout; AFM uses 0.1")
+    setting_argument(parser, d, "weight_decay", "decoupled weight decay")
+    setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
+    setting_argument(parser, d, "eval_fraction", "held-out share of the conversations")
+    run_arguments(parser, d, seed="initialisation, dropout and data order")
     parser.set_defaults(run=cmd_sft)
 
 
