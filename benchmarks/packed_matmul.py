@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +25,7 @@ import numpy as np
 
 from afmkit import kernels
 from afmkit.model import packed as P
-
-# SmolLM2-135M: d = 576, 9 query heads and 3 KV heads of 64, FFN 1536; [inputs, outputs]
-SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+from layer_matmul import SHAPES, best_cpu_seconds
 
 
 def call(path: str, x: jax.Array, weight: P.PackedWeight) -> tuple:
@@ -52,16 +49,7 @@ def layer_seconds(paths: list[str], rows: int, bits: int, repeats: int) -> dict[
     for k, n in SHAPES:
         weight = P.pack(rng.standard_normal((k, n)).astype(np.float32), bits)
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-        calls = {path: call(path, x, weight) for path in paths}
-        best = dict.fromkeys(paths, float("inf"))
-        for fn, args in calls.values():
-            jax.block_until_ready(fn(*args))  # compile
-        for i in range(repeats):
-            for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
-                fn, args = calls[path]
-                start = time.process_time()
-                jax.block_until_ready(fn(*args))
-                best[path] = min(best[path], time.process_time() - start)
+        best = best_cpu_seconds({path: call(path, x, weight) for path in paths}, repeats)
         for path in paths:
             total[path] += best[path]
     return total

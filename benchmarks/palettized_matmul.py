@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +27,8 @@ import numpy as np
 from afmkit import kernels
 from afmkit.model import packed as P
 from afmkit.model.palettized import from_codes
+from layer_matmul import SHAPES, best_cpu_seconds
 
-# SmolLM2-135M: d = 576, 9 query heads and 3 KV heads of 64, FFN 1536; [inputs, outputs]
-SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 MIXED = (3, 4, 4, 4, 3, 3, 3)  # bits of q, k, v, o, gate, up, down
 
 
@@ -66,16 +64,7 @@ def layer_seconds(paths: list[str], rows: int, widths: tuple[int, ...], repeats:
     for (k, n), bits in zip(SHAPES, widths):
         weight, packed = weights(k, n, bits, rng)
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-        calls = {path: call(path, x, weight, packed) for path in paths}
-        best = dict.fromkeys(paths, float("inf"))
-        for fn, args in calls.values():
-            jax.block_until_ready(fn(*args))  # compile
-        for i in range(repeats):
-            for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
-                fn, args = calls[path]
-                start = time.process_time()
-                jax.block_until_ready(fn(*args))
-                best[path] = min(best[path], time.process_time() - start)
+        best = best_cpu_seconds({path: call(path, x, weight, packed) for path in paths}, repeats)
         for path in paths:
             total[path] += best[path]
     return total
