@@ -50,6 +50,7 @@ from afmkit.posttrain.rollout import (
     verifier_scorer,
 )
 from afmkit.posttrain.sft import SFTSettings, sft
+from afmkit.train.run_directory import check_new_run, check_run_directory, run_identity, write_json, write_jsonl
 
 STATE_FILE = "itec.json"
 ROUND_FILE = "round.json"
@@ -173,20 +174,8 @@ def win_rate(new: np.ndarray, old: np.ndarray) -> float:
     return float(np.mean((new > old) + 0.5 * (new == old)))
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)  # a file is there whole or not at all
-
-
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def dev_responses(member: Member, prompts: Sequence[dict[str, Any]], settings: ItecSettings, reward: str, scorers: Any):
@@ -205,25 +194,6 @@ def _train_slice(prompts: list[dict[str, Any]], settings: ItecSettings, round_in
 
 
 # -- the run -------------------------------------------------------------------------------------
-def _identity(settings: ItecSettings, committee: Sequence[str], prompts: str, model: str, reward_model: str | None):
-    d = {k: v for k, v in dataclasses.asdict(settings).items() if k not in MAY_CHANGE_ON_RESUME}
-    return {**d, "committee": list(committee), "prompts": str(prompts), "model": model, "reward_model": reward_model}
-
-
-def _check_out(out: Path, identity: dict[str, Any], resume: bool) -> None:
-    state = out / STATE_FILE
-    if not resume:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it")
-        return
-    if not state.is_file():
-        raise UserError(f"--resume: {out} holds no iTeC run ({STATE_FILE}); start one without --resume")
-    saved = json.loads(state.read_text()).get("settings", {})
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in identity.items() if saved.get(k) != v]
-    if diffs:
-        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
-
-
 def itec(
     base: Any,
     committee: Sequence[str],
@@ -244,8 +214,15 @@ def itec(
     check_committee(committee, base.name)
     train = _read_split(prompts_path, "train")
     dev = _read_split(prompts_path, "dev")[: settings.dev_prompts]
-    identity = _identity(settings, committee, str(prompts_path), base.name, reward_model)
-    _check_out(out, identity, settings.resume)
+    identity = run_identity(
+        settings,
+        MAY_CHANGE_ON_RESUME,
+        committee=list(committee),
+        prompts=str(prompts_path),
+        model=base.name,
+        reward_model=reward_model,
+    )
+    check_run_directory(out, out / STATE_FILE, identity, resume=settings.resume, run="iTeC", key="settings")
     members = load_committee(committee, base, dtype=dtype)
     scorers, reward = [verifier_scorer], "strict"
     if reward_model is not None:
@@ -257,8 +234,8 @@ def itec(
     table: list[dict[str, Any]] = []
     previous_dev = out / "dev-00.jsonl"
     if not previous_dev.is_file():
-        _write_jsonl(previous_dev, dev_responses(members[0], dev, settings, reward, scorers))
-    _write_json(out / STATE_FILE, {"settings": identity, "table": table})
+        write_jsonl(previous_dev, dev_responses(members[0], dev, settings, reward, scorers))
+    write_json(out / STATE_FILE, {"settings": identity, "table": table})
     winners: dict[str, dict[str, Any]] = {}  # every kept winner so far, by prompt id (later rounds replace)
     for r in range(1, settings.rounds + 1):
         directory = out / f"round-{r:02d}"
@@ -281,7 +258,7 @@ def itec(
             samples = rollout(
                 members, round_prompts, settings.rollout(), scorers=scorers, stats=stats, quiet=settings.quiet
             )
-            _write_jsonl(samples_path, [s.to_json() for s in samples])
+            write_jsonl(samples_path, [s.to_json() for s in samples])
         by_id = {str(p.get("id", p.get("key"))): p for p in round_prompts}
         picked = pick_winners(samples, reward, keep_truncated=settings.keep_truncated)
         kept = {pid: s for pid, s in picked.items() if s.rewards[reward] > settings.min_reward}
@@ -292,7 +269,7 @@ def itec(
                 "reward": s.rewards[reward],
                 **as_chat(by_id[pid], s.text),
             }
-        _write_jsonl(directory / "winners.jsonl", [winners[pid] for pid in sorted(winners)])
+        write_jsonl(directory / "winners.jsonl", [winners[pid] for pid in sorted(winners)])
         rewards = np.array([s.rewards[reward] for s in samples])
         row = {
             "round": r,
@@ -334,7 +311,7 @@ def itec(
         member = _round_member(base, directory)
         dev_path = directory / "dev.jsonl"
         if not dev_path.is_file():
-            _write_jsonl(dev_path, dev_responses(member, dev, settings, reward, scorers))
+            write_jsonl(dev_path, dev_responses(member, dev, settings, reward, scorers))
         new, old = _read_jsonl(dev_path), _read_jsonl(previous_dev)
         row.update(
             dev_reward=float(np.mean([d["reward"] for d in new])),
@@ -342,11 +319,11 @@ def itec(
             dev_loop_share=float(np.mean([d["loop"] for d in new])),
             seconds=time.perf_counter() - started,
         )
-        _write_json(done, row)
+        write_json(done, row)
         members.append(member)
         table.append(row)
         previous_dev = dev_path
-        _write_json(out / STATE_FILE, {"settings": identity, "table": table})
+        write_json(out / STATE_FILE, {"settings": identity, "table": table})
         if not settings.quiet:
             print_table(table)
     return table
@@ -443,7 +420,7 @@ def cmd_itec(args: Any) -> int:
     _read_split(args.prompts, "train")
     _read_split(args.prompts, "dev")
     if not settings.resume:  # --resume compares the settings once the base is loaded
-        _check_out(Path(args.out), {}, resume=False)
+        check_new_run(Path(args.out))
     base = afmkit.load(args.model, dtype=args.dtype)
     table = itec(base, committee, args.prompts, args.out, settings, reward_model=args.reward_model, dtype=args.dtype)
     print(json.dumps(table))

@@ -42,9 +42,11 @@ import numpy as np
 from afmkit import cli_args
 from afmkit.adapters.lora import TARGETS, LoraConfig
 from afmkit.errors import UserError
+from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 REPORT_FILE = "report.json"
 RUN_DIR = "training"
+SETTINGS_FILE = f"{RUN_DIR}/settings.json"
 # Settings that may change on --resume (the rest define the run).
 MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet", "held_out_limit")
 
@@ -92,33 +94,10 @@ class RewardSettings:
         return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=self.targets, dtype="float16")
 
 
-def _identity(settings: RewardSettings) -> dict[str, Any]:
-    d = dataclasses.asdict(settings)
-    d["targets"] = list(d["targets"])
-    return {k: v for k, v in d.items() if k not in (*MAY_CHANGE_ON_RESUME, "resume")}
-
-
 def _check_out(out: Path, settings: RewardSettings) -> None:
     """``--out`` against ``--resume``, before anything is written."""
-    record = out / RUN_DIR / "settings.json"
-    if not settings.resume:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(
-                f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it "
-                "(nothing was changed)"
-            )
-        return
-    if not record.is_file():
-        raise UserError(
-            f"--resume: {out} holds no reward-model run ({RUN_DIR}/settings.json); start one without --resume"
-        )
-    try:
-        saved = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"--resume: cannot read {record} ({exc}); it is damaged") from None
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in _identity(settings).items() if saved.get(k) != v]
-    if diffs:
-        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
+    identity = run_identity(settings, MAY_CHANGE_ON_RESUME)
+    check_run_directory(out, out / SETTINGS_FILE, identity, resume=settings.resume, run="reward-model")
 
 
 # -- held-out evaluation -----------------------------------------------------------------------
@@ -222,7 +201,6 @@ def train_reward_model(
     from afmkit.posttrain.preference_data import pair_batch, tokenize_pairs
     from afmkit.posttrain.reward_model import RewardModel as Scorer
     from afmkit.posttrain.reward_model import save_reward_model
-    from afmkit.posttrain.sft import _publish
     from afmkit.train.finetune import FinetuneRun, finetune
     from afmkit.train.objectives import PairBatch, RewardModel
     from afmkit.train.optim import OptimizerConfig
@@ -264,8 +242,7 @@ def train_reward_model(
         batch_type=PairBatch,
         eval_metric="loss",
     )
-    (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
-    (out / RUN_DIR / "settings.json").write_text(json.dumps(_identity(settings), indent=2))
+    write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(model, rows, run)
     weights, heads = trained["params"]["weights"], trained["params"]["extra"]
     adapter = None if settings.full else subset.adapter(weights, model.config, name=out.name)
@@ -307,7 +284,7 @@ def train_reward_model(
             extra_files={REPORT_FILE: json.dumps(report, indent=2)},
         )
 
-    _publish(out, write)
+    publish(out, write)
     return report
 
 

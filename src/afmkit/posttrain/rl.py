@@ -47,6 +47,7 @@ import numpy as np
 from afmkit import cli_args
 from afmkit.errors import UserError
 from afmkit.train.objectives import POLICY_ALGOS
+from afmkit.train.run_directory import check_new_run, check_run_directory, run_identity, write_json, write_jsonl
 
 STATE_FILE = "rl.json"
 # Settings that may change on --resume (the rest define the run).
@@ -165,42 +166,6 @@ def policy_rows(
     return fields
 
 
-# -- files -------------------------------------------------------------------------------------
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _identity(settings: RLSettings, **inputs: Any) -> dict[str, Any]:
-    d = {k: v for k, v in dataclasses.asdict(settings).items() if k not in MAY_CHANGE_ON_RESUME}
-    return {**d, **inputs}
-
-
-def _check_out(out: Path, identity: dict[str, Any], resume: bool) -> None:
-    """``--out`` against ``--resume``, before anything is written."""
-    state = out / STATE_FILE
-    if not resume:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it")
-        return
-    if not state.is_file():
-        raise UserError(f"--resume: {out} holds no RL run ({STATE_FILE}); start one without --resume")
-    try:
-        saved = json.loads(state.read_text()).get("settings", {})
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"--resume: cannot read {state} ({exc}); it is damaged") from None
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in identity.items() if saved.get(k) != v]
-    if diffs:
-        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
-
-
 def read_split(path: str | os.PathLike, split: str) -> list[dict[str, Any]]:
     from afmkit.posttrain.synth_if import read_prompts
 
@@ -303,14 +268,15 @@ def rl(
     else:  # the starting adapter's shape; fp32 so the sampled policy is exactly the trained one
         lora = dataclasses.replace(reference.config, dtype="float32")
     lora.layer_ids(base.config)
-    identity = _identity(
+    identity = run_identity(
         settings,
+        MAY_CHANGE_ON_RESUME,
         prompts=str(prompts_path),
         model=base.name,
         init_adapter=None if init_adapter is None else str(init_adapter),
         reward_model=None if reward_model is None else str(reward_model),
     )
-    _check_out(out, identity, settings.resume)
+    check_run_directory(out, out / STATE_FILE, identity, resume=settings.resume, run="RL", key="settings")
 
     config = base.config
     subset = LoraWeights(lora)
@@ -327,7 +293,7 @@ def rl(
     shardings = state_shardings(config, optimizer, mesh, subset=subset, objective=objective)
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / STATE_FILE, {"settings": identity})
+    write_json(out / STATE_FILE, {"settings": identity})
     (out / "samples").mkdir(exist_ok=True)
     checkpoints = Checkpoints(out / "checkpoints", keep=settings.keep, async_save=False)
     latest = checkpoints.latest_step() if settings.resume else None
@@ -363,6 +329,10 @@ def rl(
 
     def policy_member(params: Any, iteration: int) -> Member:
         return Member(f"policy-{iteration}", base, subset.adapter(jax.device_get(params), config, name="policy"))
+
+    def save_policy(params: Any) -> None:
+        saved = saved_subset.adapter(jax.device_get(params), config, name=out.name)  # PEFT layout, fp16
+        save_adapter(out / "adapter", saved, config=config, params=base.params, base_name=base.name)
 
     def dev_scores(member: Member) -> dict[str, float]:
         greedy = RolloutSettings(
@@ -431,9 +401,8 @@ def rl(
         train_seconds = time.perf_counter() - train_started
         trained_tokens = int(rows["segment_ids"].sum()) * settings.steps_per_iteration
         checkpoints.save(iteration, state.as_dict(), {"iteration": iteration})
-        saved = saved_subset.adapter(jax.device_get(state.params), config, name=out.name)
-        save_adapter(out / "adapter", saved, config=config, params=base.params, base_name=base.name)
-        _write_jsonl(
+        save_policy(state.params)
+        write_jsonl(
             out / "samples" / f"iteration-{iteration:04d}.jsonl",
             [{**s.to_json(), "advantage": float(a)} for s, a in zip(samples, advantages)],
         )
@@ -463,8 +432,7 @@ def rl(
             print(format_record(record, settings.iterations), flush=True)
     checkpoints.close()
     if not (out / "adapter").is_dir():  # nothing ran (already finished): the adapter is the checkpoint's
-        saved = saved_subset.adapter(jax.device_get(state.params), config, name=out.name)
-        save_adapter(out / "adapter", saved, config=config, params=base.params, base_name=base.name)
+        save_policy(state.params)
     return log.records
 
 
@@ -534,7 +502,7 @@ def cmd_rl(args: Any) -> int:
     if settings.dev_prompts and settings.dev_every:
         read_split(args.prompts, "dev")
     if not settings.resume:  # --resume compares the settings once the base is loaded
-        _check_out(Path(args.out), {}, resume=False)
+        check_new_run(Path(args.out))
     base = afmkit.load(args.model, dtype=args.dtype)
     records = rl(base, args.prompts, args.out, settings, init_adapter=args.init_adapter, reward_model=args.reward_model)
     last = records[-1] if records else {}

@@ -26,17 +26,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from afmkit import cli_args
 from afmkit.adapters.lora import TARGETS, LoraConfig
 from afmkit.errors import UserError
+from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 TRAINING_FILE = "training.json"
 RUN_DIR = "training"
+SETTINGS_FILE = f"{RUN_DIR}/settings.json"
 # Settings that may change on --resume (the rest define the run).
 MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet")
 
@@ -85,43 +85,9 @@ class SFTSettings:
 
 def _check_out(out: Path, settings: SFTSettings) -> None:
     """``--out`` against ``--resume``, before anything is written."""
-    record = out / RUN_DIR / "settings.json"
-    if not settings.resume:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(
-                f"{out} is not empty; choose a new --out, or pass --resume to continue the run in it "
-                "(nothing was changed)"
-            )
-        return
-    if not record.is_file():
-        raise UserError(f"--resume: {out} holds no SFT run ({RUN_DIR}/settings.json); start one without --resume")
-    try:
-        saved = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"--resume: cannot read {record} ({exc}); it is damaged") from None
-    mine = _identity(settings)
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in mine.items() if saved.get(k) != v]
-    if diffs:
-        raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
-
-
-def _identity(settings: SFTSettings) -> dict[str, Any]:
-    d = dataclasses.asdict(settings)
-    d["targets"] = list(d["targets"])
-    return {k: v for k, v in d.items() if k not in (*MAY_CHANGE_ON_RESUME, "resume")}
-
-
-def _publish(out: Path, write: Any) -> None:
-    """``write(directory)`` into a fresh directory beside ``out``, then each file moved into
-    ``out`` (replacing the previous version of it; ``training/`` is left alone)."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.publish-", dir=out.parent))
-    try:
-        write(staging / "artifact")
-        for path in (staging / "artifact").iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    check_run_directory(
+        out, out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME), resume=settings.resume, run="SFT"
+    )
 
 
 def sft(
@@ -174,8 +140,7 @@ def sft(
         resume=settings.resume,
         progress=not settings.quiet,
     )
-    (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
-    (out / RUN_DIR / "settings.json").write_text(json.dumps(_identity(settings), indent=2))
+    write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(
         model,
         pack_conversations(train, seq_len=settings.seq_len),
@@ -208,7 +173,7 @@ def sft(
                 directory, adapter, config=model.config, params=model.params, base_name=model.name, extra_files=extra
             )
 
-    _publish(out, write)
+    publish(out, write)
     return results
 
 
