@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,25 +39,20 @@ from typing import Any
 import numpy as np
 
 from afmkit import cli_args
-from afmkit.adapters.lora import TARGETS, LoraConfig
 from afmkit.errors import UserError
+from afmkit.posttrain.trunk import SETTINGS_FILE, TrunkSettings, load_base, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 REPORT_FILE = "report.json"
-RUN_DIR = "training"
-SETTINGS_FILE = f"{RUN_DIR}/settings.json"
 # Settings that may change on --resume (the rest define the run).
 MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet", "held_out_limit")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardSettings:
-    """Every setting of ``afmkit posttrain reward`` and its default: the one source the CLI reads."""
+class RewardSettings(TrunkSettings):
+    """Every setting of ``afmkit posttrain reward`` and its default (the trunk's from
+    ``TrunkSettings``): the one source the CLI reads."""
 
-    lora_rank: int = 16
-    full: bool = False  # train every weight instead of a LoRA adapter
-    alpha: float | None = None  # None: 2 x rank
-    targets: tuple[str, ...] = tuple(TARGETS)
     steps: int = 200
     lr: float = 1e-4
     warmup: int = 10  # linear warm-up steps, then a cosine decay to a tenth of the peak
@@ -77,8 +71,7 @@ class RewardSettings:
     quiet: bool = False
 
     def check(self) -> None:
-        if not self.full and self.lora_rank < 1:
-            raise UserError(f"--lora-rank must be at least 1, got {self.lora_rank} (or train every weight with --full)")
+        super().check()
         if self.held_out_limit < 0:
             raise UserError(f"--held-out-limit must be 0 (all) or more, got {self.held_out_limit}")
         for name in ("steps", "batch", "max_tokens", "accum", "keep"):
@@ -88,10 +81,6 @@ class RewardSettings:
             raise UserError("--lr must be positive and --warmup, --save-every, --grade-weight non-negative")
         if not 0 < self.test_fraction < 1:
             raise UserError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
-
-    def lora(self) -> LoraConfig:
-        alpha = self.alpha if self.alpha is not None else 2.0 * self.lora_rank
-        return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=self.targets, dtype="float16")
 
 
 def _check_out(out: Path, settings: RewardSettings) -> None:
@@ -201,47 +190,20 @@ def train_reward_model(
     from afmkit.posttrain.preference_data import pair_batch, tokenize_pairs
     from afmkit.posttrain.reward_model import RewardModel as Scorer
     from afmkit.posttrain.reward_model import save_reward_model
-    from afmkit.train.finetune import FinetuneRun, finetune
+    from afmkit.train.finetune import finetune
     from afmkit.train.objectives import PairBatch, RewardModel
-    from afmkit.train.optim import OptimizerConfig
-    from afmkit.train.step import StepConfig
-    from afmkit.train.trainable import FULL, LoraWeights
 
     settings.check()
     out = Path(out)
-    subset = FULL if settings.full else LoraWeights(settings.lora())
-    if not settings.full:
-        settings.lora().layer_ids(model.config)
+    subset = settings.trainable(model.config)
     train, test = split_for_training(pairs, settings)
     tokenized, too_long = tokenize_pairs(model.tokenizer, train, max_len=settings.max_tokens)
     if not tokenized:
         raise UserError(f"all {len(train)} training pairs are longer than --max-tokens {settings.max_tokens}; raise it")
     _check_out(out, settings)
     rows = pair_batch(tokenized, rows=len(tokenized), length=settings.max_tokens)
-    run = FinetuneRun(
-        subset=subset,
-        objective=RewardModel(grade_weight=settings.grade_weight),
-        optimizer=OptimizerConfig(
-            name="adamw",
-            peak_lr=settings.lr,
-            warmup_steps=settings.warmup,
-            total_steps=max(settings.steps, settings.warmup + 1),
-            final_lr_fraction=0.1,
-            weight_decay=settings.weight_decay,
-        ),
-        step_config=StepConfig(accum_steps=settings.accum),
-        batch=settings.batch,
-        steps=settings.steps,
-        seed=settings.seed,
-        mesh=settings.mesh,
-        run_dir=out / RUN_DIR,
-        save_every=settings.save_every,
-        keep=settings.keep,
-        resume=settings.resume,
-        progress=not settings.quiet,
-        batch_type=PairBatch,
-        eval_metric="loss",
-    )
+    objective = RewardModel(grade_weight=settings.grade_weight)
+    run = trunk_run(settings, subset, objective, out, final_lr_fraction=0.1, batch_type=PairBatch, eval_metric="loss")
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(model, rows, run)
     weights, heads = trained["params"]["weights"], trained["params"]["extra"]
@@ -324,27 +286,16 @@ def settings_from_args(args: Any) -> RewardSettings:
 
 
 def cmd_reward(args: Any) -> int:
-    import afmkit
     from afmkit.posttrain.preference_data import load_pair_sources
 
     settings = settings_from_args(args)
-    settings.check()
-    if not settings.full:
-        settings.lora()  # bad targets / alpha: one line before loading anything
+    settings.check()  # one line before loading anything
     pairs = load_pair_sources(args.data)
     split_for_training(pairs, settings)  # an empty side: one line before loading the model
     _check_out(Path(args.out), settings)
-    # --full trains fp32 master weights: load them exactly; LoRA trains over the base as loaded
-    # (on CPUs SmolLM2's own int4 weights, QLoRA-style).
-    dtype = args.dtype or ("float32" if settings.full else None)
-    model = afmkit.load(args.model, dtype=dtype)
+    model = load_base(args.model, args.dtype, full=settings.full)
     named = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     report = train_reward_model(model, pairs, args.out, settings, base_name=named)
-    if report["steps_done"] < settings.steps:
-        print(
-            f"afmkit: stopped at step {report['steps_done']} of {settings.steps}; the output holds that step. "
-            "Continue with the same command plus --resume",
-            file=sys.stderr,
-        )
+    report_unfinished(report["steps_done"], settings.steps)
     print(format_report(report))
     return 0

@@ -30,25 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from afmkit import cli_args
-from afmkit.adapters.lora import TARGETS, LoraConfig
 from afmkit.errors import UserError
+from afmkit.posttrain.trunk import SETTINGS_FILE, TrunkSettings, load_base, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 TRAINING_FILE = "training.json"
-RUN_DIR = "training"
-SETTINGS_FILE = f"{RUN_DIR}/settings.json"
 # Settings that may change on --resume (the rest define the run).
 MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SFTSettings:
-    """Every setting of ``afmkit posttrain sft`` and its default: the one source the CLI reads."""
+class SFTSettings(TrunkSettings):
+    """Every setting of ``afmkit posttrain sft`` and its default (the trunk's from
+    ``TrunkSettings``): the one source the CLI reads."""
 
-    lora_rank: int = 16
-    full: bool = False  # train every weight instead of a LoRA adapter
-    alpha: float | None = None  # None: 2 x rank
-    targets: tuple[str, ...] = tuple(TARGETS)
     steps: int = 200
     lr: float = 2e-4
     warmup: int = 20  # linear warm-up steps, then a constant LR
@@ -66,8 +61,7 @@ class SFTSettings:
     quiet: bool = False
 
     def check(self) -> None:
-        if not self.full and self.lora_rank < 1:
-            raise UserError(f"--lora-rank must be at least 1, got {self.lora_rank} (or train every weight with --full)")
+        super().check()
         for name in ("steps", "batch", "seq_len", "accum", "keep"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -77,10 +71,6 @@ class SFTSettings:
             raise UserError("--lr must be positive and --warmup, --save-every non-negative")
         if not 0 < self.eval_fraction < 1:
             raise UserError(f"--eval-fraction must lie in (0, 1), got {self.eval_fraction}")
-
-    def lora(self) -> LoraConfig:
-        alpha = self.alpha if self.alpha is not None else 2.0 * self.lora_rank
-        return LoraConfig(rank=self.lora_rank, alpha=alpha, targets=self.targets, dtype="float16")
 
 
 def _check_out(out: Path, settings: SFTSettings) -> None:
@@ -99,17 +89,12 @@ def sft(
     from afmkit.adapters.train import split_examples
     from afmkit.data.chat import pack_conversations
     from afmkit.interop.native import save_checkpoint
-    from afmkit.train.finetune import FinetuneRun, finetune
+    from afmkit.train.finetune import finetune
     from afmkit.train.objectives import assistant_sft
-    from afmkit.train.optim import OptimizerConfig
-    from afmkit.train.step import StepConfig
-    from afmkit.train.trainable import FULL, LoraWeights
 
     settings.check()
     out = Path(out)
-    subset = FULL if settings.full else LoraWeights(settings.lora())
-    if not settings.full:
-        settings.lora().layer_ids(model.config)
+    subset = settings.trainable(model.config)
     train, held_out, too_long, _ = split_examples(
         model,
         conversations,
@@ -118,28 +103,8 @@ def sft(
         length_flag="--seq-len",
     )
     _check_out(out, settings)
-    run = FinetuneRun(
-        subset=subset,
-        objective=assistant_sft(),
-        optimizer=OptimizerConfig(
-            name="adamw",
-            peak_lr=settings.lr,
-            warmup_steps=settings.warmup,
-            total_steps=max(settings.steps, settings.warmup + 1),
-            final_lr_fraction=1.0,  # warm-up, then constant
-            weight_decay=settings.weight_decay,
-        ),
-        step_config=StepConfig(accum_steps=settings.accum, dropout=settings.dropout),
-        batch=settings.batch,
-        steps=settings.steps,
-        seed=settings.seed,
-        mesh=settings.mesh,
-        run_dir=out / RUN_DIR,
-        save_every=settings.save_every,
-        keep=settings.keep,
-        resume=settings.resume,
-        progress=not settings.quiet,
-    )
+    # warm-up, then a constant learning rate
+    run = trunk_run(settings, subset, assistant_sft(), out, final_lr_fraction=1.0, dropout=settings.dropout)
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(
         model,
@@ -204,28 +169,15 @@ def settings_from_args(args: Any) -> SFTSettings:
 
 
 def cmd_sft(args: Any) -> int:
-    import sys
-
-    import afmkit
     from afmkit.data.chat import read_chat_jsonl
 
     settings = settings_from_args(args)
-    settings.check()
-    if not settings.full:
-        settings.lora()  # bad targets / alpha: one line before loading anything
+    settings.check()  # one line before loading anything
     conversations = read_chat_jsonl(args.data)
     _check_out(Path(args.out), settings)
-    # --full trains fp32 master weights: load them exactly; LoRA trains over the base as loaded
-    # (on CPUs SmolLM2's own int4 weights, QLoRA-style).
-    dtype = args.dtype or ("float32" if settings.full else None)
-    model = afmkit.load(args.model, dtype=dtype)
+    model = load_base(args.model, args.dtype, full=settings.full)
     results = sft(model, conversations, args.out, settings)
-    if results["steps_done"] < settings.steps:
-        print(
-            f"afmkit: stopped at step {results['steps_done']} of {settings.steps}; the output holds that step. "
-            "Continue with the same command plus --resume",
-            file=sys.stderr,
-        )
+    report_unfinished(results["steps_done"], settings.steps)
     print(
         json.dumps({k: results[k] for k in ("held_out_loss_start", "held_out_loss_end", "steps_done", "train_seconds")})
     )
