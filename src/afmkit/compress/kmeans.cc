@@ -11,9 +11,16 @@
 // row's best split bounds the split points of the rows above and below it. That is O(n log n) per
 // layer, O(k n log n) per group.
 //
-// Equal values are merged first (their weights summed): exact, and it shrinks the problem for
-// weights that came from a quantized file. Values are centred on their weighted mean so that the
-// prefix sums of x^2 do not swamp the differences taken from them.
+// Values are centred on their weighted mean so that the prefix sums of x^2 do not swamp the
+// differences taken from them.
+//
+// Bit-identical everywhere: every sum runs in one fixed order (a plain loop, no reassociation:
+// afmkit.kernels.build compiles with -ffp-contract=off and no -ffast-math, so a * b + c rounds
+// twice on every CPU, FMA or not), only + - * / are used (no libm), and groups are independent,
+// so threads change nothing. kmeans.py's numpy fallback does the same operations in the same
+// order (equal values are deliberately not merged: merging sums weights in another order), so
+// both paths give the same bits (tests/compress/test_kmeans.py); the named compressed model's
+// build relies on it (afmkit.compress.named).
 //
 // Groups are independent and are shared out over threads.
 
@@ -27,7 +34,7 @@
 namespace {
 
 struct Prefix {
-  std::vector<double> w, wx, wxx;  // sums over the first i unique values, i = 0..u
+  std::vector<double> w, wx, wxx;  // sums over the first i values, i = 0..n
 
   double cost(int64_t m, int64_t i) const {
     const double weight = w[i] - w[m], sum = wx[i] - wx[m];
@@ -63,59 +70,44 @@ void Solve(const Prefix& p, const double* prev, double* cur, int32_t* arg, int64
 // and k + 1 boundaries: cluster c holds sorted positions [bounds[c], bounds[c + 1]).
 void Group(const double* values, const double* weights, int64_t n, int64_t k, double* centroids,
            int32_t* bounds) {
-  // Merge equal values; start[u] is where unique value u begins among the sorted positions.
-  std::vector<double> ux, uw;
-  std::vector<int64_t> start;
-  ux.reserve(n), uw.reserve(n), start.reserve(n + 1);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i > 0 && values[i] == values[i - 1]) {
-      uw.back() += weights[i];
-    } else {
-      ux.push_back(values[i]);
-      uw.push_back(weights[i]);
-      start.push_back(i);
-    }
-  }
-  const int64_t u = static_cast<int64_t>(ux.size());
-  start.push_back(n);
-  if (u <= k) {  // every value its own cluster; the clusters left over are empty
+  if (n <= k) {  // every value its own cluster; the clusters left over are empty
     for (int64_t c = 0; c < k; ++c) {
-      centroids[c] = ux[std::min(c, u - 1)];
-      bounds[c] = static_cast<int32_t>(start[std::min(c, u)]);
+      centroids[c] = values[std::min(c, n - 1)];
+      bounds[c] = static_cast<int32_t>(std::min(c, n));
     }
     bounds[k] = static_cast<int32_t>(n);
     return;
   }
   double total_w = 0, total_wx = 0;
-  for (int64_t i = 0; i < u; ++i) total_w += uw[i], total_wx += uw[i] * ux[i];
+  for (int64_t i = 0; i < n; ++i) total_w += weights[i], total_wx += weights[i] * values[i];
   const double mean = total_wx / total_w;
   Prefix p;
-  p.w.assign(u + 1, 0), p.wx.assign(u + 1, 0), p.wxx.assign(u + 1, 0);
-  for (int64_t i = 0; i < u; ++i) {
-    const double x = ux[i] - mean;
-    p.w[i + 1] = p.w[i] + uw[i];
-    p.wx[i + 1] = p.wx[i] + uw[i] * x;
-    p.wxx[i + 1] = p.wxx[i] + uw[i] * x * x;
+  p.w.assign(n + 1, 0), p.wx.assign(n + 1, 0), p.wxx.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = values[i] - mean;
+    p.w[i + 1] = p.w[i] + weights[i];
+    p.wx[i + 1] = p.wx[i] + weights[i] * x;
+    p.wxx[i + 1] = p.wxx[i] + weights[i] * x * x;
   }
-  // arg[j][i]: where the last of j + 1 clusters of the first i unique values begins.
-  std::vector<int32_t> arg(static_cast<size_t>(k) * (u + 1), 0);
-  std::vector<double> prev(u + 1), cur(u + 1, std::numeric_limits<double>::infinity());
-  for (int64_t i = 1; i <= u; ++i) prev[i] = p.cost(0, i);
+  // arg[j][i]: where the last of j + 1 clusters of the first i values begins.
+  std::vector<int32_t> arg(static_cast<size_t>(k) * (n + 1), 0);
+  std::vector<double> prev(n + 1), cur(n + 1, std::numeric_limits<double>::infinity());
+  for (int64_t i = 1; i <= n; ++i) prev[i] = p.cost(0, i);
   for (int64_t j = 1; j < k; ++j) {
     // j + 1 clusters of the first i values, each nonempty, leaving k - j - 1 values for the rest.
-    const int64_t lo = j + 1, hi = (j == k - 1) ? u : u - (k - j - 1);
-    const int64_t rows_lo = (j == k - 1) ? u : lo;  // the last layer needs only i = u
-    Solve(p, prev.data(), cur.data(), arg.data() + j * (u + 1), rows_lo, hi, j, hi - 1);
+    const int64_t lo = j + 1, hi = (j == k - 1) ? n : n - (k - j - 1);
+    const int64_t rows_lo = (j == k - 1) ? n : lo;  // the last layer needs only i = n
+    Solve(p, prev.data(), cur.data(), arg.data() + j * (n + 1), rows_lo, hi, j, hi - 1);
     std::swap(prev, cur);
   }
   // Walk the splits back from the end.
   std::vector<int64_t> cut(k + 1);
-  cut[k] = u;
-  for (int64_t j = k - 1; j >= 1; --j) cut[j] = arg[j * (u + 1) + cut[j + 1]];
+  cut[k] = n;
+  for (int64_t j = k - 1; j >= 1; --j) cut[j] = arg[j * (n + 1) + cut[j + 1]];
   cut[0] = 0;
   for (int64_t c = 0; c < k; ++c) {
     centroids[c] = (p.wx[cut[c + 1]] - p.wx[cut[c]]) / (p.w[cut[c + 1]] - p.w[cut[c]]) + mean;
-    bounds[c] = static_cast<int32_t>(start[cut[c]]);
+    bounds[c] = static_cast<int32_t>(cut[c]);
   }
   bounds[k] = static_cast<int32_t>(n);
 }

@@ -8,7 +8,8 @@ large (the issue's measurement: perplexity 80 against 237 at 4 bits).
 The fast path is ``kmeans.cc``, compiled on first use like the CPU kernels (``afmkit.kernels``:
 same compiler, cache and ``AFMKIT_KERNELS=0`` switch); it runs the groups of a matrix in parallel
 threads, O(k n log n) each. Without a compiler the same programme runs in numpy: exact
-too, and vectorised across groups, but several times slower.
+too, and vectorised across groups, but several times slower. Both paths give the same bits on
+every CPU (``kmeans.cc`` says why); ``afmkit.compress.named`` relies on it.
 """
 
 from __future__ import annotations
@@ -94,15 +95,17 @@ def _checked_weights(weights, shape: tuple[int, ...]) -> np.ndarray:
         raise UserError(f"k-means weights have shape {weights.shape}; they must match the values' {shape}")
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise UserError("k-means weights (importance) must be finite and non-negative")
-    mean = weights.mean(axis=1, keepdims=True)
+    # the mean from an in-order sum: the same bits on every CPU and numpy build (the floor decides weights)
+    mean = np.cumsum(weights, axis=1)[:, -1:] / shape[1]
     floor = np.where(mean > 0, mean * MIN_RELATIVE_WEIGHT, 1.0)
     return np.maximum(weights, floor)
 
 
 def _groups_numpy(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``kmeans.cc``'s programme in numpy, the fallback without a compiler: the same divide and
-    conquer, one recursion level of every group at a time. Equal values are not merged here (that
-    changes nothing optimal, only the speed). Inputs sorted; returns centroids and bounds."""
+    conquer, one recursion level of every group at a time, and the same floating-point operations
+    in the same order (sequential prefix sums, the same cost expression, the first best split), so
+    the two paths give identical bits. Inputs sorted; returns centroids and bounds."""
     groups, n = values.shape
     if n <= k:  # every value its own cluster; the clusters left over are empty
         picks = np.minimum(np.arange(k), n - 1)
@@ -115,7 +118,8 @@ def _groups_numpy(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.n
 
 def _chunk_numpy(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     groups, n = values.shape
-    mean = (weights * values).sum(axis=1, keepdims=True) / weights.sum(axis=1, keepdims=True)
+    # ``np.cumsum`` adds in order, as kmeans.cc's loops do (``sum`` would add pairwise)
+    mean = np.cumsum(weights * values, axis=1)[:, -1:] / np.cumsum(weights, axis=1)[:, -1:]
     x = values - mean
     zero = np.zeros((groups, 1))
     pw = np.concatenate([zero, np.cumsum(weights, axis=1)], axis=1)

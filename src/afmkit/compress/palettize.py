@@ -16,7 +16,7 @@ the embedding (and an untied output layer) as 8-bit (or 4-bit) integers in block
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -99,16 +99,17 @@ def palettize_params(
     embed_bits: int = 8,
     group_rows: int = GROUP_ROWS,
     per_row_scale: bool = True,
-    importance: dict[str, Any] | None = None,
-    progress: bool = False,
+    importance: Mapping[str, Any] | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """The weights with every layer matrix palettized.
 
     ``bits_per_matrix``: one bit width for all, or one per matrix by name (``layers.3.w_down``);
     a matrix the dict leaves out stays fp32. ``embed_bits`` (8 or 4): the embedding (and an untied
     ``lm_head``) as integers in blocks of 32 inputs with an fp16 scale each. ``importance``:
-    optional per-matrix importance (see ``palettize_matrix``), by the same names. Norm scales stay
-    fp32."""
+    optional per-matrix importance (see ``palettize_matrix``), by the same names (any mapping:
+    one made on demand keeps a single matrix's importance in memory). ``progress``: a
+    ``ProgressReporter``, advanced once per matrix. Norm scales stay fp32."""
     if embed_bits not in (4, 8):
         raise UserError(f"the embedding is stored with 8 or 4 bits, not {embed_bits}")
     names = [f"layers.{i}.{m}" for i, layer in enumerate(params["layers"]) for m in LAYER_MATRICES if m in layer]
@@ -129,7 +130,6 @@ def palettize_params(
     for name in EMBEDDINGS:
         if name in out and not (isinstance(out[name], PackedWeight) and out[name].bits == embed_bits):
             out[name] = pack(_float(out[name]), embed_bits, INPUT_AXES[name])
-    start, done = time.perf_counter(), 0
     layers = []
     for i, layer in enumerate(params["layers"]):
         new = dict(layer)
@@ -144,10 +144,9 @@ def palettize_params(
                     per_row_scale=per_row_scale,
                     importance=None if importance is None else importance.get(name),
                 )
-                done += 1
+                if progress is not None:
+                    progress.advance(1)
         layers.append(new)
-        if progress:
-            print(f"palettized {done}/{len(bits_of)} matrices ({time.perf_counter() - start:.0f}s)", flush=True)
     out["layers"] = layers
     for name, w in out.items():
         if name not in EMBEDDINGS and name != "layers":
@@ -179,3 +178,41 @@ def bits_per_weight(params: dict[str, Any]) -> float:
                 stored += jnp.dtype(w.dtype).itemsize * 8 * size
             total += size
     return stored / total
+
+
+def checkpoint_bits(directory: Any) -> dict[str, float] | None:
+    """``bits_per_weight``'s figures for a saved compressed model, read from its files' headers
+    (nothing loaded): the layer matrices, the embedding, and every weight (norm scales counted at
+    their dtype). None for a checkpoint without compressed weights."""
+    from pathlib import Path
+
+    from afmkit.errors import CorruptFileError
+    from afmkit.interop import native
+    from afmkit.model.transformer import abstract_params
+
+    directory = Path(directory)
+    meta = native._read_meta(directory)
+    if not meta.get("quantized"):
+        return None
+    reader = native.SafetensorsReader(directory / "model.safetensors")
+    config = native.read_config(directory)
+    sums = {"matrices": [0, 0], "embedding": [0, 0], "all_weights": [0, 0]}
+    for name, spec in native._flatten(abstract_params(config)).items():
+        size = math.prod(spec.shape)
+        parts = [key for key in reader.entries if key == name or key.startswith(f"{name}.")]
+        try:
+            stored = sum(
+                8 * (reader.entries[key]["data_offsets"][1] - reader.entries[key]["data_offsets"][0]) for key in parts
+            )
+        except (KeyError, TypeError, IndexError):
+            raise CorruptFileError(
+                f"{reader.path}: {name} has an unreadable entry; the checkpoint is damaged"
+            ) from None
+        kind = name.rsplit(".", 1)[-1]
+        groups = ["all_weights"] + (
+            ["matrices"] if kind in LAYER_MATRICES else ["embedding"] if kind in EMBEDDINGS else []
+        )
+        for group in groups:
+            sums[group][0] += stored
+            sums[group][1] += size
+    return {group: stored / count for group, (stored, count) in sums.items() if count}

@@ -45,3 +45,31 @@ class RecoverSettings:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NamedCompressedSettings:
+    """A named compressed model (``afmkit.compress.named``): how it is built from its float model
+    on first load, every setting in one place. The build's inputs are the float weights and two
+    committed files in ``afmkit/resources/<folder>``: ``recipe.json`` (bits per matrix) and
+    ``importance.safetensors`` (the k-means weights); the calibration fields say how those files
+    were made (``named.make_resources``), so the build itself runs no model and reads no text."""
+
+    name: str  # what ``afmkit.load`` and ``--model`` take
+    base: str  # the float model it is built from (a known model or a path)
+    folder: str  # its folder in afmkit/resources (an absolute path: a folder elsewhere, for tests)
+    bits_per_weight: float = 3.5  # the budget the committed recipe was allocated under
+    group_rows: int = 16  # output rows sharing one look-up table (the recipe must agree)
+    per_row_scale: bool = True  # one fp16 scale per output row before clustering (the recipe must agree)
+    embed_bits: int = 8  # the embedding's integer bits (the recipe must agree)
+    # k-means: the optimal 1-D weighted programme (compress/kmeans.py), weighted by the committed
+    # importance: the Fisher diagonal's rank-1 factors (per input, per output; fp16), so the build
+    # needs no gradients and gives the same bits on every CPU.
+    importance: str = "fisher-rank1-fp16"
+    # How the committed files were made (make_resources): tiny shakespeare from character 600,000
+    # (never the evaluation text at the start of the file), 8,192 tokens in windows of 512.
+    calibration_file: str = "tinyshakespeare_input.txt"
+    calibration_start: int = 600_000
+    calibration_tokens: int = 8192
+    seq_len: int = 512
+    sensitivity: str = "proxy"  # how the recipe's allocation measured each matrix (CompressSettings)
