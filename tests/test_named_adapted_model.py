@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import afmkit
 from afmkit.adapters.peft_io import load_adapter
@@ -30,3 +31,16 @@ def test_every_command_takes_it_by_name():
     )
     info = json.loads(out.stdout.splitlines()[-1])
     assert info["name"] == NAME and info["config"]["vocab_size"] == 49152
+
+
+def test_every_named_model_gives_its_base_tokenizer_without_building_weights(monkeypatch):
+    # ``--tokenizer NAME`` must work for every name ``--model`` takes, and must not trigger the
+    # compressed model's first-load build just to read a tokenizer.
+    from afmkit.compress import named
+    from afmkit.data.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(named, "build", lambda *a, **k: pytest.fail("a tokenizer must not build weights"))
+    base = load_tokenizer("smollm2-135m-instruct")
+    for name in afmkit.known_models():
+        tokenizer = load_tokenizer(name)
+        assert tokenizer.encode("Hello, world") == base.encode("Hello, world"), name

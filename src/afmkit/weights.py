@@ -58,3 +58,13 @@ NAMED_COMPRESSED = {
 
 def known_models() -> list[str]:
     return [*NAMED_WEIGHTS, *NAMED_ADAPTED, *NAMED_COMPRESSED]
+
+
+def named_base(name: str) -> str:
+    """The float model a named adapted or compressed model is made from (its tokenizer's
+    source); any other name or path unchanged."""
+    if name in NAMED_ADAPTED:
+        return NAMED_ADAPTED[name][0]
+    if name in NAMED_COMPRESSED:
+        return NAMED_COMPRESSED[name].base
+    return name

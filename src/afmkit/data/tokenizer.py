@@ -210,9 +210,9 @@ def _check_messages(messages: Sequence[Message]) -> None:
 
 def load_tokenizer(name_or_path: str):
     """A tokenizer by model name (its tokenizer only, no weights) or from a directory/GGUF file."""
-    from afmkit.weights import NAMED_ADAPTED, NAMED_WEIGHTS, known_models
+    from afmkit.weights import NAMED_WEIGHTS, known_models, named_base
 
-    name_or_path = NAMED_ADAPTED.get(name_or_path, (name_or_path,))[0]  # an adapted model: its base's
+    name_or_path = named_base(name_or_path)  # an adapted or compressed model: its base's tokenizer
     path = NAMED_WEIGHTS[name_or_path]() if name_or_path in NAMED_WEIGHTS else Path(name_or_path).expanduser()
     if path.is_dir():
         return Tokenizer.from_directory(path)
