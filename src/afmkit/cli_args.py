@@ -38,10 +38,25 @@ def dtype_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def recovery_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-recovery",
+        action="store_true",
+        help="load a compressed model without its accuracy-recovery adapter (DIR/recovery), "
+        "e.g. to measure what the adapter recovers",
+    )
+
+
 def model_argument(
-    parser: argparse.ArgumentParser, flag: str = "--model", *, role: str = "model", dtype: bool = True
+    parser: argparse.ArgumentParser,
+    flag: str = "--model",
+    *,
+    role: str = "model",
+    dtype: bool = True,
+    recovery: bool = False,
 ) -> None:
-    """``--model`` (a name or a path) and, unless ``dtype=False``, ``--dtype``."""
+    """``--model`` (a name or a path), unless ``dtype=False`` ``--dtype``, and with ``recovery``
+    ``--no-recovery`` (for commands that use the model as it loads: generate, serve, eval)."""
     parser.add_argument(
         flag,
         default=DEFAULT_MODEL,
@@ -50,6 +65,8 @@ def model_argument(
     )
     if dtype:
         dtype_argument(parser)
+    if recovery:
+        recovery_argument(parser)
 
 
 def setting_argument(parser: Any, defaults: Any, name: str, help: str, **kwargs: Any) -> None:
@@ -155,13 +172,13 @@ def sampling_from_args(args: argparse.Namespace):
     return SamplingParams(**values)
 
 
-def load_model(name: str, dtype: str | None, *, quiet: bool):
+def load_model(name: str, dtype: str | None, *, quiet: bool, recovery: bool = True):
     """``afmkit.load`` with a spinner on stderr (none when ``quiet``, e.g. for ``--json``)."""
     import afmkit
 
     if quiet:
-        return afmkit.load(name, dtype=dtype)
+        return afmkit.load(name, dtype=dtype, recovery=recovery)
     from rich.console import Console
 
     with Console(stderr=True).status(f"loading {name}"):
-        return afmkit.load(name, dtype=dtype)
+        return afmkit.load(name, dtype=dtype, recovery=recovery)

@@ -104,6 +104,21 @@ def test_the_recovery_adapter_is_applied_on_load_everywhere(recovered, models):
     assert implicit.tokens == explicit.tokens
 
 
+def test_no_recovery_flag_measures_the_compressed_weights_alone(recovered, models, tmp_path, capsys):
+    text = tmp_path / "held_out.txt"
+    text.write_text((models / "held_out.txt").read_text()[:2000])
+    flags = ["eval", "perplexity", "--model", str(recovered), "--text", str(text), "--seq-len", "64", "--stride", "32"]
+    results = {}
+    for extra in ([], ["--no-recovery"]):
+        assert main([*flags, *extra, "--json"]) == 0
+        results[bool(extra)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    bare = perplexity_of_text(afmkit.load(recovered, recovery=False), text.read_text(), seq_len=64, stride=32)
+    applied = perplexity_of_text(afmkit.load(recovered), text.read_text(), seq_len=64, stride=32)
+    assert results[True] == pytest.approx(bare.perplexity, rel=1e-6)
+    assert results[False] == pytest.approx(applied.perplexity, rel=1e-6)
+    assert results[True] != results[False]
+
+
 def test_init_from_recovery_starts_the_task_adapter_from_it(recovered, tmp_path):
     from afmkit.adapters.peft_io import load_adapter
     from afmkit.adapters.train import TrainSettings, train_adapter

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from afmkit.cli_args import dtype_argument, load_model, model_argument
+from afmkit.cli_args import dtype_argument, load_model, model_argument, recovery_argument
 from afmkit.errors import UserError
 from afmkit.eval.graders import API_KEY_ENV, JudgeSettings
 from afmkit.eval.ifeval import IFEvalSettings
@@ -62,7 +62,7 @@ def register(commands: Any) -> None:
 
     ifeval = tasks.add_parser("ifeval", help="IFEval instruction following (prompt/instruction, strict/loose)")
     ifeval.set_defaults(run=cmd_ifeval)
-    model_argument(ifeval)
+    model_argument(ifeval, recovery=True)
     ifeval.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) applied to every prompt")
     ifeval.add_argument("--input", help="IFEval prompts JSONL (default: the 541 IFEval prompts shipped with afmkit)")
     ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
@@ -73,7 +73,7 @@ def register(commands: Any) -> None:
 
     perplexity = tasks.add_parser("perplexity", help="sliding-window token perplexity of a text file")
     perplexity.set_defaults(run=cmd_perplexity)
-    model_argument(perplexity)
+    model_argument(perplexity, recovery=True)
     perplexity.add_argument("--text", required=True, help="a UTF-8 text file")
     perplexity.add_argument("--max-chars", type=int, help="only the first N characters of the file")
     ppl = PerplexitySettings()
@@ -93,6 +93,7 @@ def register(commands: Any) -> None:
     sxs.add_argument("--a", required=True, help="model A: name or path")
     sxs.add_argument("--b", required=True, help="model B: name or path")
     dtype_argument(sxs)
+    recovery_argument(sxs)
     sxs.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     sxs.add_argument("--grader", required=True, choices=["judge", "reward"], help="LLM judge or reward model")
     _judge_arguments(sxs)
@@ -122,7 +123,7 @@ def register(commands: Any) -> None:
 
     safety = tasks.add_parser("safety", help="violation rate on adversarial prompts")
     safety.set_defaults(run=cmd_safety)
-    model_argument(safety)
+    model_argument(safety, recovery=True)
     safety.add_argument(
         "--prompts",
         help="JSONL with 'prompt' (or hh-rlhf 'chosen' transcripts); default: the 2,178 hh-rlhf harmless-base "
@@ -183,7 +184,7 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
         if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter {args.adapter}: not an adapter directory (no adapter_config.json)")
         start = time.perf_counter()
-        model = load_model(args.model, args.dtype, quiet=args.json)
+        model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
         if args.adapter:
             model = apply_adapter(model, args.adapter)
         results, stats = ifeval.generate(
@@ -193,13 +194,20 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             quiet=args.json,
-            run_settings={"model": args.model, "adapter": args.adapter, "dtype": args.dtype},
+            # recovery recorded only when off, so runs from before the flag still resume
+            run_settings={
+                "model": args.model,
+                "adapter": args.adapter,
+                "dtype": args.dtype,
+                **({"recovery": False} if args.no_recovery else {}),
+            },
         )
         responses = {row["key"]: row["response"] for row in results}
         settings = {
             "model": args.model,
             "adapter": args.adapter,
             "dtype": args.dtype or "default",
+            "recovery": not args.no_recovery,
             "decoding": "greedy",
             "chat_template": True,
             "max_new_tokens": args.max_new_tokens,
@@ -237,7 +245,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.text, max_chars=args.max_chars)
     sliding_windows(2, seq_len=args.seq_len, stride=args.stride)  # validate before the slow load
     _positive("--batch-size", args.batch_size)
-    model = load_model(args.model, args.dtype, quiet=args.json)
+    model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
     # Progress goes to stderr, so it shows with --json too (stdout's last line stays the JSON).
     result = perplexity_of_text(
         model, text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, quiet=False
@@ -291,10 +299,12 @@ def cmd_sxs(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for side, name in (("a", args.a), ("b", args.b)):
         settings = {"model": name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
+        if args.no_recovery:  # recorded only when off, so runs from before the flag still resume
+            settings["recovery"] = False
         check_run_settings(out / f"responses_{side}.jsonl", settings)
         if sxs.responses_complete(out, side, prompts):
             continue
-        model = load_model(name, args.dtype, quiet=args.json)
+        model = load_model(name, args.dtype, quiet=args.json, recovery=not args.no_recovery)
         sxs.generate_side(
             model,
             prompts,
@@ -358,7 +368,7 @@ def cmd_safety(args: argparse.Namespace) -> int:
         grader = safety.ClassifierSafetyGrader(load_callable(args.classifier, flag="--classifier"))
     else:
         grader = safety.RefusalHeuristicGrader()
-    model = load_model(args.model, args.dtype, quiet=args.json)
+    model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
     report = safety.run(
         model,
         prompts,

@@ -13,7 +13,7 @@ from afmkit.errors import UserError
 
 def register(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="complete one prompt, streamed")
-    model_argument(generate)
+    model_argument(generate, recovery=True)
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text ('-' reads standard input)")
     prompt.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
@@ -24,7 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="interactive chat, streamed")
-    model_argument(chat)
+    model_argument(chat, recovery=True)
     chat.add_argument("--system", help="system message")
     sampling_arguments(chat)
     chat.set_defaults(run=cmd_chat)
@@ -32,7 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     from afmkit.infer.server import add_serve_arguments
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with LoRA adapters")
-    model_argument(serve)
+    model_argument(serve, recovery=True)
     add_serve_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise UserError("--system needs --chat")
     start = time.perf_counter()
-    model = load_model(args.model, args.dtype, quiet=args.json)
+    model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
     load_s = time.perf_counter() - start
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -93,7 +93,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_from_args(args)
     console = Console(stderr=True)
-    model = load_model(args.model, args.dtype, quiet=False)
+    model = load_model(args.model, args.dtype, quiet=False, recovery=not args.no_recovery)
     interactive = sys.stdin.isatty()
     if interactive:
         console.print(f"[bold]{model.name}[/bold]: type a message; /reset clears the history, /exit or Ctrl-D quits.")

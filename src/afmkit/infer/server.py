@@ -204,7 +204,7 @@ def cmd_serve(args: Any) -> int:
     sock = bind(args.host, args.port)
     console = Console(stderr=True)
     with console.status(f"loading {args.model}"):
-        model = afmkit.load(args.model, dtype=args.dtype, mesh=mesh)
+        model = afmkit.load(args.model, dtype=args.dtype, mesh=mesh, recovery=not args.no_recovery)
     app = create_app(
         model,
         served_name=args.served_name or model.name,
