@@ -5,6 +5,7 @@ with SIGKILL and resumed gives the same adapter as one never interrupted; bad in
 and writes nothing."""
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,7 @@ from afmkit.cli import main
 from afmkit.model.transformer import init_params
 from afmkit.posttrain import verifiable
 from afmkit.posttrain.reward_model import init_reward_heads, save_reward_model
-from afmkit.posttrain.rl import RLSettings, policy_rows, rl
+from afmkit.posttrain.rl import RLSettings, policy_rewards, policy_rows, rl
 from afmkit.posttrain.rollout import chat_prompt_ids, response_token_logprobs
 from afmkit.train.metrics import read_metrics
 from afmkit.train.objectives import ModelView
@@ -179,6 +181,25 @@ def cli_args(model, prompts, out, settings=SMALL, *extra):
         "--train-batch", str(settings.train_batch), "--dev-prompts", str(settings.dev_prompts),
         "--dev-every", str(settings.dev_every), "--seed", str(settings.seed), "--quiet", *extra,
     ]  # fmt: skip
+
+
+def test_unfinished_reward_replaces_the_reward_of_answers_that_did_not_end():
+    samples = [SimpleNamespace(finish_reason=f) for f in ("stop", "length", "loop", "stop")]
+    rewards = np.array([0.5, 1.0, 0.75, 0.0], np.float32)
+    np.testing.assert_array_equal(policy_rewards(samples, rewards, None), rewards)
+    np.testing.assert_array_equal(policy_rewards(samples, rewards, -1.0), [0.5, -1.0, -1.0, 0.0])
+
+
+def test_unfinished_reward_through_the_cli_sets_the_advantages(checkpoint, prompts_file, tmp_path):
+    one = dataclasses.replace(SMALL, iterations=1, dev_every=0)
+    assert main(cli_args(checkpoint, prompts_file, tmp_path / "run", one, "--unfinished-reward", "-1")) == 0
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "iteration-0001.jsonl").open()]
+    want = np.array([s["rewards"]["strict"] if s["finish_reason"] == "stop" else -1.0 for s in samples])
+    np.testing.assert_array_equal([s["policy_reward"] for s in samples], want)
+    pairs = want.reshape(-1, 2)  # K = 2, pi_1 = pi_ref so R = the policy reward
+    loo = np.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], axis=1).reshape(-1)
+    np.testing.assert_allclose([s["advantage"] for s in samples], loo, atol=1e-6)
+    assert json.loads((tmp_path / "run" / "rl.json").read_text())["settings"]["unfinished_reward"] == -1.0
 
 
 @pytest.mark.parametrize(

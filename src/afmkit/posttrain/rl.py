@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -71,6 +72,10 @@ class RLSettings:
     max_new_tokens: int = 256
     temperature: float = 1.0  # 1 and top-p 1: the samples come from pi itself (on-policy)
     top_p: float = 1.0
+    # The reward of a response that did not end on its own (cut at max_new_tokens or as a
+    # loop); None: the scorer's reward of what was written. Runaway answers are the base's main
+    # failure, and the verifier alone often rewards their first paragraph.
+    unfinished_reward: float | None = None
     batch: int = 64  # rollout rows decoded together
     train_batch: int = 4  # rows per microbatch of the update (bounds the logits' memory)
     dev_prompts: int = 32  # dev-split prompts answered greedily
@@ -104,6 +109,8 @@ class RLSettings:
             raise UserError("--dev-prompts and --dev-every must be 0 or more")
         if self.beta < 0 or self.lr <= 0 or self.step_size <= 0 or not 0 < self.clip_epsilon < 1:
             raise UserError("--beta must be >= 0, --lr and --step-size positive, --clip-epsilon in (0, 1)")
+        if self.unfinished_reward is not None and not math.isfinite(self.unfinished_reward):
+            raise UserError(f"--unfinished-reward must be a finite number, got {self.unfinished_reward}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise UserError(
                 f"--temperature must be positive and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
@@ -378,7 +385,8 @@ def rl(
         old_seq = np.where(mask, old, 0.0).sum(axis=1)
         ref_seq = np.where(mask, ref, 0.0).sum(axis=1)
         rewards = np.array([s.rewards[reward_name] for s in samples], np.float32)
-        sequence_rewards = np.asarray(losses.sequence_rewards(rewards, old_seq, ref_seq, settings.beta))
+        shaped = policy_rewards(samples, rewards, settings.unfinished_reward)
+        sequence_rewards = np.asarray(losses.sequence_rewards(shaped, old_seq, ref_seq, settings.beta))
         advantages = np.asarray(losses.leave_one_out_advantages(sequence_rewards.reshape(-1, settings.k))).reshape(-1)
         rows = policy_rows(prompt_ids, response_ids, old, advantages, rows_multiple=settings.train_batch)
         accum = len(rows["tokens"]) // settings.train_batch
@@ -404,11 +412,15 @@ def rl(
         save_policy(state.params)
         write_jsonl(
             out / "samples" / f"iteration-{iteration:04d}.jsonl",
-            [{**s.to_json(), "advantage": float(a)} for s, a in zip(samples, advantages)],
+            [
+                {**s.to_json(), "policy_reward": float(r), "advantage": float(a)}
+                for s, r, a in zip(samples, shaped, advantages)
+            ],
         )
         record = {
             "step": iteration,
             "mean_reward": float(rewards.mean()),
+            "mean_policy_reward": float(shaped.mean()),  # with --unfinished-reward applied
             "mean_sequence_reward": float(sequence_rewards.mean()),
             "kl_to_reference": float(np.mean(old_seq - ref_seq)),  # y ~ pi_k: a sample of KL(pi_k || pi_ref)
             "response_length": float(lengths.mean()),
@@ -475,6 +487,13 @@ def register(recipes: Any) -> None:
     setting_argument(parser, d, "max_new_tokens", "tokens per response")
     setting_argument(parser, d, "temperature", "sampling temperature")
     setting_argument(parser, d, "top_p", "nucleus sampling")
+    parser.add_argument(
+        "--unfinished-reward",
+        type=float,
+        default=d.unfinished_reward,
+        help="reward of a response that did not end on its own (cut at --max-new-tokens or as a loop); "
+        "default: the scorer's reward of what it wrote",
+    )
     setting_argument(parser, d, "batch", "rollout rows decoded together")
     setting_argument(parser, d, "train_batch", "rows per update microbatch")
     setting_argument(parser, d, "dev_prompts", "dev prompts scored greedily")
@@ -487,6 +506,15 @@ def register(recipes: Any) -> None:
         quiet="no per-iteration lines",
     )
     parser.set_defaults(run=cmd_rl)
+
+
+def policy_rewards(samples: list, rewards: np.ndarray, unfinished_reward: float | None) -> np.ndarray:
+    """The reward the policy is trained on: the scorer's, or ``unfinished_reward`` for a sample
+    that did not finish on its own (``finish_reason`` "length" or "loop")."""
+    if unfinished_reward is None:
+        return rewards
+    unfinished = np.array([s.finish_reason != "stop" for s in samples])
+    return np.where(unfinished, np.float32(unfinished_reward), rewards).astype(np.float32)
 
 
 def settings_from_args(args: Any) -> RLSettings:
