@@ -104,7 +104,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="train the accuracy-recovery adapter of a compressed model (distillation from the float model)",
         description="Train a rank-16 LoRA adapter on a compressed model's frozen weights by distillation "
         "(KL to the float teacher's next-token distribution) on generic text, and save it in MODEL/recovery, "
-        "where afmkit.load(MODEL) applies it (docs/compression.md).",
+        "where afmkit.load(MODEL) applies it; --train tables trains the look-up tables instead (or both), "
+        "saved as a new model in --out (docs/compression.md).",
     )
     recover.add_arguments(r)
     r.set_defaults(run=recover.cmd_recover)

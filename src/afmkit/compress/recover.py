@@ -13,6 +13,12 @@ applies ``MODEL_DIR/recovery`` by default (``recovery=False`` leaves it off) and
 train --init-from-recovery`` starts a task adapter from it. Checkpoints, ``metrics.jsonl`` and
 ``loss.png`` go to ``OUT.run/``; ``--resume`` continues from the last checkpoint (the teacher's
 top-k are recomputed: the same rows give the same values).
+
+``--train tables`` trains the look-up tables instead (``PalettizedTables``: every palettized
+matrix's table values and per-row scales, the indices fixed), on the same objective and trainer,
+and writes the model with the trained tables to ``--out`` (a new model directory, never the
+compressed model itself; the bits per weight unchanged); ``--train both`` trains the tables and
+the adapter together and writes that directory with the adapter in ``OUT/recovery``.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,8 +37,12 @@ from afmkit import cli_args
 from afmkit.compress.settings import RecoverSettings
 from afmkit.errors import UserError
 
+if TYPE_CHECKING:
+    from afmkit.adapters.lora import LoraConfig
+
 RECOVERY_DIR = "recovery"  # inside a compressed model's directory: applied when it loads
 RESULTS_FILE = "recovery.json"
+TRAIN_CHOICES = ("lora", "tables", "both")  # what recovery trains: the adapter, the tables, or both
 
 
 def check_settings(settings: RecoverSettings) -> RecoverSettings:
@@ -44,11 +55,141 @@ def check_settings(settings: RecoverSettings) -> RecoverSettings:
         raise UserError(f"--eval-rows must be positive, got {settings.eval_rows}")
     if settings.data is None:
         raise UserError("recovery needs --data: a UTF-8 text file of generic text (never the evaluation text)")
+    if settings.train not in TRAIN_CHOICES:
+        raise UserError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, not {settings.train!r}")
+    if settings.train != "lora" and settings.out is None:
+        raise UserError(
+            f"--train {settings.train} writes a new model directory with the trained tables: give --out DIR "
+            "(the compressed model itself is never overwritten)"
+        )
     return settings
 
 
 def output_dir(model_dir: str | Path, settings: RecoverSettings) -> Path:
     return Path(settings.out) if settings.out else Path(model_dir) / RECOVERY_DIR
+
+
+def _is_palettized_weight(x: Any) -> bool:
+    from afmkit.model.palettized import PalettizedWeight
+
+    return isinstance(x, PalettizedWeight)
+
+
+@dataclasses.dataclass(frozen=True)
+class PalettizedTables:
+    """A trainable subset (as ``train.trainable.LoraWeights``): every palettized matrix's table
+    values and per-row scales, over the frozen compressed base whose indices (and every other
+    weight) stay fixed; with ``lora``, a LoRA adapter trains beside them.
+
+    The trained tree holds offsets from the base, zero at the start like an adapter's ``B``:
+    matrix ``i``'s tables are ``base + offset * m`` (``m``: each group's largest base table
+    magnitude) and its scales ``base * (1 + offset)``, so every trained number is of order one
+    and one learning rate suits tables, scales and adapter alike. The forward pass sees the
+    values rounded to fp16, as they are stored (a straight-through rounding: the gradient is the
+    fp32 one), so the held-out KL after training is the saved model's."""
+
+    # per palettized matrix, in the params' flattening order: (tables shape, scales length or None)
+    shapes: tuple[tuple[tuple[int, int], int | None], ...]
+    lora: LoraConfig | None = None
+
+    @classmethod
+    def of(cls, params: Any, lora: LoraConfig | None = None) -> PalettizedTables:
+        import jax
+
+        weights = [w for w in jax.tree.leaves(params, is_leaf=_is_palettized_weight) if _is_palettized_weight(w)]
+        shapes = tuple((tuple(w.tables.shape), None if w.scales is None else int(w.scales.shape[0])) for w in weights)
+        return cls(shapes=shapes, lora=lora)
+
+    def init(self, config: Any, key: Any) -> Any:
+        import jax.numpy as jnp
+
+        offsets = {}
+        for i, (tables, scales) in enumerate(self.shapes):
+            offsets[str(i)] = {"tables": jnp.zeros(tables, jnp.float32)}
+            if scales is not None:
+                offsets[str(i)]["scales"] = jnp.zeros((scales,), jnp.float32)
+        tree = {"tables": offsets}
+        if self.lora is not None:
+            tree["lora"] = self._lora_subset().init(config, key)
+        return tree
+
+    def abstract(self, config: Any) -> Any:
+        import jax
+
+        return jax.eval_shape(lambda key: self.init(config, key), jax.random.PRNGKey(0))
+
+    def shardings(self, config: Any, mesh: Any) -> Any:
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        replicated = NamedSharding(mesh, PartitionSpec())  # one device (recover's mesh)
+        return jax.tree.map(lambda _: replicated, self.abstract(config))
+
+    def frozen_shardings(self, config: Any, frozen: Any, mesh: Any) -> Any:
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        if frozen is None:
+            raise ValueError("training the tables needs the frozen compressed base")
+        if mesh.size > 1:
+            raise UserError("training palettized tables runs on one device")
+        replicated = NamedSharding(mesh, PartitionSpec())
+        return jax.tree.map(lambda _: replicated, frozen)
+
+    def apply(self, weights: Any, frozen: Any, *, config: Any, compute_dtype: Any) -> tuple[Any, Any]:
+        from afmkit.train.trainable import cast_floats
+
+        base = cast_floats(self.params(weights, frozen), compute_dtype)
+        if self.lora is None:
+            return base, None
+        return base, self._lora_subset().apply(weights["lora"], frozen, config=config, compute_dtype=compute_dtype)[1]
+
+    def params(self, weights: Any, frozen: Any) -> Any:
+        """``frozen`` with the trained tables and scales (fp32 holding fp16-representable values;
+        differentiable with respect to ``weights``)."""
+        import jax
+        import jax.numpy as jnp
+
+        def stored(x: Any) -> Any:  # rounded to fp16 going forward, the identity going back
+            return x + jax.lax.stop_gradient(x.astype(jnp.float16).astype(jnp.float32) - x)
+
+        leaves, treedef = jax.tree.flatten(frozen, is_leaf=_is_palettized_weight)
+        out, i = [], 0
+        for leaf in leaves:
+            if _is_palettized_weight(leaf):
+                offset = weights["tables"][str(i)]
+                tables = leaf.tables.astype(jnp.float32)
+                magnitude = jnp.max(jnp.abs(tables), axis=1, keepdims=True)
+                magnitude = jnp.where(magnitude > 0, magnitude, 1.0)
+                scales = leaf.scales
+                if scales is not None:
+                    scales = stored(scales.astype(jnp.float32) * (1.0 + offset["scales"]))
+                leaf = dataclasses.replace(leaf, tables=stored(tables + offset["tables"] * magnitude), scales=scales)
+                i += 1
+            out.append(leaf)
+        return jax.tree.unflatten(treedef, out)
+
+    def stored_params(self, weights: Any, frozen: Any) -> Any:
+        """The trained model's weights as saved: tables and scales in fp16, host arrays."""
+        import jax
+        import jax.numpy as jnp
+
+        def to_fp16(x: Any) -> Any:
+            if _is_palettized_weight(x):
+                scales = None if x.scales is None else jnp.asarray(x.scales, jnp.float16)
+                return dataclasses.replace(x, tables=jnp.asarray(x.tables, jnp.float16), scales=scales)
+            return x
+
+        trained = self.params(jax.tree.map(jnp.asarray, weights), frozen)
+        return jax.tree.map(to_fp16, trained, is_leaf=_is_palettized_weight)
+
+    def adapter(self, weights: Any, config: Any, *, name: str = "") -> Any:
+        return self._lora_subset().adapter(weights["lora"], config, name=name)
+
+    def _lora_subset(self) -> Any:
+        from afmkit.train.trainable import LoraWeights
+
+        return LoraWeights(self.lora)
 
 
 def check_same_tokenizer(student: Any, teacher: Any, teacher_name: str) -> None:
@@ -114,14 +255,19 @@ def recover(
     teacher: Any = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Train and save the recovery adapter of the compressed model in ``model_dir``; returns the
-    results (also saved as ``recovery.json`` beside the adapter). ``student``/``teacher``:
+    """Train and save the recovery adapter of the compressed model in ``model_dir`` (or, as
+    ``settings.train`` says, its tables, or both, saved as a new model directory ``settings.out``);
+    returns the results (also saved as ``recovery.json`` beside the adapter, or in that directory)
+    and the trained tree (``weights``: the subset's, host arrays). ``student``/``teacher``:
     already loaded models (tests), else loaded from ``model_dir`` (without its recovery adapter)
     and ``settings.teacher`` (float32)."""
     import afmkit
     from afmkit.adapters.lora import LoraConfig
     from afmkit.adapters.peft_io import save_adapter
+    from afmkit.compress.cli import RECIPE_FILE, REPORT_FILE
+    from afmkit.compress.palettize import bits_per_weight
     from afmkit.eval.perplexity import read_text
+    from afmkit.interop import native
     from afmkit.model.palettized import is_palettized
     from afmkit.train.finetune import FinetuneRun, finetune
     from afmkit.train.objectives import Distillation, DistillBatch
@@ -130,6 +276,10 @@ def recover(
     from afmkit.train.trainable import LoraWeights
 
     settings = check_settings(settings)
+    if settings.train != "lora" and Path(settings.out).resolve() == Path(model_dir).resolve():
+        raise UserError(
+            f"--out {settings.out} is the compressed model itself; give a new directory for the trained one"
+        )
     clock = time.perf_counter
     seconds: dict[str, float] = {}
     begin = clock()
@@ -171,7 +321,10 @@ def recover(
 
     out = output_dir(model_dir, settings)
     lora = LoraConfig(rank=settings.rank, alpha=settings.alpha, dtype="float16")
-    subset = LoraWeights(lora)
+    if settings.train == "lora":
+        subset = LoraWeights(lora)
+    else:
+        subset = PalettizedTables.of(student.params, lora=lora if settings.train == "both" else None)
     run = FinetuneRun(
         subset=subset,
         objective=Distillation(),
@@ -208,9 +361,29 @@ def recover(
             "held_out_rows": settings.eval_rows,
         },
         "objective": "KL(teacher || student), teacher top-k + lumped tail, every position",
+        "trained": {
+            "lora": "a LoRA adapter over the frozen compressed model",
+            "tables": "every palettized matrix's look-up tables and per-row scales (indices fixed)",
+            "both": "the palettized look-up tables and scales, and a LoRA adapter",
+        }[settings.train],
     }
+    if settings.train != "lora":
+        results["bits_per_weight"] = bits_per_weight(student.params)  # unchanged: only values move
+
+    def save_model(params: Any, done: int) -> None:
+        """``--train tables|both``: the model with its trained tables (and the adapter)."""
+        results["steps_done"] = done
+        trained_params = subset.stored_params(params, student.params)
+        adapter = subset.adapter(params, student.config, name="recovery") if subset.lora is not None else None
+        native.save_checkpoint(out, student.config, trained_params, student.tokenizer, default_adapter=adapter)
+        for name in (RECIPE_FILE, REPORT_FILE):  # what made the compressed model, as palettize writes them
+            if (Path(model_dir) / name).is_file():
+                shutil.copyfile(Path(model_dir) / name, out / name)
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
 
     def save(params: Any, done: int) -> None:
+        if settings.train != "lora":
+            return save_model(params, done)
         results["steps_done"] = done
         save_adapter(
             out,
@@ -233,7 +406,7 @@ def recover(
     results["seconds_per_step"] = trained["seconds"] / max(1, trained["steps_done"] - trained["start_step"])
     results["seconds"] = {**seconds, "total": sum(seconds.values())}
     save(trained["params"], trained["steps_done"])
-    return results
+    return {**results, "weights": trained["params"]}
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -246,7 +419,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-start", type=int, default=d.data_start, help=f"first character of --data used (default {d.data_start})"
     )
-    p.add_argument("--out", default=d.out, help="adapter directory (default MODEL/recovery, applied when MODEL loads)")
+    p.add_argument(
+        "--train",
+        choices=TRAIN_CHOICES,
+        default=d.train,
+        help="lora: an adapter over the frozen compressed model; tables: the look-up tables and per-row scales "
+        f"(indices fixed), saved as a new model in --out; both: the tables and an adapter (default {d.train})",
+    )
+    p.add_argument(
+        "--out",
+        default=d.out,
+        help="adapter directory (default MODEL/recovery, applied when MODEL loads); with --train tables or both, "
+        "the new model directory (required)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"rows per step (default {d.batch})")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default {d.seq_len})")
@@ -280,7 +465,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     results = recover(args.model, settings, quiet=args.quiet)
     out = output_dir(args.model, settings)
     print(
-        f"{out}: held-out KL to {settings.teacher} {results['held_out_kl_before']:.4f} -> "
+        f"{out}: {settings.train} trained; held-out KL to {settings.teacher} {results['held_out_kl_before']:.4f} -> "
         f"{results['held_out_kl_after']:.4f} nats/token after {results['steps_done']} steps; "
         f"{results['seconds']['total']:.0f} s"
     )

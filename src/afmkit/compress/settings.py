@@ -33,6 +33,9 @@ class RecoverSettings:
     data: str | None = None  # UTF-8 generic text to distil on, never the evaluation text
     data_start: int = 0  # first character of --data used
     out: str | None = None  # the adapter's directory; None: MODEL_DIR/recovery (loaded by default)
+    # What trains: "lora" (an adapter over the frozen compressed model), "tables" (the palettized
+    # look-up tables and scales, written as a new model directory ``out``), or "both".
+    train: str = "lora"
     steps: int = 200
     batch: int = 4  # rows per step
     seq_len: int = 512  # tokens per row
