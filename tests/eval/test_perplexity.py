@@ -141,3 +141,25 @@ def test_smollm2_perplexity_on_tinyshakespeare_matches_transformers(smollm2, smo
     print(json.dumps({"afmkit": ours.to_dict(), "transformers": {"perplexity": theirs, "tokens": theirs_tokens}}))
     assert ours.tokens == theirs_tokens
     assert ours.perplexity == pytest.approx(theirs, rel=0.005)
+
+
+def test_cli_adapter_scores_base_plus_adapter(tiny_model, tmp_path, capsys):
+    import jax
+
+    from afmkit.adapters.lora import LoraConfig, random_adapter
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.cli import main
+
+    model_dir = tiny_model.save(tmp_path / "model")
+    adapter = random_adapter(tiny_model.config, LoraConfig(rank=4), jax.random.PRNGKey(1), b_std=0.05)
+    adapter_dir = save_adapter(tmp_path / "ad", adapter, config=tiny_model.config, params=tiny_model.params)
+    text = tmp_path / "t.txt"
+    text.write_text(packaged_data("tinyshakespeare/input_head.txt").read_text()[:1500])
+    flags = ["eval", "perplexity", "--model", str(model_dir), "--text", str(text), "--seq-len", "64", "--stride", "32"]
+    assert main([*flags, "--adapter", str(adapter_dir), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    want = perplexity_of_text(tiny_model.with_adapter(adapter), text.read_text(), seq_len=64, stride=32, quiet=True)
+    bare = perplexity_of_text(tiny_model, text.read_text(), seq_len=64, stride=32, quiet=True)
+    assert got == pytest.approx(want.perplexity, rel=1e-6) and got != pytest.approx(bare.perplexity, rel=1e-3)
+    assert main([*flags, "--adapter", str(tmp_path)]) == 2  # not an adapter directory: one line
+    assert "not an adapter directory" in capsys.readouterr().err

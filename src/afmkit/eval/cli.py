@@ -63,7 +63,7 @@ def register(commands: Any) -> None:
     ifeval = tasks.add_parser("ifeval", help="IFEval instruction following (prompt/instruction, strict/loose)")
     ifeval.set_defaults(run=cmd_ifeval)
     model_argument(ifeval, recovery=True)
-    ifeval.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) applied to every prompt")
+    _adapter_argument(ifeval)
     ifeval.add_argument("--input", help="IFEval prompts JSONL (default: the 541 IFEval prompts shipped with afmkit)")
     ifeval.add_argument("--responses", help="score ready-made responses (JSONL with 'prompt' and 'response')")
     ifeval.add_argument("--limit", type=int, help="only the first N prompts")
@@ -74,6 +74,7 @@ def register(commands: Any) -> None:
     perplexity = tasks.add_parser("perplexity", help="sliding-window token perplexity of a text file")
     perplexity.set_defaults(run=cmd_perplexity)
     model_argument(perplexity, recovery=True)
+    _adapter_argument(perplexity)
     perplexity.add_argument("--text", required=True, help="a UTF-8 text file")
     perplexity.add_argument("--max-chars", type=int, help="only the first N characters of the file")
     ppl = PerplexitySettings()
@@ -148,6 +149,16 @@ def _positive(name: str, value: int | None) -> None:
         raise UserError(f"{name} must be a positive integer, got {value}")
 
 
+def _adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) applied to every prompt")
+
+
+def _check_adapter_dir(adapter: str | None) -> None:
+    """Before the slow load: ``--adapter`` must be an adapter directory."""
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: not an adapter directory (no adapter_config.json)")
+
+
 def apply_adapter(model: Any, adapter: str) -> Any:
     """The model with the PEFT-format LoRA adapter in directory ``adapter`` (checked against the
     base's fingerprint and shapes) applied to every request, unmerged: it works on packed and
@@ -181,8 +192,7 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise UserError("give --out DIR for the generated responses and the report (or --responses FILE)")
-        if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {args.adapter}: not an adapter directory (no adapter_config.json)")
+        _check_adapter_dir(args.adapter)
         start = time.perf_counter()
         model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
         if args.adapter:
@@ -245,7 +255,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     text = read_text(args.text, max_chars=args.max_chars)
     sliding_windows(2, seq_len=args.seq_len, stride=args.stride)  # validate before the slow load
     _positive("--batch-size", args.batch_size)
+    _check_adapter_dir(args.adapter)
     model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
+    if args.adapter:
+        model = apply_adapter(model, args.adapter)
     # Progress goes to stderr, so it shows with --json too (stdout's last line stays the JSON).
     result = perplexity_of_text(
         model, text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, quiet=False
