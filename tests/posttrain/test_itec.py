@@ -126,6 +126,37 @@ def test_two_rounds_then_resume_never_redoes_a_round(tiny_model, prompts_file, t
     assert calls == []
 
 
+@pytest.mark.slow  # a rollout and one SFT step: ~2 min on 2 shared cores
+def test_the_editor_joins_the_committee(tiny_model, tmp_path):
+    # random text never comes in double quotes; the editor always adds them
+    rows = [
+        {**r, "instruction_id_list": ["startend:quotation", "punctuation:no_comma"], "kwargs": [{}, {}]}
+        for r in prompt_rows()
+    ]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = ItecSettings(
+        samples=2, max_new_tokens=8, temperature=1.0, batch=8, sft_steps=1, lora_rank=2, keep_truncated=True, quiet=True
+    )
+    settings = ItecSettings(**{**settings.__dict__, "edit": True})
+    (row,) = itec(tiny_model, ["base"], prompts_file, tmp_path / "run", settings)
+    round_dir = tmp_path / "run" / "round-01"
+    read = lambda name: [json.loads(line) for line in (round_dir / name).read_text().splitlines()]  # noqa: E731
+    samples, edits, winners = read("samples.jsonl"), read("edits.jsonl"), read("winners.jsonl")
+    by_id = {r["id"]: r for r in rows}
+    # every sample gets a quoted copy, scored by the verifier
+    assert [(e["prompt_id"], e["index"]) for e in edits] == [(s["prompt_id"], s["index"]) for s in samples]
+    for e in edits:
+        assert e["member"] == tiny_model.name + "+edit" and e["text"][0] == e["text"][-1] == '"'
+        assert "," not in e["text"]
+        verdict = verifiable.instruction_rewards([by_id[e["prompt_id"]]], [e["text"]]).strict[0]
+        assert e["rewards"]["strict"] == verdict == 1.0
+    # a prompt's winner is its best candidate, edits included; the table counts the editor's wins
+    assert all(w["reward"] == 1.0 and w["member"].endswith("+edit") for w in winners) and len(winners) == 3
+    assert row["edited_winners"] == 3
+    assert row["mean_reward"] == pytest.approx(np.mean([s["rewards"]["strict"] for s in samples]))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model, tmp_path_factory):
     return tiny_model.save(tmp_path_factory.mktemp("ckpt") / "afm-tiny")

@@ -9,6 +9,9 @@ Each round:
    model's score with ``--reward-model DIR``;
 3. per prompt the best response that finished on its own and is not a loop wins (ties: the
    shorter, then committee order); a winner is kept if its reward exceeds ``--min-reward``;
+   With ``--edit`` the constraint editor is a member too: an edited copy of every finished
+   sample (``posttrain.constraint_edits``: its form rewritten to follow the constraints, its
+   content the model's own) competes under the same reward;
 4. a LoRA adapter is fine-tuned over the base on every winner kept so far (``posttrain.sft``);
 5. the adapter joins the committee, and its greedy answers to the synth-if dev prompts are
    compared with the previous round's model's (IFEval is never used here).
@@ -17,6 +20,7 @@ Layout of ``--out DIR``::
 
     itec.json              the run's settings (``--resume`` must repeat them) and the table so far
     round-NN/samples.jsonl every scored sample of the round
+    round-NN/edits.jsonl   with --edit: the editor's scored copies of them
     round-NN/winners.jsonl the kept winners as chats (``{"messages": [...]}``), SFT's input
     round-NN/adapter/      the round's adapter (PEFT layout) and its SFT run
     round-NN/dev.jsonl     its greedy dev-split responses and rewards
@@ -41,6 +45,7 @@ import numpy as np
 
 from afmkit import cli_args
 from afmkit.errors import UserError
+from afmkit.posttrain.constraint_edits import EDIT_SUFFIX, edited_samples
 from afmkit.posttrain.rollout import (
     Member,
     RolloutSettings,
@@ -68,6 +73,7 @@ class ItecSettings:
     dev_prompts: int = 32  # dev-split prompts for the win rate
     min_reward: float = 0.0  # a winner is kept only with a reward above this
     keep_truncated: bool = False  # responses cut at max_new_tokens may win (off: only finished ones)
+    edit: bool = False  # the constraint editor joins the committee (posttrain.constraint_edits)
     max_new_tokens: int = 512
     temperature: float = 0.8
     top_p: float = 0.95
@@ -260,7 +266,16 @@ def itec(
             )
             write_jsonl(samples_path, [s.to_json() for s in samples])
         by_id = {str(p.get("id", p.get("key"))): p for p in round_prompts}
-        picked = pick_winners(samples, reward, keep_truncated=settings.keep_truncated)
+        candidates = samples
+        if settings.edit:
+            edits_path = directory / "edits.jsonl"
+            if edits_path.is_file():
+                edits = [Sample(**row) for row in _read_jsonl(edits_path)]
+            else:
+                edits = edited_samples(samples, by_id, base.tokenizer, scorers, keep_truncated=settings.keep_truncated)
+                write_jsonl(edits_path, [s.to_json() for s in edits])
+            candidates = samples + edits  # after the samples: on a tie the model's own answer wins
+        picked = pick_winners(candidates, reward, keep_truncated=settings.keep_truncated)
         kept = {pid: s for pid, s in picked.items() if s.rewards[reward] > settings.min_reward}
         for pid, s in kept.items():
             winners[pid] = {
@@ -282,6 +297,7 @@ def itec(
             "loop_share": float(np.mean([s.loop for s in samples])),
             "length_share": float(np.mean([s.finish_reason == "length" for s in samples])),
             "winners_kept": len(kept),
+            "edited_winners": sum(s.member.endswith(EDIT_SUFFIX) for s in kept.values()),
             "sft_conversations": len(winners),
             "rollout_tokens_per_second": stats.get("tokens_per_second"),
         }
@@ -388,6 +404,12 @@ def register(recipes: Any) -> None:
         d,
         "keep_truncated",
         "responses cut at --max-new-tokens may win (default: only responses that finished on their own)",
+    )
+    setting_argument(
+        parser,
+        d,
+        "edit",
+        "the constraint editor joins the committee: rewritten copies of finished samples compete (docs/posttraining.md)",
     )
     setting_argument(parser, d, "max_new_tokens", "tokens per response")
     setting_argument(parser, d, "temperature", "sampling temperature")

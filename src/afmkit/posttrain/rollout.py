@@ -209,14 +209,18 @@ def rollout(
                 )
     seconds = time.perf_counter() - started
     samples = [out[(i, m.name, k)] for i in range(len(prompts)) for m in members for k in range(settings.samples)]
-    by_id = dict(zip(ids, prompts))
-    for scorer in scorers:
-        for name, values in scorer([by_id[s.prompt_id] for s in samples], [s.text for s in samples]).items():
-            for s, v in zip(samples, np.asarray(values).reshape(-1)):
-                s.rewards[name] = float(v)
+    score_samples(samples, dict(zip(ids, prompts)), scorers)
     if stats is not None:
         stats.update(tokens=generated, seconds=seconds, tokens_per_second=generated / max(seconds, 1e-9))
     return samples
+
+
+def score_samples(samples: Sequence[Sample], prompts: dict[str, dict[str, Any]], scorers: Sequence[Scorer]) -> None:
+    """Fill each sample's ``rewards`` from every scorer (``prompts``: rows by prompt id)."""
+    for scorer in scorers:
+        for name, values in scorer([prompts[s.prompt_id] for s in samples], [s.text for s in samples]).items():
+            for s, v in zip(samples, np.asarray(values).reshape(-1)):
+                s.rewards[name] = float(v)
 
 
 # -- teacher-forced log-probs ------------------------------------------------------------------
