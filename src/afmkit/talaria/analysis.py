@@ -9,9 +9,10 @@ again) and the final norm.
 **Measured time** comes from micro-benchmarks of the functions the model runs
 (``model.transformer.linear`` on a float or ``PalettizedWeight`` matrix, ``attention`` with a KV
 cache, ``rms_norm``, ``embed_lookup``, ``output_logits`` on the 8/4-bit packed embedding), each
-jitted, warmed up, timed ``repeats`` times and the median kept, less the median time of a trivial
-jitted call on the same input (the dispatch cost a single compiled decode step does not pay per
-op). Matrices of one shape share a benchmark, per width. The attention core is ``attention``'s
+timed as its marginal cost inside a compiled program (``marginal_seconds``: chains of 2 and 10
+calls, each timed ``repeats`` times, the difference of the medians per extra call), so what a
+call costs once (dispatch, argument handling), which a single compiled decode step does not pay
+per op, cancels. Matrices of one shape share a benchmark, per width. The attention core is ``attention``'s
 time less its four float projections (it has no entry point of its own). Decode feeds one token
 with ``context`` cached; prefill feeds ``context`` tokens and is reported per token.
 
@@ -21,6 +22,7 @@ CPU and the sensitivity analysis it used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -46,7 +48,7 @@ from afmkit.runtime import cache_dir
 from afmkit.talaria.settings import TalariaSettings
 
 FORMAT = "afmkit-talaria-analysis"
-VERSION = 1
+VERSION = 2
 _DEFAULTS = TalariaSettings()
 EMBED_BITS = (4, 8)
 FP32 = 4  # bytes
@@ -81,12 +83,33 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-_plus_one = jax.jit(lambda x: x + 1)
+CHAIN = (2, 10)  # op counts of the two chains whose time difference is an op's marginal time
 
 
-def dispatch_seconds(x: jax.Array, repeats: int) -> float:
-    """What a trivial jitted call on ``x`` costs: subtracted from every op's time."""
-    return median_seconds(_plus_one, x, repeats=repeats)
+def marginal_seconds(op: Callable[..., Any], x: jax.Array, *rest: Any, repeats: int) -> float:
+    """Seconds one more ``op(x, *rest)`` adds inside a compiled program.
+
+    Two programs apply ``op`` ``CHAIN[0]`` and ``CHAIN[1]`` times in a row, each input depending
+    on the previous output through a zero passed at run time (so no call is merged or skipped);
+    the difference of their medians over the difference of the counts cancels what a call costs
+    once (dispatch, argument handling, waking threads), which a model's single compiled decode
+    step does not pay per op. Subtracting a trivial call's time instead left 36-65% too much on
+    SmolLM2's decode (docs/talaria.md).
+    """
+    zero = jnp.zeros((), jnp.float32)
+
+    def chain(n: int) -> Callable[..., Any]:
+        def run(x, zero, *rest):
+            for _ in range(n):
+                x = x + (jnp.sum(op(x, *rest)) * zero).astype(x.dtype)
+            return x
+
+        return jax.jit(run)
+
+    short, long = CHAIN
+    seconds = median_seconds(chain(long), x, zero, *rest, repeats=repeats)
+    seconds -= median_seconds(chain(short), x, zero, *rest, repeats=repeats)
+    return seconds / (long - short)
 
 
 def probe_cpu(repeats: int = 5) -> dict[str, Any]:
@@ -281,8 +304,6 @@ def benchmark_ops(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Seconds per token of each benchmark key (``operations``' ``bench``), per format, for
     decode and prefill: ``{"decode": {key: {fmt: s}}, "prefill": ...}``."""
-    from afmkit.model.transformer import embed_lookup, linear, output_logits, rms_norm
-
     rng = np.random.default_rng(0)
     layer = params["layers"][0]
     d = config.d_model
@@ -306,15 +327,13 @@ def benchmark_ops(
                     )
                     in_shape = (1, tokens, *(w.shape[a] for a in INPUT_AXES[kind]))
                     x = jnp.asarray(rng.standard_normal(in_shape), jnp.float32)
-                    fn = jax.jit(lambda x, w, spec=SPECS[kind]: linear(spec, x, w))
-                    seconds = median_seconds(fn, x, weight, repeats=repeats) - dispatch_seconds(x, repeats)
+                    op = functools.partial(_linear, SPECS[kind])
+                    seconds = marginal_seconds(op, x, weight, repeats=repeats)
                     key = bench_key(kind, w.shape)
                 elif kind == "norm":
                     x = jnp.asarray(rng.standard_normal((1, tokens, d)), jnp.float32)
-                    fn = jax.jit(lambda x, s: rms_norm(x, s, config.norm_eps))
-                    seconds = median_seconds(
-                        fn, x, jnp.asarray(layer["attn_norm"], jnp.float32), repeats=repeats
-                    ) - dispatch_seconds(x, repeats)
+                    scale = jnp.asarray(layer["attn_norm"], jnp.float32)
+                    seconds = marginal_seconds(_norm(config.norm_eps), x, scale, repeats=repeats)
                     key = "norm"
                 elif kind == "attention":
                     seconds = _attention_seconds(
@@ -323,21 +342,39 @@ def benchmark_ops(
                     key = "attention"
                 elif kind == "embed":
                     ids = jnp.asarray(rng.integers(0, config.vocab_size, (1, tokens)), jnp.int32)
-                    fn = jax.jit(embed_lookup)
-                    seconds = median_seconds(fn, packed_embed[fmt], ids, repeats=repeats) - dispatch_seconds(
-                        ids, repeats
-                    )
+                    seconds = marginal_seconds(_embed, ids, packed_embed[fmt], repeats=repeats)
                     key = "embed"
                 else:
                     hidden = jnp.asarray(rng.standard_normal((1, tokens, d)), jnp.float32)
-                    fn = jax.jit(lambda p, h: output_logits(p, h))
-                    seconds = median_seconds(
-                        fn, {"embed": packed_embed[fmt]}, hidden, repeats=repeats
-                    ) - dispatch_seconds(hidden, repeats)
+                    seconds = marginal_seconds(_head, hidden, packed_embed[fmt], repeats=repeats)
                     key = "head"
                 out[mode].setdefault(key, {})[fmt] = max(seconds, 0.0) / tokens
                 progress.advance(1)
     return out
+
+
+def _linear(spec: str, x: jax.Array, w: Any) -> jax.Array:
+    from afmkit.model.transformer import linear
+
+    return linear(spec, x, w)
+
+
+def _norm(eps: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    from afmkit.model.transformer import rms_norm
+
+    return lambda x, scale: rms_norm(x, scale, eps)
+
+
+def _embed(ids: jax.Array, table: Any) -> jax.Array:
+    from afmkit.model.transformer import embed_lookup
+
+    return embed_lookup(table, ids)
+
+
+def _head(hidden: jax.Array, table: Any) -> jax.Array:
+    from afmkit.model.transformer import output_logits
+
+    return output_logits({"embed": table}, hidden)
 
 
 def _attention_seconds(config, layer, mode, tokens, context, positions, repeats, rng, measured) -> float:
@@ -349,12 +386,22 @@ def _attention_seconds(config, layer, mode, tokens, context, positions, repeats,
     x = jnp.asarray(rng.standard_normal((1, tokens, config.d_model)), jnp.float32)
     if mode == "decode":
         cache = KVCache.zeros(config, batch=1, capacity=context).layers()[0]
-        fn = jax.jit(lambda lay, x, pos, c: attention(lay, x, pos, c, config=config, attend_len=context)[0])
-        args = (float_layer, x, positions, cache)
+        total = marginal_seconds(
+            lambda x, lay, pos, c: attention(lay, x, pos, c, config=config, attend_len=context)[0],
+            x,
+            float_layer,
+            positions,
+            cache,
+            repeats=repeats,
+        )
     else:
-        fn = jax.jit(lambda lay, x, pos: attention(lay, x, pos, None, config=config, attend_len=0)[0])
-        args = (float_layer, x, positions)
-    total = median_seconds(fn, *args, repeats=repeats) - dispatch_seconds(x, repeats)
+        total = marginal_seconds(
+            lambda x, lay, pos: attention(lay, x, pos, None, config=config, attend_len=0)[0],
+            x,
+            float_layer,
+            positions,
+            repeats=repeats,
+        )
     projections = sum(
         measured[bench_key(kind, np.shape(layer[kind]))]["float"] * tokens for kind in ("wq", "wk", "wv", "wo")
     )
