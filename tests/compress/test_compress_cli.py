@@ -36,9 +36,7 @@ def float_model(smollm2, tmp_path_factory):
     return directory
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AFMKIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/compress/conftest.py
 
 
 def run(*argv):

@@ -13,39 +13,12 @@ import pytest
 
 import afmkit
 from afmkit.cli import EXIT_USER_ERROR, main
-from afmkit.compress.palettize import palettize_params
 from afmkit.compress.recover import RECOVERY_DIR, RESULTS_FILE
-from afmkit.config import get_size
 from afmkit.eval.perplexity import perplexity_of_text
-from afmkit.files import packaged_data
 from afmkit.interop import native
 from afmkit.model.transformer import init_params
 
-CONFIG = dataclasses.replace(
-    get_size("afm-tiny"), name="afm-micro", d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128
-)
-TEXT = packaged_data("tinyshakespeare/input_head.txt")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AFMKIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def models(smollm2, tmp_path_factory):
-    """A float micro model (the teacher) and its 2-bit palettized copy (the student)."""
-    root = tmp_path_factory.mktemp("recover")
-    params = init_params(CONFIG, jax.random.PRNGKey(3))
-    native.save_checkpoint(root / "float", CONFIG, params, smollm2.tokenizer)
-    compressed = palettize_params(jax.tree.map(np.asarray, params), 2)
-    native.save_checkpoint(root / "small", CONFIG, compressed, smollm2.tokenizer)
-    text = TEXT.read_text()
-    # Distil on the first 60% of the file; measure on the rest, which recovery never reads.
-    cut = int(len(text) * 0.6)
-    (root / "train.txt").write_text(text[:cut])
-    (root / "held_out.txt").write_text(text[cut:])
-    return root
+pytestmark = pytest.mark.usefixtures("private_cache")  # fixtures: tests/compress/conftest.py
 
 
 def recover(*argv) -> int:
@@ -158,7 +131,7 @@ def test_refusals_are_one_line(models, tmp_path, capsys):
 
     from afmkit.data.tokenizer import Tokenizer
 
-    other_config = dataclasses.replace(CONFIG, vocab_size=64)
+    other_config = dataclasses.replace(afmkit.load(models / "float").config, vocab_size=64)
     vocab = {f"w{i}": i for i in range(64)}
     other = Tokenizer(Backend(WordLevel(vocab, unk_token="w0")), eos_token="w1")
     native.save_checkpoint(tmp_path / "other", other_config, init_params(other_config, jax.random.PRNGKey(0)), other)

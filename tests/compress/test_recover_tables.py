@@ -11,37 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_recover import CONFIG, TEXT, full_kl
+from test_recover import full_kl
 
 import afmkit
 from afmkit.cli import EXIT_USER_ERROR, main
-from afmkit.compress.palettize import bits_per_weight, palettize_params
+from afmkit.compress.palettize import bits_per_weight
 from afmkit.compress.recover import RECOVERY_DIR, RESULTS_FILE, PalettizedTables, recover
 from afmkit.compress.settings import RecoverSettings
-from afmkit.interop import native
 from afmkit.lm import LanguageModel
 from afmkit.model.palettized import PalettizedWeight, from_codes, palettized_matmul
-from afmkit.model.transformer import init_params
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AFMKIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def models(smollm2, tmp_path_factory):
-    """A float micro model (the teacher) and its 2-bit palettized copy (the student)."""
-    root = tmp_path_factory.mktemp("recover_tables")
-    params = init_params(CONFIG, jax.random.PRNGKey(3))
-    native.save_checkpoint(root / "float", CONFIG, params, smollm2.tokenizer)
-    compressed = palettize_params(jax.tree.map(np.asarray, params), 2)
-    native.save_checkpoint(root / "small", CONFIG, compressed, smollm2.tokenizer)
-    text = TEXT.read_text()
-    cut = int(len(text) * 0.6)  # distil on the first 60%, measure on the rest
-    (root / "train.txt").write_text(text[:cut])
-    (root / "held_out.txt").write_text(text[cut:])
-    return root
+pytestmark = pytest.mark.usefixtures("private_cache")  # fixtures: tests/compress/conftest.py
 
 
 def settings(models, **changes) -> RecoverSettings:
