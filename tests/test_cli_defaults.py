@@ -27,6 +27,7 @@ from afmkit.infer.api.state import ServerLimits
 from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
+from afmkit.posttrain.edit_data import EditDataSettings
 from afmkit.posttrain.itec import ItecSettings
 from afmkit.posttrain.reward import RewardSettings
 from afmkit.posttrain.rl import RLSettings
@@ -69,6 +70,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "sxs-ui"): (Source(SxsUiSettings),),
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
     ("posttrain", "itec"): (Source(ItecSettings),),
+    ("posttrain", "edit-data"): (Source(EditDataSettings),),
     ("posttrain", "reward"): (Source(RewardSettings),),
     ("posttrain", "rl"): (Source(RLSettings),),
     ("posttrain", "sft"): (Source(SFTSettings),),

@@ -105,13 +105,13 @@ def test_rows_are_ifeval_rows_whose_constraints_are_the_librarys_and_never_confl
     conflicts = conflict_make(copy.deepcopy(INSTRUCTION_CONFLICTS))
     for row in rows:
         ids = row["instruction_id_list"]
-        assert set(row) == {"id", "key", "prompt", "instruction_id_list", "kwargs", "task_source", "split"}
+        assert set(row) == {"id", "key", "prompt", "instruction_id_list", "kwargs", "task_source", "task", "split"}
         assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids) and set(ids) <= set(INSTRUCTION_DICT)
         assert not any(b in conflicts[a] for a in ids for b in ids if a != b), ids
         # The prompt says what the verifier will check: the library rebuilds every sentence from the kwargs.
         for description in rebuilt_descriptions(row):
             assert description in row["prompt"]
-        assert any(row["prompt"].startswith(task + "\n") for task in CLEAN_TASKS)
+        assert row["task"] in CLEAN_TASKS and row["prompt"].startswith(row["task"] + "\n")
         # No draw no response could satisfy: paragraph n+1 of n, fewer than 1 sentence, a word both
         # required and forbidden.
         kw = dict(zip(ids, row["kwargs"]))

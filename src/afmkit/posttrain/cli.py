@@ -14,13 +14,16 @@ RECIPES: tuple[str, ...] = (
     "afmkit.posttrain.sft",
     "afmkit.posttrain.synth_if",
     "afmkit.posttrain.itec",
+    "afmkit.posttrain.edit_data",
     "afmkit.posttrain.reward",
     "afmkit.posttrain.rl",
 )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    posttrain = commands.add_parser("posttrain", help="post-training recipes: sft, synth-if, reward, itec, rl")
+    posttrain = commands.add_parser(
+        "posttrain", help="post-training recipes: sft, synth-if, itec, edit-data, reward, rl"
+    )
     recipes = posttrain.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     for module in RECIPES:
         importlib.import_module(module).register(recipes)

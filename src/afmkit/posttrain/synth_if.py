@@ -10,7 +10,7 @@ dialogues (training data in ``../shared/data``, read at run time, never shipped)
 
 Rows carry IFEval's field names (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``), so
 ``afmkit.eval.ifeval`` reads and scores them, plus ``id`` (the same value as ``key``),
-``task_source`` and ``split`` (``train`` or ``dev``: a held-out part for choosing checkpoints;
+``task_source``, ``task`` (the task's text alone, which ``posttrain edit-data`` answers) and ``split`` (``train`` or ``dev``: a held-out part for choosing checkpoints;
 IFEval itself is only for the final measurement). Dev prompts use tasks no train prompt uses.
 
 Decontamination uses the curation rule (``afmkit.data.curation.decontaminate``: a 13-gram shared
@@ -388,6 +388,7 @@ def build_prompts(
                     "instruction_id_list": ids,
                     "kwargs": kwargs,
                     "task_source": task.source,
+                    "task": task.text,
                     "split": split,
                 }
             )

@@ -1,0 +1,91 @@
+"""``afmkit posttrain edit-data``: one answer per bare train task, rewritten for every train prompt
+of that task, kept only when the verifier passes it; answers are saved and reused; dev prompts
+are never used; files without the ``task`` field are refused in one line."""
+
+import json
+
+import pytest
+
+from afmkit.cli import EXIT_USER_ERROR, main
+from afmkit.posttrain import edit_data as edit_data_module
+from afmkit.posttrain import verifiable
+from afmkit.posttrain.edit_data import EditDataSettings, edit_data, rewrite_for_prompts
+
+ANSWER = "Yeast eats sugar, which makes gas. The gas lifts the dough. Heat sets it."
+
+
+def prompt(i, task_source, instruction, kwargs=None, split="train"):
+    task = f"Question {task_source}?"
+    return {
+        "id": f"p-{i}",
+        "key": f"p-{i}",
+        "prompt": f"{task}\n\nAn instruction.",
+        "instruction_id_list": [instruction],
+        "kwargs": [kwargs or {}],
+        "task_source": task_source,
+        "task": task,
+        "split": split,
+    }
+
+
+ROWS = [
+    prompt(0, "t1", "change_case:english_lowercase"),
+    prompt(1, "t1", "startend:quotation"),
+    prompt(2, "t1", "language:response_language", {"language": "fr"}),  # no rewrite: not kept
+    prompt(3, "t2", "punctuation:no_comma"),
+    prompt(4, "t3", "detectable_format:title"),  # a task beyond --tasks 2: not answered
+    prompt(5, "t9", "startend:quotation", split="dev"),
+]
+
+
+def test_answers_are_rewritten_for_every_prompt_of_their_task():
+    chats, report = rewrite_for_prompts(ROWS[:5], {"t1": ANSWER, "t2": ANSWER}, min_reward=1.0)
+    assert [c["prompt_id"] for c in chats] == ["p-0", "p-1", "p-3"]
+    by_id = {r["id"]: r for r in ROWS}
+    for c in chats:
+        user, assistant = c["messages"]
+        assert user == {"role": "user", "content": by_id[c["prompt_id"]]["prompt"]}
+        assert verifiable.instruction_rewards([by_id[c["prompt_id"]]], [assistant["content"]]).strict[0] == 1.0
+    assert chats[0]["messages"][1]["content"] == ANSWER.lower()
+    assert report["prompts_of_those_tasks"] == 4 and report["kept"] == 3
+    assert report["families"]["language:response_language"] == {"prompts": 1, "kept": 0}
+
+
+def test_the_run_answers_train_tasks_once_and_reuses_the_answers(tiny_model, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    asked = []
+
+    def answer(model, tasks, settings):
+        asked.append(dict(tasks))
+        return {source: ANSWER for source in tasks}
+
+    monkeypatch.setattr(edit_data_module, "answer_tasks", answer)
+    out = tmp_path / "chats.jsonl"
+    report = edit_data(tiny_model, prompts, out, EditDataSettings(tasks=2, quiet=True))
+    assert asked == [{"t1": "Question t1?", "t2": "Question t2?"}]  # train tasks in file order, bare
+    assert [json.loads(line)["prompt_id"] for line in out.read_text().splitlines()] == ["p-0", "p-1", "p-3"]
+    assert report["kept"] == 3 and json.loads((tmp_path / "chats.report.json").read_text())["kept"] == 3
+    # a second run with more tasks answers only the new one
+    edit_data(tiny_model, prompts, out, EditDataSettings(tasks=3, quiet=True))
+    assert asked[1] == {"t3": "Question t3?"}
+    assert "p-4" in out.read_text() and "p-5" not in out.read_text()  # never a dev prompt
+
+
+@pytest.mark.slow  # a real rollout of the tiny model
+def test_a_real_rollout_feeds_the_rewrites(tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    settings = EditDataSettings(tasks=2, max_new_tokens=8, temperature=1.0, batch=4, min_reward=0.5, quiet=True)
+    answers = edit_data_module.answer_tasks(tiny_model, {"t1": "Question t1?", "t2": "Question t2?"}, settings)
+    assert set(answers) <= {"t1", "t2"}  # the random tiny model may run to the limit
+
+
+def test_a_file_without_tasks_is_refused_in_one_line(tmp_path, capsys):
+    prompts = tmp_path / "old.jsonl"
+    prompts.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "task"}) + "\n" for r in ROWS))
+    argv = ["posttrain", "edit-data", "--prompts", str(prompts), "--out", str(tmp_path / "c.jsonl"), "--quiet"]
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "no 'task' field" in err and "synth-if" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c.jsonl").exists()
