@@ -6,7 +6,7 @@ answer in quotes. A synth-if file asks each task many times under different cons
 one answer to the bare task can be rewritten for every prompt of that task:
 
 1. the model answers the bare task of each of the first ``--tasks`` train tasks (the ``task``
-   field of the prompts file, in file order), once, through the one engine (``rollout``);
+   field of the prompts file, in file order), once, sampled, through the one engine (``rollout``);
    answers that run to the limit or loop are dropped;
 2. for every train prompt of those tasks, the answer is rewritten for the prompt's constraints
    (``constraint_edits.edit_response``) and scored by the verifier; rewrites scoring at least
@@ -38,7 +38,9 @@ class EditDataSettings:
     tasks: int = 500  # train tasks answered (each answer serves every prompt of its task)
     min_reward: float = 1.0  # keep rewrites whose strict reward is at least this
     max_new_tokens: int = 384
-    temperature: float = 0.0  # greedy: the answer the model gives
+    # sampled as iTeC samples: greedy answers loop (SmolLM2: 103 of 200 greedy answers finished)
+    temperature: float = 0.8
+    top_p: float = 0.95
     batch: int = 64
     seed: int = 0
     quiet: bool = False
@@ -125,7 +127,7 @@ def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) 
         samples=1,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
-        top_p=1.0,
+        top_p=settings.top_p,
         seed=settings.seed,
         batch=settings.batch,
     )
@@ -179,6 +181,7 @@ def register(recipes: Any) -> None:
     setting_argument(parser, d, "min_reward", "keep rewrites with at least this strict reward")
     setting_argument(parser, d, "max_new_tokens", "tokens per answer")
     setting_argument(parser, d, "temperature", "sampling temperature of the answers (0: greedy)")
+    setting_argument(parser, d, "top_p", "nucleus sampling")
     setting_argument(parser, d, "batch", "rows decoded together")
     setting_argument(parser, d, "seed", "sampling seed")
     setting_argument(parser, d, "quiet", "no progress output")
