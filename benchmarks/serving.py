@@ -303,8 +303,11 @@ async def conversations_at_once(url: str, bodies: list[dict]) -> dict:
 def int8_accuracy(model, tokenizer, conversations: list[list[int]], max_tokens: int) -> dict:
     """Greedy agreement of int8 KV with fp32 KV (both paged), and the logit error of a decode step
     that reads ~1k quantized positions (max |difference| over the vocabulary, per row)."""
-    fp32 = Engine(model.config, model.params, tokenizer, eos_ids=tokenizer.stop_ids, kv=KVSettings())
-    int8 = Engine(model.config, model.params, tokenizer, eos_ids=tokenizer.stop_ids, kv=KVSettings(dtype="int8"))
+    # both paged: the engine's default layout became contiguous, and int8 KV exists only paged
+    fp32 = Engine(model.config, model.params, tokenizer, eos_ids=tokenizer.stop_ids, kv=KVSettings(layout="paged"))
+    int8 = Engine(
+        model.config, model.params, tokenizer, eos_ids=tokenizer.stop_ids, kv=KVSettings(layout="paged", dtype="int8")
+    )
     sampling = SamplingParams(max_new_tokens=max_tokens)
     want = [c.tokens for c in fp32.generate(conversations, sampling)]
     got = [c.tokens for c in int8.generate(conversations, sampling)]
