@@ -22,7 +22,6 @@ Only train prompts are used; the dev split and IFEval are never read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -137,6 +136,7 @@ def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) 
 
 def edit_data(model: Any, prompts_path: str | Path, out: str | Path, settings: EditDataSettings) -> dict[str, Any]:
     """Steps 1-2 of the module docstring; writes ``out``, its answers and report; returns the report."""
+    from afmkit.eval.jsonl import read_jsonl
     from afmkit.posttrain.synth_if import read_prompts
     from afmkit.train.run_directory import write_json, write_jsonl
 
@@ -147,7 +147,7 @@ def edit_data(model: Any, prompts_path: str | Path, out: str | Path, settings: E
     saved = answers_path(out)
     answers = {}
     if saved.is_file():
-        answers = {r["task_source"]: r["answer"] for r in map(json.loads, saved.read_text().splitlines()) if r}
+        answers = {r["task_source"]: r["answer"] for r in read_jsonl(saved, what="saved answers file")}
     missing = {s: t for s, t in tasks.items() if s not in answers}
     if missing:
         answers.update(answer_tasks(model, missing, settings))
