@@ -28,7 +28,13 @@ from pathlib import Path
 import afmkit
 from afmkit.posttrain import verifiable
 from afmkit.posttrain.rl import RLSettings, rl
-from afmkit.posttrain.synth_if import read_prompts
+from afmkit.posttrain.synth_if import (
+    SynthIFSettings,
+    benchmark_decontaminators,
+    build_prompts,
+    load_tasks,
+    read_prompts,
+)
 
 
 def ours(args, dtype, prompts_file, work):
@@ -130,10 +136,20 @@ def trl_side(args, rows, work):
     }
 
 
+def synth_if_rows(n: int) -> list[dict]:
+    tasks, _ = load_tasks(list(SynthIFSettings.tasks))
+    rows, _ = build_prompts(tasks, n, seed=0, decontaminators=benchmark_decontaminators())
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", default="/work/data/synth_if/prompts.jsonl")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="a synth-if prompts file (default: made here from the shipped task pools, seed 0)",
+    )
     parser.add_argument("--n-prompts", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -144,11 +160,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
 
-    # Both sides see the same 2 x n prompts: iteration 1 (warm-up) and iteration 2 (timed).
-    rows = read_prompts(args.prompts, split="train")[: 2 * args.n_prompts]
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as work:
+        all_rows = read_prompts(args.prompts) if args.prompts else synth_if_rows(4 * args.n_prompts + 20)
+        # Both sides see the same 2 x n prompts: iteration 1 (warm-up) and iteration 2 (timed).
+        rows = [r for r in all_rows if r["split"] == "train"][: 2 * args.n_prompts]
+        dev = [r for r in all_rows if r["split"] == "dev"][:1]
         prompts_file = Path(work) / "prompts.jsonl"
-        dev = read_prompts(args.prompts, split="dev")[:1]
         prompts_file.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *dev]))
         result = {
             "benchmark": "one RLOO iteration: afmkit posttrain rl vs TRL RLOOTrainer",
