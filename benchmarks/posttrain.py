@@ -80,7 +80,7 @@ def trl_side(args, rows, work):
     from afmkit.interop.export import export_model
 
     hf_dir = Path(work) / "hf"
-    export_model(afmkit.load(args.model, dtype="float32"), hf_dir, fmt="safetensors", dtype="float32")
+    export_model(afmkit.load(args.model, dtype="float32"), hf_dir, fmt="safetensors", dtype="f32")
     by_prompt = {r["prompt"]: r for r in rows}
 
     def reward(prompts, completions, **kwargs):
@@ -156,7 +156,9 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--train-batch", type=int, default=4, help="completions per microbatch")
-    parser.add_argument("--dtypes", default="float32,int4", help="afmkit's weights, comma-separated")
+    parser.add_argument(
+        "--dtypes", default="float32,int4", help="afmkit's weights, comma-separated ('': TRL's side only)"
+    )
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
 
@@ -173,7 +175,10 @@ def main() -> None:
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()},
         }
         print("afmkit ...", file=sys.stderr, flush=True)
-        result["afmkit"] = [ours(args, dtype, prompts_file, work) for dtype in args.dtypes.split(",")]
+        result["afmkit"] = []
+        for dtype in [d for d in args.dtypes.split(",") if d]:
+            result["afmkit"].append(ours(args, dtype, prompts_file, work))
+            print(json.dumps(result["afmkit"][-1]), file=sys.stderr, flush=True)  # kept if TRL fails
         print("TRL ...", file=sys.stderr, flush=True)
         result["trl"] = trl_side(args, rows, work)
         import trl
