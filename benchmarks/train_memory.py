@@ -35,9 +35,12 @@ def main() -> None:
     parser.add_argument("--layers", default="2,4,0", help="layer counts to compile (0: the size's own)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    counts = [int(x) for x in args.layers.split(",")]
+    if len(counts) < 2:
+        parser.error("--layers needs at least two layer counts (the per-layer figure is their difference)")
 
     rows = []
-    for layers in [int(x) for x in args.layers.split(",")]:
+    for layers in counts:
         config = get_size(args.size)
         config = dataclasses.replace(config, n_layers=layers or config.n_layers)
         rows.append(measure(config, args))
