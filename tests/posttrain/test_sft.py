@@ -103,6 +103,21 @@ def test_lora_sft_lowers_the_loss_and_saves_a_peft_adapter(checkpoint, chats, tm
     assert adapter.config.rank == 4
 
 
+def test_init_adapter_continues_that_adapter(checkpoint, chats, tmp_path, capsys):
+    """A second run with ``--init-adapter`` starts where the first ended: its held-out loss
+    before training is the first run's after (up to the fp16 storage of the saved adapter:
+    relative rounding 2^-11 per weight, a loss change far below 1%), and it keeps the first
+    adapter's rank whatever --lora-rank says."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_sft(checkpoint, chats, first, "--lora-rank", "4", "--steps", "15", "--lr", "5e-3") == 0
+    ended = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["held_out_loss_end"]
+    assert run_sft(checkpoint, chats, second, "--init-adapter", str(first), "--steps", "1", "--lr", "1e-6") == 0
+    started = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["held_out_loss_start"]
+    np.testing.assert_allclose(started, ended, rtol=1e-2)
+    base = afmkit.load(checkpoint)
+    assert load_adapter(second, config=base.config, params=base.params).config.rank == 4
+
+
 @pytest.mark.slow  # ~1 minute on 2 shared cores
 def test_full_sft_saves_a_model_that_loads(checkpoint, chats, tmp_path, capsys):
     out = tmp_path / "full"
@@ -141,6 +156,7 @@ def test_an_interrupted_run_resumes_exactly_with_dropout(checkpoint, chats, tmp_
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', [], "no assistant message"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', ["--lora-rank", "0"], "--lora-rank must be at least 1"),
         ('{"messages": []}\n', ["--dropout", "1.5"], "--dropout must lie in"),
+        ('{"messages": []}\n', ["--full", "--init-adapter", "a"], "--init-adapter continues a LoRA adapter"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, flags, message):

@@ -15,6 +15,7 @@ RECIPES: tuple[str, ...] = (
     "afmkit.posttrain.synth_if",
     "afmkit.posttrain.itec",
     "afmkit.posttrain.edit_data",
+    "afmkit.posttrain.loop_cut",
     "afmkit.posttrain.reward",
     "afmkit.posttrain.rl",
 )

@@ -209,16 +209,6 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, *, title: str) ->
 
 
 # -- the run -------------------------------------------------------------------------------------
-def load_init_adapter(base: Any, path: str | os.PathLike) -> Any:
-    """An SFT/iTeC adapter to start from (refused in one line if made for another base)."""
-    from afmkit.adapters.peft_io import CONFIG_FILE, load_adapter
-
-    path = Path(path).expanduser()
-    if not (path / CONFIG_FILE).is_file():
-        raise UserError(f"--init-adapter {path} is not an adapter directory (no {CONFIG_FILE}); give one")
-    return load_adapter(path, config=base.config, params=base.params, name=path.name)
-
-
 def rl(
     base: Any,
     prompts_path: str | os.PathLike,
@@ -244,6 +234,7 @@ def rl(
         rollout,
         verifier_scorer,
     )
+    from afmkit.posttrain.trunk import load_init_adapter
     from afmkit.sharding.mesh import make_mesh
     from afmkit.train.checkpoint import Checkpoints
     from afmkit.train.metrics import MetricsLog

@@ -6,7 +6,8 @@ assistant_sft``); conversations are packed into rows with segment ids, so attent
 from one conversation to another (``data.chat``). The learning rate warms up linearly and then
 stays constant (AFM's choice for SFT); residual dropout (``--dropout``, AFM: 0.1) is optional.
 Train a LoRA adapter over the frozen base (``--lora-rank R``, the default; the base may be the
-packed int4 GGUF) or every weight (``--full``, on fp32 weights).
+packed int4 GGUF), continue one (``--init-adapter DIR``: its rank, alpha and targets), or train
+every weight (``--full``, on fp32 weights).
 
 Layout of ``--out DIR``::
 
@@ -56,6 +57,7 @@ class SFTSettings(TrunkSettings):
     save_every: int = 50
     keep: int = 2
     mesh: str | None = None  # None: one device
+    init_adapter: str | None = None  # continue this adapter (its own rank, alpha and targets)
     seed: int = 0
     resume: bool = False
     quiet: bool = False
@@ -71,6 +73,8 @@ class SFTSettings(TrunkSettings):
             raise UserError("--lr must be positive and --warmup, --save-every non-negative")
         if not 0 < self.eval_fraction < 1:
             raise UserError(f"--eval-fraction must lie in (0, 1), got {self.eval_fraction}")
+        if self.full and self.init_adapter is not None:
+            raise UserError("--init-adapter continues a LoRA adapter; drop --full or --init-adapter")
 
 
 def _check_out(out: Path, settings: SFTSettings) -> None:
@@ -94,7 +98,14 @@ def sft(
 
     settings.check()
     out = Path(out)
-    subset = settings.trainable(model.config)
+    subset, initial = settings.trainable(model.config), None
+    if settings.init_adapter is not None:
+        from afmkit.posttrain.trunk import load_init_adapter
+        from afmkit.train.trainable import LoraWeights
+
+        start = load_init_adapter(model, settings.init_adapter)
+        subset = LoraWeights(dataclasses.replace(start.config, dtype=subset.lora.dtype))
+        initial = LoraWeights.tree(start)
     train, held_out, too_long, _ = split_examples(
         model,
         conversations,
@@ -104,7 +115,9 @@ def sft(
     )
     _check_out(out, settings)
     # warm-up, then a constant learning rate
-    run = trunk_run(settings, subset, assistant_sft(), out, final_lr_fraction=1.0, dropout=settings.dropout)
+    run = trunk_run(
+        settings, subset, assistant_sft(), out, final_lr_fraction=1.0, dropout=settings.dropout, initial=initial
+    )
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(
         model,
@@ -160,6 +173,11 @@ def register(recipes: Any) -> None:
     setting_argument(parser, d, "weight_decay", "decoupled weight decay")
     setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
     setting_argument(parser, d, "eval_fraction", "held-out share of the conversations")
+    parser.add_argument(
+        "--init-adapter",
+        default=None,
+        help="continue this LoRA adapter (an SFT/iTeC result) instead of a fresh one; it brings its own rank",
+    )
     run_arguments(parser, d, seed="initialisation, dropout and data order")
     parser.set_defaults(run=cmd_sft)
 

@@ -94,6 +94,17 @@ def load_base(name: str, dtype: str | None, *, full: bool) -> Any:
     return afmkit.load(name, dtype=dtype or ("float32" if full else None))
 
 
+def load_init_adapter(base: Any, path: str | Path, *, flag: str = "--init-adapter") -> Any:
+    """An SFT/iTeC adapter to start from (``flag``; refused in one line if it is not an adapter
+    directory or was made for another base)."""
+    from afmkit.adapters.peft_io import CONFIG_FILE, load_adapter
+
+    path = Path(path).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{flag} {path} is not an adapter directory (no {CONFIG_FILE}); give one")
+    return load_adapter(path, config=base.config, params=base.params, name=path.name)
+
+
 def report_unfinished(steps_done: int, steps: int) -> None:
     """Say on stderr how to continue a run that stopped early (its output holds the last step)."""
     if steps_done < steps:
