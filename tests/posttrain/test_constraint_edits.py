@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from afmkit.posttrain import verifiable
-from afmkit.posttrain.constraint_edits import EDIT_SUFFIX, edit_response, edited_samples
+from afmkit.posttrain.constraint_edits import EDIT_SUFFIX, edit_response, edited_samples, trim_words
 from afmkit.posttrain.rollout import Sample, verifier_scorer
 
 ANSWER = (
@@ -122,3 +122,20 @@ def test_edited_samples_edit_only_possible_winners_and_are_scored():
     assert edits[0].prompt_tokens == [1, 2] and not any(e.loop for e in edits)
     truncated = edited_samples(samples, prompts, Words(), [verifier_scorer], keep_truncated=True)
     assert ("b", "base" + EDIT_SUFFIX, 0) in [(e.prompt_id, e.member, e.index) for e in truncated]
+
+
+LONG = "Bread needs yeast. The yeast makes gas.\n\nHere are the steps:\n1. Mix the flour.\n2. Knead it well. Then wait.\nBake."
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (1, "Bread needs yeast."),  # the first sentence at least
+        (7, "Bread needs yeast. The yeast makes gas."),
+        (12, "Bread needs yeast. The yeast makes gas."),  # no heading left announcing nothing
+        (16, "Bread needs yeast. The yeast makes gas.\n\nHere are the steps:\n1. Mix the flour."),  # "2." ends nothing
+        (100, LONG),
+    ],
+)
+def test_trim_words_stops_at_a_sentence_end_within_the_limit(limit, expected):
+    assert trim_words(LONG, limit) == expected

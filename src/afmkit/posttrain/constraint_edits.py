@@ -28,6 +28,7 @@ from afmkit.posttrain import verifiable
 
 EDIT_SUFFIX = "+edit"  # an edited sample's member: the original's name plus this
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_SENTENCE_IN_LINE = re.compile(r"(?<=[^\d\s][.!?])\s+(?=\S)")  # "2. " marks a list item, ends nothing
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _WORD = re.compile(r"\b\w+\b")
 # Closing lines for a postscript (no commas, so "no commas" can hold beside it).
@@ -44,6 +45,29 @@ def sentences(text: str) -> list[str]:
     lines = [_LIST_MARK.sub("", line).strip() for line in text.splitlines()]
     flat = " ".join(line for line in lines if line)
     return [s.strip() for s in _SENTENCE_END.split(flat) if s.strip()]
+
+
+def trim_words(text: str, limit: int) -> str:
+    """``text`` up to its last sentence or line end within ``limit`` words (its first sentence at
+    least), lines and list marks kept; a last line announcing more (ending in ":") goes too."""
+    lines, count = [], 0
+    for line in text.strip().splitlines():
+        kept = []
+        for sentence in _SENTENCE_IN_LINE.split(line):
+            words = len(_WORD.findall(sentence))
+            if count + words > limit and (lines or kept):
+                break
+            kept.append(sentence)
+            count += words
+        else:
+            lines.append(" ".join(kept))
+            continue
+        if kept:
+            lines.append(" ".join(kept))
+        break
+    while len(lines) > 1 and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
+        lines.pop()
+    return "\n".join(lines).rstrip()
 
 
 def _groups(items: list[str], n: int) -> list[list[str]]:

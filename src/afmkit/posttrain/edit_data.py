@@ -36,6 +36,9 @@ class EditDataSettings:
 
     tasks: int = 500  # train tasks answered (each answer serves every prompt of its task)
     min_reward: float = 1.0  # keep rewrites whose strict reward is at least this
+    # trim each answer to this many words (at a sentence end) before rewriting; 0: whole answers.
+    # SFT on long answers makes greedy answers longer, and long greedy answers loop.
+    max_words: int = 0
     max_new_tokens: int = 384
     # sampled as iTeC samples: greedy answers loop (SmolLM2: 103 of 200 greedy answers finished)
     temperature: float = 0.8
@@ -48,6 +51,8 @@ class EditDataSettings:
         for name in ("tasks", "max_new_tokens", "batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_words < 0:
+            raise UserError(f"--max-words must be at least 0 (0: whole answers), got {self.max_words}")
         if not 0 < self.min_reward <= 1:
             raise UserError(f"--min-reward must lie in (0, 1], got {self.min_reward}")
 
@@ -116,9 +121,9 @@ def rewrite_for_prompts(
     return chats, report
 
 
-def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) -> dict[str, str]:
-    """The model's answer to each bare task (source -> text); answers cut at the token limit or
-    as a loop are left out."""
+def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) -> dict[str, str | None]:
+    """The model's answer to each bare task (source -> text); None for an answer cut at the
+    token limit or as a loop (saved as such, so a second run does not ask again)."""
     from afmkit.posttrain.rollout import Member, RolloutSettings, rollout
 
     rows = [{"id": source, "prompt": text} for source, text in tasks.items()]
@@ -131,7 +136,10 @@ def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) 
         batch=settings.batch,
     )
     samples = rollout([Member(model.name, model)], rows, rollout_settings, scorers=(), quiet=settings.quiet)
-    return {s.prompt_id: s.text.strip() for s in samples if s.finish_reason == "stop" and not s.loop and s.text.strip()}
+    return {
+        s.prompt_id: s.text.strip() if s.finish_reason == "stop" and not s.loop and s.text.strip() else None
+        for s in samples
+    }
 
 
 def edit_data(model: Any, prompts_path: str | Path, out: str | Path, settings: EditDataSettings) -> dict[str, Any]:
@@ -152,7 +160,11 @@ def edit_data(model: Any, prompts_path: str | Path, out: str | Path, settings: E
     if missing:
         answers.update(answer_tasks(model, missing, settings))
         write_jsonl(saved, [{"task_source": s, "answer": a} for s, a in answers.items()])
-    answers = {s: answers[s] for s in tasks if s in answers}
+    answers = {s: answers[s] for s in tasks if answers.get(s) is not None}
+    if settings.max_words:
+        from afmkit.posttrain.constraint_edits import trim_words
+
+        answers = {s: trim_words(a, settings.max_words) for s, a in answers.items()}
     if not answers:
         raise UserError(
             "the model finished no answer to the tasks (every one ran to the limit or looped); raise --max-new-tokens"
@@ -179,6 +191,7 @@ def register(recipes: Any) -> None:
     )
     setting_argument(parser, d, "tasks", "train tasks to answer; each answer serves every prompt of its task")
     setting_argument(parser, d, "min_reward", "keep rewrites with at least this strict reward")
+    setting_argument(parser, d, "max_words", "trim each answer to this many words at a sentence end (0: whole)")
     setting_argument(parser, d, "max_new_tokens", "tokens per answer")
     setting_argument(parser, d, "temperature", "sampling temperature of the answers (0: greedy)")
     setting_argument(parser, d, "top_p", "nucleus sampling")
