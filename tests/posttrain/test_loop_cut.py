@@ -60,17 +60,22 @@ ANSWERS = [
 ]
 
 
-def test_finished_answers_are_kept_looped_ones_cut_unfinished_ones_dropped():
+def test_finished_answers_are_kept_looped_ones_cut_and_marked_unlikely_unfinished_ones_dropped():
     chats, report = loop_cut_chats([prompt(i) for i in range(3)], ANSWERS, LoopCutSettings())
-    assert [(c["prompt_id"], c["kind"]) for c in chats] == [("p-0", "finished"), ("p-1", "cut")]
+    kinds = [(c["prompt_id"], c["kind"]) for c in chats]
+    assert kinds == [("p-0", "finished"), ("p-1", "cut"), ("p-1", "loop")]
     assert chats[1]["messages"] == [
         {"role": "user", "content": prompt(1)["prompt"]},
         {"role": "assistant", "content": OPENING + UNIT},
     ]
-    assert [c["reward"] for c in chats] == [0.0, 0.0]  # three sentences where four were asked
+    # the whole loop, unlikely from the first repeat: exactly the text after the cut answer
+    loop = chats[2]["messages"][1]
+    assert loop["content"] == OPENING + UNIT * 6 and loop["content"][: loop["unlikely_from"]] == OPENING + UNIT
+    assert [c["reward"] for c in chats[:2]] == [0.0, 0.0]  # three sentences where four were asked
     assert report["looped"] == 1 and report["cut"] == 1 and report["at_limit_no_loop"] == 1
+    assert report["loops_marked_unlikely"] == 1
     kept, _ = loop_cut_chats([prompt(i) for i in range(3)], ANSWERS, LoopCutSettings(min_reward=1.0))
-    assert kept == []
+    assert [c["kind"] for c in kept] == ["loop"]
 
 
 def test_the_run_answers_train_prompts_once_and_reuses_the_answers(tiny_model, tmp_path, monkeypatch):
@@ -85,7 +90,7 @@ def test_the_run_answers_train_prompts_once_and_reuses_the_answers(tiny_model, t
     monkeypatch.setattr(loop_cut_module, "greedy_answers", answer)
     out = tmp_path / "chats.jsonl"
     report = loop_cut(tiny_model, prompts, out, LoopCutSettings(prompts_limit=2, quiet=True))
-    assert asked == [["p-0", "p-1"]] and report["kept"] == 2
+    assert asked == [["p-0", "p-1"]] and report["kept"] == 2 and report["loops_marked_unlikely"] == 1
     loop_cut(tiny_model, prompts, out, LoopCutSettings(prompts_limit=3, quiet=True))
     assert asked[1] == ["p-2"]  # never the dev prompt p-3
     assert json.loads((tmp_path / "chats.report.json").read_text())["answers"] == 3

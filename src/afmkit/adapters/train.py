@@ -71,7 +71,7 @@ def split_examples(
     tokens, the count dropped as too long, and the row length (the longest, rounded up to 32)."""
     examples = [tokenize_conversation(model.tokenizer, c) for c in conversations]
     too_long = sum(len(e.ids) > max_len for e in examples)
-    examples = [e for e in examples if len(e.ids) <= max_len and sum(e.mask) > 0]
+    examples = [e for e in examples if len(e.ids) <= max_len and any(e.mask)]
     if len(examples) < 2:
         raise UserError(
             f"need at least 2 usable conversations of at most {max_len} tokens ({too_long} were longer); "

@@ -6,6 +6,11 @@ derived from the model's own chat template (each assistant turn's span is the te
 conversation rendered up to the turn's generation prompt and rendered through the turn), so
 whatever the template adds around a reply (ChatML's ``<|im_end|>``) is learned too.
 
+An assistant message may carry ``"unlikely_from": N`` (a character offset into its content): then
+its first N characters are context only and the rest is text the model must *not* say (e.g. a
+repetition loop from where it first repeats): the tokens that end inside it are marked -1 for the unlikelihood
+loss (``train.objectives``), and nothing of that message is learned as a target.
+
 Packing (as ``data.packing`` does for pre-training): whole conversations are laid into rows of
 ``seq_len`` (input, target) pairs, longest first into the first row with room; each gets its own
 segment id, so the model never attends across conversations, and positions that restart at 0.
@@ -34,7 +39,7 @@ from afmkit.errors import UserError
 @dataclasses.dataclass
 class Example:
     ids: list[int]
-    mask: list[int]  # 1 where the token is the assistant's
+    mask: list[int]  # 1 where the token is the assistant's to learn; -1 where it is unlikely text
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
@@ -57,6 +62,14 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
             raise UserError(f"{path}:{number}: 'messages' must be a list of {{'role': str, 'content': str}}")
         if not any(m["role"] == "assistant" for m in messages):
             raise UserError(f"{path}:{number}: the conversation has no assistant message to learn from")
+        for m in messages:
+            start = m.get("unlikely_from")
+            if start is not None and (
+                m["role"] != "assistant" or not isinstance(start, int) or not 0 <= start < len(m["content"])
+            ):
+                raise UserError(
+                    f"{path}:{number}: 'unlikely_from' must be a character offset inside an assistant message's content"
+                )
         conversations.append(messages)
     if not conversations:
         raise UserError(f"{path} holds no conversations; give at least one {{'messages': [...]}} line")
@@ -65,18 +78,32 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
     """Token ids of the whole conversation and a mask of the assistant's tokens."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(plain, add_generation_prompt=False)
+    spans, unlikely = [], []
+    for i, message in enumerate(plain):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        before = tokenizer.apply_chat_template(plain[:i], add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(plain[: i + 1], add_generation_prompt=False)
         if not text.startswith(before) or not text.startswith(through):
             raise UserError("the chat template does not render conversations prefix by prefix; cannot mask turns")
-        spans.append((len(before), len(through)))
+        offset = messages[i].get("unlikely_from")
+        if offset is None:
+            spans.append((len(before), len(through)))
+        else:
+            content_start = through.index(message["content"], len(before))
+            unlikely.append((content_start + offset, content_start + len(message["content"])))
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    mask = [int(any(s <= start and end <= e and end > start for s, e in spans)) for start, end in encoding.offsets]
+
+    def within(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+        return any(s <= start and end <= e and end > start for s, e in ranges)
+
+    def reaches_into(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+        # a token that starts just before the offset (" Take": the space is the token's) counts
+        return any(s < end <= e and end > start for s, e in ranges)
+
+    mask = [1 if within(spans, a, b) else -1 if reaches_into(unlikely, a, b) else 0 for a, b in encoding.offsets]
     return Example(ids=list(encoding.ids), mask=mask)
 
 

@@ -11,14 +11,17 @@ greedy answers to synth-if train prompts:
    after the first copy of the repeated unit (``cut_at_loop``), back to the last sentence or line
    end, and kept if at least ``--min-words`` words remain; an answer that ran to the token limit
    without a loop is dropped;
-3. kept answers scoring at least ``--min-reward`` (strict verifier) become chats.
+3. kept answers scoring at least ``--min-reward`` (strict verifier) become chats;
+4. every looped answer also becomes a chat of what not to say: the whole answer, marked
+   ``"unlikely_from"`` where its loop first repeats (``data.chat``), so SFT lowers the probability
+   of each repeated token (the unlikelihood loss, ``posttrain sft --unlikelihood``).
 
 Every kept token but the final end-of-turn is the model's own greedy choice, so SFT on these
 chats (``posttrain sft --data``, e.g. with ``--init-adapter`` to continue an adapter) mostly
-teaches where to stop, and moves the rest of the model little.
+teaches where to stop and not to repeat, and moves the rest of the model little.
 
-Output: ``--out`` JSONL of ``{"messages": [...]}`` with ``prompt_id``, ``kind`` ("finished" or
-"cut") and ``reward``; ``answers.jsonl`` beside it (step 1, reused when present) and a
+Output: ``--out`` JSONL of ``{"messages": [...]}`` with ``prompt_id``, ``kind`` ("finished",
+"cut" or "loop", the unlikely text) and ``reward`` (none for "loop"); ``answers.jsonl`` beside it (step 1, reused when present) and a
 ``.report.json`` of counts. Only train prompts are read; the dev split and IFEval never are.
 """
 
@@ -154,15 +157,30 @@ def loop_cut_chats(
         if r >= settings.min_reward
     ]
     words = sorted(len(c["messages"][-1]["content"].split()) for c in chats)
+    negatives = [loop_chat(by_id[a["prompt_id"]], a["text"].strip()) for a in answers if a["loop"]]
+    negatives = [n for n in negatives if n is not None]
     report = {
         "answers": len(answers),
         **counts,
         "kept": len(chats),
         "kept_cut": sum(c["kind"] == "cut" for c in chats),
         "median_words": words[len(words) // 2] if words else 0,
+        "loops_marked_unlikely": len(negatives),
         "mean_reward": float(rewards.strict.mean()) if candidates else 0.0,
     }
-    return chats, report
+    return chats + negatives, report
+
+
+def loop_chat(prompt: dict[str, Any], text: str) -> dict[str, Any] | None:
+    """A looped answer as a chat whose text from the loop's first repeat on is marked unlikely."""
+    from afmkit.posttrain.itec import as_chat
+
+    start = loop_start(text)
+    if start is None or start >= len(text):
+        return None
+    chat = as_chat(prompt, text)
+    chat["messages"][-1]["unlikely_from"] = start
+    return {"prompt_id": prompt["id"], "kind": "loop", **chat}
 
 
 def train_prompts(path: str | Path, limit: int) -> list[dict[str, Any]]:
@@ -240,7 +258,8 @@ def cmd_loop_cut(args: Any) -> int:
     adapter = None if args.adapter is None else load_init_adapter(model, args.adapter, flag="--adapter")
     report = loop_cut(model, args.prompts, out, settings, adapter=adapter)
     print(
-        f"wrote {report['kept']} chats to {out} ({report['kept_cut']} cut at a loop) from {report['answers']} "
-        f"greedy answers: {report['finished']} finished, {report['looped']} looped; report in {report_path(out)}"
+        f"wrote {report['kept']} chats to {out} ({report['kept_cut']} cut at a loop) and "
+        f"{report['loops_marked_unlikely']} loops marked unlikely, from {report['answers']} greedy answers: "
+        f"{report['finished']} finished, {report['looped']} looped; report in {report_path(out)}"
     )
     return 0

@@ -51,6 +51,9 @@ class SFTSettings(TrunkSettings):
     batch: int = 8  # packed rows per step
     seq_len: int = 512  # tokens per row; longer conversations are skipped (and counted)
     dropout: float = 0.0  # residual dropout while training (AFM: 0.1)
+    # weight of the unlikelihood loss on text a chat marks with "unlikely_from" (data.chat); 1 as in
+    # Welleck et al. (2019); data without such marks is unaffected
+    unlikelihood: float = 1.0
     weight_decay: float = 0.0
     accum: int = 1
     eval_fraction: float = 0.05
@@ -69,6 +72,8 @@ class SFTSettings(TrunkSettings):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        if self.unlikelihood < 0:
+            raise UserError(f"--unlikelihood must be at least 0, got {self.unlikelihood}")
         if self.lr <= 0 or self.warmup < 0 or self.save_every < 0:
             raise UserError("--lr must be positive and --warmup, --save-every non-negative")
         if not 0 < self.eval_fraction < 1:
@@ -116,7 +121,13 @@ def sft(
     _check_out(out, settings)
     # warm-up, then a constant learning rate
     run = trunk_run(
-        settings, subset, assistant_sft(), out, final_lr_fraction=1.0, dropout=settings.dropout, initial=initial
+        settings,
+        subset,
+        assistant_sft(settings.unlikelihood),
+        out,
+        final_lr_fraction=1.0,
+        dropout=settings.dropout,
+        initial=initial,
     )
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(
@@ -131,6 +142,7 @@ def sft(
         "train_conversations": len(train),
         "held_out_conversations": len(held_out),
         "skipped_too_long": too_long,
+        "train_conversations_with_unlikely_text": sum(min(e.mask) < 0 for e in train),
         "steps_done": trained["steps_done"],
         "held_out_loss_start": trained["eval_before"],
         "held_out_loss_end": trained["eval_after"],
@@ -171,6 +183,7 @@ def register(recipes: Any) -> None:
     setting_argument(parser, d, "seq_len", "tokens per packed row")
     setting_argument(parser, d, "dropout", "residual dropout; AFM uses 0.1")
     setting_argument(parser, d, "weight_decay", "decoupled weight decay")
+    setting_argument(parser, d, "unlikelihood", "weight of -log(1 - p) on text marked 'unlikely_from' in the data")
     setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
     setting_argument(parser, d, "eval_fraction", "held-out share of the conversations")
     parser.add_argument(

@@ -15,7 +15,9 @@ logical axes for sharding (per-row fields ``[B]`` over ``batch``; per-token ``[B
 
 * ``next_token``: pre-training's cross-entropy on every target of packed rows, plus AFM's z-loss;
 * ``assistant_sft``: the same cross-entropy, no z-loss, on the targets the rows' ``loss_mask``
-  marks: the assistant's tokens (``afmkit.data.chat``);
+  marks: the assistant's tokens (``afmkit.data.chat``); targets marked -1 (text the model must
+  not say, e.g. the rest of a repetition loop) get the unlikelihood loss ``-log(1 - p)`` (Welleck
+  et al. 2019, sequence-level) times ``unlikelihood``;
 * ``Distillation``: KL(teacher || student) over next-token distributions, the teacher's top-k
   probabilities plus its tail lumped into one bucket, given with the rows (``DistillBatch``;
   ``teacher_top_k`` makes them): the accuracy-recovery adapter's objective (``compress.recover``);
@@ -145,18 +147,26 @@ class Objective(abc.ABC):
 @dataclasses.dataclass(frozen=True)
 class TokenCrossEntropy(Objective):
     """Cross-entropy of ``batch.targets`` where ``batch.loss_mask`` is 1 (a ``train.step.Batch``),
-    plus ``z_loss * logsumexp^2`` (AFM's auxiliary loss); ``count`` = learned tokens."""
+    plus ``z_loss * logsumexp^2`` (AFM's auxiliary loss); ``count`` = learned tokens. Where the
+    mask is -1, ``unlikelihood * -log(1 - p(target))`` instead (the target made less likely)."""
 
     z_loss: float = 0.0
+    unlikelihood: float = 0.0
     name: str = "next_token"
 
     def loss(self, model: ModelView, extra: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         del extra
         nll, log_z = model.token_nll(model.hidden(batch.tokens, batch.positions, batch.segment_ids), batch.targets)
         mask = batch.loss_mask.astype(jnp.float32)
-        ce = (nll * mask).sum()
-        z = (jnp.square(log_z) * mask).sum()
-        return ce + self.z_loss * z, {"count": mask.sum(), "cross_entropy": ce}
+        learn, unlearn = (mask > 0).astype(jnp.float32), (mask < 0).astype(jnp.float32)
+        ce = (nll * learn).sum()
+        z = (jnp.square(log_z) * learn).sum()
+        # log(1 - p) = log(-expm1(-nll)); p -> 1 (nll -> 0) is bounded by clamping nll at 1e-6
+        ul = -(jnp.log(-jnp.expm1(-jnp.maximum(nll, 1e-6))) * unlearn).sum()
+        sums = {"count": learn.sum(), "cross_entropy": ce}
+        if self.unlikelihood:
+            sums["unlikelihood"] = ul
+        return ce + self.z_loss * z + self.unlikelihood * ul, sums
 
 
 def next_token(config: ModelConfig) -> TokenCrossEntropy:
@@ -164,9 +174,10 @@ def next_token(config: ModelConfig) -> TokenCrossEntropy:
     return TokenCrossEntropy(z_loss=config.z_loss, name="next_token")
 
 
-def assistant_sft() -> TokenCrossEntropy:
-    """SFT: the assistant's tokens only (rows from ``afmkit.data.chat``), no z-loss."""
-    return TokenCrossEntropy(z_loss=0.0, name="sft")
+def assistant_sft(unlikelihood: float = 0.0) -> TokenCrossEntropy:
+    """SFT: the assistant's tokens only (rows from ``afmkit.data.chat``), no z-loss; tokens marked
+    unlikely weighted by ``unlikelihood``."""
+    return TokenCrossEntropy(z_loss=0.0, unlikelihood=unlikelihood, name="sft")
 
 
 # -- distillation ----------------------------------------------------------------------------
