@@ -168,7 +168,8 @@ def loop_cut_chats(
         "loops_marked_unlikely": len(negatives),
         "mean_reward": float(rewards.strict.mean()) if candidates else 0.0,
     }
-    return chats + negatives, report
+    order = {p["id"]: i for i, p in enumerate(prompts)}  # each prompt's chats together, as sft's held-out split
+    return sorted(chats + negatives, key=lambda c: order[c["prompt_id"]]), report
 
 
 def loop_chat(prompt: dict[str, Any], text: str) -> dict[str, Any] | None:

@@ -206,9 +206,11 @@ def finetune(
                 )
             )
 
-        def evaluate(params: Any) -> float:
+        def evaluate(params: Any) -> float | None:
             sums = [eval_step(params, b) for b in eval_batches]
-            return sum(float(t) for t, _ in sums) / max(sum(float(c) for _, c in sums), 1.0)
+            count = sum(float(c) for _, c in sums)
+            # None, not 0, when the held-out rows learn nothing (e.g. only unlikely text)
+            return sum(float(t) for t, _ in sums) / count if count else None
 
     results: dict[str, Any] = {"start_step": start_step}
     if evaluate is not None:
