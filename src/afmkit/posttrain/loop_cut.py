@@ -57,8 +57,6 @@ class LoopCutSettings:
 
 
 # -- where a loop begins -------------------------------------------------------------------------
-# The same text tokens as ``verifiable.loop_period`` (numbers alike), with their character spans.
-_TEXT_TOKEN = re.compile(r"\d+|\w+|[^\w\s]")
 # An acceptable last character of a cut answer: a sentence end, a closing bracket or quote, code
 # fence or emphasis; anything else is cut back to the last such end or line break.
 _ENDS = ".!?)]}\"'`*"
@@ -73,12 +71,12 @@ def loop_start(text: str, *, min_repeats: int = 3, min_span: int = 32) -> int | 
     The repeating part is periodic from some token on; any window of one period there is a copy
     of the unit, so the first copy is taken to end at the first sentence end it can (a whole
     sentence or list item kept once), else one period after the repeating part begins."""
-    from afmkit.posttrain.verifiable import loop_period
+    from afmkit.posttrain.verifiable import TEXT_TOKEN, loop_period
 
     period = loop_period(text, min_repeats=min_repeats, min_span=min_span)
     if period is None:
         return None
-    matches = list(_TEXT_TOKEN.finditer(text))
+    matches = list(TEXT_TOKEN.finditer(text))  # loop_period's tokens, with their character spans
     tokens = ["0" if m.group().isdigit() else m.group() for m in matches]
     end = len(tokens)
     if tokens[end - 1] != tokens[end - 1 - period]:

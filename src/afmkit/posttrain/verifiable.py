@@ -88,12 +88,12 @@ def instruction_rewards(prompts: Sequence[Any], responses: Sequence[str]) -> Ins
 # -- repetition loops ----------------------------------------------------------------------------
 # Text is compared as words and punctuation marks (spacing ignored), with every number read as the
 # same token, so "Step 85: Follow Up / Step 86: Follow Up ..." counts as the loop it is.
-_TEXT_TOKEN = re.compile(r"\d+|\w+|[^\w\s]")
+TEXT_TOKEN = re.compile(r"\d+|\w+|[^\w\s]")
 
 
 def _text_tokens(text: str) -> np.ndarray:
     vocabulary: dict[str, int] = {}
-    tokens = ["0" if t.isdigit() else t for t in _TEXT_TOKEN.findall(text)]
+    tokens = ["0" if t.isdigit() else t for t in TEXT_TOKEN.findall(text)]
     return np.array([vocabulary.setdefault(t, len(vocabulary)) for t in tokens], dtype=np.int64)
 
 
