@@ -29,6 +29,7 @@ from afmkit.infer.server import ServeSettings
 from afmkit.interop.export import ExportSettings
 from afmkit.posttrain.edit_data import EditDataSettings
 from afmkit.posttrain.itec import ItecSettings
+from afmkit.posttrain.loop_cut import LoopCutSettings
 from afmkit.posttrain.reward import RewardSettings
 from afmkit.posttrain.rl import RLSettings
 from afmkit.posttrain.sft import SFTSettings
@@ -71,6 +72,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
     ("posttrain", "itec"): (Source(ItecSettings),),
     ("posttrain", "edit-data"): (Source(EditDataSettings),),
+    ("posttrain", "loop-cut"): (Source(LoopCutSettings),),
     ("posttrain", "reward"): (Source(RewardSettings),),
     ("posttrain", "rl"): (Source(RLSettings),),
     ("posttrain", "sft"): (Source(SFTSettings),),
