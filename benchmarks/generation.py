@@ -42,9 +42,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "afmkit-3.5bpw", "llama.cpp", "transformers")
+ENGINES = (
+    "afmkit",
+    "afmkit-bf16",
+    "afmkit-int4",
+    "afmkit-default",
+    "afmkit-3.5bpw",
+    "afmkit-3.5bpw-int8",
+    "llama.cpp",
+    "transformers",
+)
 # held to the targets below
-AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "afmkit-3.5bpw")
+AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "afmkit-3.5bpw", "afmkit-3.5bpw-int8")
 # Python modules each engine needs, with the install hint shown when one is missing.
 REQUIREMENTS = {
     "afmkit": (("afmkit", "jax"), "pip install -e ."),
@@ -52,6 +61,7 @@ REQUIREMENTS = {
     "afmkit-int4": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-default": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-3.5bpw": (("afmkit", "jax"), "pip install -e ."),
+    "afmkit-3.5bpw-int8": (("afmkit", "jax"), "pip install -e ."),
     "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python==0.3.36"),
     "transformers": (("transformers", "torch", "gguf"), "pip install torch transformers accelerate gguf"),
 }
@@ -93,6 +103,7 @@ ENGINE_TARGETS = {
         "batch-16 vs llama.cpp decode": (">= 4x", 4.0),
     }
 }
+ENGINE_TARGETS["afmkit-3.5bpw-int8"] = ENGINE_TARGETS["afmkit-3.5bpw"]
 
 
 # -- workload ------------------------------------------------------------------------------------
@@ -144,7 +155,11 @@ Runner = Callable[[list[list[int]], int], Timed]
 
 
 def afmkit_engine(
-    workload: dict[str, Any], threads: int, dtype: str | None = "float32", source: str | None = None
+    workload: dict[str, Any],
+    threads: int,
+    dtype: str | None = "float32",
+    source: str | None = None,
+    activations: str | None = None,
 ) -> tuple[Runner, dict[str, Any]]:
     import jax
     import jaxlib
@@ -154,7 +169,7 @@ def afmkit_engine(
     from afmkit.infer.engine import Engine
     from afmkit.model.packed import is_packed
 
-    model = afmkit.load(source, dtype=dtype) if source else afmkit.load(dtype=dtype)
+    model = afmkit.load(source or afmkit.DEFAULT_MODEL, dtype=dtype, activations=activations)
     # No EOS: rows always run to max_new_tokens, so every engine generates the same count.
     engine = Engine(model.config, model.params, model.tokenizer, eos_ids=())
 
@@ -368,6 +383,10 @@ ENGINE_FACTORIES = {
     "afmkit-3.5bpw": lambda workload, threads: afmkit_engine(
         workload, threads, dtype=None, source=workload["palettized_model"]
     ),
+    # The same with int8 activations (afmkit.load(..., activations="int8")): VNNI dot products.
+    "afmkit-3.5bpw-int8": lambda workload, threads: afmkit_engine(
+        workload, threads, dtype=None, source=workload["palettized_model"], activations="int8"
+    ),
     "llama.cpp": llama_cpp_engine,
     "transformers": transformers_engine,
 }
@@ -524,7 +543,7 @@ def worker(args: argparse.Namespace) -> None:
 
 # -- parent --------------------------------------------------------------------------------------------
 def missing_requirement(name: str, palettized_model: str | None = None) -> str | None:
-    if name == "afmkit-3.5bpw" and not palettized_model:
+    if name.startswith("afmkit-3.5bpw") and not palettized_model:
         return (
             f"skipping {name}: give --palettized-model DIR (make it with: afmkit compress palettize "
             "--bits-per-weight 3.5 --calibration TEXT --out DIR)"

@@ -10,7 +10,9 @@ for each matrix (rotating which goes first), so a change of load between paths s
 them; compare paths within a run. Paths: ``kernel`` (``kernels.palettized_matmul``: table entries
 expanded in registers), ``xla-dequantize`` (the weight expanded inside the jitted call by XLA, the
 path without kernels and the only one before the kernel), ``int4`` (the same matrix packed at 4 bits
-for ``kernels.packed_matmul``, what ``--dtype int4`` runs: bf16 dot products where the CPU has them).
+for ``kernels.packed_matmul``, what ``--dtype int4`` runs: bf16 dot products where the CPU has them),
+``kernel-int8`` (``--activations int8``: x quantized per row to int8 and multiplied by the int8 tables
+with ``kernels.palettized_matmul_int8``, VNNI where the CPU has it; the quantization of x included).
 Bits: 2, 4 or ``mixed`` (the per-matrix widths the 3.5-bit allocation gives most of SmolLM2's layers:
 q, gate, up and down at 3 bits, k, v and o at 4).
 """
@@ -18,6 +20,7 @@ q, gate, up and down at 3 bits, k, v and o at 4).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -26,6 +29,7 @@ import numpy as np
 
 from afmkit import kernels
 from afmkit.model import packed as P
+from afmkit.model import palettized as PL
 from afmkit.model.palettized import from_codes
 from layer_matmul import SHAPES, best_cpu_seconds
 
@@ -49,6 +53,8 @@ def call(path: str, x: jax.Array, weight, packed: P.PackedWeight) -> tuple:
         bf16 = kernels.has_bf16() and x.shape[0] > 1  # as packed_matmul: bf16 where the CPU has it
         run = jax.jit(lambda x, p, s: kernels.packed_matmul(x, p, s, bits=4, n=packed.n, bf16=bf16))
         return run, (x, packed.packed, packed.scales)
+    if path == "kernel-int8":
+        return jax.jit(PL.palettized_matmul), (x, dataclasses.replace(weight, activation_bits=8))
     bits = weight.bits
     return jax.jit(lambda x, i, t, s: kernels.palettized_matmul(x, i, t, s, bits=bits)), (
         x,
@@ -74,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,512", help="comma-separated batch sizes (rows of x)")
     parser.add_argument("--bits", default="2,4,mixed", help="comma-separated: 2, 3, 4, 8 or mixed")
-    parser.add_argument("--paths", default="kernel,xla-dequantize,int4")
+    parser.add_argument("--paths", default="kernel,kernel-int8,xla-dequantize,int4")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", help="also write the records to this JSON file")
     args = parser.parse_args()
@@ -90,12 +96,14 @@ def main() -> None:
                 record = {
                     "path": path,
                     "kernels": kernels.describe(),
+                    "int8_kernel": kernels.palettized_int8_isa(),
                     "bits": bits,
                     "rows": rows,
                     "layer_ms": round(seconds[path] * 1e3, 3),
                     "vs_xla_dequantize": round(seconds["xla-dequantize"] / seconds[path], 2)
                     if "xla-dequantize" in seconds
                     else None,
+                    "vs_kernel": round(seconds["kernel"] / seconds[path], 2) if "kernel" in seconds else None,
                 }
                 records.append(record)
                 print(json.dumps(record), flush=True)

@@ -39,11 +39,19 @@ def dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def recovery_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-recovery`` and ``--activations``: how a compressed model runs."""
     parser.add_argument(
         "--no-recovery",
         action="store_true",
         help="load a compressed model without its accuracy-recovery adapter (DIR/recovery), "
         "e.g. to measure what the adapter recovers",
+    )
+    parser.add_argument(
+        "--activations",
+        choices=("float32", "int8"),
+        default=None,
+        help="int8: quantize the input of every palettized matrix per token to 8-bit integers at run time "
+        "(a compressed model only; VNNI dot products where the CPU has them). Default: float32",
     )
 
 
@@ -172,13 +180,13 @@ def sampling_from_args(args: argparse.Namespace):
     return SamplingParams(**values)
 
 
-def load_model(name: str, dtype: str | None, *, quiet: bool, recovery: bool = True):
+def load_model(name: str, dtype: str | None, *, quiet: bool, recovery: bool = True, activations: str | None = None):
     """``afmkit.load`` with a spinner on stderr (none when ``quiet``, e.g. for ``--json``)."""
     import afmkit
 
     if quiet:
-        return afmkit.load(name, dtype=dtype, recovery=recovery)
+        return afmkit.load(name, dtype=dtype, recovery=recovery, activations=activations)
     from rich.console import Console
 
     with Console(stderr=True).status(f"loading {name}"):
-        return afmkit.load(name, dtype=dtype, recovery=recovery)
+        return afmkit.load(name, dtype=dtype, recovery=recovery, activations=activations)

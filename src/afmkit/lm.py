@@ -21,6 +21,7 @@ with it applied to every request that names no adapter of its own (``LanguageMod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import sys
@@ -40,6 +41,7 @@ from afmkit.infer.engine import Completion, Engine, StreamEvent, activation_dtyp
 from afmkit.infer.sampling import SamplingParams
 from afmkit.interop import native, training_run
 from afmkit.model.packed import PackedWeight, dequantize_params, is_packed, pack_leaf
+from afmkit.model.palettized import PalettizedWeight, is_palettized
 from afmkit.model.transformer import Params, logits_fn
 from afmkit.runtime import cache_dir, enable_compilation_cache
 from afmkit.weights import DEFAULT_MODEL, NAMED_ADAPTED, NAMED_COMPRESSED, NAMED_WEIGHTS, known_models
@@ -47,6 +49,8 @@ from afmkit.weights import DEFAULT_MODEL, NAMED_ADAPTED, NAMED_COMPRESSED, NAMED
 WEIGHT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Packed formats (``afmkit.model.packed``): layer matrices at this many bits, the embedding at 8.
 PACKED_DTYPES = {"int4": 4, "int8": 8}
+# Inputs of the matmuls: None and "float32" as computed; "int8" quantized per token (palettized weights)
+ACTIVATION_CHOICES = (None, "float32", "int8")
 
 
 def default_dtype(gguf: Path | None = None) -> Any:
@@ -231,7 +235,12 @@ _jitted_logits = jax.jit(logits_fn, static_argnames=("config", "activation_dtype
 
 
 def load(
-    name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: Any = None, mesh: Any = None, recovery: bool = True
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: Any = None,
+    mesh: Any = None,
+    recovery: bool = True,
+    activations: str | None = None,
 ) -> LanguageModel:
     """Load a model by name (see ``known_models()``) or from a path (GGUF file, afmkit
     checkpoint directory, Hugging Face directory, pre-training run or one of its steps).
@@ -252,7 +261,16 @@ def load(
 
     ``recovery``: apply a compressed model's accuracy-recovery adapter (``DIR/recovery``) when
     there is one (the default); False loads the compressed weights alone.
+
+    ``activations``: ``"int8"`` quantizes the input of every palettized matrix per token to int8 at
+    run time and multiplies in 8-bit integers (``afmkit.model.palettized``); a compressed model only.
     """
+    if activations not in ACTIVATION_CHOICES:
+        raise UserError(f"unknown activations {activations!r}; use one of {', '.join(map(str, ACTIVATION_CHOICES))}")
+    if activations == "int8":
+        if mesh is not None:
+            raise UserError("int8 activations run on palettized weights, which do not split over a mesh; drop one")
+        return _with_int8_activations(load(name_or_path, dtype=dtype, recovery=recovery))
     if mesh is not None:  # a bad spec or dtype fails before any weights load
         from afmkit.sharding.inference import as_mesh
 
@@ -303,6 +321,21 @@ def load(
         )
     hint = f" ({key} is a model size: use it with 'afmkit info')" if key in SIZES else ""
     raise ModelNotFoundError(f"unknown model {key!r}{hint}; known models: {', '.join(known_models())}, or give a path")
+
+
+def _with_int8_activations(model: LanguageModel) -> LanguageModel:
+    """``model`` with every palettized matrix set to quantize its input to int8 per token."""
+
+    def int8(leaf: Any) -> Any:
+        return dataclasses.replace(leaf, activation_bits=8) if isinstance(leaf, PalettizedWeight) else leaf
+
+    if not is_palettized(model.params):
+        raise UserError(
+            f"int8 activations quantize the inputs of palettized matrices, and {model.name} has none; use a "
+            "compressed model (afmkit compress palettize, or smollm2-135m-instruct-3.5bpw)"
+        )
+    params = jax.tree.map(int8, model.params, is_leaf=lambda leaf: isinstance(leaf, PalettizedWeight))
+    return LanguageModel(model.config, params, model.tokenizer, name=model.name, adapter=model.adapter)
 
 
 def _with_packaged_adapter(model: LanguageModel, folder: str, *, name: str) -> LanguageModel:

@@ -194,7 +194,9 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
             raise UserError("give --out DIR for the generated responses and the report (or --responses FILE)")
         _check_adapter_dir(args.adapter)
         start = time.perf_counter()
-        model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
+        model = load_model(
+            args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery, activations=args.activations
+        )
         if args.adapter:
             model = apply_adapter(model, args.adapter)
         results, stats = ifeval.generate(
@@ -210,6 +212,7 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
                 "adapter": args.adapter,
                 "dtype": args.dtype,
                 **({"recovery": False} if args.no_recovery else {}),
+                **({"activations": args.activations} if args.activations else {}),
             },
         )
         responses = {row["key"]: row["response"] for row in results}
@@ -218,6 +221,7 @@ def cmd_ifeval(args: argparse.Namespace) -> int:
             "adapter": args.adapter,
             "dtype": args.dtype or "default",
             "recovery": not args.no_recovery,
+            "activations": args.activations or "float32",
             "decoding": "greedy",
             "chat_template": True,
             "max_new_tokens": args.max_new_tokens,
@@ -256,7 +260,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     sliding_windows(2, seq_len=args.seq_len, stride=args.stride)  # validate before the slow load
     _positive("--batch-size", args.batch_size)
     _check_adapter_dir(args.adapter)
-    model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
+    model = load_model(
+        args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery, activations=args.activations
+    )
     if args.adapter:
         model = apply_adapter(model, args.adapter)
     # Progress goes to stderr, so it shows with --json too (stdout's last line stays the JSON).
@@ -314,10 +320,14 @@ def cmd_sxs(args: argparse.Namespace) -> int:
         settings = {"model": name, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
         if args.no_recovery:  # recorded only when off, so runs from before the flag still resume
             settings["recovery"] = False
+        if args.activations:
+            settings["activations"] = args.activations
         check_run_settings(out / f"responses_{side}.jsonl", settings)
         if sxs.responses_complete(out, side, prompts):
             continue
-        model = load_model(name, args.dtype, quiet=args.json, recovery=not args.no_recovery)
+        model = load_model(
+            name, args.dtype, quiet=args.json, recovery=not args.no_recovery, activations=args.activations
+        )
         sxs.generate_side(
             model,
             prompts,
@@ -381,7 +391,9 @@ def cmd_safety(args: argparse.Namespace) -> int:
         grader = safety.ClassifierSafetyGrader(load_callable(args.classifier, flag="--classifier"))
     else:
         grader = safety.RefusalHeuristicGrader()
-    model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
+    model = load_model(
+        args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery, activations=args.activations
+    )
     report = safety.run(
         model,
         prompts,

@@ -61,7 +61,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise UserError("--system needs --chat")
     start = time.perf_counter()
-    model = load_model(args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery)
+    model = load_model(
+        args.model, args.dtype, quiet=args.json, recovery=not args.no_recovery, activations=args.activations
+    )
     load_s = time.perf_counter() - start
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -93,7 +95,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_from_args(args)
     console = Console(stderr=True)
-    model = load_model(args.model, args.dtype, quiet=False, recovery=not args.no_recovery)
+    model = load_model(args.model, args.dtype, quiet=False, recovery=not args.no_recovery, activations=args.activations)
     interactive = sys.stdin.isatty()
     if interactive:
         console.print(f"[bold]{model.name}[/bold]: type a message; /reset clears the history, /exit or Ctrl-D quits.")

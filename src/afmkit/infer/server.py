@@ -204,7 +204,9 @@ def cmd_serve(args: Any) -> int:
     sock = bind(args.host, args.port)
     console = Console(stderr=True)
     with console.status(f"loading {args.model}"):
-        model = afmkit.load(args.model, dtype=args.dtype, mesh=mesh, recovery=not args.no_recovery)
+        model = afmkit.load(
+            args.model, dtype=args.dtype, mesh=mesh, recovery=not args.no_recovery, activations=args.activations
+        )
     app = create_app(
         model,
         served_name=args.served_name or model.name,

@@ -127,6 +127,10 @@ def _load() -> bool:
         target = jax.ffi.pycapsule(palettized.AfmkitPalettizedMatmul)
         jax.ffi.register_ffi_target("afmkit_palettized_matmul", target, platform="cpu")
         palettized.AfmkitPalettizedBf16Rows.restype = ctypes.c_int64
+        int8_target = jax.ffi.pycapsule(palettized.AfmkitPalettizedMatmulInt8)
+        jax.ffi.register_ffi_target("afmkit_palettized_matmul_int8", int8_target, platform="cpu")
+        palettized.AfmkitPalettizedInt8Isa.restype = ctypes.c_char_p
+        _features["palettized_int8_isa"] = palettized.AfmkitPalettizedInt8Isa().decode()
         _features["palettized_bf16_rows"] = int(palettized.AfmkitPalettizedBf16Rows())
     except (OSError, RuntimeError, AttributeError) as exc:
         print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
@@ -182,6 +186,28 @@ def palettized_matmul(
         "afmkit_palettized_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
     )
     return call(x, indices, tables, scales, bits=np.int64(bits))
+
+
+def palettized_matmul_int8(
+    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: jax.Array | None, *, bits: int
+) -> jax.Array:
+    """``palettized_matmul`` with int8 activations: each row of x and each table quantized to int8
+    by its own absmax scale (``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums
+    exact in int32 (VNNI dot products where the CPU has AVX512-VNNI and VBMI, else portable integer
+    code), then ``* x_scale[m] * (t_scale * scale)[n]`` in fp32."""
+    _require()
+    n = indices.shape[0] * indices.shape[3]
+    tables = tables.astype(jnp.float32)
+    scales = jnp.zeros((0,), jnp.float32) if scales is None else scales.astype(jnp.float32)
+    call = jax.ffi.ffi_call(
+        "afmkit_palettized_matmul_int8", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
+    )
+    return call(x, indices, tables, scales, bits=np.int64(bits))
+
+
+def palettized_int8_isa() -> str:
+    """Which code ``palettized_matmul_int8`` runs here: ``avx512-vnni``, ``portable`` or ``xla``."""
+    return _features.get("palettized_int8_isa", "xla") if on_cpu() else "xla"
 
 
 def palettized_bf16_rows() -> int:

@@ -22,9 +22,11 @@
 // 1 is exact). Scaling once per output instead of once per weight is one rounding instead of K.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -429,10 +431,184 @@ void run_group(const Problem& p, int64_t group) {
 #endif
 }
 
+// ---- int8 activations ----------------------------------------------------------------------------
+// palettized_matmul_int8: y[m, n] = float(sum_k x[m, k] * t[n / group_rows][code[k, n]]) * x_scale[m]
+// * col_scale[n], with x int8 (each row quantized by its own scale: dynamic per-token quantization)
+// and the table entries t int8 (each group by its own scale, which col_scale carries with the row
+// scale); both quantized here, once per call (PalettizedMatmulInt8, below). The sum
+// is exact in int32 (|x|, |t| <= 127: K up to 133,000), so every path, every batch and every thread
+// count gives the same integers; the two scalings follow in that order, in fp32.
+struct Int8Problem {
+  const int8_t* x;          // [M, K]
+  const int32_t* row_sums;  // [M]: sum_k x[m, k] (the VNNI path's offset, below)
+  const float* x_scales;    // [M]
+  const uint8_t* indices;   // [N / 16, K / 8, bits, 16], as Problem's
+  const int8_t* tables;     // [groups, stride]: entries repeated to 16 when fewer, as Problem's
+  const uint8_t* tables_u8; // the same + 128 (VNNI multiplies unsigned by signed bytes)
+  const float* col_scales;  // [N]
+  float* y;                 // [M, N]
+  int64_t m, k, n, bits, tiles_per_group, table_stride;
+};
+
+inline void int8_store(const Int8Problem& p, int64_t row, int64_t tile, const int32_t* sums) {
+  for (int j = 0; j < kTile; ++j)
+    p.y[row * p.n + tile * kTile + j] = static_cast<float>(sums[j]) * p.x_scales[row] * p.col_scales[tile * kTile + j];
+}
+
+// Portable: 16-lane int32 loops the compiler vectorizes (AVX2, NEON, ...).
+template <int R>
+void int8_tile_portable(const Int8Problem& p, int64_t tile, int64_t row0) {
+  const int64_t blocks = p.k / kCodes;
+  const int bits = static_cast<int>(p.bits);
+  const uint32_t mask = (1u << bits) - 1;
+  const int8_t* table = p.tables + (tile / p.tiles_per_group) * p.table_stride;
+  int32_t acc[R][kTile] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* planes = p.indices + (tile * blocks + b) * p.bits * kTile;
+    uint32_t words[kTile] = {};
+    if (bits < 8)
+      for (int q = 0; q < bits; ++q)
+        for (int j = 0; j < kTile; ++j) words[j] |= static_cast<uint32_t>(planes[q * kTile + j]) << (8 * q);
+    for (int c = 0; c < kCodes; ++c) {
+      int32_t w[kTile];
+      for (int j = 0; j < kTile; ++j)
+        w[j] = table[bits == 8 ? planes[c * kTile + j] : (words[j] >> (bits * c)) & mask];
+      for (int r = 0; r < R; ++r) {
+        const int32_t xr = p.x[(row0 + r) * p.k + b * kCodes + c];
+        for (int j = 0; j < kTile; ++j) acc[r][j] += w[j] * xr;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) int8_store(p, row0 + r, tile, acc[r]);
+}
+
+[[maybe_unused]] void int8_tiles_portable(const Int8Problem& p, int64_t tile0, int64_t tiles) {
+  for (int64_t t = tile0; t < tile0 + tiles; ++t) {
+    int64_t r = 0;
+    for (; r + 4 <= p.m; r += 4) int8_tile_portable<4>(p, t, r);
+    for (; r < p.m; ++r) int8_tile_portable<1>(p, t, r);
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+// AVX512-VNNI with VBMI: 64 weights (16 outputs x 4 consecutive inputs) per vector. For <= 4 bits one
+// multishift pulls the 4 codes of each lane out of its word into 4 bytes (byte 4 j + i: code 4 h + i
+// of lane j, garbage above the code's bits) and one byte permute looks them up in the table repeated
+// to 64 bytes (so the garbage bits pick the same entry); 8-bit codes are interleaved by a byte permute
+// and looked up in 256 entries with two 128-entry permutes and a blend on bit 7. vpdpbusd multiplies
+// unsigned by signed bytes, so the table holds t + 128 and 128 sum_k x[m, k] is subtracted at the end.
+template <int Bits>
+inline __m512i int8_shift_control(int h) {
+  alignas(64) uint8_t control[64];
+  for (int byte = 0; byte < 64; ++byte) {
+    const int lane = (byte / 4) % 2, i = byte % 4;
+    control[byte] = static_cast<uint8_t>(32 * lane + Bits * (4 * h + i));
+  }
+  return _mm512_load_si512(control);
+}
+
+inline __m512i int8_interleave() {  // byte 4 j + i <- byte 16 i + j
+  alignas(64) uint8_t order[64];
+  for (int j = 0; j < 16; ++j)
+    for (int i = 0; i < 4; ++i) order[4 * j + i] = static_cast<uint8_t>(16 * i + j);
+  return _mm512_load_si512(order);
+}
+
+template <int R, int T, int Bits>
+void int8_tiles_vnni(const Int8Problem& p, int64_t tile0, int64_t row0) {
+  static const __m512i control[2] = {int8_shift_control<Bits>(0), int8_shift_control<Bits>(1)};
+  static const __m512i interleave = int8_interleave();
+  const int64_t blocks = p.k / kCodes;
+  __m512i table[T][Bits == 8 ? 4 : 1];
+  for (int t = 0; t < T; ++t) {
+    const uint8_t* entries = p.tables_u8 + ((tile0 + t) / p.tiles_per_group) * p.table_stride;
+    if constexpr (Bits == 8) {
+      for (int q = 0; q < 4; ++q) table[t][q] = _mm512_loadu_si512(entries + 64 * q);
+    } else {
+      table[t][0] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(entries)));
+    }
+  }
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* planes[T];
+    __m512i words[T];
+    for (int t = 0; t < T; ++t) {
+      planes[t] = p.indices + ((tile0 + t) * blocks + b) * Bits * kTile;
+      if constexpr (Bits < 8) words[t] = words_avx512<Bits>(planes[t]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m512i w[T];
+      for (int t = 0; t < T; ++t) {
+        if constexpr (Bits == 8) {
+          const __m512i codes = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(planes[t] + 64 * h));
+          const __m512i low = _mm512_permutex2var_epi8(table[t][0], codes, table[t][1]);
+          const __m512i high = _mm512_permutex2var_epi8(table[t][2], codes, table[t][3]);
+          w[t] = _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
+        } else {
+          w[t] = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(control[h], words[t]), table[t][0]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, p.x + (row0 + r) * p.k + b * kCodes + 4 * h, 4);
+        const __m512i x = _mm512_set1_epi32(four);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], x);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512i offset = _mm512_set1_epi32(128 * p.row_sums[row0 + r]);
+    for (int t = 0; t < T; ++t) {
+      alignas(64) int32_t sums[kTile];
+      _mm512_store_si512(sums, _mm512_sub_epi32(acc[r][t], offset));
+      int8_store(p, row0 + r, tile0 + t, sums);
+    }
+  }
+}
+
+template <int R, int Bits>
+void int8_rows_vnni(const Int8Problem& p, int64_t tile0, int64_t tiles, int64_t row0) {
+  if (tiles == 2) int8_tiles_vnni<R, 2, Bits>(p, tile0, row0);
+  else int8_tiles_vnni<R, 1, Bits>(p, tile0, row0);
+}
+
+// Blocks of 6 rows by 2 tiles (12 accumulators), then the 1-5 rows left as one block: each block
+// expands the tiles' weights once.
+template <int Bits>
+void int8_tiles_rows_vnni(const Int8Problem& p, int64_t tile0, int64_t tiles) {
+  int64_t r = 0;
+  for (; r + 6 <= p.m; r += 6) int8_rows_vnni<6, Bits>(p, tile0, tiles, r);
+  switch (p.m - r) {
+    case 5: return int8_rows_vnni<5, Bits>(p, tile0, tiles, r);
+    case 4: return int8_rows_vnni<4, Bits>(p, tile0, tiles, r);
+    case 3: return int8_rows_vnni<3, Bits>(p, tile0, tiles, r);
+    case 2: return int8_rows_vnni<2, Bits>(p, tile0, tiles, r);
+    case 1: return int8_rows_vnni<1, Bits>(p, tile0, tiles, r);
+    default: return;
+  }
+}
+#endif
+
+void run_int8_group(const Int8Problem& p, int64_t group) {
+  const int64_t tile0 = group * 2, tiles = std::min<int64_t>(2, p.n / kTile - tile0);
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  switch (p.bits) {
+    case 2: return int8_tiles_rows_vnni<2>(p, tile0, tiles);
+    case 3: return int8_tiles_rows_vnni<3>(p, tile0, tiles);
+    case 4: return int8_tiles_rows_vnni<4>(p, tile0, tiles);
+    default: return int8_tiles_rows_vnni<8>(p, tile0, tiles);
+  }
+#else
+  int8_tiles_portable(p, tile0, tiles);
+#endif
+}
+
 // Work items are handed out in chunks from one counter; the calling thread works too, so a call
 // finishes even if the pool's threads are all busy elsewhere (as cpu_kernels.cc does).
 struct Shared {
-  const Problem* problem;
+  std::function<void(int64_t)> run;  // one work item
   int64_t items, chunk;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -443,14 +619,14 @@ void work(Shared& s) {
     const int64_t start = s.next.fetch_add(s.chunk);
     if (start >= s.items) return;
     const int64_t end = std::min(start + s.chunk, s.items);
-    for (int64_t i = start; i < end; ++i) run_group(*s.problem, i);
+    for (int64_t i = start; i < end; ++i) s.run(i);
     s.done.fetch_add(end - start, std::memory_order_release);
   }
 }
 
-void parallel_groups(ffi::ThreadPool& pool, const Problem& problem, int64_t items) {
+void parallel_items(ffi::ThreadPool& pool, int64_t items, std::function<void(int64_t)> run) {
   auto shared = std::make_shared<Shared>();
-  shared->problem = &problem;
+  shared->run = std::move(run);
   shared->items = items;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   shared->chunk = std::max<int64_t>(1, items / (threads * 4));
@@ -499,7 +675,103 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 #endif
   const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scale32.data(), y->typed_data(),
                         m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
-  if (m > 0 && n > 0) parallel_groups(pool, problem, (tiles + group_tiles(problem) - 1) / group_tiles(problem));
+  if (m > 0 && n > 0)
+    parallel_items(pool, (tiles + group_tiles(problem) - 1) / group_tiles(problem),
+                   [&problem](int64_t group) { run_group(problem, group); });
+  return ffi::Error::Success();
+}
+
+// The scheme's quantization, as afmkit/model/palettized.py's quantize_rows and int8_tables write it
+// (one correctly rounded fp32 operation at a time, so the XLA path gets the same codes): a vector's
+// scale is max|v| * fp32(1/127) (1 when that is 0), its codes v / scale rounded half to even.
+inline float int8_scale(const float* v, int64_t count) {
+  float largest = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 most = _mm512_setzero_ps();
+  for (; i + 16 <= count; i += 16) most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_loadu_ps(v + i)));
+  largest = _mm512_reduce_max_ps(most);
+#endif
+  for (; i < count; ++i) largest = std::max(largest, std::fabs(v[i]));
+  const float scale = largest * (1.0f / 127.0f);
+  return scale > 0.0f ? scale : 1.0f;
+}
+
+inline int8_t int8_code(float v, float scale) {
+  return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(v / scale))));
+}
+
+// A row's codes into `out` and their sum; 16 at a time on AVX-512 (the same division, rounding to
+// nearest even and clamp as int8_code).
+inline int32_t int8_codes(const float* v, int64_t count, float scale, int8_t* out) {
+  int32_t sum = 0;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(scale), low = _mm512_set1_ps(-127.0f), high = _mm512_set1_ps(127.0f);
+  __m512i sums = _mm512_setzero_si512();
+  for (; i + 16 <= count; i += 16) {
+    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(high, _mm512_max_ps(low, q)));
+    sums = _mm512_add_epi32(sums, codes);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(codes));
+  }
+  sum = _mm512_reduce_add_epi32(sums);
+#endif
+  for (; i < count; ++i) {
+    out[i] = int8_code(v[i], scale);
+    sum += out[i];
+  }
+  return sum;
+}
+
+ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> indices,
+                                ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::F32> scales,
+                                ffi::ResultBuffer<ffi::F32> y, int64_t bits) {
+  const auto xd = x.dimensions(), id = indices.dimensions(), td = tables.dimensions();
+  if (xd.size() != 2 || id.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("palettized_matmul_int8: x must be 2-D, indices 4-D, tables 2-D");
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    return ffi::Error::InvalidArgument("palettized_matmul_int8: bits must be 2, 3, 4 or 8");
+  const int64_t m = xd[0], k = xd[1], tiles = id[0], n = tiles * kTile, entries = int64_t{1} << bits;
+  if (id[1] * kCodes != k || id[2] != bits || id[3] != kTile)
+    return ffi::Error::InvalidArgument("palettized_matmul_int8: indices do not match x's last dimension and bits");
+  const int64_t groups = td[0];
+  if (td[1] != entries || groups < 1 || n % groups || (n / groups) % kTile)
+    return ffi::Error::InvalidArgument("palettized_matmul_int8: tables must be [groups of a multiple of 16 rows, 2^bits]");
+  const bool scaled = scales.element_count() != 0;
+  if (scaled && scales.element_count() != static_cast<size_t>(n))
+    return ffi::Error::InvalidArgument("palettized_matmul_int8: scales must have one entry per output (or none)");
+  if (k > (int64_t{1} << 31) / (128 * 128))
+    return ffi::Error::InvalidArgument("palettized_matmul_int8: K too large for exact int32 sums");
+  // the tables to int8 (each repeated to 16 entries when it has fewer), and each output's scale
+  const int64_t stride = std::max<int64_t>(kTile, entries), group_rows = n / groups;
+  std::vector<int8_t> table8(groups * stride);
+  std::vector<uint8_t> table_u8(groups * stride);
+  std::vector<float> col_scales(n);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* entry = tables.typed_data() + g * entries;
+    const float t_scale = int8_scale(entry, entries);
+    for (int64_t i = 0; i < stride; ++i) {
+      table8[g * stride + i] = int8_code(entry[i % entries], t_scale);
+      table_u8[g * stride + i] = static_cast<uint8_t>(table8[g * stride + i] + 128);
+    }
+    for (int64_t j = g * group_rows; j < (g + 1) * group_rows; ++j)
+      col_scales[j] = scaled ? t_scale * scales.typed_data()[j] : t_scale;
+  }
+  // x to int8 row by row (rows shared between the threads), and each row's sum of codes
+  std::vector<int8_t> x8(m * k);
+  std::vector<float> x_scales(m);
+  std::vector<int32_t> row_sums(m, 0);
+  const float* xs = x.typed_data();
+  parallel_items(pool, m, [&](int64_t r) {
+    x_scales[r] = int8_scale(xs + r * k, k);
+    row_sums[r] = int8_codes(xs + r * k, k, x_scales[r], x8.data() + r * k);
+  });
+  const Int8Problem problem{x8.data(), row_sums.data(), x_scales.data(), indices.typed_data(), table8.data(),
+                            table_u8.data(), col_scales.data(), y->typed_data(), m, k, n, bits,
+                            group_rows / kTile, stride};
+  if (m > 0 && n > 0)
+    parallel_items(pool, (tiles + 1) / 2, [&problem](int64_t group) { run_int8_group(problem, group); });
   return ffi::Error::Success();
 }
 
@@ -507,6 +779,15 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 // From how many rows x and the table entries are rounded to bf16 (0: never; asked through ctypes).
 extern "C" int64_t AfmkitPalettizedBf16Rows() { return kBf16Rows; }
+
+// Which code multiplies int8 activations in this build.
+extern "C" const char* AfmkitPalettizedInt8Isa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  return "avx512-vnni";
+#else
+  return "portable";
+#endif
+}
 
 // Which code this build runs (for benchmarks and bug reports).
 extern "C" const char* AfmkitPalettizedIsa() {
@@ -522,6 +803,16 @@ extern "C" const char* AfmkitPalettizedIsa() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmul, PalettizedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmulInt8, PalettizedMatmulInt8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

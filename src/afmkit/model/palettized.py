@@ -16,6 +16,12 @@ That costs exactly ``bits`` bits per weight, 3 bits included.
 each code picks its table entry in registers, so a decode step reads ``bits`` bits per weight, not
 32), elsewhere through XLA on the dequantized matrix; fp32 table values and accumulation either way.
 Adapters add their update on top of the result, as on any base weight.
+
+With ``activation_bits=8`` (``afmkit.load(..., activations="int8")``) a matmul quantizes its input
+per token (each row of ``x`` to int8 by its own absmax scale, at run time) and the tables per group
+(int8, absmax scale), and sums exact int32 products (``int8_matmul``): AFM's activation
+quantization, for CPUs with 8-bit dot products (AVX512-VNNI). Gradients pass straight through to the
+fp32 matmul's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from afmkit.errors import UserError
 TILE = 16  # outputs per tile of indices
 CODES_PER_WORD = 8  # inputs whose codes share one word of ``bits`` bytes
 BITS = (2, 3, 4, 8)
+# int8 scale per unit of absmax: a product with fp32(1/127), which XLA keeps as written (it may turn a
+# division by a constant into this product, so a reference could not know which it ran)
+INT8_STEP = np.float32(1 / 127)
 
 
 @jax.tree_util.register_dataclass
@@ -47,6 +56,8 @@ class PalettizedWeight:
     bits: int = dataclasses.field(metadata={"static": True})
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     in_axes: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    # None: fp32 inputs; 8: inputs quantized per token to int8 at run time (a load option, not saved)
+    activation_bits: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     dtype = jnp.dtype(jnp.float32)  # what it computes in and dequantizes to
 
@@ -203,6 +214,8 @@ def palettized_matmul(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
     from afmkit import kernels
 
     x = x.astype(jnp.float32)
+    if weight.activation_bits == 8:
+        return _int8_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
     if weight.group_rows % TILE == 0 and kernels.on_cpu():
         return _native_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
     return _xla_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
@@ -232,6 +245,50 @@ def _native_matmul_bwd(bits: int, saved: Any, grad: jax.Array) -> Any:
 
 
 _native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per row (dynamic per-token quantization): ``x ~ codes * scales[:, None]``,
+    ``scales = max|x| * fp32(1/127)`` (1 for an all-zero row), codes ``x / scale`` rounded half to
+    even and clipped to +-127."""
+    scales = jnp.max(jnp.abs(x), axis=-1) * INT8_STEP
+    scales = jnp.where(scales > 0, scales, 1.0)
+    return jnp.clip(jnp.round(x / scales[:, None]), -127, 127).astype(jnp.int8), scales
+
+
+def int8_tables(tables: jax.Array, scales: Any, n: int) -> tuple[jax.Array, jax.Array]:
+    """Each group's table to int8 by its absmax (``tables ~ codes * t_scale[:, None]``), and the
+    scale each output applies after the integer sum: its group's ``t_scale`` times its row scale."""
+    tables = tables.astype(jnp.float32)
+    t_scales = jnp.max(jnp.abs(tables), axis=-1) * INT8_STEP
+    t_scales = jnp.where(t_scales > 0, t_scales, 1.0)
+    codes = jnp.round(tables / t_scales[:, None]).astype(jnp.int8)
+    col_scales = jnp.repeat(t_scales, n // tables.shape[0])
+    return codes, col_scales if scales is None else col_scales * scales.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _int8_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> jax.Array:
+    """``x @ W`` with x and the tables in int8: native on CPUs, else an int8 XLA dot; the same int32
+    sums either way, then ``* x_scale[m] * col_scale[n]`` in that order."""
+    from afmkit import kernels
+
+    n = indices.shape[0] * indices.shape[3]
+    if (n // tables.shape[0]) % TILE == 0 and kernels.on_cpu():  # the kernel quantizes as below
+        return kernels.palettized_matmul_int8(x, indices, tables, scales, bits=bits)
+    x_codes, x_scales = quantize_rows(x)
+    t_codes, col_scales = int8_tables(tables, scales, n)
+    group = jnp.arange(n) // (n // tables.shape[0])
+    weights = t_codes.reshape(-1)[group[None, :] * 2**bits + unpack_codes(indices, bits, jnp)]
+    sums = jax.lax.dot(x_codes, weights, preferred_element_type=jnp.int32)
+    return sums.astype(jnp.float32) * x_scales[:, None] * col_scales[None, :]
+
+
+def _int8_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> Any:
+    return _int8_matmul(x, indices, tables, scales, bits), (x, indices, tables, scales)
+
+
+_int8_matmul.defvjp(_int8_matmul_fwd, _native_matmul_bwd)  # straight through: the fp32 matmul's gradients
 
 
 def is_palettized(params: Any) -> bool:
