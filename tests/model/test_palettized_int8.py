@@ -61,9 +61,10 @@ class Weight:
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-# rows 6 at a time over pairs of tiles, then single rows; 208 outputs = 13 tiles (a lone last tile);
-# K = 72: 9 blocks of 8 inputs
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64])
+# Below 64 rows (VNNI code): blocks of 6 rows by pairs of tiles, then the rest as one block; from 64
+# rows the weights of 4 tiles at a time are expanded into a buffer first. 208 outputs = 13 tiles (a
+# lone tile after the pairs and after the fours); K = 72: 9 blocks of 8 inputs.
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 23, 64, 101])
 def test_int8_kernel_matches_numpy_to_the_bit(bits, rows):
     x = np.random.default_rng(rows).normal(size=(rows, 72)).astype(np.float32)
     x[0, :5] *= 40  # one large activation: the row's scale comes from it

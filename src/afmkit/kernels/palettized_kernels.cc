@@ -181,6 +181,12 @@ void tiles_avx2(const Problem& p, int64_t tile0, int64_t tiles) {
 #endif
 
 #if defined(__AVX512F__)
+template <typename V>
+inline V in_register(V v) {
+  asm("" : "+v"(v));  // keep a loaded vector in a register instead of one load per use
+  return v;
+}
+
 // A block's words of the 16 lanes (<= 4 bits): byte q of lane j is planes[q * 16 + j].
 template <int Bits>
 inline __m512i words_avx512(const uint8_t* planes) {
@@ -291,11 +297,6 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 // now decode (below 64 rows) stays fp32.
 constexpr int64_t kBf16Rows = 64;
 
-template <typename V>
-inline V in_register(V v) {
-  asm("" : "+v"(v));  // keep a loaded vector in a register instead of one load per use
-  return v;
-}
 
 template <int Bits>
 void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
@@ -514,50 +515,49 @@ inline __m512i int8_interleave() {  // byte 4 j + i <- byte 16 i + j
   return _mm512_load_si512(order);
 }
 
-template <int R, int T, int Bits>
-void int8_tiles_vnni(const Int8Problem& p, int64_t tile0, int64_t row0) {
-  static const __m512i control[2] = {int8_shift_control<Bits>(0), int8_shift_control<Bits>(1)};
-  static const __m512i interleave = int8_interleave();
-  const int64_t blocks = p.k / kCodes;
-  __m512i table[T][Bits == 8 ? 4 : 1];
-  for (int t = 0; t < T; ++t) {
-    const uint8_t* entries = p.tables_u8 + ((tile0 + t) / p.tiles_per_group) * p.table_stride;
+// A tile's table (t + 128), in one vector repeated to 64 bytes, or 4 vectors of 64 entries at 8 bits,
+// with the byte permutes that pick a quad's codes.
+template <int Bits>
+struct Int8Table {
+  __m512i v[Bits == 8 ? 4 : 1];
+  __m512i pick[2];  // <= 4 bits: the multishift controls of quads 0 and 1; 8 bits: the interleave
+  Int8Table(const Int8Problem& p, int64_t tile) {
+    static const __m512i controls[2] = {int8_shift_control<Bits>(0), int8_shift_control<Bits>(1)};
+    static const __m512i interleave = int8_interleave();
+    const uint8_t* entries = p.tables_u8 + (tile / p.tiles_per_group) * p.table_stride;
     if constexpr (Bits == 8) {
-      for (int q = 0; q < 4; ++q) table[t][q] = _mm512_loadu_si512(entries + 64 * q);
+      for (int q = 0; q < 4; ++q) v[q] = _mm512_loadu_si512(entries + 64 * q);
+      pick[0] = pick[1] = interleave;
     } else {
-      table[t][0] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(entries)));
+      v[0] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(entries)));
+      pick[0] = controls[0], pick[1] = controls[1];
     }
   }
-  __m512i acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* planes[T];
-    __m512i words[T];
-    for (int t = 0; t < T; ++t) {
-      planes[t] = p.indices + ((tile0 + t) * blocks + b) * Bits * kTile;
-      if constexpr (Bits < 8) words[t] = words_avx512<Bits>(planes[t]);
-    }
-    for (int h = 0; h < 2; ++h) {
-      __m512i w[T];
-      for (int t = 0; t < T; ++t) {
-        if constexpr (Bits == 8) {
-          const __m512i codes = _mm512_permutexvar_epi8(interleave, _mm512_loadu_si512(planes[t] + 64 * h));
-          const __m512i low = _mm512_permutex2var_epi8(table[t][0], codes, table[t][1]);
-          const __m512i high = _mm512_permutex2var_epi8(table[t][2], codes, table[t][3]);
-          w[t] = _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
-        } else {
-          w[t] = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(control[h], words[t]), table[t][0]);
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        int32_t four;
-        std::memcpy(&four, p.x + (row0 + r) * p.k + b * kCodes + 4 * h, 4);
-        const __m512i x = _mm512_set1_epi32(four);
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], x);
-      }
-    }
+  Int8Table() = default;
+};
+
+// The 64 weights (t + 128) of inputs 4 h .. 4 h + 3 of a block by a tile's 16 outputs: byte 4 j + i
+// is input 4 h + i of output j. `words`: the block's words (<= 4 bits); `planes`: its codes.
+template <int Bits>
+inline __m512i int8_quad(const Int8Table<Bits>& table, const uint8_t* planes, __m512i words, int h) {
+  if constexpr (Bits == 8) {
+    const __m512i codes = _mm512_permutexvar_epi8(table.pick[0], _mm512_loadu_si512(planes + 64 * h));
+    const __m512i low = _mm512_permutex2var_epi8(table.v[0], codes, table.v[1]);
+    const __m512i high = _mm512_permutex2var_epi8(table.v[2], codes, table.v[3]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
+  } else {
+    return _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(table.pick[h], words), table.v[0]);
   }
+}
+
+inline __m512i int8_broadcast(const int8_t* four) {
+  int32_t bytes;
+  std::memcpy(&bytes, four, 4);
+  return _mm512_set1_epi32(bytes);
+}
+
+template <int R, int T>
+inline void int8_finish(const Int8Problem& p, __m512i (&acc)[R][T], int64_t tile0, int64_t row0) {
   for (int r = 0; r < R; ++r) {
     const __m512i offset = _mm512_set1_epi32(128 * p.row_sums[row0 + r]);
     for (int t = 0; t < T; ++t) {
@@ -568,14 +568,41 @@ void int8_tiles_vnni(const Int8Problem& p, int64_t tile0, int64_t row0) {
   }
 }
 
+// Few rows (decode): R rows by T tiles, each quad of weights expanded in registers and used at once.
+template <int R, int T, int Bits>
+void int8_tiles_vnni(const Int8Problem& p, int64_t tile0, int64_t row0) {
+  const int64_t blocks = p.k / kCodes;
+  Int8Table<Bits> table[T];
+  for (int t = 0; t < T; ++t) table[t] = Int8Table<Bits>(p, tile0 + t);
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* planes[T];
+    __m512i words[T];
+    for (int t = 0; t < T; ++t) {
+      planes[t] = p.indices + ((tile0 + t) * blocks + b) * Bits * kTile;
+      words[t] = Bits < 8 ? words_avx512<Bits == 8 ? 4 : Bits>(planes[t]) : _mm512_setzero_si512();
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m512i w[T];
+      for (int t = 0; t < T; ++t) w[t] = int8_quad<Bits>(table[t], planes[t], words[t], h);
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = int8_broadcast(p.x + (row0 + r) * p.k + b * kCodes + 4 * h);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], x);
+      }
+    }
+  }
+  int8_finish<R, T>(p, acc, tile0, row0);
+}
+
 template <int R, int Bits>
 void int8_rows_vnni(const Int8Problem& p, int64_t tile0, int64_t tiles, int64_t row0) {
   if (tiles == 2) int8_tiles_vnni<R, 2, Bits>(p, tile0, row0);
   else int8_tiles_vnni<R, 1, Bits>(p, tile0, row0);
 }
 
-// Blocks of 6 rows by 2 tiles (12 accumulators), then the 1-5 rows left as one block: each block
-// expands the tiles' weights once.
+// Blocks of 6 rows by 2 tiles (12 accumulators), then the 1-5 rows left as one block.
 template <int Bits>
 void int8_tiles_rows_vnni(const Int8Problem& p, int64_t tile0, int64_t tiles) {
   int64_t r = 0;
@@ -589,11 +616,90 @@ void int8_tiles_rows_vnni(const Int8Problem& p, int64_t tile0, int64_t tiles) {
     default: return;
   }
 }
+
+// Many rows (prefill): a group of up to 4 tiles expanded once into a buffer, [K / 4][tiles][64 bytes],
+// then read by every block of 6 rows (24 accumulators, 4 weight vectors and a broadcast in 32
+// registers: per quad 24 vpdpbusd for 4 loads and 6 broadcasts). The same integers as above.
+constexpr int64_t kInt8ExpandRows = 64;
+
+template <int Bits>
+void int8_expand(const Int8Problem& p, int64_t tile0, int tiles, uint8_t* out) {
+  const int64_t blocks = p.k / kCodes;
+  for (int t = 0; t < tiles; ++t) {
+    const Int8Table<Bits> table(p, tile0 + t);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* planes = p.indices + ((tile0 + t) * blocks + b) * Bits * kTile;
+      const __m512i words = Bits < 8 ? words_avx512<Bits == 8 ? 4 : Bits>(planes) : _mm512_setzero_si512();
+      for (int h = 0; h < 2; ++h)
+        _mm512_store_si512(out + ((2 * b + h) * tiles + t) * 64, int8_quad<Bits>(table, planes, words, h));
+    }
+  }
+}
+
+template <int R, int T>
+void int8_gemm(const Int8Problem& p, const uint8_t* expanded, int64_t tile0, int64_t row0) {
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  const int64_t quads = p.k / 4;
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i w[T];
+    for (int t = 0; t < T; ++t) w[t] = in_register(_mm512_load_si512(expanded + (q * T + t) * 64));
+    for (int r = 0; r < R; ++r) {
+      const __m512i x = int8_broadcast(p.x + (row0 + r) * p.k + 4 * q);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], x);
+    }
+  }
+  int8_finish<R, T>(p, acc, tile0, row0);
+}
+
+template <int T>
+void int8_gemm_rows(const Int8Problem& p, const uint8_t* expanded, int64_t tile0) {
+  int64_t r = 0;
+  for (; r + 6 <= p.m; r += 6) int8_gemm<6, T>(p, expanded, tile0, r);
+  switch (p.m - r) {
+    case 5: return int8_gemm<5, T>(p, expanded, tile0, r);
+    case 4: return int8_gemm<4, T>(p, expanded, tile0, r);
+    case 3: return int8_gemm<3, T>(p, expanded, tile0, r);
+    case 2: return int8_gemm<2, T>(p, expanded, tile0, r);
+    case 1: return int8_gemm<1, T>(p, expanded, tile0, r);
+    default: return;
+  }
+}
+
+void int8_run_expanded(const Int8Problem& p, int64_t tile0, int tiles) {
+  thread_local std::vector<uint8_t> buffer;
+  const size_t bytes = p.k / 4 * tiles * 64;
+  if (buffer.size() < bytes + 64) buffer.resize(bytes + 64);
+  uint8_t* expanded = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  switch (p.bits) {
+    case 2: int8_expand<2>(p, tile0, tiles, expanded); break;
+    case 3: int8_expand<3>(p, tile0, tiles, expanded); break;
+    case 4: int8_expand<4>(p, tile0, tiles, expanded); break;
+    default: int8_expand<8>(p, tile0, tiles, expanded);
+  }
+  switch (tiles) {
+    case 4: return int8_gemm_rows<4>(p, expanded, tile0);
+    case 3: return int8_gemm_rows<3>(p, expanded, tile0);
+    case 2: return int8_gemm_rows<2>(p, expanded, tile0);
+    default: return int8_gemm_rows<1>(p, expanded, tile0);
+  }
+}
 #endif
 
-void run_int8_group(const Int8Problem& p, int64_t group) {
-  const int64_t tile0 = group * 2, tiles = std::min<int64_t>(2, p.n / kTile - tile0);
+// Tiles per work item: 4 where the VNNI code expands them into a buffer for many rows, else 2.
+inline int64_t int8_group_tiles(const Int8Problem& p) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  if (p.m >= kInt8ExpandRows) return 4;
+#endif
+  return 2;
+}
+
+void run_int8_group(const Int8Problem& p, int64_t group) {
+  const int64_t size = int8_group_tiles(p), tile0 = group * size;
+  const int64_t tiles = std::min<int64_t>(size, p.n / kTile - tile0);
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+  if (p.m >= kInt8ExpandRows) return int8_run_expanded(p, tile0, static_cast<int>(tiles));
   switch (p.bits) {
     case 2: return int8_tiles_rows_vnni<2>(p, tile0, tiles);
     case 3: return int8_tiles_rows_vnni<3>(p, tile0, tiles);
@@ -771,7 +877,8 @@ ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
                             table_u8.data(), col_scales.data(), y->typed_data(), m, k, n, bits,
                             group_rows / kTile, stride};
   if (m > 0 && n > 0)
-    parallel_items(pool, (tiles + 1) / 2, [&problem](int64_t group) { run_int8_group(problem, group); });
+    parallel_items(pool, (tiles + int8_group_tiles(problem) - 1) / int8_group_tiles(problem),
+                   [&problem](int64_t group) { run_int8_group(problem, group); });
   return ffi::Error::Success();
 }
 
