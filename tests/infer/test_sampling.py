@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from afmkit.errors import UserError
-from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, _filter_top_k_top_p, sample
+from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, _filter_top_k_top_p, sample, seed_keys
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
 
@@ -111,3 +111,11 @@ def test_presence_and_frequency_penalties_match_the_formula_and_break_loops(smol
 def test_penalties_outside_openais_range_are_refused(field, value):
     with pytest.raises(UserError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_seed_keys_are_jax_prng_keys():
+    """The keys computed without JAX are the ones ``jax.random.PRNGKey`` gives, over the whole range."""
+    seeds = [0, 1, 12345, 2**31 - 1, 2**31, 3_000_000_000, 2**32 - 1]
+    expected = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
+    np.testing.assert_array_equal(seed_keys(seeds), expected)
+    assert seed_keys(seeds).dtype == np.uint32

@@ -217,8 +217,10 @@ class _BankUpdate:
       einsums. Reads ``B`` copies of an adapter; LoRA FLOPs are those of one adapter per row.
       Best for prefill (many tokens per row: compute-bound).
     * all slots: every row's input times every slot's ``A`` (``[B, n_slots, r]``, reading ``A``
-      once), each row gathers its own slot's result, then its own slot's ``B``. Best for decode
-      (one token per row, memory-bound) when the bank has fewer slots than the batch rows.
+      once), each row gathers its own slot's result; that times every slot's ``B``, and each row
+      gathers its own slot's output. Best for decode (one token per row, memory-bound) when the
+      bank has fewer slots than the batch rows: the bank is read once per step instead of once per
+      row (gathering ``B`` per row copied it ``B`` times, most of a LoRA decode step's time).
     """
 
     a: jax.Array  # [n_slots, in..., r]
@@ -234,7 +236,8 @@ class _BankUpdate:
             every_slot = jnp.einsum(_bank_spec(spec), x, self.a.astype(x.dtype))  # [B, 1..., n_slots, r]
             low = every_slot.reshape(batch, n_slots, -1)[jnp.arange(batch), rows]  # the row's own slot
             low = low.reshape(*every_slot.shape[:-2], low.shape[-1])
-            out = jnp.einsum(_lora_specs(spec, per_row=True)[1], low, self.b[rows].astype(x.dtype))
+            every_out = jnp.einsum(_every_slot_out_spec(spec), low, self.b.astype(x.dtype))  # [B, n_slots, ...]
+            out = every_out[jnp.arange(batch), rows]
         else:
             out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
         return out * self.scales[rows].astype(x.dtype).reshape((batch,) + (1,) * (out.ndim - 1))
@@ -248,6 +251,16 @@ def _bank_spec(spec: str) -> str:
     w_in = "".join(c for c in w if c in lhs)
     mid = "".join(c for c in lhs if c not in w_in) + slot + rank
     return f"{lhs},{slot}{w_in}{rank}->{mid}"
+
+
+def _every_slot_out_spec(spec: str) -> str:
+    """``low`` (a row's rank-r input) times every slot's ``B``, slots after the batch axis: for a
+    base spec like ``"btd,dhk->bthk"``, ``"btr,srhk->bsthk"``."""
+    second = _lora_specs(spec, per_row=False)[1]
+    low, rest = second.split(",")
+    b_axes, out = rest.split("->")
+    slot = next(c for c in string.ascii_lowercase if c not in second)
+    return f"{low},{slot}{b_axes}->{out[0]}{slot}{out[1:]}"
 
 
 @jax.tree_util.register_dataclass
