@@ -119,3 +119,24 @@ def test_seed_keys_are_jax_prng_keys():
     expected = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
     np.testing.assert_array_equal(seed_keys(seeds), expected)
     assert seed_keys(seeds).dtype == np.uint32
+
+
+# peaked logits and top-k within the head: decided there; flat ones (and a top-k of 1000): the full sort
+@pytest.mark.parametrize(("scale", "big_k", "in_head"), [(8.0, 100, True), (0.01, 1000, False)])
+def test_the_head_search_keeps_what_a_full_sort_keeps(scale, big_k, in_head, monkeypatch):
+    """The nucleus found among each row's 256 largest logits, or by sorting the whole vocabulary
+    when a row's top-k or nucleus reaches past them, equals the full sort's for every row."""
+    import afmkit.infer.sampling as S
+
+    logits = jax.random.normal(jax.random.PRNGKey(3), (6, 5000)) * scale
+    top_k = jnp.array([0, 0, 40, big_k, 0, 3])
+    top_p = jnp.array([0.9, 1.0, 0.95, 0.8, 0.5, 1.0])
+    largest = jax.lax.top_k(logits, S.NUCLEUS_HEAD)[0]
+    k = jnp.where(top_k > 0, top_k, 5000)
+    assert bool(jnp.all(S._threshold(logits, largest, k, top_p)[1])) == in_head
+    fast = np.isfinite(np.asarray(jax.jit(_filter_top_k_top_p)(logits, top_k, top_p)))
+    monkeypatch.setattr(S, "NUCLEUS_HEAD", 5000)
+    full = np.isfinite(np.asarray(jax.jit(S._filter_top_k_top_p)(logits, top_k, top_p)))
+    np.testing.assert_array_equal(fast, full)
+    assert fast[1].all()  # top_k 0, top_p 1: nothing filtered
+    assert (fast.sum(1)[[2, 5]] <= [40, 3]).all()

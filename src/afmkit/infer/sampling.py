@@ -186,18 +186,44 @@ def sample(
     return jnp.where(state.temperature > 0, sampled, greedy_tokens)
 
 
+# The nucleus is looked for among each row's largest logits first (``lax.top_k``); only a batch with
+# a row whose top-k or nucleus reaches past them sorts the whole vocabulary (XLA's CPU sort of
+# 49,152 logits per row took most of a sampled decode step).
+NUCLEUS_HEAD = 256
+
+
 def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Set to -inf every logit outside the row's top-k and outside its top-p nucleus."""
+    """Set to -inf every logit outside the row's top-k and outside its top-p nucleus (the smallest
+    set of largest logits whose probability after top-k reaches top_p). A row with top_k 0 and
+    top_p 1 keeps every logit."""
     vocab = logits.shape[-1]
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth_value = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
-    ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
-    probs = jax.nn.softmax(ordered, axis=-1)
+    head = min(NUCLEUS_HEAD, vocab)
+    largest = jax.lax.top_k(logits, head)[0]  # descending
+    threshold, found = _threshold(logits, largest, k, top_p)
+    if head < vocab:
+        threshold = jax.lax.cond(
+            jnp.all(found),
+            lambda: threshold,
+            lambda: _threshold(logits, jnp.sort(logits, axis=-1)[:, ::-1], k, top_p)[0],
+        )
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _threshold(logits: jax.Array, ordered: jax.Array, k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's smallest kept logit from its ``ordered`` largest ones (descending, all of them or
+    a head), and whether that head decided it."""
+    n = ordered.shape[-1]
+    kth_value = jnp.take_along_axis(ordered, (jnp.minimum(k, n) - 1)[:, None], axis=-1)
+    kth_value = jnp.where((k < logits.shape[-1])[:, None], kth_value, -jnp.inf)
+    # top-k's probabilities, normalized over every kept logit (not only the head's)
+    log_z = jax.nn.logsumexp(jnp.where(logits >= kth_value, logits, -jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.exp(jnp.where(jnp.arange(n)[None, :] < k[:, None], ordered, -jnp.inf) - log_z)
     # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = mass_before < top_p[:, None]
     last_kept = jnp.maximum(keep.sum(axis=-1) - 1, 0)
     nucleus_value = jnp.take_along_axis(ordered, last_kept[:, None], axis=-1)
-    threshold = jnp.maximum(kth_value, nucleus_value)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    nucleus_value = jnp.where((top_p < 1.0)[:, None], nucleus_value, -jnp.inf)
+    found = (k <= n) | ((k == logits.shape[-1]) & ((top_p >= 1.0) | ~keep[:, -1]))
+    return jnp.maximum(kth_value, nucleus_value), found
