@@ -12,7 +12,7 @@ expanded in registers), ``xla-dequantize`` (the weight expanded inside the jitte
 path without kernels and the only one before the kernel), ``int4`` (the same matrix packed at 4 bits
 for ``kernels.packed_matmul``, what ``--dtype int4`` runs: bf16 dot products where the CPU has them),
 ``kernel-int8`` (``--activations int8``: x quantized per row to int8 and multiplied by the int8 tables
-with ``kernels.palettized_matmul_int8``, VNNI where the CPU has it; the quantization of x included).
+with ``kernels.palettized_matmul(..., int8_activations=True)``, VNNI where the CPU has it; the quantization of x included).
 Bits: 2, 4 or ``mixed`` (the per-matrix widths the 3.5-bit allocation gives most of SmolLM2's layers:
 q, gate, up and down at 3 bits, k, v and o at 4).
 """

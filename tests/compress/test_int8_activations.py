@@ -1,7 +1,7 @@
 """``load(..., activations="int8")`` / ``--activations int8`` on a compressed model: every palettized
-matrix quantizes its input per token, the native kernel and XLA give the same model, the CLI
-reports the same perplexity as the API, and a model without palettized weights is refused in a line.
-(The matmul itself is checked to the bit against numpy in tests/model/test_palettized_int8.py.)"""
+matrix quantizes its input per token, the CLI reports the same perplexity as the API, and a model
+without palettized weights is refused in a line. (The matmul itself, kernel and XLA paths, is checked
+to the bit against numpy in tests/model/test_palettized_int8.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import afmkit
-from afmkit import kernels
 from afmkit.cli import EXIT_USER_ERROR, main
 from afmkit.errors import UserError
 from afmkit.eval.perplexity import perplexity_of_text
@@ -26,18 +25,15 @@ def palettized_leaves(model):
     return [leaf for leaf in leaves if isinstance(leaf, PalettizedWeight)]
 
 
-def test_int8_activations_quantize_every_palettized_matmul(models, monkeypatch):
+def test_int8_activations_quantize_every_palettized_matmul(models):
     plain = afmkit.load(models / "small")
     int8 = afmkit.load(models / "small", activations="int8")
     assert {leaf.activation_bits for leaf in palettized_leaves(int8)} == {8}
     assert {leaf.activation_bits for leaf in palettized_leaves(plain)} == {None}
     ids = plain.tokenizer.encode((models / "held_out.txt").read_text())[:96]
     quantized = np.asarray(int8.logits(ids))
+    assert np.isfinite(quantized).all()
     assert not np.array_equal(quantized, np.asarray(plain.logits(ids)))
-    # the XLA path (accelerators) computes the same integers and scalings as the kernel
-    monkeypatch.setattr(kernels, "on_cpu", lambda: False)
-    xla = np.asarray(afmkit.load(models / "small", activations="int8").logits(ids))
-    np.testing.assert_allclose(xla, quantized, rtol=0, atol=1e-4 * np.abs(quantized).max())
 
 
 def test_the_flag_gives_the_apis_perplexity_and_generation_runs(models, tmp_path, capsys):

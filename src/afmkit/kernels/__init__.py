@@ -173,40 +173,33 @@ def packed_matmul(
 
 
 def palettized_matmul(
-    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: jax.Array | None, *, bits: int
+    x: jax.Array,
+    indices: jax.Array,
+    tables: jax.Array,
+    scales: jax.Array | None,
+    *,
+    bits: int,
+    int8_activations: bool = False,
 ) -> jax.Array:
     """``x [M, K]`` (fp32) times a palettized ``[K, N]`` weight (``afmkit.model.palettized``: indices
     ``[N / 16, K / 8, bits, 16]``, tables ``[groups, 2^bits]`` of a multiple of 16 rows each, scales
-    ``[N]`` or None; fp16 or fp32, multiplied in fp32), table entries expanded in registers."""
+    ``[N]`` or None; fp16 or fp32, multiplied in fp32), table entries expanded in registers.
+
+    ``int8_activations``: each row of x and each table quantized to int8 by its own absmax scale
+    (as ``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums exact in int32 (VNNI
+    dot products where the CPU has AVX512-VNNI and VBMI, else portable integer code), then
+    ``* x_scale[m] * (t_scale * scale)[n]`` in fp32."""
     _require()
     n = indices.shape[0] * indices.shape[3]
     tables = tables.astype(jnp.float32)
     scales = jnp.zeros((0,), jnp.float32) if scales is None else scales.astype(jnp.float32)
-    call = jax.ffi.ffi_call(
-        "afmkit_palettized_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
-    )
-    return call(x, indices, tables, scales, bits=np.int64(bits))
-
-
-def palettized_matmul_int8(
-    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: jax.Array | None, *, bits: int
-) -> jax.Array:
-    """``palettized_matmul`` with int8 activations: each row of x and each table quantized to int8
-    by its own absmax scale (``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums
-    exact in int32 (VNNI dot products where the CPU has AVX512-VNNI and VBMI, else portable integer
-    code), then ``* x_scale[m] * (t_scale * scale)[n]`` in fp32."""
-    _require()
-    n = indices.shape[0] * indices.shape[3]
-    tables = tables.astype(jnp.float32)
-    scales = jnp.zeros((0,), jnp.float32) if scales is None else scales.astype(jnp.float32)
-    call = jax.ffi.ffi_call(
-        "afmkit_palettized_matmul_int8", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
-    )
+    target = "afmkit_palettized_matmul_int8" if int8_activations else "afmkit_palettized_matmul"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
     return call(x, indices, tables, scales, bits=np.int64(bits))
 
 
 def palettized_int8_isa() -> str:
-    """Which code ``palettized_matmul_int8`` runs here: ``avx512-vnni``, ``portable`` or ``xla``."""
+    """Which code ``palettized_matmul(..., int8_activations=True)`` runs here: ``avx512-vnni``, ``portable`` or ``xla``."""
     return _features.get("palettized_int8_isa", "xla") if on_cpu() else "xla"
 
 

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -550,6 +551,13 @@ inline __m512i int8_quad(const Int8Table<Bits>& table, const uint8_t* planes, __
   }
 }
 
+// A block's words (<= 4 bits; at 8 bits int8_quad reads the codes themselves).
+template <int Bits>
+inline __m512i int8_words(const uint8_t* planes) {
+  if constexpr (Bits < 8) return words_avx512<Bits>(planes);
+  return _mm512_setzero_si512();
+}
+
 inline __m512i int8_broadcast(const int8_t* four) {
   int32_t bytes;
   std::memcpy(&bytes, four, 4);
@@ -582,7 +590,7 @@ void int8_tiles_vnni(const Int8Problem& p, int64_t tile0, int64_t row0) {
     __m512i words[T];
     for (int t = 0; t < T; ++t) {
       planes[t] = p.indices + ((tile0 + t) * blocks + b) * Bits * kTile;
-      words[t] = Bits < 8 ? words_avx512<Bits == 8 ? 4 : Bits>(planes[t]) : _mm512_setzero_si512();
+      words[t] = int8_words<Bits>(planes[t]);
     }
     for (int h = 0; h < 2; ++h) {
       __m512i w[T];
@@ -629,7 +637,7 @@ void int8_expand(const Int8Problem& p, int64_t tile0, int tiles, uint8_t* out) {
     const Int8Table<Bits> table(p, tile0 + t);
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* planes = p.indices + ((tile0 + t) * blocks + b) * Bits * kTile;
-      const __m512i words = Bits < 8 ? words_avx512<Bits == 8 ? 4 : Bits>(planes) : _mm512_setzero_si512();
+      const __m512i words = int8_words<Bits>(planes);
       for (int h = 0; h < 2; ++h)
         _mm512_store_si512(out + ((2 * b + h) * tiles + t) * 64, int8_quad<Bits>(table, planes, words, h));
     }
@@ -752,23 +760,36 @@ void parallel_items(ffi::ThreadPool& pool, int64_t items, std::function<void(int
   }
 }
 
+// The layout both palettized handlers take (indices [N / 16, K / 8, bits, 16], tables [groups of a
+// multiple of 16 rows, 2^bits], scales [N] or none), checked once; `name` prefixes the error.
+struct Layout {
+  int64_t m, k, n, tiles, groups, entries;
+  bool scaled;
+};
+
+ffi::Error check_layout(const char* name, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::U8>& indices,
+                        ffi::Buffer<ffi::F32>& tables, ffi::Buffer<ffi::F32>& scales, int64_t bits, Layout& out) {
+  const auto error = [name](const char* what) { return ffi::Error::InvalidArgument(std::string(name) + ": " + what); };
+  const auto xd = x.dimensions(), id = indices.dimensions(), td = tables.dimensions();
+  if (xd.size() != 2 || id.size() != 4 || td.size() != 2) return error("x must be 2-D, indices 4-D, tables 2-D");
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return error("bits must be 2, 3, 4 or 8");
+  out = {xd[0], xd[1], id[0] * kTile, id[0], td[0], int64_t{1} << bits, scales.element_count() != 0};
+  if (id[1] * kCodes != out.k || id[2] != bits || id[3] != kTile)
+    return error("indices do not match x's last dimension and bits");
+  if (td[1] != out.entries || out.groups < 1 || out.n % out.groups || (out.n / out.groups) % kTile)
+    return error("tables must be [groups of a multiple of 16 rows, 2^bits]");
+  if (out.scaled && scales.element_count() != static_cast<size_t>(out.n))
+    return error("scales must have one entry per output (or none)");
+  return ffi::Error::Success();
+}
+
 ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> indices,
                             ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::F32> scales,
                             ffi::ResultBuffer<ffi::F32> y, int64_t bits) {
-  const auto xd = x.dimensions(), id = indices.dimensions(), td = tables.dimensions();
-  if (xd.size() != 2 || id.size() != 4 || td.size() != 2)
-    return ffi::Error::InvalidArgument("palettized_matmul: x must be 2-D, indices 4-D, tables 2-D");
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
-    return ffi::Error::InvalidArgument("palettized_matmul: bits must be 2, 3, 4 or 8");
-  const int64_t m = xd[0], k = xd[1], tiles = id[0], n = tiles * kTile, entries = int64_t{1} << bits;
-  if (id[1] * kCodes != k || id[2] != bits || id[3] != kTile)
-    return ffi::Error::InvalidArgument("palettized_matmul: indices do not match x's last dimension and bits");
-  const int64_t groups = td[0];
-  if (td[1] != entries || groups < 1 || n % groups || (n / groups) % kTile)
-    return ffi::Error::InvalidArgument("palettized_matmul: tables must be [groups of a multiple of 16 rows, 2^bits]");
-  const bool scaled = scales.element_count() != 0;
-  if (scaled && scales.element_count() != static_cast<size_t>(n))
-    return ffi::Error::InvalidArgument("palettized_matmul: scales must have one entry per output (or none)");
+  Layout layout;
+  if (ffi::Error error = check_layout("palettized_matmul", x, indices, tables, scales, bits, layout); error.failure())
+    return error;
+  const auto [m, k, n, tiles, groups, entries, scaled] = layout;
   // The tables, each repeated to 16 entries when it has fewer, and the scales, once per call (a few KB)
   const int64_t stride = std::max<int64_t>(kTile, entries);
   std::vector<float> table32(groups * stride + kTile), scale32(n, 1.0f);
@@ -833,20 +854,10 @@ inline int32_t int8_codes(const float* v, int64_t count, float scale, int8_t* ou
 ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> indices,
                                 ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::F32> scales,
                                 ffi::ResultBuffer<ffi::F32> y, int64_t bits) {
-  const auto xd = x.dimensions(), id = indices.dimensions(), td = tables.dimensions();
-  if (xd.size() != 2 || id.size() != 4 || td.size() != 2)
-    return ffi::Error::InvalidArgument("palettized_matmul_int8: x must be 2-D, indices 4-D, tables 2-D");
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
-    return ffi::Error::InvalidArgument("palettized_matmul_int8: bits must be 2, 3, 4 or 8");
-  const int64_t m = xd[0], k = xd[1], tiles = id[0], n = tiles * kTile, entries = int64_t{1} << bits;
-  if (id[1] * kCodes != k || id[2] != bits || id[3] != kTile)
-    return ffi::Error::InvalidArgument("palettized_matmul_int8: indices do not match x's last dimension and bits");
-  const int64_t groups = td[0];
-  if (td[1] != entries || groups < 1 || n % groups || (n / groups) % kTile)
-    return ffi::Error::InvalidArgument("palettized_matmul_int8: tables must be [groups of a multiple of 16 rows, 2^bits]");
-  const bool scaled = scales.element_count() != 0;
-  if (scaled && scales.element_count() != static_cast<size_t>(n))
-    return ffi::Error::InvalidArgument("palettized_matmul_int8: scales must have one entry per output (or none)");
+  Layout layout;
+  if (ffi::Error error = check_layout("palettized_matmul_int8", x, indices, tables, scales, bits, layout); error.failure())
+    return error;
+  const auto [m, k, n, tiles, groups, entries, scaled] = layout;
   if (k > (int64_t{1} << 31) / (128 * 128))
     return ffi::Error::InvalidArgument("palettized_matmul_int8: K too large for exact int32 sums");
   // the tables to int8 (each repeated to 16 entries when it has fewer), and each output's scale

@@ -275,7 +275,7 @@ def _int8_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: An
 
     n = indices.shape[0] * indices.shape[3]
     if (n // tables.shape[0]) % TILE == 0 and kernels.on_cpu():  # the kernel quantizes as below
-        return kernels.palettized_matmul_int8(x, indices, tables, scales, bits=bits)
+        return kernels.palettized_matmul(x, indices, tables, scales, bits=bits, int8_activations=True)
     x_codes, x_scales = quantize_rows(x)
     t_codes, col_scales = int8_tables(tables, scales, n)
     group = jnp.arange(n) // (n // tables.shape[0])
