@@ -316,3 +316,40 @@ def test_rl_losses_split_into_microbatches_exactly(rl_batch):
         np.testing.assert_allclose(first + second, whole, rtol=RTOL, atol=ATOL, err_msg=name)
         for key, value in whole_metrics.items():
             np.testing.assert_allclose(first_metrics[key] + second_metrics[key], value, rtol=RTOL, atol=ATOL)
+
+
+def test_packed_rows_give_each_sequence_the_loss_and_gradient_it_has_alone(rl_batch):
+    """RL packs several sequences into one row (segment ids 1..S, advantages per slot): every
+    objective's loss, metrics and per-token gradient equal those of one sequence per row."""
+    new, old, mask, adv = rl_batch
+    # Rows of 15 tokens: sequences (0, 1, 2), (3, 4) and (5,); a padding token (segment 0) ends row 1.
+    layout = [(0, 1, 2), (3, 4), (5,)]
+    width = 15
+    packed = {name: np.zeros((3, width)) for name in ("new", "old", "mask", "segments")}
+    packed_adv = np.zeros((3, 4))  # one spare slot
+    where = {}
+    for row, members in enumerate(layout):
+        for slot, i in enumerate(members):
+            span = slice(5 * slot, 5 * slot + 5)
+            packed["new"][row, span], packed["old"][row, span], packed["mask"][row, span] = new[i], old[i], mask[i]
+            packed["segments"][row, span] = slot + 1
+            packed_adv[row, slot] = adv[i]
+            where[i] = (row, span)
+    packed["mask"][1, 10:] = 1.0  # under segment 0: padding, whatever its mask says
+    segments = jnp.asarray(packed["segments"], jnp.int32)
+    objectives = {
+        "mdloo": lambda n, o, m, a, **s: losses.mdloo_loss(n, o, m, a, step_size=0.5, **s),
+        "rloo": lambda n, o, m, a, **s: losses.rloo_loss(n, m, a, **s),
+        "ppo": lambda n, o, m, a, **s: losses.ppo_clip_loss(n, o, m, a, **s),
+    }
+    for name, fn in objectives.items():
+        (alone, alone_metrics), alone_grad = jax.value_and_grad(fn, has_aux=True)(*f32(new, old, mask, adv))
+        (together, metrics), grad = jax.value_and_grad(fn, has_aux=True)(
+            *f32(packed["new"], packed["old"], packed["mask"], packed_adv), segment_ids=segments
+        )
+        np.testing.assert_allclose(together, alone, rtol=RTOL, err_msg=name)
+        for key, value in alone_metrics.items():
+            np.testing.assert_allclose(metrics[key], value, rtol=RTOL, err_msg=f"{name} {key}")
+        for i, (row, span) in where.items():
+            np.testing.assert_allclose(grad[row, span], alone_grad[i], rtol=RTOL, atol=ATOL, err_msg=name)
+        np.testing.assert_array_equal(grad[1, 10:], 0.0)

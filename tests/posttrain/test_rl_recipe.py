@@ -26,7 +26,7 @@ from afmkit.cli import main
 from afmkit.model.transformer import init_params
 from afmkit.posttrain import verifiable
 from afmkit.posttrain.reward_model import init_reward_heads, save_reward_model
-from afmkit.posttrain.rl import RLSettings, policy_rewards, policy_rows, rl
+from afmkit.posttrain.rl import RLSettings, pack_first_fit, policy_rewards, policy_rows, rl
 from afmkit.posttrain.rollout import chat_prompt_ids, response_token_logprobs
 from afmkit.train.metrics import read_metrics
 from afmkit.train.objectives import ModelView
@@ -79,16 +79,19 @@ SMALL = RLSettings(
 
 
 def test_policy_rows_score_the_response_tokens_like_teacher_forcing(tiny_model):
-    """The objective's log-probs of a row's targets, where its loss mask is 1, equal
-    ``response_token_logprobs`` of the response (a separate forward on unpadded prompt +
-    response), and the old log-probs land on the same positions."""
+    """Samples packed into one row as segments: the objective's log-probs of each sample's
+    targets, where its loss mask is 1, equal ``response_token_logprobs`` of the response (a
+    separate forward on unpadded prompt + response), and the old log-probs land on the same
+    positions."""
     config, params = tiny_model.config, tiny_model.params
-    prompts = [chat_prompt_ids(tiny_model.tokenizer, t) for t in ("Hi.", "Tell me a longer thing, please.")]
-    responses = [[11, 12, 13], [40, 41, 42, 43, 44]]
+    prompts = [chat_prompt_ids(tiny_model.tokenizer, t) for t in ("Hi.", "Tell me a longer thing, please.", "Yes?")]
+    responses = [[11, 12, 13], list(range(40, 100)), [7]]  # rows of 128: the two short ones share one
     adapter = random_adapter(config, LoraConfig(rank=2, alpha=4.0), jax.random.PRNGKey(3), b_std=0.3, name="a")
     want = response_token_logprobs(params, config, prompts, responses, adapter)
-    rows = policy_rows(prompts, responses, want, np.array([0.5, -0.5]), rows_multiple=4)
-    assert rows["tokens"].shape[0] == 4 and rows["loss_mask"][2:].sum() == 0  # padding rows: no loss
+    rows, placement = policy_rows(prompts, responses, want, np.array([0.5, -0.5, 0.25]), rows_multiple=4)
+    used = {row for row, _ in placement}
+    assert len(used) < len(responses) and rows["tokens"].shape[0] == 4  # packed, then spare rows
+    assert all(rows["loss_mask"][row].sum() == 0 for row in set(range(4)) - used)
     view = ModelView(config=config, params=params, adapters=single(adapter), compute_dtype=jnp.float32)
     got = np.asarray(
         view.target_log_probs(
@@ -99,13 +102,21 @@ def test_policy_rows_score_the_response_tokens_like_teacher_forcing(tiny_model):
         )
     )
     for i, r in enumerate(responses):
-        on = rows["loss_mask"][i] > 0
+        row, slot = placement[i]
+        on = (rows["loss_mask"][row] > 0) & (rows["segment_ids"][row] == slot + 1)
         assert on.sum() == len(r)
-        np.testing.assert_array_equal(rows["targets"][i][on], r)
+        np.testing.assert_array_equal(rows["targets"][row][on], r)
         # fp32 forwards of the same weights on differently padded inputs: summation-order noise only
-        np.testing.assert_allclose(got[i][on], want[i, : len(r)], atol=1e-4)
-        np.testing.assert_array_equal(rows["old_log_probs"][i][on], want[i, : len(r)])
-    np.testing.assert_array_equal(rows["advantages"], [0.5, -0.5, 0.0, 0.0])
+        np.testing.assert_allclose(got[row][on], want[i, : len(r)], atol=1e-4)
+        np.testing.assert_array_equal(rows["old_log_probs"][row][on], want[i, : len(r)])
+        assert rows["advantages"][row, slot] == [0.5, -0.5, 0.25][i]
+    assert np.count_nonzero(rows["advantages"]) == 3
+
+
+def test_packing_is_first_fit_longest_first_and_refuses_what_cannot_fit():
+    assert pack_first_fit([5, 3, 7, 2, 2, 8], 10) == [[5, 3], [2, 1], [0, 4]]
+    with pytest.raises(ValueError, match="11 tokens"):
+        pack_first_fit([11], 10)
 
 
 @pytest.fixture(scope="module")

@@ -76,21 +76,24 @@ def pair_batches(rng):
 
 
 def policy_batches(rng):
+    """Two sampled sequences packed per row (segments 1 and 2), as ``posttrain.rl`` packs them."""
     batches = []
+    half = SEQ // 2
     for _ in range(STEPS):
         tokens = rng.integers(0, CONFIG.vocab_size, (ROWS, SEQ + 1), dtype=np.int32)
-        response = (np.arange(SEQ) >= 6) & (np.arange(SEQ) < rng.integers(8, SEQ + 1, ROWS)[:, None])
+        within = np.arange(SEQ) % half
+        response = (within >= 3) & (within < rng.integers(4, half + 1, (ROWS, 1)))
         batches.append(
             PolicyBatch(
                 tokens=tokens[:, :-1],
                 targets=tokens[:, 1:],
-                positions=np.tile(np.arange(SEQ, dtype=np.int32), (ROWS, 1)),
-                segment_ids=np.ones((ROWS, SEQ), np.int32),
+                positions=np.tile(within.astype(np.int32), (ROWS, 1)),
+                segment_ids=np.tile(np.where(np.arange(SEQ) < half, 1, 2).astype(np.int32), (ROWS, 1)),
                 loss_mask=response.astype(np.float32),
                 # near a random model's own log-probabilities (uniform over the vocabulary), so the
                 # sequence ratios stay near 1 as they do in a real iteration
                 old_log_probs=(-np.log(CONFIG.vocab_size) + 0.05 * rng.standard_normal((ROWS, SEQ))).astype(np.float32),
-                advantages=rng.standard_normal(ROWS).astype(np.float32),
+                advantages=rng.standard_normal((ROWS, 2)).astype(np.float32),
             )
         )
     return batches

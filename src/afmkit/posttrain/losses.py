@@ -100,14 +100,9 @@ def reward_model_loss(
 
 
 # -- RL: rewards and advantages ---------------------------------------------------------------
-def sequence_logprobs(logp_tok: jax.Array, mask: jax.Array) -> jax.Array:
-    """``log pi(y|x)`` per sequence ``[N]``: the masked sum of per-token log-probabilities ``[N, T]``."""
-    return jnp.where(mask > 0, logp_tok.astype(jnp.float32), 0.0).sum(axis=-1)
-
-
 def sequence_rewards(reward: jax.Array, logp_policy_seq: jax.Array, logp_ref_seq: jax.Array, beta: float) -> jax.Array:
     """AFM's sequence reward ``R = r - beta * (log pi(y|x) - log pi_ref(y|x))`` ``[N]``; the
-    log-probabilities are whole-response sums (``sequence_logprobs``). Its expectation over
+    log-probabilities are whole-response sums of per-token ones. Its expectation over
     ``y ~ pi`` is ``E[r] - beta * KL(pi || pi_ref)``: the KL enters with a minus sign."""
     return reward.astype(jnp.float32) - beta * (logp_policy_seq.astype(jnp.float32) - logp_ref_seq.astype(jnp.float32))
 
@@ -126,10 +121,33 @@ def leave_one_out_advantages(rewards: jax.Array) -> jax.Array:
 
 
 # -- RL: policy objectives --------------------------------------------------------------------
-def _sequence_log_ratio(logp_new_tok: jax.Array, logp_old_tok: jax.Array, mask: jax.Array) -> jax.Array:
-    """``log(pi(y|x) / pi_k(y|x))`` per sequence, the whole response being one action."""
-    diff = jnp.where(mask > 0, logp_new_tok.astype(jnp.float32) - logp_old_tok.astype(jnp.float32), 0.0)
-    return jnp.clip(diff.sum(axis=-1), -MAX_LOG_RATIO, MAX_LOG_RATIO)
+def _sequences(
+    mask: jax.Array, advantages: jax.Array, segment_ids: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where each row's sequences are: ``(slots [N, T, S], advantages [N, S], has_tokens [N, S])``.
+
+    Unpacked rows (``segment_ids`` None, ``advantages [N]``) hold one sequence each. Packed rows
+    (RL packs several prompt + response sequences into one row) hold up to S, told apart by
+    ``segment_ids`` 1..S (0: padding), with ``advantages [N, S]`` per sequence slot."""
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    if segment_ids is None:
+        segment_ids = jnp.ones(mask.shape, jnp.int32)
+    slots = segment_ids[..., None] == jnp.arange(1, advantages.shape[1] + 1, dtype=segment_ids.dtype)
+    slots = slots & (mask > 0)[..., None]
+    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    return slots, advantages, slots.any(axis=1)
+
+
+def _per_sequence(per_token: jax.Array, slots: jax.Array) -> jax.Array:
+    """The sum of ``per_token [N, T]`` over each sequence's response tokens: ``[N, S]``."""
+    return jnp.where(slots, per_token.astype(jnp.float32)[..., None], 0.0).sum(axis=1)
+
+
+def _sequence_log_ratio(logp_new_tok: jax.Array, logp_old_tok: jax.Array, slots: jax.Array) -> jax.Array:
+    """``log(pi(y|x) / pi_k(y|x))`` per sequence ``[N, S]``, the whole response being one action."""
+    diff = logp_new_tok.astype(jnp.float32) - logp_old_tok.astype(jnp.float32)
+    return jnp.clip(_per_sequence(diff, slots), -MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
 def mdloo_loss(
@@ -139,6 +157,7 @@ def mdloo_loss(
     advantages: jax.Array,
     *,
     step_size: float,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MDLOO: minus the mirror-descent objective ``E_{y~pi_k}[(pi/pi_k) A] - (1/t_k) KL(pi || pi_k)``,
     summed over the N sampled sequences (``count`` = sequences with at least one response token).
@@ -146,7 +165,8 @@ def mdloo_loss(
     ``logp_new_tok [N, T]``: per-token log-probabilities of the sampled responses under the policy
     being optimised (differentiated); ``logp_old_tok [N, T]``: the same under ``pi_k``, the
     policy that sampled them (constants); ``mask [N, T]``: 1 on response tokens; ``advantages
-    [N]``: leave-one-out advantages (constants); ``step_size``: t_k.
+    [N]``: leave-one-out advantages (constants); ``step_size``: t_k. Packed rows: ``segment_ids
+    [N, T]`` and ``advantages [N, S]`` (``_sequences``); every sum is then per sequence.
 
     The ratio is per sequence, ``rho = pi(y|x) / pi_k(y|x) = exp(sum_t mask * (logp_new - logp_old))``.
     KL estimator: with samples from ``pi_k`` only, ``KL(pi || pi_k) = E_{y~pi}[log rho]
@@ -158,36 +178,35 @@ def mdloo_loss(
     """
     if isinstance(step_size, (int, float)) and step_size <= 0:
         raise UserError(f"the mirror-descent step size t_k must be positive; got {step_size}")
-    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    slots, advantages, has_tokens = _sequences(mask, advantages, segment_ids)
     logp_old_tok = jax.lax.stop_gradient(logp_old_tok)
-    log_ratio = _sequence_log_ratio(logp_new_tok, logp_old_tok, mask)
+    log_ratio = _sequence_log_ratio(logp_new_tok, logp_old_tok, slots)
     ratio = jnp.exp(log_ratio)
     kl = ratio * log_ratio - ratio + 1.0
     per_sequence = -ratio * advantages + kl / step_size
-    has_tokens = (mask > 0).any(axis=-1)
     metrics = {
         "count": has_tokens.astype(jnp.float32).sum(),
         "kl_to_previous": jnp.where(has_tokens, kl, 0.0).sum(),
         "ratio": jnp.where(has_tokens, ratio, 0.0).sum(),
         "advantage": jnp.where(has_tokens, advantages, 0.0).sum(),
-        "tokens": (mask > 0).astype(jnp.float32).sum(),
+        "tokens": slots.astype(jnp.float32).sum(),
     }
     return jnp.where(has_tokens, per_sequence, 0.0).sum(), metrics
 
 
 def rloo_loss(
-    logp_new_tok: jax.Array, mask: jax.Array, advantages: jax.Array
+    logp_new_tok: jax.Array, mask: jax.Array, advantages: jax.Array, *, segment_ids: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """RLOO: one plain policy-gradient (REINFORCE) step with the leave-one-out advantage,
     ``-A * log pi(y|x)`` summed over sequences (``count`` = sequences with response tokens). Its
-    gradient, ``-A grad log pi(y|x)``, equals MDLOO's at ``pi = pi_k``."""
-    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
-    has_tokens = (mask > 0).any(axis=-1)
-    logp_seq = sequence_logprobs(logp_new_tok, mask)
+    gradient, ``-A grad log pi(y|x)``, equals MDLOO's at ``pi = pi_k``. Packed rows as in
+    ``mdloo_loss``."""
+    slots, advantages, has_tokens = _sequences(mask, advantages, segment_ids)
+    logp_seq = _per_sequence(logp_new_tok, slots)
     metrics = {
         "count": has_tokens.astype(jnp.float32).sum(),
         "advantage": jnp.where(has_tokens, advantages, 0.0).sum(),
-        "tokens": (mask > 0).astype(jnp.float32).sum(),
+        "tokens": slots.astype(jnp.float32).sum(),
     }
     return jnp.where(has_tokens, -advantages * logp_seq, 0.0).sum(), metrics
 
@@ -199,14 +218,17 @@ def ppo_clip_loss(
     advantages: jax.Array,
     *,
     clip_epsilon: float = 0.2,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped surrogate with a per-token ratio ``rho_t = pi(y_t|.)/pi_k(y_t|.)`` and the
     sequence's advantage on each of its tokens (no critic):
     ``-min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)`` summed over response tokens (``count`` =
-    tokens, so the trainer's division gives the token mean, as in PPO and TRL)."""
-    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))[:, None]
+    tokens, so the trainer's division gives the token mean, as in PPO and TRL). Packed rows as in
+    ``mdloo_loss``."""
+    slots, advantages, _ = _sequences(mask, advantages, segment_ids)
+    advantages = jnp.where(slots, advantages[:, None, :], 0.0).sum(axis=-1)  # each token its sequence's
     logp_old_tok = jax.lax.stop_gradient(logp_old_tok)
-    valid = mask > 0
+    valid = slots.any(axis=-1)
     log_ratio = jnp.where(valid, logp_new_tok.astype(jnp.float32) - logp_old_tok.astype(jnp.float32), 0.0)
     ratio = jnp.exp(jnp.clip(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = ratio * advantages

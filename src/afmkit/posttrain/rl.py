@@ -134,6 +134,34 @@ def train_slice(prompts: Sequence[dict[str, Any]], per_iteration: int, iteration
     return [prompts[(start + i) % len(prompts)] for i in range(n)]
 
 
+def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into bins of ``capacity`` tokens, first fit over the
+    longest first (ties in index order, so the same lengths always pack the same way)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a row of {capacity}")
+        fit = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            bins.append([])
+            room.append(capacity)
+            fit = len(bins) - 1
+        bins[fit].append(i)
+        room[fit] -= lengths[i]
+    return bins
+
+
+def _row_bucket(n: int) -> int:
+    """The next of 1, 2, 3, 4, 6, 8, 12, 16, ... (at most 1.5x ``n``): few batch shapes compile."""
+    power = 1
+    while power < n:
+        if power >= 2 and power * 3 // 2 >= n:
+            return power * 3 // 2
+        power *= 2
+    return power
+
+
 def policy_rows(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
@@ -141,36 +169,52 @@ def policy_rows(
     advantages: np.ndarray,
     *,
     rows_multiple: int,
-) -> dict[str, np.ndarray]:
-    """The fields of a ``train.objectives.PolicyBatch``: each row is one prompt + response shifted
-    by one (inputs, next-token targets), the loss mask and old log-probs on the response's
-    targets. Rows are padded to a multiple of ``rows_multiple`` with empty rows (no loss) and the
-    length to the engine's prompt bucket, so few shapes compile."""
+) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """The fields of a ``train.objectives.PolicyBatch`` and where each sample went.
+
+    Each sample, prompt + response shifted by one (inputs, next-token targets), is a segment of a
+    packed row: samples differ a lot in length (a loop runs to the limit, most answers stop far
+    earlier), so rows of one sample each padded to the longest would be mostly padding. Rows are
+    as long as the engine's prompt bucket of the longest sample; their number is a multiple of
+    ``rows_multiple`` on a coarse scale (``_row_bucket``) and the sequence slots per row a power
+    of two, so few shapes compile; spare rows are empty (no loss). The loss mask and the old
+    log-probs cover the response's targets. Returns ``(fields, placement)``: sample ``i`` is
+    segment ``placement[i][1] + 1`` of row ``placement[i][0]``."""
     from afmkit.infer.engine import prompt_bucket
 
-    n = len(prompt_ids)
-    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids)) - 1
-    length = prompt_bucket(longest)
-    rows = -(-n // rows_multiple) * rows_multiple
+    lengths = [len(p) + len(r) - 1 for p, r in zip(prompt_ids, response_ids)]
+    length = prompt_bucket(max(lengths))
+    bins = pack_first_fit(lengths, length)
+    rows = _row_bucket(-(-len(bins) // rows_multiple)) * rows_multiple
+    slots = 1 << (max(len(b) for b in bins) - 1).bit_length()
     fields = {
         "tokens": np.zeros((rows, length), np.int32),
         "targets": np.zeros((rows, length), np.int32),
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+        "positions": np.zeros((rows, length), np.int32),
         "segment_ids": np.zeros((rows, length), np.int32),
         "loss_mask": np.zeros((rows, length), np.float32),
         "old_log_probs": np.zeros((rows, length), np.float32),
-        "advantages": np.zeros((rows,), np.float32),
+        "advantages": np.zeros((rows, slots), np.float32),
     }
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        seq = list(p) + list(r)
-        fields["tokens"][i, : len(seq) - 1] = seq[:-1]
-        fields["targets"][i, : len(seq) - 1] = seq[1:]
-        fields["segment_ids"][i, : len(seq) - 1] = 1
-        # Response token t is the target at input position len(p) - 1 + t.
-        fields["loss_mask"][i, len(p) - 1 : len(seq) - 1] = 1.0
-        fields["old_log_probs"][i, len(p) - 1 : len(seq) - 1] = old_log_probs[i, : len(r)]
-        fields["advantages"][i] = advantages[i]
-    return fields
+    placement = [(0, 0)] * len(lengths)
+    for row, members in enumerate(bins):
+        at = 0
+        for slot, i in enumerate(members):
+            p, r = prompt_ids[i], response_ids[i]
+            seq = list(p) + list(r)
+            span = slice(at, at + len(seq) - 1)
+            fields["tokens"][row, span] = seq[:-1]
+            fields["targets"][row, span] = seq[1:]
+            fields["positions"][row, span] = np.arange(len(seq) - 1)
+            fields["segment_ids"][row, span] = slot + 1
+            # Response token t is the target at the sample's input position len(p) - 1 + t.
+            answer = slice(at + len(p) - 1, at + len(seq) - 1)
+            fields["loss_mask"][row, answer] = 1.0
+            fields["old_log_probs"][row, answer] = old_log_probs[i, : len(r)]
+            fields["advantages"][row, slot] = advantages[i]
+            placement[i] = (row, slot)
+            at += len(seq) - 1
+    return fields, placement
 
 
 def read_split(path: str | os.PathLike, split: str) -> list[dict[str, Any]]:
@@ -379,7 +423,7 @@ def rl(
         shaped = policy_rewards(samples, rewards, settings.unfinished_reward)
         sequence_rewards = np.asarray(losses.sequence_rewards(shaped, old_seq, ref_seq, settings.beta))
         advantages = np.asarray(losses.leave_one_out_advantages(sequence_rewards.reshape(-1, settings.k))).reshape(-1)
-        rows = policy_rows(prompt_ids, response_ids, old, advantages, rows_multiple=settings.train_batch)
+        rows, _ = policy_rows(prompt_ids, response_ids, old, advantages, rows_multiple=settings.train_batch)
         accum = len(rows["tokens"]) // settings.train_batch
         batch = global_batch(
             rows, mesh, global_rows=len(rows["tokens"]), accum_steps=accum, objective=objective, batch_type=PolicyBatch

@@ -270,8 +270,8 @@ def response_token_logprobs(
     """Per-token log-probs of ``response_ids[i]`` after ``prompt_ids[i]`` under ``params`` (plus
     ``adapters``: one for every row or one per row), teacher-forced: ``[N, R]`` fp32 with
     ``R = max(len(response))``, zeros past each response's end (sum a row for its sequence
-    log-prob). Rows run ``batch`` at a time, right-padded to a bucketed length (causal: the
-    padding changes nothing before it)."""
+    log-prob). Rows run ``batch`` at a time, shortest first (so a batch's rows are of like
+    length), right-padded to a bucketed length (causal: the padding changes nothing before it)."""
     n = len(prompt_ids)
     if n != len(response_ids):
         raise UserError(f"got {n} prompts but {len(response_ids)} responses; give one response per prompt")
@@ -282,17 +282,18 @@ def response_token_logprobs(
     if n == 0 or longest == 0:
         return out
     act = activation_dtype(params)
+    per_row = adapters is not None and not isinstance(adapters, LoraAdapter)
+    adapters = list(adapters) if per_row else adapters
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
     for lo in range(0, n, batch):
-        hi = min(lo + batch, n)
-        rows = [list(prompt_ids[i]) + list(response_ids[i]) for i in range(lo, hi)]
+        chunk = order[lo : lo + batch]
+        rows = [list(prompt_ids[i]) + list(response_ids[i]) for i in chunk]
         length = max(len(r) for r in rows)
         config.check_context(length, what="a prompt plus its response", fix="score shorter responses")
         tokens = np.zeros((batch, prompt_bucket(length)), np.int32)  # full-size last batch: one compile
         for j, r in enumerate(rows):
             tokens[j, : len(r)] = r
-        row_adapters = adapters
-        if adapters is not None and not isinstance(adapters, LoraAdapter):
-            row_adapters = list(adapters)[lo:hi] + [None] * (batch - (hi - lo))
+        row_adapters = [adapters[i] for i in chunk] + [None] * (batch - len(chunk)) if per_row else adapters
         logprobs = np.asarray(
             _jitted_token_logprobs(
                 params,
@@ -302,7 +303,7 @@ def response_token_logprobs(
                 activation_dtype=act,
             )
         )
-        for j, i in enumerate(range(lo, hi)):
+        for j, i in enumerate(chunk):
             p, r = len(prompt_ids[i]), len(response_ids[i])
             # Token at position p + t is predicted at position p + t - 1.
             out[i, :r] = logprobs[j, p - 1 : p - 1 + r]

@@ -345,9 +345,11 @@ POLICY_ALGOS = ("mdloo", "rloo", "ppo-clip")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PolicyBatch:
-    """Sampled responses, one per row: prompt + response as ``tokens``/``targets``/``positions``/
-    ``segment_ids`` ``[N, T]``; ``loss_mask [N, T]`` 1 on response targets; ``old_log_probs
-    [N, T]`` their log-probabilities under the policy that sampled them; ``advantages [N]``."""
+    """Sampled responses packed into rows: prompt + response sequences as ``tokens``/``targets``/
+    ``positions``/``segment_ids`` ``[N, T]`` (a row's s-th sequence has segment id s, positions
+    from 0; 0 is padding); ``loss_mask [N, T]`` 1 on response targets; ``old_log_probs [N, T]``
+    their log-probabilities under the policy that sampled them; ``advantages [N, S]`` the s-th
+    sequence's in slot s - 1 (or ``[N]``: one sequence per row)."""
 
     tokens: jax.Array
     targets: jax.Array
@@ -373,17 +375,23 @@ class Policy(Objective):
         if self.algo not in POLICY_ALGOS:
             raise UserError(f"unknown policy algorithm {self.algo!r}; choose one of {', '.join(POLICY_ALGOS)}")
 
+    def batch_axes(self, field: str, rank: int) -> tuple[str | None, ...]:
+        if field == "advantages":  # [rows, sequence slots]: the slots are not tokens
+            return ("batch", None)[:rank]
+        return default_batch_axes(field, rank)
+
     def loss(self, model: ModelView, extra: Any, batch: PolicyBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         from afmkit.posttrain import losses
 
         del extra
         logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets)
+        seq = {"segment_ids": batch.segment_ids}
         if self.algo == "mdloo":
             return losses.mdloo_loss(
-                logp, batch.old_log_probs, batch.loss_mask, batch.advantages, step_size=self.step_size
+                logp, batch.old_log_probs, batch.loss_mask, batch.advantages, step_size=self.step_size, **seq
             )
         if self.algo == "rloo":
-            return losses.rloo_loss(logp, batch.loss_mask, batch.advantages)
+            return losses.rloo_loss(logp, batch.loss_mask, batch.advantages, **seq)
         return losses.ppo_clip_loss(
-            logp, batch.old_log_probs, batch.loss_mask, batch.advantages, clip_epsilon=self.clip_epsilon
+            logp, batch.old_log_probs, batch.loss_mask, batch.advantages, clip_epsilon=self.clip_epsilon, **seq
         )
