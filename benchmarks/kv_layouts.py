@@ -24,7 +24,7 @@ from afmkit.infer.sampling import SamplingParams
 LAYOUTS = ("paged", "contiguous")
 
 
-def measure(model, rows: int, new_tokens: int, repeats: int) -> dict:
+def measure(model, rows: int, new_tokens: int, repeats: int, page: int) -> dict:
     """Decode tokens/s of both layouts on ``rows`` prompts decoded together."""
     tok = model.tokenizer
     prompts = [
@@ -38,7 +38,12 @@ def measure(model, rows: int, new_tokens: int, repeats: int) -> dict:
     sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     engines = {
         layout: Engine(
-            model.config, model.params, tok, eos_ids=tok.stop_ids, max_batch=rows, kv=KVSettings(layout=layout)
+            model.config,
+            model.params,
+            tok,
+            eos_ids=tok.stop_ids,
+            max_batch=rows,
+            kv=KVSettings(layout=layout, page=page),
         )
         for layout in LAYOUTS
     }
@@ -60,14 +65,14 @@ def measure(model, rows: int, new_tokens: int, repeats: int) -> dict:
     }
 
 
-def attention_only(rows: int, positions: int, repeats: int = 200) -> dict:
+def attention_only(rows: int, positions: int, page: int, repeats: int = 200) -> dict:
     """The two native decode-attention kernels alone on SmolLM2's attention shape (3 KV heads of
     3 query heads, head_dim 64), ``rows`` rows of ``positions`` keys each, the same values laid out
     both ways; calls alternate and the fastest of ``repeats`` counts (robust to a busy machine)."""
     import jax
     import jax.numpy as jnp
 
-    kv, groups, dim, page = 3, 3, 64, 16
+    kv, groups, dim = 3, 3, 64
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((rows, kv, groups, dim)), jnp.float32)
     keys = rng.standard_normal((rows, kv, dim, positions)).astype(np.float32)
@@ -144,6 +149,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="int4")
+    parser.add_argument("--page", type=int, default=KVSettings().page, help="positions per paged-cache block")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument(
         "--attention-only", action="store_true", help="time the two attention kernels alone (no model, seconds)"
@@ -157,9 +163,9 @@ def main() -> None:
         print(json.dumps(memory(model, args.memory, int(args.rows), 1000, args.new_tokens), indent=2))
         return
     if args.attention_only:
-        result = {"attention": kernels.describe() if kernels.available() else "xla", "by_rows": {}}
+        result = {"attention": kernels.describe() if kernels.available() else "xla", "page": args.page, "by_rows": {}}
         for rows in args.rows.split(","):
-            result["by_rows"][rows] = [attention_only(int(rows), n) for n in (256, 1024)]
+            result["by_rows"][rows] = [attention_only(int(rows), n, args.page) for n in (256, 1024)]
         text = json.dumps(result, indent=2)
         print(text)
         if args.out:
@@ -171,8 +177,11 @@ def main() -> None:
     result = {
         "new_tokens": args.new_tokens,
         "dtype": args.dtype,
+        "page": args.page,
         "attention": kernels.describe(),
-        "by_rows": {rows: measure(model, int(rows), args.new_tokens, args.repeats) for rows in args.rows.split(",")},
+        "by_rows": {
+            rows: measure(model, int(rows), args.new_tokens, args.repeats, args.page) for rows in args.rows.split(",")
+        },
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -114,9 +114,10 @@ def test_policy_rows_score_the_response_tokens_like_teacher_forcing(tiny_model):
 
 
 def test_packing_is_first_fit_longest_first_and_refuses_what_cannot_fit():
-    assert pack_first_fit([5, 3, 7, 2, 2, 8], 10) == [[5, 3], [2, 1], [0, 4]]
+    assert pack_first_fit([5, 3, 7, 2, 2, 8], 10, most=4) == [[5, 3], [2, 1], [0, 4]]
+    assert pack_first_fit([1, 1, 1], 10, most=2) == [[0, 1], [2]]
     with pytest.raises(ValueError, match="11 tokens"):
-        pack_first_fit([11], 10)
+        pack_first_fit([11], 10, most=4)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,9 @@ def test_an_iteration_uses_leave_one_out_advantages_and_trains_only_the_adapter(
     np.testing.assert_allclose([s["advantage"] for s in samples], want, atol=1e-6)
     assert records[1]["mean_reward"] == pytest.approx(r.mean())
     assert records[1]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # pi_1 is pi_ref
+    # The update's tokens: every sample's prompt + response, shifted by one, once per inner step.
+    sample_tokens = sum(len(s["prompt_tokens"]) + len(s["tokens"]) - 1 for s in samples)
+    assert records[1]["train_tokens"] == sample_tokens * SMALL.steps_per_iteration
     # The base is untouched; the adapter moved (LoRA's B starts at zero), where the advantages
     # were not all zero.
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, tiny_model.params), before)

@@ -134,15 +134,21 @@ def train_slice(prompts: Sequence[dict[str, Any]], per_iteration: int, iteration
     return [prompts[(start + i) % len(prompts)] for i in range(n)]
 
 
-def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices of ``lengths`` packed into bins of ``capacity`` tokens, first fit over the
-    longest first (ties in index order, so the same lengths always pack the same way)."""
+# A row of T positions holds at most T // SEGMENT_SPAN samples: the sequence slots per row (the
+# advantages' second axis) then depend on the row length only, so every iteration compiles alike.
+SEGMENT_SPAN = 16
+
+
+def pack_first_fit(lengths: Sequence[int], capacity: int, *, most: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into bins of ``capacity`` tokens and at most ``most`` items,
+    first fit over the longest first (ties in index order, so the same lengths always pack the
+    same way)."""
     bins: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         if lengths[i] > capacity:
             raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a row of {capacity}")
-        fit = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        fit = next((b for b, free in enumerate(room) if free >= lengths[i] and len(bins[b]) < most), None)
         if fit is None:
             bins.append([])
             room.append(capacity)
@@ -150,16 +156,6 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         bins[fit].append(i)
         room[fit] -= lengths[i]
     return bins
-
-
-def _row_bucket(n: int) -> int:
-    """The next of 1, 2, 3, 4, 6, 8, 12, 16, ... (at most 1.5x ``n``): few batch shapes compile."""
-    power = 1
-    while power < n:
-        if power >= 2 and power * 3 // 2 >= n:
-            return power * 3 // 2
-        power *= 2
-    return power
 
 
 def policy_rows(
@@ -175,18 +171,19 @@ def policy_rows(
     Each sample, prompt + response shifted by one (inputs, next-token targets), is a segment of a
     packed row: samples differ a lot in length (a loop runs to the limit, most answers stop far
     earlier), so rows of one sample each padded to the longest would be mostly padding. Rows are
-    as long as the engine's prompt bucket of the longest sample; their number is a multiple of
-    ``rows_multiple`` on a coarse scale (``_row_bucket``) and the sequence slots per row a power
-    of two, so few shapes compile; spare rows are empty (no loss). The loss mask and the old
-    log-probs cover the response's targets. Returns ``(fields, placement)``: sample ``i`` is
-    segment ``placement[i][1] + 1`` of row ``placement[i][0]``."""
+    as long as the engine's prompt bucket of the longest sample. The batch keeps the shape of one
+    sample per row (the sample count rounded up to ``rows_multiple``, ``T // SEGMENT_SPAN``
+    sequence slots), so every iteration reuses one compiled step: the packed rows come first and
+    the spare rows after them are empty microbatches, which the trainer skips. The loss mask and
+    the old log-probs cover the response's targets. Returns ``(fields, placement)``: sample ``i``
+    is segment ``placement[i][1] + 1`` of row ``placement[i][0]``."""
     from afmkit.infer.engine import prompt_bucket
 
     lengths = [len(p) + len(r) - 1 for p, r in zip(prompt_ids, response_ids)]
     length = prompt_bucket(max(lengths))
-    bins = pack_first_fit(lengths, length)
-    rows = _row_bucket(-(-len(bins) // rows_multiple)) * rows_multiple
-    slots = 1 << (max(len(b) for b in bins) - 1).bit_length()
+    slots = max(1, length // SEGMENT_SPAN)
+    bins = pack_first_fit(lengths, length, most=slots)
+    rows = -(-len(lengths) // rows_multiple) * rows_multiple
     fields = {
         "tokens": np.zeros((rows, length), np.int32),
         "targets": np.zeros((rows, length), np.int32),
@@ -442,7 +439,7 @@ def rl(
                 )
             first = metrics if first is None else first
         train_seconds = time.perf_counter() - train_started
-        trained_tokens = int(rows["segment_ids"].sum()) * settings.steps_per_iteration
+        trained_tokens = int((rows["segment_ids"] > 0).sum()) * settings.steps_per_iteration
         checkpoints.save(iteration, state.as_dict(), {"iteration": iteration})
         save_policy(state.params)
         write_jsonl(
@@ -466,6 +463,7 @@ def rl(
             "grad_norm": metrics["grad_norm"],
             **{f"{k}_last": metrics[k] for k in ("kl_to_previous", "ratio", "clip_fraction") if k in metrics},
             "rollout_tokens_per_second": stats["tokens_per_second"],
+            "train_tokens": trained_tokens,
             "train_tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
             "rollout_seconds": rollout_seconds,
             "train_seconds": train_seconds,

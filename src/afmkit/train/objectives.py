@@ -139,6 +139,11 @@ class Objective(abc.ABC):
     def batch_axes(self, field: str, rank: int) -> tuple[str | None, ...]:
         return default_batch_axes(field, rank)
 
+    def has_work(self, batch: Any) -> jax.Array:
+        """Whether a microbatch adds anything to the loss: the trainer skips those that do not
+        (spare rows of a packed batch), which must then contribute exactly zero."""
+        return batch.loss_mask.any()
+
     @abc.abstractmethod
     def loss(self, model: ModelView, extra: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``(loss_sum, sums)`` over one (micro)batch, ``sums["count"]`` the denominator."""
@@ -320,6 +325,9 @@ class RewardModel(Objective):
         hidden = model.hidden(tokens, positions, segment_ids)
         last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
         return apply_heads(heads, last)
+
+    def has_work(self, batch: PairBatch) -> jax.Array:
+        return batch.pair_mask.any()
 
     def loss(self, model: ModelView, extra: Any, batch: PairBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         from afmkit.posttrain.losses import reward_model_loss

@@ -273,7 +273,15 @@ def train_step_fn(
             def microbatch(carry: Any, xs: Any) -> tuple[Any, None]:
                 grads_acc, loss_acc, sums_acc = carry
                 index, mb = xs
-                (loss, mb_sums), grads = grad_fn(state.params, mb, frozen, jax.random.fold_in(dropout_rng, index))
+
+                def run() -> Any:
+                    (loss, mb_sums), grads = grad_fn(state.params, mb, frozen, jax.random.fold_in(dropout_rng, index))
+                    return grads, loss, mb_sums
+
+                # A microbatch without work (a packed batch's spare rows) costs no forward pass.
+                grads, loss, mb_sums = jax.lax.cond(
+                    objective.has_work(mb), run, lambda: (zeros, jnp.zeros((), jnp.float32), zero_sums)
+                )
                 return (
                     jax.tree.map(jnp.add, grads_acc, grads),
                     loss_acc + loss,
