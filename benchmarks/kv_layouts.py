@@ -18,6 +18,7 @@ import numpy as np
 
 import afmkit
 from afmkit import kernels
+from afmkit.errors import UserError
 from afmkit.infer.engine import Engine, KVSettings, Request
 from afmkit.infer.sampling import SamplingParams
 
@@ -158,6 +159,10 @@ def main() -> None:
         "--memory", metavar="LAYOUT", help="RSS of --rows 1000-token prompts at once with this layout (own process)"
     )
     args = parser.parse_args()
+    try:
+        KVSettings(page=args.page).check()  # a page must divide the cache's blocks
+    except UserError as error:
+        parser.error(str(error))
     if args.memory:
         model = afmkit.load(dtype=args.dtype)
         print(json.dumps(memory(model, args.memory, int(args.rows), 1000, args.new_tokens), indent=2))
