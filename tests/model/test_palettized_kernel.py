@@ -15,10 +15,10 @@ from afmkit.model.palettized import from_codes
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build afmkit's CPU kernels")
 
-_kernel = jax.jit(kernels.palettized_matmul, static_argnames=("bits",))
+_kernel = jax.jit(kernels.palettized_matmul, static_argnames=("bits", "bf16"))
 
 
-def bf16(a: np.ndarray) -> np.ndarray:
+def to_bf16(a: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
 
 
@@ -37,20 +37,22 @@ class Weight:
 
     def exact(self, rounded: bool = False):
         """W in float64; ``rounded``: the table entries rounded to bf16, as the kernel's bf16 path does."""
-        tables = bf16(self.tables) if rounded else self.tables
+        tables = to_bf16(self.tables) if rounded else self.tables
         w = tables.astype(np.float64)[np.arange(self.codes.shape[1])[None, :] // self.group_rows, self.codes]
         return w if self.scales is None else w * self.scales.astype(np.float64)[None, :]
 
-    def check(self, x):
+    def check(self, x, bf16=False):
         """The kernel's result on x, within fp32 accumulation of the exact one: K products summed in
         two chains, then their sum and the scale, each output within (K + 2) units of fp32 rounding
-        (2^-24) of sum |x w| (the standard dot-product bound). From ``palettized_bf16_rows()`` rows on,
-        the exact products are those of x and the table entries rounded to bf16."""
-        rounded = 0 < kernels.palettized_bf16_rows() <= x.shape[0]
-        x64 = (bf16(x) if rounded else x).astype(np.float64)
+        (2^-24) of sum |x w| (the standard dot-product bound). With ``bf16`` on a CPU with
+        AVX512-BF16, the exact products are those of x and the table entries rounded to bf16."""
+        rounded = bf16 and kernels.has_bf16()
+        x64 = (to_bf16(x) if rounded else x).astype(np.float64)
         w = self.exact(rounded)
         got = np.asarray(
-            _kernel(jnp.asarray(x), self.leaf.indices, self.leaf.tables, self.leaf.scales, bits=self.leaf.bits)
+            _kernel(
+                jnp.asarray(x), self.leaf.indices, self.leaf.tables, self.leaf.scales, bits=self.leaf.bits, bf16=bf16
+            )
         )
         bound = (x.shape[1] + 2) * 2.0**-24 * (np.abs(x64) @ np.abs(w)) + 1e-30
         assert np.all(np.abs(got - x64 @ w) <= bound), np.abs(got - x64 @ w).max()
@@ -60,13 +62,14 @@ class Weight:
 @needs_kernels
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 # The AVX-512 fp32 kernel takes rows 6 at a time, then the rest 2 or 1 at a time, over pairs of
-# tiles; the bf16 one (AVX512-BF16, from 64 rows) 6 rows by 4 tiles, then single rows. 1-101 rows
-# and 208 outputs (13 tiles: a lone tile after the pairs and after the fours) cover every remainder;
+# tiles; the bf16 one (AVX512-BF16) 6 rows by 4 tiles, then single rows. 1-101 rows and 208
+# outputs (13 tiles: a lone tile after the pairs and after the fours) cover every remainder;
 # K = 72 is 9 blocks of 8 (odd).
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 16, 17, 63, 64, 101])
-def test_kernel_matches_numpy(bits, rows):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_kernel_matches_numpy(bits, rows, bf16):
     x = np.random.default_rng(rows).normal(size=(rows, 72)).astype(np.float32)
-    Weight(bits, 72, 208, seed=bits).check(x)
+    Weight(bits, 72, 208, seed=bits).check(x, bf16)
 
 
 @needs_kernels
@@ -75,22 +78,21 @@ def test_kernel_without_scales_and_with_tables_of_32_rows(bits):
     for group_rows, scaled in ((16, False), (32, True), (64, False)):
         weight = Weight(bits, 576, 192, group_rows=group_rows, scaled=scaled, seed=group_rows)
         for rows in (9, 70):
-            weight.check(np.random.default_rng(rows).normal(size=(rows, 576)).astype(np.float32))
+            for bf16 in (False, True):
+                weight.check(np.random.default_rng(rows).normal(size=(rows, 576)).astype(np.float32), bf16)
 
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [3, 4])
-def test_a_row_gives_the_same_bits_in_any_batch(bits):
-    """Decode batches grow and shrink: a request's logits must not depend on who shares its batch."""
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_row_gives_the_same_bits_in_any_batch(bits, bf16):
+    """Decode batches grow and shrink, and prefill shares steps with them: a request's logits must
+    not depend on who shares its batch, from one row to prefill sizes."""
     weight = Weight(bits, 160, 208, seed=3)
     x = np.random.default_rng(4).normal(size=(200, 160)).astype(np.float32)
-    alone = np.concatenate([weight.check(x[i : i + 1]) for i in range(0, 63, 9)])
-    for rows in (2, 7, 16, 63):
-        np.testing.assert_array_equal(weight.check(x[:rows])[::9], alone[: len(range(0, rows, 9))])
-    # and prefill-sized calls
-    many = weight.check(x)
-    for rows in (64, 131):
-        np.testing.assert_array_equal(weight.check(x[:rows]), many[:rows])
+    alone = np.concatenate([weight.check(x[i : i + 1], bf16) for i in range(0, 200, 9)])
+    for rows in (2, 7, 16, 63, 64, 131, 200):
+        np.testing.assert_array_equal(weight.check(x[:rows], bf16)[::9], alone[: len(range(0, rows, 9))])
 
 
 @needs_kernels
@@ -109,11 +111,11 @@ def test_linear_uses_the_kernel_and_agrees_with_xla_values_and_gradients(monkeyp
     monkeypatch.setattr(kernels, "on_cpu", lambda: False)
     xla_value, xla_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weight.tables, weight.scales)
 
-    # How far an output y may move: bf16 rounding of x and of the table entries (2^-9 relative each,
-    # so under 2^-7 for their product) where the kernel rounds, plus fp32 accumulation on both paths.
+    # How far an output y may move: bf16 rounding of x and of the table entries (2^-8 relative each,
+    # so 2^-7 + 2^-16 for their product) where the kernel rounds, plus fp32 accumulation on both paths.
     rows = np.abs(np.asarray(x, np.float64)).reshape(-1, 96)
     w = np.abs(spec.exact())
-    moved = (2.0**-7 if 0 < kernels.palettized_bf16_rows() <= len(rows) else 0) + 2 * (96 + 2) * 2.0**-24
+    moved = (2.0**-7 + 2.0**-16 if kernels.has_bf16() else 0) + 2 * (96 + 2) * 2.0**-24
     dy = moved * (rows @ w)  # [rows, N]
     # sin and cos move by at most |dy|; the backward pass is XLA's on both paths
     assert abs(float(native_value) - float(xla_value)) <= dy.sum()

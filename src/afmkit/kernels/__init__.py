@@ -126,12 +126,10 @@ def _load() -> bool:
         palettized = ctypes.cdll.LoadLibrary(str(build(compiler, PALETTIZED_SOURCE)))
         target = jax.ffi.pycapsule(palettized.AfmkitPalettizedMatmul)
         jax.ffi.register_ffi_target("afmkit_palettized_matmul", target, platform="cpu")
-        palettized.AfmkitPalettizedBf16Rows.restype = ctypes.c_int64
         int8_target = jax.ffi.pycapsule(palettized.AfmkitPalettizedMatmulInt8)
         jax.ffi.register_ffi_target("afmkit_palettized_matmul_int8", int8_target, platform="cpu")
         palettized.AfmkitPalettizedInt8Isa.restype = ctypes.c_char_p
         _features["palettized_int8_isa"] = palettized.AfmkitPalettizedInt8Isa().decode()
-        _features["palettized_bf16_rows"] = int(palettized.AfmkitPalettizedBf16Rows())
     except (OSError, RuntimeError, AttributeError) as exc:
         print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
         return False
@@ -179,11 +177,15 @@ def palettized_matmul(
     scales: jax.Array | None,
     *,
     bits: int,
+    bf16: bool = False,
     int8_activations: bool = False,
 ) -> jax.Array:
     """``x [M, K]`` (fp32) times a palettized ``[K, N]`` weight (``afmkit.model.palettized``: indices
     ``[N / 16, K / 8, bits, 16]``, tables ``[groups, 2^bits]`` of a multiple of 16 rows each, scales
     ``[N]`` or None; fp16 or fp32, multiplied in fp32), table entries expanded in registers.
+
+    ``bf16`` (and a CPU with AVX512-BF16): x and the table entries rounded to bf16 for the CPU's bf16
+    dot products (fp32 accumulation, scales in fp32), at every row count; otherwise fp32 products.
 
     ``int8_activations``: each row of x and each table quantized to int8 by its own absmax scale
     (as ``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums exact in int32 (VNNI
@@ -193,20 +195,17 @@ def palettized_matmul(
     n = indices.shape[0] * indices.shape[3]
     tables = tables.astype(jnp.float32)
     scales = jnp.zeros((0,), jnp.float32) if scales is None else scales.astype(jnp.float32)
-    target = "afmkit_palettized_matmul_int8" if int8_activations else "afmkit_palettized_matmul"
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
-    return call(x, indices, tables, scales, bits=np.int64(bits))
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    if int8_activations:
+        call = jax.ffi.ffi_call("afmkit_palettized_matmul_int8", out, vmap_method="sequential")
+        return call(x, indices, tables, scales, bits=np.int64(bits))
+    call = jax.ffi.ffi_call("afmkit_palettized_matmul", out, vmap_method="sequential")
+    return call(x, indices, tables, scales, bits=np.int64(bits), bf16=bool(bf16))
 
 
 def palettized_int8_isa() -> str:
     """Which code ``palettized_matmul(..., int8_activations=True)`` runs here: ``avx512-vnni``, ``portable`` or ``xla``."""
     return _features.get("palettized_int8_isa", "xla") if on_cpu() else "xla"
-
-
-def palettized_bf16_rows() -> int:
-    """From how many rows ``palettized_matmul`` rounds x and the table entries to bf16 for the
-    CPU's bf16 dot products (prefill on CPUs with AVX512-BF16); 0 when it never does."""
-    return _features.get("palettized_bf16_rows", 0) if available() else 0
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, scale: float) -> jax.Array:

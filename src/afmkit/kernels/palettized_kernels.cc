@@ -286,17 +286,14 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 }
 
 #if defined(__AVX512BF16__)
-// With AVX512-BF16, from kBf16Rows rows (prefill): the table entries and x rounded to bf16 (8 bits of
-// mantissa, a relative 2^-9 per product; the tables' own k-means error is orders larger; the int4
+// With AVX512-BF16 and the caller's `bf16`: the table entries and x rounded to bf16 (8 bits of
+// precision: each rounding relative 2^-8 at most, so a product under 2^-7 + 2^-16; the tables' own k-means error is orders larger; the int4
 // kernel rounds x the same way) for dot products of pairs of k, twice the multiply-adds of fp32 FMAs
 // per instruction, fp32 accumulation, the scale in fp32 at the end. A group of tiles is expanded once
 // into a buffer of bf16 pairs (lane j holds the weights of k and k + 1 of output j), [K / 2][tiles][32],
-// then read by every row. One chain per output over the pairs of K in order, whatever the rows.
-// Measured against the fp32 path (CPU time, mixed layer): as fast at 1 row and 3.3x faster at 16,
-// so it could serve decode too, but then decode's logits move by the bf16 rounding and the tests
-// comparing a palettized model with its dequantized weights need their tolerance re-derived; for
-// now decode (below 64 rows) stays fp32.
-constexpr int64_t kBf16Rows = 64;
+// then read by every row. One chain per output over the pairs of K in order, whatever the rows, so
+// at every batch size (decode and prefill alike) a row gets the same bits. Measured against the fp32
+// path (CPU time, SmolLM2's mixed 3.5-bit layer): as fast at 1 row, 3.3x faster at 16.
 
 
 template <int Bits>
@@ -396,12 +393,7 @@ void prepare_bf16(const float* x, int64_t count, std::vector<uint16_t>& out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.data() + i), _mm256_castsi256_si128(half));
   }
 }
-#else
-constexpr int64_t kBf16Rows = 0;  // no bf16 path in this build
 #endif
-#endif
-#if !defined(__AVX512F__)
-constexpr int64_t kBf16Rows = 0;
 #endif
 
 // Tiles per work item: 4 for the bf16 GEMM (its register block), else 2: enough chains in flight for
@@ -785,7 +777,7 @@ ffi::Error check_layout(const char* name, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
 
 ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> indices,
                             ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::F32> scales,
-                            ffi::ResultBuffer<ffi::F32> y, int64_t bits) {
+                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool bf16) {
   Layout layout;
   if (ffi::Error error = check_layout("palettized_matmul", x, indices, tables, scales, bits, layout); error.failure())
     return error;
@@ -798,7 +790,9 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (scaled) std::copy(scales.typed_data(), scales.typed_data() + n, scale32.begin());
   std::vector<uint16_t> x_bf16;
 #if defined(__AVX512BF16__)
-  if (m >= kBf16Rows) prepare_bf16(x.typed_data(), m * k, x_bf16);
+  if (bf16) prepare_bf16(x.typed_data(), m * k, x_bf16);
+#else
+  (void)bf16;  // no bf16 path in this build: fp32
 #endif
   const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scale32.data(), y->typed_data(),
                         m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
@@ -895,8 +889,6 @@ ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
 
 }  // namespace
 
-// From how many rows x and the table entries are rounded to bf16 (0: never; asked through ctypes).
-extern "C" int64_t AfmkitPalettizedBf16Rows() { return kBf16Rows; }
 
 // Which code multiplies int8 activations in this build.
 extern "C" const char* AfmkitPalettizedInt8Isa() {
@@ -928,7 +920,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmul, PalettizedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("bits"));
+                                  .Attr<int64_t>("bits")
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmulInt8, PalettizedMatmulInt8,
                               ffi::Ffi::Bind()

@@ -210,14 +210,17 @@ def palettized_linear(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
 def palettized_matmul(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
     """``x [M, K] @ W [K, N]``, fp32 out. On CPUs (tables of a multiple of 16 rows, as
     ``compress`` makes them) the native kernel: each row summed in the same order whatever its
-    batch, the scale applied once per output. Elsewhere XLA expands the matrix and multiplies."""
+    batch, the scale applied once per output; where the CPU has AVX512-BF16, x and the table
+    entries rounded to bf16 for its dot products (as ``packed_matmul`` rounds x), at every batch
+    size. Elsewhere XLA expands the matrix and multiplies."""
     from afmkit import kernels
 
     x = x.astype(jnp.float32)
     if weight.activation_bits == 8:
         return _int8_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
     if weight.group_rows % TILE == 0 and kernels.on_cpu():
-        return _native_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
+        how = (weight.bits, kernels.has_bf16())
+        return _native_matmul(x, weight.indices, weight.tables, weight.scales, how)
     return _xla_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
 
 
@@ -226,22 +229,29 @@ def _xla_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _native_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> jax.Array:
+def _native_matmul(
+    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, how: tuple[int, bool]
+) -> jax.Array:
     from afmkit import kernels
 
-    return kernels.palettized_matmul(x, indices, tables, scales, bits=bits)
+    bits, bf16 = how
+    return kernels.palettized_matmul(x, indices, tables, scales, bits=bits, bf16=bf16)
 
 
-def _native_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> Any:
-    return _native_matmul(x, indices, tables, scales, bits), (x, indices, tables, scales)
+def _native_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, how: tuple[int, bool]) -> Any:
+    return _native_matmul(x, indices, tables, scales, how), (x, indices, tables, scales)
 
 
-def _native_matmul_bwd(bits: int, saved: Any, grad: jax.Array) -> Any:
+def _xla_gradients(bits: int, saved: Any, grad: jax.Array) -> Any:
     """The XLA path's gradients (to x, the tables and the scales); none to the integer indices."""
     x, indices, tables, scales = saved
     _, pullback = jax.vjp(lambda x, t, s: _xla_matmul(x, indices, t, s, bits), x, tables, scales)
     grad_x, grad_tables, grad_scales = pullback(grad)
     return grad_x, None, grad_tables, grad_scales
+
+
+def _native_matmul_bwd(how: tuple[int, bool], saved: Any, grad: jax.Array) -> Any:
+    return _xla_gradients(how[0], saved, grad)
 
 
 _native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
@@ -288,7 +298,7 @@ def _int8_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scales
     return _int8_matmul(x, indices, tables, scales, bits), (x, indices, tables, scales)
 
 
-_int8_matmul.defvjp(_int8_matmul_fwd, _native_matmul_bwd)  # straight through: the fp32 matmul's gradients
+_int8_matmul.defvjp(_int8_matmul_fwd, _xla_gradients)  # straight through: the fp32 matmul's gradients
 
 
 def is_palettized(params: Any) -> bool:
