@@ -55,13 +55,8 @@ def call(path: str, x: jax.Array, weight, packed: P.PackedWeight) -> tuple:
         return run, (x, packed.packed, packed.scales)
     if path == "kernel-int8":
         return jax.jit(PL.palettized_matmul), (x, dataclasses.replace(weight, activation_bits=8))
-    bits = weight.bits
-    return jax.jit(lambda x, i, t, s: kernels.palettized_matmul(x, i, t, s, bits=bits)), (
-        x,
-        weight.indices,
-        weight.tables,
-        weight.scales,
-    )
+    # the model's own call: the native kernel, bf16 where the CPU has AVX512-BF16
+    return jax.jit(PL.palettized_matmul), (x, weight)
 
 
 def layer_seconds(paths: list[str], rows: int, widths: tuple[int, ...], repeats: int) -> dict[str, float]:
