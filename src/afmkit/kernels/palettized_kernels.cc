@@ -287,14 +287,13 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 
 #if defined(__AVX512BF16__)
 // With AVX512-BF16 and the caller's `bf16`: the table entries and x rounded to bf16 (8 bits of
-// precision: each rounding relative 2^-8 at most, so a product under 2^-7 + 2^-16; the tables' own k-means error is orders larger; the int4
-// kernel rounds x the same way) for dot products of pairs of k, twice the multiply-adds of fp32 FMAs
-// per instruction, fp32 accumulation, the scale in fp32 at the end. A group of tiles is expanded once
-// into a buffer of bf16 pairs (lane j holds the weights of k and k + 1 of output j), [K / 2][tiles][32],
-// then read by every row. One chain per output over the pairs of K in order, whatever the rows, so
+// precision: each rounding relative 2^-8 at most, so a product under 2^-7 + 2^-16; the tables' own
+// k-means error is orders larger; the int4 kernel rounds x the same way) for dot products of pairs
+// of k, twice the multiply-adds of fp32 FMAs per instruction, fp32 accumulation, the scale in fp32 at
+// the end. A group of tiles is expanded once into a buffer of bf16 pairs (lane j holds the weights
+// of k and k + 1 of output j), [K / 2][tiles][32], then read by every row. One chain per output over the pairs of K in order, whatever the rows, so
 // at every batch size (decode and prefill alike) a row gets the same bits. Measured against the fp32
 // path (CPU time, SmolLM2's mixed 3.5-bit layer): as fast at 1 row, 3.3x faster at 16.
-
 
 template <int Bits>
 void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
@@ -888,7 +887,6 @@ ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
 }
 
 }  // namespace
-
 
 // Which code multiplies int8 activations in this build.
 extern "C" const char* AfmkitPalettizedInt8Isa() {
