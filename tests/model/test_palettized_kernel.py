@@ -62,10 +62,11 @@ class Weight:
 @needs_kernels
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 # The AVX-512 fp32 kernel takes rows 6 at a time, then the rest 2 or 1 at a time, over pairs of
-# tiles; the bf16 one (AVX512-BF16) 6 rows by 4 tiles, then single rows. 1-101 rows and 208
+# tiles; the bf16 one (AVX512-BF16) up to 4 rows straight from the codes, 2 or 1 at a time, and more
+# rows through an expanded buffer, 6 rows by 4 tiles, then single rows. 1-101 rows and 208
 # outputs (13 tiles: a lone tile after the pairs and after the fours) cover every remainder;
 # K = 72 is 9 blocks of 8 (odd).
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 16, 17, 63, 64, 101])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 63, 64, 101])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_kernel_matches_numpy(bits, rows, bf16):
     x = np.random.default_rng(rows).normal(size=(rows, 72)).astype(np.float32)
@@ -87,11 +88,12 @@ def test_kernel_without_scales_and_with_tables_of_32_rows(bits):
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_a_row_gives_the_same_bits_in_any_batch(bits, bf16):
     """Decode batches grow and shrink, and prefill shares steps with them: a request's logits must
-    not depend on who shares its batch, from one row to prefill sizes."""
+    not depend on who shares its batch, from one row to prefill sizes (the bf16 path reads the codes
+    directly up to 4 rows and through an expanded buffer from 5)."""
     weight = Weight(bits, 160, 208, seed=3)
     x = np.random.default_rng(4).normal(size=(200, 160)).astype(np.float32)
     alone = np.concatenate([weight.check(x[i : i + 1], bf16) for i in range(0, 200, 9)])
-    for rows in (2, 7, 16, 63, 64, 131, 200):
+    for rows in (2, 3, 4, 5, 7, 16, 63, 64, 131, 200):
         np.testing.assert_array_equal(weight.check(x[:rows], bf16)[::9], alone[: len(range(0, rows, 9))])
 
 
@@ -137,12 +139,13 @@ def test_linear_uses_the_kernel_and_agrees_with_xla_values_and_gradients(monkeyp
 @needs_kernels
 @pytest.mark.parametrize(
     "flags",
-    ["-mno-avx512vbmi -mno-avx512bf16", "-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"],
-    ids=["avx512-fp32-no-vbmi", "avx2", "portable"],
+    ["-mno-avx512vbmi", "-mno-avx512vbmi -mno-avx512bf16", "-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"],
+    ids=["avx512-bf16-no-vbmi", "avx512-fp32-no-vbmi", "avx2", "portable"],
 )
 def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
-    """The AVX-512 code without byte permutes, the AVX2 and the plain C++ code of the kernel (this
-    machine may otherwise build another) pass this file's numpy and batch tests too."""
+    """The AVX-512 code without byte permutes (with bf16 dot products where the CPU has them, and
+    without), the AVX2 and the plain C++ code of the kernel (this machine may otherwise build
+    another) pass this file's numpy and batch tests too."""
     env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
     tests = ["matches_numpy", "without_scales", "any_batch"]
     result = subprocess.run(
