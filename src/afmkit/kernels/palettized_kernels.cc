@@ -896,18 +896,21 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const auto [m, k, n, tiles, groups, entries, scaled] = layout;
   // The tables, each repeated to 16 entries when it has fewer, and the scales, once per call (a few KB)
   const int64_t stride = std::max<int64_t>(kTile, entries);
-  std::vector<float> table32(groups * stride + kTile), scale32(n, 1.0f);
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t i = 0; i < stride; ++i) table32[g * stride + i] = tables.typed_data()[g * entries + i % entries];
-  if (scaled) std::copy(scales.typed_data(), scales.typed_data() + n, scale32.begin());
+  std::vector<float> table32(groups * stride + kTile), ones(scaled ? 0 : n, 1.0f);
+  if (entries == stride) {
+    std::copy(tables.typed_data(), tables.typed_data() + groups * entries, table32.begin());
+  } else {  // entries is a power of two below 16 (a mask, not a division: this runs on every call)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < stride; ++i) table32[g * stride + i] = tables.typed_data()[g * entries + (i & (entries - 1))];
+  }
   std::vector<uint16_t> x_bf16;
 #if defined(__AVX512BF16__)
   if (bf16) prepare_bf16(x.typed_data(), m * k, x_bf16);
 #else
   (void)bf16;  // no bf16 path in this build: fp32
 #endif
-  const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scale32.data(), y->typed_data(),
-                        m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
+  const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scaled ? scales.typed_data() : ones.data(),
+                        y->typed_data(), m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
   if (m > 0 && n > 0)
     parallel_items(pool, (tiles + group_tiles(problem) - 1) / group_tiles(problem),
                    [&problem](int64_t group) { run_group(problem, group); });
@@ -975,7 +978,7 @@ ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
     const float* entry = tables.typed_data() + g * entries;
     const float t_scale = int8_scale(entry, entries);
     for (int64_t i = 0; i < stride; ++i) {
-      table8[g * stride + i] = int8_code(entry[i % entries], t_scale);
+      table8[g * stride + i] = int8_code(entry[i & (entries - 1)], t_scale);  // entries: a power of two
       table_u8[g * stride + i] = static_cast<uint8_t>(table8[g * stride + i] + 128);
     }
     for (int64_t j = g * group_rows; j < (g + 1) * group_rows; ++j)
