@@ -15,11 +15,12 @@
 // applied: a table of 2^bits < 16 entries is repeated to fill 16 lanes (entry i at lanes i, i + 2^bits,
 // ...), so the higher bits a 4-bit permute index also reads do not change the entry it picks.
 //
-// Arithmetic, the same for every number of rows below 64 and again from 64 on (so a row's result
-// does not depend on its batch within each range): from 64 rows on CPUs with AVX512-BF16, bf16 dot
-// products (see the bf16 path below); else fp32, per output two accumulators, one for the even codes of each block of 8 and one for the odd
-// ones, each summed over K in order; y = (even + odd) * scale (scale 1 without scales; multiplying by
-// 1 is exact). Scaling once per output instead of once per weight is one rounding instead of K.
+// Arithmetic, the same for every number of rows (so a row's result does not depend on its batch):
+// with the caller's `bf16` on CPUs with AVX512-BF16, bf16 dot products (see the bf16 path below);
+// else fp32, per output two accumulators, one for the even codes of each block of 8 and one for the
+// odd ones, each summed over K in order; y = (even + odd) * scale (scale 1 without scales;
+// multiplying by 1 is exact). Scaling once per output instead of once per weight is one rounding
+// instead of K.
 
 #include <algorithm>
 #include <cmath>
