@@ -14,9 +14,7 @@ from pathlib import Path
 
 from afmkit import lm
 from afmkit.compress import named
-from afmkit.compress import recipe as recipes
 from afmkit.compress.palettize import bits_per_weight, palettize_params
-from afmkit.compress.sensitivity import get_matrix, matrix_names, model_fingerprint
 from afmkit.interop import native
 from afmkit.weights import NAMED_COMPRESSED
 
@@ -29,23 +27,15 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = NAMED_COMPRESSED[args.name]
-    folder = named.resource_dir(settings)
     base = lm.load(settings.base, dtype="float32")
-    names = matrix_names(base.params)
-    recipe = recipes.read_recipe(
-        folder / named.RECIPE_FILE,
-        fingerprint=model_fingerprint(base.config, base.params),
-        matrices=names,
-        model_name=settings.base,
-    )
-    shapes = {name: tuple(get_matrix(base.params, name).shape) for name in names}
+    recipe, importance = named.committed_resources(settings, base)
     params = palettize_params(
         base.params,
-        {name: args.bits for name in names},
+        {name: args.bits for name in recipe.bits},
         embed_bits=recipe.embed_bits,
         group_rows=recipe.group_rows,
         per_row_scale=recipe.per_row_scale,
-        importance=named.read_importance(folder / named.IMPORTANCE_FILE, shapes),
+        importance=importance,
     )
     native.save_checkpoint(args.out, base.config, params, base.tokenizer)
     print(json.dumps({"out": str(args.out), "bits": args.bits, "bits_per_weight": bits_per_weight(params)}))

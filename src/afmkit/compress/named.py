@@ -222,25 +222,14 @@ def _check_recipe(settings: NamedCompressedSettings, recipe: Any, path: Path) ->
             )
 
 
-def build(settings: NamedCompressedSettings, directory: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Build the named model into ``directory`` (atomically) and return its ``build.json``."""
-    from afmkit import lm
+def committed_resources(settings: NamedCompressedSettings, base: Any) -> tuple[Any, Rank1Importance]:
+    """The committed recipe and k-means importance of ``settings``, checked against the float
+    ``base`` they were made for (other weights are one line). ``build`` palettizes with them;
+    ``benchmarks/palettize_uniform.py`` too, at one width for every matrix."""
     from afmkit.compress import recipe as recipes
-    from afmkit.compress.palettize import bits_per_weight, palettize_params
     from afmkit.compress.sensitivity import get_matrix, matrix_names, model_fingerprint
-    from afmkit.interop import native
-    from afmkit.progress import ProgressReporter
 
     folder = resource_dir(settings)
-    clock = time.perf_counter
-    seconds = {}
-    begin = clock()
-    if not quiet:
-        print(f"afmkit: building {settings.name} from {settings.base} (once; cached in {directory})", file=sys.stderr)
-    base = lm.load(settings.base, dtype="float32")
-    seconds["load"] = clock() - begin
-
-    begin = clock()
     names = matrix_names(base.params)
     fingerprint = model_fingerprint(base.config, base.params)
     recipe_path = folder / RECIPE_FILE
@@ -257,11 +246,30 @@ def build(settings: NamedCompressedSettings, directory: Path, *, quiet: bool = F
     recipe = recipes.read_recipe(recipe_path, fingerprint=fingerprint, matrices=names, model_name=settings.base)
     _check_recipe(settings, recipe, recipe_path)
     shapes = {name: tuple(get_matrix(base.params, name).shape) for name in names}
-    importance = read_importance(folder / IMPORTANCE_FILE, shapes)
+    return recipe, read_importance(folder / IMPORTANCE_FILE, shapes)
+
+
+def build(settings: NamedCompressedSettings, directory: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Build the named model into ``directory`` (atomically) and return its ``build.json``."""
+    from afmkit import lm
+    from afmkit.compress.palettize import bits_per_weight, palettize_params
+    from afmkit.interop import native
+    from afmkit.progress import ProgressReporter
+
+    clock = time.perf_counter
+    seconds = {}
+    begin = clock()
+    if not quiet:
+        print(f"afmkit: building {settings.name} from {settings.base} (once; cached in {directory})", file=sys.stderr)
+    base = lm.load(settings.base, dtype="float32")
+    seconds["load"] = clock() - begin
+
+    begin = clock()
+    recipe, importance = committed_resources(settings, base)
     seconds["check"] = clock() - begin
 
     begin = clock()
-    with ProgressReporter(f"building {settings.name}", len(names), unit="matrices", quiet=quiet) as progress:
+    with ProgressReporter(f"building {settings.name}", len(recipe.bits), unit="matrices", quiet=quiet) as progress:
         params = palettize_params(
             base.params,
             recipe.bits,
@@ -280,7 +288,7 @@ def build(settings: NamedCompressedSettings, directory: Path, *, quiet: bool = F
         "version": BUILD_VERSION,
         "name": settings.name,
         "base": settings.base,
-        "base_fingerprint": fingerprint,
+        "base_fingerprint": recipe.fingerprint,
         "bits_per_weight": bits_per_weight(params),
         "digest": total_digest(digests),
         "weights": digests,

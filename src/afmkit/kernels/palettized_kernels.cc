@@ -301,10 +301,12 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 // precision: each rounding relative 2^-8 at most, so a product under 2^-7 + 2^-16; the tables' own
 // k-means error is orders larger; the int4 kernel rounds x the same way) for dot products of pairs
 // of k, twice the multiply-adds of fp32 FMAs per instruction, fp32 accumulation, the scale in fp32 at
-// the end. A group of tiles is expanded once into a buffer of bf16 pairs (lane j holds the weights
-// of k and k + 1 of output j), [K / 2][tiles][32], then read by every row. One chain per output over the pairs of K in order, whatever the rows, so
-// at every batch size (decode and prefill alike) a row gets the same bits. Measured against the fp32
-// path (CPU time, SmolLM2's mixed 3.5-bit layer): as fast at 1 row, 3.3x faster at 16.
+// the end. From 5 rows a group of tiles is expanded once into a buffer of bf16 pairs (lane j holds
+// the weights of k and k + 1 of output j), [K / 2][tiles][32], then read by every row; fewer rows
+// read the codes directly (direct_bf16). One chain per output over the pairs of K in order, whatever
+// the rows, so at every batch size (decode and prefill alike) a row gets the same bits. Measured
+// against the fp32 path before the direct path existed (CPU time, SmolLM2's mixed 3.5-bit layer):
+// as fast at 1 row, 3.3x faster at 16.
 
 template <int Bits>
 void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
@@ -414,7 +416,7 @@ struct PairIndices {
 template <int R, int T, int Bits>
 void direct_bf16(const Problem& p, int64_t tile0, int64_t row0) {
   const int64_t blocks = p.k / kCodes;
-  const PairIndices<Bits> indices;
+  static const PairIndices<Bits> indices;  // its controls made once, not on every call
   __m512i table[T];
   for (int t = 0; t < T; ++t)
     table[t] = _mm512_broadcast_i64x4(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(tile_table(p, tile0 + t)))));
