@@ -260,6 +260,8 @@ def finetune(
     if evaluate is not None:
         results["eval_after"] = evaluate(state.params)
     if log is not None and log.records:
-        plot_loss(log.records, run.run_dir / "loss.png", title=f"{objective.name} of {model.name}")
+        plot_loss(
+            log.records, run.run_dir / "loss.png", title=f"{objective.name} of {model.name}", unit=objective.loss_unit
+        )
     results["params"] = jax.device_get(state.params)
     return results

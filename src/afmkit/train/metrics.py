@@ -84,8 +84,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def plot_loss(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str) -> Path:
-    """A PNG of training (and eval, where logged) loss against step."""
+def plot_loss(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str, unit: str = "nats/token"
+) -> Path:
+    """A PNG of training (and eval, where logged) loss against step; ``unit`` labels the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +100,7 @@ def plot_loss(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, tit
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(f"loss ({unit})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

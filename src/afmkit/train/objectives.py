@@ -129,6 +129,7 @@ class Objective(abc.ABC):
     """Base of every objective (see the module docstring): a subclass defines ``loss``."""
 
     name: str = "objective"
+    loss_unit: str = "nats/token"  # what one unit of ``count`` is, for the loss plot's axis
     has_extra: bool = False  # True: ``init_extra`` gives trainable parameters of its own
 
     def init_extra(self, config: ModelConfig, key: jax.Array) -> Any:
@@ -302,6 +303,7 @@ class RewardModel(Objective):
 
     grade_weight: float = 1.0
     name: str = "reward_model"
+    loss_unit: str = "nats/pair"
     has_extra: bool = True
 
     def init_extra(self, config: ModelConfig, key: jax.Array) -> Any:
