@@ -8,6 +8,7 @@
 // * decode_attention: one query per row against the row's cached keys and values, reading only
 //   the positions the row can see, straight from the cache (XLA copies a sliced cache first);
 //   paged_decode_attention does the same through a paged cache's block table, block by block.
+//   Both prefetch the positions two spans ahead (see Span).
 // * lazy_zeros: a zeroed buffer whose pages the OS commits only when written (the paged KV pool:
 //   allocated once at its largest, its memory follows the blocks in use).
 //
@@ -896,12 +897,18 @@ float exp_shifted(float* probs, int64_t n, float max) {
   return sum;
 }
 
-// The positions a (row, kv head) attends to, as spans of consecutive positions: the whole row for
+// The positions a (row, kv head) attends to, as spans of consecutive positions: 16 at a time for
 // the contiguous cache, one block at a time for the paged one. Span i holds positions [s0, s0 +
 // count); its keys are [D][stride] from `keys` (key s0 + j of dimension d at keys[d * stride + j])
 // and its values [count][D] from `values`; a span without a block (nullptr) is all zeros, as the
 // XLA path reads an unallocated block. Every sum runs over positions in order, so a row gives the
-// same bits through either cache.
+// same bits through either cache. While a span is read, the span kSpansAhead later is prefetched
+// line by line: a paged row's blocks are a few KB each, scattered over the pool, and a contiguous
+// row's D key runs are `capacity` apart, both beyond what the hardware prefetcher follows (the
+// kernel time of 32 rows x 1,024 positions halved, benchmarks/results/attention_prefetch_ab.json).
+constexpr int64_t kSpansAhead = 2;
+constexpr int64_t kSpanPositions = 16;  // a contiguous row's positions per span
+
 struct Span {
   const float* keys;
   const float* values;
@@ -910,8 +917,10 @@ struct Span {
 
 #if defined(__AVX512F__)
 // scores[g, s] = scale * q[g] . keys[:, s] for all G heads of a group at once, 16 positions a step.
+// `ahead`: a later span (or nullptr), whose line of keys at the same (d, j) is prefetched.
 template <int G>
-void scores_avx512(const Attention& a, const float* q, const Span& span, float* probs, int64_t n) {
+void scores_avx512(const Attention& a, const float* q, const Span& span, const Span* ahead, float* probs, int64_t n) {
+  const float* next = ahead != nullptr ? ahead->keys : nullptr;
   for (int64_t j = 0; j < span.count; j += 16) {
     const int64_t left = span.count - j, s = span.s0 + j;
     const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
@@ -919,6 +928,7 @@ void scores_avx512(const Attention& a, const float* q, const Span& span, float* 
     for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
     if (span.keys != nullptr) {
       for (int64_t d = 0; d < a.dim; ++d) {
+        if (next != nullptr) __builtin_prefetch(next + d * ahead->stride + j);
         const __m512 k = _mm512_maskz_loadu_ps(mask, span.keys + d * span.stride + j);
         for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * a.dim + d]), k, acc[g]);
       }
@@ -930,13 +940,17 @@ void scores_avx512(const Attention& a, const float* q, const Span& span, float* 
 
 // out[g, :] += sum_s probs[g, s] * values[s, :] over one span, 16 dimensions a step (dim is a
 // multiple of 16); the first span starts the sums at zero. A span of zeros adds nothing.
+// `ahead` as for the scores: its line of values at the same (j, d) is prefetched.
 template <int G>
-void mix_avx512(const Attention& a, const float* probs, const Span& span, float* out, int64_t n, bool first) {
+void mix_avx512(const Attention& a, const float* probs, const Span& span, const Span* ahead, float* out, int64_t n,
+                bool first) {
   if (span.values == nullptr && !first) return;
+  const float* next = ahead != nullptr ? ahead->values : nullptr;
   for (int64_t d = 0; d < a.dim; d += 16) {
     __m512 acc[G];
     for (int g = 0; g < G; ++g) acc[g] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + g * a.dim + d);
     for (int64_t j = 0; span.values != nullptr && j < span.count; ++j) {
+      if (next != nullptr) __builtin_prefetch(next + j * a.dim + d);
       const __m512 v = _mm512_loadu_ps(span.values + j * a.dim + d);
       for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * n + span.s0 + j]), v, acc[g]);
     }
@@ -947,13 +961,14 @@ void mix_avx512(const Attention& a, const float* probs, const Span& span, float*
 template <int G>
 void attend_avx512(const Attention& a, const float* q, const Span* spans, int64_t n_spans, float* probs, float* out,
                    int64_t n) {
-  for (int64_t i = 0; i < n_spans; ++i) scores_avx512<G>(a, q, spans[i], probs, n);
+  const auto ahead = [&](int64_t i) { return i + kSpansAhead < n_spans ? &spans[i + kSpansAhead] : nullptr; };
+  for (int64_t i = 0; i < n_spans; ++i) scores_avx512<G>(a, q, spans[i], ahead(i), probs, n);
   for (int g = 0; g < G; ++g) {
     float* pg = probs + g * n;
     const float inv = 1.0f / exp_shifted(pg, n, *std::max_element(pg, pg + n));
     for (int64_t s = 0; s < n; ++s) pg[s] *= inv;
   }
-  for (int64_t i = 0; i < n_spans; ++i) mix_avx512<G>(a, probs, spans[i], out, n, i == 0);
+  for (int64_t i = 0; i < n_spans; ++i) mix_avx512<G>(a, probs, spans[i], ahead(i), out, n, i == 0);
 }
 #endif
 
@@ -1017,9 +1032,17 @@ void attend(const void* context, int64_t item) {
   const Attention& a = *static_cast<const Attention*>(context);
   const int64_t row = item / a.kv_heads, head = item % a.kv_heads;
   const int64_t n = std::min<int64_t>(std::max<int32_t>(a.lengths[row], 1), a.capacity);
-  const Span span{a.keys + (row * a.kv_heads + head) * a.dim * a.capacity,
-                  a.values + (row * a.kv_heads + head) * a.capacity * a.dim, 0, n, a.capacity};
-  attend_spans(a, item, &span, 1, n);
+  const float* keys = a.keys + (row * a.kv_heads + head) * a.dim * a.capacity;
+  const float* values = a.values + (row * a.kv_heads + head) * a.capacity * a.dim;
+  // The row in spans of 16 positions, so that it is prefetched as the paged cache's blocks are.
+  const int64_t n_spans = (n + kSpanPositions - 1) / kSpanPositions;
+  thread_local std::vector<Span> spans;
+  spans.resize(n_spans);
+  for (int64_t i = 0; i < n_spans; ++i) {
+    const int64_t s0 = i * kSpanPositions;
+    spans[i] = Span{keys + s0, values + s0 * a.dim, s0, std::min(kSpanPositions, n - s0), a.capacity};
+  }
+  attend_spans(a, item, spans.data(), n_spans, n);
 }
 
 // The paged cache: keys [blocks, KV, D, page], values [blocks, KV, page, D], tables [B', width]
