@@ -904,8 +904,8 @@ float exp_shifted(float* probs, int64_t n, float max) {
 // XLA path reads an unallocated block. Every sum runs over positions in order, so a row gives the
 // same bits through either cache. While a span is read, the span kSpansAhead later is prefetched
 // line by line: a paged row's blocks are a few KB each, scattered over the pool, and a contiguous
-// row's D key runs are `capacity` apart, both beyond what the hardware prefetcher follows (the
-// kernel time of 32 rows x 1,024 positions halved, benchmarks/results/attention_prefetch_ab.json).
+// row's D key runs are `capacity` apart, both beyond what the hardware prefetcher follows (paged
+// kernel time at 32 rows 0.61-0.65x, benchmarks/results/attention_prefetch_ab.json).
 constexpr int64_t kSpansAhead = 2;
 constexpr int64_t kSpanPositions = 16;  // a contiguous row's positions per span
 
