@@ -8,7 +8,9 @@ step on a rank-16 LoRA over every linear (AdamW, the same learning rate, microba
 size). TRL runs SmolLM2-135M-Instruct's float32 weights, exported to a Hugging Face directory by
 afmkit's own exporter (so both run the same numbers); afmkit runs them as float32 too and, by
 default on CPUs, as the GGUF's int4 weights. Each side runs two iterations and the second is
-timed (the first compiles / warms up). Prints one JSON object and writes it to ``--json``.
+timed (the first compiles / warms up). Prints one JSON object and writes it to ``--json``. By
+default the script restarts itself with the glibc settings the training commands use
+(``--malloc keep``; ``--malloc default`` keeps glibc's own), so both sides run under the same ones.
 
     python benchmarks/posttrain.py --n-prompts 8 --k 4 --max-new-tokens 64 \\
         --json benchmarks/results/posttrain_rloo_cpu.json
@@ -159,8 +161,19 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", default="float32,int4", help="afmkit's weights, comma-separated ('': TRL's side only)"
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: restart with the training commands' glibc settings (runtime.KEEP_FREED_MEMORY), as "
+        "`afmkit posttrain rl` does; both sides run in that one process. default: glibc's own",
+    )
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
+    if args.malloc == "keep":
+        from afmkit.runtime import restart_keeping_freed_memory
+
+        restart_keeping_freed_memory()
 
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as work:
         all_rows = read_prompts(args.prompts) if args.prompts else synth_if_rows(4 * args.n_prompts + 20)
@@ -172,7 +185,12 @@ def main() -> None:
         result = {
             "benchmark": "one RLOO iteration: afmkit posttrain rl vs TRL RLOOTrainer",
             "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load": os.getloadavg()},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "load": os.getloadavg(),
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            },
         }
         print("afmkit ...", file=sys.stderr, flush=True)
         result["afmkit"] = []

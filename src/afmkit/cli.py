@@ -3,7 +3,8 @@
 Every command group lives beside the code it drives and registers itself the same way: a
 ``register(commands)`` function adds its parser(s) and sets ``run`` (a function of the parsed
 arguments returning the exit status) with ``set_defaults``. To add a command, write such a
-function and list it in ``COMMAND_GROUPS``.
+function and list it in ``COMMAND_GROUPS``. A command that trains also sets ``trains=True``: the
+process then restarts once with glibc settings that keep freed memory (``runtime.restart_keeping_freed_memory``).
 
 User errors (bad names, paths, parameters) print one line and exit with status 2; they never
 show a traceback.
@@ -148,6 +149,10 @@ def stored_bits(name: str, config: object) -> dict | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and getattr(args, "trains", False):  # only a real command line restarts
+        from afmkit.runtime import restart_keeping_freed_memory
+
+        restart_keeping_freed_memory()
     try:
         return args.run(args)
     except UserError as exc:

@@ -20,3 +20,36 @@ def enable_compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# glibc settings that keep freed memory in the process: one arena, no mmap, never trim the heap.
+# XLA:CPU allocates one temporary buffer per call of a training step (4.5 GB for SmolLM2's full
+# gradient at 8x256 tokens) and frees it on return; with glibc's defaults that buffer is mmapped
+# and unmapped each call, so every step faults it in again (docs/training.md, "Page faults").
+KEEP_FREED_MEMORY = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def restart_keeping_freed_memory() -> None:
+    """Re-execute this process with :data:`KEEP_FREED_MEMORY` in ``GLIBC_TUNABLES`` (glibc reads
+    it only at start-up). Training commands call it before loading anything; the process then
+    keeps its peak memory until it exits, which suits a run whose peak returns every step.
+
+    Does nothing off Linux/glibc, when ``GLIBC_TUNABLES`` already sets any malloc tunable (the
+    user's choice wins, and the restarted process sees the variable, so it never loops), or when
+    ``AFMKIT_MALLOC=default``."""
+    import sys
+
+    if sys.platform != "linux" or os.environ.get("AFMKIT_MALLOC") == "default":
+        return
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return
+    except (ValueError, OSError):
+        return
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc." in current:
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{current}:{KEEP_FREED_MEMORY}" if current else KEEP_FREED_MEMORY
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)

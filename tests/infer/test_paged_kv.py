@@ -97,6 +97,29 @@ def test_paged_greedy_equals_contiguous_with_adapters_and_chunked_prompts(tiny_m
     assert [c.tokens for c in paged.generate(prompts, sampling, adapters=rows)] == want
 
 
+def test_a_prefill_call_fills_its_padding_with_waiting_prompts(tiny_model, contiguous, monkeypatch):
+    from afmkit.infer import engine as engine_module
+
+    calls = []
+    real = engine_module._paged_prefill
+
+    def recording(params, cache, tables, tokens, *args, **kwargs):
+        calls.append(np.asarray(tokens))
+        return real(params, cache, tables, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_paged_prefill", recording)
+    prompts = _prompts([10] * 8, seed=2)  # tokens from 10 up: a zero is padding
+    sampling = SamplingParams(max_new_tokens=6)
+    want = [c.tokens for c in contiguous.generate(prompts, sampling)]
+    paged = _engine(tiny_model, layout="paged", step_tokens=24)
+    assert [c.tokens for c in paged.generate(prompts, sampling)] == want
+    # The budget picks 10 + 10 + 4 tokens of three prompts, so the call is [4, 16] (powers of two);
+    # its padding then takes the third prompt whole and the fourth: four whole prompts, not 2.4.
+    assert calls[0].shape == (4, 16)
+    assert [int((row != 0).sum()) for row in calls[0]] == [10, 10, 10, 10]
+    assert sum(int((c != 0).sum()) for c in calls) == 80  # every prompt token once
+
+
 def _collect(scheduler, request):
     events = queue.Queue()
     return scheduler.submit(request, events.put), events

@@ -208,7 +208,7 @@ def register(commands: Any) -> None:
     train = actions.add_parser("train", help="fine-tune a LoRA adapter on chat data (JSONL)")
     model_argument(train)
     add_train_arguments(train)
-    train.set_defaults(run=cmd_adapter_train)
+    train.set_defaults(run=cmd_adapter_train, trains=True)
 
 
 def add_train_arguments(parser: Any) -> None:

@@ -108,7 +108,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "saved as a new model in --out (docs/compression.md).",
     )
     recover.add_arguments(r)
-    r.set_defaults(run=recover.cmd_recover)
+    r.set_defaults(run=recover.cmd_recover, trains=True)
 
 
 def add_calibration_window_arguments(p: argparse.ArgumentParser, d: Any) -> None:

@@ -112,8 +112,8 @@ class KVSettings:
     chunks). ``pool_tokens``: the most positions the pool may hold (None: ``slots x capacity``,
     what the contiguous cache holds)."""
 
-    # Contiguous by default: even reading the blocks in place (kernels.paged_decode_attention),
-    # paged decode measured 0.88x contiguous's tokens/s at 32 rows (1.39x at 1, 1.09x at 8;
+    # Contiguous by default: paged generation measured 0.88x contiguous's tokens/s at 32 rows
+    # (0.97x at 1, 0.94x at 8; its chunked prefill takes four calls where contiguous takes one;
     # benchmarks/kv_layouts.py, docs/serving.md); the server picks paged for its memory.
     layout: str = "contiguous"
     dtype: str = "auto"
@@ -831,8 +831,9 @@ class DecodeBatch:
         return events
 
     def _prefill_step(self, decoding: int) -> list[tuple[Request, StreamEvent]]:
-        """One chunk of the waiting prompts (oldest first) within the step's token budget, of
-        which ``decoding`` tokens go to the decode step; rows whose prompt completes join."""
+        """One chunk of the waiting prompts (oldest first): the step's token budget, less the
+        ``decoding`` tokens of the decode step, sets the call's shape, and the shape's padding
+        is filled with more prompt; rows whose prompt completes join."""
         engine = self.engine
         budget = max(self.kv.step_tokens - decoding, MIN_PROMPT_BUCKET)
         chunks: list[tuple[_Row, int]] = []
@@ -844,6 +845,20 @@ class DecodeBatch:
             budget -= n
         size = batch_bucket(len(chunks))
         width = max(MIN_PROMPT_BUCKET, _next_pow2(max(n for _, n in chunks)))
+        attend_len = kv_bucket(max(row.prefilled + n for row, n in chunks))
+
+        # The call's [size, width] shape is computed whole: fill its padding with more prompt
+        # (longer pieces of these rows, then rows waiting behind them), never reading past
+        # attend_len, so the call costs what the budget chose and does more of the work.
+        def fits(row: _Row) -> int:
+            return min(len(row.request.prompt) - row.prefilled, width, attend_len - row.prefilled)
+
+        chunks = [(row, max(n, fits(row))) for row, n in chunks]
+        for row in self.prefilling[len(chunks) :]:
+            if len(chunks) == size:
+                break
+            if fits(row) > 0:
+                chunks.append((row, fits(row)))
         tokens = np.zeros((size, width), np.int32)
         starts = np.zeros((size,), np.int32)
         lengths = np.ones((size,), np.int32)
@@ -852,7 +867,6 @@ class DecodeBatch:
             starts[i], lengths[i] = row.prefilled, len(row.request.prompt)
             self._back(row, row.prefilled + n)
         rows: list[_Row | None] = [row for row, _ in chunks] + [None] * (size - len(chunks))
-        attend_len = kv_bucket(max(row.prefilled + n for row, n in chunks))
         sampling = [r.request.sampling for r, _ in chunks] + [SamplingParams(max_new_tokens=1)] * (size - len(chunks))
         uses_adapter = self.bank is not None and any(r.bank_slot for r, _ in chunks)
         lora = self.bank.rows([r.bank_slot if r else 0 for r in rows]) if uses_adapter else None

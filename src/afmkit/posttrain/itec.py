@@ -425,7 +425,7 @@ def register(recipes: Any) -> None:
         resume="continue the run in --out (finished rounds are kept)",
         quiet="no progress output",
     )
-    parser.set_defaults(run=cmd_itec)
+    parser.set_defaults(run=cmd_itec, trains=True)
 
 
 def settings_from_args(args: Any) -> ItecSettings:

@@ -278,7 +278,7 @@ def register(recipes: Any) -> None:
     setting_argument(parser, d, "weight_decay", "decoupled weight decay")
     setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
     run_arguments(parser, d, seed="initialisation and data order")
-    parser.set_defaults(run=cmd_reward)
+    parser.set_defaults(run=cmd_reward, trains=True)
 
 
 def settings_from_args(args: Any) -> RewardSettings:

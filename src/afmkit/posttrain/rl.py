@@ -538,7 +538,7 @@ def register(recipes: Any) -> None:
         resume="continue the run in --out from its last iteration",
         quiet="no per-iteration lines",
     )
-    parser.set_defaults(run=cmd_rl)
+    parser.set_defaults(run=cmd_rl, trains=True)
 
 
 def policy_rewards(samples: list, rewards: np.ndarray, unfinished_reward: float | None) -> np.ndarray:

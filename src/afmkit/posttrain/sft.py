@@ -192,7 +192,7 @@ def register(recipes: Any) -> None:
         help="continue this LoRA adapter (an SFT/iTeC result) instead of a fresh one; it brings its own rank",
     )
     run_arguments(parser, d, seed="initialisation, dropout and data order")
-    parser.set_defaults(run=cmd_sft)
+    parser.set_defaults(run=cmd_sft, trains=True)
 
 
 def settings_from_args(args: Any) -> SFTSettings:

@@ -14,7 +14,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     d = PretrainConfig(out="")  # the defaults: PretrainConfig is their one source
 
     p = commands.add_parser("pretrain", help="pre-train a model size on a corpus (sharded, checkpointed)")
-    p.set_defaults(run=cmd_pretrain)
+    p.set_defaults(run=cmd_pretrain, trains=True)
     # Every option below defaults to None, meaning "PretrainConfig's default (or the --recipe's)":
     # the help texts quote PretrainConfig, and config_from_args leaves unset fields to it.
     p.add_argument(

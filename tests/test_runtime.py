@@ -1,0 +1,106 @@
+"""Process-wide settings: training commands restart with glibc settings that keep freed memory."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from afmkit import cli, runtime
+
+# Prints the variable, restarts once, then mallocs, touches and frees 256 MiB, and prints the
+# minor page faults of doing it a second time (each line tagged with the process id). Plain
+# malloc: numpy asks for huge pages on large arrays, which would hide the faults.
+CHILD = textwrap.dedent(
+    """
+    import ctypes, os, resource
+    from afmkit.runtime import restart_keeping_freed_memory
+    print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+    restart_keeping_freed_memory()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 1 << 28
+    block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size); ctypes.memset(block, 1, size)
+    print(os.getpid(), "faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, flush=True)
+    """
+)
+PAGES = (1 << 28) // 4096
+
+linux_glibc = pytest.mark.skipif(
+    sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc's tunables are Linux/glibc only"
+)
+
+
+def run_child(**env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "AFMKIT_MALLOC")}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD], env={**environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return [line.split(" ", 1) for line in result.stdout.splitlines()]
+
+
+@linux_glibc
+def test_the_restarted_process_reuses_freed_memory_without_page_faults():
+    (pid, before), (pid_again, after), (_, faults) = run_child()
+    assert pid == pid_again  # exec keeps the process: a caller waiting on it sees one process
+    assert before == ""
+    assert after == runtime.KEEP_FREED_MEMORY
+    # Each of the 65,536 pages would fault again if the freed block went back to the OS.
+    assert int(faults.split()[1]) < PAGES // 20
+
+
+@linux_glibc
+@pytest.mark.parametrize(
+    "env", [{"AFMKIT_MALLOC": "default"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}], ids=["opt-out", "user-set"]
+)
+def test_no_restart_when_the_user_chose_malloc_settings(env):
+    lines = run_child(**env)
+    assert len(lines) == 2  # no second start
+    assert lines[0][1] == env.get("GLIBC_TUNABLES", "")
+
+
+@pytest.mark.parametrize(
+    "argv, restarts",
+    [
+        (["posttrain", "sft", "--data", "x.jsonl", "--out", "y"], True),
+        (["adapter", "train", "--data", "x.jsonl", "--out", "y"], True),
+        (["compress", "recover", "--model", "m", "--data", "x.txt"], True),
+        (["info", "afm-on-device"], False),
+        (["posttrain", "synth-if", "--out", "p.jsonl", "--n", "4"], False),
+    ],
+)
+def test_only_training_commands_restart_and_only_from_the_command_line(monkeypatch, argv, restarts):
+    class Restarted(Exception):
+        pass
+
+    def restart():
+        raise Restarted
+
+    real_parser = cli.build_parser
+
+    def parser_that_does_not_run():
+        parser = real_parser()
+        parse = parser.parse_args
+
+        def parse_args(args=None):
+            namespace = parse(args)
+            namespace.run = lambda _: 0
+            return namespace
+
+        parser.parse_args = parse_args
+        return parser
+
+    monkeypatch.setattr(runtime, "restart_keeping_freed_memory", restart)
+    monkeypatch.setattr(cli, "build_parser", parser_that_does_not_run)
+    monkeypatch.setattr(sys, "argv", ["afmkit", *argv])
+    if restarts:
+        with pytest.raises(Restarted):
+            cli.main()
+    else:
+        assert cli.main() == 0
+    assert cli.main(argv) == 0  # an explicit argv (a caller in Python, a test) never restarts
