@@ -38,6 +38,25 @@ def test_sampling_follows_the_distribution():
     np.testing.assert_allclose(freq, [0.5, 0.25, 0.15, 0.1], atol=0.03)
 
 
+def test_draws_across_vocabulary_blocks_follow_the_distribution():
+    # 1,000 tokens: three whole blocks of the two-level draw and a padded partial one; the mass
+    # sits on tokens in every block (the last token included), the rest never come.
+    from afmkit.infer.sampling import DRAW_BLOCK
+
+    probs = np.zeros(1000)
+    chosen = [0, 1, DRAW_BLOCK - 1, DRAW_BLOCK, 2 * DRAW_BLOCK + 7, 3 * DRAW_BLOCK + 1, 999]
+    probs[chosen] = [0.05, 0.3, 0.1, 0.2, 0.15, 0.12, 0.08]
+    with np.errstate(divide="ignore"):
+        logits = jnp.asarray(np.log(probs), jnp.float32)[None]
+    n = 20000
+    state = SamplerState.from_params([SamplingParams(temperature=1.0, seed=s) for s in range(n)])
+    tokens = np.asarray(sample(jnp.repeat(logits, n, axis=0), state, jnp.int32(0), mode=SamplerMode.SAMPLE))
+    freq = np.bincount(tokens, minlength=1000) / n
+    assert set(np.flatnonzero(freq)) <= set(chosen)
+    # each frequency within 5 binomial standard deviations of its probability
+    assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / n))
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens():
     logits = jax.random.normal(jax.random.PRNGKey(0), (1, 1000))
 
@@ -140,3 +159,22 @@ def test_the_head_search_keeps_what_a_full_sort_keeps(scale, big_k, in_head, mon
     np.testing.assert_array_equal(fast, full)
     assert fast[1].all()  # top_k 0, top_p 1: nothing filtered
     assert (fast.sum(1)[[2, 5]] <= [40, 3]).all()
+
+
+def test_the_bisected_threshold_equals_the_sorted_one():
+    """The search that replaces sorting the vocabulary gives the sort's threshold for every row:
+    flat and peaked logits, ties, top-k inside and past the head, top-p on and off."""
+    import afmkit.infer.sampling as S
+
+    rng = np.random.default_rng(4)
+    rows = [rng.standard_normal(5000) * scale for scale in (0.01, 0.5, 1.0, 3.0, 8.0) for _ in range(4)]
+    rows.append(np.round(rng.standard_normal(5000), 1))  # many ties
+    rows.append(np.full(5000, -2.0))  # all tied
+    logits = jnp.asarray(np.stack(rows), jnp.float32)
+    n = logits.shape[0]
+    top_k = jnp.asarray(rng.choice([0, 1, 3, 300, 4999, 5000], n), jnp.int32)
+    top_p = jnp.asarray(rng.choice([0.05, 0.5, 0.9, 0.95, 1.0], n), jnp.float32)
+    k = jnp.where(top_k > 0, top_k, 5000)
+    want = S._threshold(logits, jnp.sort(logits, axis=-1)[:, ::-1], k, top_p)[0]
+    got = jax.jit(S._bisected_threshold)(logits, k, top_p)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
