@@ -3,7 +3,7 @@ training commands' own settings (``runtime.KEEP_FREED_MEMORY``, the default) and
 defaults (``AFMKIT_MALLOC=default``), alternating, in one run on one machine.
 
 XLA:CPU frees its per-call temporary buffer after every step; with glibc's defaults that buffer
-is mmapped again and faulted in page by page each step (docs/training.md, "Page faults"). This
+is mmapped again and faulted in page by page each step (docs/training.md, "Memory the trainer keeps"). This
 measures per setting: the median step time (from the run's metrics.jsonl, first step dropped:
 it compiles), the child's page faults, user and kernel seconds, and peak RSS. Cases: a rank-16
 LoRA over the int4 GGUF (what sft/itec/rl/recover train) and ``--full`` float32 weights.

@@ -1,8 +1,10 @@
-"""Process-wide settings every command shares: the cache directory and XLA's compile cache."""
+"""Process-wide settings every command shares: the cache directory, XLA's compile cache and the
+training commands' malloc settings."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -25,7 +27,7 @@ def enable_compilation_cache() -> None:
 # glibc settings that keep freed memory in the process: one arena, no mmap, never trim the heap.
 # XLA:CPU allocates one temporary buffer per call of a training step (4.5 GB for SmolLM2's full
 # gradient at 8x256 tokens) and frees it on return; with glibc's defaults that buffer is mmapped
-# and unmapped each call, so every step faults it in again (docs/training.md, "Page faults").
+# and unmapped each call, so every step faults it in again (docs/training.md, "Memory the trainer keeps").
 KEEP_FREED_MEMORY = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
@@ -37,8 +39,6 @@ def restart_keeping_freed_memory() -> None:
     Does nothing off Linux/glibc, when ``GLIBC_TUNABLES`` already sets any malloc tunable (the
     user's choice wins, and the restarted process sees the variable, so it never loops), or when
     ``AFMKIT_MALLOC=default``."""
-    import sys
-
     if sys.platform != "linux" or os.environ.get("AFMKIT_MALLOC") == "default":
         return
     try:
