@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from afmkit.files import shared_data_dir
+
 # the console script installed beside this interpreter (a venv), else the one on PATH
 AFMKIT = (
     str(Path(sys.executable).with_name("afmkit"))
@@ -85,7 +87,7 @@ def main() -> int:
     parser.add_argument("--cases", default="lora-int4,full-float32")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    shared = Path(os.environ.get("AFMKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    shared = shared_data_dir()
     cases = {"lora-int4": [], "full-float32": ["--full", "--dtype", "float32"]}
     report = {
         "benchmark": "posttrain sft with the training commands' malloc settings vs glibc defaults",

@@ -30,9 +30,15 @@ CHILD = textwrap.dedent(
 )
 PAGES = (1 << 28) // 4096
 
-linux_glibc = pytest.mark.skipif(
-    sys.platform != "linux" or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc's tunables are Linux/glibc only"
-)
+
+def _glibc() -> bool:
+    try:
+        return sys.platform == "linux" and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):  # musl and others do not know the name
+        return False
+
+
+linux_glibc = pytest.mark.skipif(not _glibc(), reason="glibc's tunables are Linux/glibc only")
 
 
 def run_child(**env):
@@ -62,6 +68,18 @@ def test_no_restart_when_the_user_chose_malloc_settings(env):
     lines = run_child(**env)
     assert len(lines) == 2  # no second start
     assert lines[0][1] == env.get("GLIBC_TUNABLES", "")
+
+
+@linux_glibc
+def test_a_failed_restart_leaves_the_process_and_its_environment_as_they_were(monkeypatch):
+    def no_interpreter(*_):
+        raise FileNotFoundError("no interpreter")
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("AFMKIT_MALLOC", raising=False)
+    monkeypatch.setattr(os, "execv", no_interpreter)
+    runtime.restart_keeping_freed_memory()  # carries on with glibc's defaults
+    assert "GLIBC_TUNABLES" not in os.environ
 
 
 @pytest.mark.parametrize(

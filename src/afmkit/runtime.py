@@ -52,4 +52,10 @@ def restart_keeping_freed_memory() -> None:
     os.environ["GLIBC_TUNABLES"] = f"{current}:{KEEP_FREED_MEMORY}" if current else KEEP_FREED_MEMORY
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, sys.orig_argv)
+    try:
+        os.execv(sys.executable, sys.orig_argv)
+    except OSError:  # no interpreter to re-run (an embedded Python): train with glibc's defaults
+        if current:
+            os.environ["GLIBC_TUNABLES"] = current
+        else:
+            del os.environ["GLIBC_TUNABLES"]
