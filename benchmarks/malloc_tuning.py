@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -59,22 +58,25 @@ def run_once(
         "--steps", str(steps), "--batch", str(batch), "--seq-len", str(seq_len), "--warmup", "1",
         "--save-every", str(steps * 10), "--eval-fraction", "0.05", "--quiet", *case_flags,
     ]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    # wait4 gives this child's own usage (RUSAGE_CHILDREN's peak RSS is a maximum over all children
+    # so far); the command's restart with the malloc settings is an exec, so the same pid counts it.
+    _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, command)
     lines = (out / "training" / "metrics.jsonl").read_text().splitlines()
     steps_seconds = [json.loads(line)["seconds"] for line in lines if '"seconds"' in line]
     return {
         "wall_seconds": round(wall, 2),
         "median_step_seconds": round(statistics.median(steps_seconds[1:]), 3),
         "step_seconds": steps_seconds,
-        "user_seconds": round(after.ru_utime - before.ru_utime, 2),
-        "kernel_seconds": round(after.ru_stime - before.ru_stime, 2),
-        "minor_faults": after.ru_minflt - before.ru_minflt,
-        # ru_maxrss of children is the largest child so far, so only the first run's is exact
-        "max_rss_mib_so_far": round(after.ru_maxrss / 1024, 1),
+        "user_seconds": round(usage.ru_utime, 2),
+        "kernel_seconds": round(usage.ru_stime, 2),
+        "minor_faults": usage.ru_minflt,
+        "max_rss_mib": round(usage.ru_maxrss / 1024, 1),
     }
 
 
@@ -113,6 +115,7 @@ def main() -> int:
                     "kernel_seconds": statistics.median(r["kernel_seconds"] for r in rs),
                     "user_seconds": statistics.median(r["user_seconds"] for r in rs),
                     "minor_faults": statistics.median(r["minor_faults"] for r in rs),
+                    "max_rss_mib": statistics.median(r["max_rss_mib"] for r in rs),
                 }
                 for name, rs in runs.items()
             }

@@ -273,7 +273,7 @@ def test_reward_rises_on_a_toy_verifiable_task(peaked_model, prompts_file, tmp_p
         iterations=8,
         prompts_per_iteration=4,
         inner_steps=2,
-        lr=2e-3,
+        lr=1e-3,
         lora_rank=4,
         max_new_tokens=4,
         batch=16,
@@ -286,7 +286,9 @@ def test_reward_rises_on_a_toy_verifiable_task(peaked_model, prompts_file, tmp_p
     # The starting policy meets the task about 30% of the time (27% of 64 samples; iteration 1
     # here: 44% of 16). The last 4 iterations hold 64 samples: if the policy still met the task
     # with p = 0.45, their mean would have a standard error of sqrt(0.45 * 0.55 / 64) = 0.062,
-    # and 0.9 would be more than 7 of those away. (With lr 2e-3 it reaches 1.0 by iteration 3.)
+    # and 0.9 would be more than 7 of those away. With lr 1e-3 seeds 0-5 all reached 0.98-1.0. At
+    # 2e-3 one seed in three jumped onto one wrong answer (every sample alike, so every
+    # leave-one-out advantage 0 and no way back): a step too large for this peaked model.
     assert rewards[-4:].mean() >= 0.9, rewards
 
 
