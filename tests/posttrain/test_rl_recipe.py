@@ -26,7 +26,15 @@ from afmkit.cli import main
 from afmkit.model.transformer import init_params
 from afmkit.posttrain import verifiable
 from afmkit.posttrain.reward_model import init_reward_heads, save_reward_model
-from afmkit.posttrain.rl import RLSettings, pack_first_fit, policy_rewards, policy_rows, rl
+from afmkit.posttrain.rl import (
+    RLSettings,
+    fill_policy_rows,
+    pack_first_fit,
+    policy_rewards,
+    policy_rows,
+    rl,
+    sequence_log_probs,
+)
 from afmkit.posttrain.rollout import chat_prompt_ids, response_token_logprobs
 from afmkit.train.metrics import read_metrics
 from afmkit.train.objectives import ModelView
@@ -79,43 +87,56 @@ SMALL = RLSettings(
 
 
 def test_policy_rows_score_the_response_tokens_like_teacher_forcing(tiny_model):
-    """Samples packed into one row as segments: the objective's log-probs of each sample's
-    targets, where its loss mask is 1, equal ``response_token_logprobs`` of the response (a
-    separate forward on unpadded prompt + response), and the old log-probs land on the same
-    positions."""
+    """Samples packed into rows, a prompt's samples sharing one copy of it: the objective's
+    log-probs of each sample's targets, where its loss mask is 1, equal ``response_token_logprobs``
+    of the response (a separate forward on unpadded prompt + response); each sample's sequence
+    log-prob is its own branch's sum, and the old log-probs and advantages land on that branch."""
     config, params = tiny_model.config, tiny_model.params
-    prompts = [chat_prompt_ids(tiny_model.tokenizer, t) for t in ("Hi.", "Tell me a longer thing, please.", "Yes?")]
-    responses = [[11, 12, 13], list(range(40, 100)), [7]]  # rows of 128: the two short ones share one
+    hi, longer, yes = (
+        chat_prompt_ids(tiny_model.tokenizer, t) for t in ("Hi.", "Tell me a longer thing, please.", "Yes?")
+    )
+    prompts = [hi, longer, hi, longer, yes, hi]
+    responses = [[11, 12, 13], list(range(40, 100)), [5], list(range(200, 250)), [7], [9, 10]]
+    advantages = np.array([0.5, -0.5, 0.25, 1.5, -1.0, 0.75])
     adapter = random_adapter(config, LoraConfig(rank=2, alpha=4.0), jax.random.PRNGKey(3), b_std=0.3, name="a")
     want = response_token_logprobs(params, config, prompts, responses, adapter)
-    rows, placement = policy_rows(prompts, responses, want, np.array([0.5, -0.5, 0.25]), rows_multiple=4)
+    rows, placement = policy_rows(prompts, responses, rows_multiple=4)
+    length = rows["tokens"].shape[1]
+    assert length == 128 and len(longer) - 1 + 60 + 50 > length  # the two long samples need two copies
     used = {row for row, _ in placement}
-    assert len(used) < len(responses) and rows["tokens"].shape[0] == 4  # packed, then spare rows
-    assert all(rows["loss_mask"][row].sum() == 0 for row in set(range(4)) - used)
+    assert len(used) < len(responses) and rows["tokens"].shape[0] == 8  # packed, then spare rows
+    assert all(rows["loss_mask"][row].sum() == 0 for row in set(range(8)) - used)
+
+    def segment(i):
+        row, slot = placement[i]
+        return row, rows["segment_ids"][row][rows["branch_ids"][row] == slot + 1][0]
+
+    assert segment(0) == segment(2) == segment(5) and segment(1) != segment(3)
+    copies = 3 * (len(hi) - 1) + 2 * (len(longer) - 1) + len(yes) - 1  # "Hi." once, the long one twice
+    assert (rows["segment_ids"] > 0).sum() == sum(len(r) for r in responses) + copies - 2 * (len(hi) - 1)
     view = ModelView(config=config, params=params, adapters=single(adapter), compute_dtype=jnp.float32)
-    got = np.asarray(
-        view.target_log_probs(
-            jnp.asarray(rows["tokens"]),
-            jnp.asarray(rows["positions"]),
-            jnp.asarray(rows["segment_ids"]),
-            jnp.asarray(rows["targets"]),
-        )
-    )
+    fields = ("tokens", "positions", "segment_ids", "targets", "branch_ids")
+    got = np.asarray(view.target_log_probs(*(jnp.asarray(rows[f]) for f in fields)))
+    fill_policy_rows(rows, placement, got, advantages)
+    sequences = sequence_log_probs(got, rows, placement)
     for i, r in enumerate(responses):
         row, slot = placement[i]
-        on = (rows["loss_mask"][row] > 0) & (rows["segment_ids"][row] == slot + 1)
+        on = (rows["loss_mask"][row] > 0) & (rows["branch_ids"][row] == slot + 1)
         assert on.sum() == len(r)
         np.testing.assert_array_equal(rows["targets"][row][on], r)
         # fp32 forwards of the same weights on differently padded inputs: summation-order noise only
         np.testing.assert_allclose(got[row][on], want[i, : len(r)], atol=1e-4)
-        np.testing.assert_array_equal(rows["old_log_probs"][row][on], want[i, : len(r)])
-        assert rows["advantages"][row, slot] == [0.5, -0.5, 0.25][i]
-    assert np.count_nonzero(rows["advantages"]) == 3
+        np.testing.assert_allclose(sequences[i], want[i, : len(r)].sum(), atol=1e-4 * len(r))
+        np.testing.assert_array_equal(rows["old_log_probs"][row][on], got[row][on])
+        assert rows["advantages"][row, slot] == advantages[i]
+    assert np.count_nonzero(rows["advantages"]) == len(responses)
+    assert np.count_nonzero(rows["old_log_probs"]) == sum(len(r) for r in responses)  # nothing off the mask
 
 
 def test_packing_is_first_fit_longest_first_and_refuses_what_cannot_fit():
     assert pack_first_fit([5, 3, 7, 2, 2, 8], 10, most=4) == [[5, 3], [2, 1], [0, 4]]
     assert pack_first_fit([1, 1, 1], 10, most=2) == [[0, 1], [2]]
+    assert pack_first_fit([1, 1, 1], 10, most=4, counts=[3, 1, 1]) == [[0, 1], [2]]  # items of 3 and 1 slots
     with pytest.raises(ValueError, match="11 tokens"):
         pack_first_fit([11], 10, most=4)
 
@@ -144,9 +165,11 @@ def test_an_iteration_uses_leave_one_out_advantages_and_trains_only_the_adapter(
     want = np.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], axis=1).reshape(-1)
     np.testing.assert_allclose([s["advantage"] for s in samples], want, atol=1e-6)
     assert records[1]["mean_reward"] == pytest.approx(r.mean())
-    assert records[1]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # pi_1 is pi_ref
-    # The update's tokens: every sample's prompt + response, shifted by one, once per inner step.
-    sample_tokens = sum(len(s["prompt_tokens"]) + len(s["tokens"]) - 1 for s in samples)
+    assert records[1]["kl_to_reference"] == 0.0  # pi_1 is pi_ref, scored by the same forward
+    # The update's tokens, once per inner step: every response, and each prompt but its last token
+    # once (its K samples share it; these short ones fit one row).
+    prompts = {s["prompt_id"]: len(s["prompt_tokens"]) - 1 for s in samples}
+    sample_tokens = sum(prompts.values()) + sum(len(s["tokens"]) for s in samples)
     assert records[1]["train_tokens"] == sample_tokens * SMALL.steps_per_iteration
     # The base is untouched; the adapter moved (LoRA's B starts at zero), where the advantages
     # were not all zero.

@@ -89,6 +89,7 @@ def policy_batches(rng):
                 targets=tokens[:, 1:],
                 positions=np.tile(within.astype(np.int32), (ROWS, 1)),
                 segment_ids=np.tile(np.where(np.arange(SEQ) < half, 1, 2).astype(np.int32), (ROWS, 1)),
+                branch_ids=np.tile(np.where(np.arange(SEQ) < half, 1, 2).astype(np.int32), (ROWS, 1)),
                 loss_mask=response.astype(np.float32),
                 # near a random model's own log-probabilities (uniform over the vocabulary), so the
                 # sequence ratios stay near 1 as they do in a real iteration

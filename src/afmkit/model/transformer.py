@@ -154,6 +154,7 @@ def attention(
     config: ModelConfig,
     attend_len: int,
     segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
     lora: Any = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | PagedLayer | None]:
     """Grouped-query attention; a query at position p sees keys at positions <= p.
@@ -163,7 +164,8 @@ def attention(
     written into it at ``positions`` first, then the first ``attend_len`` positions of each row
     are read, so a step costs what it attends to, not the cache's capacity. Without a cache
     (training, scoring) the chunk attends to itself; with ``segment_ids [B, T]`` (packed training
-    rows) a query sees only keys of its own segment.
+    rows) a query sees only keys of its own segment, and with ``branch_ids [B, T]`` as well only
+    keys of branch 0 (a prefix its segment's branches share) or of its own branch.
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
@@ -222,6 +224,9 @@ def attention(
     visible = key_positions[:, :, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
     if segment_ids is not None:  # packed documents never attend to each other
         visible &= segment_ids[:, None, None, :] == segment_ids[:, None, :, None]
+    if branch_ids is not None:  # branches of one segment share its branch-0 prefix, never each other
+        key_branch = branch_ids[:, None, None, :]
+        visible &= (key_branch == 0) | (key_branch == branch_ids[:, None, :, None])
     scores = jnp.where(visible[:, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
@@ -246,6 +251,7 @@ def forward(
     attend_len: int = 0,
     activation_dtype: Any = None,
     segment_ids: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
     adapters: Any = None,
     dropout: tuple[float, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
@@ -258,7 +264,10 @@ def forward(
     wherever that row is. With a cache, the first ``attend_len`` cache positions of each row are
     attended to (a ``PagedKVCache`` carries the rows' block ``tables``).
     Without one (training, scoring), the chunk attends to itself only; ``segment_ids [B, T]``
-    then keeps packed documents apart (give each document positions that restart at 0).
+    then keeps packed documents apart (give each document positions that restart at 0), and
+    ``branch_ids [B, T]`` lets several continuations of one document share its prefix: branch 0
+    is the prefix, and a token of branch b > 0 sees the prefix and branch b only (give each
+    branch the positions that follow the prefix).
 
     ``adapters``: optional LoRA adapters (``afmkit.adapters.lora``: one for every row, or a bank
     gathered per row); anything with ``.layer(i)`` returning that layer's updates or None.
@@ -266,7 +275,7 @@ def forward(
     ``dropout``: ``(rate, key)`` drops that share of each attention and MLP output before it is
     added to the residual stream (training only; the survivors are scaled by ``1 / (1 - rate)``).
     """
-    if segment_ids is not None and cache is not None:
+    if (segment_ids is not None or branch_ids is not None) and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
     embed = params["embed"]
     if not isinstance(embed, PackedWeight):
@@ -290,6 +299,7 @@ def forward(
             config=config,
             attend_len=attend_len,
             segment_ids=segment_ids,
+            branch_ids=branch_ids,
             lora=lora,
         )
         x = x + _dropout(attn_out, dropout, 2 * i)

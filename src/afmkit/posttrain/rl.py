@@ -8,8 +8,9 @@ The policy is a LoRA adapter over the frozen base (on CPUs SmolLM2's own int4 we
    current policy ``pi_k`` through the one engine (``posttrain.rollout``);
 2. rewards ``r``: the verifiable reward (strict) by default, a reward model's score with
    ``--reward-model DIR``;
-3. per-token log-probs of every response under ``pi_k`` and ``pi_ref``
-   (``rollout.response_token_logprobs``); the sequence reward ``R = r - beta log(pi_k/pi_ref)``
+3. the samples packed into the update's rows; per-token log-probs of every response under
+   ``pi_k`` and ``pi_ref`` by the trainer's own forward on those rows
+   (``train.step.make_token_log_probs``); the sequence reward ``R = r - beta log(pi_k/pi_ref)``
    and the leave-one-out advantage (``posttrain.losses``);
 4. the update, through the one trainer's step (``train.step`` with the ``Policy`` objective, the
    whole iteration's samples one batch, split into microbatches of ``--train-batch`` rows):
@@ -139,79 +140,139 @@ def train_slice(prompts: Sequence[dict[str, Any]], per_iteration: int, iteration
 SEGMENT_SPAN = 16
 
 
-def pack_first_fit(lengths: Sequence[int], capacity: int, *, most: int) -> list[list[int]]:
-    """Indices of ``lengths`` packed into bins of ``capacity`` tokens and at most ``most`` items,
-    first fit over the longest first (ties in index order, so the same lengths always pack the
-    same way)."""
+def pack_first_fit(
+    lengths: Sequence[int], capacity: int, *, most: int, counts: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Indices of ``lengths`` packed into bins of ``capacity`` tokens holding at most ``most``
+    (the sum of the items' ``counts``, 1 each by default), first fit over the longest first (ties
+    in index order, so the same lengths always pack the same way)."""
+    counts = [1] * len(lengths) if counts is None else counts
     bins: list[list[int]] = []
     room: list[int] = []
+    held: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         if lengths[i] > capacity:
             raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a row of {capacity}")
-        fit = next((b for b, free in enumerate(room) if free >= lengths[i] and len(bins[b]) < most), None)
+        fit = next((b for b, free in enumerate(room) if free >= lengths[i] and held[b] + counts[i] <= most), None)
         if fit is None:
             bins.append([])
             room.append(capacity)
+            held.append(0)
             fit = len(bins) - 1
         bins[fit].append(i)
         room[fit] -= lengths[i]
+        held[fit] += counts[i]
     return bins
+
+
+def _shared_prompt_groups(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], capacity: int, most: int
+) -> list[list[int]]:
+    """The samples as groups that share one copy of their prompt: a prompt's samples in order,
+    a new group (with its own copy) whenever the next would pass ``capacity`` tokens or ``most``
+    samples. A group costs ``len(prompt) - 1 + sum(len(response))`` tokens."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    groups = []
+    for prompt, members in by_prompt.items():
+        group: list[int] = []
+        size = len(prompt) - 1
+        for i in members:
+            if group and (size + len(response_ids[i]) > capacity or len(group) == most):
+                groups.append(group)
+                group, size = [], len(prompt) - 1
+            group.append(i)
+            size += len(response_ids[i])
+        groups.append(group)
+    return groups
 
 
 def policy_rows(
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
-    old_log_probs: np.ndarray,
-    advantages: np.ndarray,
     *,
     rows_multiple: int,
 ) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
     """The fields of a ``train.objectives.PolicyBatch`` and where each sample went.
 
-    Each sample, prompt + response shifted by one (inputs, next-token targets), is a segment of a
-    packed row: samples differ a lot in length (a loop runs to the limit, most answers stop far
-    earlier), so rows of one sample each padded to the longest would be mostly padding. Rows are
-    as long as the engine's prompt bucket of the longest sample. The batch keeps the shape of one
-    sample per row (the sample count rounded up to ``rows_multiple``, ``T // SEGMENT_SPAN``
-    sequence slots), so every iteration reuses one compiled step: the packed rows come first and
-    the spare rows after them are empty microbatches, which the trainer skips. The loss mask and
-    the old log-probs cover the response's targets. Returns ``(fields, placement)``: sample ``i``
-    is segment ``placement[i][1] + 1`` of row ``placement[i][0]``."""
+    The K samples of a prompt share one copy of it: the prompt but its last token is branch 0
+    of a segment, and each sample is a branch of its own holding that last token and the
+    response but its last token (inputs; the targets are the response), at the positions that
+    follow the prompt. So a prompt is computed once, not K times, and each response is scored
+    exactly as after its own copy. Segments are packed into rows first fit: samples differ a lot
+    in length (a loop runs to the limit, most answers stop far earlier), so rows of one sample
+    each padded to the longest would be mostly padding. Rows are as long as the engine's prompt
+    bucket of the longest sample (a prompt whose samples do not fit one row is copied into more).
+    The batch keeps the shape of one sample per row (the sample count rounded up to
+    ``rows_multiple``, ``T // SEGMENT_SPAN`` response slots), so every iteration of like lengths
+    reuses one compiled step: the packed rows come first and the spare rows after them are empty
+    microbatches, which the trainer skips. The loss mask covers the responses' targets;
+    ``old_log_probs`` and ``advantages`` are zeros for ``fill_policy_rows``. Returns ``(fields,
+    placement)``: sample ``i`` is branch ``placement[i][1] + 1`` of row ``placement[i][0]``."""
     from afmkit.infer.engine import prompt_bucket
 
-    lengths = [len(p) + len(r) - 1 for p, r in zip(prompt_ids, response_ids)]
-    length = prompt_bucket(max(lengths))
+    length = prompt_bucket(max(len(p) + len(r) - 1 for p, r in zip(prompt_ids, response_ids)))
     slots = max(1, length // SEGMENT_SPAN)
-    bins = pack_first_fit(lengths, length, most=slots)
-    rows = -(-len(lengths) // rows_multiple) * rows_multiple
+    groups = _shared_prompt_groups(prompt_ids, response_ids, length, slots)
+    sizes = [len(prompt_ids[g[0]]) - 1 + sum(len(response_ids[i]) for i in g) for g in groups]
+    bins = pack_first_fit(sizes, length, most=slots, counts=[len(g) for g in groups])
+    rows = -(-len(prompt_ids) // rows_multiple) * rows_multiple
     fields = {
         "tokens": np.zeros((rows, length), np.int32),
         "targets": np.zeros((rows, length), np.int32),
         "positions": np.zeros((rows, length), np.int32),
         "segment_ids": np.zeros((rows, length), np.int32),
+        "branch_ids": np.zeros((rows, length), np.int32),
         "loss_mask": np.zeros((rows, length), np.float32),
         "old_log_probs": np.zeros((rows, length), np.float32),
         "advantages": np.zeros((rows, slots), np.float32),
     }
-    placement = [(0, 0)] * len(lengths)
+    placement = [(0, 0)] * len(prompt_ids)
     for row, members in enumerate(bins):
-        at = 0
-        for slot, i in enumerate(members):
-            p, r = prompt_ids[i], response_ids[i]
-            seq = list(p) + list(r)
-            span = slice(at, at + len(seq) - 1)
-            fields["tokens"][row, span] = seq[:-1]
-            fields["targets"][row, span] = seq[1:]
-            fields["positions"][row, span] = np.arange(len(seq) - 1)
-            fields["segment_ids"][row, span] = slot + 1
-            # Response token t is the target at the sample's input position len(p) - 1 + t.
-            answer = slice(at + len(p) - 1, at + len(seq) - 1)
-            fields["loss_mask"][row, answer] = 1.0
-            fields["old_log_probs"][row, answer] = old_log_probs[i, : len(r)]
-            fields["advantages"][row, slot] = advantages[i]
-            placement[i] = (row, slot)
-            at += len(seq) - 1
+        at, branch = 0, 0
+        for segment, g in enumerate(members, start=1):
+            prompt = list(prompt_ids[groups[g][0]])
+            span = slice(at, at + len(prompt) - 1)
+            fields["tokens"][row, span] = prompt[:-1]
+            fields["targets"][row, span] = prompt[1:]
+            fields["positions"][row, span] = np.arange(len(prompt) - 1)
+            fields["segment_ids"][row, span] = segment
+            at = span.stop
+            for i in groups[g]:
+                response = list(response_ids[i])
+                branch += 1
+                span = slice(at, at + len(response))
+                # Response token t is predicted at position len(prompt) - 1 + t, from the prompt's
+                # last token (t = 0) or the response's token t - 1.
+                fields["tokens"][row, span] = [prompt[-1], *response][:-1]
+                fields["targets"][row, span] = response
+                fields["positions"][row, span] = len(prompt) - 1 + np.arange(len(response))
+                fields["segment_ids"][row, span] = segment
+                fields["branch_ids"][row, span] = branch
+                fields["loss_mask"][row, span] = 1.0
+                placement[i] = (row, branch - 1)
+                at = span.stop
     return fields, placement
+
+
+def sequence_log_probs(token_log_probs: np.ndarray, rows: dict[str, np.ndarray], placement: Sequence) -> np.ndarray:
+    """Each sample's response log-probability: the sum of ``token_log_probs [rows, T]`` over its
+    branch's loss positions."""
+    on = rows["loss_mask"] > 0
+    return np.array(
+        [token_log_probs[r][on[r] & (rows["branch_ids"][r] == s + 1)].sum() for r, s in placement], np.float32
+    )
+
+
+def fill_policy_rows(
+    rows: dict[str, np.ndarray], placement: Sequence, old_log_probs: np.ndarray, advantages: np.ndarray
+) -> None:
+    """Put the sampling policy's per-token log-probs (``[rows, T]``, as packed) on the loss
+    positions and each sample's advantage in its branch's slot."""
+    rows["old_log_probs"][:] = np.where(rows["loss_mask"] > 0, old_log_probs, 0.0)
+    for (row, slot), advantage in zip(placement, advantages):
+        rows["advantages"][row, slot] = advantage
 
 
 def read_split(path: str | os.PathLike, split: str) -> list[dict[str, Any]]:
@@ -263,6 +324,7 @@ def rl(
     metric records. ``base``: the loaded base model (``LanguageModel``, never modified) that the
     policy adapter sits on. Every input check runs before the first write."""
     import jax
+    import jax.numpy as jnp
 
     from afmkit.adapters.lora import LoraConfig
     from afmkit.adapters.peft_io import save_adapter
@@ -270,7 +332,6 @@ def rl(
     from afmkit.posttrain.rollout import (
         Member,
         RolloutSettings,
-        response_token_logprobs,
         reward_model_scorer,
         rollout,
         verifier_scorer,
@@ -287,6 +348,7 @@ def rl(
         abstract_state,
         global_batch,
         init_sharded_state,
+        make_token_log_probs,
         make_train_step,
         state_shardings,
     )
@@ -347,6 +409,14 @@ def rl(
             config, optimizer, shardings, seed=settings.seed, subset=subset, objective=objective, initial=initial
         )
         done = 0
+    # pi_ref laid out as the policy's weights: the starting adapter, or zeros (a fresh policy
+    # starts as the base, and a LoRA adapter of zeros adds exactly nothing)
+    reference_params = jax.device_put(
+        jax.tree.map(jnp.zeros_like, state.params)
+        if reference is None
+        else jax.tree.map(lambda p, r: jnp.asarray(r, p.dtype), state.params, LoraWeights.tree(reference)),
+        shardings.params,
+    )
     log = MetricsLog(out / "metrics.jsonl", resume_from_step=done)
     steps: dict[tuple[int, ...], Any] = {}  # one compiled step per batch shape
 
@@ -365,6 +435,38 @@ def rl(
                 frozen=base.params,
             )
         return steps[shape]
+
+    log_prob_fns: dict[tuple[int, ...], Any] = {}  # one compiled forward per microbatch shape
+
+    def packed_log_probs(params: Any, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-token log-probs of the packed rows' targets under ``params`` (the trainer's own
+        forward, a microbatch of ``--train-batch`` rows at a time; spare rows stay 0)."""
+        out = np.zeros(rows["tokens"].shape, np.float32)
+        used = int(rows["loss_mask"].any(axis=1).sum())  # the packed rows come first
+        for lo in range(0, used, settings.train_batch):
+            micro = {name: value[lo : lo + settings.train_batch] for name, value in rows.items()}
+            batch = global_batch(
+                micro,
+                mesh,
+                global_rows=settings.train_batch,
+                accum_steps=1,
+                objective=objective,
+                batch_type=PolicyBatch,
+            )
+            shape = micro["tokens"].shape
+            if shape not in log_prob_fns:
+                log_prob_fns[shape] = make_token_log_probs(
+                    config=config,
+                    step_config=StepConfig(),
+                    mesh=mesh,
+                    shardings=shardings,
+                    batch_example=batch,
+                    subset=subset,
+                    objective=objective,
+                    frozen=base.params,
+                )
+            out[lo : lo + settings.train_batch] = np.asarray(log_prob_fns[shape](params, batch))
+        return out
 
     def policy_member(params: Any, iteration: int) -> Member:
         return Member(f"policy-{iteration}", base, subset.adapter(jax.device_get(params), config, name="policy"))
@@ -411,16 +513,17 @@ def rl(
         prompt_ids = [s.prompt_tokens for s in samples]
         response_ids = [s.tokens for s in samples]
         lengths = np.array([len(r) for r in response_ids])
-        old = response_token_logprobs(base.params, config, prompt_ids, response_ids, member.adapter)
-        ref = response_token_logprobs(base.params, config, prompt_ids, response_ids, reference)
-        mask = np.arange(old.shape[1])[None, :] < lengths[:, None]
-        old_seq = np.where(mask, old, 0.0).sum(axis=1)
-        ref_seq = np.where(mask, ref, 0.0).sum(axis=1)
+        rows, placement = policy_rows(prompt_ids, response_ids, rows_multiple=settings.train_batch)
+        compiled_before = len(steps) + len(log_prob_fns)
+        old = packed_log_probs(state.params, rows)
+        ref = packed_log_probs(reference_params, rows)
+        old_seq = sequence_log_probs(old, rows, placement)
+        ref_seq = sequence_log_probs(ref, rows, placement)
         rewards = np.array([s.rewards[reward_name] for s in samples], np.float32)
         shaped = policy_rewards(samples, rewards, settings.unfinished_reward)
         sequence_rewards = np.asarray(losses.sequence_rewards(shaped, old_seq, ref_seq, settings.beta))
         advantages = np.asarray(losses.leave_one_out_advantages(sequence_rewards.reshape(-1, settings.k))).reshape(-1)
-        rows, _ = policy_rows(prompt_ids, response_ids, old, advantages, rows_multiple=settings.train_batch)
+        fill_policy_rows(rows, placement, old, advantages)
         accum = len(rows["tokens"]) // settings.train_batch
         batch = global_batch(
             rows, mesh, global_rows=len(rows["tokens"]), accum_steps=accum, objective=objective, batch_type=PolicyBatch
@@ -467,6 +570,8 @@ def rl(
             "train_tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
             "rollout_seconds": rollout_seconds,
             "train_seconds": train_seconds,
+            # rows of a length not seen before in this process: the update and log-probs compiled
+            "new_row_shape": len(steps) + len(log_prob_fns) > compiled_before,
         }
         if dev and iteration % settings.dev_every == 0:
             record.update(dev_scores(policy_member(state.params, iteration)))

@@ -66,8 +66,15 @@ class ModelView:
     compute_dtype: Any
     dropout: tuple[float, jax.Array] | None = None
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        """Final hidden states ``[B, T, d_model]``; ``segment_ids`` keep packed documents apart."""
+    def hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        branch_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states ``[B, T, d_model]``; ``segment_ids`` keep packed documents apart,
+        ``branch_ids`` let continuations share a prefix (``transformer.forward``)."""
         hidden, _ = forward(
             self.params,
             tokens,
@@ -76,6 +83,7 @@ class ModelView:
             config=self.config,
             activation_dtype=self.compute_dtype,
             segment_ids=segment_ids,
+            branch_ids=branch_ids,
             adapters=self.adapters,
             dropout=self.dropout,
         )
@@ -118,10 +126,15 @@ class ModelView:
         return self.per_token(token_nll, hidden, targets)
 
     def target_log_probs(
-        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, targets: jax.Array
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        targets: jax.Array,
+        branch_ids: jax.Array | None = None,
     ) -> jax.Array:
         """``log p(targets)`` per token ``[B, T]``, fp32."""
-        nll, _ = self.token_nll(self.hidden(tokens, positions, segment_ids), targets)
+        nll, _ = self.token_nll(self.hidden(tokens, positions, segment_ids, branch_ids), targets)
         return -nll
 
 
@@ -355,16 +368,18 @@ POLICY_ALGOS = ("mdloo", "rloo", "ppo-clip")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PolicyBatch:
-    """Sampled responses packed into rows: prompt + response sequences as ``tokens``/``targets``/
-    ``positions``/``segment_ids`` ``[N, T]`` (a row's s-th sequence has segment id s, positions
-    from 0; 0 is padding); ``loss_mask [N, T]`` 1 on response targets; ``old_log_probs [N, T]``
-    their log-probabilities under the policy that sampled them; ``advantages [N, S]`` the s-th
-    sequence's in slot s - 1 (or ``[N]``: one sequence per row)."""
+    """Sampled responses packed into rows: ``tokens``/``targets``/``positions`` ``[N, T]``;
+    ``segment_ids`` (0: padding) keep a row's prompts apart, and ``branch_ids`` let a prompt's
+    responses share it: 0 on the prompt, s on the s-th response of the row (``transformer.forward``);
+    ``loss_mask [N, T]`` 1 on response targets; ``old_log_probs [N, T]`` their log-probabilities
+    under the policy that sampled them; ``advantages [N, S]`` the s-th response's in slot s - 1.
+    (One response per segment: ``branch_ids`` equal to ``segment_ids``.)"""
 
     tokens: jax.Array
     targets: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
+    branch_ids: jax.Array
     loss_mask: jax.Array
     old_log_probs: jax.Array
     advantages: jax.Array
@@ -394,8 +409,8 @@ class Policy(Objective):
         from afmkit.posttrain import losses
 
         del extra
-        logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets)
-        seq = {"segment_ids": batch.segment_ids}
+        logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets, batch.branch_ids)
+        seq = {"segment_ids": batch.branch_ids}  # the losses' sequences are the responses
         if self.algo == "mdloo":
             return losses.mdloo_loss(
                 logp, batch.old_log_probs, batch.loss_mask, batch.advantages, step_size=self.step_size, **seq

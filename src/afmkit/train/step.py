@@ -440,3 +440,38 @@ def make_eval_step(
         eval_fn, in_shardings=(shardings.params, data, base_layout), out_shardings=(replicated, replicated)
     )
     return lambda params, batch: compiled(params, batch, placed)
+
+
+def make_token_log_probs(
+    *,
+    config: ModelConfig,
+    step_config: StepConfig,
+    mesh: Mesh,
+    shardings: TrainState,
+    batch_example: Any,
+    subset: Subset = FULL,
+    objective: Objective | None = None,
+    frozen: Any = None,
+) -> Any:
+    """``token_log_probs(params, batch) -> [rows, T]``: ``log p(batch.targets)`` per position
+    under ``params`` (laid out as ``state.params``) over ``frozen``, by the forward the train step
+    differentiates, so a policy's log-probs taken here equal those its first update step sees.
+    ``batch``: a ``PolicyBatch`` (its ``tokens``, ``positions``, ``segment_ids``, ``branch_ids``
+    and ``targets``)."""
+    objective = _resolve_objective(config, objective)
+    compute = step_config.compute_dtype
+
+    def log_probs_fn(params: Any, batch: Any, frozen: Any) -> jax.Array:
+        weights, _ = split_trainable(params, objective)
+        base, adapters = subset.apply(weights, frozen, config=config, compute_dtype=compute)
+        model = ModelView(config=config, params=base, adapters=adapters, compute_dtype=compute)
+        with activation_sharding(mesh):
+            return model.target_log_probs(
+                batch.tokens, batch.positions, batch.segment_ids, batch.targets, batch.branch_ids
+            )
+
+    data = batch_shardings(mesh, batch_example, objective=objective, accum_steps=1)
+    base_layout = subset.frozen_shardings(config, frozen, mesh)
+    placed = None if frozen is None else jax.device_put(frozen, base_layout)
+    compiled = jax.jit(log_probs_fn, in_shardings=(shardings.params, data, base_layout))
+    return lambda params, batch: compiled(params, batch, placed)
