@@ -235,6 +235,12 @@ class TorchEngine:
 ENGINES = {"afmkit": AfmkitEngine, "torch": TorchEngine}
 
 
+def log(line: str) -> None:
+    """Progress on stderr (the JSON result is stdout's only line): a run cut off by a time limit
+    still says how far it got."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="bench-20m", help="bench-20m, bench-1b or a registry size")
@@ -257,10 +263,16 @@ def main() -> int:
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         parser.error(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
-    engines = {n: ENGINES[n](config, batch, compute_dtype=args.compute_dtype, lr=args.lr) for n in names}
+    engines = {}
+    for name in names:
+        start = time.perf_counter()
+        engines[name] = ENGINES[name](config, batch, compute_dtype=args.compute_dtype, lr=args.lr)
+        log(f"{name}: initialised in {time.perf_counter() - start:.1f} s")
     first_losses = {}
     for name, engine in engines.items():
+        start = time.perf_counter()
         first_losses[name] = engine.run()
+        log(f"{name}: first step (compiles) in {time.perf_counter() - start:.1f} s")
         for _ in range(args.warmup - 1):
             engine.run()
     times: dict[str, list[float]] = {n: [] for n in names}
