@@ -53,7 +53,8 @@ from afmkit.adapters.peft_io import save_adapter
 from afmkit.adapters.registry import AdapterRegistry
 from afmkit.infer.engine import Engine, KVSettings
 from afmkit.infer.sampling import SamplingParams
-from afmkit.infer.server import ServerLimits, ServeSettings, create_app
+from afmkit.infer.serve_settings import ServeSettings
+from afmkit.infer.server import ServerLimits, create_app
 from afmkit.model.kv_cache import PagedKVCache
 from afmkit.model.transformer import forward, output_logits
 

@@ -155,3 +155,15 @@ def test_every_command_registers_a_run_function():
     assert {("generate",), ("eval", "ifeval"), ("pretrain",), ("adapter", "train"), ("curate",)} <= set(found)
     for path, parser in found.items():
         assert callable(parser.get_default("run")), path
+
+
+def test_commands_other_than_serve_run_without_the_web_framework():
+    """Building the command line must not import the server's fastapi/uvicorn: every command
+    would pay for them, and a machine without them (a GPU image, say) could run none."""
+    code = (
+        "import sys; from afmkit.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -25,7 +25,7 @@ from afmkit.eval.sxs import SxsSettings
 from afmkit.eval.sxs_ui import SxsUiSettings
 from afmkit.infer.api.state import ServerLimits
 from afmkit.infer.sampling import SamplingParams
-from afmkit.infer.server import ServeSettings
+from afmkit.infer.serve_settings import ServeSettings
 from afmkit.interop.export import ExportSettings
 from afmkit.posttrain.edit_data import EditDataSettings
 from afmkit.posttrain.itec import ItecSettings

@@ -129,7 +129,8 @@ def test_packed_weights_and_bad_specs_are_refused_before_loading():
 def test_serve_checks_its_mesh_before_loading_the_model():
     import argparse
 
-    from afmkit.infer.server import add_serve_arguments, cmd_serve
+    from afmkit.infer.serve_settings import add_serve_arguments
+    from afmkit.infer.server import cmd_serve
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="/nonexistent/model.gguf")

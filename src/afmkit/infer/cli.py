@@ -29,7 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sampling_arguments(chat)
     chat.set_defaults(run=cmd_chat)
 
-    from afmkit.infer.server import add_serve_arguments
+    from afmkit.infer.serve_settings import add_serve_arguments
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with LoRA adapters")
     model_argument(serve, recovery=True)
