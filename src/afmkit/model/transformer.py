@@ -24,9 +24,13 @@ from afmkit.config import ModelConfig
 from afmkit.model.kv_cache import KVCache, PagedKVCache, PagedLayer
 from afmkit.model.packed import PackedWeight, packed_linear
 from afmkit.model.palettized import PalettizedWeight, palettized_linear
-from afmkit.sharding.activations import constrain
+from afmkit.sharding.activations import constrain, ways_split
 
 Params = dict[str, Any]
+
+# Queries per block in the attention of packed rows whose length is a multiple of it: a block
+# skips the keys after its own, so a 1,024-position row computes 36 of 64 blocks of scores.
+CAUSAL_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +168,9 @@ def attention(
     written into it at ``positions`` first, then the first ``attend_len`` positions of each row
     are read, so a step costs what it attends to, not the cache's capacity. Without a cache
     (training, scoring) the chunk attends to itself; with ``segment_ids [B, T]`` (packed training
-    rows) a query sees only keys of its own segment, and with ``branch_ids [B, T]`` as well only
-    keys of branch 0 (a prefix its segment's branches share) or of its own branch.
+    rows) a query sees only keys of its own segment and not after it in the row, and with
+    ``branch_ids [B, T]`` as well only keys of branch 0 (a prefix its segment's branches share)
+    or of its own branch.
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
@@ -219,19 +224,45 @@ def attention(
     # sequence would make XLA gather the queries and split the keys instead).
     q = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = constrain(q, ("batch", "act_kv_heads", None, "seq", "head_dim"))
-    with jax.named_scope("attention_scores"):
-        scores = jnp.einsum("bkgtd,bkds->bkgts", q, keys).astype(jnp.float32) / math.sqrt(head_dim)
     visible = key_positions[:, :, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
-    if segment_ids is not None:  # packed documents never attend to each other
+    if segment_ids is not None:  # packed documents never attend to each other; nor to later keys,
+        # which only padding (segment 0, all at position 0) would otherwise see
         visible &= segment_ids[:, None, None, :] == segment_ids[:, None, :, None]
+        visible &= jnp.arange(seq)[None, None, :, None] >= jnp.arange(seq)[None, None, None, :]
     if branch_ids is not None:  # branches of one segment share its branch-0 prefix, never each other
         key_branch = branch_ids[:, None, None, :]
         visible &= (key_branch == 0) | (key_branch == branch_ids[:, None, :, None])
-    scores = jnp.where(visible[:, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
+    # A packed row sees no key after its query, so each block of queries needs only the keys up
+    # to its end: about half the scores of a long row. Not when the sequence is split over
+    # devices (each keeps its slice of the queries).
+    block = CAUSAL_BLOCK if segment_ids is not None and seq % CAUSAL_BLOCK == 0 else seq  # no cache with segments
+    if block == seq or ways_split("seq", seq) > 1:
+        out = _attend(q, keys, values, visible)
+    else:
+        out = jnp.concatenate(
+            [
+                _attend(
+                    q[:, :, :, start : start + block],
+                    keys[..., : start + block],
+                    values[:, :, : start + block],
+                    visible[:, :, start : start + block, : start + block],
+                )
+                for start in range(0, seq, block)
+            ],
+            axis=3,
+        )
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, config.n_heads, head_dim)
     return linear("bthk,hkd->btd", out, layer["wo"], lora=_lora(lora, "wo")), cache
+
+
+def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax attention of queries ``[B, KV, G, T, D]`` over keys ``[B, KV, D, S]`` and values
+    ``[B, KV, S, D]`` where ``visible [B, 1, T, S]``; scores and softmax in fp32."""
+    with jax.named_scope("attention_scores"):
+        scores = jnp.einsum("bkgtd,bkds->bkgts", q, keys).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(visible[:, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, values)
 
 
 def mlp(layer: Params, x: jax.Array, *, lora: Any = None) -> jax.Array:

@@ -35,3 +35,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh, rules = _active[-1]
     spec = resolve(names, x.shape, mesh, rules=rules, name=f"activation {tuple(names)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def ways_split(name: str, size: int) -> int:
+    """Into how many pieces the active mesh splits a logical axis of ``size`` (1 without a mesh)."""
+    if not _active:
+        return 1
+    mesh, rules = _active[-1]
+    entry = resolve((name,), (size,), mesh, rules=rules, name=f"axis {name!r}")[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    ways = 1
+    for axis in axes:
+        ways *= mesh.shape[axis]
+    return ways
