@@ -11,6 +11,8 @@ import pytest
 from afmkit.config import get_size
 from afmkit.model import transformer
 from afmkit.model.transformer import forward, init_params, output_logits, token_nll
+from afmkit.sharding.activations import activation_sharding
+from afmkit.sharding.mesh import make_mesh
 
 CONFIG = get_size("test-tiny")
 SEQ = 4 * transformer.CAUSAL_BLOCK
@@ -84,3 +86,30 @@ def test_block_by_block_steps_as_the_whole_row(params, monkeypatch):
     whole = jax.value_and_grad(loss)(params)
     np.testing.assert_allclose(blocked[0], whole[0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), blocked[1], whole[1])
+
+
+@pytest.mark.parametrize("spec", ["data=1", "data=2,fsdp=2,tensor=2", "seq=2,data=4"])
+def test_on_a_mesh_as_without_one(params, spec):
+    """The trainer traces under its mesh (one device too): blocks there, and the whole row where
+    the sequence is split over devices; both compute what the unsharded forward does."""
+    row, _ = packed_row(np.random.default_rng(2))
+    rows = {k: jnp.tile(v, (8, 1)) for k, v in row.items()}  # divisible by every mesh's batch split
+
+    def loss(p):
+        hidden, _ = forward(
+            p,
+            rows["tokens"],
+            rows["positions"],
+            None,
+            config=CONFIG,
+            segment_ids=rows["segment_ids"],
+            branch_ids=rows["branch_ids"],
+        )
+        return (hidden.astype(jnp.float32) ** 2).mean()
+
+    want = jax.jit(jax.value_and_grad(loss))(params)
+    devices = jax.devices()[:1] if spec == "data=1" else None
+    with activation_sharding(make_mesh(spec, devices=devices)):
+        got = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got[1], want[1])

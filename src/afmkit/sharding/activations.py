@@ -42,7 +42,8 @@ def ways_split(name: str, size: int) -> int:
     if not _active:
         return 1
     mesh, rules = _active[-1]
-    entry = resolve((name,), (size,), mesh, rules=rules, name=f"axis {name!r}")[0]
+    spec = resolve((name,), (size,), mesh, rules=rules, name=f"axis {name!r}")
+    entry = spec[0] if len(spec) else None  # a spec leaves out trailing unsplit axes
     axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
     ways = 1
     for axis in axes:
