@@ -1,11 +1,11 @@
-"""The RL update's step on packed rows of 1,024 positions, attention block by block
+"""The RL update's step on packed rows (1,024 positions by default), attention block by block
 (``transformer.CAUSAL_BLOCK``: each block of queries reads only the keys up to its end) against
 the whole row at once, in one process, alternating.
 
 The step is the trainer's (``train_step_fn``, MDLOO's objective, a rank-16 LoRA over
 SmolLM2-135M-Instruct at the weights' default format, int4 on CPUs) on two rows laid out as
-``posttrain rl`` lays them out: per row two prompts of 85 tokens, each with four answers of
-~100 tokens sharing it, and padding after.
+``posttrain rl`` lays them out: per row a prompt of 85 tokens per 512 positions, each with four
+answers sharing it (100 tokens each, fewer where the row is shorter), and padding after.
 
     python benchmarks/packed_attention.py --repeats 3 > result.json
 """
@@ -32,39 +32,42 @@ from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
 from afmkit.train.step import StepConfig, init_state, train_step_fn
 from afmkit.train.trainable import LoraWeights
 
-SEQ, ROWS, PROMPT, ANSWER, K = 1024, 2, 85, 100, 4
+PROMPT, ANSWER, K = 85, 100, 4
 
 
-def policy_batch(vocab: int, rng: np.random.Generator) -> PolicyBatch:
-    fields = {
-        n: np.zeros((ROWS, SEQ), np.int32) for n in ("tokens", "targets", "positions", "segment_ids", "branch_ids")
-    }
-    loss_mask = np.zeros((ROWS, SEQ), np.float32)
-    for row in range(ROWS):
+def policy_batch(vocab: int, rng: np.random.Generator, *, rows: int, seq: int) -> PolicyBatch:
+    names = ("tokens", "targets", "positions", "segment_ids", "branch_ids")
+    fields = {n: np.zeros((rows, seq), np.int32) for n in names}
+    loss_mask = np.zeros((rows, seq), np.float32)
+    segments = max(1, seq // 512)
+    answer = min(ANSWER, (seq // segments - PROMPT) // K)
+    for row in range(rows):
         at = 0
-        for segment in (1, 2):
+        for segment in range(1, segments + 1):
             span = slice(at, at + PROMPT)
             fields["positions"][row, span], fields["segment_ids"][row, span] = np.arange(PROMPT), segment
             at += PROMPT
             for branch in range(1, K + 1):
-                span = slice(at, at + ANSWER)
-                fields["positions"][row, span] = PROMPT + np.arange(ANSWER)
+                span = slice(at, at + answer)
+                fields["positions"][row, span] = PROMPT + np.arange(answer)
                 fields["segment_ids"][row, span], fields["branch_ids"][row, span] = segment, branch
                 loss_mask[row, span] = 1
-                at += ANSWER
-    fields["tokens"] = rng.integers(1, vocab, (ROWS, SEQ)).astype(np.int32)
+                at += answer
+    fields["tokens"] = rng.integers(1, vocab, (rows, seq)).astype(np.int32)
     fields["targets"] = np.roll(fields["tokens"], -1, axis=1)
     return PolicyBatch(
         **{k: jnp.asarray(v) for k, v in fields.items()},
         loss_mask=jnp.asarray(loss_mask),
-        old_log_probs=jnp.full((ROWS, SEQ), -2.0, jnp.float32),
-        advantages=jnp.asarray(rng.standard_normal((ROWS, K)).astype(np.float32)),
+        old_log_probs=jnp.full((rows, seq), -2.0, jnp.float32),
+        advantages=jnp.asarray(rng.standard_normal((rows, segments * K)).astype(np.float32)),
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant, alternating (default 3)")
+    parser.add_argument("--seq", type=int, default=1024, help="positions per row (default 1024)")
+    parser.add_argument("--rows", type=int, default=2, help="rows per step (default 2)")
     parser.add_argument(
         "--block",
         type=int,
@@ -79,8 +82,8 @@ def main() -> int:
     objective = Policy(algo="mdloo", step_size=1.0)
     opt = OptimizerConfig(name="adamw", peak_lr=1e-5, warmup_steps=0, total_steps=100, weight_decay=0.0)
     optimizer = build_optimizer(opt)
-    batch = policy_batch(config.vocab_size, np.random.default_rng(0))
-    blocks = {"blocks": args.block, "whole_row": SEQ + 1}
+    batch = policy_batch(config.vocab_size, np.random.default_rng(0), rows=args.rows, seq=args.seq)
+    blocks = {"blocks": args.block, "whole_row": args.seq + 1}
 
     def compiled(block: int):
         transformer.CAUSAL_BLOCK = block  # read while tracing: each variant compiles its own step
@@ -118,9 +121,9 @@ def main() -> int:
     print(
         json.dumps(
             {
-                "benchmark": "RL update step on packed 1,024-position rows: attention by blocks vs whole row",
-                "rows": ROWS,
-                "seq": SEQ,
+                "benchmark": "RL update step on packed rows: attention by blocks vs whole row",
+                "rows": args.rows,
+                "seq": args.seq,
                 "causal_block": blocks["blocks"],
                 "weights": str(model),
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
