@@ -46,17 +46,22 @@ def packed_row(rng):
     return {k: jnp.asarray(v[None]) for k, v in fields.items()}, sequences
 
 
-def test_every_packed_sequence_equals_itself_alone(params):
-    row, sequences = packed_row(np.random.default_rng(0))
+def packed_forward(params, rows):
     hidden, _ = forward(
         params,
-        row["tokens"],
-        row["positions"],
+        rows["tokens"],
+        rows["positions"],
         None,
         config=CONFIG,
-        segment_ids=row["segment_ids"],
-        branch_ids=row["branch_ids"],
+        segment_ids=rows["segment_ids"],
+        branch_ids=rows["branch_ids"],
     )
+    return hidden
+
+
+def test_every_packed_sequence_equals_itself_alone(params):
+    row, sequences = packed_row(np.random.default_rng(0))
+    hidden = packed_forward(params, row)
     for span in sequences:
         alone, _ = forward(params, row["tokens"][:, span], row["positions"][:, span], None, config=CONFIG)
         # the same keys and values summed in another grouping: fp32 rounding of sums over at most
@@ -70,15 +75,7 @@ def test_block_by_block_steps_as_the_whole_row(params, monkeypatch):
     mask = (row["segment_ids"] > 0).astype(jnp.float32)
 
     def loss(p):
-        hidden, _ = forward(
-            p,
-            row["tokens"],
-            row["positions"],
-            None,
-            config=CONFIG,
-            segment_ids=row["segment_ids"],
-            branch_ids=row["branch_ids"],
-        )
+        hidden = packed_forward(p, row)
         return (token_nll(output_logits(p, hidden), targets)[0] * mask).sum() / mask.sum()
 
     blocked = jax.value_and_grad(loss)(params)
@@ -96,15 +93,7 @@ def test_on_a_mesh_as_without_one(params, spec):
     rows = {k: jnp.tile(v, (8, 1)) for k, v in row.items()}  # divisible by every mesh's batch split
 
     def loss(p):
-        hidden, _ = forward(
-            p,
-            rows["tokens"],
-            rows["positions"],
-            None,
-            config=CONFIG,
-            segment_ids=rows["segment_ids"],
-            branch_ids=rows["branch_ids"],
-        )
+        hidden = packed_forward(p, rows)
         return (hidden.astype(jnp.float32) ** 2).mean()
 
     want = jax.jit(jax.value_and_grad(loss))(params)
