@@ -47,6 +47,10 @@ def test_answers_are_rewritten_for_every_prompt_of_their_task():
         assert user == {"role": "user", "content": by_id[c["prompt_id"]]["prompt"]}
         assert verifiable.instruction_rewards([by_id[c["prompt_id"]]], [assistant["content"]]).strict[0] == 1.0
     assert chats[0]["messages"][1]["content"] == ANSWER.lower()
+    # each unedited answer breaks its prompt's constraint: kept beside the rewrite as a DPO pair
+    assert all(c["rejected"] == ANSWER for c in chats)
+    kept, _ = rewrite_for_prompts([prompt(6, "t4", "startend:quotation")], {"t4": f'"{ANSWER}"'}, min_reward=1.0)
+    assert "rejected" not in kept[0]  # already followed: nothing to prefer it to
     assert report["prompts_of_those_tasks"] == 4 and report["kept"] == 3
     assert report["families"]["language:response_language"] == {"prompts": 1, "kept": 0}
 

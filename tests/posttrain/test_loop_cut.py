@@ -72,6 +72,8 @@ def test_finished_answers_are_kept_looped_ones_cut_and_marked_unlikely_unfinishe
     loop = chats[2]["messages"][1]
     assert loop["content"] == OPENING + UNIT * 6 and loop["content"][: loop["unlikely_from"]] == OPENING + UNIT
     assert [c["reward"] for c in chats[:2]] == [0.0, 0.0]  # three sentences where four were asked
+    # the cut answer is preferred to the whole loop (a DPO pair); a finished answer has no other
+    assert chats[1]["rejected"] == OPENING + UNIT * 6 and "rejected" not in chats[0]
     assert report["looped"] == 1 and report["cut"] == 1 and report["at_limit_no_loop"] == 1
     assert report["loops_marked_unlikely"] == 1
     kept, _ = loop_cut_chats([prompt(i) for i in range(3)], ANSWERS, LoopCutSettings(min_reward=1.0))

@@ -18,12 +18,13 @@ RECIPES: tuple[str, ...] = (
     "afmkit.posttrain.loop_cut",
     "afmkit.posttrain.reward",
     "afmkit.posttrain.rl",
+    "afmkit.posttrain.dpo",
 )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     posttrain = commands.add_parser(
-        "posttrain", help="post-training recipes: sft, synth-if, itec, edit-data, reward, rl"
+        "posttrain", help="post-training recipes: sft, synth-if, itec, edit-data, loop-cut, reward, rl, dpo"
     )
     recipes = posttrain.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     for module in RECIPES:

@@ -13,7 +13,9 @@ one answer to the bare task can be rewritten for every prompt of that task:
    ``--min-reward`` are kept as chats (the prompt with its constraints, the rewritten answer).
    "Two different responses" gets no rewrite here: one answer per task is all there is.
 
-Output: ``--out`` JSONL of ``{"messages": [...]}`` (``posttrain sft --data`` reads it), with
+Output: ``--out`` JSONL of ``{"messages": [...]}`` (``posttrain sft --data`` reads it; a chat
+whose unedited answer followed fewer constraints also carries it as ``"rejected"``, a
+preference pair for ``posttrain dpo``), with
 ``answers.jsonl`` beside it (step 1, reused when present, so a second run with other settings
 does not generate again) and a ``.report.json``: counts per instruction family (prompts, kept).
 Only train prompts are used; the dev split and IFEval are never read.
@@ -96,19 +98,24 @@ def rewrite_for_prompts(
             continue
         text = edit_response(row, answer) or answer
         candidates.append((row, text))
-    rewards = verifiable.instruction_rewards([r for r, _ in candidates], [t for _, t in candidates])
+    rows = [r for r, _ in candidates]
+    rewards = verifiable.instruction_rewards(rows, [t for _, t in candidates])
+    before = verifiable.instruction_rewards(rows, [answers[r["task_source"]] for r in rows]).strict
     chats, families = [], Counter()
     kept_families = Counter()
-    for (row, text), reward in zip(candidates, rewards.strict):
+    for (row, text), reward, reward_before in zip(candidates, rewards.strict, before):
         families.update(row["instruction_id_list"])
         if reward >= min_reward:
             kept_families.update(row["instruction_id_list"])
+            # the unedited answer, where it follows fewer constraints: a preference pair (posttrain dpo)
+            rejected = {"rejected": answers[row["task_source"]]} if reward_before < reward else {}
             chats.append(
                 {
                     "prompt_id": row["id"],
                     "task_source": row["task_source"],
                     "reward": float(reward),
                     **as_chat(row, text),
+                    **rejected,
                 }
             )
     report = {

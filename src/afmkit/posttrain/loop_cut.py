@@ -21,7 +21,9 @@ chats (``posttrain sft --data``, e.g. with ``--init-adapter`` to continue an ada
 teaches where to stop and not to repeat, and moves the rest of the model little.
 
 Output: ``--out`` JSONL of ``{"messages": [...]}`` with ``prompt_id``, ``kind`` ("finished",
-"cut" or "loop", the unlikely text) and ``reward`` (none for "loop"); ``answers.jsonl`` beside it (step 1, reused when present) and a
+"cut" or "loop", the unlikely text) and ``reward`` (none for "loop"); a "cut" chat also carries
+the whole looped answer as ``"rejected"``, a preference pair for ``posttrain dpo``;
+``answers.jsonl`` beside it (step 1, reused when present) and a
 ``.report.json`` of counts. Only train prompts are read; the dev split and IFEval never are.
 """
 
@@ -142,16 +144,23 @@ def loop_cut_chats(
                 counts["cut_too_short"] += 1
                 continue
             counts["cut"] += 1
-            candidates.append((by_id[answer["prompt_id"]], cut, "cut"))
+            candidates.append((by_id[answer["prompt_id"]], cut, "cut", text))
         elif answer["finish_reason"] == "stop" and text:
             counts["finished"] += 1
-            candidates.append((by_id[answer["prompt_id"]], text, "finished"))
+            candidates.append((by_id[answer["prompt_id"]], text, "finished", None))
         else:
             counts["at_limit_no_loop"] += 1
-    rewards = verifiable.instruction_rewards([p for p, _, _ in candidates], [t for _, t, _ in candidates])
+    rewards = verifiable.instruction_rewards([p for p, *_ in candidates], [t for _, t, *_ in candidates])
     chats = [
-        {"prompt_id": p["id"], "kind": kind, "reward": float(r), **as_chat(p, text)}
-        for (p, text, kind), r in zip(candidates, rewards.strict)
+        # a cut answer carries the whole loop it was cut from: a preference pair (posttrain dpo)
+        {
+            "prompt_id": p["id"],
+            "kind": kind,
+            "reward": float(r),
+            **as_chat(p, text),
+            **({"rejected": loop} if loop else {}),
+        }
+        for (p, text, kind, loop), r in zip(candidates, rewards.strict)
         if r >= settings.min_reward
     ]
     words = sorted(len(c["messages"][-1]["content"].split()) for c in chats)

@@ -4,7 +4,8 @@ Reward model: a soft-label Bradley-Terry loss over (chosen, rejected) pairs with
 levels, plus the single-sided grade heads' cross-entropy. RL: the sequence reward
 ``R = r - beta * log(pi / pi_ref)``, leave-one-out advantages, and three policy objectives on the
 same advantages: MDLOO (mirror descent with a KL trust region to the previous iterate), RLOO (one
-plain policy-gradient step) and PPO-clip (the ablation baselines).
+plain policy-gradient step) and PPO-clip (the ablation baselines). Offline preference pairs:
+DPO (Rafailov et al. 2023), on two responses to one prompt, one preferred.
 
 Every objective returns ``(loss_sum, metrics)``: sums, never means, over the batch, with
 ``metrics["count"]`` the denominator (pairs, sequences or tokens; each function says which).
@@ -241,3 +242,41 @@ def ppo_clip_loss(
         "tokens": valid.astype(jnp.float32).sum(),
     }
     return jnp.where(valid, per_token, 0.0).sum(), metrics
+
+
+# -- offline preference pairs ----------------------------------------------------------------
+def dpo_loss(
+    logp_new_tok: jax.Array,
+    logp_ref_tok: jax.Array,
+    mask: jax.Array,
+    preference: jax.Array,
+    *,
+    beta: float,
+    segment_ids: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPO: ``-log sigmoid(beta * (log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)))`` summed
+    over pairs (``count`` = pairs). Packed rows as in ``mdloo_loss``; a pair is the two
+    sequence slots ``2j`` and ``2j + 1`` of a row, ``preference [N, S]`` +1 on the preferred
+    response's slot, -1 on the other's, 0 on empty slots. ``logp_ref_tok``: the reference
+    policy's per-token log-probabilities (constants). The implicit reward of a response is
+    ``beta * log(pi / pi_ref)``: the loss raises the preferred one's over the other's, and the
+    reference keeps both where they were in everything the pair does not tell apart."""
+    if isinstance(beta, (int, float)) and beta <= 0:
+        raise UserError(f"the DPO beta must be positive; got {beta}")
+    if preference.shape[-1] % 2:
+        raise UserError(f"preference pairs take an even number of sequence slots; got {preference.shape[-1]}")
+    slots, sign, _ = _sequences(mask, preference, segment_ids)
+    logp_ref_tok = jax.lax.stop_gradient(logp_ref_tok)
+    log_ratio = _per_sequence(logp_new_tok.astype(jnp.float32) - logp_ref_tok.astype(jnp.float32), slots)
+    paired = (*sign.shape[:-1], -1, 2)  # [N, S / 2, the pair's two slots]
+    margin = beta * (sign * log_ratio).reshape(paired).sum(axis=-1)
+    is_pair = (sign != 0).reshape(paired).all(axis=-1)
+    chosen = beta * jnp.where(sign > 0, log_ratio, 0.0).reshape(paired).sum(axis=-1)
+    metrics = {
+        "count": is_pair.astype(jnp.float32).sum(),
+        "accuracy": jnp.where(is_pair & (margin > 0), 1.0, 0.0).sum(),
+        "margin": jnp.where(is_pair, margin, 0.0).sum(),
+        "chosen_reward": jnp.where(is_pair, chosen, 0.0).sum(),
+        "rejected_reward": jnp.where(is_pair, chosen - margin, 0.0).sum(),
+    }
+    return jnp.where(is_pair, jax.nn.softplus(-margin), 0.0).sum(), metrics

@@ -193,6 +193,7 @@ def policy_rows(
     response_ids: Sequence[Sequence[int]],
     *,
     rows_multiple: int,
+    length: int | None = None,
 ) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
     """The fields of a ``train.objectives.PolicyBatch`` and where each sample went.
 
@@ -202,8 +203,9 @@ def policy_rows(
     follow the prompt. So a prompt is computed once, not K times, and each response is scored
     exactly as after its own copy. Segments are packed into rows first fit: samples differ a lot
     in length (a loop runs to the limit, most answers stop far earlier), so rows of one sample
-    each padded to the longest would be mostly padding. Rows are as long as the engine's prompt
-    bucket of the longest sample (a prompt whose samples do not fit one row is copied into more).
+    each padded to the longest would be mostly padding. Rows are ``length`` long, by default the
+    engine's prompt bucket of the longest sample (a prompt whose samples do not fit one row is
+    copied into more).
     The batch keeps the shape of one sample per row (the sample count rounded up to
     ``rows_multiple``, ``T // SEGMENT_SPAN`` response slots), so every iteration of like lengths
     reuses one compiled step: the packed rows come first and the spare rows after them are empty
@@ -212,7 +214,8 @@ def policy_rows(
     placement)``: sample ``i`` is branch ``placement[i][1] + 1`` of row ``placement[i][0]``."""
     from afmkit.infer.engine import prompt_bucket
 
-    length = prompt_bucket(max(len(p) + len(r) - 1 for p, r in zip(prompt_ids, response_ids)))
+    if length is None:
+        length = prompt_bucket(max(len(p) + len(r) - 1 for p, r in zip(prompt_ids, response_ids)))
     slots = max(1, length // SEGMENT_SPAN)
     groups = _shared_prompt_groups(prompt_ids, response_ids, length, slots)
     sizes = [len(prompt_ids[g[0]]) - 1 + sum(len(response_ids[i]) for i in g) for g in groups]

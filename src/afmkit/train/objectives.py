@@ -24,7 +24,10 @@ logical axes for sharding (per-row fields ``[B]`` over ``batch``; per-token ``[B
 * ``RewardModel``: AFM's reward model, a scalar head plus grade heads on the last token
   (``posttrain.losses.reward_model_loss``) on a ``PairBatch``;
 * ``Policy``: a sequence-level policy loss (MDLOO, RLOO or PPO-clip) on a ``PolicyBatch`` of
-  sampled responses with their advantages and the sampling policy's log-probabilities.
+  sampled responses with their advantages and the sampling policy's log-probabilities;
+* ``Preference``: DPO on pairs of responses to one prompt, packed as a ``PolicyBatch`` (the
+  reference policy's log-probabilities in ``old_log_probs``, +1 / -1 per response in
+  ``advantages``).
 
 Every objective turns hidden states into vocabulary log-probabilities in chunks of ``seq_chunk``
 positions (``ModelView.per_token``): the output projection and log-softmax of one chunk at a
@@ -385,6 +388,12 @@ class PolicyBatch:
     advantages: jax.Array
 
 
+def policy_batch_axes(field: str, rank: int) -> tuple[str | None, ...]:
+    if field == "advantages":  # [rows, sequence slots]: the slots are not tokens
+        return ("batch", None)[:rank]
+    return default_batch_axes(field, rank)
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy(Objective):
     """``algo``: ``mdloo`` (mirror descent with a KL trust region of step size ``step_size`` to
@@ -401,9 +410,7 @@ class Policy(Objective):
             raise UserError(f"unknown policy algorithm {self.algo!r}; choose one of {', '.join(POLICY_ALGOS)}")
 
     def batch_axes(self, field: str, rank: int) -> tuple[str | None, ...]:
-        if field == "advantages":  # [rows, sequence slots]: the slots are not tokens
-            return ("batch", None)[:rank]
-        return default_batch_axes(field, rank)
+        return policy_batch_axes(field, rank)
 
     def loss(self, model: ModelView, extra: Any, batch: PolicyBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         from afmkit.posttrain import losses
@@ -419,4 +426,28 @@ class Policy(Objective):
             return losses.rloo_loss(logp, batch.loss_mask, batch.advantages, **seq)
         return losses.ppo_clip_loss(
             logp, batch.old_log_probs, batch.loss_mask, batch.advantages, clip_epsilon=self.clip_epsilon, **seq
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference(Objective):
+    """DPO (``posttrain.losses.dpo_loss``) with strength ``beta`` on a ``PolicyBatch`` of pairs:
+    each pair's two responses share one copy of their prompt, preferred first; ``old_log_probs``
+    holds the reference policy's per-token log-probabilities and ``advantages`` +1 / -1 (the
+    preferred / the other response)."""
+
+    beta: float = 0.1
+    name: str = "dpo"
+    loss_unit: str = "nats/pair"
+
+    def batch_axes(self, field: str, rank: int) -> tuple[str | None, ...]:
+        return policy_batch_axes(field, rank)
+
+    def loss(self, model: ModelView, extra: Any, batch: PolicyBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        from afmkit.posttrain import losses
+
+        del extra
+        logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets, batch.branch_ids)
+        return losses.dpo_loss(
+            logp, batch.old_log_probs, batch.loss_mask, batch.advantages, beta=self.beta, segment_ids=batch.branch_ids
         )

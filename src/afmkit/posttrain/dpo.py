@@ -1,0 +1,295 @@
+"""``afmkit posttrain dpo``: direct preference optimisation on pairs of answers to one prompt, a
+recipe on the one trainer (``train.finetune`` over ``train.step``, objective
+``train.objectives.Preference``).
+
+Data: JSONL lines ``{"messages": [..., {"role": "assistant", "content": PREFERRED}],
+"rejected": OTHER}``, i.e. an SFT chat whose last answer is preferred to ``rejected``, the
+other answer to the same conversation (lines without ``rejected`` are skipped). Two recipes
+write them: ``posttrain edit-data`` (the constraint editor's rewrite, which follows the prompt's
+constraints, against the model's own answer it rewrote, which does not: they differ in little but
+the form, so the pair teaches the form and not the content) and ``posttrain loop-cut`` (an
+answer cut where its loop begins against the whole loop).
+
+Each pair's two answers share one copy of their prompt in a packed row (``rl.policy_rows``, as
+RL's samples do). The reference policy is the starting one (``--init-adapter``, or the base);
+its log-probabilities are computed once, by the trainer's own forward, before the first step,
+so the first step's loss is exactly log 2. Settings, output layout and ``--resume`` are SFT's
+(``posttrain.sft``), plus ``--beta``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from afmkit import cli_args
+from afmkit.errors import UserError
+from afmkit.posttrain.sft import MAY_CHANGE_ON_RESUME, TRAINING_FILE, SFTSettings
+from afmkit.posttrain.trunk import SETTINGS_FILE, load_base, report_unfinished, trunk_run
+from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOSettings(SFTSettings):
+    """``afmkit posttrain dpo``'s settings: SFT's (the unlikelihood weight unused), plus ``beta``."""
+
+    beta: float = 0.1  # the implicit reward's scale (DPO's beta): larger stays closer to the reference
+    steps: int = 100
+    warmup: int = 5
+    lr: float = 5e-5
+
+    def check(self) -> None:
+        super().check()
+        if self.beta <= 0:
+            raise UserError(f"--beta must be positive, got {self.beta}")
+        if self.full:
+            raise UserError("posttrain dpo trains a LoRA adapter; drop --full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    messages: list[dict[str, str]]  # the conversation, its last message the preferred answer
+    rejected: str
+
+
+def read_pairs(path: str | os.PathLike) -> list[Pair]:
+    """Preference pairs from JSONL (the module docstring): the lines that carry ``rejected`` (an
+    SFT chat file may hold others); one line names a bad row."""
+    from afmkit.data.chat import read_chat_jsonl
+
+    conversations = read_chat_jsonl(path)  # checks every 'messages'
+    pairs, lines = [], [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for number, (line, messages) in enumerate(zip(lines, conversations), start=1):
+        rejected = json.loads(line).get("rejected")
+        if rejected is None:
+            continue
+        if not isinstance(rejected, str) or messages[-1]["role"] != "assistant":
+            raise UserError(
+                f"{path}:{number}: a preference pair needs 'messages' ending in the preferred assistant answer "
+                "and 'rejected', the other answer (a string)"
+            )
+        pairs.append(Pair(messages, rejected))
+    if not pairs:
+        raise UserError(f"{path} holds no preference pairs: no line carries 'rejected', the answer not preferred")
+    return pairs
+
+
+def pair_tokens(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt, preferred, rejected)`` token ids: each answer as the chat template closes it (its
+    end-of-turn tokens included, so where an answer ends is part of the preference)."""
+    from afmkit.data.chat import tokenize_conversation
+
+    def split(answer: str) -> tuple[list[int], list[int]]:
+        example = tokenize_conversation(tokenizer, [*pair.messages[:-1], {"role": "assistant", "content": answer}])
+        start = len(example.mask)
+        while start > 0 and example.mask[start - 1] == 1:
+            start -= 1
+        return example.ids[:start], example.ids[start:]
+
+    prompt, preferred = split(pair.messages[-1]["content"])
+    prompt_again, rejected = split(pair.rejected)
+    if prompt != prompt_again:
+        raise UserError("the chat template renders one prompt two ways; cannot pair its answers")
+    return prompt, preferred, rejected
+
+
+def pair_rows(tokenized: list[tuple[list[int], list[int], list[int]]], seq_len: int) -> dict[str, np.ndarray]:
+    """``PolicyBatch`` fields of the pairs packed into rows of ``seq_len`` (each pair must fit one
+    row): the preferred answer in an even sequence slot, +1, the other in the next, -1."""
+    from afmkit.posttrain.rl import policy_rows
+
+    prompts = [p for p, _, _ in tokenized for _ in range(2)]
+    answers = [a for _, preferred, rejected in tokenized for a in (preferred, rejected)]
+    rows, placement = policy_rows(prompts, answers, rows_multiple=1, length=seq_len)
+    for i in range(0, len(placement), 2):
+        (row, slot), (row_other, slot_other) = placement[i], placement[i + 1]
+        if slot % 2 or (row_other, slot_other) != (row, slot + 1):  # pack_first_fit keeps a group whole
+            raise AssertionError("a preference pair was split across sequence slots")
+        rows["advantages"][row, slot], rows["advantages"][row, slot + 1] = 1.0, -1.0
+    used = rows["loss_mask"].any(axis=1)  # the packed rows come first; drop the spare ones
+    return {name: value[used] for name, value in rows.items()}
+
+
+def prepare_pairs(model: Any, pairs: list[Pair], settings: DPOSettings) -> tuple[list, list, dict[str, int]]:
+    """Tokenized (train, held-out) pairs and counts of the ones left out: too long for a row, the
+    same prompt twice (one pair per prompt), or both answers the same."""
+    seen, kept = set(), []
+    counts = {"too_long": 0, "duplicate_prompt": 0, "same_answers": 0}
+    for pair in pairs:
+        prompt, preferred, rejected = pair_tokens(model.tokenizer, pair)
+        if preferred == rejected:
+            counts["same_answers"] += 1
+        elif tuple(prompt) in seen:
+            counts["duplicate_prompt"] += 1
+        elif len(prompt) - 1 + len(preferred) + len(rejected) > settings.seq_len:
+            counts["too_long"] += 1
+        else:
+            seen.add(tuple(prompt))
+            kept.append((prompt, preferred, rejected))
+    if len(kept) < 2:
+        raise UserError(
+            f"need at least 2 usable preference pairs ({counts['too_long']} too long for --seq-len "
+            f"{settings.seq_len}, {counts['duplicate_prompt']} repeated prompts, {counts['same_answers']} "
+            "with identical answers); add pairs or raise --seq-len"
+        )
+    n_eval = max(1, round(len(kept) * settings.eval_fraction))
+    return kept[:-n_eval], kept[-n_eval:], counts
+
+
+def reference_log_probs(model: Any, rows: dict[str, np.ndarray], subset: Any, initial: Any, batch: int) -> np.ndarray:
+    """Per-token log-probabilities of the rows' targets under the starting policy (``initial``, a
+    LoRA tree, or None: the base alone), by the trainer's own forward."""
+    import jax
+    import jax.numpy as jnp
+
+    from afmkit.sharding.mesh import make_mesh
+    from afmkit.train.objectives import PolicyBatch, Preference
+    from afmkit.train.optim import OptimizerConfig, build_optimizer
+    from afmkit.train.step import StepConfig, abstract_state, global_batch, make_token_log_probs, state_shardings
+
+    objective, mesh = Preference(), make_mesh("data=1", devices=jax.devices()[:1])
+    optimizer = build_optimizer(OptimizerConfig(name="adamw", peak_lr=1.0, warmup_steps=0, total_steps=1))
+    shardings = state_shardings(model.config, optimizer, mesh, subset=subset, objective=objective)
+    abstract = abstract_state(model.config, optimizer, subset=subset, objective=objective).params
+    params = jax.tree.map(
+        lambda a, start: jnp.zeros(a.shape, a.dtype) if start is None else jnp.asarray(start, a.dtype),
+        abstract,
+        initial if initial is not None else jax.tree.map(lambda _: None, abstract),
+        is_leaf=lambda x: x is None,
+    )
+    params = jax.device_put(params, shardings.params)
+    out = np.zeros(rows["tokens"].shape, np.float32)
+    log_probs = None
+    for lo in range(0, len(out), batch):
+        micro = {name: value[lo : lo + batch] for name, value in rows.items()}
+        pad = batch - len(micro["tokens"])
+        micro = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in micro.items()}
+        placed = global_batch(
+            micro, mesh, global_rows=batch, accum_steps=1, objective=objective, batch_type=PolicyBatch
+        )
+        if log_probs is None:
+            log_probs = make_token_log_probs(
+                config=model.config,
+                step_config=StepConfig(),
+                mesh=mesh,
+                shardings=shardings,
+                batch_example=placed,
+                subset=subset,
+                objective=objective,
+                frozen=model.params,
+            )
+        out[lo : lo + batch] = np.asarray(log_probs(params, placed))[: batch - pad]
+    return np.where(rows["loss_mask"] > 0, out, 0.0)
+
+
+def _check_out(out: Path, settings: DPOSettings) -> None:
+    check_run_directory(
+        out, out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME), resume=settings.resume, run="DPO"
+    )
+
+
+def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSettings) -> dict[str, Any]:
+    """Train a LoRA adapter on ``model`` (a ``LanguageModel``, left unchanged) by DPO on ``pairs``;
+    writes ``out`` (SFT's layout) and returns the results."""
+    from afmkit.adapters.peft_io import save_adapter
+    from afmkit.posttrain.trunk import load_init_adapter
+    from afmkit.train.finetune import finetune
+    from afmkit.train.objectives import PolicyBatch, Preference
+    from afmkit.train.trainable import LoraWeights
+
+    settings.check()
+    out = Path(out)
+    subset, initial = settings.trainable(model.config), None
+    if settings.init_adapter is not None:
+        start = load_init_adapter(model, settings.init_adapter)
+        subset = LoraWeights(dataclasses.replace(start.config, dtype=subset.lora.dtype))
+        initial = LoraWeights.tree(start)
+    train, held_out, skipped = prepare_pairs(model, pairs, settings)
+    _check_out(out, settings)
+    rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
+    for packed in (rows, eval_rows):
+        packed["old_log_probs"] = reference_log_probs(model, packed, subset, initial, settings.batch // settings.accum)
+    run = trunk_run(
+        settings,
+        subset,
+        Preference(beta=settings.beta),
+        out,
+        final_lr_fraction=1.0,
+        dropout=settings.dropout,
+        initial=initial,
+        batch_type=PolicyBatch,
+        eval_metric="loss",
+    )
+    write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
+    trained = finetune(model, rows, run, eval_rows=eval_rows)
+    results = {
+        "settings": {**dataclasses.asdict(settings), "targets": list(settings.targets)},
+        "base": model.name,
+        "train_pairs": len(train),
+        "held_out_pairs": len(held_out),
+        "skipped": skipped,
+        "rows": len(rows["tokens"]),
+        "steps_done": trained["steps_done"],
+        "held_out_loss_start": trained["eval_before"],
+        "held_out_loss_end": trained["eval_after"],
+        "train_seconds": trained["seconds"],
+    }
+
+    def write(directory: Path) -> None:
+        adapter = subset.adapter(trained["params"], model.config, name=out.name)
+        save_adapter(
+            directory,
+            adapter,
+            config=model.config,
+            params=model.params,
+            base_name=model.name,
+            extra_files={TRAINING_FILE: json.dumps(results, indent=2)},
+        )
+
+    publish(out, write)
+    return results
+
+
+def register(recipes: Any) -> None:
+    from afmkit.cli_args import lora_arguments, model_argument, run_arguments, setting_argument
+
+    d = DPOSettings()
+    parser = recipes.add_parser("dpo", help="direct preference optimisation on pairs of answers (a LoRA adapter)")
+    model_argument(parser)
+    parser.add_argument(
+        "--data", required=True, help="JSONL: {'messages': [... preferred assistant answer], 'rejected': str} per line"
+    )
+    parser.add_argument("--out", required=True, help="directory: the PEFT adapter and its training record")
+    lora_arguments(parser, d)
+    setting_argument(parser, d, "beta", "DPO's beta: the scale of the implicit reward log(pi / pi_ref)")
+    setting_argument(parser, d, "steps", "optimizer steps")
+    setting_argument(parser, d, "lr", "peak (and constant) learning rate")
+    setting_argument(parser, d, "warmup", "linear warm-up steps, then constant")
+    setting_argument(parser, d, "batch", "packed rows per step")
+    setting_argument(parser, d, "seq_len", "tokens per packed row; a pair (prompt and both answers) must fit one")
+    setting_argument(parser, d, "dropout", "residual dropout")
+    setting_argument(parser, d, "weight_decay", "decoupled weight decay")
+    setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
+    setting_argument(parser, d, "eval_fraction", "held-out share of the pairs")
+    parser.add_argument("--init-adapter", default=None, help="start from this LoRA adapter (also the reference policy)")
+    run_arguments(parser, d, seed="initialisation, dropout and data order")
+    parser.set_defaults(run=cmd_dpo, trains=True)
+
+
+def cmd_dpo(args: Any) -> int:
+    settings = cli_args.settings_from_args(DPOSettings, args, targets=cli_args.comma_list(args.targets))
+    settings.check()  # one line before loading anything
+    pairs = read_pairs(args.data)
+    _check_out(Path(args.out), settings)
+    model = load_base(args.model, args.dtype, full=False)
+    results = dpo(model, pairs, args.out, settings)
+    report_unfinished(results["steps_done"], settings.steps)
+    print(
+        json.dumps({k: results[k] for k in ("held_out_loss_start", "held_out_loss_end", "steps_done", "train_seconds")})
+    )
+    return 0

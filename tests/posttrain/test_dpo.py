@@ -1,0 +1,172 @@
+"""``afmkit posttrain dpo``: the DPO loss and gradient against a float64 numpy transcription of
+the formula (Rafailov et al. 2023) on hand-made packed rows; pairs packed by ``pair_rows`` are
+scored exactly like each answer after its own prompt; the first step's loss is log 2 (the
+reference is the starting policy); training raises the preferred answers' margin on held-out
+pairs; bad input is one line and writes nothing."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from afmkit.cli import EXIT_USER_ERROR, main
+from afmkit.errors import UserError
+from afmkit.posttrain import losses
+from afmkit.posttrain.dpo import DPOSettings, Pair, dpo, pair_rows, pair_tokens, read_pairs
+from afmkit.posttrain.rollout import response_token_logprobs
+from afmkit.train.metrics import read_metrics
+from afmkit.train.objectives import ModelView, PolicyBatch, Preference
+
+
+def np_dpo(new, ref, mask, branch, preference, beta):
+    """Sum over pairs of -log sigmoid(beta * (log ratio preferred - log ratio other)), float64."""
+    total, pairs = 0.0, 0
+    for n in range(new.shape[0]):
+        ratio = [float(((new[n] - ref[n]) * mask[n] * (branch[n] == s + 1)).sum()) for s in range(preference.shape[1])]
+        for j in range(0, preference.shape[1], 2):
+            if preference[n, j] == 0:
+                continue
+            margin = beta * (preference[n, j] * ratio[j] + preference[n, j + 1] * ratio[j + 1])
+            total += math.log1p(math.exp(-margin))
+            pairs += 1
+    return total, pairs
+
+
+def hand_made_rows():
+    """Two rows; row 0 holds two pairs (slots 0-1 and 2-3, the second with the preferred answer in
+    the odd slot), row 1 one pair and an empty slot pair; one masked token holds NaN."""
+    rng = np.random.default_rng(0)
+    branch = np.array([[0, 1, 1, 2, 2, 2, 0, 3, 4, 4], [0, 0, 1, 1, 1, 2, 2, 0, 0, 0]], np.int32)
+    mask = (branch > 0).astype(np.float32)
+    new = rng.normal(-2.0, 1.0, branch.shape).astype(np.float32)
+    ref = rng.normal(-2.0, 1.0, branch.shape).astype(np.float32)
+    new[1, 8] = np.nan  # padding: must not reach the loss or its gradient
+    preference = np.array([[1, -1, -1, 1], [1, -1, 0, 0]], np.float32)
+    return new, ref, mask, branch, preference
+
+
+def test_dpo_loss_and_gradient_match_the_formula():
+    new, ref, mask, branch, preference = hand_made_rows()
+    beta = 0.3
+
+    def loss(x):
+        total, metrics = losses.dpo_loss(
+            x, jnp.asarray(ref), jnp.asarray(mask), jnp.asarray(preference), beta=beta, segment_ids=jnp.asarray(branch)
+        )
+        return total, metrics
+
+    (total, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(new))
+    clean = np.where(mask > 0, new, 0.0).astype(np.float64)
+    want, pairs = np_dpo(clean, ref.astype(np.float64), mask, branch, preference, beta)
+    # fp32 sums of ~5 terms of size ~3: relative error a few ulp of 2^-23, times log1p's slope <= 1
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert float(metrics["count"]) == pairs == 3
+    # d/d new[n, t] of softplus(-margin) = -sigmoid(-margin) * beta * preference of t's slot
+    expected = np.zeros_like(clean)
+    for n in range(2):
+        for j in range(0, 4, 2):
+            if preference[n, j] == 0:
+                continue
+            ratio = [((clean[n] - ref[n]) * mask[n] * (branch[n] == s + 1)).sum() for s in (j, j + 1)]
+            margin = beta * (preference[n, j] * ratio[0] + preference[n, j + 1] * ratio[1])
+            for s in (j, j + 1):
+                on = branch[n] == s + 1
+                expected[n, on] = -beta * preference[n, s] / (1 + math.exp(margin))
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)
+    # the sign: raising the preferred answer's log-probability lowers the loss
+    up = new.copy()
+    up[0, 1:3] += 0.5  # slot 0 of row 0, preferred
+    assert float(loss(jnp.asarray(np.where(mask > 0, up, 0)))[0]) < float(loss(jnp.asarray(clean, jnp.float32))[0])
+
+
+def test_dpo_refuses_a_bad_beta_or_an_odd_slot_count():
+    new, ref, mask, branch, preference = hand_made_rows()
+    with pytest.raises(UserError, match="beta must be positive"):
+        losses.dpo_loss(new, ref, mask, preference, beta=0.0, segment_ids=branch)
+    with pytest.raises(UserError, match="even number"):
+        losses.dpo_loss(new, ref, mask, preference[:, :3], beta=0.1, segment_ids=branch)
+
+
+def pairs_for(words):
+    return [
+        Pair(
+            [{"role": "user", "content": f"Shout the word {w}."}, {"role": "assistant", "content": w.upper()}],
+            w.lower(),
+        )
+        for w in words
+    ]
+
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "light", "sugar", "grape", "lemon"]
+
+
+def test_packed_pairs_score_each_answer_as_after_its_own_prompt(tiny_model):
+    """``pair_rows``: each answer's log-probs under the ``Preference`` objective's forward equal a
+    separate forward on its prompt + answer; a pair's preferred answer sits in an even slot marked
+    +1, the other in the next, -1; with the reference equal to the policy the loss is log 2 a pair."""
+    tokenized = [pair_tokens(tiny_model.tokenizer, p) for p in pairs_for(WORDS[:5])]
+    rows = pair_rows(tokenized, 128)
+    assert len(rows["tokens"]) < 5  # pairs share rows
+    view = ModelView(config=tiny_model.config, params=tiny_model.params, adapters=None, compute_dtype=jnp.float32)
+    fields = ("tokens", "positions", "segment_ids", "targets", "branch_ids")
+    got = np.asarray(view.target_log_probs(*(jnp.asarray(rows[f]) for f in fields)))
+    prompts = [p for p, _, _ in tokenized for _ in range(2)]
+    answers = [a for _, c, r in tokenized for a in (c, r)]
+    want = response_token_logprobs(tiny_model.params, tiny_model.config, prompts, answers, None)
+    found = 0
+    for n in range(len(rows["tokens"])):
+        for s in np.flatnonzero(rows["advantages"][n]):
+            on = (rows["loss_mask"][n] > 0) & (rows["branch_ids"][n] == s + 1)
+            i = next(i for i, a in enumerate(answers) if list(rows["targets"][n][on]) == a and i % 2 == s % 2)
+            assert rows["advantages"][n, s] == (1.0 if s % 2 == 0 else -1.0) and i % 2 == s % 2
+            np.testing.assert_allclose(got[n][on], want[i, : len(answers[i])], atol=1e-4)
+            found += 1
+    assert found == 10
+    rows["old_log_probs"] = np.where(rows["loss_mask"] > 0, got, 0.0)
+    batch = PolicyBatch(**{k: jnp.asarray(v) for k, v in rows.items()})
+    total, metrics = Preference(beta=0.1).loss(view, None, batch)
+    assert float(metrics["count"]) == 5
+    np.testing.assert_allclose(float(total), 5 * math.log(2), rtol=1e-6)
+
+
+def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path):
+    out = tmp_path / "dpo"
+    settings = DPOSettings(
+        lora_rank=4, steps=12, lr=3e-3, warmup=1, batch=2, seq_len=128, eval_fraction=0.25, quiet=True, beta=0.5
+    )
+    results = dpo(tiny_model, pairs_for(WORDS + [w + "s" for w in WORDS]), out, settings)
+    assert results["held_out_loss_start"] == pytest.approx(math.log(2), rel=1e-5)
+    assert results["held_out_loss_end"] < 0.9 * math.log(2)
+    records = read_metrics(out / "training" / "metrics.jsonl")
+    assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert records[-1]["accuracy"] > records[0]["accuracy"] or records[-1]["accuracy"] == 1.0
+    assert (out / "adapter_config.json").is_file() and json.loads((out / "training.json").read_text())["steps_done"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    data.write_text(json.dumps(chat))
+    with pytest.raises(UserError, match="no preference pairs"):
+        read_pairs(data)
+    data.write_text(json.dumps(chat) + "\n" + json.dumps({**chat, "rejected": "c"}) + "\n")
+    assert read_pairs(data) == [Pair(chat["messages"], "c")]  # chats without 'rejected' are skipped
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**chat, "rejected": ["c"]}) + "\n")
+    with pytest.raises(UserError, match="bad.jsonl:1: a preference pair needs"):
+        read_pairs(bad)
+    data.write_text(json.dumps(chat))
+    out = tmp_path / "out"
+    for flags, message in (
+        (["--beta", "0"], "--beta must be positive"),
+        (["--full"], "drop --full"),
+        ([], "no preference pairs"),
+    ):
+        code = main(["posttrain", "dpo", "--data", str(data), "--out", str(out), *flags])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_USER_ERROR and message in err and len(err.splitlines()) == 1
+        assert not out.exists()
