@@ -21,8 +21,9 @@ from afmkit.train.metrics import read_metrics
 from afmkit.train.objectives import ModelView, PolicyBatch, Preference
 
 
-def np_dpo(new, ref, mask, branch, preference, beta):
-    """Sum over pairs of -log sigmoid(beta * (log ratio preferred - log ratio other)), float64."""
+def np_dpo(new, ref, mask, branch, preference, beta, nll_weight):
+    """Sum over pairs of -log sigmoid(beta * (log ratio preferred - log ratio other)) plus
+    nll_weight times the preferred answer's mean token NLL, float64."""
     total, pairs = 0.0, 0
     for n in range(new.shape[0]):
         ratio = [float(((new[n] - ref[n]) * mask[n] * (branch[n] == s + 1)).sum()) for s in range(preference.shape[1])]
@@ -30,7 +31,9 @@ def np_dpo(new, ref, mask, branch, preference, beta):
             if preference[n, j] == 0:
                 continue
             margin = beta * (preference[n, j] * ratio[j] + preference[n, j + 1] * ratio[j + 1])
-            total += math.log1p(math.exp(-margin))
+            best = j if preference[n, j] > 0 else j + 1
+            on = (mask[n] > 0) & (branch[n] == best + 1)
+            total += math.log1p(math.exp(-margin)) - nll_weight * new[n][on].mean()
             pairs += 1
     return total, pairs
 
@@ -48,23 +51,31 @@ def hand_made_rows():
     return new, ref, mask, branch, preference
 
 
-def test_dpo_loss_and_gradient_match_the_formula():
+@pytest.mark.parametrize("nll_weight", [0.0, 0.7])
+def test_dpo_loss_and_gradient_match_the_formula(nll_weight):
     new, ref, mask, branch, preference = hand_made_rows()
     beta = 0.3
 
     def loss(x):
         total, metrics = losses.dpo_loss(
-            x, jnp.asarray(ref), jnp.asarray(mask), jnp.asarray(preference), beta=beta, segment_ids=jnp.asarray(branch)
+            x,
+            jnp.asarray(ref),
+            jnp.asarray(mask),
+            jnp.asarray(preference),
+            beta=beta,
+            segment_ids=jnp.asarray(branch),
+            nll_weight=nll_weight,
         )
         return total, metrics
 
     (total, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(new))
     clean = np.where(mask > 0, new, 0.0).astype(np.float64)
-    want, pairs = np_dpo(clean, ref.astype(np.float64), mask, branch, preference, beta)
+    want, pairs = np_dpo(clean, ref.astype(np.float64), mask, branch, preference, beta, nll_weight)
     # fp32 sums of ~5 terms of size ~3: relative error a few ulp of 2^-23, times log1p's slope <= 1
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
     assert float(metrics["count"]) == pairs == 3
-    # d/d new[n, t] of softplus(-margin) = -sigmoid(-margin) * beta * preference of t's slot
+    # d/d new[n, t] of softplus(-margin) = -sigmoid(-margin) * beta * preference of t's slot; the
+    # NLL term adds -nll_weight / (the preferred answer's length) on the preferred answer's tokens
     expected = np.zeros_like(clean)
     for n in range(2):
         for j in range(0, 4, 2):
@@ -75,6 +86,8 @@ def test_dpo_loss_and_gradient_match_the_formula():
             for s in (j, j + 1):
                 on = branch[n] == s + 1
                 expected[n, on] = -beta * preference[n, s] / (1 + math.exp(margin))
+                if preference[n, s] > 0:
+                    expected[n, on] -= nll_weight / on.sum()
     assert np.isfinite(np.asarray(grad)).all()
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-7)
     # the sign: raising the preferred answer's log-probability lowers the loss
@@ -157,7 +170,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert read_pairs(data) == [Pair(chat["messages"], "c")]  # chats without 'rejected' are skipped
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**chat, "rejected": ["c"]}) + "\n")
-    with pytest.raises(UserError, match="bad.jsonl:1: a preference pair needs"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: a preference pair needs"):
         read_pairs(bad)
     data.write_text(json.dumps(chat))
     out = tmp_path / "out"

@@ -14,7 +14,8 @@ Each pair's two answers share one copy of their prompt in a packed row (``rl.pol
 RL's samples do). The reference policy is the starting one (``--init-adapter``, or the base);
 its log-probabilities are computed once, by the trainer's own forward, before the first step,
 so the first step's loss is exactly log 2. Settings, output layout and ``--resume`` are SFT's
-(``posttrain.sft``), plus ``--beta``.
+(``posttrain.sft``), plus ``--beta`` and ``--nll-weight`` (the preferred answer's likelihood kept
+up by its own NLL term, as RPO does).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class DPOSettings(SFTSettings):
     """``afmkit posttrain dpo``'s settings: SFT's (the unlikelihood weight unused), plus ``beta``."""
 
     beta: float = 0.1  # the implicit reward's scale (DPO's beta): larger stays closer to the reference
+    # times the preferred answer's mean token NLL (RPO): keeps it likely, not merely likelier
+    nll_weight: float = 0.0
     steps: int = 100
     warmup: int = 5
     lr: float = 5e-5
@@ -47,6 +50,8 @@ class DPOSettings(SFTSettings):
         super().check()
         if self.beta <= 0:
             raise UserError(f"--beta must be positive, got {self.beta}")
+        if self.nll_weight < 0:
+            raise UserError(f"--nll-weight must be at least 0, got {self.nll_weight}")
         if self.full:
             raise UserError("posttrain dpo trains a LoRA adapter; drop --full")
 
@@ -217,7 +222,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     run = trunk_run(
         settings,
         subset,
-        Preference(beta=settings.beta),
+        Preference(beta=settings.beta, nll_weight=settings.nll_weight),
         out,
         final_lr_fraction=1.0,
         dropout=settings.dropout,
@@ -267,6 +272,7 @@ def register(recipes: Any) -> None:
     parser.add_argument("--out", required=True, help="directory: the PEFT adapter and its training record")
     lora_arguments(parser, d)
     setting_argument(parser, d, "beta", "DPO's beta: the scale of the implicit reward log(pi / pi_ref)")
+    setting_argument(parser, d, "nll_weight", "plus this times the preferred answer's mean token NLL (RPO)")
     setting_argument(parser, d, "steps", "optimizer steps")
     setting_argument(parser, d, "lr", "peak (and constant) learning rate")
     setting_argument(parser, d, "warmup", "linear warm-up steps, then constant")

@@ -253,6 +253,7 @@ def dpo_loss(
     *,
     beta: float,
     segment_ids: jax.Array,
+    nll_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DPO: ``-log sigmoid(beta * (log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)))`` summed
     over pairs (``count`` = pairs). Packed rows as in ``mdloo_loss``; a pair is the two
@@ -260,7 +261,11 @@ def dpo_loss(
     response's slot, -1 on the other's, 0 on empty slots. ``logp_ref_tok``: the reference
     policy's per-token log-probabilities (constants). The implicit reward of a response is
     ``beta * log(pi / pi_ref)``: the loss raises the preferred one's over the other's, and the
-    reference keeps both where they were in everything the pair does not tell apart."""
+    reference keeps both where they were in everything the pair does not tell apart.
+
+    ``nll_weight`` adds that times the preferred answer's mean token negative log-likelihood
+    per pair (RPO, Pang et al. 2024): DPO alone can lower both answers' likelihood as long as
+    the other's falls faster, and the preferred answer is the text the model should write."""
     if isinstance(beta, (int, float)) and beta <= 0:
         raise UserError(f"the DPO beta must be positive; got {beta}")
     if preference.shape[-1] % 2:
@@ -272,11 +277,15 @@ def dpo_loss(
     margin = beta * (sign * log_ratio).reshape(paired).sum(axis=-1)
     is_pair = (sign != 0).reshape(paired).all(axis=-1)
     chosen = beta * jnp.where(sign > 0, log_ratio, 0.0).reshape(paired).sum(axis=-1)
+    preferred = slots & (sign > 0)[:, None, :]  # [N, T, S]: the preferred answers' tokens
+    tokens = preferred.sum(axis=1).reshape(paired).sum(axis=-1)
+    nll = -_per_sequence(logp_new_tok, preferred).reshape(paired).sum(axis=-1) / jnp.maximum(tokens, 1)
     metrics = {
         "count": is_pair.astype(jnp.float32).sum(),
         "accuracy": jnp.where(is_pair & (margin > 0), 1.0, 0.0).sum(),
         "margin": jnp.where(is_pair, margin, 0.0).sum(),
         "chosen_reward": jnp.where(is_pair, chosen, 0.0).sum(),
         "rejected_reward": jnp.where(is_pair, chosen - margin, 0.0).sum(),
+        "preferred_nll": jnp.where(is_pair, nll, 0.0).sum(),
     }
-    return jnp.where(is_pair, jax.nn.softplus(-margin), 0.0).sum(), metrics
+    return jnp.where(is_pair, jax.nn.softplus(-margin) + nll_weight * nll, 0.0).sum(), metrics

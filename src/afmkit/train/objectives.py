@@ -437,6 +437,7 @@ class Preference(Objective):
     preferred / the other response)."""
 
     beta: float = 0.1
+    nll_weight: float = 0.0  # times the preferred answer's mean token NLL (RPO)
     name: str = "dpo"
     loss_unit: str = "nats/pair"
 
@@ -449,5 +450,11 @@ class Preference(Objective):
         del extra
         logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets, batch.branch_ids)
         return losses.dpo_loss(
-            logp, batch.old_log_probs, batch.loss_mask, batch.advantages, beta=self.beta, segment_ids=batch.branch_ids
+            logp,
+            batch.old_log_probs,
+            batch.loss_mask,
+            batch.advantages,
+            beta=self.beta,
+            segment_ids=batch.branch_ids,
+            nll_weight=self.nll_weight,
         )
