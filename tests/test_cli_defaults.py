@@ -27,6 +27,7 @@ from afmkit.infer.api.state import ServerLimits
 from afmkit.infer.sampling import SamplingParams
 from afmkit.infer.serve_settings import ServeSettings
 from afmkit.interop.export import ExportSettings
+from afmkit.posttrain.dpo import DPOSettings
 from afmkit.posttrain.edit_data import EditDataSettings
 from afmkit.posttrain.itec import ItecSettings
 from afmkit.posttrain.loop_cut import LoopCutSettings
@@ -71,6 +72,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("eval", "sxs-ui"): (Source(SxsUiSettings),),
     ("eval", "safety"): (Source(SafetySettings), Source(JudgeSettings, prefix="judge_")),
     ("posttrain", "itec"): (Source(ItecSettings),),
+    ("posttrain", "dpo"): (Source(DPOSettings),),
     ("posttrain", "edit-data"): (Source(EditDataSettings),),
     ("posttrain", "loop-cut"): (Source(LoopCutSettings),),
     ("posttrain", "reward"): (Source(RewardSettings),),

@@ -30,14 +30,14 @@ import numpy as np
 
 from afmkit import cli_args
 from afmkit.errors import UserError
-from afmkit.posttrain.sft import MAY_CHANGE_ON_RESUME, TRAINING_FILE, SFTSettings
+from afmkit.posttrain.sft import MAY_CHANGE_ON_RESUME, TRAINING_FILE, ChatRunSettings
 from afmkit.posttrain.trunk import SETTINGS_FILE, load_base, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOSettings(SFTSettings):
-    """``afmkit posttrain dpo``'s settings: SFT's (the unlikelihood weight unused), plus ``beta``."""
+class DPOSettings(ChatRunSettings):
+    """``afmkit posttrain dpo``'s settings: a chat run's, plus ``beta`` and ``nll_weight``."""
 
     beta: float = 0.1  # the implicit reward's scale (DPO's beta): larger stays closer to the reference
     # times the preferred answer's mean token NLL (RPO): keeps it likely, not merely likelier

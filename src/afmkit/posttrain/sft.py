@@ -41,9 +41,9 @@ MAY_CHANGE_ON_RESUME = ("steps", "save_every", "keep", "quiet")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SFTSettings(TrunkSettings):
-    """Every setting of ``afmkit posttrain sft`` and its default (the trunk's from
-    ``TrunkSettings``): the one source the CLI reads."""
+class ChatRunSettings(TrunkSettings):
+    """The settings of a run over packed chat rows, which ``sft`` and ``dpo`` share (the trunk's
+    from ``TrunkSettings``)."""
 
     steps: int = 200
     lr: float = 2e-4
@@ -51,9 +51,6 @@ class SFTSettings(TrunkSettings):
     batch: int = 8  # packed rows per step
     seq_len: int = 512  # tokens per row; longer conversations are skipped (and counted)
     dropout: float = 0.0  # residual dropout while training (AFM: 0.1)
-    # weight of the unlikelihood loss on text a chat marks with "unlikely_from" (data.chat); 1 as in
-    # Welleck et al. (2019); data without such marks is unaffected
-    unlikelihood: float = 1.0
     weight_decay: float = 0.0
     accum: int = 1
     eval_fraction: float = 0.05
@@ -72,14 +69,26 @@ class SFTSettings(TrunkSettings):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must lie in [0, 1), got {self.dropout}")
-        if self.unlikelihood < 0:
-            raise UserError(f"--unlikelihood must be at least 0, got {self.unlikelihood}")
         if self.lr <= 0 or self.warmup < 0 or self.save_every < 0:
             raise UserError("--lr must be positive and --warmup, --save-every non-negative")
         if not 0 < self.eval_fraction < 1:
             raise UserError(f"--eval-fraction must lie in (0, 1), got {self.eval_fraction}")
         if self.full and self.init_adapter is not None:
             raise UserError("--init-adapter continues a LoRA adapter; drop --full or --init-adapter")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTSettings(ChatRunSettings):
+    """Every setting of ``afmkit posttrain sft`` and its default: the one source the CLI reads."""
+
+    # weight of the unlikelihood loss on text a chat marks with "unlikely_from" (data.chat); 1 as in
+    # Welleck et al. (2019); data without such marks is unaffected
+    unlikelihood: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        if self.unlikelihood < 0:
+            raise UserError(f"--unlikelihood must be at least 0, got {self.unlikelihood}")
 
 
 def _check_out(out: Path, settings: SFTSettings) -> None:
