@@ -152,10 +152,11 @@ def reference_log_probs(model: Any, rows: dict[str, np.ndarray], subset: Any, in
     import jax
     import jax.numpy as jnp
 
+    from afmkit.posttrain.rl import PackedLogProbs
     from afmkit.sharding.mesh import make_mesh
-    from afmkit.train.objectives import PolicyBatch, Preference
+    from afmkit.train.objectives import Preference
     from afmkit.train.optim import OptimizerConfig, build_optimizer
-    from afmkit.train.step import StepConfig, abstract_state, global_batch, make_token_log_probs, state_shardings
+    from afmkit.train.step import abstract_state, state_shardings
 
     objective, mesh = Preference(), make_mesh("data=1", devices=jax.devices()[:1])
     optimizer = build_optimizer(OptimizerConfig(name="adamw", peak_lr=1.0, warmup_steps=0, total_steps=1))
@@ -167,28 +168,16 @@ def reference_log_probs(model: Any, rows: dict[str, np.ndarray], subset: Any, in
         initial if initial is not None else jax.tree.map(lambda _: None, abstract),
         is_leaf=lambda x: x is None,
     )
-    params = jax.device_put(params, shardings.params)
-    out = np.zeros(rows["tokens"].shape, np.float32)
-    log_probs = None
-    for lo in range(0, len(out), batch):
-        micro = {name: value[lo : lo + batch] for name, value in rows.items()}
-        pad = batch - len(micro["tokens"])
-        micro = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in micro.items()}
-        placed = global_batch(
-            micro, mesh, global_rows=batch, accum_steps=1, objective=objective, batch_type=PolicyBatch
-        )
-        if log_probs is None:
-            log_probs = make_token_log_probs(
-                config=model.config,
-                step_config=StepConfig(),
-                mesh=mesh,
-                shardings=shardings,
-                batch_example=placed,
-                subset=subset,
-                objective=objective,
-                frozen=model.params,
-            )
-        out[lo : lo + batch] = np.asarray(log_probs(params, placed))[: batch - pad]
+    log_probs = PackedLogProbs(
+        config=model.config,
+        mesh=mesh,
+        shardings=shardings,
+        subset=subset,
+        objective=objective,
+        frozen=model.params,
+        batch=batch,
+    )
+    out = log_probs(jax.device_put(params, shardings.params), rows)
     return np.where(rows["loss_mask"] > 0, out, 0.0)
 
 
@@ -202,18 +191,12 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     """Train a LoRA adapter on ``model`` (a ``LanguageModel``, left unchanged) by DPO on ``pairs``;
     writes ``out`` (SFT's layout) and returns the results."""
     from afmkit.adapters.peft_io import save_adapter
-    from afmkit.posttrain.trunk import load_init_adapter
     from afmkit.train.finetune import finetune
     from afmkit.train.objectives import PolicyBatch, Preference
-    from afmkit.train.trainable import LoraWeights
 
     settings.check()
     out = Path(out)
-    subset, initial = settings.trainable(model.config), None
-    if settings.init_adapter is not None:
-        start = load_init_adapter(model, settings.init_adapter)
-        subset = LoraWeights(dataclasses.replace(start.config, dtype=subset.lora.dtype))
-        initial = LoraWeights.tree(start)
+    subset, initial = settings.starting_point(model)
     train, held_out, skipped = prepare_pairs(model, pairs, settings)
     _check_out(out, settings)
     rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
@@ -261,7 +244,8 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
 
 
 def register(recipes: Any) -> None:
-    from afmkit.cli_args import lora_arguments, model_argument, run_arguments, setting_argument
+    from afmkit.cli_args import lora_arguments, model_argument, setting_argument
+    from afmkit.posttrain.sft import chat_run_arguments
 
     d = DPOSettings()
     parser = recipes.add_parser("dpo", help="direct preference optimisation on pairs of answers (a LoRA adapter)")
@@ -273,17 +257,12 @@ def register(recipes: Any) -> None:
     lora_arguments(parser, d)
     setting_argument(parser, d, "beta", "DPO's beta: the scale of the implicit reward log(pi / pi_ref)")
     setting_argument(parser, d, "nll_weight", "plus this times the preferred answer's mean token NLL (RPO)")
-    setting_argument(parser, d, "steps", "optimizer steps")
-    setting_argument(parser, d, "lr", "peak (and constant) learning rate")
-    setting_argument(parser, d, "warmup", "linear warm-up steps, then constant")
-    setting_argument(parser, d, "batch", "packed rows per step")
-    setting_argument(parser, d, "seq_len", "tokens per packed row; a pair (prompt and both answers) must fit one")
-    setting_argument(parser, d, "dropout", "residual dropout")
-    setting_argument(parser, d, "weight_decay", "decoupled weight decay")
-    setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
-    setting_argument(parser, d, "eval_fraction", "held-out share of the pairs")
-    parser.add_argument("--init-adapter", default=None, help="start from this LoRA adapter (also the reference policy)")
-    run_arguments(parser, d, seed="initialisation, dropout and data order")
+    chat_run_arguments(
+        parser,
+        d,
+        rows="tokens per packed row; a pair (prompt and both answers) must fit one",
+        held_out="held-out share of the pairs",
+    )
     parser.set_defaults(run=cmd_dpo, trains=True)
 
 

@@ -278,6 +278,51 @@ def fill_policy_rows(
         rows["advantages"][row, slot] = advantage
 
 
+@dataclasses.dataclass
+class PackedLogProbs:
+    """``log_probs(params, rows)``: per-token log-probs ``[rows, T]`` of packed ``PolicyBatch``
+    rows' targets under ``params`` (laid out as the train state's) over ``frozen``, by the
+    trainer's own forward, ``batch`` rows at a time, one compiled forward per row length
+    (``compiled``); rows after the last with a loss mask stay 0."""
+
+    config: Any
+    mesh: Any
+    shardings: Any
+    subset: Any
+    objective: Any
+    frozen: Any
+    batch: int
+    compiled: dict[tuple[int, ...], Any] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, params: Any, rows: dict[str, np.ndarray]) -> np.ndarray:
+        from afmkit.train.objectives import PolicyBatch
+        from afmkit.train.step import StepConfig, global_batch, make_token_log_probs
+
+        batch, out = self.batch, np.zeros(rows["tokens"].shape, np.float32)
+        used = int(rows["loss_mask"].any(axis=1).sum())  # the packed rows come first
+        for lo in range(0, used, batch):
+            micro = {name: value[lo : lo + batch] for name, value in rows.items()}
+            pad = batch - len(micro["tokens"])  # all-zero rows: no tokens, no loss
+            micro = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in micro.items()}
+            placed = global_batch(
+                micro, self.mesh, global_rows=batch, accum_steps=1, objective=self.objective, batch_type=PolicyBatch
+            )
+            shape = micro["tokens"].shape
+            if shape not in self.compiled:
+                self.compiled[shape] = make_token_log_probs(
+                    config=self.config,
+                    step_config=StepConfig(),
+                    mesh=self.mesh,
+                    shardings=self.shardings,
+                    batch_example=placed,
+                    subset=self.subset,
+                    objective=self.objective,
+                    frozen=self.frozen,
+                )
+            out[lo : lo + batch] = np.asarray(self.compiled[shape](params, placed))[: batch - pad]
+        return out
+
+
 def read_split(path: str | os.PathLike, split: str) -> list[dict[str, Any]]:
     from afmkit.posttrain.synth_if import read_prompts
 
@@ -351,7 +396,6 @@ def rl(
         abstract_state,
         global_batch,
         init_sharded_state,
-        make_token_log_probs,
         make_train_step,
         state_shardings,
     )
@@ -439,37 +483,15 @@ def rl(
             )
         return steps[shape]
 
-    log_prob_fns: dict[tuple[int, ...], Any] = {}  # one compiled forward per microbatch shape
-
-    def packed_log_probs(params: Any, rows: dict[str, np.ndarray]) -> np.ndarray:
-        """Per-token log-probs of the packed rows' targets under ``params`` (the trainer's own
-        forward, a microbatch of ``--train-batch`` rows at a time; spare rows stay 0)."""
-        out = np.zeros(rows["tokens"].shape, np.float32)
-        used = int(rows["loss_mask"].any(axis=1).sum())  # the packed rows come first
-        for lo in range(0, used, settings.train_batch):
-            micro = {name: value[lo : lo + settings.train_batch] for name, value in rows.items()}
-            batch = global_batch(
-                micro,
-                mesh,
-                global_rows=settings.train_batch,
-                accum_steps=1,
-                objective=objective,
-                batch_type=PolicyBatch,
-            )
-            shape = micro["tokens"].shape
-            if shape not in log_prob_fns:
-                log_prob_fns[shape] = make_token_log_probs(
-                    config=config,
-                    step_config=StepConfig(),
-                    mesh=mesh,
-                    shardings=shardings,
-                    batch_example=batch,
-                    subset=subset,
-                    objective=objective,
-                    frozen=base.params,
-                )
-            out[lo : lo + settings.train_batch] = np.asarray(log_prob_fns[shape](params, batch))
-        return out
+    packed_log_probs = PackedLogProbs(
+        config=config,
+        mesh=mesh,
+        shardings=shardings,
+        subset=subset,
+        objective=objective,
+        frozen=base.params,
+        batch=settings.train_batch,
+    )
 
     def policy_member(params: Any, iteration: int) -> Member:
         return Member(f"policy-{iteration}", base, subset.adapter(jax.device_get(params), config, name="policy"))
@@ -517,7 +539,7 @@ def rl(
         response_ids = [s.tokens for s in samples]
         lengths = np.array([len(r) for r in response_ids])
         rows, placement = policy_rows(prompt_ids, response_ids, rows_multiple=settings.train_batch)
-        compiled_before = len(steps) + len(log_prob_fns)
+        compiled_before = len(steps) + len(packed_log_probs.compiled)
         old = packed_log_probs(state.params, rows)
         ref = packed_log_probs(reference_params, rows)
         old_seq = sequence_log_probs(old, rows, placement)
@@ -574,7 +596,7 @@ def rl(
             "rollout_seconds": rollout_seconds,
             "train_seconds": train_seconds,
             # rows of a length not seen before in this process: the update and log-probs compiled
-            "new_row_shape": len(steps) + len(log_prob_fns) > compiled_before,
+            "new_row_shape": len(steps) + len(packed_log_probs.compiled) > compiled_before,
         }
         if dev and iteration % settings.dev_every == 0:
             record.update(dev_scores(policy_member(state.params, iteration)))

@@ -76,6 +76,18 @@ class ChatRunSettings(TrunkSettings):
         if self.full and self.init_adapter is not None:
             raise UserError("--init-adapter continues a LoRA adapter; drop --full or --init-adapter")
 
+    def starting_point(self, model: Any) -> tuple[Any, Any]:
+        """``(subset, initial)``: the trainable subset over ``model`` and its starting tree, the
+        ``--init-adapter``'s weights (with its rank, alpha and targets) or None (fresh)."""
+        subset = self.trainable(model.config)
+        if self.init_adapter is None:
+            return subset, None
+        from afmkit.posttrain.trunk import load_init_adapter
+        from afmkit.train.trainable import LoraWeights
+
+        start = load_init_adapter(model, self.init_adapter)
+        return LoraWeights(dataclasses.replace(start.config, dtype=subset.lora.dtype)), LoraWeights.tree(start)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTSettings(ChatRunSettings):
@@ -112,14 +124,7 @@ def sft(
 
     settings.check()
     out = Path(out)
-    subset, initial = settings.trainable(model.config), None
-    if settings.init_adapter is not None:
-        from afmkit.posttrain.trunk import load_init_adapter
-        from afmkit.train.trainable import LoraWeights
-
-        start = load_init_adapter(model, settings.init_adapter)
-        subset = LoraWeights(dataclasses.replace(start.config, dtype=subset.lora.dtype))
-        initial = LoraWeights.tree(start)
+    subset, initial = settings.starting_point(model)
     train, held_out, too_long, _ = split_examples(
         model,
         conversations,
@@ -177,7 +182,7 @@ def sft(
 
 
 def register(recipes: Any) -> None:
-    from afmkit.cli_args import lora_arguments, model_argument, run_arguments, setting_argument
+    from afmkit.cli_args import lora_arguments, model_argument, setting_argument
 
     d = SFTSettings()
     parser = recipes.add_parser("sft", help="supervised fine-tuning on chat JSONL (assistant-only loss, packed)")
@@ -185,23 +190,31 @@ def register(recipes: Any) -> None:
     parser.add_argument("--data", required=True, help="JSONL file: one {'messages': [{role, content}...]} per line")
     parser.add_argument("--out", required=True, help="directory: a PEFT adapter (LoRA) or an afmkit model (--full)")
     lora_arguments(parser, d)
+    setting_argument(parser, d, "unlikelihood", "weight of -log(1 - p) on text marked 'unlikely_from' in the data")
+    chat_run_arguments(parser, d, rows="tokens per packed row", held_out="held-out share of the conversations")
+    parser.set_defaults(run=cmd_sft, trains=True)
+
+
+def chat_run_arguments(parser: Any, d: ChatRunSettings, *, rows: str, held_out: str) -> None:
+    """The flags of ``ChatRunSettings`` (``rows``, ``held_out``: the help of ``--seq-len`` and
+    ``--eval-fraction``), which ``sft`` and ``dpo`` share."""
+    from afmkit.cli_args import run_arguments, setting_argument
+
     setting_argument(parser, d, "steps", "optimizer steps")
     setting_argument(parser, d, "lr", "peak (and constant) learning rate")
     setting_argument(parser, d, "warmup", "linear warm-up steps, then constant")
     setting_argument(parser, d, "batch", "packed rows per step")
-    setting_argument(parser, d, "seq_len", "tokens per packed row")
+    setting_argument(parser, d, "seq_len", rows)
     setting_argument(parser, d, "dropout", "residual dropout; AFM uses 0.1")
     setting_argument(parser, d, "weight_decay", "decoupled weight decay")
-    setting_argument(parser, d, "unlikelihood", "weight of -log(1 - p) on text marked 'unlikely_from' in the data")
     setting_argument(parser, d, "accum", "gradient-accumulation microbatches")
-    setting_argument(parser, d, "eval_fraction", "held-out share of the conversations")
+    setting_argument(parser, d, "eval_fraction", held_out)
     parser.add_argument(
         "--init-adapter",
         default=None,
         help="continue this LoRA adapter (an SFT/iTeC result) instead of a fresh one; it brings its own rank",
     )
     run_arguments(parser, d, seed="initialisation, dropout and data order")
-    parser.set_defaults(run=cmd_sft, trains=True)
 
 
 def settings_from_args(args: Any) -> SFTSettings:
