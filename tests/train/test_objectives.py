@@ -12,7 +12,15 @@ from afmkit.adapters.lora import LoraConfig
 from afmkit.config import get_size
 from afmkit.model.transformer import init_params
 from afmkit.sharding.mesh import make_mesh
-from afmkit.train.objectives import PairBatch, Policy, PolicyBatch, RewardModel, assistant_sft, next_token
+from afmkit.train.objectives import (
+    PairBatch,
+    Policy,
+    PolicyBatch,
+    Preference,
+    RewardModel,
+    assistant_sft,
+    next_token,
+)
 from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
 from afmkit.train.step import (
     Batch,
@@ -100,12 +108,23 @@ def policy_batches(rng):
     return batches
 
 
+def preference_batches(rng):
+    """``policy_batches`` read as preference pairs: each row's two sequences are one pair, the
+    preferred one in either slot (+1), the other -1."""
+    batches = policy_batches(rng)
+    for b in batches:
+        first = rng.random((ROWS, 1)) < 0.5
+        b.advantages = np.where(first, [[1.0, -1.0]], [[-1.0, 1.0]]).astype(np.float32)
+    return batches
+
+
 OBJECTIVES = {
     "next_token": (next_token(CONFIG), lambda rng: token_batches(rng, assistant_only=False)),
     "sft": (assistant_sft(), lambda rng: token_batches(rng, assistant_only=True)),
     "reward_model": (RewardModel(grade_weight=0.5), pair_batches),
     "mdloo": (Policy(algo="mdloo", step_size=0.5), policy_batches),
     "ppo_clip": (Policy(algo="ppo-clip"), policy_batches),
+    "dpo": (Preference(beta=0.1, nll_weight=0.5), preference_batches),
 }
 SUBSETS = {"full": FULL, "lora": LORA}
 
