@@ -149,7 +149,16 @@ def test_packed_pairs_score_each_answer_as_after_its_own_prompt(tiny_model):
 def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path):
     out = tmp_path / "dpo"
     settings = DPOSettings(
-        lora_rank=4, steps=12, lr=3e-3, warmup=1, batch=2, seq_len=128, eval_fraction=0.25, quiet=True, beta=0.5
+        lora_rank=4,
+        steps=12,
+        lr=3e-3,
+        warmup=1,
+        batch=2,
+        seq_len=128,
+        eval_fraction=0.25,
+        quiet=True,
+        beta=0.5,
+        nll_weight=0.0,
     )
     results = dpo(tiny_model, pairs_for(WORDS + [w + "s" for w in WORDS]), out, settings)
     assert results["held_out_loss_start"] == pytest.approx(math.log(2), rel=1e-5)
@@ -169,8 +178,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     data.write_text(json.dumps(chat) + "\n" + json.dumps({**chat, "rejected": "c"}) + "\n")
     assert read_pairs(data) == [Pair(chat["messages"], "c")]  # chats without 'rejected' are skipped
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({**chat, "rejected": ["c"]}) + "\n")
-    with pytest.raises(UserError, match=r"bad\.jsonl:1: a preference pair needs"):
+    bad.write_text(json.dumps(chat) + "\n\n" + json.dumps({**chat, "rejected": ["c"]}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:3: a preference pair needs"):
         read_pairs(bad)
     data.write_text(json.dumps(chat))
     out = tmp_path / "out"
