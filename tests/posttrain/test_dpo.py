@@ -161,7 +161,10 @@ def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path):
         nll_weight=0.0,
     )
     results = dpo(tiny_model, pairs_for(WORDS + [w + "s" for w in WORDS]), out, settings)
-    assert results["held_out_loss_start"] == pytest.approx(math.log(2), rel=1e-5)
+    # the reference log-probs and the held-out loss come from two separately compiled forwards:
+    # fp32 rounding of per-token log-probs (~|log p| * 2^-23, about 1e-6) over ~20 tokens per
+    # answer, times beta, moves log 2 by about 1e-6 relative; 1e-4 leaves room for any CPU
+    assert results["held_out_loss_start"] == pytest.approx(math.log(2), rel=1e-4)
     assert results["held_out_loss_end"] < 0.9 * math.log(2)
     records = read_metrics(out / "training" / "metrics.jsonl")
     assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)

@@ -149,34 +149,30 @@ def prepare_pairs(model: Any, pairs: list[Pair], settings: DPOSettings) -> tuple
     return kept[:-n_eval], kept[-n_eval:], counts
 
 
-def reference_log_probs(model: Any, rows: dict[str, np.ndarray], subset: Any, initial: Any, batch: int) -> np.ndarray:
-    """Per-token log-probabilities of the rows' targets under the starting policy (``initial``, a
-    LoRA tree, or None: the base alone), by the trainer's own forward."""
+def reference_log_probs(model: Any, rows: dict[str, np.ndarray], run: Any, batch: int) -> np.ndarray:
+    """Per-token log-probabilities of the rows' targets under the starting policy (``run.initial``,
+    a LoRA tree, or None: the base alone, i.e. a LoRA of zeros), by the trainer's own forward."""
     import jax
     import jax.numpy as jnp
 
     from afmkit.posttrain.rl import PackedLogProbs
     from afmkit.sharding.mesh import make_mesh
-    from afmkit.train.objectives import Preference
-    from afmkit.train.optim import OptimizerConfig, build_optimizer
+    from afmkit.train.optim import build_optimizer
     from afmkit.train.step import abstract_state, state_shardings
 
-    objective, mesh = Preference(), make_mesh("data=1", devices=jax.devices()[:1])
-    optimizer = build_optimizer(OptimizerConfig(name="adamw", peak_lr=1.0, warmup_steps=0, total_steps=1))
-    shardings = state_shardings(model.config, optimizer, mesh, subset=subset, objective=objective)
-    abstract = abstract_state(model.config, optimizer, subset=subset, objective=objective).params
-    params = jax.tree.map(
-        lambda a, start: jnp.zeros(a.shape, a.dtype) if start is None else jnp.asarray(start, a.dtype),
-        abstract,
-        initial if initial is not None else jax.tree.map(lambda _: None, abstract),
-        is_leaf=lambda x: x is None,
-    )
+    mesh, optimizer = make_mesh("data=1", devices=jax.devices()[:1]), build_optimizer(run.optimizer)
+    shardings = state_shardings(model.config, optimizer, mesh, subset=run.subset, objective=run.objective)
+    abstract = abstract_state(model.config, optimizer, subset=run.subset, objective=run.objective).params
+    if run.initial is None:
+        params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    else:
+        params = jax.tree.map(lambda a, start: jnp.asarray(start, a.dtype), abstract, run.initial)
     log_probs = PackedLogProbs(
         config=model.config,
         mesh=mesh,
         shardings=shardings,
-        subset=subset,
-        objective=objective,
+        subset=run.subset,
+        objective=run.objective,
         frozen=model.params,
         batch=batch,
     )
@@ -202,9 +198,6 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     subset, initial = settings.starting_point(model)
     train, held_out, skipped = prepare_pairs(model, pairs, settings)
     _check_out(out, settings)
-    rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
-    for packed in (rows, eval_rows):
-        packed["old_log_probs"] = reference_log_probs(model, packed, subset, initial, settings.batch // settings.accum)
     run = trunk_run(
         settings,
         subset,
@@ -216,6 +209,9 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
         batch_type=PolicyBatch,
         eval_metric="loss",
     )
+    rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
+    for packed in (rows, eval_rows):
+        packed["old_log_probs"] = reference_log_probs(model, packed, run, settings.batch // settings.accum)
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(model, rows, run, eval_rows=eval_rows)
     results = {

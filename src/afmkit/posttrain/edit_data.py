@@ -98,17 +98,25 @@ def rewrite_for_prompts(
             continue
         text = edit_response(row, answer) or answer
         candidates.append((row, text))
-    rows = [r for r, _ in candidates]
-    rewards = verifiable.instruction_rewards(rows, [t for _, t in candidates])
-    before = verifiable.instruction_rewards(rows, [answers[r["task_source"]] for r in rows]).strict
+    rewards = verifiable.instruction_rewards([r for r, _ in candidates], [t for _, t in candidates]).strict
+    # the unedited answer beside a kept rewrite that changed it, where it follows fewer
+    # constraints: a preference pair (posttrain dpo)
+    changed = [
+        i
+        for i, (row, text) in enumerate(candidates)
+        if rewards[i] >= min_reward and text != answers[row["task_source"]]
+    ]
+    before = verifiable.instruction_rewards(
+        [candidates[i][0] for i in changed], [answers[candidates[i][0]["task_source"]] for i in changed]
+    ).strict
+    worse = {i for i, reward in zip(changed, before) if reward < rewards[i]}
     chats, families = [], Counter()
     kept_families = Counter()
-    for (row, text), reward, reward_before in zip(candidates, rewards.strict, before):
+    for i, ((row, text), reward) in enumerate(zip(candidates, rewards)):
         families.update(row["instruction_id_list"])
         if reward >= min_reward:
             kept_families.update(row["instruction_id_list"])
-            # the unedited answer, where it follows fewer constraints: a preference pair (posttrain dpo)
-            rejected = {"rejected": answers[row["task_source"]]} if reward_before < reward else {}
+            rejected = {"rejected": answers[row["task_source"]]} if i in worse else {}
             chats.append(
                 {
                     "prompt_id": row["id"],
@@ -122,7 +130,7 @@ def rewrite_for_prompts(
         "tasks_answered": len(answers),
         "prompts_of_those_tasks": len(candidates),
         "kept": len(chats),
-        "mean_reward": float(rewards.strict.mean()) if candidates else 0.0,
+        "mean_reward": float(rewards.mean()) if candidates else 0.0,
         "families": {f: {"prompts": n, "kept": kept_families[f]} for f, n in sorted(families.items())},
     }
     return chats, report

@@ -303,7 +303,8 @@ class PackedLogProbs:
         for lo in range(0, used, batch):
             micro = {name: value[lo : lo + batch] for name, value in rows.items()}
             pad = batch - len(micro["tokens"])  # all-zero rows: no tokens, no loss
-            micro = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in micro.items()}
+            if pad:
+                micro = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in micro.items()}
             placed = global_batch(
                 micro, self.mesh, global_rows=batch, accum_steps=1, objective=self.objective, batch_type=PolicyBatch
             )
