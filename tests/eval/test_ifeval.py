@@ -115,6 +115,18 @@ def test_empty_response_fails_every_instruction():
     assert scored.strict == [True, True]
 
 
+def test_a_response_without_language_features_is_scored_without_log_spam(caplog):
+    # the verifiers log the whole response as an error when langdetect finds no features: on a
+    # looping "****" answer that was thousands of lines per run; the verdict stays IFEval's (followed)
+    prompt = ifeval.IFEvalPrompt(
+        key="1", prompt="Hi", instruction_ids=["language:response_language"], kwargs=[{"language": "en"}]
+    )
+    with caplog.at_level("ERROR"):
+        [scored] = ifeval.score([prompt], {"1": "****\n\n****"})
+    assert scored.strict == [True]
+    assert not [r for r in caplog.records if "detect language" in r.getMessage()]
+
+
 def test_cli_scores_responses_offline_without_input(prompts, tmp_path, capsys, monkeypatch):
     """``--responses`` without ``--input`` scores against the shipped prompts at once: no hub
     lookup (which used to retry for 26 s), no ../shared/data."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 from collections import defaultdict
@@ -202,17 +203,26 @@ def score(prompts: list[IFEvalPrompt], responses: dict[str, str]) -> list[Prompt
     return scores
 
 
+def _not_language_detection_error(record: logging.LogRecord) -> bool:
+    """False for the verifiers' "Unable to detect language for text ..." (a root-logger error that
+    quotes the whole response, thousands of log lines per run, for a case IFEval scores as followed)."""
+    return not (str(record.msg).startswith("Unable to detect language") and "if_verifiable" in record.pathname)
+
+
 @contextlib.contextmanager
 def _deterministic_verifiers() -> Iterator[None]:
-    """Seed what the verifiers draw at random (Python's ``random``, langdetect); restore after."""
+    """Seed what the verifiers draw at random (Python's ``random``, langdetect); restore after.
+    Silences the verifiers' language-detection errors meanwhile."""
     import langdetect
 
     state = random.getstate()
     old_seed = langdetect.DetectorFactory.seed
     langdetect.DetectorFactory.seed = 0
+    logging.getLogger().addFilter(_not_language_detection_error)
     try:
         yield
     finally:
+        logging.getLogger().removeFilter(_not_language_detection_error)
         random.setstate(state)
         langdetect.DetectorFactory.seed = old_seed
 

@@ -149,7 +149,9 @@ def prepare_pairs(model: Any, pairs: list[Pair], settings: DPOSettings) -> tuple
     return kept[:-n_eval], kept[-n_eval:], counts
 
 
-def reference_log_probs(model: Any, rows: dict[str, np.ndarray], run: Any, batch: int) -> np.ndarray:
+def reference_log_probs(
+    model: Any, rows: dict[str, np.ndarray], run: Any, batch: int, *, quiet: bool = False
+) -> np.ndarray:
     """Per-token log-probabilities of the rows' targets under the starting policy (``run.initial``,
     a LoRA tree, or None: the base alone, i.e. a LoRA of zeros), by the trainer's own forward."""
     import jax
@@ -176,7 +178,7 @@ def reference_log_probs(model: Any, rows: dict[str, np.ndarray], run: Any, batch
         frozen=model.params,
         batch=batch,
     )
-    out = log_probs(jax.device_put(params, shardings.params), rows)
+    out = log_probs(jax.device_put(params, shardings.params), rows, progress=None if quiet else "reference log-probs")
     return np.where(rows["loss_mask"] > 0, out, 0.0)
 
 
@@ -211,7 +213,9 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     )
     rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
     for packed in (rows, eval_rows):
-        packed["old_log_probs"] = reference_log_probs(model, packed, run, settings.batch // settings.accum)
+        packed["old_log_probs"] = reference_log_probs(
+            model, packed, run, settings.batch // settings.accum, quiet=settings.quiet
+        )
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(model, rows, run, eval_rows=eval_rows)
     results = {

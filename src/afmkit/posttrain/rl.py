@@ -283,7 +283,8 @@ class PackedLogProbs:
     """``log_probs(params, rows)``: per-token log-probs ``[rows, T]`` of packed ``PolicyBatch``
     rows' targets under ``params`` (laid out as the train state's) over ``frozen``, by the
     trainer's own forward, ``batch`` rows at a time, one compiled forward per row length
-    (``compiled``); rows after the last with a loss mask stay 0."""
+    (``compiled``); rows after the last with a loss mask stay 0. ``progress`` (a label) reports
+    the rows done, for a pass long enough to need it (DPO's reference over the whole data set)."""
 
     config: Any
     mesh: Any
@@ -294,12 +295,18 @@ class PackedLogProbs:
     batch: int
     compiled: dict[tuple[int, ...], Any] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, params: Any, rows: dict[str, np.ndarray]) -> np.ndarray:
+    def __call__(self, params: Any, rows: dict[str, np.ndarray], *, progress: str | None = None) -> np.ndarray:
+        from afmkit.progress import ProgressReporter
+
+        used = int(rows["loss_mask"].any(axis=1).sum())  # the packed rows come first
+        with ProgressReporter(progress or "", used, unit="rows", quiet=progress is None) as reporter:
+            return self._log_probs(params, rows, used, reporter)
+
+    def _log_probs(self, params: Any, rows: dict[str, np.ndarray], used: int, reporter: Any) -> np.ndarray:
         from afmkit.train.objectives import PolicyBatch
         from afmkit.train.step import StepConfig, global_batch, make_token_log_probs
 
         batch, out = self.batch, np.zeros(rows["tokens"].shape, np.float32)
-        used = int(rows["loss_mask"].any(axis=1).sum())  # the packed rows come first
         for lo in range(0, used, batch):
             micro = {name: value[lo : lo + batch] for name, value in rows.items()}
             pad = batch - len(micro["tokens"])  # all-zero rows: no tokens, no loss
@@ -321,6 +328,7 @@ class PackedLogProbs:
                     frozen=self.frozen,
                 )
             out[lo : lo + batch] = np.asarray(self.compiled[shape](params, placed))[: batch - pad]
+            reporter.advance(batch - pad, tokens=int(micro["loss_mask"].sum()))
         return out
 
 
