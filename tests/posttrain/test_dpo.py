@@ -146,7 +146,7 @@ def test_packed_pairs_score_each_answer_as_after_its_own_prompt(tiny_model):
     np.testing.assert_allclose(float(total), 5 * math.log(2), rtol=1e-6)
 
 
-def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path):
+def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path, capsys):
     out = tmp_path / "dpo"
     settings = DPOSettings(
         lora_rank=4,
@@ -156,7 +156,6 @@ def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path):
         batch=2,
         seq_len=128,
         eval_fraction=0.25,
-        quiet=True,
         beta=0.5,
         nll_weight=0.0,
     )
@@ -170,6 +169,8 @@ def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path):
     assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
     assert records[-1]["accuracy"] > records[0]["accuracy"] or records[-1]["accuracy"] == 1.0
     assert (out / "adapter_config.json").is_file() and json.loads((out / "training.json").read_text())["steps_done"]
+    # the reference pass (minutes on a real data set) reports its progress, as training does
+    assert "reference log-probs:" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
