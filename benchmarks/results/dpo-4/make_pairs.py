@@ -44,14 +44,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-prompts = {row["id"]: row for row in read_jsonl(sys.argv[1])}
-chats = read_jsonl(sys.argv[2])
-full = {r["task_source"]: r["answer"] for r in read_jsonl(sys.argv[3]) if r["answer"]}
 conflicts = instruction_conflicts()
 description = {f: INSTRUCTION_DICT[f](f).build_description() for f in (LOWER, CAPS)}
 ADDED_CAP = {LOWER: 120, CAPS: 120, REPEAT: 100}
 rng = random.Random(0)
-rng.shuffle(chats)
 
 
 def added_form(row, chosen, form):
@@ -90,62 +86,71 @@ def added_form(row, chosen, form):
     }
 
 
-counts = {"editor": {f: 0 for f in FORMS}, "others": 0, "unasked": 0, "added_to_prompt": {}, "added_to_task": {}}
-out, used_tasks = [], set()
-for chat in chats:
-    row = prompts[chat["prompt_id"]]
-    families = set(row["instruction_id_list"])
-    asked = families & set(FORMS)
-    chosen = chat["messages"][-1]["content"]
-    if asked:
-        caps_cap = 150 if asked & {LOWER, CAPS} else 100  # half again as many case pairs as dpo-2
-        if "rejected" in chat and any(counts["editor"][f] < caps_cap for f in asked):
-            for f in asked:
-                counts["editor"][f] += 1
-            out.append(chat)
-        continue
-    if "rejected" in chat and counts["others"] < 120:
-        counts["others"] += 1
-        out.append(chat)
-        continue
-    form = rng.choice(sorted(ADDED_CAP))
-    if counts["added_to_prompt"].get(form, 0) < ADDED_CAP[form]:
-        pair = added_form(row, chosen, form)
-        if pair is not None:
-            counts["added_to_prompt"][form] = counts["added_to_prompt"].get(form, 0) + 1
-            out.append(pair)
+def main():
+    prompts = {row["id"]: row for row in read_jsonl(sys.argv[1])}
+    chats = read_jsonl(sys.argv[2])
+    full = {r["task_source"]: r["answer"] for r in read_jsonl(sys.argv[3]) if r["answer"]}
+    rng.shuffle(chats)
+    counts = {"editor": {f: 0 for f in FORMS}, "others": 0, "unasked": 0, "added_to_prompt": {}, "added_to_task": {}}
+    out = []
+    for chat in chats:
+        row = prompts[chat["prompt_id"]]
+        families = set(row["instruction_id_list"])
+        asked = families & set(FORMS)
+        chosen = chat["messages"][-1]["content"]
+        if asked:
+            caps_cap = 150 if asked & {LOWER, CAPS} else 100  # half again as many case pairs as dpo-2
+            if "rejected" in chat and any(counts["editor"][f] < caps_cap for f in asked):
+                for f in asked:
+                    counts["editor"][f] += 1
+                out.append(chat)
             continue
-    if counts["unasked"] < 150 and not any(f.startswith("change_case") for f in families):
-        form = rng.choice(sorted(FORMS))
-        wrong = FORMS[form](chosen, row)
-        if wrong != chosen:
-            counts["unasked"] += 1
-            out.append({**chat, "rejected": wrong, "unasked_form": form})
+        if "rejected" in chat and counts["others"] < 120:
+            counts["others"] += 1
+            out.append(chat)
+            continue
+        form = rng.choice(sorted(ADDED_CAP))
+        if counts["added_to_prompt"].get(form, 0) < ADDED_CAP[form]:
+            pair = added_form(row, chosen, form)
+            if pair is not None:
+                counts["added_to_prompt"][form] = counts["added_to_prompt"].get(form, 0) + 1
+                out.append(pair)
+                continue
+        if counts["unasked"] < 150 and not any(f.startswith("change_case") for f in families):
+            form = rng.choice(sorted(FORMS))
+            wrong = FORMS[form](chosen, row)
+            if wrong != chosen:
+                counts["unasked"] += 1
+                out.append({**chat, "rejected": wrong, "unasked_form": form})
 
-# the bare task with round 3's full answer (one per task), so a form holds over a long answer
-tasks = {}
-for row in prompts.values():
-    if row["split"] == "train" and row["task_source"] in full:
-        tasks.setdefault(row["task_source"], row)
-for source in sorted(tasks):
-    answer = full[source]
-    if len(answer.split()) > 200 or is_loop(answer):
-        continue
-    form = rng.choice([LOWER, CAPS, REPEAT])  # the repeated request conflicts with most families: here it fits
-    if counts["added_to_task"].get(form, 0) >= 60:
-        continue
-    bare = {
-        **tasks[source],
-        "id": f"task:{source}",
-        "prompt": tasks[source]["task"],
-        "instruction_id_list": [],
-        "kwargs": [],
-    }
-    pair = added_form(bare, answer, form)
-    if pair is not None:
-        counts["added_to_task"][form] = counts["added_to_task"].get(form, 0) + 1
-        out.append(pair)
-rng.shuffle(out)
-for chat in out:
-    print(json.dumps(chat))
-print(json.dumps({**counts, "pairs": len(out)}), file=sys.stderr)
+    # the bare task with round 3's full answer (one per task), so a form holds over a long answer
+    tasks = {}
+    for row in prompts.values():
+        if row["split"] == "train" and row["task_source"] in full:
+            tasks.setdefault(row["task_source"], row)
+    for source in sorted(tasks):
+        answer = full[source]
+        if len(answer.split()) > 200 or is_loop(answer):
+            continue
+        form = rng.choice([LOWER, CAPS, REPEAT])  # the repeated request conflicts with most families: here it fits
+        if counts["added_to_task"].get(form, 0) >= 60:
+            continue
+        bare = {
+            **tasks[source],
+            "id": f"task:{source}",
+            "prompt": tasks[source]["task"],
+            "instruction_id_list": [],
+            "kwargs": [],
+        }
+        pair = added_form(bare, answer, form)
+        if pair is not None:
+            counts["added_to_task"][form] = counts["added_to_task"].get(form, 0) + 1
+            out.append(pair)
+    rng.shuffle(out)
+    for chat in out:
+        print(json.dumps(chat))
+    print(json.dumps({**counts, "pairs": len(out)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
