@@ -86,6 +86,41 @@ def added_form(row, chosen, form):
     }
 
 
+def add_form(out, counts, caps, row, chosen, form):
+    """Append ``added_form(row, chosen, form)`` to ``out`` while ``counts[form]`` is under
+    ``caps[form]``; True if a pair was added."""
+    if counts.get(form, 0) >= caps[form]:
+        return False
+    pair = added_form(row, chosen, form)
+    if pair is None:
+        return False
+    counts[form] = counts.get(form, 0) + 1
+    out.append(pair)
+    return True
+
+
+def bare_tasks(prompts, full):
+    """{task source: its task as a prompt without constraints}, for the train tasks whose full
+    answer (round 3's) has at most 200 words and no loop."""
+    tasks = {}
+    for row in prompts.values():
+        if row["split"] == "train" and row["task_source"] in full:
+            tasks.setdefault(row["task_source"], row)
+    return {
+        source: {**row, "id": f"task:{source}", "prompt": row["task"], "instruction_id_list": [], "kwargs": []}
+        for source, row in sorted(tasks.items())
+        if len(full[source].split()) <= 200 and not is_loop(full[source])
+    }
+
+
+def write_pairs(out, counts, rng):
+    """The pairs in a shuffled order to stdout, their counts to stderr."""
+    rng.shuffle(out)
+    for chat in out:
+        print(json.dumps(chat))
+    print(json.dumps({**counts, "pairs": len(out)}), file=sys.stderr)
+
+
 def main():
     prompts = {row["id"]: row for row in read_jsonl(sys.argv[1])}
     chats = read_jsonl(sys.argv[2])
@@ -109,13 +144,8 @@ def main():
             counts["others"] += 1
             out.append(chat)
             continue
-        form = rng.choice(sorted(ADDED_CAP))
-        if counts["added_to_prompt"].get(form, 0) < ADDED_CAP[form]:
-            pair = added_form(row, chosen, form)
-            if pair is not None:
-                counts["added_to_prompt"][form] = counts["added_to_prompt"].get(form, 0) + 1
-                out.append(pair)
-                continue
+        if add_form(out, counts["added_to_prompt"], ADDED_CAP, row, chosen, rng.choice(sorted(ADDED_CAP))):
+            continue
         if counts["unasked"] < 150 and not any(f.startswith("change_case") for f in families):
             form = rng.choice(sorted(FORMS))
             wrong = FORMS[form](chosen, row)
@@ -124,32 +154,10 @@ def main():
                 out.append({**chat, "rejected": wrong, "unasked_form": form})
 
     # the bare task with round 3's full answer (one per task), so a form holds over a long answer
-    tasks = {}
-    for row in prompts.values():
-        if row["split"] == "train" and row["task_source"] in full:
-            tasks.setdefault(row["task_source"], row)
-    for source in sorted(tasks):
-        answer = full[source]
-        if len(answer.split()) > 200 or is_loop(answer):
-            continue
+    for source, bare in bare_tasks(prompts, full).items():
         form = rng.choice([LOWER, CAPS, REPEAT])  # the repeated request conflicts with most families: here it fits
-        if counts["added_to_task"].get(form, 0) >= 60:
-            continue
-        bare = {
-            **tasks[source],
-            "id": f"task:{source}",
-            "prompt": tasks[source]["task"],
-            "instruction_id_list": [],
-            "kwargs": [],
-        }
-        pair = added_form(bare, answer, form)
-        if pair is not None:
-            counts["added_to_task"][form] = counts["added_to_task"].get(form, 0) + 1
-            out.append(pair)
-    rng.shuffle(out)
-    for chat in out:
-        print(json.dumps(chat))
-    print(json.dumps({**counts, "pairs": len(out)}), file=sys.stderr)
+        add_form(out, counts["added_to_task"], dict.fromkeys(FORMS, 60), bare, full[source], form)
+    write_pairs(out, counts, rng)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "dpo-4"))
-from make_pairs import CAPS, FORMS, LOWER, QUOTE, REPEAT, added_form, read_jsonl
-
-from afmkit.posttrain.verifiable import is_loop
+from make_pairs import CAPS, FORMS, LOWER, QUOTE, REPEAT, add_form, bare_tasks, read_jsonl, write_pairs
 
 ADDED = {CAPS: 110, REPEAT: 40, LOWER: 40}  # on editor prompts; repeat conflicts with most, so:
 ADDED_TO_TASK = {CAPS: 50, REPEAT: 100, LOWER: 20}  # on bare tasks with a long answer
@@ -71,13 +69,8 @@ def main():
             counts["others"] += 1
             out.append(chat)
             continue
-        form = rng.choice(sorted(ADDED))
-        if counts["added_to_prompt"].get(form, 0) < ADDED[form]:
-            pair = added_form(row, chosen, form)
-            if pair is not None:
-                counts["added_to_prompt"][form] = counts["added_to_prompt"].get(form, 0) + 1
-                out.append(pair)
-                continue
+        if add_form(out, counts["added_to_prompt"], ADDED, row, chosen, rng.choice(sorted(ADDED))):
+            continue
         if sum(counts["unasked"].values()) < UNASKED:
             form = rng.choice(UNASKED_WRONG)
             wrong = FORMS[form](chosen, row)
@@ -86,23 +79,13 @@ def main():
                 out.append({**chat, "rejected": wrong, "unasked_form": form})
 
     # bare tasks with round 3's full answer: added forms, and unasked lowercase on long answers
-    tasks = {}
-    for row in prompts.values():
-        if row["split"] == "train" and row["task_source"] in full:
-            tasks.setdefault(row["task_source"], row)
-    sources = sorted(tasks)
-    rng.shuffle(sources)
+    usable = bare_tasks(prompts, full)
+    sources = sorted({row["task_source"] for row in prompts.values() if row["split"] == "train"} & set(full))
+    rng.shuffle(sources)  # every train task with a full answer, as drawn for the pairs (seed 5)
     for source in sources:
-        answer = full[source]
-        if len(answer.split()) > 200 or is_loop(answer):
+        if source not in usable:
             continue
-        bare = {
-            **tasks[source],
-            "id": f"task:{source}",
-            "prompt": tasks[source]["task"],
-            "instruction_id_list": [],
-            "kwargs": [],
-        }
+        answer, bare = full[source], usable[source]
         if counts["unasked_long"] < UNASKED_LONG and answer.lower() != answer:
             counts["unasked_long"] += 1
             messages = [{"role": "user", "content": bare["prompt"]}, {"role": "assistant", "content": answer}]
@@ -116,13 +99,7 @@ def main():
                 }
             )
             continue
-        form = rng.choice(sorted(ADDED_TO_TASK))
-        if counts["added_to_task"].get(form, 0) >= ADDED_TO_TASK[form]:
-            continue
-        pair = added_form(bare, answer, form)
-        if pair is not None:
-            counts["added_to_task"][form] = counts["added_to_task"].get(form, 0) + 1
-            out.append(pair)
+        add_form(out, counts["added_to_task"], ADDED_TO_TASK, bare, answer, rng.choice(sorted(ADDED_TO_TASK)))
 
     # dpo-4's pairs of each form replayed, so what it learnt is kept
     replay = {}
@@ -136,10 +113,7 @@ def main():
     counts["replayed"] = replay
     counts["loop_pairs"] = len(loops)
     out += loops
-    rng.shuffle(out)
-    for chat in out:
-        print(json.dumps(chat))
-    print(json.dumps({**counts, "pairs": len(out)}), file=sys.stderr)
+    write_pairs(out, counts, rng)
 
 
 if __name__ == "__main__":
