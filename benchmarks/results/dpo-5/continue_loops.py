@@ -64,7 +64,7 @@ for (i, _), done in zip(owners, completions):
     chat = cuts[i]
     cut = chat["messages"][-1]["content"]
     new = done.text.strip()
-    whole = f"{cut} {new}" if not new.startswith(("\n", "-", "*")) else f"{cut}\n{new}"
+    whole = f"{cut}\n{new}" if new.startswith(("-", "*")) else f"{cut} {new}"  # a list item starts a line
     if done.finish_reason != "stop":
         counts["not_ended"] += 1
         continue

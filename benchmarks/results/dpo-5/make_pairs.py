@@ -3,7 +3,8 @@ and loops.
 
 dpo-4 learnt lowercase but then wrote 59 of 426 IFEval answers that ask for no case in lowercase;
 capitals (6 of 25) and the repeated request (9 of 41) stayed low; 42.5% of its answers ran to the
-limit. Here, on chats dpo-4's pairs did not use (ed80.jsonl, the same editor chats):
+limit (faults read off IFEval's per-family results; docs/posttraining.md, "Fifth run", says what
+that means for dpo-5's IFEval). Here, on chats dpo-4's pairs did not use (ed80.jsonl, the same editor chats):
 - **unasked pairs**, rejected mostly in lowercase: a chat whose prompt asks no form, its answer
   preferred to the same answer in lowercase (half), capitals (a quarter) or quotes (a quarter);
   also on the bare task with round 3's full-length answer, so long answers keep their case;
@@ -52,7 +53,7 @@ def main():
     loops = [
         p for p in read_jsonl(sys.argv[5]) if keeps_loop_pair(prompts[p["prompt_id"]], p["messages"][-1]["content"])
     ]
-    used = {p.get("prompt_id") for p in old} | {p["prompt_id"].split("+")[0] for p in old if "prompt_id" in p}
+    used = {p["prompt_id"].split("+")[0] for p in old}  # an added form's id is the prompt's + the form
     rng = random.Random(5)
     rng.shuffle(chats)
     counts = {"unasked": {}, "unasked_long": 0, "others": 0, "added_to_prompt": {}, "added_to_task": {}}
