@@ -2,8 +2,11 @@
 the formula (Rafailov et al. 2023) on hand-made packed rows; pairs packed by ``pair_rows`` are
 scored exactly like each answer after its own prompt; the first step's loss is log 2 (the
 reference is the starting policy); training raises the preferred answers' margin on held-out
-pairs; bad input is one line and writes nothing."""
+pairs; replay chats add their weighted NLL (the same transcription), pack like an answer after
+its own prompt and keep their text likelier than training without them; bad input is one line
+and writes nothing."""
 
+import dataclasses
 import json
 import math
 
@@ -21,14 +24,18 @@ from afmkit.train.metrics import read_metrics
 from afmkit.train.objectives import ModelView, PolicyBatch, Preference
 
 
-def np_dpo(new, ref, mask, branch, preference, beta, nll_weight):
+def np_dpo(new, ref, mask, branch, preference, beta, nll_weight, replay_weight=0.0):
     """Sum over pairs of -log sigmoid(beta * (log ratio preferred - log ratio other)) plus
-    nll_weight times the preferred answer's mean token NLL, float64."""
+    nll_weight times the preferred answer's mean token NLL, plus replay_weight times each replay
+    chat's (slots marked +1, 0) mean token NLL, float64."""
     total, pairs = 0.0, 0
     for n in range(new.shape[0]):
         ratio = [float(((new[n] - ref[n]) * mask[n] * (branch[n] == s + 1)).sum()) for s in range(preference.shape[1])]
         for j in range(0, preference.shape[1], 2):
             if preference[n, j] == 0:
+                continue
+            if preference[n, j + 1] == 0:  # a replay chat
+                total -= replay_weight * new[n][(mask[n] > 0) & (branch[n] == j + 1)].mean()
                 continue
             margin = beta * (preference[n, j] * ratio[j] + preference[n, j + 1] * ratio[j + 1])
             best = j if preference[n, j] > 0 else j + 1
@@ -96,6 +103,47 @@ def test_dpo_loss_and_gradient_match_the_formula(nll_weight):
     assert float(loss(jnp.asarray(np.where(mask > 0, up, 0)))[0]) < float(loss(jnp.asarray(clean, jnp.float32))[0])
 
 
+def test_replay_chats_add_their_weighted_nll_and_no_pair():
+    """Row 1's empty slot pair becomes a replay chat (+1, 0) of three tokens: the loss gains
+    replay_weight times its mean token NLL (the numpy transcription), its gradient is
+    -replay_weight / 3 on those tokens, and the pair metrics do not count it."""
+    new, ref, mask, branch, preference = hand_made_rows()
+    branch[1, 7:10] = 3
+    mask = (branch > 0).astype(np.float32)
+    new[1, 8] = -1.5
+    preference[1, 2] = 1
+    beta, nll_weight, replay_weight = 0.3, 0.7, 0.4
+
+    def loss(x, weight):
+        return losses.dpo_loss(
+            x,
+            jnp.asarray(ref),
+            jnp.asarray(mask),
+            jnp.asarray(preference),
+            beta=beta,
+            segment_ids=jnp.asarray(branch),
+            nll_weight=nll_weight,
+            replay_weight=weight,
+        )
+
+    (total, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(new), replay_weight)
+    clean = np.where(mask > 0, new, 0.0).astype(np.float64)
+    want, pairs = np_dpo(clean, ref.astype(np.float64), mask, branch, preference, beta, nll_weight, replay_weight)
+    # as the test above: fp32 sums of a few terms of size ~3, a few ulp relative
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert float(metrics["count"]) == pairs == 3 and float(metrics["replay_chats"]) == 1
+    replay = branch[1] == 3
+    np.testing.assert_allclose(float(metrics["replay_nll"]), -clean[1, replay].mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["replay_log_ratio"]), (clean[1] - ref[1])[replay].mean(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad)[1, replay], -replay_weight / 3, rtol=1e-6)
+    # without the weight the chat is inert: no gradient on it, the pairs' loss alone
+    (alone, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(new), 0.0)
+    assert not np.asarray(grad)[1, replay].any() and "replay_nll" not in metrics
+    np.testing.assert_allclose(
+        float(alone), np_dpo(clean, ref, mask, branch, preference, beta, nll_weight)[0], rtol=1e-5
+    )
+
+
 def test_dpo_refuses_a_bad_beta_or_an_odd_slot_count():
     new, ref, mask, branch, preference = hand_made_rows()
     with pytest.raises(UserError, match="beta must be positive"):
@@ -146,6 +194,63 @@ def test_packed_pairs_score_each_answer_as_after_its_own_prompt(tiny_model):
     np.testing.assert_allclose(float(total), 5 * math.log(2), rtol=1e-6)
 
 
+def replay_for(words):
+    return [
+        Pair([{"role": "user", "content": f"Spell {w}."}, {"role": "assistant", "content": " ".join(w)}], None)
+        for w in words
+    ]
+
+
+def test_packed_replay_chats_score_their_answer_after_its_own_prompt(tiny_model):
+    """A replay chat packs as its answer in an even slot, +1, the next slot empty (no tokens),
+    0, scored exactly as a separate forward on its prompt + answer; the pairs around it keep
+    their +1 / -1 slots."""
+    tokenized = [pair_tokens(tiny_model.tokenizer, p) for p in pairs_for(WORDS[:3]) + replay_for(WORDS[3:6])]
+    assert all(rejected is None for _, _, rejected in tokenized[3:])
+    rows = pair_rows(tokenized, 128)
+    view = ModelView(config=tiny_model.config, params=tiny_model.params, adapters=None, compute_dtype=jnp.float32)
+    fields = ("tokens", "positions", "segment_ids", "targets", "branch_ids")
+    got = np.asarray(view.target_log_probs(*(jnp.asarray(rows[f]) for f in fields)))
+    replays = [(p, a) for p, a, _ in tokenized[3:]]
+    want = response_token_logprobs(tiny_model.params, tiny_model.config, *zip(*replays), None)
+    on = rows["loss_mask"] > 0
+    found = 0
+    for n, s in zip(*np.nonzero(rows["advantages"] == 1.0)):
+        if rows["advantages"][n, s + 1] != 0:
+            assert rows["advantages"][n, s + 1] == -1.0 and s % 2 == 0
+            continue
+        assert s % 2 == 0 and not (on[n] & (rows["branch_ids"][n] == s + 2)).any()
+        answer = list(rows["targets"][n][on[n] & (rows["branch_ids"][n] == s + 1)])
+        i = [a for _, a in replays].index(answer)
+        np.testing.assert_allclose(got[n][on[n] & (rows["branch_ids"][n] == s + 1)], want[i, : len(answer)], atol=1e-4)
+        found += 1
+    assert found == 3 and (rows["advantages"] == -1.0).sum() == 3
+
+
+def test_replay_keeps_its_text_likelier_than_training_without_it(tiny_model, tmp_path):
+    """The same DPO run with and without replay chats (the starting model's text, here spelled
+    words): with them, the trained model gives their answers a higher log-probability."""
+    from afmkit.adapters.peft_io import load_adapter
+
+    settings = DPOSettings(
+        lora_rank=4, steps=8, lr=3e-3, warmup=1, batch=2, seq_len=128, eval_fraction=0.25, beta=0.5, nll_weight=0.0
+    )
+    pairs, replay = pairs_for(WORDS), replay_for(["table", "chair", "glass", "plate"])
+    with pytest.raises(UserError, match="positive --replay-weight"):
+        dpo(tiny_model, pairs + replay, tmp_path / "refused", settings)
+    scores = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"replay-{weight}"
+        run = dataclasses.replace(settings, replay_weight=weight)
+        results = dpo(tiny_model, pairs + (replay if weight else []), out, run)
+        assert results["replay_chats"] == (4 if weight else 0) and results["train_pairs"] == 9
+        adapter = load_adapter(out, config=tiny_model.config)
+        prompts, answers = zip(*[pair_tokens(tiny_model.tokenizer, p)[:2] for p in replay])
+        logp = response_token_logprobs(tiny_model.params, tiny_model.config, prompts, answers, adapter)
+        scores[weight] = sum(float(logp[i, : len(a)].sum()) for i, a in enumerate(answers))
+    assert scores[1.0] > scores[0.0]
+
+
 def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path, capsys):
     out = tmp_path / "dpo"
     settings = DPOSettings(
@@ -185,10 +290,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     bad.write_text(json.dumps(chat) + "\n\n" + json.dumps({**chat, "rejected": ["c"]}) + "\n")
     with pytest.raises(UserError, match=r"bad\.jsonl:3: a preference pair needs"):
         read_pairs(bad)
+    # with replay, the chats without 'rejected' come back as replay chats, and must end in an answer
+    data.write_text(json.dumps(chat) + "\n" + json.dumps({**chat, "rejected": "c"}) + "\n")
+    assert read_pairs(data, replay=True) == [Pair(chat["messages"], None), Pair(chat["messages"], "c")]
+    question = {"messages": [*chat["messages"], {"role": "user", "content": "and?"}]}
+    bad.write_text(json.dumps(question) + "\n" + json.dumps({**chat, "rejected": "c"}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: a replay chat needs"):
+        read_pairs(bad, replay=True)
     data.write_text(json.dumps(chat))
     out = tmp_path / "out"
     for flags, message in (
         (["--beta", "0"], "--beta must be positive"),
+        (["--replay-weight", "-1"], "--replay-weight must be at least 0"),
         (["--full"], "drop --full"),
         ([], "no preference pairs"),
     ):

@@ -4,7 +4,8 @@ recipe on the one trainer (``train.finetune`` over ``train.step``, objective
 
 Data: JSONL lines ``{"messages": [..., {"role": "assistant", "content": PREFERRED}],
 "rejected": OTHER}``, i.e. an SFT chat whose last answer is preferred to ``rejected``, the
-other answer to the same conversation (lines without ``rejected`` are skipped). Two recipes
+other answer to the same conversation (lines without ``rejected`` are skipped, or, with
+``--replay-weight``, replay chats). Two recipes
 write them: ``posttrain edit-data`` (the constraint editor's rewrite, which follows the prompt's
 constraints, against the model's own answer it rewrote, which does not: they differ in little but
 the form, so the pair teaches the form and not the content) and ``posttrain loop-cut`` (an
@@ -16,6 +17,11 @@ its log-probabilities are computed once, by the trainer's own forward, before th
 so the first step's loss is exactly log 2. Settings, output layout and ``--resume`` are SFT's
 (``posttrain.sft``), plus ``--beta`` and ``--nll-weight`` (the preferred answer's likelihood kept
 up by its own NLL term, as RPO does).
+
+Replay (``--replay-weight W``): the file's chats without ``rejected`` add W times their answer's
+mean token NLL. Chats of the reference's own answers to prompts no pair is about hold the model
+where it was on them, which the pairs alone do not (chained DPO rounds drifted on text no pair
+touched: docs/posttraining.md). They train only: the held-out loss stays the pairs' own.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class DPOSettings(ChatRunSettings):
     # times the preferred answer's mean token NLL (RPO): keeps it likely, not merely likelier
     # (without it, SmolLM2's preferred answers lost 47.5 nats each in 48 steps: docs/posttraining.md)
     nll_weight: float = 1.0
+    replay_weight: float = 0.0  # times a replay chat's mean token NLL (0: chats without 'rejected' are skipped)
     steps: int = 100
     warmup: int = 5
     lr: float = 5e-5
@@ -51,8 +58,9 @@ class DPOSettings(ChatRunSettings):
         super().check()
         if self.beta <= 0:
             raise UserError(f"--beta must be positive, got {self.beta}")
-        if self.nll_weight < 0:
-            raise UserError(f"--nll-weight must be at least 0, got {self.nll_weight}")
+        for name in ("nll_weight", "replay_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.full:
             raise UserError("posttrain dpo trains a LoRA adapter; drop --full")
 
@@ -60,12 +68,13 @@ class DPOSettings(ChatRunSettings):
 @dataclasses.dataclass(frozen=True)
 class Pair:
     messages: list[dict[str, str]]  # the conversation, its last message the preferred answer
-    rejected: str
+    rejected: str | None  # None: a replay chat, its last answer alone
 
 
-def read_pairs(path: str | os.PathLike) -> list[Pair]:
-    """Preference pairs from JSONL (the module docstring): the lines that carry ``rejected`` (an
-    SFT chat file may hold others); one line names a bad row."""
+def read_pairs(path: str | os.PathLike, *, replay: bool = False) -> list[Pair]:
+    """Preference pairs from JSONL (the module docstring): the lines that carry ``rejected``,
+    and with ``replay`` the other chats as replay chats (else an SFT chat file may hold them);
+    one line names a bad row."""
     from afmkit.data.chat import read_chat_jsonl
 
     conversations = iter(read_chat_jsonl(path))  # checks every 'messages', one per non-blank line
@@ -74,22 +83,25 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
         if not line.strip():
             continue
         messages, rejected = next(conversations), json.loads(line).get("rejected")
-        if rejected is None:
+        if rejected is None and not replay:
             continue
-        if not isinstance(rejected, str) or messages[-1]["role"] != "assistant":
+        if rejected is None and messages[-1]["role"] != "assistant":
+            raise UserError(f"{path}:{number}: a replay chat needs 'messages' ending in an assistant answer")
+        if rejected is not None and (not isinstance(rejected, str) or messages[-1]["role"] != "assistant"):
             raise UserError(
                 f"{path}:{number}: a preference pair needs 'messages' ending in the preferred assistant answer "
                 "and 'rejected', the other answer (a string)"
             )
         pairs.append(Pair(messages, rejected))
-    if not pairs:
+    if not any(pair.rejected is not None for pair in pairs):
         raise UserError(f"{path} holds no preference pairs: no line carries 'rejected', the answer not preferred")
     return pairs
 
 
-def pair_tokens(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list[int]]:
-    """``(prompt, preferred, rejected)`` token ids: each answer as the chat template closes it (its
-    end-of-turn tokens included, so where an answer ends is part of the preference)."""
+def pair_tokens(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list[int] | None]:
+    """``(prompt, preferred, rejected)`` token ids (``rejected`` None for a replay chat): each
+    answer as the chat template closes it (its end-of-turn tokens included, so where an answer
+    ends is part of the preference)."""
     from afmkit.data.chat import tokenize_conversation
 
     def split(answer: str) -> tuple[list[int], list[int]]:
@@ -100,45 +112,51 @@ def pair_tokens(tokenizer: Any, pair: Pair) -> tuple[list[int], list[int], list[
         return example.ids[:start], example.ids[start:]
 
     prompt, preferred = split(pair.messages[-1]["content"])
+    if pair.rejected is None:
+        return prompt, preferred, None
     prompt_again, rejected = split(pair.rejected)
     if prompt != prompt_again:
         raise UserError("the chat template renders one prompt two ways; cannot pair its answers")
     return prompt, preferred, rejected
 
 
-def pair_rows(tokenized: list[tuple[list[int], list[int], list[int]]], seq_len: int) -> dict[str, np.ndarray]:
+def pair_rows(tokenized: list[tuple[list[int], list[int], list[int] | None]], seq_len: int) -> dict[str, np.ndarray]:
     """``PolicyBatch`` fields of the pairs packed into rows of ``seq_len`` (each pair must fit one
-    row): the preferred answer in an even sequence slot, +1, the other in the next, -1."""
+    row): the preferred answer in an even sequence slot, +1, the other in the next, -1; a replay
+    chat's answer (``rejected`` None) likewise in an even slot, +1, the next one left empty, 0."""
     from afmkit.posttrain.rl import policy_rows
 
     prompts = [p for p, _, _ in tokenized for _ in range(2)]
-    answers = [a for _, preferred, rejected in tokenized for a in (preferred, rejected)]
+    answers = [a for _, preferred, rejected in tokenized for a in (preferred, [] if rejected is None else rejected)]
     rows, placement = policy_rows(prompts, answers, rows_multiple=1, length=seq_len)
     for i in range(0, len(placement), 2):
         (row, slot), (row_other, slot_other) = placement[i], placement[i + 1]
         if slot % 2 or (row_other, slot_other) != (row, slot + 1):  # pack_first_fit keeps a group whole
             raise AssertionError("a preference pair was split across sequence slots")
-        rows["advantages"][row, slot], rows["advantages"][row, slot + 1] = 1.0, -1.0
+        other = 0.0 if tokenized[i // 2][2] is None else -1.0
+        rows["advantages"][row, slot], rows["advantages"][row, slot + 1] = 1.0, other
     used = rows["loss_mask"].any(axis=1)  # the packed rows come first; drop the spare ones
     return {name: value[used] for name, value in rows.items()}
 
 
 def prepare_pairs(model: Any, pairs: list[Pair], settings: DPOSettings) -> tuple[list, list, dict[str, int]]:
     """Tokenized (train, held-out) pairs and counts of the ones left out: too long for a row, the
-    same prompt twice (one pair per prompt), or both answers the same."""
-    seen, kept = set(), []
+    same prompt twice (one pair or replay chat per prompt, pairs first), or both answers the same.
+    Replay chats (``rejected`` None) train only, spread evenly among the training pairs so that
+    every step holds some of each."""
+    seen, kept, replay = set(), [], []
     counts = {"too_long": 0, "duplicate_prompt": 0, "same_answers": 0}
-    for pair in pairs:
+    for pair in sorted(pairs, key=lambda pair: pair.rejected is None):
         prompt, preferred, rejected = pair_tokens(model.tokenizer, pair)
         if preferred == rejected:
             counts["same_answers"] += 1
         elif tuple(prompt) in seen:
             counts["duplicate_prompt"] += 1
-        elif len(prompt) - 1 + len(preferred) + len(rejected) > settings.seq_len:
+        elif len(prompt) - 1 + len(preferred) + len(rejected or ()) > settings.seq_len:
             counts["too_long"] += 1
         else:
             seen.add(tuple(prompt))
-            kept.append((prompt, preferred, rejected))
+            (replay if rejected is None else kept).append((prompt, preferred, rejected))
     if len(kept) < 2:
         raise UserError(
             f"need at least 2 usable preference pairs ({counts['too_long']} too long for --seq-len "
@@ -146,7 +164,10 @@ def prepare_pairs(model: Any, pairs: list[Pair], settings: DPOSettings) -> tuple
             "with identical answers); add pairs or raise --seq-len"
         )
     n_eval = max(1, round(len(kept) * settings.eval_fraction))
-    return kept[:-n_eval], kept[-n_eval:], counts
+    train = kept[:-n_eval]
+    place = [(i + 0.5) / len(train) for i in range(len(train))] + [(k + 0.5) / len(replay) for k in range(len(replay))]
+    mixed = [item for _, item in sorted(zip(place, train + replay), key=lambda placed: placed[0])]
+    return mixed, kept[-n_eval:], counts
 
 
 def reference_log_probs(
@@ -196,6 +217,8 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     from afmkit.train.objectives import PolicyBatch, Preference
 
     settings.check()
+    if settings.replay_weight == 0 and any(pair.rejected is None for pair in pairs):
+        raise UserError("replay chats (pairs without 'rejected') need a positive --replay-weight")
     out = Path(out)
     subset, initial = settings.starting_point(model)
     train, held_out, skipped = prepare_pairs(model, pairs, settings)
@@ -203,7 +226,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     run = trunk_run(
         settings,
         subset,
-        Preference(beta=settings.beta, nll_weight=settings.nll_weight),
+        Preference(beta=settings.beta, nll_weight=settings.nll_weight, replay_weight=settings.replay_weight),
         out,
         final_lr_fraction=1.0,
         dropout=settings.dropout,
@@ -221,7 +244,8 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     results = {
         "settings": {**dataclasses.asdict(settings), "targets": list(settings.targets)},
         "base": model.name,
-        "train_pairs": len(train),
+        "train_pairs": sum(rejected is not None for _, _, rejected in train),
+        "replay_chats": sum(rejected is None for _, _, rejected in train),
         "held_out_pairs": len(held_out),
         "skipped": skipped,
         "rows": len(rows["tokens"]),
@@ -260,6 +284,13 @@ def register(recipes: Any) -> None:
     lora_arguments(parser, d)
     setting_argument(parser, d, "beta", "DPO's beta: the scale of the implicit reward log(pi / pi_ref)")
     setting_argument(parser, d, "nll_weight", "plus this times the preferred answer's mean token NLL (RPO)")
+    setting_argument(
+        parser,
+        d,
+        "replay_weight",
+        "plus this times the mean token NLL of the --data chats without 'rejected' (replay: holds the model "
+        "on text no pair is about); 0 skips those chats",
+    )
     chat_run_arguments(
         parser,
         d,
@@ -272,7 +303,7 @@ def register(recipes: Any) -> None:
 def cmd_dpo(args: Any) -> int:
     settings = cli_args.settings_from_args(DPOSettings, args, targets=cli_args.comma_list(args.targets))
     settings.check()  # one line before loading anything
-    pairs = read_pairs(args.data)
+    pairs = read_pairs(args.data, replay=settings.replay_weight > 0)
     _check_out(Path(args.out), settings)
     model = load_base(args.model, args.dtype, full=False)
     results = dpo(model, pairs, args.out, settings)

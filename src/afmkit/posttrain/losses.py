@@ -254,6 +254,7 @@ def dpo_loss(
     beta: float,
     segment_ids: jax.Array,
     nll_weight: float = 0.0,
+    replay_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DPO: ``-log sigmoid(beta * (log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)))`` summed
     over pairs (``count`` = pairs). Packed rows as in ``mdloo_loss``; a pair is the two
@@ -265,7 +266,12 @@ def dpo_loss(
 
     ``nll_weight`` adds that times the preferred answer's mean token negative log-likelihood
     per pair (RPO, Pang et al. 2024): DPO alone can lower both answers' likelihood as long as
-    the other's falls faster, and the preferred answer is the text the model should write."""
+    the other's falls faster, and the preferred answer is the text the model should write.
+
+    A replay chat is a slot pair marked ``(+1, 0)``: an answer with no other to compare (the
+    second slot empty). ``replay_weight`` adds that times its mean token NLL, which holds the
+    model on text the pairs are not about (the reference's own answers, say). It is not a pair:
+    ``count`` and the pair metrics leave it out, so the replay sum is divided by the step's pairs."""
     if isinstance(beta, (int, float)) and beta <= 0:
         raise UserError(f"the DPO beta must be positive; got {beta}")
     if preference.shape[-1] % 2:
@@ -277,9 +283,10 @@ def dpo_loss(
     margin = beta * (sign * log_ratio).reshape(paired).sum(axis=-1)
     is_pair = (sign != 0).reshape(paired).all(axis=-1)
     chosen = beta * jnp.where(sign > 0, log_ratio, 0.0).reshape(paired).sum(axis=-1)
-    preferred = slots & (sign > 0)[:, None, :]  # [N, T, S]: the preferred answers' tokens
+    preferred = slots & (sign > 0)[:, None, :]  # [N, T, S]: the preferred (or replayed) answers' tokens
     tokens = preferred.sum(axis=1).reshape(paired).sum(axis=-1)
     nll = -_per_sequence(logp_new_tok, preferred).reshape(paired).sum(axis=-1) / jnp.maximum(tokens, 1)
+    is_replay = (sign.reshape(paired)[..., 0] > 0) & (sign.reshape(paired)[..., 1] == 0) & (tokens > 0)
     metrics = {
         "count": is_pair.astype(jnp.float32).sum(),
         "accuracy": jnp.where(is_pair & (margin > 0), 1.0, 0.0).sum(),
@@ -288,4 +295,11 @@ def dpo_loss(
         "rejected_reward": jnp.where(is_pair, chosen - margin, 0.0).sum(),
         "preferred_nll": jnp.where(is_pair, nll, 0.0).sum(),
     }
-    return jnp.where(is_pair, jax.nn.softplus(-margin) + nll_weight * nll, 0.0).sum(), metrics
+    total = jnp.where(is_pair, jax.nn.softplus(-margin) + nll_weight * nll, 0.0).sum()
+    if isinstance(replay_weight, (int, float)) and replay_weight == 0:
+        return total, metrics  # no replay term: no replay entries in the metrics either
+    metrics["replay_nll"] = jnp.where(is_replay, nll, 0.0).sum()
+    metrics["replay_chats"] = is_replay.astype(jnp.float32).sum()
+    # drift on the replayed text: mean token log(pi / pi_ref), 0 while the model is the reference
+    metrics["replay_log_ratio"] = jnp.where(is_replay, chosen / (beta * jnp.maximum(tokens, 1)), 0.0).sum()
+    return total + replay_weight * metrics["replay_nll"], metrics

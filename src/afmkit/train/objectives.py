@@ -434,10 +434,12 @@ class Preference(Objective):
     """DPO (``posttrain.losses.dpo_loss``) with strength ``beta`` on a ``PolicyBatch`` of pairs:
     each pair's two responses share one copy of their prompt, preferred first; ``old_log_probs``
     holds the reference policy's per-token log-probabilities and ``advantages`` +1 / -1 (the
-    preferred / the other response)."""
+    preferred / the other response), or +1 / 0 for a replay chat (an answer alone, its NLL
+    weighted by ``replay_weight``)."""
 
     beta: float = 0.1
     nll_weight: float = 0.0  # times the preferred answer's mean token NLL (RPO)
+    replay_weight: float = 0.0  # times a replay chat's mean token NLL
     name: str = "dpo"
     loss_unit: str = "nats/pair"
 
@@ -457,4 +459,5 @@ class Preference(Objective):
             beta=self.beta,
             segment_ids=batch.branch_ids,
             nll_weight=self.nll_weight,
+            replay_weight=self.replay_weight,
         )
