@@ -58,22 +58,18 @@ def hand_made_rows():
     return new, ref, mask, branch, preference
 
 
+def loss_on(ref, mask, branch, preference, **weights):
+    """``dpo_loss`` of new log-probs ``x`` on these hand-made rows: ``(total, metrics)``."""
+    return lambda x: losses.dpo_loss(
+        x, jnp.asarray(ref), jnp.asarray(mask), jnp.asarray(preference), segment_ids=jnp.asarray(branch), **weights
+    )
+
+
 @pytest.mark.parametrize("nll_weight", [0.0, 0.7])
 def test_dpo_loss_and_gradient_match_the_formula(nll_weight):
     new, ref, mask, branch, preference = hand_made_rows()
     beta = 0.3
-
-    def loss(x):
-        total, metrics = losses.dpo_loss(
-            x,
-            jnp.asarray(ref),
-            jnp.asarray(mask),
-            jnp.asarray(preference),
-            beta=beta,
-            segment_ids=jnp.asarray(branch),
-            nll_weight=nll_weight,
-        )
-        return total, metrics
+    loss = loss_on(ref, mask, branch, preference, beta=beta, nll_weight=nll_weight)
 
     (total, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(new))
     clean = np.where(mask > 0, new, 0.0).astype(np.float64)
@@ -115,16 +111,7 @@ def test_replay_chats_add_their_weighted_nll_and_no_pair():
     beta, nll_weight, replay_weight = 0.3, 0.7, 0.4
 
     def loss(x, weight):
-        return losses.dpo_loss(
-            x,
-            jnp.asarray(ref),
-            jnp.asarray(mask),
-            jnp.asarray(preference),
-            beta=beta,
-            segment_ids=jnp.asarray(branch),
-            nll_weight=nll_weight,
-            replay_weight=weight,
-        )
+        return loss_on(ref, mask, branch, preference, beta=beta, nll_weight=nll_weight, replay_weight=weight)(x)
 
     (total, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(new), replay_weight)
     clean = np.where(mask > 0, new, 0.0).astype(np.float64)
