@@ -215,7 +215,7 @@ def test_packed_replay_chats_score_their_answer_after_its_own_prompt(tiny_model)
 
 
 def test_replay_keeps_its_text_likelier_than_training_without_it(tiny_model, tmp_path):
-    """The same DPO run with and without replay chats (the starting model's text, here spelled
+    """The same DPO run with and without replay chats (text no pair is about, here spelled
     words): with them, the trained model gives their answers a higher log-probability."""
     from afmkit.adapters.peft_io import load_adapter
 
