@@ -142,8 +142,9 @@ def pair_rows(tokenized: list[tuple[list[int], list[int], list[int] | None]], se
 def prepare_pairs(model: Any, pairs: list[Pair], settings: DPOSettings) -> tuple[list, list, dict[str, int]]:
     """Tokenized (train, held-out) pairs and counts of the ones left out: too long for a row, the
     same prompt twice (one pair or replay chat per prompt, pairs first), or both answers the same.
-    Replay chats (``rejected`` None) train only, spread evenly among the training pairs so that
-    every step holds some of each."""
+    Replay chats (``rejected`` None) train only, spread evenly among the training pairs: they
+    share rows with pairs rather than fill rows of their own (a step of replay chats alone would
+    have no pair to divide by)."""
     seen, kept, replay = set(), [], []
     counts = {"too_long": 0, "duplicate_prompt": 0, "same_answers": 0}
     for pair in sorted(pairs, key=lambda pair: pair.rejected is None):
