@@ -172,6 +172,42 @@ def test_dev_split_has_its_share_and_tasks_of_its_own(tmp_path, capsys):
     assert [r["id"] for r in synth_if.read_prompts(out, split="dev")] == [r["id"] for r in dev]
 
 
+def test_writing_frame_asks_each_short_question_as_a_piece_of_writing_and_keeps_the_bare_split(tmp_path, capsys):
+    questions = [f"How do I teach my {pet} to {trick}?" for pet in ("dog", "cat", "parrot", "rabbit", "ferret")
+                 for trick in ("sit", "fetch", "wave", "jump", "spin", "roll over")]  # fmt: skip
+    others = ["Suggest three names for a bakery.", "Is it safe\nto swim after eating?", f"Why? {'very ' * 40}so?"]
+    tasks = tmp_path / "tasks.jsonl"  # JSONL, so a task can span two lines
+    tasks.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in questions + others))
+    bare, framed = tmp_path / "bare.jsonl", tmp_path / "framed.jsonl"
+    assert run(capsys, "--out", bare, "--n", 60, "--dev-fraction", 0.2, "--tasks", tasks)[0] == 0
+    code, stdout, _ = run(capsys, "--out", framed, "--n", 60, "--dev-fraction", 0.2, "--tasks", tasks,
+                          "--frame", "writing")  # fmt: skip
+    assert code == 0
+    rows = read_rows(framed)
+    frames = [re.escape(f).replace(re.escape("{q}"), "(.+)") for f in synth_if.WRITING_FRAMES]
+    kinds = set()
+    for row in rows:
+        # The prompt opens with one of the frames around the bare question; the constraints follow.
+        kind, match = next((k, m) for k, f in enumerate(frames) if (m := re.match(f, row["task"])))
+        assert match.group(1) in questions and row["prompt"].startswith(row["task"])
+        assert row["id"].startswith("synth-if-s0-writing-")
+        kinds.add(kind)
+    assert len(kinds) >= 4  # several kinds of writing, not one
+    # Only the short one-line questions are framed: the statement, the two-line and the long question go.
+    not_framed = re.search(r"\((\d+) train and (\d+) dev not short questions\)", stdout)
+    assert int(not_framed.group(1)) + int(not_framed.group(2)) == len(others), stdout
+    # A question held out of the bare file is held out of the framed one: the split is the bare tasks'.
+    split_of = {r["task_source"]: r["split"] for r in read_rows(bare)}
+    assert all(split_of.get(r["task_source"], r["split"]) == r["split"] for r in rows)
+    assert {r["split"] for r in rows} == {"train", "dev"}
+
+
+def test_writing_frame_with_no_question_is_one_line(tmp_path, capsys):
+    code, stdout, stderr = run(capsys, "--out", tmp_path / "p.jsonl", "--n", 10, "--frame", "writing",
+                               "--tasks", write_tasks(tmp_path, ["Describe how a bicycle gear system works."] * 1 + CLEAN_TASKS[:1]))  # fmt: skip
+    _assert_one_line_and_nothing_written(code, stdout, stderr, tmp_path, "short question to frame")
+
+
 @pytest.mark.skipif(not (shared_data_dir() / "sft").is_dir(), reason="needs ../shared/data")
 def test_the_built_in_pools_give_human_tasks_without_lima(tmp_path, capsys):
     out = tmp_path / "p.jsonl"

@@ -20,6 +20,12 @@ that spans a task and its constraints. N-grams wholly inside the constraint sent
 those sentences are if-verifiable's templates, the same ones IFEval's authors wrote their prompts
 from (the instruction vocabulary the model is meant to learn), not benchmark content; checking them
 would remove whole families (title, postscript, lowercase, repeat the request, ...).
+
+``--frame writing`` asks for pieces of writing instead (IFEval's kind of task: essays, letters,
+stories, posts): each task that is a short question becomes one of ``WRITING_FRAMES`` around it
+("Write a letter to a friend who asked you: ..."), and other tasks are left out. Framing happens
+after the train/dev split, which stays the split of the bare tasks: a question held out of an
+unframed file of the same seed is held out of the framed one too.
 """
 
 from __future__ import annotations
@@ -50,6 +56,19 @@ MAX_TASK_WORDS = 200
 SAFETY_PROMPTS = "hh_rlhf/harmless_base_test_prompts.jsonl"  # ``eval safety``'s prompts (packaged)
 REPEAT_PROMPT = "combination:repeat_prompt"  # its argument is the request, so it is built last
 MAX_ATTEMPTS = 100  # redraws for one prompt (duplicate, contaminated or impossible constraints)
+# --frame writing: the kinds of writing a question is framed as; one per question, by a seeded hash.
+WRITING_FRAMES = (
+    "Write a blog post that answers a reader's question: {q}",
+    "Write an essay that responds to this question: {q}",
+    "Write a letter to a friend who asked you: {q}",
+    "Write an article for a magazine's advice column answering this question: {q}",
+    "Write a short speech for a community meeting on this question: {q}",
+    'Write a short story in which a character asks "{q}" and finds the answer.',
+    "Write a poem inspired by this question: {q}",
+    "Write an email to a colleague who asked you: {q}",
+)
+MAX_QUESTION_WORDS = 40  # a longer question is a situation to answer, not a topic to write on
+FRAMES = ("none", "writing")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +79,7 @@ class SynthIFSettings:
     dev_fraction: float = 0.1  # share of prompts (and of tasks) held out for choosing checkpoints
     tasks: tuple[str, ...] = tuple(POOLS)  # task pools and/or files
     max_constraints: int = 3  # constraints per prompt: 1 to this many
+    frame: str = "none"  # "writing": each short question framed as a piece of writing (FRAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +333,20 @@ def split_tasks(tasks: list[Task], *, seed: int, dev_fraction: float) -> dict[st
     return {"train": [t for t in tasks if id(t) not in dev], "dev": [t for t in tasks if id(t) in dev]}
 
 
+def frame_as_writing(tasks: list[Task], *, seed: int) -> list[Task]:
+    """The tasks that are one-line questions of at most ``MAX_QUESTION_WORDS`` words, each asked as
+    the piece of writing ``WRITING_FRAMES`` assigns it (a seeded hash of the question); the rest go."""
+    framed = []
+    for task in tasks:
+        question = task.text.strip()
+        if "\n" in question or not question.endswith("?") or len(question.split()) > MAX_QUESTION_WORDS:
+            continue
+        pick = hashlib.blake2b(f"synth-if/{seed}/writing/{question}".encode(), digest_size=8).digest()
+        text = WRITING_FRAMES[int.from_bytes(pick, "big") % len(WRITING_FRAMES)].format(q=question)
+        framed.append(dataclasses.replace(task, text=text))
+    return framed
+
+
 def build_prompts(
     tasks: list[Task],
     n: int,
@@ -320,6 +354,7 @@ def build_prompts(
     seed: int = SynthIFSettings.seed,
     dev_fraction: float = SynthIFSettings.dev_fraction,
     max_constraints: int = SynthIFSettings.max_constraints,
+    frame: str = SynthIFSettings.frame,
     decontaminators: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``n`` prompt rows (train first, then dev) and a report of what was dropped and why.
@@ -335,16 +370,23 @@ def build_prompts(
         raise UserError(f"--dev-fraction must be in [0, 1), got {dev_fraction:g}")
     if max_constraints < 1:
         raise UserError(f"--max-constraints must be at least 1, got {max_constraints}")
+    if frame not in FRAMES:
+        raise UserError(f"--frame must be one of {', '.join(FRAMES)}, got {frame!r}")
     decontaminators = benchmark_decontaminators() if decontaminators is None else decontaminators
     clean, dropped_tasks = decontaminate_tasks(tasks, decontaminators)
     by_split = split_tasks(clean, seed=seed, dev_fraction=dev_fraction)
+    unframed = {split: len(pool) for split, pool in by_split.items()}
+    if frame == "writing":  # after the split, so a held-out question stays held out (module docstring)
+        by_split = {split: frame_as_writing(pool, seed=seed) for split, pool in by_split.items()}
+    tag = "" if frame == "none" else f"{frame}-"
     wanted = {"dev": round(n * dev_fraction)}
     wanted["train"] = n - wanted["dev"]
     for split, count in wanted.items():
         if count and not by_split[split]:
             raise UserError(
-                f"no {split} tasks left for {count} {split} prompts ({len(clean)} clean tasks of {len(tasks)}); "
-                "give more tasks (--tasks) or change --dev-fraction"
+                f"no {split} tasks left for {count} {split} prompts ({len(clean)} clean tasks of {len(tasks)}"
+                + (f", none of the {unframed[split]} {split} tasks a short question to frame" if tag else "")
+                + "); give more tasks (--tasks) or change --dev-fraction"
             )
     conflicts = instruction_conflicts()
     ngram = CurationSettings().ngram
@@ -357,10 +399,10 @@ def build_prompts(
         order: list[Task] = []
         for i in range(wanted[split]):
             if i % len(pool) == 0:  # a fresh shuffle per pass over the tasks: each is used once per pass
-                order = random.Random(f"synth-if/{seed}/{split}/pass{i // len(pool)}").sample(pool, len(pool))
+                order = random.Random(f"synth-if/{seed}/{tag}{split}/pass{i // len(pool)}").sample(pool, len(pool))
             task = order[i % len(pool)]
             for attempt in range(MAX_ATTEMPTS):
-                where = f"synth-if/{seed}/{split}/{i}/{attempt}"
+                where = f"synth-if/{seed}/{tag}{split}/{i}/{attempt}"
                 prompt, ids, kwargs, constraints = draw_constraints(
                     random.Random(where),
                     task.text,
@@ -379,7 +421,7 @@ def build_prompts(
             else:
                 raise RuntimeError(f"no usable prompt for task {task.source} after {MAX_ATTEMPTS} draws")
             seen.add(prompt)
-            key = f"synth-if-s{seed}-{split}-{i:06d}"
+            key = f"synth-if-s{seed}-{tag}{split}-{i:06d}"
             rows.append(
                 {
                     "id": key,
@@ -398,6 +440,7 @@ def build_prompts(
             "clean": len(clean),
             "train": len(by_split["train"]),
             "dev": len(by_split["dev"]),
+            **({"not_framed": {s: unframed[s] - len(by_split[s]) for s in by_split}} if tag else {}),
             "used": {s: len({r["task_source"] for r in rows if r["split"] == s}) for s in ("train", "dev")},
         },
         "decontamination": {
@@ -484,6 +527,13 @@ def register(recipes: Any) -> None:
         help=f"constraints per prompt: 1 to this many (default {d.max_constraints})",
     )
     parser.add_argument(
+        "--frame",
+        choices=FRAMES,
+        default=d.frame,
+        help="writing: ask each short question as a piece of writing (essay, letter, story, ...), "
+        f"IFEval's kind of task; other tasks are left out (default {d.frame})",
+    )
+    parser.add_argument(
         "--decontaminate",
         action="append",
         default=[],
@@ -508,6 +558,7 @@ def cmd_synth_if(args: Any) -> int:
         seed=args.seed,
         dev_fraction=args.dev_fraction,
         max_constraints=args.max_constraints,
+        frame=args.frame,
         decontaminators=decontaminators,
     )
     report = {
@@ -516,6 +567,7 @@ def cmd_synth_if(args: Any) -> int:
             "seed": args.seed,
             "dev_fraction": args.dev_fraction,
             "max_constraints": args.max_constraints,
+            "frame": args.frame,
             "tasks": specs,
         },
         "task_pools": pools,
@@ -537,4 +589,7 @@ def print_report(report: dict[str, Any], *, out: Path, sidecar: Path) -> None:
     boundary = ", ".join(f"{v} by {k}" for k, v in decon["redrawn_prompts_boundary"].items()) or "none"
     print(f"  prompts redrawn for an n-gram across task and constraints: {boundary}")
     t = report["tasks"]
-    print(f"  clean tasks: {t['train']} train, {t['dev']} dev; counts and reasons in {sidecar}")
+    framed = ""
+    if "not_framed" in t:
+        framed = f" framed ({t['not_framed']['train']} train and {t['not_framed']['dev']} dev not short questions)"
+    print(f"  clean tasks: {t['train']} train, {t['dev']} dev{framed}; counts and reasons in {sidecar}")
