@@ -265,6 +265,44 @@ def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path, caps
     assert "reference log-probs:" in capsys.readouterr().err
 
 
+def test_a_resumed_run_reads_its_reference_and_ends_as_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch):
+    """--resume reads the saved reference log-probs instead of recomputing them (the pass takes
+    minutes on real data), and the run ends bit for bit where an uninterrupted one does; saved
+    values of another fingerprint are recomputed."""
+    from afmkit.adapters.peft_io import load_adapter
+    from afmkit.posttrain import dpo as dpo_module
+
+    settings = DPOSettings(
+        lora_rank=4, lr=3e-3, warmup=1, batch=2, seq_len=128, eval_fraction=0.25, nll_weight=0.5, save_every=2
+    )
+    pairs = pairs_for(WORDS)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    dpo(tiny_model, pairs, straight, dataclasses.replace(settings, steps=4))
+    dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=2))
+    compute = dpo_module.reference_log_probs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference pass ran again")
+
+    monkeypatch.setattr(dpo_module, "reference_log_probs", refuse)
+    dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=4, resume=True))
+    a, b = (load_adapter(out, config=tiny_model.config) for out in (straight, split))
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights)):
+        np.testing.assert_array_equal(x, y)
+    last = [read_metrics(out / "training" / "metrics.jsonl")[-1] for out in (straight, split)]
+    assert last[0]["step"] == last[1]["step"] == 4 and last[0]["loss"] == last[1]["loss"]
+    # Saved values of other rows or another starting adapter (another fingerprint) are not used.
+    with np.load(split / dpo_module.REFERENCE_FILE) as saved:
+        train, held_out = saved["train"], saved["held_out"]
+    dpo_module.save_reference(split, "another run", np.zeros_like(train), np.zeros_like(held_out))
+    calls = []
+    monkeypatch.setattr(dpo_module, "reference_log_probs", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=5, resume=True))
+    assert len(calls) == 2  # train and held-out rows
+    with np.load(split / dpo_module.REFERENCE_FILE) as saved:
+        np.testing.assert_array_equal(saved["train"], train)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
