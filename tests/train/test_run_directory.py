@@ -54,3 +54,19 @@ def test_a_resumed_run_must_repeat_its_recorded_settings(tmp_path, key):
     record.write_text("{not json")
     with pytest.raises(UserError, match="it is damaged"):
         check(Settings())
+
+
+def test_a_record_from_before_a_setting_existed_resumes_only_at_that_settings_default(tmp_path):
+    """A run begun before ``rank`` was a setting: its record lacks it. Resuming at the default
+    (the old behaviour, by the rule for new settings) is allowed; another value is refused."""
+    out = tmp_path / "run"
+    record = out / "settings.json"
+    old = run_identity(Settings(), ("steps",))
+    del old["rank"]
+    write_json(record, old)
+    check_run_directory(out, record, run_identity(Settings(), ("steps",)), resume=True, run="test")
+    with pytest.raises(UserError, match=r"rank: saved None, now 8"):
+        check_run_directory(out, record, run_identity(Settings(rank=8), ("steps",)), resume=True, run="test")
+    # Inputs beside the settings have no default: one the record lacks is a difference.
+    with pytest.raises(UserError, match=r"model: saved None, now 'm'"):
+        check_run_directory(out, record, run_identity(Settings(), ("steps",), model="m"), resume=True, run="test")

@@ -11,22 +11,38 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
 from afmkit.errors import UserError
 
 
-def run_identity(settings: Any, may_change: Sequence[str], **inputs: Any) -> dict[str, Any]:
+class RunIdentity(dict):
+    """``run_identity``'s mapping (written to the record as is), plus ``defaults``: each setting's
+    default, which a record written before that setting existed is taken to hold."""
+
+    defaults: dict[str, Any]
+
+
+def run_identity(settings: Any, may_change: Sequence[str], **inputs: Any) -> RunIdentity:
     """The settings that define a run, as JSON holds them (tuples as lists): every field of the
     ``settings`` dataclass but ``resume`` and those in ``may_change`` (a resumed run may change
     them), then ``inputs`` (what the settings do not say, e.g. the model and data)."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
     fields = {
-        name: list(value) if isinstance(value, tuple) else value
+        name: plain(value)
         for name, value in dataclasses.asdict(settings).items()
         if name not in (*may_change, "resume")
     }
-    return {**fields, **inputs}
+    identity = RunIdentity({**fields, **inputs})
+    identity.defaults = {
+        f.name: plain(f.default) for f in dataclasses.fields(settings) if f.name in fields and f.default is not MISSING
+    }
+    return identity
 
 
 def check_new_run(out: Path) -> None:
@@ -39,7 +55,9 @@ def check_new_run(out: Path) -> None:
 
 def check_resumed_run(out: Path, record: Path, identity: dict[str, Any], *, run: str, key: str | None = None) -> None:
     """With ``--resume``: ``record`` (a file in ``out``; its ``key`` entry when given) must hold
-    the settings ``identity``; ``run`` names the kind of run in the message when it is missing."""
+    the settings ``identity``; ``run`` names the kind of run in the message when it is missing.
+    A setting the record lacks (added to afmkit after the run began) must be at its default, which
+    by afmkit's rule for new settings keeps the old behaviour."""
     if not record.is_file():
         raise UserError(f"--resume: {out} holds no {run} run ({record.relative_to(out)}); start one without --resume")
     try:
@@ -48,7 +66,12 @@ def check_resumed_run(out: Path, record: Path, identity: dict[str, Any], *, run:
         raise UserError(f"--resume: cannot read {record} ({exc}); it is damaged") from None
     if key is not None:
         saved = saved.get(key, {})
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    defaults = getattr(identity, "defaults", {})
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, now {v!r}"
+        for k, v in identity.items()
+        if (saved[k] if k in saved else defaults.get(k, MISSING)) != v
+    ]
     if diffs:
         raise UserError(f"--resume: the settings differ from the run in {out} ({'; '.join(diffs)}); repeat them")
 
