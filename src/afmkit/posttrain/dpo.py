@@ -43,7 +43,7 @@ from afmkit import cli_args
 from afmkit.errors import UserError
 from afmkit.posttrain.sft import MAY_CHANGE_ON_RESUME, TRAINING_FILE, ChatRunSettings
 from afmkit.posttrain.trunk import RUN_DIR, SETTINGS_FILE, load_base, report_unfinished, trunk_run
-from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
+from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_bytes, write_json
 
 # The reference log-probabilities of the train and held-out rows, with the fingerprint of what
 # they were computed from; a resumed run reads them instead of recomputing them.
@@ -239,13 +239,9 @@ def load_reference(out: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def save_reference(out: Path, fingerprint: str, train: np.ndarray, held_out: np.ndarray) -> None:
-    """Written whole or not at all (a temporary file, then renamed)."""
     buffer = io.BytesIO()
     np.savez(buffer, fingerprint=np.array(fingerprint), train=train, held_out=held_out)
-    path = out / REFERENCE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes(out / REFERENCE_FILE, buffer.getvalue())
 
 
 def _check_out(out: Path, settings: DPOSettings) -> None:
