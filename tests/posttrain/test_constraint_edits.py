@@ -42,6 +42,7 @@ def follows(prompt, text):
         ("detectable_format:number_bullet_lists", {"num_bullets": 3}),
         ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2}),
         ("length_constraints:number_paragraphs", {"num_paragraphs": 2}),
+        ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "heat"}),
         ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"}),
         ("length_constraints:number_words", {"num_words": 30, "relation": "less than"}),
         ("keywords:forbidden_words", {"forbidden_words": ["oven", "salt"]}),
@@ -88,6 +89,32 @@ def test_a_followed_constraint_is_not_rebuilt_and_one_without_a_rewrite_is_left_
     assert edit_response(row("keywords:existence", {"keywords": ["crust"]}), ANSWER) is None
     # too few sentences to make four paragraphs: no rewrite rather than a wrong one
     assert edit_response(row("length_constraints:number_paragraphs", {"num_paragraphs": 4}), OTHER[:27]) is None
+
+
+def test_paragraph_rewrites_keep_the_answers_own_paragraphs_and_wrappers_add_none():
+    own = "Yeast eats sugar.\n\nThe gas fills pockets. Heat sets them.\n\nSalt slows yeast."
+    stars = edit_response(row("length_constraints:number_paragraphs", {"num_paragraphs": 3}), own)
+    assert stars == "Yeast eats sugar.\n\n***\n\nThe gas fills pockets. Heat sets them.\n\n***\n\nSalt slows yeast."
+    first_word = {"num_paragraphs": 3, "nth_paragraph": 3, "first_word": "finally"}
+    edited = edit_response(row("length_constraints:nth_paragraph_first_word", first_word), own)
+    assert edited == own.replace("Salt", "Finally\nSalt")  # a heading line; the text as written
+    # the paragraph already starts with the word: nothing to change
+    assert edit_response(row("length_constraints:nth_paragraph_first_word", {**first_word, "first_word": "salt"}), own) is None
+    # a title, a postscript and an end phrase beside it go on their own lines, not new paragraphs
+    prompt = {
+        "key": "p-3",
+        "prompt": "Why does bread rise?",
+        "instruction_id_list": [
+            "length_constraints:nth_paragraph_first_word",
+            "detectable_format:title",
+            "detectable_content:postscript",
+            "startend:end_checker",
+        ],
+        "kwargs": [first_word, {}, {"postscript_marker": "P.S."}, {"end_phrase": "Any other questions?"}],
+    }
+    edited = edit_response(prompt, ANSWER)
+    assert follows(prompt, edited) == [True] * 4, edited
+    assert edited.startswith("<<Why Does Bread Rise>>\nBread rises") and edited.count("\n\n") == 2
 
 
 class Words:

@@ -6,14 +6,15 @@ the request first, so rejection sampling finds no winner to learn those from (do
 "Why self-sampling stalls"). The editor takes a finished sample and rewrites its form so that it
 follows the prompt's constraints where a mechanical rewrite exists (case, quotation, a title, a
 postscript, an end phrase, the request repeated first, commas removed, bullets, sections,
-paragraphs, highlights, JSON, trimming sentences for "less than" limits or forbidden words, two
-answers from two samples). The content stays the model's own. An edited sample competes with the
-originals under the same verifier; it wins only by scoring higher.
+paragraphs (the answer's own when it has the number asked), a paragraph's first word (as a
+heading line above the paragraph's own text), highlights, JSON, trimming sentences for "less
+than" limits or forbidden words, two answers from two samples). The content stays the model's
+own. An edited sample competes with the originals under the same verifier; it wins only by
+scoring higher.
 
 Constraints with no faithful mechanical rewrite (a response language, keywords to include, letter
-counts, placeholders, "at least N" lengths, a paragraph's first word, yes/no/maybe) are left to
-the samples. Every rewrite is a pure function of (prompt row, response, alternative response), so
-a run repeats exactly.
+counts, placeholders, "at least N" lengths, yes/no/maybe) are left to the samples. Every rewrite
+is a pure function of (prompt row, response, alternative response), so a run repeats exactly.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def _task_line(prompt: str) -> str:
 
 
 # -- rewrites: (text, kwargs, context) -> text, or None when no rewrite applies ---------------
-Context = dict[str, Any]  # prompt (str), key (str), alternative (str | None)
+# prompt (str), key (str), alternative (str | None), break (what sets a wrapper's line apart:
+# a single line break where blank lines count paragraphs, else a blank line)
+Context = dict[str, Any]
 Rewrite = Callable[[str, dict[str, Any], Context], "str | None"]
 
 
@@ -166,11 +169,33 @@ def _capital_words(text: str, kw: dict[str, Any], _: Context) -> str | None:
     return None
 
 
+def _paragraph_groups(text: str, n: int) -> list[str] | None:
+    """``text`` as ``n`` paragraphs: its own blank-line paragraphs when it has exactly ``n``, else
+    its sentences in ``n`` near-equal groups; None with fewer than ``n`` sentences."""
+    own = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(own) == n:
+        return own
+    parts = sentences(text)
+    return [" ".join(g) for g in _groups(parts, n)] if len(parts) >= n else None
+
+
 def _paragraphs(text: str, kw: dict[str, Any], _: Context) -> str | None:
-    n, parts = kw.get("num_paragraphs"), sentences(text)
-    if not n or len(parts) < n:
+    n = kw.get("num_paragraphs")
+    paragraphs = _paragraph_groups(text, n) if n else None
+    return "\n\n***\n\n".join(paragraphs) if paragraphs else None
+
+
+def _nth_paragraph_first_word(text: str, kw: dict[str, Any], _: Context) -> str | None:
+    n, nth, word = kw.get("num_paragraphs"), kw.get("nth_paragraph"), (kw.get("first_word") or "").strip()
+    paragraphs = _paragraph_groups(text, n) if n and nth and 1 <= nth <= n and word.isalpha() else None
+    if not paragraphs:
         return None
-    return "\n\n***\n\n".join(" ".join(g) for g in _groups(parts, n))
+    target = paragraphs[nth - 1]
+    first = re.match(r"[\"']*([A-Za-z]+)", target)
+    if not first or first.group(1).lower() != word.lower():
+        # the word as the paragraph's heading line: the paragraph's own text stays as written
+        paragraphs[nth - 1] = f"{word.capitalize()}\n{target}"
+    return "\n\n".join(paragraphs)
 
 
 def _bullets(text: str, kw: dict[str, Any], _: Context) -> str | None:
@@ -216,26 +241,26 @@ def _title(text: str, _: dict[str, Any], context: Context) -> str | None:
     words = re.findall(r"[A-Za-z0-9']+", _task_line(context["prompt"]))[:6] or _WORD.findall(text)[:4]
     if not words:
         return None
-    return f"<<{' '.join(w.capitalize() for w in words)}>>\n\n{text}"
+    return f"<<{' '.join(w.capitalize() for w in words)}>>{context['break']}{text}"
 
 
-def _repeat_prompt(text: str, kw: dict[str, Any], _: Context) -> str | None:
+def _repeat_prompt(text: str, kw: dict[str, Any], context: Context) -> str | None:
     request = (kw.get("prompt_to_repeat") or "").strip()
-    return f"{request}\n\n{text}" if request else None
+    return f"{request}{context['break']}{text}" if request else None
 
 
 def _postscript(text: str, kw: dict[str, Any], context: Context) -> str | None:
     marker = (kw.get("postscript_marker") or "").strip()
     if not marker:
         return None
-    return f"{text.rstrip()}\n\n{marker} {_pick(context['key'], _POSTSCRIPT_LINES)}"
+    return f"{text.rstrip()}{context['break']}{marker} {_pick(context['key'], _POSTSCRIPT_LINES)}"
 
 
-def _end_phrase(text: str, kw: dict[str, Any], _: Context) -> str | None:
+def _end_phrase(text: str, kw: dict[str, Any], context: Context) -> str | None:
     phrase = (kw.get("end_phrase") or "").strip()
     if not phrase or text.strip().lower().endswith(phrase.lower()):
         return None
-    return f"{text.rstrip()}\n\n{phrase}"
+    return f"{text.rstrip()}{context['break']}{phrase}"
 
 
 def _no_comma(text: str, _: dict[str, Any], __: Context) -> str | None:
@@ -268,6 +293,7 @@ REWRITES: tuple[tuple[str, Rewrite], ...] = (
     ("length_constraints:number_sentences", _sentences_fewer_than),
     ("length_constraints:number_words", _words_fewer_than),
     ("length_constraints:number_paragraphs", _paragraphs),
+    ("length_constraints:nth_paragraph_first_word", _nth_paragraph_first_word),
     ("detectable_format:number_bullet_lists", _bullets),
     ("detectable_format:multiple_sections", _sections),
     ("detectable_format:number_highlighted_sections", _highlights),
@@ -316,6 +342,7 @@ def edit_response(prompt: dict[str, Any], response: str, *, alternative: str | N
         "prompt": prompt["prompt"],
         "key": str(prompt.get("key", prompt.get("id", ""))),
         "alternative": alternative,
+        "break": "\n" if "length_constraints:nth_paragraph_first_word" in ids else "\n\n",
     }
     text = response.strip()
     for name, rewrite in REWRITES:
