@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from afmkit.posttrain import verifiable
-from afmkit.posttrain.constraint_edits import EDIT_SUFFIX, edit_response, edited_samples, trim_words
+from afmkit.posttrain.constraint_edits import EDIT_SUFFIX, edit_response, edited_samples, sentences, trim_words
 from afmkit.posttrain.rollout import Sample, verifier_scorer
 
 ANSWER = (
@@ -42,7 +42,10 @@ def follows(prompt, text):
         ("detectable_format:number_bullet_lists", {"num_bullets": 3}),
         ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2}),
         ("length_constraints:number_paragraphs", {"num_paragraphs": 2}),
-        ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "heat"}),
+        (
+            "length_constraints:nth_paragraph_first_word",
+            {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "heat"},
+        ),
         ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"}),
         ("length_constraints:number_words", {"num_words": 30, "relation": "less than"}),
         ("keywords:forbidden_words", {"forbidden_words": ["oven", "salt"]}),
@@ -99,7 +102,10 @@ def test_paragraph_rewrites_keep_the_answers_own_paragraphs_and_wrappers_add_non
     edited = edit_response(row("length_constraints:nth_paragraph_first_word", first_word), own)
     assert edited == own.replace("Salt", "Finally\nSalt")  # a heading line; the text as written
     # the paragraph already starts with the word: nothing to change
-    assert edit_response(row("length_constraints:nth_paragraph_first_word", {**first_word, "first_word": "salt"}), own) is None
+    assert (
+        edit_response(row("length_constraints:nth_paragraph_first_word", {**first_word, "first_word": "salt"}), own)
+        is None
+    )
     # a title, a postscript and an end phrase beside it go on their own lines, not new paragraphs
     prompt = {
         "key": "p-3",
@@ -166,3 +172,8 @@ LONG = "Bread needs yeast. The yeast makes gas.\n\nHere are the steps:\n1. Mix t
 )
 def test_trim_words_stops_at_a_sentence_end_within_the_limit(limit, expected):
     assert trim_words(LONG, limit) == expected
+
+
+def test_sentences_do_not_end_at_abbreviations():
+    text = "Yes. P.S. I hope so. Ask Dr. Smith, e.g. today!\nP.P.S. Bye."
+    assert sentences(text) == ["Yes.", "P.S. I hope so.", "Ask Dr. Smith, e.g. today!", "P.P.S. Bye."]

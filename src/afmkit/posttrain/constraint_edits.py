@@ -28,8 +28,10 @@ from typing import Any
 from afmkit.posttrain import verifiable
 
 EDIT_SUFFIX = "+edit"  # an edited sample's member: the original's name plus this
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
-_SENTENCE_IN_LINE = re.compile(r"(?<=[^\d\s][.!?])\s+(?=\S)")  # "2. " marks a list item, ends nothing
+# A sentence ends at . ! or ? before a space, but not after "P.S.", "e.g." or a title ("Dr.").
+_NOT_AN_END = r"(?<!\b[A-Za-z]\.[A-Za-z]\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bMrs\.)"
+_SENTENCE_END = re.compile(r"(?<=[.!?])" + _NOT_AN_END + r"\s+(?=\S)")
+_SENTENCE_IN_LINE = re.compile(r"(?<=[^\d\s][.!?])" + _NOT_AN_END + r"\s+(?=\S)")  # "2. " is a list mark
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _WORD = re.compile(r"\b\w+\b")
 # Closing lines for a postscript (no commas, so "no commas" can hold beside it).
