@@ -267,8 +267,8 @@ def test_training_raises_the_preferred_answers_margin(tiny_model, tmp_path, caps
 
 def test_a_resumed_run_reads_its_reference_and_ends_as_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch):
     """--resume reads the saved reference log-probs instead of recomputing them (the pass takes
-    minutes on real data), and the run ends bit for bit where an uninterrupted one does; saved
-    values of another fingerprint are recomputed."""
+    minutes on real data), and the run ends bit for bit where an uninterrupted one does; values
+    of other data are refused before any pass, a damaged file is recomputed."""
     from afmkit.adapters.peft_io import load_adapter
     from afmkit.posttrain import dpo as dpo_module
 
@@ -291,10 +291,15 @@ def test_a_resumed_run_reads_its_reference_and_ends_as_an_uninterrupted_one(tiny
         np.testing.assert_array_equal(x, y)
     last = [read_metrics(out / "training" / "metrics.jsonl")[-1] for out in (straight, split)]
     assert last[0]["step"] == last[1]["step"] == 4 and last[0]["loss"] == last[1]["loss"]
-    # Saved values of other rows or another starting adapter (another fingerprint) are not used.
+    # Reference values of other rows or another starting adapter (another fingerprint) beside a
+    # checkpoint: a one-line refusal before the reference pass, not after it.
     with np.load(split / dpo_module.REFERENCE_FILE) as saved:
         train, held_out = saved["train"], saved["held_out"]
     dpo_module.save_reference(split, "another run", np.zeros_like(train), np.zeros_like(held_out))
+    with pytest.raises(UserError, match="trained on other pairs or from another starting adapter"):
+        dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=5, resume=True))
+    # A damaged file is computed again, and the run resumes.
+    (split / dpo_module.REFERENCE_FILE).write_bytes(b"not an npz")
     calls = []
     monkeypatch.setattr(dpo_module, "reference_log_probs", lambda *a, **k: calls.append(1) or compute(*a, **k))
     dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=5, resume=True))

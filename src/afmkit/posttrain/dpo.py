@@ -227,15 +227,13 @@ def reference_fingerprint(model_name: str, initial: Any, *packed: dict[str, np.n
     return digest.hexdigest()
 
 
-def load_reference(out: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The saved (train, held-out) reference log-probs when their fingerprint matches, else None."""
+def load_reference(out: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """The saved (fingerprint, train, held-out) reference log-probs; None when missing or damaged."""
     try:
         with np.load(out / REFERENCE_FILE) as saved:
-            if str(saved["fingerprint"]) == fingerprint:
-                return saved["train"], saved["held_out"]
-    except (OSError, KeyError, ValueError):  # missing or damaged: recompute
-        pass
-    return None
+            return str(saved["fingerprint"]), saved["train"], saved["held_out"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def save_reference(out: Path, fingerprint: str, train: np.ndarray, held_out: np.ndarray) -> None:
@@ -254,6 +252,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     """Train a LoRA adapter on ``model`` (a ``LanguageModel``, left unchanged) by DPO on ``pairs``;
     writes ``out`` (SFT's layout) and returns the results."""
     from afmkit.adapters.peft_io import save_adapter
+    from afmkit.train.checkpoint import Checkpoints
     from afmkit.train.finetune import finetune
     from afmkit.train.objectives import PolicyBatch, Preference
 
@@ -277,17 +276,29 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     )
     rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
     fingerprint = reference_fingerprint(model.name, initial, rows, eval_rows)
-    saved = load_reference(out, fingerprint) if settings.resume else None
-    if saved is None:
-        saved = tuple(
+    saved = load_reference(out) if settings.resume else None
+    if (
+        saved is not None
+        and saved[0] != fingerprint
+        and Checkpoints(run.run_dir / "checkpoints").latest_step() is not None
+    ):
+        # Its checkpoint's loader would refuse these rows, but only after the reference pass.
+        raise UserError(
+            f"--resume: {out} was trained on other pairs or from another starting adapter; resume with its "
+            f"--data and --init-adapter, or give a new --out"
+        )
+    if saved is not None and saved[0] == fingerprint:
+        references = saved[1:]
+        if not settings.quiet:
+            print(f"reference log-probs: read from {out / REFERENCE_FILE}", file=sys.stderr)
+    else:  # missing, damaged, or of a run that saved no checkpoint yet: compute
+        references = tuple(
             reference_log_probs(model, packed, run, settings.batch // settings.accum, quiet=settings.quiet)
             for packed in (rows, eval_rows)
         )
-    elif not settings.quiet:
-        print(f"reference log-probs: read from {out / REFERENCE_FILE}", file=sys.stderr)
-    rows["old_log_probs"], eval_rows["old_log_probs"] = saved
+        save_reference(out, fingerprint, *references)
+    rows["old_log_probs"], eval_rows["old_log_probs"] = references
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
-    save_reference(out, fingerprint, *saved)
     trained = finetune(model, rows, run, eval_rows=eval_rows)
     results = {
         "settings": {**dataclasses.asdict(settings), "targets": list(settings.targets)},
