@@ -11,6 +11,7 @@ import json
 import random
 import sys
 from collections import Counter
+from pathlib import Path
 
 TARGETS = {
     "length_constraints:number_paragraphs",
@@ -21,10 +22,10 @@ TARGETS = {
 
 def main(prompts_path, pairs_path, n, seed):
     families = {}
-    for line in open(prompts_path):
+    for line in Path(prompts_path).read_text().splitlines():
         row = json.loads(line)
         families[row["id"]] = set(row["instruction_id_list"])
-    pairs = [row for row in map(json.loads, open(pairs_path)) if "rejected" in row]
+    pairs = [row for row in map(json.loads, Path(pairs_path).read_text().splitlines()) if "rejected" in row]
     targeted = [r for r in pairs if TARGETS & families[r["prompt_id"]]]
     rest = [r for r in pairs if not TARGETS & families[r["prompt_id"]]]
     random.Random(seed).shuffle(rest)
