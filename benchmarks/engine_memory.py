@@ -2,9 +2,9 @@
 
 ``benchmarks/generation.py`` reports each engine's peak RSS next to JAX's floor (an empty JAX
 process); issue 13 asks that the difference stay under 150 MiB. This splits it. One process loads
-the model, then runs ``generation.py``'s three workloads in turn (a 512-token prefill, one row of
-32 + 64 tokens, 16 such rows) through ``Engine.stream``; after each it records RSS and peak RSS
-(``/proc``), the bytes of live JAX arrays (weights, caches), glibc's heap in use and held free
+the model, then runs ``generation.py``'s three workloads in turn (its prompts: a 512-token prefill,
+one 32-token prompt and 16 prompts of 20-60 tokens, each generating 128 tokens) through
+``Engine.stream``; after each it records RSS and peak RSS (``/proc``), the bytes of live JAX arrays (weights, caches), glibc's heap in use and held free
 (``mallinfo2``), and the jitted engine programs compiled so far. At the end it empties the jit
 caches one function at a time and records what each frees, then ``malloc_trim`` (what the heap
 held free). Linux with glibc only.
@@ -19,8 +19,9 @@ import ctypes
 import gc
 import json
 import platform
-import resource
 import sys
+
+from generation import build_workload, gguf_path, peak_rss_mib, rss_mib  # this folder's benchmark
 
 PROGRAMS = ("_prefill_chunk", "_decode_step", "_empty_cache", "_paged_prefill", "_prefill_slots_chunk")
 
@@ -54,12 +55,10 @@ def _mib(n: float) -> float:
 def snapshot(engine_module: object) -> dict[str, object]:
     import jax
 
-    with open("/proc/self/status") as status:
-        rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
     info = _LIBC.mallinfo2()
     return {
-        "rss_mib": round(rss_kib / 1024, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_mib": round(rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "live_arrays_mib": _mib(sum(a.nbytes for a in jax.live_arrays())),
         "heap_in_use_mib": _mib(info.uordblks + info.hblkhd),
         "heap_free_held_mib": _mib(info.fordblks),
@@ -78,7 +77,7 @@ def main() -> int:
     import jax.numpy as jnp
 
     jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()
-    floor_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process as JAX's floor
+    floor_peak = peak_rss_mib()  # this process as JAX's floor
 
     import afmkit
     import afmkit.infer.engine as engine_module
@@ -86,20 +85,21 @@ def main() -> int:
 
     model = afmkit.load(args.model, dtype=args.dtype)
     engine = Engine(model.config, model.params, model.tokenizer, eos_ids=())
-    ids = list(range(1000, 1512))  # generation.py's shapes; the token values do not matter here
+    workload = build_workload(gguf_path())
 
     def run(prompts: list[list[int]], new_tokens: int) -> None:
         for _ in engine.stream(prompts, afmkit.SamplingParams(max_new_tokens=new_tokens)):
             pass
 
     phases = [{"phase": "loaded", **snapshot(engine_module)}]
-    for phase, prompts, new_tokens in (
-        ("prefill 512", [ids], 1),
-        ("one row 32 + 64", [ids[:32]], 64),
-        ("16 rows 32 + 64", [ids[:32]] * 16, 64),
-        ("16 rows again", [ids[:32]] * 16, 64),
+    new_tokens = workload["new_tokens"]
+    for phase, prompts, n in (
+        ("prefill 512", [workload["prefill"]], 1),
+        ("one row", [workload["short"]], new_tokens),
+        ("16 rows", workload["batch"], new_tokens),
+        ("16 rows again", workload["batch"], new_tokens),
     ):
-        run(prompts, new_tokens)
+        run(prompts, n)
         gc.collect()
         phases.append({"phase": phase, **snapshot(engine_module)})
 
