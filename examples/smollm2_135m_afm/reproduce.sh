@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (dpo-5) from the base model, step by step.
+#
+#   examples/smollm2_135m_afm/reproduce.sh OUT_DIR            # the recipe as run (hours on 2 cores)
+#   SMOKE=1 examples/smollm2_135m_afm/reproduce.sh OUT_DIR    # every step at a tiny size (minutes)
+#
+# Each step writes into OUT_DIR and leaves a `.done-STEP` marker; a rerun skips finished steps,
+# so a killed run goes on where it stopped (a stopped DPO run with --resume; iTeC, edit-data and
+# loop-cut reuse what they saved). The helper scripts are the runs' own, committed
+# beside their results in benchmarks/results/. See this folder's README.md for what each step
+# does, its data and its compute.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+RESULTS=$REPO/benchmarks/results
+OUT=${1:?usage: reproduce.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$OUT"
+
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  # every command and file hand-off of the recipe, at sizes that run in minutes: not a model
+  ITEC="--train-prompts 24 --samples 2 --max-new-tokens 160 --sft-steps 2 --dev-prompts 2 --batch 24"
+  EDIT="--tasks 6 --max-new-tokens 192 --batch 16"
+  LOOPCUT="--prompts-limit 16 --max-new-tokens 96 --batch 16"
+  DPO2="--steps 2 --save-every 2"; DPO4="--steps 2 --save-every 2"; DPO5="--steps 2 --save-every 2"
+  IFEVAL="--limit 8 --max-new-tokens 64 --batch-size 8"
+  DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 2 --accum 2 --seq-len 512"  # a quarter of the memory
+else
+  ITEC="--train-prompts 350 --samples 2 --max-new-tokens 384 --sft-steps 40 --batch 64"
+  EDIT="--tasks 800"
+  LOOPCUT="--prompts-limit 320 --max-new-tokens 768"
+  DPO2="--steps 52 --lr 5e-5 --save-every 13 --eval-fraction 0.04"
+  DPO4="--steps 85 --lr 1e-4 --save-every 20"
+  DPO5="--steps 70 --lr 1e-4 --save-every 20"
+  IFEVAL="--max-new-tokens 1024 --batch-size 64"
+  DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 4 --accum 2 --seq-len 1024"
+fi
+
+step() {  # step NAME COMMAND...: run COMMAND unless NAME finished before
+  local name=$1
+  shift
+  if [[ -e ".done-$name" ]]; then
+    echo "== $name: done before, skipped"
+    return
+  fi
+  echo "== $name ($(date -u +%H:%M:%S))"
+  SECONDS=0
+  "$@"
+  echo "$SECONDS" > ".done-$name"
+  echo "== $name: ${SECONDS} s"
+}
+
+dpo() {  # posttrain dpo, continued with --resume when an earlier try of this step was stopped
+  local out=$1
+  shift
+  local resume=()
+  [[ -f "$out/training/settings.json" ]] && resume=(--resume)
+  afmkit posttrain dpo --out "$out" "$@" "${resume[@]}"
+}
+
+# 1. Prompts. synth-if's seed-0 file of 5,000; iTeC rounds 1 and 2 (not in this lineage) used its
+#    first 450 train prompts, so round 3 took the rest. The 20,000-prompt file (the same first
+#    4,500 train prompts, more of each task) feeds the editor data.
+split_round3_prompts() {
+  python - <<'PY'
+import json
+rows = [json.loads(line) for line in open("prompts.jsonl")]
+train = [r for r in rows if r["split"] == "train"][450:]
+with open("prompts_r3.jsonl", "w") as f:
+    for r in train + [r for r in rows if r["split"] == "dev"]:
+        f.write(json.dumps(r) + "\n")
+PY
+}
+step prompts afmkit posttrain synth-if --n 5000 --seed 0 --out prompts.jsonl
+step prompts_r3 split_round3_prompts
+step prompts_20k afmkit posttrain synth-if --n 20000 --seed 0 --out prompts_20k.jsonl
+
+# 2. iTeC with the constraint editor in the committee: the base samples, the editor rewrites, the
+#    best answer per prompt wins, SFT of a fresh rank-16 LoRA on the winners ("Third iTeC round").
+# shellcheck disable=SC2086
+step itec afmkit posttrain itec --model smollm2-135m-instruct --committee base --edit \
+  --prompts prompts_r3.jsonl $ITEC --out itec3
+ROUND3=itec3/round-01/adapter
+
+# 3. Editor data: the base answers each of the first 800 train tasks once (sampled), trimmed to
+#    80 words; the editor rewrites it for every prompt of its task ("Editor data at scale").
+# shellcheck disable=SC2086
+step edit_data afmkit posttrain edit-data --prompts prompts_20k.jsonl $EDIT --max-words 80 --out ed80.jsonl
+
+# 4. dpo-2: rewrites preferred to their originals, and unasked forms rejected, from round 3.
+make_pairs_2() { python "$RESULTS/dpo-2/make_pairs.py" prompts_20k.jsonl ed80.jsonl > pairs2.jsonl; }
+step pairs2 make_pairs_2
+# shellcheck disable=SC2086
+step dpo2 dpo dpo-2 --data pairs2.jsonl --init-adapter "$ROUND3" $DPO_COMMON $DPO2
+
+# 5. dpo-4: added-form pairs on the same editor data, from dpo-2.
+make_pairs_4() { python "$RESULTS/dpo-4/make_pairs.py" prompts_20k.jsonl ed80.jsonl ed80.answers.jsonl > pairs4.jsonl; }
+step pairs4 make_pairs_4
+# shellcheck disable=SC2086
+step dpo4 dpo dpo-4 --data pairs4.jsonl --init-adapter dpo-2 $DPO_COMMON $DPO4
+
+# 6. dpo-5: dpo-4's greedy loops cut and continued without the loop, plus dpo-4's pairs, from dpo-4.
+# shellcheck disable=SC2086
+step loop_cut afmkit posttrain loop-cut --prompts prompts_20k.jsonl --adapter dpo-4 $LOOPCUT --out lc5/loopcut.jsonl
+continue_loops() { python "$RESULTS/dpo-5/continue_loops.py" dpo-4 prompts_20k.jsonl lc5/loopcut.jsonl > loop_pairs.jsonl; }
+step continue_loops continue_loops
+make_pairs_5() {
+  gzip -kf pairs4.jsonl
+  python "$RESULTS/dpo-5/make_pairs.py" prompts_20k.jsonl ed80.jsonl ed80.answers.jsonl pairs4.jsonl.gz \
+    loop_pairs.jsonl > pairs5.jsonl
+}
+step pairs5 make_pairs_5
+# shellcheck disable=SC2086
+step dpo5 dpo dpo-5 --data pairs5.jsonl --init-adapter dpo-4 $DPO_COMMON $DPO5
+
+# 7. The final measurement (never used to choose anything): IFEval, greedy, int4.
+# shellcheck disable=SC2086
+step ifeval afmkit eval ifeval --adapter dpo-5 $IFEVAL --out ifeval-dpo-5
+echo "the adapter: $OUT/dpo-5 (use it with --adapter, or copy it over src/afmkit/resources/smollm2_135m_afm)"

@@ -1,0 +1,51 @@
+"""``examples/smollm2_135m_afm/reproduce.sh``: the shipped model's recipe, every step at a tiny size.
+
+The full recipe takes hours; ``SMOKE=1`` runs each of its commands with the same flags and file
+hand-offs at sizes that take minutes, so a renamed flag, a moved output or a helper script that
+no longer reads what the step before wrote fails here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from afmkit.files import shared_data_dir
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "smollm2_135m_afm" / "reproduce.sh"
+STEPS = [
+    "prompts", "prompts_r3", "prompts_20k", "itec", "edit_data", "pairs2", "dpo2", "pairs4", "dpo4",
+    "loop_cut", "continue_loops", "pairs5", "dpo5", "ifeval",
+]  # fmt: skip
+
+
+def run_script(out: Path) -> subprocess.CompletedProcess:
+    bin_dir = str(Path(sys.executable).parent)  # the `afmkit` and `python` of this environment
+    env = {**os.environ, "SMOKE": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=3600, check=False
+    )
+
+
+@pytest.mark.slow  # the real model through every step of the recipe: about 20 minutes on 2 cores
+@pytest.mark.skipif(not (shared_data_dir() / "sft").is_dir(), reason="needs ../shared/data")
+def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
+    out = tmp_path / "afm"
+    first = run_script(out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for step in STEPS:
+        assert (out / f".done-{step}").is_file(), step
+    for adapter in ("itec3/round-01/adapter", "dpo-2", "dpo-4", "dpo-5"):
+        config = json.loads((out / adapter / "adapter_config.json").read_text())
+        assert config["r"] == 16, adapter
+    for run, start in (("dpo-2", "itec3/round-01/adapter"), ("dpo-4", "dpo-2"), ("dpo-5", "dpo-4")):
+        training = json.loads((out / run / "training.json").read_text())
+        assert (training["steps_done"], training["settings"]["init_adapter"]) == (2, start), run
+    assert len((out / "ifeval-dpo-5" / "per_prompt.jsonl").read_text().splitlines()) == 8
+
+    second = run_script(out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done before, skipped") == len(STEPS)
