@@ -66,6 +66,7 @@ SOURCES: dict[tuple[str, ...], tuple[Source, ...]] = {
     ("pretrain",): (Source(PretrainConfig, every_field=False),),
     ("shard-plan",): (Source(PretrainConfig, every_field=False),),
     ("adapter", "train"): (Source(TrainSettings),),
+    ("adapter", "mix"): (),
     ("eval", "ifeval"): (Source(IFEvalSettings),),
     ("eval", "perplexity"): (Source(PerplexitySettings),),
     ("eval", "sxs"): (Source(SxsSettings), Source(JudgeSettings, prefix="judge_")),

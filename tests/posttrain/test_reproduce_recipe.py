@@ -30,7 +30,7 @@ def run_script(out: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # the real model through every step of the recipe: about 20 minutes on 2 cores
+@pytest.mark.slow  # the real model through every step: about 20 minutes on 2 cores, 15 GB at the iTeC SFT
 @pytest.mark.skipif(not (shared_data_dir() / "sft").is_dir(), reason="needs ../shared/data")
 def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
     out = tmp_path / "afm"

@@ -443,6 +443,44 @@ def _apply(params: Params, adapter: LoraAdapter, *, sign: float) -> Params:
     return {**params, "layers": layers}
 
 
+def mix(adapters: Sequence[LoraAdapter], weights: Sequence[float], *, name: str = "") -> LoraAdapter:
+    """One adapter whose update is ``sum_k weights[k] * update_k`` exactly (weight-space ensembling,
+    as WiSE-FT interpolates a fine-tuned model with its start). The adapters' ranks are stacked:
+    ``A = [A_1 | A_2 | ...]`` and ``B = [w_1 s_1 B_1; w_2 s_2 B_2; ...]`` with each adapter's own
+    scale ``s_k`` folded into its block, so the result has rank ``sum r_k`` and scale 1."""
+    if len(adapters) < 2 or len(weights) != len(adapters):
+        raise UserError(
+            f"mixing needs two or more adapters and one weight each; got {len(adapters)} adapters, {len(weights)} weights"
+        )
+    layouts = {tuple(tuple(layer) for layer in adapter.weights) for adapter in adapters}
+    if len(layouts) != 1:
+        raise UserError(
+            "the adapters update different layers or weights; mix adapters with the same targets and layers"
+        )
+    first = adapters[0]
+    dtype = STORAGE_DTYPES[first.config.dtype]
+    layers = [
+        {
+            weight: {
+                "a": np.concatenate([np.asarray(x.weights[i][weight]["a"], np.float32) for x in adapters], axis=-1),
+                "b": np.concatenate(
+                    [
+                        float(w) * x.config.scale * np.asarray(x.weights[i][weight]["b"], np.float64)
+                        for x, w in zip(adapters, weights)
+                    ],
+                    axis=0,
+                ),
+            }
+            for weight in layer
+        }
+        for i, layer in enumerate(first.weights)
+    ]
+    layers = [{weight: {k: v.astype(dtype) for k, v in ab.items()} for weight, ab in layer.items()} for layer in layers]
+    rank = sum(x.config.rank for x in adapters)
+    config = dataclasses.replace(first.config, rank=rank, alpha=float(rank))
+    return LoraAdapter(config=config, weights=layers, name=name)
+
+
 def random_adapter(
     config: ModelConfig, lora: LoraConfig, key: jax.Array, *, b_std: float = 0.005, name: str = ""
 ) -> LoraAdapter:

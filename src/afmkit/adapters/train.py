@@ -203,12 +203,20 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
 def register(commands: Any) -> None:
     from afmkit.cli_args import model_argument
 
-    adapter = commands.add_parser("adapter", help="LoRA adapters: train")
+    adapter = commands.add_parser("adapter", help="LoRA adapters: train, mix")
     actions = adapter.add_subparsers(required=True, metavar="ACTION")
     train = actions.add_parser("train", help="fine-tune a LoRA adapter on chat data (JSONL)")
     model_argument(train)
     add_train_arguments(train)
     train.set_defaults(run=cmd_adapter_train, trains=True)
+    mix = actions.add_parser(
+        "mix", help="one adapter whose update is a weighted sum of adapters' updates (e.g. 0.5,0.5 interpolates)"
+    )
+    model_argument(mix)
+    mix.add_argument("--adapters", required=True, help="comma-separated adapter directories of one base model")
+    mix.add_argument("--weights", required=True, help="comma-separated weights, one per adapter, e.g. 0.4,0.6")
+    mix.add_argument("--out", required=True, help="adapter directory to write (PEFT layout; rank = sum of ranks)")
+    mix.set_defaults(run=cmd_adapter_mix)
 
 
 def add_train_arguments(parser: Any) -> None:
@@ -261,4 +269,33 @@ def cmd_adapter_train(args: Any) -> int:
             }
         )
     )
+    return 0
+
+
+def cmd_adapter_mix(args: Any) -> int:
+    import math
+
+    import afmkit
+    from afmkit.adapters.lora import mix
+    from afmkit.adapters.peft_io import load_adapter
+
+    paths = cli_args.comma_list(args.adapters)
+    try:
+        weights = [float(w) for w in cli_args.comma_list(args.weights)]
+    except ValueError:
+        raise UserError(f"--weights takes comma-separated numbers like 0.4,0.6; got {args.weights!r}") from None
+    if len(weights) != len(paths) or not all(math.isfinite(w) for w in weights):
+        raise UserError(f"--weights needs one finite number per adapter ({len(paths)}); got {args.weights!r}")
+    model = afmkit.load(args.model, dtype=args.dtype)
+    adapters = [load_adapter(p, config=model.config, params=model.params) for p in paths]
+    mixed = mix(adapters, weights, name=Path(args.out).name)
+    recipe = {"adapters": [str(Path(p).resolve()) for p in paths], "weights": weights}
+    save_adapter(
+        args.out,
+        mixed,
+        config=model.config,
+        params=model.params,
+        extra_files={"mix.json": json.dumps(recipe, indent=2)},
+    )
+    print(f"wrote {args.out}: rank {mixed.config.rank}, {mixed.nbytes / 2**20:.1f} MiB")
     return 0
