@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (dpo-5) from the base model, step by step.
+# Rebuild dpo-5, the first half of the adapter afmkit ships as `smollm2-135m-afm` (0.5 dpo-5 + 0.5 dpo-9;
+# the dpo-9 and mixing steps are in benchmarks/results/dpo-9/), from the base model, step by step.
 #
 #   examples/smollm2_135m_afm/reproduce.sh OUT_DIR            # the recipe as run (hours on 2 cores)
 #   SMOKE=1 examples/smollm2_135m_afm/reproduce.sh OUT_DIR    # every step at a tiny size (minutes)
@@ -116,4 +117,4 @@ step dpo5 dpo dpo-5 --data pairs5.jsonl --init-adapter dpo-4 $DPO_COMMON $DPO5
 # 7. The final measurement (never used to choose anything): IFEval, greedy, int4.
 # shellcheck disable=SC2086
 step ifeval afmkit eval ifeval --adapter dpo-5 $IFEVAL --out ifeval-dpo-5
-echo "the adapter: $OUT/dpo-5 (use it with --adapter, or copy it over src/afmkit/resources/smollm2_135m_afm)"
+echo "the adapter: $OUT/dpo-5 (use it with --adapter)"

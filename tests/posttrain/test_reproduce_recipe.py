@@ -1,4 +1,4 @@
-"""``examples/smollm2_135m_afm/reproduce.sh``: the shipped model's recipe, every step at a tiny size.
+"""``examples/smollm2_135m_afm/reproduce.sh``: dpo-5's recipe (half the shipped model), every step at a tiny size.
 
 The full recipe takes hours; ``SMOKE=1`` runs each of its commands with the same flags and file
 hand-offs at sizes that take minutes, so a renamed flag, a moved output or a helper script that
