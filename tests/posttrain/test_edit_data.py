@@ -60,7 +60,7 @@ def test_the_run_answers_train_tasks_once_and_reuses_the_answers(tiny_model, tmp
     prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     asked = []
 
-    def answer(model, tasks, settings):
+    def answer(model, tasks, settings, adapter=None):
         asked.append(dict(tasks))
         return {source: None if source == "t3" else ANSWER for source in tasks}
 
@@ -77,6 +77,38 @@ def test_the_run_answers_train_tasks_once_and_reuses_the_answers(tiny_model, tmp
     edit_data(tiny_model, prompts, out, EditDataSettings(tasks=3, quiet=True))
     assert len(asked) == 2  # an unfinished answer is saved as such, not asked again
     assert "p-5" not in out.read_text()  # never a dev prompt
+
+
+def test_the_answers_come_from_the_adapter_given(tiny_model, tmp_path, monkeypatch):
+    import jax
+
+    from afmkit.adapters.lora import LoraConfig, random_adapter
+    from afmkit.posttrain import rollout as rollout_module
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    members = []
+
+    def fake_rollout(committee, rows, settings, *, scorers, quiet):
+        members.extend(committee)
+        return []
+
+    monkeypatch.setattr(rollout_module, "rollout", fake_rollout)
+    adapter = random_adapter(tiny_model.config, LoraConfig(rank=4), jax.random.PRNGKey(0), name="dpo-x")
+    with pytest.raises(Exception, match="finished no answer"):
+        edit_data(tiny_model, prompts, tmp_path / "c.jsonl", EditDataSettings(tasks=1, quiet=True), adapter=adapter)
+    assert [m.adapter for m in members] == [adapter]
+
+
+def test_an_adapter_flag_that_is_no_adapter_is_one_line(tiny_model, tmp_path, capsys):
+    checkpoint = tiny_model.save(tmp_path / "afm-tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    argv = ["posttrain", "edit-data", "--prompts", str(prompts), "--out", str(tmp_path / "c.jsonl"), "--quiet"]
+    assert main([*argv, "--model", str(checkpoint), "--adapter", str(tmp_path / "nothing")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "--adapter" in err and "not an adapter directory" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 @pytest.mark.slow  # a real rollout of the tiny model

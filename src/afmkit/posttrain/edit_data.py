@@ -136,9 +136,12 @@ def rewrite_for_prompts(
     return chats, report
 
 
-def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) -> dict[str, str | None]:
-    """The model's answer to each bare task (source -> text); None for an answer cut at the
-    token limit or as a loop (saved as such, so a second run does not ask again)."""
+def answer_tasks(
+    model: Any, tasks: dict[str, str], settings: EditDataSettings, *, adapter: Any = None
+) -> dict[str, str | None]:
+    """The model's answer (with ``adapter``, a ``LoraAdapter``, if given) to each bare task
+    (source -> text); None for an answer cut at the token limit or as a loop (saved as such, so a
+    second run does not ask again)."""
     from afmkit.posttrain.rollout import Member, RolloutSettings, rollout
 
     rows = [{"id": source, "prompt": text} for source, text in tasks.items()]
@@ -150,14 +153,16 @@ def answer_tasks(model: Any, tasks: dict[str, str], settings: EditDataSettings) 
         seed=settings.seed,
         batch=settings.batch,
     )
-    samples = rollout([Member(model.name, model)], rows, rollout_settings, scorers=(), quiet=settings.quiet)
+    samples = rollout([Member(model.name, model, adapter)], rows, rollout_settings, scorers=(), quiet=settings.quiet)
     return {
         s.prompt_id: s.text.strip() if s.finish_reason == "stop" and not s.loop and s.text.strip() else None
         for s in samples
     }
 
 
-def edit_data(model: Any, prompts_path: str | Path, out: str | Path, settings: EditDataSettings) -> dict[str, Any]:
+def edit_data(
+    model: Any, prompts_path: str | Path, out: str | Path, settings: EditDataSettings, *, adapter: Any = None
+) -> dict[str, Any]:
     """Steps 1-2 of the module docstring; writes ``out``, its answers and report; returns the report."""
     from afmkit.eval.jsonl import read_jsonl
     from afmkit.posttrain.synth_if import read_prompts
@@ -173,7 +178,7 @@ def edit_data(model: Any, prompts_path: str | Path, out: str | Path, settings: E
         answers = {r["task_source"]: r["answer"] for r in read_jsonl(saved, what="saved answers file")}
     missing = {s: t for s, t in tasks.items() if s not in answers}
     if missing:
-        answers.update(answer_tasks(model, missing, settings))
+        answers.update(answer_tasks(model, missing, settings, adapter=adapter))
         write_jsonl(saved, [{"task_source": s, "answer": a} for s, a in answers.items()])
     answers = {s: answers[s] for s in tasks if answers.get(s) is not None}
     if settings.max_words:
@@ -200,6 +205,9 @@ def register(recipes: Any) -> None:
         "edit-data", help="SFT chats: the model's answers to bare tasks, rewritten for each prompt's constraints"
     )
     model_argument(parser)
+    parser.add_argument(
+        "--adapter", default=None, help="answer with this LoRA adapter over --model (e.g. a DPO result)"
+    )
     parser.add_argument("--prompts", required=True, help="a synth-if prompts file (its train split is used)")
     parser.add_argument(
         "--out", required=True, help="chats JSONL for 'posttrain sft --data' (answers and report beside it)"
@@ -226,7 +234,11 @@ def cmd_edit_data(args: Any) -> int:
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a .jsonl file path")
     train_tasks(read_prompts(args.prompts, split="train"), settings.tasks)  # the 'task' field, before loading
-    report = edit_data(afmkit.load(args.model, dtype=args.dtype), args.prompts, out, settings)
+    from afmkit.posttrain.trunk import load_init_adapter
+
+    model = afmkit.load(args.model, dtype=args.dtype)
+    adapter = None if args.adapter is None else load_init_adapter(model, args.adapter, flag="--adapter")
+    report = edit_data(model, args.prompts, out, settings, adapter=adapter)
     print(
         f"wrote {report['kept']} chats to {out}: {report['tasks_answered']} tasks answered, "
         f"{report['prompts_of_those_tasks']} prompts of those tasks, mean reward {report['mean_reward']:.3f}; "
