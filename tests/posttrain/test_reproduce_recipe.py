@@ -1,4 +1,4 @@
-"""``examples/smollm2_135m_afm/reproduce.sh``: dpo-5's recipe (half the shipped model), every step at a tiny size.
+"""``examples/smollm2_135m_afm/reproduce.sh``: the shipped model's recipe, every step at a tiny size.
 
 The full recipe takes hours; ``SMOKE=1`` runs each of its commands with the same flags and file
 hand-offs at sizes that take minutes, so a renamed flag, a moved output or a helper script that
@@ -18,7 +18,8 @@ from afmkit.files import shared_data_dir
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "smollm2_135m_afm" / "reproduce.sh"
 STEPS = [
     "prompts", "prompts_r3", "prompts_20k", "itec", "edit_data", "pairs2", "dpo2", "pairs4", "dpo4",
-    "loop_cut", "continue_loops", "pairs5", "dpo5", "ifeval",
+    "loop_cut", "continue_loops", "pairs5", "dpo5", "prompts_lf", "edit_lf", "pairs8", "lf_rest",
+    "loop_cut_lf", "pairs9", "dpo9", "mix", "ifeval_shipped",
 ]  # fmt: skip
 
 
@@ -38,13 +39,16 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for step in STEPS:
         assert (out / f".done-{step}").is_file(), step
-    for adapter in ("itec3/round-01/adapter", "dpo-2", "dpo-4", "dpo-5"):
+    for adapter in ("itec3/round-01/adapter", "dpo-2", "dpo-4", "dpo-5", "dpo-9"):
         config = json.loads((out / adapter / "adapter_config.json").read_text())
         assert config["r"] == 16, adapter
-    for run, start in (("dpo-2", "itec3/round-01/adapter"), ("dpo-4", "dpo-2"), ("dpo-5", "dpo-4")):
+    for run, start in (("dpo-2", "itec3/round-01/adapter"), ("dpo-4", "dpo-2"), ("dpo-5", "dpo-4"), ("dpo-9", "dpo-5")):
         training = json.loads((out / run / "training.json").read_text())
         assert (training["steps_done"], training["settings"]["init_adapter"]) == (2, start), run
-    assert len((out / "ifeval-dpo-5" / "per_prompt.jsonl").read_text().splitlines()) == 8
+    # the shipped adapter: dpo-5 and dpo-9 stacked, rank 16 + 16
+    assert json.loads((out / "smollm2-135m-afm" / "mix.json").read_text())["weights"] == [0.5, 0.5]
+    assert json.loads((out / "smollm2-135m-afm" / "adapter_config.json").read_text())["r"] == 32
+    assert len((out / "ifeval-smollm2-135m-afm" / "per_prompt.jsonl").read_text().splitlines()) == 8
 
     second = run_script(out)
     assert second.returncode == 0, second.stderr[-3000:]
