@@ -43,6 +43,12 @@ def test_the_mixture_is_the_weighted_sum_of_the_updates(two_adapters):
             assert np.all(np.abs(got - want) <= 2.0**-24 * magnitude + 1e-300), (i, weight)
 
 
+def test_the_order_of_an_adapters_weights_does_not_matter(two_adapters):
+    first, second = two_adapters
+    second.weights = [dict(reversed(list(layer.items()))) for layer in second.weights]  # as another reader may
+    assert mix([first, second], [0.5, 0.5]).config.rank == 12
+
+
 def test_a_mixture_of_adapters_with_different_layouts_is_refused(tiny_model, make_adapter):
     all_targets = make_adapter(tiny_model.config, LoraConfig(rank=4), 1)
     attention = make_adapter(tiny_model.config, LoraConfig(rank=4, targets=("q", "v")), 2)
@@ -68,6 +74,12 @@ def test_adapter_mix_command_writes_an_adapter_that_loads(tiny_model, two_adapte
     for got_layer, want_layer in zip(loaded.weights, want.weights):
         for weight in want_layer:
             np.testing.assert_array_equal(np.asarray(got_layer[weight]["b"]), np.asarray(want_layer[weight]["b"]))
+
+    # the output never replaces saved work, e.g. an input adapter
+    before = (paths[0] / "adapter_model.safetensors").read_bytes()
+    assert main(["adapter", "mix", *where, "--weights", "0.5,0.5", "--out", str(paths[0])]) != 0
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (paths[0] / "adapter_model.safetensors").read_bytes() == before
 
     bad = tmp_path / "bad"
     assert main(["adapter", "mix", *where, "--weights", "0.5", "--out", str(bad)]) != 0

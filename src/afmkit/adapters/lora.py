@@ -452,7 +452,7 @@ def mix(adapters: Sequence[LoraAdapter], weights: Sequence[float], *, name: str 
         raise UserError(
             f"mixing needs two or more adapters and one weight each; got {len(adapters)} adapters, {len(weights)} weights"
         )
-    layouts = {tuple(tuple(layer) for layer in adapter.weights) for adapter in adapters}
+    layouts = {tuple(frozenset(layer) for layer in adapter.weights) for adapter in adapters}
     if len(layouts) != 1:
         raise UserError(
             "the adapters update different layers or weights; mix adapters with the same targets and layers"

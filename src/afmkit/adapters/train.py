@@ -284,8 +284,14 @@ def cmd_adapter_mix(args: Any) -> int:
         weights = [float(w) for w in cli_args.comma_list(args.weights)]
     except ValueError:
         raise UserError(f"--weights takes comma-separated numbers like 0.4,0.6; got {args.weights!r}") from None
+    if len(paths) < 2:
+        raise UserError(f"--adapters needs two or more adapter directories, comma-separated; got {args.adapters!r}")
     if len(weights) != len(paths) or not all(math.isfinite(w) for w in weights):
         raise UserError(f"--weights needs one finite number per adapter ({len(paths)}); got {args.weights!r}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # save_adapter replaces a directory whole: never an input adapter or other saved work
+        raise UserError(f"--out {out} already exists and is not empty; choose a new directory")
     model = afmkit.load(args.model, dtype=args.dtype)
     adapters = [load_adapter(p, config=model.config, params=model.params) for p in paths]
     mixed = mix(adapters, weights, name=Path(args.out).name)

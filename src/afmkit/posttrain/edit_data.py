@@ -190,7 +190,8 @@ def edit_data(
             "the model finished no answer to the tasks (every one ran to the limit or looped); raise --max-new-tokens"
         )
     chats, report = rewrite_for_prompts(prompts, answers, min_reward=settings.min_reward)
-    report = {"settings": dataclasses.asdict(settings), "prompts": str(prompts_path), **report}
+    answered_by = model.name if adapter is None else f"{model.name} + {adapter.name}"
+    report = {"settings": dataclasses.asdict(settings), "prompts": str(prompts_path), "model": answered_by, **report}
     write_jsonl(out, chats)
     write_json(report_path(out), report)
     return report
