@@ -114,7 +114,10 @@ class AfmkitEngine:
             config=config,
             optimizer=optimizer,
             schedule=lr_schedule(opt_config),
-            step_config=StepConfig(compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]),
+            # Activations kept, as the PyTorch side keeps them (no recomputation): the same work.
+            step_config=StepConfig(
+                compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype], recompute=False
+            ),
             mesh=mesh,
             shardings=shardings,
             batch_shape=(rows, seq),

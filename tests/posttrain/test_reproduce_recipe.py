@@ -31,15 +31,8 @@ def run_script(out: Path) -> subprocess.CompletedProcess:
     )
 
 
-TOTAL_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.slow  # the real model through every step: about 20 minutes on 2 cores
 @pytest.mark.skipif(not (shared_data_dir() / "sft").is_dir(), reason="needs ../shared/data")
-# The iTeC step's SFT (8 packed rows of 512 tokens, not a flag of `itec`) held 14.7 GB in one run
-# and was killed by the kernel at 24.3 GB in another on a 24 GB machine: the trainer's memory, an
-# open problem (docs/posttraining.md, "Second iTeC round"), not the script's.
-@pytest.mark.skipif(TOTAL_MEMORY < 40 * 2**30, reason="the iTeC step's SFT has needed up to 24.3 GB")
 def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
     out = tmp_path / "afm"
     first = run_script(out)

@@ -205,6 +205,10 @@ class SingleAdapter:
     weights: list[dict[str, dict[str, jax.Array]]]
     scale: float = dataclasses.field(metadata={"static": True})
 
+    def only_layer(self, i: int) -> SingleAdapter:
+        """Layer ``i``'s weights alone, as layer 0 (what one layer's computation takes as input)."""
+        return dataclasses.replace(self, weights=[self.weights[i]])
+
     def layer(self, i: int) -> _LayerUpdates | None:
         layer = self.weights[i]
         if not layer:
@@ -282,6 +286,10 @@ class RowAdapters:
     weights: list[dict[str, dict[str, jax.Array]]]  # [n_slots, ...] per weight
     scales: jax.Array  # [n_slots] float32: each slot's alpha/r (0 for slot 0)
     row_slots: jax.Array  # [B] int32
+
+    def only_layer(self, i: int) -> RowAdapters:
+        """Layer ``i``'s weights alone, as layer 0 (what one layer's computation takes as input)."""
+        return dataclasses.replace(self, weights=[self.weights[i]])
 
     def layer(self, i: int) -> _LayerUpdates | None:
         layer = self.weights[i]

@@ -68,6 +68,7 @@ class ModelView:
     adapters: Any  # a LoRA ``SingleAdapter`` or None
     compute_dtype: Any
     dropout: tuple[float, jax.Array] | None = None
+    recompute: bool = False  # gradients recompute each layer's activations (``transformer.forward``)
 
     def hidden(
         self,
@@ -89,6 +90,7 @@ class ModelView:
             branch_ids=branch_ids,
             adapters=self.adapters,
             dropout=self.dropout,
+            recompute=self.recompute,
         )
         return hidden
 
