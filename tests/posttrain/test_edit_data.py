@@ -7,6 +7,7 @@ import json
 import pytest
 
 from afmkit.cli import EXIT_USER_ERROR, main
+from afmkit.errors import UserError
 from afmkit.posttrain import edit_data as edit_data_module
 from afmkit.posttrain import verifiable
 from afmkit.posttrain.edit_data import EditDataSettings, edit_data, rewrite_for_prompts
@@ -77,6 +78,25 @@ def test_the_run_answers_train_tasks_once_and_reuses_the_answers(tiny_model, tmp
     edit_data(tiny_model, prompts, out, EditDataSettings(tasks=3, quiet=True))
     assert len(asked) == 2  # an unfinished answer is saved as such, not asked again
     assert "p-5" not in out.read_text()  # never a dev prompt
+
+
+def test_answers_saved_by_another_model_are_refused_not_reused(tiny_model, tmp_path, monkeypatch):
+    import jax
+
+    from afmkit.adapters.lora import LoraConfig, random_adapter
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    monkeypatch.setattr(
+        edit_data_module, "answer_tasks", lambda m, tasks, s, adapter=None: dict.fromkeys(tasks, ANSWER)
+    )
+    out = tmp_path / "chats.jsonl"
+    edit_data(tiny_model, prompts, out, EditDataSettings(tasks=2, quiet=True))
+    answers = (tmp_path / "chats.answers.jsonl").read_text()
+    adapter = random_adapter(tiny_model.config, LoraConfig(rank=4), jax.random.PRNGKey(0), name="dpo-x")
+    with pytest.raises(UserError, match=r"holds answers by .*, not .* \+ dpo-x; give a new --out"):
+        edit_data(tiny_model, prompts, out, EditDataSettings(tasks=2, quiet=True), adapter=adapter)
+    assert (tmp_path / "chats.answers.jsonl").read_text() == answers  # left as it was
 
 
 def test_the_answers_come_from_the_adapter_given(tiny_model, tmp_path, monkeypatch):

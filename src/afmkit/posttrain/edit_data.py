@@ -16,7 +16,7 @@ one answer to the bare task can be rewritten for every prompt of that task:
 Output: ``--out`` JSONL of ``{"messages": [...]}`` (``posttrain sft --data`` reads it; a chat
 whose unedited answer followed fewer constraints also carries it as ``"rejected"``, a
 preference pair for ``posttrain dpo``), with
-``answers.jsonl`` beside it (step 1, reused when present, so a second run with other settings
+``answers.jsonl`` beside it (step 1, reused when present and by the same model and adapter, so a second run with other settings
 does not generate again) and a ``.report.json``: counts per instruction family (prompts, kept).
 Only train prompts are used; the dev split and IFEval are never read.
 """
@@ -173,13 +173,20 @@ def edit_data(
     prompts = read_prompts(prompts_path, split="train")
     tasks = train_tasks(prompts, settings.tasks)
     saved = answers_path(out)
+    answered_by = model.name if adapter is None else f"{model.name} + {adapter.name}"
     answers = {}
     if saved.is_file():
-        answers = {r["task_source"]: r["answer"] for r in read_jsonl(saved, what="saved answers file")}
+        rows = read_jsonl(saved, what="saved answers file")
+        others = {r["model"] for r in rows if r.get("model", answered_by) != answered_by}
+        if others:  # reusing them would mix two models' answers in one data set
+            raise UserError(
+                f"{saved} holds answers by {sorted(others)[0]}, not {answered_by}; give a new --out or remove it"
+            )
+        answers = {r["task_source"]: r["answer"] for r in rows}
     missing = {s: t for s, t in tasks.items() if s not in answers}
     if missing:
         answers.update(answer_tasks(model, missing, settings, adapter=adapter))
-        write_jsonl(saved, [{"task_source": s, "answer": a} for s, a in answers.items()])
+        write_jsonl(saved, [{"task_source": s, "answer": a, "model": answered_by} for s, a in answers.items()])
     answers = {s: answers[s] for s in tasks if answers.get(s) is not None}
     if settings.max_words:
         from afmkit.posttrain.constraint_edits import trim_words
@@ -190,7 +197,6 @@ def edit_data(
             "the model finished no answer to the tasks (every one ran to the limit or looped); raise --max-new-tokens"
         )
     chats, report = rewrite_for_prompts(prompts, answers, min_reward=settings.min_reward)
-    answered_by = model.name if adapter is None else f"{model.name} + {adapter.name}"
     report = {"settings": dataclasses.asdict(settings), "prompts": str(prompts_path), "model": answered_by, **report}
     write_jsonl(out, chats)
     write_json(report_path(out), report)
