@@ -35,3 +35,12 @@ def tiny_model(smollm2) -> afmkit.LanguageModel:
     config = get_size("afm-tiny")
     params = init_params(config, jax.random.PRNGKey(0))
     return afmkit.LanguageModel(config, params, smollm2.tokenizer, name="afm-tiny-random")
+
+
+@pytest.fixture(scope="session")
+def peaked_model(tiny_model) -> afmkit.LanguageModel:
+    """The random tiny model with its logits scaled by 8 (the final norm's gain): a few dozen
+    tokens carry most of each next-token distribution, as in a trained model, instead of all
+    49,152 about equally."""
+    params = {**tiny_model.params, "final_norm": tiny_model.params["final_norm"] * 8}
+    return afmkit.LanguageModel(tiny_model.config, params, tiny_model.tokenizer, name="afm-tiny-peaked")

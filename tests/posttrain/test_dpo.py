@@ -3,8 +3,10 @@ the formula (Rafailov et al. 2023) on hand-made packed rows; pairs packed by ``p
 scored exactly like each answer after its own prompt; the first step's loss is log 2 (the
 reference is the starting policy); training raises the preferred answers' margin on held-out
 pairs; replay chats add their weighted NLL (the same transcription), pack like an answer after
-its own prompt and keep their text likelier than training without them; bad input is one line
-and writes nothing."""
+its own prompt and keep their text likelier than training without them; the anchor adds its
+weighted KL (a float64 numpy transcription of the lumped KL), holds the policy nearer the base on
+unseen text of its kind than the same run without it, and resumes from its saved top-k; bad input
+is one line and writes nothing."""
 
 import dataclasses
 import json
@@ -21,7 +23,7 @@ from afmkit.posttrain import losses
 from afmkit.posttrain.dpo import DPOSettings, Pair, dpo, pair_rows, pair_tokens, read_pairs
 from afmkit.posttrain.rollout import response_token_logprobs
 from afmkit.train.metrics import read_metrics
-from afmkit.train.objectives import ModelView, PolicyBatch, Preference
+from afmkit.train.objectives import AnchoredPairBatch, ModelView, PolicyBatch, Preference, top_k_distribution
 
 
 def np_dpo(new, ref, mask, branch, preference, beta, nll_weight, replay_weight=0.0):
@@ -295,7 +297,9 @@ def test_a_resumed_run_reads_its_reference_and_ends_as_an_uninterrupted_one(tiny
     # checkpoint: a one-line refusal before the reference pass, not after it.
     with np.load(split / dpo_module.REFERENCE_FILE) as saved:
         train, held_out = saved["train"], saved["held_out"]
-    dpo_module.save_reference(split, "another run", np.zeros_like(train), np.zeros_like(held_out))
+    dpo_module.save_reference(
+        split, "another run", {"train": np.zeros_like(train), "held_out": np.zeros_like(held_out)}
+    )
     with pytest.raises(UserError, match="trained on other pairs or from another starting adapter"):
         dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=5, resume=True))
     # A damaged file is computed again, and the run resumes.
@@ -306,6 +310,126 @@ def test_a_resumed_run_reads_its_reference_and_ends_as_an_uninterrupted_one(tiny
     assert len(calls) == 2  # train and held-out rows
     with np.load(split / dpo_module.REFERENCE_FILE) as saved:
         np.testing.assert_array_equal(saved["train"], train)
+
+
+def np_lumped_kl(student_logits, ids, teacher_log_probs, teacher_tail):
+    """KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest,
+    float64, per position."""
+    logits = np.asarray(student_logits, np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    student_top = np.take_along_axis(log_p, ids, axis=-1)
+    student_tail = np.log1p(-np.exp(student_top).sum(-1))
+    p_top, p_tail = np.exp(np.float64(teacher_log_probs)), np.exp(np.float64(teacher_tail))
+    return (p_top * (teacher_log_probs - student_top)).sum(-1) + p_tail * (teacher_tail - student_tail)
+
+
+def test_the_anchor_adds_its_weighted_kl_per_pair(tiny_model):
+    """``Preference(anchor_weight=W)`` = the pairs' DPO loss + W x pairs x the mean per-token
+    KL(teacher || policy) over the rows' anchor windows (float64 numpy of the lumped KL, the
+    teacher another random model's top-k); with W = 0 the anchor fields change nothing."""
+    tokenized = [pair_tokens(tiny_model.tokenizer, p) for p in pairs_for(WORDS[:5])]
+    rows = pair_rows(tokenized, 128)
+    n, length, k = len(rows["tokens"]), 16, 4
+    rng = np.random.default_rng(1)
+    rows["old_log_probs"] = np.where(rows["loss_mask"] > 0, rng.normal(-3, 1, rows["tokens"].shape), 0).astype(
+        np.float32
+    )
+    anchor = rng.integers(0, tiny_model.config.vocab_size, (n, length)).astype(np.int32)
+    teacher_logits = jnp.asarray(rng.normal(0, 3, (n, length, tiny_model.config.vocab_size)), jnp.float32)
+    ids, log_probs, tail = (np.asarray(a) for a in top_k_distribution(teacher_logits, k))
+    mask = np.ones((n, length), np.float32)
+    mask[-1, length // 2 :] = 0  # the last window half used: the rest must not count
+    batch = AnchoredPairBatch(
+        **{name: jnp.asarray(value) for name, value in rows.items()},
+        anchor_tokens=jnp.asarray(anchor),
+        anchor_positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length)),
+        anchor_segment_ids=jnp.ones((n, length), jnp.int32),
+        anchor_mask=jnp.asarray(mask),
+        anchor_teacher_ids=jnp.asarray(ids),
+        anchor_teacher_log_probs=jnp.asarray(log_probs),
+        anchor_teacher_tail_log_prob=jnp.asarray(tail),
+    )
+    view = ModelView(config=tiny_model.config, params=tiny_model.params, adapters=None, compute_dtype=jnp.float32)
+    plain, plain_metrics = Preference(beta=0.5, nll_weight=0.3).loss(view, None, batch)
+    anchored, metrics = Preference(beta=0.5, nll_weight=0.3, anchor_weight=2.0).loss(view, None, batch)
+    student = view.logits(view.hidden(batch.anchor_tokens, batch.anchor_positions, batch.anchor_segment_ids))
+    kl = np_lumped_kl(student, ids, log_probs, tail)
+    mean_kl = (kl * mask).sum() / mask.sum()
+    pairs = float(plain_metrics["count"])
+    assert pairs == 5 and mean_kl > 0.1  # a real divergence: the two random models differ
+    # fp32 log-softmax over the vocabulary (errors ~1e-6 relative per term) against float64
+    assert float(metrics["anchor_kl"]) == pytest.approx(pairs * mean_kl, rel=1e-4)
+    assert float(anchored) == pytest.approx(float(plain) + 2.0 * pairs * mean_kl, rel=1e-4)
+    without, _ = Preference(beta=0.5, nll_weight=0.3).loss(
+        view, None, PolicyBatch(**{f: getattr(batch, f) for f in rows})
+    )
+    assert float(without) == float(plain)
+
+
+ANCHOR_TEXT = " ".join(
+    f"The {a} and the {b} went down to the {c} at dawn, and nobody saw them come back."
+    for a in WORDS
+    for b in WORDS[:6]
+    for c in ("sea", "hill")
+)
+
+
+def test_the_anchor_holds_the_policy_near_the_base_on_unseen_text(peaked_model, tmp_path, monkeypatch):
+    """The same DPO run with and without an anchor: with it, the trained policy's KL from the base
+    on the anchor text's held-out windows (a float64 full-vocabulary KL of the two models' logits)
+    is smaller (a peaked random model: a few dozen tokens carry each distribution, so the base's
+    top-k hold most of it, as for a trained model); the first step's anchor KL is 0 (a fresh adapter is the base); a resumed run reads
+    the saved top-k instead of recomputing them and ends as the uninterrupted one."""
+    from afmkit.adapters.lora import single
+    from afmkit.adapters.peft_io import load_adapter
+    from afmkit.posttrain import dpo as dpo_module
+
+    text = tmp_path / "anchor.txt"
+    text.write_text(ANCHOR_TEXT)
+    settings = DPOSettings(
+        lora_rank=4, steps=8, lr=3e-3, warmup=1, batch=2, seq_len=128, eval_fraction=0.25, beta=0.5, nll_weight=1.0
+    )
+    anchored = dataclasses.replace(settings, anchor_text=str(text), anchor_weight=20.0, anchor_len=32, anchor_top_k=8)
+    pairs = pairs_for(WORDS)
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to cut into windows.")
+    with pytest.raises(UserError, match=r"short\.txt holds 0 windows of 32 tokens; the run needs at least 3"):
+        dpo(peaked_model, pairs, tmp_path / "refused", dataclasses.replace(anchored, anchor_text=str(short)))
+    assert not (tmp_path / "refused").exists()
+    runs = {"plain": settings, "anchored": anchored}
+    for name, run in runs.items():
+        results = dpo(peaked_model, pairs, tmp_path / name, run)
+    assert results["anchor_windows"] > 1
+    first = read_metrics(tmp_path / "anchored" / "training" / "metrics.jsonl")[0]
+    assert first["anchor_kl"] == pytest.approx(0.0, abs=1e-5)
+    windows = dpo_module.anchor_windows(peaked_model, anchored, 1, 2)[1]  # the held-out windows
+    base = ModelView(config=peaked_model.config, params=peaked_model.params, adapters=None, compute_dtype=jnp.float32)
+
+    def logits(view):
+        hidden = view.hidden(*(jnp.asarray(windows[f]) for f in ("tokens", "positions", "segment_ids")))
+        z = np.asarray(view.logits(hidden), np.float64)
+        z -= z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    reference = logits(base)
+    kl = {}
+    for name in runs:
+        adapter = load_adapter(tmp_path / name, config=peaked_model.config)
+        policy = logits(dataclasses.replace(base, adapters=single(adapter)))
+        kl[name] = float((np.exp(reference) * (reference - policy)).sum(-1).mean())
+    assert kl["anchored"] < 0.5 * kl["plain"], kl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base's top-k were computed again")
+
+    split = tmp_path / "split"
+    dpo(peaked_model, pairs, split, dataclasses.replace(anchored, steps=4, save_every=2))
+    monkeypatch.setattr(dpo_module, "with_teacher", refuse)
+    dpo(peaked_model, pairs, split, dataclasses.replace(anchored, save_every=2, resume=True))
+    a, b = (load_adapter(out, config=peaked_model.config) for out in (tmp_path / "anchored", split))
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights)):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
@@ -333,6 +457,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         (["--beta", "0"], "--beta must be positive"),
         (["--replay-weight", "-1"], "--replay-weight must be at least 0"),
         (["--full"], "drop --full"),
+        (["--anchor-weight", "1"], "--anchor-text and a positive --anchor-weight go together"),
+        (["--anchor-text", str(data)], "--anchor-text and a positive --anchor-weight go together"),
+        (["--anchor-weight", "-1"], "--anchor-weight must be at least 0"),
         ([], "no preference pairs"),
     ):
         code = main(["posttrain", "dpo", "--data", str(data), "--out", str(out), *flags])

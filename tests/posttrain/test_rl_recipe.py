@@ -275,20 +275,10 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(checkpoint, p
 
 
 # -- slow: learning and exact resume -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def peaked_model(tiny_model):
-    """The random tiny model with its logits scaled by 8 (the final norm's gain): a few dozen
-    tokens carry most of each next-token distribution, as in a trained model, instead of all
-    49,152 about equally. 4-token samples meet the toy task about 30% of the time."""
-    import afmkit
-
-    params = {**tiny_model.params, "final_norm": tiny_model.params["final_norm"] * 8}
-    return afmkit.LanguageModel(tiny_model.config, params, tiny_model.tokenizer, name="afm-tiny-peaked")
-
-
 @pytest.mark.slow  # 8 iterations of rollout + update: a few minutes on 2 shared cores
 @pytest.mark.parametrize("algo", ["mdloo"])
 def test_reward_rises_on_a_toy_verifiable_task(peaked_model, prompts_file, tmp_path, algo):
+    # peaked_model (conftest): 4-token samples meet the toy task about 30% of the time
     settings = RLSettings(
         algo=algo,
         k=4,

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from afmkit import cli_args
 from afmkit.compress.settings import RecoverSettings
 from afmkit.errors import UserError
@@ -204,49 +202,6 @@ def check_same_tokenizer(student: Any, teacher: Any, teacher_name: str) -> None:
         )
 
 
-def text_rows(token_ids: list[int], seq_len: int) -> dict[str, np.ndarray]:
-    """Consecutive windows of ``seq_len`` tokens as packed rows (one document per row): every
-    position is a distillation target (the teacher's next-token distribution needs no label)."""
-    n_rows = len(token_ids) // seq_len
-    tokens = np.asarray(token_ids[: n_rows * seq_len], np.int32).reshape(n_rows, seq_len)
-    return {
-        "tokens": tokens,
-        "targets": np.roll(tokens, -1, axis=1),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy(),
-        "segment_ids": np.ones_like(tokens),
-        "loss_mask": np.ones(tokens.shape, np.float32),
-    }
-
-
-def add_teacher(teacher: Any, rows: dict[str, np.ndarray], *, k: int, batch: int, quiet: bool) -> dict[str, np.ndarray]:
-    """``rows`` with the teacher's top-k fields (``objectives.teacher_top_k``), ``batch`` rows per call."""
-    import jax
-    import jax.numpy as jnp
-
-    from afmkit.infer.engine import activation_dtype
-    from afmkit.progress import ProgressReporter
-    from afmkit.train.objectives import ModelView, teacher_top_k
-
-    compute = activation_dtype(teacher.params)
-
-    @jax.jit
-    def top_k(params: Any, tokens: Any, positions: Any, segment_ids: Any) -> dict[str, Any]:
-        view = ModelView(config=teacher.config, params=params, adapters=None, compute_dtype=compute)
-        return teacher_top_k(view, {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}, k=k)
-
-    n = len(rows["tokens"])
-    parts: list[dict[str, np.ndarray]] = []
-    with ProgressReporter("teacher top-k", n, unit="rows", quiet=quiet) as progress:
-        for lo in range(0, n, batch):
-            chunk = {name: rows[name][lo : lo + batch] for name in ("tokens", "positions", "segment_ids")}
-            real = len(chunk["tokens"])
-            chunk = {name: np.pad(a, [(0, batch - real), (0, 0)]) for name, a in chunk.items()}  # one shape
-            out = top_k(teacher.params, *(jnp.asarray(chunk[n_]) for n_ in ("tokens", "positions", "segment_ids")))
-            parts.append({name: np.asarray(v)[:real] for name, v in out.items()})
-            progress.advance(real)
-    return {**rows, **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]}}
-
-
 def recover(
     model_dir: str | Path,
     settings: RecoverSettings,
@@ -273,6 +228,7 @@ def recover(
     from afmkit.train.objectives import Distillation, DistillBatch
     from afmkit.train.optim import OptimizerConfig
     from afmkit.train.step import StepConfig
+    from afmkit.train.teacher import add_teacher, text_rows
     from afmkit.train.trainable import LoraWeights
 
     settings = check_settings(settings)

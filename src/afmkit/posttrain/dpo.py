@@ -24,6 +24,15 @@ Replay (``--replay-weight W``): the file's chats without ``rejected`` add W time
 mean token NLL. Chats of the reference's own answers to prompts no pair is about hold the model
 where it was on them, which the pairs alone do not (chained DPO rounds drifted on text no pair
 touched: docs/posttraining.md). They train only: the held-out loss stays the pairs' own.
+
+Anchor (``--anchor-text FILE --anchor-weight W``): windows of ``--anchor-len`` tokens of a plain
+text file ride along with the pairs, one per packed row, and each pair adds W times their mean
+per-token KL(base || policy) over the base's top ``--anchor-top-k`` tokens and the rest lumped
+(``train.objectives.Preference``, ``lumped_kl``, as ``compress recover`` distils). The base's
+top-k are computed once before the first step, with the reference log-probabilities, and saved
+with them. The held-out rows get the file's last windows, which no training row uses, so the
+held-out loss includes W times the KL on unseen text (``anchor_kl`` in the metrics). Use text
+the evaluation never reads (not the perplexity texts that measure the drift).
 """
 
 from __future__ import annotations
@@ -48,6 +57,13 @@ from afmkit.train.run_directory import check_run_directory, publish, run_identit
 # The reference log-probabilities of the train and held-out rows, with the fingerprint of what
 # they were computed from; a resumed run reads them instead of recomputing them.
 REFERENCE_FILE = f"{RUN_DIR}/reference_log_probs.npz"
+# ``train.teacher.text_rows``' fields and their names in an ``AnchoredPairBatch``
+ANCHOR_FIELDS = {
+    "tokens": "anchor_tokens",
+    "positions": "anchor_positions",
+    "segment_ids": "anchor_segment_ids",
+    "loss_mask": "anchor_mask",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +75,10 @@ class DPOSettings(ChatRunSettings):
     # (without it, SmolLM2's preferred answers lost 47.5 nats each in 48 steps: docs/posttraining.md)
     nll_weight: float = 1.0
     replay_weight: float = 0.0  # times a replay chat's mean token NLL (0: chats without 'rejected' are skipped)
+    anchor_text: str | None = None  # plain text on which the base holds the policy (KL), see the docstring
+    anchor_weight: float = 0.0  # times the anchor windows' mean per-token KL(base || policy), per pair
+    anchor_len: int = 256  # tokens per anchor window (one window per packed row)
+    anchor_top_k: int = 32  # the base's most likely tokens kept per position; the rest lumped into one
     steps: int = 100
     warmup: int = 5
     lr: float = 5e-5
@@ -72,6 +92,15 @@ class DPOSettings(ChatRunSettings):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.full:
             raise UserError("posttrain dpo trains a LoRA adapter; drop --full")
+        if self.anchor_weight < 0:
+            raise UserError(f"--anchor-weight must be at least 0, got {self.anchor_weight}")
+        if (self.anchor_text is None) != (self.anchor_weight == 0):
+            raise UserError("--anchor-text and a positive --anchor-weight go together: give both or neither")
+        if self.anchor_len < 2 or self.anchor_top_k < 1:
+            raise UserError(
+                f"--anchor-len must be at least 2 and --anchor-top-k at least 1, got {self.anchor_len} "
+                f"and {self.anchor_top_k}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +242,36 @@ def reference_log_probs(
     return np.where(rows["loss_mask"] > 0, out, 0.0)
 
 
+def anchor_windows(model: Any, settings: DPOSettings, n_train: int, n_held_out: int) -> tuple[dict, dict]:
+    """``AnchoredPairBatch``'s anchor text fields for ``n_train`` and ``n_held_out`` pair rows:
+    ``--anchor-text`` cut into windows of ``--anchor-len`` tokens (``train.teacher.text_rows``),
+    the last ``n_held_out`` for the held-out rows, the others for the training rows in order
+    (again from the first when there are fewer than rows); ``with_teacher`` adds the base's top-k."""
+    from afmkit.eval.perplexity import read_text
+    from afmkit.train.teacher import text_rows
+
+    path = settings.anchor_text
+    windows = text_rows(model.tokenizer.encode(read_text(path)), settings.anchor_len)
+    n = len(windows["tokens"])
+    if n < n_held_out + 1:
+        raise UserError(
+            f"--anchor-text {path} holds {n} windows of {settings.anchor_len} tokens; the run needs at least "
+            f"{n_held_out + 1} ({n_held_out} held out, 1 to train on): give more text or a smaller --anchor-len"
+        )
+    picks = (np.arange(n_train) % (n - n_held_out), np.arange(n - n_held_out, n))
+    return tuple({name: windows[name][index] for name in ANCHOR_FIELDS} for index in picks)
+
+
+def with_teacher(model: Any, windows: dict[str, np.ndarray], settings: DPOSettings) -> dict[str, np.ndarray]:
+    """The anchor fields of ``windows`` (``anchor_windows``), the base's top-k (no adapter) added."""
+    from afmkit.train.teacher import add_teacher
+
+    rows = add_teacher(
+        model, windows, k=settings.anchor_top_k, batch=settings.batch // settings.accum, quiet=settings.quiet
+    )
+    return {ANCHOR_FIELDS.get(name, f"anchor_{name}"): value for name, value in rows.items()}
+
+
 def reference_fingerprint(model_name: str, initial: Any, *packed: dict[str, np.ndarray]) -> str:
     """A digest of what the reference log-probabilities depend on: the base (by name: ``--resume``
     already requires the same settings), the starting adapter's values and the packed rows."""
@@ -227,18 +286,20 @@ def reference_fingerprint(model_name: str, initial: Any, *packed: dict[str, np.n
     return digest.hexdigest()
 
 
-def load_reference(out: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
-    """The saved (fingerprint, train, held-out) reference log-probs; None when missing or damaged."""
+def load_reference(out: Path) -> tuple[str, dict[str, np.ndarray]] | None:
+    """The saved fingerprint and arrays (the train and held-out reference log-probs, and the
+    anchor's teacher fields when the run has an anchor); None when missing or damaged."""
     try:
         with np.load(out / REFERENCE_FILE) as saved:
-            return str(saved["fingerprint"]), saved["train"], saved["held_out"]
+            arrays = {name: saved[name] for name in saved.files if name != "fingerprint"}
+            return str(saved["fingerprint"]), arrays
     except (OSError, KeyError, ValueError):
         return None
 
 
-def save_reference(out: Path, fingerprint: str, train: np.ndarray, held_out: np.ndarray) -> None:
+def save_reference(out: Path, fingerprint: str, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, fingerprint=np.array(fingerprint), train=train, held_out=held_out)
+    np.savez(buffer, fingerprint=np.array(fingerprint), **arrays)
     write_bytes(out / REFERENCE_FILE, buffer.getvalue())
 
 
@@ -254,7 +315,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     from afmkit.adapters.peft_io import save_adapter
     from afmkit.train.checkpoint import Checkpoints
     from afmkit.train.finetune import finetune
-    from afmkit.train.objectives import PolicyBatch, Preference
+    from afmkit.train.objectives import AnchoredPairBatch, PolicyBatch, Preference
 
     settings.check()
     if settings.replay_weight == 0 and any(pair.rejected is None for pair in pairs):
@@ -263,19 +324,30 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     subset, initial = settings.starting_point(model)
     train, held_out, skipped = prepare_pairs(model, pairs, settings)
     _check_out(out, settings)
+    rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
+    if settings.anchor_text is not None:  # read and checked before anything is written or computed
+        anchors = anchor_windows(model, settings, len(rows["tokens"]), len(eval_rows["tokens"]))
     run = trunk_run(
         settings,
         subset,
-        Preference(beta=settings.beta, nll_weight=settings.nll_weight, replay_weight=settings.replay_weight),
+        Preference(
+            beta=settings.beta,
+            nll_weight=settings.nll_weight,
+            replay_weight=settings.replay_weight,
+            anchor_weight=settings.anchor_weight,
+        ),
         out,
         final_lr_fraction=1.0,
         dropout=settings.dropout,
         initial=initial,
-        batch_type=PolicyBatch,
+        batch_type=PolicyBatch if settings.anchor_text is None else AnchoredPairBatch,
         eval_metric="loss",
     )
-    rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
-    fingerprint = reference_fingerprint(model.name, initial, rows, eval_rows)
+    # the saved anchor fields follow from its settings and the row counts
+    anchor = [settings.anchor_text, settings.anchor_len, settings.anchor_top_k]
+    fingerprint = reference_fingerprint(
+        model.name, initial, rows, eval_rows, {"anchor": np.frombuffer(json.dumps(anchor).encode(), np.uint8)}
+    )
     saved = load_reference(out) if settings.resume else None
     if (
         saved is not None
@@ -288,16 +360,27 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
             f"--data and --init-adapter, or give a new --out"
         )
     if saved is not None and saved[0] == fingerprint:
-        references = saved[1:]
+        arrays = saved[1]
         if not settings.quiet:
             print(f"reference log-probs: read from {out / REFERENCE_FILE}", file=sys.stderr)
     else:  # missing, damaged, or of a run that saved no checkpoint yet: compute
-        references = tuple(
-            reference_log_probs(model, packed, run, settings.batch // settings.accum, quiet=settings.quiet)
-            for packed in (rows, eval_rows)
-        )
-        save_reference(out, fingerprint, *references)
-    rows["old_log_probs"], eval_rows["old_log_probs"] = references
+        arrays = {
+            name: reference_log_probs(model, packed, run, settings.batch // settings.accum, quiet=settings.quiet)
+            for name, packed in (("train", rows), ("held_out", eval_rows))
+        }
+        if settings.anchor_text is not None:
+            anchors = tuple(with_teacher(model, windows, settings) for windows in anchors)
+            arrays |= {
+                f"{part}:{name}": a
+                for part, fields in zip(("train", "held_out"), anchors)
+                for name, a in fields.items()
+            }
+        save_reference(out, fingerprint, arrays)
+    rows["old_log_probs"], eval_rows["old_log_probs"] = arrays["train"], arrays["held_out"]
+    for name, value in arrays.items():
+        part, _, field = name.partition(":")
+        if field:
+            (rows if part == "train" else eval_rows)[field] = value
     write_json(out / SETTINGS_FILE, run_identity(settings, MAY_CHANGE_ON_RESUME))
     trained = finetune(model, rows, run, eval_rows=eval_rows)
     results = {
@@ -305,6 +388,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
         "base": model.name,
         "train_pairs": sum(rejected is not None for _, _, rejected in train),
         "replay_chats": sum(rejected is None for _, _, rejected in train),
+        "anchor_windows": len(np.unique(rows["anchor_tokens"], axis=0)) if "anchor_tokens" in rows else 0,
         "held_out_pairs": len(held_out),
         "skipped": skipped,
         "rows": len(rows["tokens"]),
@@ -350,6 +434,15 @@ def register(recipes: Any) -> None:
         "plus this times the mean token NLL of the --data chats without 'rejected' (replay: holds the model "
         "on text no pair is about); 0 skips those chats",
     )
+    parser.add_argument(
+        "--anchor-text",
+        default=d.anchor_text,
+        help="plain text on which the base holds the policy: each pair adds --anchor-weight times the KL of "
+        "the policy from the base on windows of it (not a text that measures the drift)",
+    )
+    setting_argument(parser, d, "anchor_weight", "times the anchor windows' mean per-token KL(base || policy)")
+    setting_argument(parser, d, "anchor_len", "tokens per anchor window, one window per packed row")
+    setting_argument(parser, d, "anchor_top_k", "the base's most likely tokens kept per position, the rest lumped")
     chat_run_arguments(
         parser,
         d,

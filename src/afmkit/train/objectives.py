@@ -27,7 +27,8 @@ logical axes for sharding (per-row fields ``[B]`` over ``batch``; per-token ``[B
   sampled responses with their advantages and the sampling policy's log-probabilities;
 * ``Preference``: DPO on pairs of responses to one prompt, packed as a ``PolicyBatch`` (the
   reference policy's log-probabilities in ``old_log_probs``, +1 / -1 per response in
-  ``advantages``).
+  ``advantages``); with ``anchor_weight``, plus the ``Distillation`` KL on windows of plain text
+  carried beside the pairs (``AnchoredPairBatch``).
 
 Every objective turns hidden states into vocabulary log-probabilities in chunks of ``seq_chunk``
 positions (``ModelView.per_token``): the output projection and log-softmax of one chunk at a
@@ -431,17 +432,42 @@ class Policy(Objective):
         )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AnchoredPairBatch(PolicyBatch):
+    """Pairs (``PolicyBatch``) plus, on every row, a window of plain text with the anchor
+    teacher's next-token distribution at each position (``DistillBatch``'s teacher fields, made
+    by ``train.teacher.add_teacher``): ``anchor_tokens``/``_positions``/``_segment_ids``/``_mask``
+    ``[B, A]``, ``anchor_teacher_ids``/``_log_probs`` ``[B, A, k]``, ``anchor_teacher_tail_log_prob``
+    ``[B, A]``. One window per row, so a microbatch of rows carries its share of both."""
+
+    anchor_tokens: jax.Array
+    anchor_positions: jax.Array
+    anchor_segment_ids: jax.Array
+    anchor_mask: jax.Array
+    anchor_teacher_ids: jax.Array
+    anchor_teacher_log_probs: jax.Array
+    anchor_teacher_tail_log_prob: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class Preference(Objective):
     """DPO (``posttrain.losses.dpo_loss``) with strength ``beta`` on a ``PolicyBatch`` of pairs:
     each pair's two responses share one copy of their prompt, preferred first; ``old_log_probs``
     holds the reference policy's per-token log-probabilities and ``advantages`` +1 / -1 (the
     preferred / the other response), or +1 / 0 for a replay chat (an answer alone, its NLL
-    weighted by ``replay_weight``)."""
+    weighted by ``replay_weight``).
+
+    With ``anchor_weight`` W > 0 the batch is an ``AnchoredPairBatch`` and each pair adds W times
+    the mean per-token ``lumped_kl`` (KL(teacher || policy)) over its microbatch's anchor windows:
+    plain text on which the policy is held to the teacher (the base), since the pairs say nothing
+    about it (DPO runs drifted on generic text: docs/posttraining.md). ``anchor_kl`` reports that
+    mean (per pair, so divided by the pairs it is the pair-weighted mean per-token KL)."""
 
     beta: float = 0.1
     nll_weight: float = 0.0  # times the preferred answer's mean token NLL (RPO)
     replay_weight: float = 0.0  # times a replay chat's mean token NLL
+    anchor_weight: float = 0.0  # times the anchor windows' mean per-token KL to the teacher, per pair
     name: str = "dpo"
     loss_unit: str = "nats/pair"
 
@@ -453,7 +479,7 @@ class Preference(Objective):
 
         del extra
         logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets, batch.branch_ids)
-        return losses.dpo_loss(
+        total, metrics = losses.dpo_loss(
             logp,
             batch.old_log_probs,
             batch.loss_mask,
@@ -463,3 +489,18 @@ class Preference(Objective):
             nll_weight=self.nll_weight,
             replay_weight=self.replay_weight,
         )
+        if self.anchor_weight == 0:
+            return total, metrics
+        hidden = model.hidden(batch.anchor_tokens, batch.anchor_positions, batch.anchor_segment_ids)
+        kl = model.per_token(
+            lumped_kl,
+            hidden,
+            batch.anchor_teacher_ids,
+            batch.anchor_teacher_log_probs,
+            batch.anchor_teacher_tail_log_prob,
+        )
+        mask = batch.anchor_mask.astype(jnp.float32)
+        mean_kl = (kl * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        # per pair, like every other term: the step divides the sums by the pairs
+        metrics["anchor_kl"] = mean_kl * metrics["count"]
+        return total + self.anchor_weight * metrics["anchor_kl"], metrics
