@@ -300,7 +300,7 @@ def test_a_resumed_run_reads_its_reference_and_ends_as_an_uninterrupted_one(tiny
     dpo_module.save_reference(
         split, "another run", {"train": np.zeros_like(train), "held_out": np.zeros_like(held_out)}
     )
-    with pytest.raises(UserError, match="trained on other pairs or from another starting adapter"):
+    with pytest.raises(UserError, match="trained on other pairs, another anchor text or from another starting adapter"):
         dpo(tiny_model, pairs, split, dataclasses.replace(settings, steps=5, resume=True))
     # A damaged file is computed again, and the run resumes.
     (split / dpo_module.REFERENCE_FILE).write_bytes(b"not an npz")
@@ -430,6 +430,12 @@ def test_the_anchor_holds_the_policy_near_the_base_on_unseen_text(peaked_model, 
     a, b = (load_adapter(out, config=peaked_model.config) for out in (tmp_path / "anchored", split))
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights)):
         np.testing.assert_array_equal(x, y)
+    # the saved top-k belong to the text's content, not its name: an edited file is refused
+    text.write_text(ANCHOR_TEXT.replace("dawn", "dusk"))
+    with pytest.raises(UserError, match="another anchor text"):
+        dpo(peaked_model, pairs, split, dataclasses.replace(anchored, steps=10, save_every=2, resume=True))
+    with pytest.raises(UserError, match="--anchor-top-k must be below the vocabulary's 49152 tokens"):
+        dpo(peaked_model, pairs, tmp_path / "refused", dataclasses.replace(anchored, anchor_top_k=49152))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -250,7 +250,9 @@ def anchor_windows(model: Any, settings: DPOSettings, n_train: int, n_held_out: 
     from afmkit.eval.perplexity import read_text
     from afmkit.train.teacher import text_rows
 
-    path = settings.anchor_text
+    path, vocab = settings.anchor_text, model.config.vocab_size
+    if not settings.anchor_top_k < vocab:
+        raise UserError(f"--anchor-top-k must be below the vocabulary's {vocab} tokens, got {settings.anchor_top_k}")
     windows = text_rows(model.tokenizer.encode(read_text(path)), settings.anchor_len)
     n = len(windows["tokens"])
     if n < n_held_out + 1:
@@ -273,8 +275,9 @@ def with_teacher(model: Any, windows: dict[str, np.ndarray], settings: DPOSettin
 
 
 def reference_fingerprint(model_name: str, initial: Any, *packed: dict[str, np.ndarray]) -> str:
-    """A digest of what the reference log-probabilities depend on: the base (by name: ``--resume``
-    already requires the same settings), the starting adapter's values and the packed rows."""
+    """A digest of what the saved reference values depend on: the base (by name: ``--resume``
+    already requires the same settings), the starting adapter's values and the packed rows (the
+    anchor's windows among them)."""
     import jax
 
     digest = hashlib.sha256(model_name.encode())
@@ -343,11 +346,9 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
         batch_type=PolicyBatch if settings.anchor_text is None else AnchoredPairBatch,
         eval_metric="loss",
     )
-    # the saved anchor fields follow from its settings and the row counts
-    anchor = [settings.anchor_text, settings.anchor_len, settings.anchor_top_k]
-    fingerprint = reference_fingerprint(
-        model.name, initial, rows, eval_rows, {"anchor": np.frombuffer(json.dumps(anchor).encode(), np.uint8)}
-    )
+    # the anchor's saved top-k follow from its windows and k
+    anchor = (*anchors, {"top_k": np.array([settings.anchor_top_k])}) if settings.anchor_text is not None else ()
+    fingerprint = reference_fingerprint(model.name, initial, rows, eval_rows, *anchor)
     saved = load_reference(out) if settings.resume else None
     if (
         saved is not None
@@ -356,8 +357,8 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     ):
         # Its checkpoint's loader would refuse these rows, but only after the reference pass.
         raise UserError(
-            f"--resume: {out} was trained on other pairs or from another starting adapter; resume with its "
-            f"--data and --init-adapter, or give a new --out"
+            f"--resume: {out} was trained on other pairs, another anchor text or from another starting adapter; "
+            f"resume with its --data, --anchor-text and --init-adapter, or give a new --out"
         )
     if saved is not None and saved[0] == fingerprint:
         arrays = saved[1]
