@@ -243,8 +243,8 @@ def reference_log_probs(
 
 
 def anchor_windows(model: Any, settings: DPOSettings, n_train: int, n_held_out: int) -> tuple[dict, dict]:
-    """``AnchoredPairBatch``'s anchor text fields for ``n_train`` and ``n_held_out`` pair rows:
-    ``--anchor-text`` cut into windows of ``--anchor-len`` tokens (``train.teacher.text_rows``),
+    """The anchor's windows for ``n_train`` and ``n_held_out`` pair rows, as ``train.teacher.text_rows``
+    names them (the ``ANCHOR_FIELDS`` keys): ``--anchor-text`` cut into windows of ``--anchor-len`` tokens,
     the last ``n_held_out`` for the held-out rows, the others for the training rows in order
     (again from the first when there are fewer than rows); ``with_teacher`` adds the base's top-k."""
     from afmkit.eval.perplexity import read_text
@@ -329,7 +329,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     _check_out(out, settings)
     rows, eval_rows = pair_rows(train, settings.seq_len), pair_rows(held_out, settings.seq_len)
     if settings.anchor_text is not None:  # read and checked before anything is written or computed
-        anchors = anchor_windows(model, settings, len(rows["tokens"]), len(eval_rows["tokens"]))
+        windows = anchor_windows(model, settings, len(rows["tokens"]), len(eval_rows["tokens"]))
     run = trunk_run(
         settings,
         subset,
@@ -347,7 +347,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
         eval_metric="loss",
     )
     # the anchor's saved top-k follow from its windows and k
-    anchor = (*anchors, {"top_k": np.array([settings.anchor_top_k])}) if settings.anchor_text is not None else ()
+    anchor = (*windows, {"top_k": np.array([settings.anchor_top_k])}) if settings.anchor_text is not None else ()
     fingerprint = reference_fingerprint(model.name, initial, rows, eval_rows, *anchor)
     saved = load_reference(out) if settings.resume else None
     if (
@@ -370,12 +370,8 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
             for name, packed in (("train", rows), ("held_out", eval_rows))
         }
         if settings.anchor_text is not None:
-            anchors = tuple(with_teacher(model, windows, settings) for windows in anchors)
-            arrays |= {
-                f"{part}:{name}": a
-                for part, fields in zip(("train", "held_out"), anchors)
-                for name, a in fields.items()
-            }
+            for part, part_windows in zip(("train", "held_out"), windows):
+                arrays |= {f"{part}:{name}": a for name, a in with_teacher(model, part_windows, settings).items()}
         save_reference(out, fingerprint, arrays)
     rows["old_log_probs"], eval_rows["old_log_probs"] = arrays["train"], arrays["held_out"]
     for name, value in arrays.items():
