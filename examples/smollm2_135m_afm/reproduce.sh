@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (0.5 dpo-5 + 0.5 dpo-9) from the base model,
-# step by step.
+# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (dpo-10) from the base model, step by step.
 #
 #   examples/smollm2_135m_afm/reproduce.sh OUT_DIR            # the recipe as run (hours on 2 cores)
 #   SMOKE=1 examples/smollm2_135m_afm/reproduce.sh OUT_DIR    # every step at a tiny size (minutes)
@@ -25,7 +24,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   LOOPCUT="--prompts-limit 16 --max-new-tokens 96 --batch 16"
   DPO2="--steps 2 --save-every 2"; DPO4="--steps 2 --save-every 2"; DPO5="--steps 2 --save-every 2"
   EDIT_LF="--tasks 16 --max-new-tokens 384 --batch 16"; PAIRS8=40
-  LOOPCUT_LF="--prompts-limit 16 --max-new-tokens 96 --batch 16"; DPO9="--steps 2 --save-every 2"
+  LOOPCUT_LF="--prompts-limit 16 --max-new-tokens 96 --batch 16"; DPO10="--steps 2 --save-every 2"
   IFEVAL="--limit 8 --max-new-tokens 64 --batch-size 8"
   DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 2 --accum 2 --seq-len 512"  # a quarter of the memory
 else
@@ -36,7 +35,7 @@ else
   DPO4="--steps 85 --lr 1e-4 --save-every 20"
   DPO5="--steps 70 --lr 1e-4 --save-every 20"
   EDIT_LF="--tasks 640 --max-new-tokens 512"; PAIRS8=600
-  LOOPCUT_LF="--prompts-limit 480 --max-new-tokens 512"; DPO9="--steps 90 --lr 5e-5 --save-every 30"
+  LOOPCUT_LF="--prompts-limit 480 --max-new-tokens 512"; DPO10="--steps 90 --lr 5e-5 --save-every 30"
   IFEVAL="--max-new-tokens 1024 --batch-size 64"
   DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 4 --accum 2 --seq-len 1024"
 fi
@@ -118,7 +117,7 @@ step pairs5 make_pairs_5
 # shellcheck disable=SC2086
 step dpo5 dpo dpo-5 --data pairs5.jsonl --init-adapter dpo-4 $DPO_COMMON $DPO5
 
-# 7. dpo-9: long-form writing pairs (dpo-8's) and greedy loop-cut pairs, from dpo-5 at half the LR.
+# 7. dpo-9's pairs: long-form writing pairs (dpo-8's) and greedy loop-cut pairs.
 step prompts_lf afmkit posttrain synth-if --frame writing --n 10000 --seed 0 --out longform_10k.jsonl
 # shellcheck disable=SC2086
 step edit_lf afmkit posttrain edit-data --adapter dpo-5 --prompts longform_10k.jsonl $EDIT_LF --out lf_pairs.jsonl
@@ -140,11 +139,18 @@ step lf_rest split_lf_rest
 step loop_cut_lf afmkit posttrain loop-cut --adapter dpo-5 --prompts lf_rest.jsonl $LOOPCUT_LF --out lc9/loopcut.jsonl
 make_pairs_9() { python "$RESULTS/dpo-9/make_pairs.py" pairs8.jsonl lc9/loopcut.jsonl 9 > pairs9.jsonl; }
 step pairs9 make_pairs_9
-# shellcheck disable=SC2086
-step dpo9 dpo dpo-9 --data pairs9.jsonl --init-adapter dpo-5 $DPO_COMMON $DPO9
 
-# 8. The shipped adapter: halfway between dpo-5 and dpo-9 (benchmarks/results/dpo-9/MIX_RULE.md).
-step mix afmkit adapter mix --adapters dpo-5,dpo-9 --weights 0.5,0.5 --out smollm2-135m-afm
+# 8. The shipped adapter, dpo-10: dpo-9's run (DPO from dpo-5 on those pairs at half the LR) plus a
+#    KL anchor to the base on plain text, tiny shakespeare from character 400,000
+#    (benchmarks/results/dpo-10/).
+anchor_text() {
+  python -c "import sys; from afmkit.files import shared_data_dir
+t = (shared_data_dir() / 'pretrain' / 'tinyshakespeare_input.txt').read_text(); sys.stdout.write(t[400000:])" > anchor.txt
+}
+step anchor anchor_text
+# shellcheck disable=SC2086
+step dpo10 dpo smollm2-135m-afm --data pairs9.jsonl --init-adapter dpo-5 $DPO_COMMON $DPO10 \
+  --anchor-text anchor.txt --anchor-weight 10 --anchor-len 256
 
 # 9. The final measurement (never used to choose anything): IFEval, greedy, int4.
 # shellcheck disable=SC2086

@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "smollm2_135m_afm" /
 STEPS = [
     "prompts", "prompts_r3", "prompts_20k", "itec", "edit_data", "pairs2", "dpo2", "pairs4", "dpo4",
     "loop_cut", "continue_loops", "pairs5", "dpo5", "prompts_lf", "edit_lf", "pairs8", "lf_rest",
-    "loop_cut_lf", "pairs9", "dpo9", "mix", "ifeval_shipped",
+    "loop_cut_lf", "pairs9", "anchor", "dpo10", "ifeval_shipped",
 ]  # fmt: skip
 
 
@@ -39,15 +39,16 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for step in STEPS:
         assert (out / f".done-{step}").is_file(), step
-    for adapter in ("itec3/round-01/adapter", "dpo-2", "dpo-4", "dpo-5", "dpo-9"):
+    for adapter in ("itec3/round-01/adapter", "dpo-2", "dpo-4", "dpo-5", "smollm2-135m-afm"):
         config = json.loads((out / adapter / "adapter_config.json").read_text())
         assert config["r"] == 16, adapter
-    for run, start in (("dpo-2", "itec3/round-01/adapter"), ("dpo-4", "dpo-2"), ("dpo-5", "dpo-4"), ("dpo-9", "dpo-5")):
+    runs = (("dpo-2", "itec3/round-01/adapter"), ("dpo-4", "dpo-2"), ("dpo-5", "dpo-4"), ("smollm2-135m-afm", "dpo-5"))
+    for run, start in runs:
         training = json.loads((out / run / "training.json").read_text())
         assert (training["steps_done"], training["settings"]["init_adapter"]) == (2, start), run
-    # the shipped adapter: dpo-5 and dpo-9 stacked, rank 16 + 16
-    assert json.loads((out / "smollm2-135m-afm" / "mix.json").read_text())["weights"] == [0.5, 0.5]
-    assert json.loads((out / "smollm2-135m-afm" / "adapter_config.json").read_text())["r"] == 32
+    # the shipped adapter (dpo-10's recipe) trains with the plain-text anchor
+    shipped = json.loads((out / "smollm2-135m-afm" / "training.json").read_text())
+    assert shipped["anchor_windows"] > 0 and shipped["settings"]["anchor_weight"] == 10
     assert len((out / "ifeval-smollm2-135m-afm" / "per_prompt.jsonl").read_text().splitlines()) == 8
 
     second = run_script(out)
