@@ -75,7 +75,7 @@ def main() -> int:
 
     from afmkit import runtime
 
-    runtime.return_freed_memory()  # as afmkit's commands do (AFMKIT_MALLOC=default: glibc's own)
+    runtime.return_freed_memory()  # as afmkit's commands do (AFMKIT_MALLOC=return-freed to opt in)
     import jax
     import jax.numpy as jnp
 
