@@ -73,6 +73,9 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
+    from afmkit import runtime
+
+    runtime.return_freed_memory()  # as afmkit's commands do (AFMKIT_MALLOC=return-freed to opt in)
     import jax
     import jax.numpy as jnp
 

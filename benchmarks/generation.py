@@ -169,10 +169,11 @@ def afmkit_engine(
     import jaxlib
 
     import afmkit
-    from afmkit import kernels
+    from afmkit import kernels, runtime
     from afmkit.infer.engine import Engine
     from afmkit.model.packed import is_packed
 
+    runtime.return_freed_memory()  # as `afmkit generate` and `serve` do (AFMKIT_MALLOC=return-freed to opt in)
     model = afmkit.load(source or afmkit.DEFAULT_MODEL, dtype=dtype, activations=activations)
     # No EOS: rows always run to max_new_tokens, so every engine generates the same count.
     engine = Engine(model.config, model.params, model.tokenizer, eos_ids=())

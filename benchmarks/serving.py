@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 import afmkit
+from afmkit import runtime
 from afmkit.adapters.lora import AdapterBank, LoraConfig, random_adapter
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.adapters.registry import AdapterRegistry
@@ -482,6 +483,7 @@ def main() -> int:
         help="with --kv-compare: the LAYOUT:DTYPE configurations to run (default: all three)",
     )
     args = parser.parse_args()
+    runtime.return_freed_memory()  # as `afmkit serve` does (AFMKIT_MALLOC=return-freed to opt in)
     if args.kv_worker:
         print(json.dumps(kv_worker(args)))
         return 0

@@ -1,4 +1,5 @@
-"""Process-wide settings: training commands restart with glibc settings that keep freed memory."""
+"""Process-wide settings: training commands restart with glibc settings that keep freed memory;
+the others give large freed blocks back to the OS when asked (``AFMKIT_MALLOC=return-freed``)."""
 
 import os
 import subprocess
@@ -70,6 +71,67 @@ def test_no_restart_when_the_user_chose_malloc_settings(env):
     assert lines[0][1] == env.get("GLIBC_TUNABLES", "")
 
 
+# Frees one 3 MiB block (glibc's default threshold then rises past 3 MiB), mallocs and touches 64
+# more with a live 768 KiB block after each (as XLA's buffers sit between other allocations; too
+# large for the holes that importing afmkit leaves, so it lands after its block), frees the 64 and
+# prints how many MiB RSS fell by.
+RETURN_CHILD = textwrap.dedent(
+    """
+    import ctypes
+    from afmkit.runtime import return_freed_memory
+    def rss_mib():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) / 1024
+    print(return_freed_memory())
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 3 << 20
+    libc.free(libc.malloc(size))
+    blocks, pins = [], []
+    for _ in range(64):
+        blocks.append(libc.malloc(size))
+        ctypes.memset(blocks[-1], 1, size)
+        pins.append(libc.malloc(768 << 10))
+    before = rss_mib()
+    for block in blocks:
+        libc.free(block)
+    print(before - rss_mib())
+    """
+)
+
+
+@linux_glibc
+@pytest.mark.parametrize(
+    "env, returned", [({"AFMKIT_MALLOC": "return-freed"}, True), ({}, False)], ids=["opted-in", "default"]
+)
+def test_commands_that_do_not_train_give_freed_blocks_back_when_asked(env, returned):
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "AFMKIT_MALLOC")}
+    environ = {k: v for k, v in environ.items() if not (k.startswith("MALLOC_") and k.endswith("_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", RETURN_CHILD], env={**environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    was_set, fell_mib = result.stdout.split()
+    assert was_set == str(returned)
+    if returned:  # 192 MiB freed, all of it mmapped: back to the OS
+        assert float(fell_mib) > 180
+    else:  # glibc's default keeps them in the heap, pinned between the live blocks
+        assert float(fell_mib) < 12
+
+
+@linux_glibc
+@pytest.mark.parametrize(
+    "env",
+    [{"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {"MALLOC_MMAP_THRESHOLD_": "65536"}],
+    ids=["tunables", "malloc-variable"],
+)
+def test_malloc_settings_the_user_chose_are_left_alone(monkeypatch, env):
+    monkeypatch.setenv("AFMKIT_MALLOC", "return-freed")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runtime.return_freed_memory() is False
+
+
 @linux_glibc
 def test_a_failed_restart_leaves_the_process_and_its_environment_as_they_were(monkeypatch):
     def no_interpreter(*_):
@@ -113,7 +175,9 @@ def test_only_training_commands_restart_and_only_from_the_command_line(monkeypat
         parser.parse_args = parse_args
         return parser
 
+    returned = []
     monkeypatch.setattr(runtime, "restart_keeping_freed_memory", restart)
+    monkeypatch.setattr(runtime, "return_freed_memory", lambda: returned.append(True))
     monkeypatch.setattr(cli, "build_parser", parser_that_does_not_run)
     monkeypatch.setattr(sys, "argv", ["afmkit", *argv])
     if restarts:
@@ -121,4 +185,6 @@ def test_only_training_commands_restart_and_only_from_the_command_line(monkeypat
             cli.main()
     else:
         assert cli.main() == 0
-    assert cli.main(argv) == 0  # an explicit argv (a caller in Python, a test) never restarts
+        assert returned == [True]  # the others may give large freed blocks back instead
+    assert cli.main(argv) == 0  # an explicit argv (a caller in Python, a test) changes neither
+    assert len(returned) == (0 if restarts else 1)

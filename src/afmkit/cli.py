@@ -4,7 +4,9 @@ Every command group lives beside the code it drives and registers itself the sam
 ``register(commands)`` function adds its parser(s) and sets ``run`` (a function of the parsed
 arguments returning the exit status) with ``set_defaults``. To add a command, write such a
 function and list it in ``COMMAND_GROUPS``. A command that trains also sets ``trains=True``: the
-process then restarts once with glibc settings that keep freed memory (``runtime.restart_keeping_freed_memory``).
+process then restarts once with glibc settings that keep freed memory (``runtime.restart_keeping_freed_memory``);
+with ``AFMKIT_MALLOC=return-freed`` any other command gives freed blocks of 1 MiB and more back to
+the OS (``runtime.return_freed_memory``).
 
 User errors (bad names, paths, parameters) print one line and exit with status 2; they never
 show a traceback.
@@ -149,10 +151,13 @@ def stored_bits(name: str, config: object) -> dict | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None and getattr(args, "trains", False):  # only a real command line restarts
-        from afmkit.runtime import restart_keeping_freed_memory
+    if argv is None:  # only a real command line changes the process's malloc settings
+        from afmkit import runtime
 
-        restart_keeping_freed_memory()
+        if getattr(args, "trains", False):
+            runtime.restart_keeping_freed_memory()
+        else:
+            runtime.return_freed_memory()
     try:
         return args.run(args)
     except UserError as exc:

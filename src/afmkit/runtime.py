@@ -1,5 +1,5 @@
 """Process-wide settings every command shares: the cache directory, XLA's compile cache and the
-training commands' malloc settings."""
+commands' malloc settings (training commands keep freed memory, the others give it back)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,19 @@ def enable_compilation_cache() -> None:
 KEEP_FREED_MEMORY = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
+def _malloc_settings_are_ours() -> bool:
+    """True on Linux with glibc unless ``AFMKIT_MALLOC=default`` or ``GLIBC_TUNABLES`` sets a
+    malloc tunable (the user's, or the training restart's: a restarted process keeps them)."""
+    if sys.platform != "linux" or os.environ.get("AFMKIT_MALLOC") == "default":
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError):
+        return False
+    return "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def restart_keeping_freed_memory() -> None:
     """Re-execute this process with :data:`KEEP_FREED_MEMORY` in ``GLIBC_TUNABLES`` (glibc reads
     it only at start-up). Training commands call it before loading anything; the process then
@@ -39,16 +52,9 @@ def restart_keeping_freed_memory() -> None:
     Does nothing off Linux/glibc, when ``GLIBC_TUNABLES`` already sets any malloc tunable (the
     user's choice wins, and the restarted process sees the variable, so it never loops), or when
     ``AFMKIT_MALLOC=default``."""
-    if sys.platform != "linux" or os.environ.get("AFMKIT_MALLOC") == "default":
-        return
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return
-    except (ValueError, OSError):
+    if not _malloc_settings_are_ours():
         return
     current = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc." in current:
-        return
     os.environ["GLIBC_TUNABLES"] = f"{current}:{KEEP_FREED_MEMORY}" if current else KEEP_FREED_MEMORY
     sys.stdout.flush()
     sys.stderr.flush()
@@ -59,3 +65,29 @@ def restart_keeping_freed_memory() -> None:
             os.environ["GLIBC_TUNABLES"] = current
         else:
             del os.environ["GLIBC_TUNABLES"]
+
+
+# With AFMKIT_MALLOC=return-freed, commands that do not train (generate, chat, serve, eval) mmap
+# blocks of at least this many bytes, so they go back to the OS when freed. glibc's default
+# threshold rises to the size of each mmapped block freed (up to 32 MiB), so after an engine's
+# first call its KV caches and XLA's buffers come from the heap instead, which fragments and is
+# not given back: the 3.5-bit model's RSS stayed at its peak, 1.2 GiB, with half a GiB of it free.
+# Opt-in because it cost int4 prefill about a quarter (docs/compression.md, "Freed blocks back to
+# the OS").
+RETURN_FREED_ABOVE = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def return_freed_memory() -> bool:
+    """With ``AFMKIT_MALLOC=return-freed``, fix glibc's mmap threshold at :data:`RETURN_FREED_ABOVE`
+    for this process (it can be set after start-up: the threshold is process-wide). Returns
+    whether it was set. Nothing changes without that setting, off Linux/glibc, or when malloc
+    settings were chosen: in ``GLIBC_TUNABLES`` or a glibc ``MALLOC_*_`` variable such as
+    ``MALLOC_MMAP_THRESHOLD_``."""
+    if os.environ.get("AFMKIT_MALLOC") != "return-freed" or not _malloc_settings_are_ours():
+        return False
+    if any(n.startswith("MALLOC_") and n.endswith("_") for n in os.environ):
+        return False
+    import ctypes
+
+    return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, RETURN_FREED_ABOVE))
