@@ -20,25 +20,14 @@ import itertools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from generation import peak_rss_mib, rss_mib  # this folder's benchmark
+
 VARIANTS = ("unrolled", "scan")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(variant: str, model_name: str, dtype: str, token_counts: list[int], repeats: int) -> dict:
@@ -79,14 +68,14 @@ def worker(variant: str, model_name: str, dtype: str, token_counts: list[int], r
 
         args = (scan_params, ids, positions)
     jax.block_until_ready(args)
-    rss_start = _rss_mib()
+    rss_start = rss_mib()
     programs = []
     for n in token_counts:
         ids_n, positions_n = args[1][:, :n], args[2][:, :n]
         start = time.perf_counter()
         compiled = jax.jit(run).lower(args[0], ids_n, positions_n).compile()
         compile_s = time.perf_counter() - start
-        rss = _rss_mib()
+        rss = rss_mib()
         out = compiled(args[0], ids_n, positions_n).block_until_ready()
         times = []
         for _ in range(repeats):
@@ -110,7 +99,7 @@ def worker(variant: str, model_name: str, dtype: str, token_counts: list[int], r
         "rss_before_compiling_mib": round(rss_start, 1),
         "rss_added_by_first_program_mib": round(programs[0]["rss_after_compile_mib"] - rss_start, 1),
         "rss_added_per_later_program_mib": round(statistics.mean(later), 1) if later else None,
-        "peak_rss_mib": round(_peak_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "programs": programs,
         "hidden": hidden,
     }
