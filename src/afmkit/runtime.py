@@ -1,5 +1,6 @@
 """Process-wide settings every command shares: the cache directory, XLA's compile cache and the
-commands' malloc settings (training commands keep freed memory, the others give it back)."""
+commands' malloc settings (training commands keep freed memory; with AFMKIT_MALLOC=return-freed the
+others give it back)."""
 
 from __future__ import annotations
 
