@@ -188,3 +188,20 @@ def test_only_training_commands_restart_and_only_from_the_command_line(monkeypat
         assert returned == [True]  # the others may give large freed blocks back instead
     assert cli.main(argv) == 0  # an explicit argv (a caller in Python, a test) changes neither
     assert len(returned) == (0 if restarts else 1)
+
+
+@pytest.mark.parametrize("off, kept", [("1", False), (None, True)], ids=["off", "on"])
+def test_compiled_programs_are_kept_under_the_cache_directory_unless_switched_off(tmp_path, off, kept):
+    environ = {k: v for k, v in os.environ.items() if k not in ("AFMKIT_NO_XLA_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    if off:
+        environ["AFMKIT_NO_XLA_CACHE"] = off
+    child = "import jax; from afmkit import runtime; runtime.enable_compilation_cache(); print(jax.config.jax_compilation_cache_dir)"
+    result = subprocess.run(
+        [sys.executable, "-c", child],
+        env={**environ, "AFMKIT_CACHE": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (str(tmp_path / "xla") if kept else "None")

@@ -657,7 +657,7 @@ constexpr int64_t kExpandRows = 16;
 // K per chunk of the fp32 GEMMs: 128, so 3 tiles' expanded weights (24 KB) stay in L1.
 constexpr int64_t kChunkBlocks = 4;
 
-// Buffers run_group works in, one of each per thread (kind tells them apart), 64-byte aligned:
+// Buffers the kernels work in, one of each per thread (kind tells them apart), 64-byte aligned:
 // a vector load that straddles two cache lines costs two.
 template <typename T, int kind>
 T* scratch(size_t elements) {
@@ -768,13 +768,11 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, void (*run)(const void*,
 
 // bf16 inputs for the dot products (rounded to nearest even), and fp32 block sums, of every row
 // of x (the bf16 path; only built with AVX512-BF16).
-void prepare_bf16(const float* x, int64_t m, int64_t k, std::vector<uint16_t>& x_bf16, std::vector<float>& sums) {
+void prepare_bf16(const float* x, int64_t m, int64_t k, uint16_t* x_bf16, float* sums) {
 #if defined(__AVX512BF16__)
-  x_bf16.resize(m * k);
-  sums.resize(m * (k / kBlock));
   for (int64_t i = 0; i < m * k; i += kBlock) {
     const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
-    _mm512_storeu_si512(x_bf16.data() + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+    _mm512_storeu_si512(x_bf16 + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
     sums[i / kBlock] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
   }
 #endif
@@ -817,12 +815,17 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t m = xd[0], k = xd[1], tiles = pd[0];
   if (pd[1] * kBlock != k || pd[2] != kPairs || pd[3] != (bits == 4 ? 16 : 32))
     return ffi::Error::InvalidArgument("packed_matmul: packed weight does not match x's last dimension");
-  std::vector<uint16_t> x_bf16;
-  std::vector<float> sums;
-  if (bf16 && have_bf16_path()) prepare_bf16(x.typed_data(), m, k, x_bf16, sums);
+  // The bf16 copy of x lives in the calling thread's scratch (kind 3; run_group uses 0 to 2):
+  // a fresh vector per call is megabytes at prefill, which malloc may map and unmap every call.
+  uint16_t* x_bf16 = nullptr;
+  float* sums = nullptr;
+  if (bf16 && have_bf16_path()) {
+    x_bf16 = scratch<uint16_t, 3>(m * k);
+    sums = scratch<float, 3>(m * (k / kBlock));
+    prepare_bf16(x.typed_data(), m, k, x_bf16, sums);
+  }
   const Problem problem{x.typed_data(), packed.typed_data(), reinterpret_cast<const uint16_t*>(scales.typed_data()),
-                        y->typed_data(), m, k, tiles * kTile, bits,
-                        x_bf16.empty() ? nullptr : x_bf16.data(), sums.empty() ? nullptr : sums.data()};
+                        y->typed_data(), m, k, tiles * kTile, bits, x_bf16, sums};
   if (m >= kExpandRows) {
     parallel_for(
         pool, (tiles + kGroup - 1) / kGroup,

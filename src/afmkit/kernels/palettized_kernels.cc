@@ -496,9 +496,11 @@ void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
   }
 }
 
-// x rounded to bf16 (to nearest even), [M, K]; M K is a multiple of 8.
-void prepare_bf16(const float* x, int64_t count, std::vector<uint16_t>& out) {
-  out.resize(count);
+// x rounded to bf16 (to nearest even), [M, K]; M K is a multiple of 8. Into the calling thread's
+// buffer: a fresh vector per call is megabytes at prefill, which malloc may map and unmap every call.
+const uint16_t* prepare_bf16(const float* x, int64_t count) {
+  thread_local std::vector<uint16_t> out;
+  if (out.size() < static_cast<size_t>(count)) out.resize(count);
   int64_t i = 0;
   for (; i + 16 <= count; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.data() + i),
@@ -507,6 +509,7 @@ void prepare_bf16(const float* x, int64_t count, std::vector<uint16_t>& out) {
     const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(0xff, x + i)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out.data() + i), _mm256_castsi256_si128(half));
   }
+  return out.data();
 }
 #endif
 #endif
@@ -906,14 +909,14 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t i = 0; i < stride; ++i) table32[g * stride + i] = tables.typed_data()[g * entries + (i & (entries - 1))];
   }
-  std::vector<uint16_t> x_bf16;
+  const uint16_t* x_bf16 = nullptr;
 #if defined(__AVX512BF16__)
-  if (bf16) prepare_bf16(x.typed_data(), m * k, x_bf16);
+  if (bf16) x_bf16 = prepare_bf16(x.typed_data(), m * k);
 #else
   (void)bf16;  // no bf16 path in this build: fp32
 #endif
   const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scaled ? scales.typed_data() : ones.data(),
-                        y->typed_data(), m, k, n, bits, n / groups / kTile, stride, x_bf16.empty() ? nullptr : x_bf16.data()};
+                        y->typed_data(), m, k, n, bits, n / groups / kTile, stride, x_bf16};
   if (m > 0 && n > 0)
     parallel_items(pool, (tiles + group_tiles(problem) - 1) / group_tiles(problem),
                    [&problem](int64_t group) { run_group(problem, group); });
@@ -988,15 +991,23 @@ ffi::Error PalettizedMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
       col_scales[j] = scaled ? t_scale * scales.typed_data()[j] : t_scale;
   }
   // x to int8 row by row (rows shared between the threads), and each row's sum of codes
-  std::vector<int8_t> x8(m * k);
-  std::vector<float> x_scales(m);
-  std::vector<int32_t> row_sums(m, 0);
+  // in the calling thread's buffers, as prepare_bf16's (the workers get plain pointers: a
+  // thread_local named inside the lambda would be each worker's own)
+  thread_local std::vector<int8_t> x8_buffer;
+  thread_local std::vector<float> x_scales_buffer;
+  thread_local std::vector<int32_t> row_sums_buffer;
+  if (x8_buffer.size() < static_cast<size_t>(m * k)) x8_buffer.resize(m * k);
+  if (x_scales_buffer.size() < static_cast<size_t>(m)) x_scales_buffer.resize(m);
+  if (row_sums_buffer.size() < static_cast<size_t>(m)) row_sums_buffer.resize(m);
+  int8_t* x8 = x8_buffer.data();
+  float* x_scales = x_scales_buffer.data();
+  int32_t* row_sums = row_sums_buffer.data();
   const float* xs = x.typed_data();
   parallel_items(pool, m, [&](int64_t r) {
     x_scales[r] = int8_scale(xs + r * k, k);
-    row_sums[r] = int8_codes(xs + r * k, k, x_scales[r], x8.data() + r * k);
+    row_sums[r] = int8_codes(xs + r * k, k, x_scales[r], x8 + r * k);
   });
-  const Int8Problem problem{x8.data(), row_sums.data(), x_scales.data(), indices.typed_data(), table8.data(),
+  const Int8Problem problem{x8, row_sums, x_scales, indices.typed_data(), table8.data(),
                             table_u8.data(), col_scales.data(), y->typed_data(), m, k, n, bits,
                             group_rows / kTile, stride};
   if (m > 0 && n > 0)
