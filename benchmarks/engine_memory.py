@@ -75,7 +75,7 @@ def main() -> int:
 
     from afmkit import runtime
 
-    runtime.return_freed_memory()  # as afmkit's commands do (AFMKIT_MALLOC=return-freed to opt in)
+    runtime.return_freed_memory()  # as afmkit's commands do (AFMKIT_MALLOC=default to compare glibc's defaults)
     import jax
     import jax.numpy as jnp
 

@@ -173,7 +173,7 @@ def afmkit_engine(
     from afmkit.infer.engine import Engine
     from afmkit.model.packed import is_packed
 
-    runtime.return_freed_memory()  # as `afmkit generate` and `serve` do (AFMKIT_MALLOC=return-freed to opt in)
+    runtime.return_freed_memory()  # as `afmkit generate` and `serve` do (AFMKIT_MALLOC=default to compare glibc's defaults)
     model = afmkit.load(source or afmkit.DEFAULT_MODEL, dtype=dtype, activations=activations)
     # No EOS: rows always run to max_new_tokens, so every engine generates the same count.
     engine = Engine(model.config, model.params, model.tokenizer, eos_ids=())

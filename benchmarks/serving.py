@@ -483,7 +483,7 @@ def main() -> int:
         help="with --kv-compare: the LAYOUT:DTYPE configurations to run (default: all three)",
     )
     args = parser.parse_args()
-    runtime.return_freed_memory()  # as `afmkit serve` does (AFMKIT_MALLOC=return-freed to opt in)
+    runtime.return_freed_memory()  # as `afmkit serve` does (AFMKIT_MALLOC=default to compare glibc's defaults)
     if args.kv_worker:
         print(json.dumps(kv_worker(args)))
         return 0

@@ -5,8 +5,8 @@ Every command group lives beside the code it drives and registers itself the sam
 arguments returning the exit status) with ``set_defaults``. To add a command, write such a
 function and list it in ``COMMAND_GROUPS``. A command that trains also sets ``trains=True``: the
 process then restarts once with glibc settings that keep freed memory (``runtime.restart_keeping_freed_memory``);
-with ``AFMKIT_MALLOC=return-freed`` any other command gives freed blocks of 1 MiB and more back to
-the OS (``runtime.return_freed_memory``).
+any other command gives freed blocks of 1 MiB and more back to the OS (``runtime.return_freed_memory``).
+``AFMKIT_MALLOC=default`` keeps glibc's defaults for both.
 
 User errors (bad names, paths, parameters) print one line and exit with status 2; they never
 show a traceback.

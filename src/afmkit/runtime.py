@@ -1,6 +1,6 @@
 """Process-wide settings every command shares: the cache directory, XLA's compile cache and the
-commands' malloc settings (training commands keep freed memory; with AFMKIT_MALLOC=return-freed the
-others give it back)."""
+commands' malloc settings (training commands keep freed memory; the others give large freed blocks
+back; AFMKIT_MALLOC=default leaves glibc's defaults everywhere)."""
 
 from __future__ import annotations
 
@@ -68,24 +68,23 @@ def restart_keeping_freed_memory() -> None:
             del os.environ["GLIBC_TUNABLES"]
 
 
-# With AFMKIT_MALLOC=return-freed, commands that do not train (generate, chat, serve, eval) mmap
-# blocks of at least this many bytes, so they go back to the OS when freed. glibc's default
-# threshold rises to the size of each mmapped block freed (up to 32 MiB), so after an engine's
-# first call its KV caches and XLA's buffers come from the heap instead, which fragments and is
-# not given back: the 3.5-bit model's RSS stayed at its peak, 1.2 GiB, with half a GiB of it free.
-# Opt-in because it cost int4 prefill about a quarter (docs/compression.md, "Freed blocks back to
-# the OS").
+# Commands that do not train (generate, chat, serve, eval) mmap blocks of at least this many
+# bytes, so they go back to the OS when freed. glibc's default threshold rises to the size of each
+# mmapped block freed (up to 32 MiB), so after an engine's first call its KV caches and XLA's
+# buffers come from the heap instead, which fragments and is not given back: the 3.5-bit model's
+# RSS stayed at its peak, 1.2 GiB, with half a GiB of it free. It cost int4 prefill a fifth while
+# the kernels made a fresh buffer per call; with per-thread buffers the cost is inside the runs'
+# spread (docs/compression.md, "Freed blocks back to the OS").
 RETURN_FREED_ABOVE = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def return_freed_memory() -> bool:
-    """With ``AFMKIT_MALLOC=return-freed``, fix glibc's mmap threshold at :data:`RETURN_FREED_ABOVE`
-    for this process (it can be set after start-up: the threshold is process-wide). Returns
-    whether it was set. Nothing changes without that setting, off Linux/glibc, or when malloc
-    settings were chosen: in ``GLIBC_TUNABLES`` or a glibc ``MALLOC_*_`` variable such as
-    ``MALLOC_MMAP_THRESHOLD_``."""
-    if os.environ.get("AFMKIT_MALLOC") != "return-freed" or not _malloc_settings_are_ours():
+    """Fix glibc's mmap threshold at :data:`RETURN_FREED_ABOVE` for this process (it can be set
+    after start-up: the threshold is process-wide). Returns whether it was set. Nothing changes
+    with ``AFMKIT_MALLOC=default``, off Linux/glibc, or when malloc settings were chosen: in
+    ``GLIBC_TUNABLES`` or a glibc ``MALLOC_*_`` variable such as ``MALLOC_MMAP_THRESHOLD_``."""
+    if not _malloc_settings_are_ours():
         return False
     if any(n.startswith("MALLOC_") and n.endswith("_") for n in os.environ):
         return False

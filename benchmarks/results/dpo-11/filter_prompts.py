@@ -6,9 +6,10 @@ questions and dpo-4's dev200 are dev splits of other seeds and frames, whose spl
 
 import json
 import sys
+from pathlib import Path
 
-rows = [json.loads(line) for line in open(sys.argv[1])]
-held = {json.loads(line)["task_source"] for path in sys.argv[2:] for line in open(path)}
+rows = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines()]
+held = {json.loads(line)["task_source"] for path in sys.argv[2:] for line in Path(path).read_text().splitlines()}
 kept = [row for row in rows if row["split"] == "train" and row["task_source"] not in held]
 for row in kept:
     print(json.dumps(row, ensure_ascii=False))
