@@ -7,9 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference models load from local files only
 # No persistent XLA cache in tests (the test processes and the commands they start): a test then
-# never depends on programs an earlier run or another CPU left in ~/.cache, and never deserializes
-# an executable. A CI run segfaulted in the test that resumes pretraining on another mesh, which
-# loads its train step from that cache (not reproduced in 7 runs on the Xeon).
+# never depends on programs an earlier run or another CPU left in ~/.cache.
 os.environ.setdefault("AFMKIT_NO_XLA_CACHE", "1")
 
 import jax
