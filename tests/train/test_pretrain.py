@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
 def test_checkpoint_from_one_mesh_resumes_on_another():
     # In its own process. Twice (a CI run and one local full run, session 41) the whole suite's
     # process segfaulted in this test, inside XLA compiling Orbax's slice for a checkpoint save
-    # of the first run below; never when this file runs alone (8 runs). Cause not found yet; a
+    # of the first run below; never in 10 runs of this file or this test alone. Cause not found; a
     # fresh process keeps the check and lets a crash fail this test instead of ending the suite.
     child = subprocess.run(
         [
