@@ -46,9 +46,8 @@ def mappings_below_the_kernel_limit():
 
 def pytest_configure(config):
     """XLA's persistent cache for the suite, one per CPU and jaxlib: a run skips recompiling what
-    an earlier run on this machine compiled (a full run here: 2,388 s cold, about 1,860 s warm), and
-    never loads programs compiled for another CPU (a home directory shared between machines). The
-    commands the tests start use it too."""
+    an earlier run on this machine compiled, and never loads programs compiled for another CPU (a
+    home directory shared between machines). The commands the tests start use it too."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's, or a pytest that a test started
         return
     identity = f"{kernels.cpu_identity()}|{jaxlib.__version__}".encode()
