@@ -1,21 +1,69 @@
 """Shared fixtures. Several simulated CPU devices, so sharding tests run on any machine; this
 must be set before JAX is imported anywhere."""
 
+import gc
+import hashlib
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference models load from local files only
-# No persistent XLA cache in tests (the test processes and the commands they start): a test then
-# never depends on programs an earlier run or another CPU left in ~/.cache.
-os.environ.setdefault("AFMKIT_NO_XLA_CACHE", "1")
 
 import jax
+import jaxlib
 import pytest
 
 import afmkit
+from afmkit import kernels
 from afmkit.config import get_size
 from afmkit.model.transformer import init_params
+from afmkit.runtime import cache_dir
+
+_max_map_count = Path("/proc/sys/vm/max_map_count")
+MAP_LIMIT = int(_max_map_count.read_text()) if _max_map_count.exists() else 65530
+
+
+def memory_mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mappings_below_the_kernel_limit():
+    """XLA:CPU maps each compiled program's code into pages of its own (three mappings for the
+    smallest, more for large ones), and the suite compiles thousands of programs in one process.
+    Past the kernel's limit (``vm.max_map_count``, 65,530) LLVM cannot map code ("LLVM compilation
+    error: Cannot allocate memory") and that compile segfaults: CI's exit 139. So once a module
+    leaves more than a third of the limit mapped, drop JAX's caches; programs a fixture still holds
+    compile again when used."""
+    yield
+    if sys.platform == "linux" and memory_mappings() > MAP_LIMIT // 3:
+        jax.clear_caches()
+        gc.collect()
+
+
+def pytest_configure(config):
+    """XLA's persistent cache for the suite, one per CPU and jaxlib: a run skips recompiling what
+    an earlier run on this machine compiled, and never loads programs compiled for another CPU (a
+    home directory shared between machines). The commands the tests start use it too."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's, or a pytest that a test started
+        return
+    identity = f"{kernels.cpu_identity()}|{jaxlib.__version__}".encode()
+    path = str(cache_dir() / "xla-tests" / hashlib.sha256(identity).hexdigest()[:16])
+    settings = {"compilation_cache_dir": path, "persistent_cache_min_compile_time_secs": 0.5}  # as the runtime's
+    settings["compilation_cache_max_size"] = 2 << 30  # least recently used programs go first
+    for name, value in settings.items():
+        os.environ[f"JAX_{name.upper()}"] = str(value)  # for the commands tests start
+        jax.config.update(f"jax_{name}", value)  # this process imported JAX already
+
+
+def pytest_sessionstart(session):
+    # A native crash (exit 139) then shows the crashing thread's C++ stack, not only the Python line.
+    import native_backtrace
+
+    native_backtrace.install()
 
 
 @pytest.fixture(scope="session")

@@ -184,6 +184,8 @@ def test_a_packed_model_decodes_like_its_dequantized_weights():
     assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
 
 
+# Slow (CI runs it when time allows): a child pytest that rebuilds the kernels with other ISA flags.
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize(
     "flags",

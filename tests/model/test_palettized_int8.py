@@ -127,6 +127,8 @@ def test_gradients_pass_straight_through_to_the_fp32_matmul():
     np.testing.assert_allclose(got, grad(weight, y), rtol=1e-4, atol=1e-4)
 
 
+# Slow (CI runs it when time allows): a child pytest that rebuilds the kernels with other ISA flags.
+@pytest.mark.slow
 @needs_kernels
 def test_int8_portable_code_for_cpus_without_vnni(tmp_path):
     """The portable integer code (this machine may otherwise build the VNNI one) gives the same bits."""

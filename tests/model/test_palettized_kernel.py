@@ -136,6 +136,8 @@ def test_linear_uses_the_kernel_and_agrees_with_xla_values_and_gradients(monkeyp
         assert np.all(np.abs(native - xla) <= bound + 2.0**-10 * np.abs(xla) + 2.0**-23)
 
 
+# Slow (CI runs it when time allows): a child pytest that rebuilds the kernels with other ISA flags.
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize(
     "flags",

@@ -375,6 +375,7 @@ ANCHOR_TEXT = " ".join(
 )
 
 
+@pytest.mark.slow  # three DPO runs: plain, anchored and a resumed one
 def test_the_anchor_holds_the_policy_near_the_base_on_unseen_text(peaked_model, tmp_path, monkeypatch):
     """The same DPO run with and without an anchor: with it, the trained policy's KL from the base
     on the anchor text's held-out windows (a float64 full-vocabulary KL of the two models' logits)

@@ -4,10 +4,7 @@ are refused, and a checkpoint saved on one mesh resumes on another with the same
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,35 +161,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     assert all(np.isfinite(r["loss"]) for r in read_metrics(out / "metrics.jsonl"))
 
 
-def test_checkpoint_from_one_mesh_resumes_on_another():
-    # In its own process. Twice (a CI run and one local full run, session 41) the whole suite's
-    # process segfaulted in this test, inside XLA compiling Orbax's slice for a checkpoint save
-    # of the first run below; never in 10 runs of this file or this test alone. Cause not found; a
-    # fresh process keeps the check and lets a crash fail this test instead of ending the suite.
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"{__file__}::{test_remesh_in_child.__name__}",
-        ],
-        env={**os.environ, REMESH_CHILD: "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
-    assert "1 passed" in child.stdout
-
-
-REMESH_CHILD = "AFMKIT_TEST_REMESH_CHILD"
-
-
-@pytest.mark.skipif(not os.environ.get(REMESH_CHILD), reason="runs in the child process of the test above")
-def test_remesh_in_child(finished_run, tmp_path, tokenizer_dir, corpus_dir):
+def test_checkpoint_from_one_mesh_resumes_on_another(finished_run, tmp_path, tokenizer_dir, corpus_dir):
     reference, _ = finished_run  # data=8, steps 1..4
     out = tmp_path / "remesh"
     # --eval-every holds out the same documents as the reference run, so the training data match

@@ -47,8 +47,8 @@ def _cache_root() -> Path:
     return Path(os.environ.get("AFMKIT_CACHE", Path.home() / ".cache" / "afmkit")) / "kernels"
 
 
-def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the CPU's model name and feature flags."""
+def cpu_identity() -> str:
+    """What ``-march=native`` (and XLA:CPU's code) depends on: the CPU's model name and feature flags."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -75,7 +75,7 @@ def build(compiler: str, source_file: Path = KERNEL_SOURCE) -> Path:
     ]
     key = hashlib.sha256(
         b"|".join(
-            [source, compiler.encode(), " ".join(flags).encode(), jax.__version__.encode(), _cpu_identity().encode()]
+            [source, compiler.encode(), " ".join(flags).encode(), jax.__version__.encode(), cpu_identity().encode()]
         )
     ).hexdigest()[:16]
     library = _cache_root() / f"{source_file.stem}-{key}.so"
