@@ -53,7 +53,6 @@ def pytest_configure(config):
     identity = f"{kernels.cpu_identity()}|{jaxlib.__version__}".encode()
     path = str(cache_dir() / "xla-tests" / hashlib.sha256(identity).hexdigest()[:16])
     settings = {"compilation_cache_dir": path, "persistent_cache_min_compile_time_secs": 0.5}  # as the runtime's
-    settings["compilation_cache_max_size"] = 2 << 30  # least recently used programs go first
     for name, value in settings.items():
         os.environ[f"JAX_{name.upper()}"] = str(value)  # for the commands tests start
         jax.config.update(f"jax_{name}", value)  # this process imported JAX already

@@ -3,7 +3,7 @@ Python stacks: a segfault inside XLA or one of our kernels otherwise shows only 
 that called it. The lines read ``library(+offset)``; symbolize them with the same wheel, e.g.
 ``addr2line -f -C -e .../jaxlib/libjax_common.so 0xOFFSET`` (it keeps its symbol table).
 
-Built with the C compiler the kernels use; without one, nothing is installed."""
+Built with the system's C compiler; without one, nothing is installed."""
 
 from __future__ import annotations
 
@@ -54,19 +54,23 @@ int install(const char* versions) {
 """
 
 
+def compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def install() -> bool:
     """Install the handler in this process (after faulthandler's, which it chains to). Returns
     whether it is installed. The report names the jaxlib it ran, to symbolize with the same one."""
     import jaxlib
 
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return False
     folder = Path(tempfile.mkdtemp(prefix="afmkit-native-backtrace-"))
     (folder / "native_backtrace.c").write_text(SOURCE)
     library = folder / "native_backtrace.so"
     built = subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(folder / "native_backtrace.c")],
+        [cc, "-shared", "-fPIC", "-O1", "-o", str(library), str(folder / "native_backtrace.c")],
         capture_output=True,
     )
     if built.returncode != 0:

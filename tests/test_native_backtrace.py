@@ -1,13 +1,14 @@
 """The suite's crash report (tests/native_backtrace.py): a segfault prints the native stack, then
 faulthandler's Python stack, and the process still dies of the signal."""
 
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from native_backtrace import compiler
 
 CRASH = """
 import ctypes, faulthandler, sys
@@ -19,7 +20,7 @@ ctypes.string_at(0)
 """
 
 
-@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")), reason="no C compiler")
+@pytest.mark.skipif(compiler() is None, reason="no C compiler")
 def test_a_segfault_reports_the_native_stack_then_the_python_stack():
     child = subprocess.run(
         [sys.executable, "-c", CRASH.format(tests=str(Path(__file__).parent))], capture_output=True, text=True

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afmkit.runtime import cache_dir
+
 KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # FFI target name -> symbol in the library
 TARGETS = {
@@ -44,7 +46,7 @@ PALETTIZED_SOURCE = Path(__file__).with_name("palettized_kernels.cc")
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("AFMKIT_CACHE", Path.home() / ".cache" / "afmkit")) / "kernels"
+    return cache_dir() / "kernels"
 
 
 def cpu_identity() -> str:
