@@ -1,11 +1,8 @@
 """Shared fixtures. Several simulated CPU devices, so sharding tests run on any machine; this
 must be set before JAX is imported anywhere."""
 
-import gc
 import hashlib
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -19,15 +16,7 @@ import afmkit
 from afmkit import kernels
 from afmkit.config import get_size
 from afmkit.model.transformer import init_params
-from afmkit.runtime import cache_dir
-
-_max_map_count = Path("/proc/sys/vm/max_map_count")
-MAP_LIMIT = int(_max_map_count.read_text()) if _max_map_count.exists() else 65530
-
-
-def memory_mappings() -> int:
-    with open("/proc/self/maps") as maps:
-        return sum(1 for _ in maps)
+from afmkit.runtime import cache_dir, release_compiled_code
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,11 +26,10 @@ def mappings_below_the_kernel_limit():
     Past the kernel's limit (``vm.max_map_count``, 65,530) LLVM cannot map code ("LLVM compilation
     error: Cannot allocate memory") and that compile segfaults: CI's exit 139. So once a module
     leaves more than a third of the limit mapped, drop JAX's caches; programs a fixture still holds
-    compile again when used."""
+    compile again when used. (An engine does the same on its own at half the limit: the suite
+    compiles many programs outside engines.)"""
     yield
-    if sys.platform == "linux" and memory_mappings() > MAP_LIMIT // 3:
-        jax.clear_caches()
-        gc.collect()
+    release_compiled_code(share=1 / 3)
 
 
 def pytest_configure(config):

@@ -1,14 +1,19 @@
 """Process-wide settings every command shares: the cache directory, XLA's compile cache and the
 commands' malloc settings (training commands keep freed memory; the others give large freed blocks
-back; AFMKIT_MALLOC=default leaves glibc's defaults everywhere)."""
+back; AFMKIT_MALLOC=default leaves glibc's defaults everywhere), and the guard that keeps a
+long-lived process's compiled code under the kernel's memory-mapping limit."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import jax
+from jax import monitoring
 
 
 def cache_dir() -> Path:
@@ -91,3 +96,71 @@ def return_freed_memory() -> bool:
     import ctypes
 
     return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, RETURN_FREED_ABOVE))
+
+
+# -- compiled code and the kernel's mapping limit --------------------------------------------------
+# XLA:CPU maps each compiled program's code into pages of its own: three mappings for the smallest
+# program, 360-530 for each batch bucket an engine meets (docs/serving.md, "Compiled code"). Linux
+# allows a process vm.max_map_count mappings (65,530 by default); past it LLVM cannot map the code
+# it just compiled and the next compile segfaults. Dropping JAX's compiled programs unmaps them;
+# the ones still in use compile again (or load from the persistent cache) on their next call.
+_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+_code_added = threading.Event()
+_watching = threading.Lock()
+_watched = False
+
+
+def map_limit() -> int:
+    """The kernel's limit on this process's memory mappings (``vm.max_map_count``)."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+def memory_mappings() -> int:
+    """How many memory mappings this process holds (lines of ``/proc/self/maps``; 0 off Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+def release_compiled_code(share: float = 0.5) -> bool:
+    """Drop JAX's compiled programs when this process holds more than ``share`` of its mapping
+    limit (say so on stderr). Returns whether it did. Call it when no program is running."""
+    held, limit = memory_mappings(), map_limit()
+    if held <= share * limit:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    print(
+        f"afmkit: dropped compiled programs ({held} -> {memory_mappings()} memory mappings; the kernel allows "
+        f"{limit}); programs in use compile again on their next call",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _note_code(event: str, duration: float, **_: Any) -> None:
+    if event in _COMPILE_EVENTS:
+        _code_added.set()
+
+
+def watch_compiled_code() -> None:
+    """Note every program compiled or loaded from the persistent cache from now on (once per
+    process), for :func:`code_added`."""
+    global _watched
+    with _watching:
+        if not _watched:
+            monitoring.register_event_duration_secs_listener(_note_code)
+            _watched = True
+
+
+def code_added() -> bool:
+    """Whether a program was compiled or loaded since the last call (after
+    :func:`watch_compiled_code`): a step that compiled nothing need not count mappings."""
+    added = _code_added.is_set()
+    _code_added.clear()
+    return added

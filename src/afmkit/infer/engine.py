@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from afmkit import kernels
+from afmkit import kernels, runtime
 from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
 from afmkit.config import ModelConfig, check_context
 from afmkit.errors import UserError
@@ -574,6 +574,7 @@ class DecodeBatch:
         self.engine = engine
         self.n_slots = slots
         self.capacity = capacity
+        runtime.watch_compiled_code()
         self.kv = kv or engine.kv
         self.kv.check()
         self.paged = self.kv.layout == "paged"
@@ -960,6 +961,9 @@ class DecodeBatch:
         """Run a chunk of the prompts being prefilled (paged), dispatch the next decode step (if
         any row needs it), then return the events of the step dispatched before it and of rows
         whose prefill completed."""
+        if runtime.code_added():  # a new bucket: keep compiled code under the kernel's mapping limit
+            jax.block_until_ready([tokens for tokens, _ in self.inflight])  # nothing runs code being unmapped
+            runtime.release_compiled_code()
         first_events = self._prefill_step(len(self._needing())) if self.paged and self.prefilling else []
         dispatched = self._dispatch()
         events = self._read(self.inflight.pop(0)) if self.inflight else []
