@@ -46,6 +46,27 @@ def pytest_configure(config):
         jax.config.update(f"jax_{name}", value)  # this process imported JAX already
 
 
+# A worker's resident memory peaks at about 8 GB over the suite (the largest reference models and
+# training fixtures; sampled every 20 s in session 42's serial run), so workers are limited by
+# memory as well as cores.
+GB_PER_WORKER = 8
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core the process may use, as many as the
+    available memory holds; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` or ``-n N`` choose instead."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+        by_memory = kib * 1024 // (GB_PER_WORKER * 10**9)
+    except (OSError, StopIteration, ValueError):
+        by_memory = cores
+    return max(1, min(cores, by_memory))
+
+
 def pytest_sessionstart(session):
     # A native crash (exit 139) then shows the crashing thread's C++ stack, not only the Python line.
     import native_backtrace

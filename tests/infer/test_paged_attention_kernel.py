@@ -157,7 +157,7 @@ def test_paged_kernel_tests_pass_without_avx512(flags, tmp_path):
     """The portable build (what CPUs without AVX-512 run) passes this file's kernel tests."""
     env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", __file__, "-k", "matches_numpy or contiguous_kernels_bits"],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "matches_numpy or contiguous_kernels_bits"],
         env=env,
         capture_output=True,
         text=True,

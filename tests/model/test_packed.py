@@ -198,7 +198,7 @@ def test_kernels_built_for_cpus_without_avx512(flags, tmp_path):
     env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
     tests = ["test_kernel_matches_numpy_in_fp32_and_bf16", "a_row_gives_the_same", "decode_attention", "decodes_like"]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", __file__, "-k", " or ".join(tests)],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", " or ".join(tests)],
         env=env,
         capture_output=True,
         text=True,

@@ -137,7 +137,7 @@ def test_int8_portable_code_for_cpus_without_vnni(tmp_path):
     isa = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert isa.stdout.strip() == "portable", isa.stdout + isa.stderr[-2000:]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", __file__, "-k", "to_the_bit or zero_rows or batch"],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "to_the_bit or zero_rows or batch"],
         env=env,
         capture_output=True,
         text=True,

@@ -153,7 +153,7 @@ def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
     env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
     tests = ["matches_numpy", "without_scales", "any_batch"]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", __file__, "-k", " or ".join(tests)],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", " or ".join(tests)],
         env=env,
         capture_output=True,
         text=True,
