@@ -100,7 +100,7 @@ def return_freed_memory() -> bool:
 
 # -- compiled code and the kernel's mapping limit --------------------------------------------------
 # XLA:CPU maps each compiled program's code into pages of its own: three mappings for the smallest
-# program, 360-530 for each batch bucket an engine meets (docs/serving.md, "Compiled code"). Linux
+# program, 360-530 for each batch bucket an engine meets (docs/serving.md, "Faults and shutdown"). Linux
 # allows a process vm.max_map_count mappings (65,530 by default); past it LLVM cannot map the code
 # it just compiled and the next compile segfaults. Dropping JAX's compiled programs unmaps them;
 # the ones still in use compile again (or load from the persistent cache) on their next call.

@@ -1,6 +1,6 @@
 """A long-lived engine keeps XLA's compiled code under the kernel's memory-mapping limit: each new
 batch bucket maps hundreds of pages of code, and past ``vm.max_map_count`` the next compile
-segfaults (docs/serving.md, "Compiled code"). The limit is lowered here so a few buckets reach it."""
+segfaults (docs/serving.md, "Faults and shutdown"). The limit is lowered here so a few buckets reach it."""
 
 import jax
 import pytest
