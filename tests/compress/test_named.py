@@ -22,7 +22,7 @@ from afmkit.compress import kmeans, named
 from afmkit.compress.palettize import bits_per_weight, checkpoint_bits
 from afmkit.compress.settings import NamedCompressedSettings
 from afmkit.config import get_size
-from afmkit.errors import UserError
+from afmkit.errors import CorruptFileError, UserError
 from afmkit.files import packaged_data
 from afmkit.interop import native
 from afmkit.lm import load_config
@@ -201,19 +201,87 @@ def test_a_shipped_recovery_adapter_is_applied(settings):
 
 
 def test_a_recovery_adapter_trained_on_the_name_ships_and_applies(settings, tmp_path):
-    """The maintainer's steps (the resource README): recover on the named build, copy the
-    adapter into the folder's recovery/, and every load applies it."""
+    """The maintainer's steps (the resource README): recover on the named build, ship the run
+    into the folder's recovery/, and every load applies it."""
     out = tmp_path / "run" / "recovery"
-    argv = ["compress", "recover", "--model", NAME, "--teacher", settings.base, "--data", TEXT, "--out", out]
-    argv += ["--steps", "2", "--batch", "1", "--seq-len", "64", "--eval-rows", "1", "--top-k", "8", "--quiet"]
-    assert main([str(a) for a in argv]) == 0
-    shipped = named.resource_dir(settings) / "recovery"
-    shutil.copytree(out, shipped)
+    _recover(settings, out)
+    shipped = named.ship_recovery(settings, out)
+    assert not (shipped / named.TABLES_FILE).exists()
     try:
         model = afmkit.load(NAME)
         assert model.adapter is not None and afmkit.load(NAME, recovery=False).adapter is None
     finally:
         shutil.rmtree(shipped)
+
+
+def _recover(settings, out, *extra):
+    argv = ["compress", "recover", "--model", NAME, "--teacher", settings.base, "--data", TEXT, "--out", out]
+    argv += ["--steps", "2", "--batch", "1", "--seq-len", "64", "--eval-rows", "1", "--top-k", "8", "--quiet", *extra]
+    assert main([str(a) for a in argv]) == 0
+
+
+def test_trained_tables_ship_with_the_adapter_and_apply_with_recovery(settings, tmp_path, capsys):
+    """``--train both`` on the name, then ``ship-recovery``: every load with recovery is the run's
+    own model (its tables, scales and adapter); ``recovery=False`` is the k-means build as cached."""
+    run = tmp_path / "run"
+    _recover(settings, run, "--train", "both", "--lr", "1e-2")
+    assert named.main(["ship-recovery", str(run), NAME]) == 0
+    shipped = named.resource_dir(settings) / "recovery"
+    try:
+        model, trained, bare = afmkit.load(NAME), afmkit.load(run), afmkit.load(NAME, recovery=False)
+        tables, built = named.table_arrays(model.params), named.table_arrays(bare.params)
+        assert tables.keys() == named.table_arrays(trained.params).keys() == built.keys()
+        assert all(np.array_equal(tables[k], named.table_arrays(trained.params)[k]) for k in tables)
+        assert any(not np.array_equal(tables[k], built[k]) for k in tables)  # the tables did train
+        assert (
+            named.weight_digests(bare.params)
+            == json.loads((cached(settings) / named.BUILD_FILE).read_text())["weights"]
+        )
+        tokens = model.tokenizer.encode("To be, or not to be")
+        np.testing.assert_array_equal(model.logits(tokens), trained.logits(tokens))
+        assert model.adapter is not None and bare.adapter is None
+        capsys.readouterr()
+        assert main(["info", NAME, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)["bits_per_weight"]
+        assert info["recovery_tables"] and info["recovery_adapter"]
+    finally:
+        shutil.rmtree(shipped)
+
+
+def test_tables_that_fit_another_build_are_refused_in_one_line(settings, tmp_path):
+    from safetensors.numpy import save_file
+
+    tables = named.table_arrays(afmkit.load(NAME).params)
+    key = next(iter(tables))
+    tables[key] = tables[key][:-1]  # a table too few: another build's
+    shipped = named.resource_dir(settings) / "recovery"
+    shipped.mkdir()
+    save_file(tables, str(shipped / named.TABLES_FILE))
+    try:
+        with pytest.raises(CorruptFileError) as refused:
+            afmkit.load(NAME)
+        assert "\n" not in str(refused.value) and key in str(refused.value) and "another build" in str(refused.value)
+        assert afmkit.load(NAME, recovery=False).adapter is None  # the build itself still loads
+    finally:
+        shutil.rmtree(shipped)
+
+
+def test_a_run_on_other_indices_is_not_shipped(settings, tmp_path):
+    """Only the tables and scales may differ from the build: a run whose indices differ (made on
+    another build) is refused in one line, and what ships stays as it was."""
+    run = tmp_path / "run"
+    _recover(settings, run, "--train", "tables")
+    config, params, tokenizer = native.load_checkpoint(run)
+    leaf = params["layers"][1]["w_up"]
+    indices = np.asarray(leaf.indices).copy()
+    indices.flat[0] ^= 1
+    params["layers"][1]["w_up"] = dataclasses.replace(leaf, indices=indices)
+    other = tmp_path / "other"
+    native.save_checkpoint(other, config, params, tokenizer)
+    with pytest.raises(UserError) as refused:
+        named.ship_recovery(settings, other, quiet=True)
+    assert "\n" not in str(refused.value) and "layers.1.w_up" in str(refused.value)
+    assert not (named.resource_dir(settings) / "recovery").exists()
 
 
 def test_a_build_unlike_the_reference_is_named_in_one_line(settings, capsys):

@@ -13,7 +13,10 @@ through ``afmkit.weights.NAMED_COMPRESSED`` to a ``NamedCompressedSettings``. Th
    no longer match the digest is rebuilt.
 
 Then ``afmkit/resources/<folder>/recovery`` (a PEFT LoRA adapter, if one ships) becomes the
-model's default adapter, as a compressed directory's ``recovery/`` does.
+model's default adapter, as a compressed directory's ``recovery/`` does; a ``tables.safetensors``
+there (look-up tables and row scales trained with it, ``compress recover --train tables|both``)
+replaces the build's own first. The cache and the reference hold the k-means build, so
+``recovery=False`` loads it as built. ``ship_recovery`` puts a recovery run into the folder.
 
 **Why the same bits everywhere.** The recovery adapter was trained on one build; it fits another
 only if that build is bit-identical. So the build computes nothing whose rounding depends on the
@@ -36,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -52,6 +56,7 @@ RECIPE_FILE = "recipe.json"
 IMPORTANCE_FILE = "importance.safetensors"
 BUILD_FILE = "build.json"  # in the cache: this build's digests; in resources: the reference build's
 BUILD_FORMAT = "afmkit-named-build"
+TABLES_FILE = "tables.safetensors"  # in resources/<folder>/recovery: trained look-up tables and row scales
 FACTOR_FLOOR = 1e-3  # importance factors are kept at least this fraction of their mean
 
 
@@ -356,8 +361,9 @@ def load_named(
         params = _plain_leaves_as(params, lm.weight_dtype(dtype))
 
     folder = resource_dir(settings)
-    adapter_dir = folder / RECOVERY_DIR
-    ships_adapter = (adapter_dir / "adapter_config.json").is_file()
+    recovery_dir = folder / RECOVERY_DIR
+    ships_adapter = (recovery_dir / "adapter_config.json").is_file()
+    ships_tables = (recovery_dir / TABLES_FILE).is_file()
     reference = _read_build(folder / BUILD_FILE)
     if reference is not None:
         different = _differences(digests, reference["weights"])
@@ -368,19 +374,123 @@ def load_named(
                 "bits on every CPU, so something changed the arithmetic (AFMKIT_KERNEL_FLAGS="
                 f"{os.environ.get('AFMKIT_KERNEL_FLAGS', '')!r}, the numpy or float weights in use)"
             )
-            if ships_adapter and recovery:
+            if (ships_adapter or ships_tables) and recovery:
                 raise UserError(
-                    f"{message}, and its recovery adapter only fits the reference; unset AFMKIT_KERNEL_FLAGS and "
+                    f"{message}, and its recovery only fits the reference; unset AFMKIT_KERNEL_FLAGS and "
                     f"delete {directory} to rebuild, or load it with recovery=False"
                 )
             print(f"afmkit: warning: {message}", file=sys.stderr)
+    if recovery and ships_tables:
+        params = with_tables(params, read_tables(recovery_dir / TABLES_FILE, params))
     model = lm.LanguageModel(config, params, tokenizer, name=settings.name)
     if recovery and ships_adapter:
         from afmkit.adapters.peft_io import load_adapter
 
-        adapter = load_adapter(adapter_dir, config=config, params=params, name=f"{settings.name}:{RECOVERY_DIR}")
+        adapter = load_adapter(recovery_dir, config=config, params=params, name=f"{settings.name}:{RECOVERY_DIR}")
         model = model.with_adapter(adapter, name=settings.name)
     return model
+
+
+# -- trained look-up tables ------------------------------------------------------------------------
+
+
+def table_arrays(params: Any) -> dict[str, np.ndarray]:
+    """Every palettized weight's look-up tables and row scales (fp16), by name: ``layers.3.wq.tables``,
+    ``layers.3.wq.scales``."""
+    from afmkit.interop import native
+    from afmkit.model.palettized import PalettizedWeight
+
+    out = {}
+    for name, leaf in native._flatten(params).items():
+        if isinstance(leaf, PalettizedWeight):
+            out[f"{name}.tables"] = np.asarray(leaf.tables)
+            if leaf.scales is not None:
+                out[f"{name}.scales"] = np.asarray(leaf.scales)
+    return out
+
+
+def read_tables(path: Path, params: Any) -> dict[str, np.ndarray]:
+    """``path``'s tables and scales, checked against ``params``' palettized weights: the same names,
+    shapes and fp16, all finite (a file for another build is one line)."""
+    from safetensors.numpy import load_file
+
+    try:
+        tables = load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises its own errors as these
+        raise CorruptFileError(f"cannot read {path}: {exc}; reinstall afmkit") from None
+    expected = table_arrays(params)
+    for key in sorted(set(expected) | set(tables)):
+        value, like = tables.get(key), expected.get(key)
+        if like is None:
+            raise CorruptFileError(
+                f"{path}: {key} matches no palettized weight of this model; it belongs to another build"
+            )
+        if value is None or value.shape != like.shape or value.dtype != np.float16:
+            found = "missing" if value is None else f"{value.dtype}{list(value.shape)}"
+            raise CorruptFileError(
+                f"{path}: {key} is {found}, expected float16{list(like.shape)}; it belongs to another build"
+            )
+        if not np.all(np.isfinite(value)):
+            raise CorruptFileError(f"{path}: {key} has values that are not finite; reinstall afmkit")
+    return tables
+
+
+def with_tables(params: Any, tables: Mapping[str, np.ndarray]) -> Any:
+    """``params`` with its palettized weights' tables and scales from ``tables`` (as ``table_arrays``
+    names them); indices and every other weight as they are."""
+    import jax
+    import jax.numpy as jnp
+
+    from afmkit.interop import native
+    from afmkit.model.palettized import PalettizedWeight
+
+    def replace(path: Any, leaf: Any) -> Any:
+        if not isinstance(leaf, PalettizedWeight):
+            return leaf
+        name = native.leaf_name(path)
+        scales = None if leaf.scales is None else jnp.asarray(tables[f"{name}.scales"])
+        return dataclasses.replace(leaf, tables=jnp.asarray(tables[f"{name}.tables"]), scales=scales)
+
+    return jax.tree_util.tree_map_with_path(replace, params, is_leaf=native._is_compressed)
+
+
+def ship_recovery(settings: NamedCompressedSettings, run: str | os.PathLike, *, quiet: bool = False) -> Path:
+    """Make a recovery run on this named model (``afmkit compress recover --model NAME --out RUN``)
+    the one it ships: ``resources/<folder>/recovery`` becomes the run's adapter and, for ``--train
+    tables|both`` (RUN is then a model directory), its tables and scales as ``TABLES_FILE``. The
+    run must keep every other weight of the reference build, so its tables fit every build."""
+    from safetensors.numpy import save_file
+
+    from afmkit.compress.recover import RECOVERY_DIR, RESULTS_FILE
+    from afmkit.files import atomic_directory
+    from afmkit.interop import native
+
+    run = Path(run)
+    if native.is_checkpoint(run):
+        _, params, _ = native.load_checkpoint(run)
+        built = load_named(settings, recovery=False, quiet=quiet).params
+        untrained = weight_digests(with_tables(params, table_arrays(built)))
+        different = _differences(untrained, weight_digests(built))
+        if different:
+            raise UserError(
+                f"{run} was not trained on {settings.name}'s build: {len(different)} weights besides the tables "
+                f"differ (first: {different[0]}); run 'afmkit compress recover --model {settings.name}'"
+            )
+        tables, adapter_dir = table_arrays(params), run / RECOVERY_DIR
+    elif (run / "adapter_config.json").is_file():
+        tables, adapter_dir = None, run
+    else:
+        raise UserError(f"{run} is neither a recovery adapter nor a model from 'afmkit compress recover --out'")
+    with atomic_directory(resource_dir(settings) / RECOVERY_DIR) as tmp:
+        if (adapter_dir / "adapter_config.json").is_file():
+            for file in adapter_dir.iterdir():
+                if file.is_file():
+                    shutil.copyfile(file, tmp / file.name)
+        if tables is not None:
+            save_file(tables, str(tmp / TABLES_FILE), metadata={"trained_on": settings.name})
+            if (run / RESULTS_FILE).is_file():  # the run's settings, data and held-out KL
+                shutil.copyfile(run / RESULTS_FILE, tmp / RESULTS_FILE)
+    return resource_dir(settings) / RECOVERY_DIR
 
 
 def _plain_leaves_as(params: Any, dtype: Any) -> Any:
@@ -433,6 +543,7 @@ def bits_report(settings: NamedCompressedSettings, config: Any) -> dict[str, Any
         "all_weights": stored / total,
         "bits_by_type": {kind: dict(sorted(c.items())) for kind, c in _bits_by_type(bits).items()},
         "recovery_adapter": (folder / "recovery" / "adapter_config.json").is_file(),
+        "recovery_tables": (folder / "recovery" / TABLES_FILE).is_file(),
     }
 
 
@@ -549,20 +660,24 @@ def write_reference(settings: NamedCompressedSettings, *, quiet: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m afmkit.compress.named make-resources CALIBRATION OUT [NAME]`` or
-    ``write-reference [NAME]`` (the maintainer's steps; NAME defaults to the first named model)."""
+    """``python -m afmkit.compress.named make-resources CALIBRATION OUT [NAME]``, ``write-reference
+    [NAME]`` or ``ship-recovery RUN [NAME]`` (the maintainer's steps; NAME defaults to the first
+    named model)."""
     from afmkit.weights import NAMED_COMPRESSED
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("make-resources", "write-reference"):
+    takes = {"make-resources": 2, "write-reference": 0, "ship-recovery": 1}  # arguments before NAME
+    if not args or args[0] not in takes or len(args) < 1 + takes[args[0]]:
         print(main.__doc__, file=sys.stderr)
         return 2
+    rest = args[1 + takes[args[0]] :]
+    settings = NAMED_COMPRESSED[rest[0] if rest else next(iter(NAMED_COMPRESSED))]
     if args[0] == "make-resources":
-        name = args[3] if len(args) > 3 else next(iter(NAMED_COMPRESSED))
-        print(json.dumps(make_resources(NAMED_COMPRESSED[name], args[1], args[2])))
+        print(json.dumps(make_resources(settings, args[1], args[2])))
+    elif args[0] == "write-reference":
+        print(write_reference(settings))
     else:
-        name = args[1] if len(args) > 1 else next(iter(NAMED_COMPRESSED))
-        print(write_reference(NAMED_COMPRESSED[name]))
+        print(ship_recovery(settings, args[1]))
     return 0
 
 
