@@ -266,6 +266,13 @@ def test_tables_that_fit_another_build_are_refused_in_one_line(settings, tmp_pat
         shutil.rmtree(shipped)
 
 
+def test_the_maintainer_steps_name_an_unknown_model_in_one_line(capsys):
+    assert named.main(["ship-recovery", "run", "no-such-model"]) == 2
+    assert capsys.readouterr().err.strip() == "afmkit: error: 'no-such-model' is no named compressed model " + (
+        f"({', '.join(NAMED_COMPRESSED)})"
+    )
+
+
 def test_a_run_on_other_indices_is_not_shipped(settings, tmp_path):
     """Only the tables and scales may differ from the build: a run whose indices differ (made on
     another build) is refused in one line, and what ships stays as it was."""

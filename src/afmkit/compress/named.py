@@ -671,7 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         print(main.__doc__, file=sys.stderr)
         return 2
     rest = args[1 + takes[args[0]] :]
-    settings = NAMED_COMPRESSED[rest[0] if rest else next(iter(NAMED_COMPRESSED))]
+    name = rest[0] if rest else next(iter(NAMED_COMPRESSED))
+    if name not in NAMED_COMPRESSED:
+        print(f"afmkit: error: {name!r} is no named compressed model ({', '.join(NAMED_COMPRESSED)})", file=sys.stderr)
+        return 2
+    settings = NAMED_COMPRESSED[name]
     if args[0] == "make-resources":
         print(json.dumps(make_resources(settings, args[1], args[2])))
     elif args[0] == "write-reference":
