@@ -44,3 +44,21 @@ def test_every_named_model_gives_its_base_tokenizer_without_building_weights(mon
     for name in afmkit.known_models():
         tokenizer = load_tokenizer(name)
         assert tokenizer.encode("Hello, world") == base.encode("Hello, world"), name
+
+
+def test_the_compressed_post_trained_model_pairs_the_adapter_with_its_float_weights(smollm2):
+    # smollm2-135m-afm-3.5bpw loads the adapter onto the 3.5-bit build without a fingerprint
+    # check (the build's weights differ from those the adapter was trained on). The pairing is
+    # checked here instead: the adapter was made on these float weights, and the build's
+    # committed recipe was made for the same weights (the build refuses any others).
+    from afmkit.adapters.peft_io import base_fingerprint
+    from afmkit.compress import named
+    from afmkit.compress.sensitivity import model_fingerprint
+    from afmkit.weights import NAMED_ADAPTED, NAMED_COMPRESSED
+
+    base, folder = NAMED_ADAPTED["smollm2-135m-afm-3.5bpw"]
+    assert folder == NAMED_ADAPTED[NAME][1] and NAMED_COMPRESSED[base].base == NAMED_ADAPTED[NAME][0]
+    made_on = json.loads(packaged_data(f"{folder}/afmkit_adapter.json").read_text())["base_fingerprint"]
+    assert made_on == base_fingerprint(smollm2.config, smollm2.params)
+    recipe = json.loads((named.resource_dir(NAMED_COMPRESSED[base]) / named.RECIPE_FILE).read_text())
+    assert recipe["model"]["fingerprint"] == model_fingerprint(smollm2.config, smollm2.params)

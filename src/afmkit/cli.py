@@ -135,8 +135,9 @@ def stored_bits(name: str, config: object) -> dict | None:
     ``all_weights``. None for other models and model sizes."""
     from pathlib import Path
 
-    from afmkit.weights import NAMED_COMPRESSED
+    from afmkit.weights import NAMED_ADAPTED, NAMED_COMPRESSED
 
+    name = NAMED_ADAPTED[name][0] if name in NAMED_ADAPTED else name  # an adapter stores no weights of its own
     if name in NAMED_COMPRESSED:
         from afmkit.compress.named import bits_report
 

@@ -113,7 +113,12 @@ class LanguageModel:
 
     def __repr__(self) -> str:
         matrix = self.params["layers"][0]["wq"]
-        weights = f"int{matrix.bits}-packed" if isinstance(matrix, PackedWeight) else str(matrix.dtype)
+        if isinstance(matrix, PackedWeight):
+            weights = f"int{matrix.bits}-packed"
+        elif isinstance(matrix, PalettizedWeight):
+            weights = "palettized"
+        else:
+            weights = str(matrix.dtype)
         return f"LanguageModel({self.name!r}, {self.config.total_params / 1e6:.0f}M params, {weights})"
 
     # -- generation --------------------------------------------------------------------------
@@ -281,7 +286,7 @@ def load(
     key = str(name_or_path)
     if key in NAMED_ADAPTED:
         base, folder = NAMED_ADAPTED[key]
-        return _with_packaged_adapter(load(base, dtype=requested), folder, name=key)
+        return _with_packaged_adapter(load(base, dtype=requested, recovery=recovery), folder, name=key)
     if key in NAMED_COMPRESSED:
         from afmkit.compress.named import load_named
 
@@ -339,12 +344,24 @@ def _with_int8_activations(model: LanguageModel) -> LanguageModel:
 
 
 def _with_packaged_adapter(model: LanguageModel, folder: str, *, name: str) -> LanguageModel:
-    """``model`` with the adapter that ships in ``afmkit/resources/folder`` as its default."""
+    """``model`` with the adapter that ships in ``afmkit/resources/folder`` as its default.
+
+    On a named compressed model the adapter is one trained on the float model it compresses.
+    Its fingerprint is that model's, which the compressed build cannot match, so only shapes are
+    checked here: the build refuses other float weights, and a test checks that the packaged
+    adapter was made on the float weights. The adapter is added to the recovery adapter, exactly
+    (ranks stacked, ``adapters.lora.mix``): recovery undoes the compression, the adapter then
+    changes the model as it does the float one."""
+    from afmkit.adapters.lora import mix
     from afmkit.adapters.peft_io import load_adapter
     from afmkit.files import packaged_data
 
     directory = packaged_data(f"{folder}/adapter_config.json").parent
-    return model.with_adapter(load_adapter(directory, config=model.config, params=model.params, name=name), name=name)
+    compressed = model.name in NAMED_COMPRESSED
+    adapter = load_adapter(directory, config=model.config, params=None if compressed else model.params, name=name)
+    if model.adapter is not None:
+        adapter = mix([model.adapter, adapter], [1.0, 1.0], name=name)
+    return model.with_adapter(adapter, name=name)
 
 
 def _recovery_adapter(path: Path, config: ModelConfig, params: Params) -> Any:

@@ -5,7 +5,8 @@
 ``smollm2-135m-afm`` is that model post-trained by afmkit's recipe (docs/posttraining.md): the
 same GGUF plus an adapter that ships inside afmkit. ``smollm2-135m-instruct-3.5bpw`` is that GGUF
 palettized at 3.5 bits per weight by a committed recipe, built on first load and cached
-(``afmkit.compress.named``), with its recovery adapter when one ships.
+(``afmkit.compress.named``), with its recovery adapter when one ships. ``smollm2-135m-afm-3.5bpw``
+is the post-trained model on that build: the post-training adapter added to the recovery adapter.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ NAMED_WEIGHTS = {DEFAULT_MODEL: smollm2_gguf_path}
 
 # Named models that are a named base plus a LoRA adapter shipped inside afmkit (a folder of
 # ``afmkit/resources`` in the PEFT layout, with its recipe in a README): name -> (base, folder).
-NAMED_ADAPTED = {"smollm2-135m-afm": (DEFAULT_MODEL, "smollm2_135m_afm")}
+# The base may be a named compressed model of the float model the adapter was trained on: its
+# recovery adapter and the packaged one then add up (``afmkit.lm._with_packaged_adapter``).
+NAMED_ADAPTED = {
+    "smollm2-135m-afm": (DEFAULT_MODEL, "smollm2_135m_afm"),
+    "smollm2-135m-afm-3.5bpw": ("smollm2-135m-instruct-3.5bpw", "smollm2_135m_afm"),
+}
 
 
 # Named compressed models: a named base palettized by a recipe that ships inside afmkit, built
@@ -64,7 +70,7 @@ def named_base(name: str) -> str:
     """The float model a named adapted or compressed model is made from (its tokenizer's
     source); any other name or path unchanged."""
     if name in NAMED_ADAPTED:
-        return NAMED_ADAPTED[name][0]
+        return named_base(NAMED_ADAPTED[name][0])
     if name in NAMED_COMPRESSED:
         return NAMED_COMPRESSED[name].base
     return name

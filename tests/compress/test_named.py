@@ -11,11 +11,13 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import afmkit
-from afmkit.adapters.lora import LoraConfig, random_adapter
+from afmkit import kernels
+from afmkit.adapters.lora import LoraConfig, merge, random_adapter, single
 from afmkit.adapters.peft_io import save_adapter
 from afmkit.cli import EXIT_USER_ERROR, main
 from afmkit.compress import kmeans, named
@@ -26,9 +28,10 @@ from afmkit.errors import CorruptFileError, UserError
 from afmkit.files import packaged_data
 from afmkit.interop import native
 from afmkit.lm import load_config
+from afmkit.model.packed import dequantize_params
 from afmkit.model.palettized import PalettizedWeight
-from afmkit.model.transformer import init_params
-from afmkit.weights import NAMED_COMPRESSED, known_models
+from afmkit.model.transformer import init_params, logits_fn
+from afmkit.weights import NAMED_ADAPTED, NAMED_COMPRESSED, known_models
 
 REAL_NAME = "smollm2-135m-instruct-3.5bpw"
 TEXT = packaged_data("tinyshakespeare/input_head.txt")
@@ -85,6 +88,7 @@ def test_first_load_builds_and_caches_later_loads_reuse(settings, capsys, monkey
     assert f"building {NAME}" in err  # the progress lines (piped: log lines, not a bar)
     assert model.name == NAME and model.adapter is None  # no recovery adapter ships here
     assert isinstance(model.params["layers"][0]["wq"], PalettizedWeight)
+    assert "palettized" in repr(model)
     built = json.loads((cached(settings) / named.BUILD_FILE).read_text())
     assert built["bits_per_weight"] == bits_per_weight(model.params)
 
@@ -198,6 +202,46 @@ def test_a_shipped_recovery_adapter_is_applied(settings):
         assert not np.allclose(model.logits(tokens), bare.logits(tokens))
     finally:
         shutil.rmtree(named.resource_dir(settings) / "recovery")
+
+
+def test_an_adapter_of_the_float_model_adds_to_the_recovery_adapter(settings, tmp_path, monkeypatch):
+    """A named adapted model over the compressed name (as ``smollm2-135m-afm-3.5bpw``): the
+    packaged adapter, trained on the float model, runs on the build together with the recovery
+    adapter. Checked against another path: the build expanded to fp32 with both updates merged
+    into its matrices."""
+    bare = afmkit.load(NAME)
+    _ship_adapter(settings, bare)
+    float_model = afmkit.load(settings.base)
+    task = random_adapter(float_model.config, LoraConfig(rank=8), jax.random.PRNGKey(2), b_std=0.05)
+    save_adapter(tmp_path / "task", task, config=float_model.config, params=float_model.params)
+    monkeypatch.setitem(NAMED_ADAPTED, "micro-task-3bpw", (NAME, str(tmp_path / "task")))
+    try:
+        model, off = afmkit.load("micro-task-3bpw"), afmkit.load("micro-task-3bpw", recovery=False)
+        recovery = afmkit.load(NAME).adapter
+    finally:
+        shutil.rmtree(named.resource_dir(settings) / "recovery")
+    assert model.name == "micro-task-3bpw" and model.adapter.config.rank == 4 + 8
+    # The kernels in fp32 (their bf16 rounding is bounded by the kernel tests), so both sides hold
+    # the same fp32 weights and differ by summation order only; a new function, so traced afresh.
+    monkeypatch.setattr(kernels, "has_bf16", lambda: False)
+    fp32_logits = jax.jit(lambda params, tokens, adapters: logits_fn(params, tokens, config=CONFIG, adapters=adapters))
+    tokens = jnp.asarray([model.tokenizer.encode("To be, or not to be")])
+    plain = dequantize_params(bare.params)
+
+    def merged(*adapters):
+        params = plain
+        for adapter in adapters:
+            params = merge(params, adapter)
+        return np.asarray(fp32_logits(params, tokens, None))
+
+    both, task_only = merged(recovery, task), merged(task)
+    # As in tests/model/test_palettized.py: each matmul within K * 2^-24 of its sum of |x w|, a
+    # relative 2^-17 that two layers grow a few times; 2^-12 of the largest logit bounds it.
+    slack = 2.0**-12 * np.abs(both).max()
+    assert np.abs(np.asarray(fp32_logits(model.params, tokens, single(model.adapter))) - both).max() <= slack
+    assert np.abs(np.asarray(fp32_logits(off.params, tokens, single(off.adapter))) - task_only).max() <= slack
+    for alone in (merged(recovery), task_only):  # neither update alone is what loads
+        assert np.abs(both - alone).max() > 100 * slack
 
 
 def test_a_recovery_adapter_trained_on_the_name_ships_and_applies(settings, tmp_path):
