@@ -164,3 +164,24 @@ def test_teacher_top_k_refuses_k_outside_the_vocabulary():
     rows = {"tokens": tokens, "positions": positions, "segment_ids": jnp.ones_like(tokens)}
     with pytest.raises(UserError, match="--top-k"):
         objectives.teacher_top_k(_view(params), rows, k=CONFIG.vocab_size)
+
+
+def test_a_teachers_default_adapter_teaches(tiny_model):
+    # `compress recover --teacher smollm2-135m-afm` must distil the post-trained model, not its
+    # base: add_teacher's top-k are the model's as it generates, its default adapter applied.
+    # Checked against the LanguageModel's own logits (the engine's path) in numpy.
+    from afmkit.adapters.lora import LoraConfig, random_adapter
+    from afmkit.train.teacher import add_teacher, text_rows
+
+    adapter = random_adapter(tiny_model.config, LoraConfig(rank=4), jax.random.PRNGKey(8), b_std=0.5)
+    teacher = tiny_model.with_adapter(adapter)
+    ids = tiny_model.tokenizer.encode("To be, or not to be, that is the question: whether 'tis nobler")
+    rows = add_teacher(teacher, text_rows(ids, 8), k=4, batch=2, quiet=True)
+    for model, expect_equal in ((teacher, True), (tiny_model, False)):
+        logits = np.stack([np.asarray(model.logits(row.tolist()), np.float64) for row in rows["tokens"]])
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        log_probs -= logits.max(-1, keepdims=True)
+        chosen = np.take_along_axis(log_probs, rows["teacher_ids"].astype(np.int64), axis=-1)
+        # fp32 logits from two paths (the jitted objective and the engine): agreement to 1e-4
+        # nats; the adapter moves them by far more (b_std 0.5), so the base cannot pass.
+        assert np.allclose(chosen, rows["teacher_log_probs"], atol=1e-4) == expect_equal

@@ -370,7 +370,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``compress recover``; every default is ``RecoverSettings``'."""
     d = RecoverSettings()
     p.add_argument("--model", required=True, help="a compressed model's directory ('afmkit compress palettize --out')")
-    p.add_argument("--teacher", default=d.teacher, help=f"the float model to distil from (default {d.teacher})")
+    p.add_argument(
+        "--teacher",
+        default=d.teacher,
+        help=f"the float model to distil from, its default adapter applied (e.g. smollm2-135m-afm) (default {d.teacher})",
+    )
     p.add_argument("--data", required=True, help="UTF-8 generic text to distil on; never the text you evaluate on")
     p.add_argument(
         "--data-start", type=int, default=d.data_start, help=f"first character of --data used (default {d.data_start})"

@@ -265,7 +265,8 @@ def anchor_windows(model: Any, settings: DPOSettings, n_train: int, n_held_out: 
 
 
 def with_teacher(model: Any, windows: dict[str, np.ndarray], settings: DPOSettings) -> dict[str, np.ndarray]:
-    """The anchor fields of ``windows`` (``anchor_windows``), the base's top-k (no adapter) added."""
+    """The anchor fields of ``windows`` (``anchor_windows``), the base's top-k added (the model as
+    it loaded: not the adapter being trained)."""
     from afmkit.train.teacher import add_teacher
 
     rows = add_teacher(

@@ -29,19 +29,24 @@ def text_rows(token_ids: list[int], seq_len: int) -> dict[str, np.ndarray]:
 
 
 def add_teacher(teacher: Any, rows: dict[str, np.ndarray], *, k: int, batch: int, quiet: bool) -> dict[str, np.ndarray]:
-    """``rows`` with the teacher's top-k fields (``objectives.teacher_top_k``), ``batch`` rows per call."""
+    """``rows`` with the teacher's top-k fields (``objectives.teacher_top_k``), ``batch`` rows per
+    call. The teacher is the model as it loaded: its default adapter (``smollm2-135m-afm``'s
+    post-training adapter, a compressed model's recovery adapter) applies, as it does when it
+    generates."""
     import jax
     import jax.numpy as jnp
 
+    from afmkit.adapters.lora import single
     from afmkit.infer.engine import activation_dtype
     from afmkit.progress import ProgressReporter
     from afmkit.train.objectives import ModelView, teacher_top_k
 
     compute = activation_dtype(teacher.params)
+    adapters = None if teacher.adapter is None else single(teacher.adapter)
 
     @jax.jit
-    def top_k(params: Any, tokens: Any, positions: Any, segment_ids: Any) -> dict[str, Any]:
-        view = ModelView(config=teacher.config, params=params, adapters=None, compute_dtype=compute)
+    def top_k(params: Any, adapters: Any, tokens: Any, positions: Any, segment_ids: Any) -> dict[str, Any]:
+        view = ModelView(config=teacher.config, params=params, adapters=adapters, compute_dtype=compute)
         return teacher_top_k(view, {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}, k=k)
 
     n = len(rows["tokens"])
@@ -51,7 +56,9 @@ def add_teacher(teacher: Any, rows: dict[str, np.ndarray], *, k: int, batch: int
             chunk = {name: rows[name][lo : lo + batch] for name in ("tokens", "positions", "segment_ids")}
             real = len(chunk["tokens"])
             chunk = {name: np.pad(a, [(0, batch - real), (0, 0)]) for name, a in chunk.items()}  # one shape
-            out = top_k(teacher.params, *(jnp.asarray(chunk[n_]) for n_ in ("tokens", "positions", "segment_ids")))
+            out = top_k(
+                teacher.params, adapters, *(jnp.asarray(chunk[n_]) for n_ in ("tokens", "positions", "segment_ids"))
+            )
             parts.append({name: np.asarray(v)[:real] for name, v in out.items()})
             progress.advance(real)
     return {**rows, **{name: np.concatenate([p[name] for p in parts]) for name in parts[0]}}
