@@ -18,7 +18,7 @@ import pytest
 import afmkit
 from afmkit import kernels
 from afmkit.adapters.lora import LoraConfig, merge, random_adapter, single
-from afmkit.adapters.peft_io import save_adapter
+from afmkit.adapters.peft_io import load_adapter, save_adapter
 from afmkit.cli import EXIT_USER_ERROR, main
 from afmkit.compress import kmeans, named
 from afmkit.compress.palettize import bits_per_weight, checkpoint_bits
@@ -256,6 +256,62 @@ def test_a_recovery_adapter_trained_on_the_name_ships_and_applies(settings, tmp_
         assert model.adapter is not None and afmkit.load(NAME, recovery=False).adapter is None
     finally:
         shutil.rmtree(shipped)
+
+
+def test_recovery_can_continue_the_adapter_the_model_loads_with(settings, tmp_path, capsys):
+    """``--init-from-recovery`` starts from the shipped adapter (its rank, not --rank): at a learning
+    rate of 1e-6 the run saves that adapter back within one fp16 step (Adam moves a weight by about
+    the learning rate a step: 2e-6 in two steps, under the fp16 spacing of these weights), where a new
+    adapter would have B = 0. It needs --train lora, and an adapter to continue; each refusal is
+    one line."""
+    bare = afmkit.load(NAME)
+    _ship_adapter(settings, bare)
+    try:
+        out = tmp_path / "continued"
+        _recover(settings, out, "--init-from-recovery", "--lr", "1e-6")
+        shipped = load_adapter(named.resource_dir(settings) / "recovery", config=bare.config, params=bare.params)
+    finally:
+        shutil.rmtree(named.resource_dir(settings) / "recovery")
+    continued = load_adapter(out, config=bare.config, params=bare.params)
+    assert continued.config.rank == shipped.config.rank == 4
+    for a, b in zip(continued.weights, shipped.weights):
+        assert a.keys() == b.keys()
+        for w in a:
+            for part in ("a", "b"):
+                expected = np.asarray(b[w][part], np.float32)
+                np.testing.assert_allclose(np.asarray(a[w][part], np.float32), expected, rtol=2.0**-10, atol=1e-5)
+    assert (
+        main(
+            [
+                "compress",
+                "recover",
+                "--model",
+                NAME,
+                "--data",
+                str(TEXT),
+                "--init-from-recovery",
+                "--train",
+                "both",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == EXIT_USER_ERROR
+    )
+    assert "--train lora" in capsys.readouterr().err
+    argv = [
+        "compress",
+        "recover",
+        "--model",
+        NAME,
+        "--data",
+        str(TEXT),
+        "--init-from-recovery",
+        "--out",
+        str(tmp_path / "y"),
+    ]
+    assert main([*argv, "--teacher", settings.base, "--quiet"]) == EXIT_USER_ERROR  # no recovery ships now
+    assert "no adapter to continue" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def _recover(settings, out, *extra):

@@ -55,6 +55,8 @@ def check_settings(settings: RecoverSettings) -> RecoverSettings:
         raise UserError("recovery needs --data: a UTF-8 text file of generic text (never the evaluation text)")
     if settings.train not in TRAIN_CHOICES:
         raise UserError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, not {settings.train!r}")
+    if settings.init_from_recovery and settings.train != "lora":
+        raise UserError(f"--init-from-recovery continues an adapter; it needs --train lora, not {settings.train}")
     if settings.train != "lora" and settings.out is None:
         raise UserError(
             f"--train {settings.train} writes a new model directory with the trained tables: give --out DIR "
@@ -240,7 +242,7 @@ def recover(
     seconds: dict[str, float] = {}
     begin = clock()
     if student is None:
-        student = afmkit.load(model_dir, recovery=False)
+        student = afmkit.load(model_dir, recovery=settings.init_from_recovery)
     if not is_palettized(student.params):
         raise UserError(
             f"{model_dir} is not a compressed model (no palettized weights); "
@@ -277,6 +279,14 @@ def recover(
 
     out = output_dir(model_dir, settings)
     lora = LoraConfig(rank=settings.rank, alpha=settings.alpha, dtype="float16")
+    initial = None
+    if settings.init_from_recovery:
+        if student.adapter is None:
+            raise UserError(
+                f"--init-from-recovery: {model_dir} loads with no adapter to continue; drop the flag to train a new one"
+            )
+        lora = dataclasses.replace(student.adapter.config, dtype="float16")  # its rank, alpha and targets
+        initial = LoraWeights.tree(student.adapter)
     if settings.train == "lora":
         subset = LoraWeights(lora)
     else:
@@ -302,6 +312,7 @@ def recover(
         progress=not quiet,
         batch_type=DistillBatch,
         eval_metric="kl",
+        initial=initial,
     )
     results: dict[str, Any] = {
         "model": str(model_dir),
@@ -397,6 +408,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default {d.seq_len})")
     p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
+    p.add_argument(
+        "--init-from-recovery",
+        action="store_true",
+        default=d.init_from_recovery,
+        help="continue the adapter the model loads with (its recovery adapter; for smollm2-135m-afm-3.5bpw "
+        "the post-training adapter stacked on it), its rank and alpha, instead of a new one",
+    )
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps (default {d.warmup})")
     p.add_argument(

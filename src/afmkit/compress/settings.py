@@ -41,6 +41,9 @@ class RecoverSettings:
     seq_len: int = 512  # tokens per row
     rank: int = 16
     alpha: float = 32.0
+    # Continue the adapter the model loads with (its recovery adapter; for smollm2-135m-afm-3.5bpw the
+    # post-training adapter stacked on it), its rank and alpha, instead of a fresh one.
+    init_from_recovery: bool = False
     lr: float = 1e-3  # AdamW peak; a linear warm-up then a cosine to a tenth
     warmup: int = 10
     top_k: int = 64  # the teacher's most likely tokens kept per position; the rest lumped
