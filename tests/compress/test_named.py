@@ -280,37 +280,11 @@ def test_recovery_can_continue_the_adapter_the_model_loads_with(settings, tmp_pa
             for part in ("a", "b"):
                 expected = np.asarray(b[w][part], np.float32)
                 np.testing.assert_allclose(np.asarray(a[w][part], np.float32), expected, rtol=2.0**-10, atol=1e-5)
-    assert (
-        main(
-            [
-                "compress",
-                "recover",
-                "--model",
-                NAME,
-                "--data",
-                str(TEXT),
-                "--init-from-recovery",
-                "--train",
-                "both",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == EXIT_USER_ERROR
-    )
+    argv = ["compress", "recover", "--model", NAME, "--data", str(TEXT), "--init-from-recovery", "--quiet"]
+    assert main([*argv, "--train", "both", "--out", str(tmp_path / "x")]) == EXIT_USER_ERROR
     assert "--train lora" in capsys.readouterr().err
-    argv = [
-        "compress",
-        "recover",
-        "--model",
-        NAME,
-        "--data",
-        str(TEXT),
-        "--init-from-recovery",
-        "--out",
-        str(tmp_path / "y"),
-    ]
-    assert main([*argv, "--teacher", settings.base, "--quiet"]) == EXIT_USER_ERROR  # no recovery ships now
+    # no recovery adapter ships any more: nothing to continue
+    assert main([*argv, "--teacher", settings.base, "--out", str(tmp_path / "y")]) == EXIT_USER_ERROR
     assert "no adapter to continue" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
