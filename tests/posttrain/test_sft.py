@@ -149,6 +149,9 @@ def test_an_interrupted_run_resumes_exactly_with_dropout(checkpoint, chats, tmp_
         np.testing.assert_array_equal(x, y)
 
 
+CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
 @pytest.mark.parametrize(
     ("content", "flags", "message"),
     [
@@ -157,6 +160,7 @@ def test_an_interrupted_run_resumes_exactly_with_dropout(checkpoint, chats, tmp_
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', ["--lora-rank", "0"], "--lora-rank must be at least 1"),
         ('{"messages": []}\n', ["--dropout", "1.5"], "--dropout must lie in"),
         ('{"messages": []}\n', ["--full", "--init-adapter", "a"], "--init-adapter continues a LoRA adapter"),
+        (CHAT, ["--model", "smollm2-135m-afm"], "loads with an adapter"),  # its adapter would not count
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, content, flags, message):

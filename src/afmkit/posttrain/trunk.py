@@ -91,7 +91,14 @@ def load_base(name: str, dtype: str | None, *, full: bool) -> Any:
     exactly; LoRA trains over the base as loaded (on CPUs SmolLM2's own int4 weights, QLoRA-style)."""
     import afmkit
 
-    return afmkit.load(name, dtype=dtype or ("float32" if full else None))
+    model = afmkit.load(name, dtype=dtype or ("float32" if full else None))
+    if model.adapter is not None:
+        # Training runs over the base weights alone: the adapter this name carries would silently not count.
+        raise UserError(
+            f"--model {name} loads with an adapter ({model.adapter.name}), which training over its weights would "
+            "ignore; give its base model as --model and start from the adapter with --init-adapter DIR"
+        )
+    return model
 
 
 def load_init_adapter(base: Any, path: str | Path, *, flag: str = "--init-adapter") -> Any:
