@@ -288,6 +288,36 @@ def test_recovery_can_continue_the_adapter_the_model_loads_with(settings, tmp_pa
     assert "no adapter to continue" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_a_recipe_trains_over_the_compressed_weights_from_their_recovery_adapter(settings, tmp_path):
+    """``posttrain sft --model NAME`` trains over the build as stored (its recovery adapter off, not
+    silently dropped under a new one), and ``--init-adapter NAME's recovery`` continues it: the
+    adapter's fingerprint is the build's, so it fits."""
+    bare = afmkit.load(NAME)
+    _ship_adapter(settings, bare)
+    recovery = named.resource_dir(settings) / "recovery"
+    chats = tmp_path / "chats.jsonl"
+    chat = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend."}]
+    chats.write_text(2 * (json.dumps({"messages": chat}) + "\n"))
+    argv = ["posttrain", "sft", "--model", NAME, "--data", str(chats), "--out", str(tmp_path / "sft"), "--quiet"]
+    argv += [
+        "--init-adapter",
+        str(recovery),
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq-len",
+        "64",
+        "--eval-fraction",
+        "0.5",
+    ]
+    try:
+        assert main(argv) == 0
+    finally:
+        shutil.rmtree(recovery)
+    assert load_adapter(tmp_path / "sft", config=bare.config, params=bare.params).config.rank == 4
+
+
 def _recover(settings, out, *extra):
     argv = ["compress", "recover", "--model", NAME, "--teacher", settings.base, "--data", TEXT, "--out", out]
     argv += ["--steps", "2", "--batch", "1", "--seq-len", "64", "--eval-rows", "1", "--top-k", "8", "--quiet", *extra]

@@ -88,10 +88,12 @@ def trunk_run(
 
 def load_base(name: str, dtype: str | None, *, full: bool) -> Any:
     """The base model a command trains over: ``--full`` trains fp32 master weights, so they load
-    exactly; LoRA trains over the base as loaded (on CPUs SmolLM2's own int4 weights, QLoRA-style)."""
+    exactly; LoRA trains over the base as loaded (on CPUs SmolLM2's own int4 weights, QLoRA-style).
+    A compressed model loads without its recovery adapter (continue it with ``--init-adapter
+    DIR/recovery``); a name that carries an adapter (``smollm2-135m-afm``) is refused."""
     import afmkit
 
-    model = afmkit.load(name, dtype=dtype or ("float32" if full else None))
+    model = afmkit.load(name, dtype=dtype or ("float32" if full else None), recovery=False)
     if model.adapter is not None:
         # Training runs over the base weights alone: the adapter this name carries would silently not count.
         raise UserError(
