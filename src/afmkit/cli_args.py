@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from afmkit.errors import UserError
 from afmkit.weights import DEFAULT_MODEL
 
 WEIGHT_DTYPE_CHOICES = ("float32", "bfloat16", "int4", "int8")
@@ -190,3 +191,20 @@ def load_model(name: str, dtype: str | None, *, quiet: bool, recovery: bool = Tr
 
     with Console(stderr=True).status(f"loading {name}"):
         return afmkit.load(name, dtype=dtype, recovery=recovery, activations=activations)
+
+
+def load_training_base(name: str, dtype: str | None, *, full: bool = False, fix: str = "--init-adapter DIR") -> Any:
+    """The base model a command trains over: ``full`` trains fp32 master weights, so they load
+    exactly; LoRA trains over the base as loaded (on CPUs SmolLM2's own int4 weights, QLoRA-style).
+    A compressed model loads without its recovery adapter; a name that carries an adapter
+    (``smollm2-135m-afm``) is refused, naming ``fix``, the flag that continues one."""
+    import afmkit
+
+    model = afmkit.load(name, dtype=dtype or ("float32" if full else None), recovery=False)
+    if model.adapter is not None:
+        # Training runs over the base weights alone: the adapter this name carries would silently not count.
+        raise UserError(
+            f"--model {name} loads with an adapter ({model.adapter.name}), which training over its weights would "
+            f"ignore; give its base model as --model and start from the adapter with {fix}"
+        )
+    return model

@@ -62,6 +62,16 @@ def test_adapter_train_on_each_documented_dtype(checkpoint, chats, tmp_path, dty
     assert adapter.config.rank == 4 and adapter.config.targets == ("q", "v", "down")
 
 
+def test_adapter_train_refuses_a_model_that_loads_with_an_adapter(chats, tmp_path, capsys):
+    """A new adapter trains over the weights alone, so the post-trained model's own adapter would
+    silently not count: one line naming the flag that continues it, and nothing written."""
+    out = tmp_path / "task"
+    assert main(["adapter", "train", "--model", "smollm2-135m-afm", "--data", str(chats), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loads with an adapter" in err and "--init-from-recovery" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

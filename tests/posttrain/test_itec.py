@@ -177,6 +177,7 @@ def foreign_adapter(tiny_model, tmp_path_factory):
         ("missing-member", "committee member"),
         ("foreign-adapter", "another base model"),
         ("k0", "--samples must be at least 1"),
+        ("adapted-model", "loads with an adapter"),  # rounds would train over the bare base
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -191,8 +192,9 @@ def test_bad_input_is_one_line_and_writes_nothing(
         committee = f"base,{foreign_adapter}"
     if case == "k0":
         samples = "0"
+    model = "smollm2-135m-afm" if case == "adapted-model" else str(checkpoint)
     out = tmp_path / "out"
-    argv = ["posttrain", "itec", "--model", str(checkpoint), "--committee", committee, "--prompts", str(prompts_file)]
+    argv = ["posttrain", "itec", "--model", model, "--committee", committee, "--prompts", str(prompts_file)]
     assert main([*argv, "--samples", samples, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

@@ -247,6 +247,7 @@ def test_unfinished_reward_through_the_cli_sets_the_advantages(checkpoint, promp
         ("k1", "--k must be at least 2"),
         ("foreign-adapter", "another base model"),
         ("foreign-reward-model", "another tokenizer"),
+        ("adapted-model", "loads with an adapter"),  # the policy would silently start from the bare base
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -257,6 +258,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
         "k1": ["--k", "1"],
         "foreign-adapter": ["--init-adapter", str(foreign_adapter)],
         "foreign-reward-model": ["--reward-model", str(foreign_reward_model)],
+        "adapted-model": ["--model", "smollm2-135m-afm"],
     }.get(case, [])
     out = tmp_path / "out"
     assert main([*cli_args(checkpoint, prompts, out), *extra]) == 2

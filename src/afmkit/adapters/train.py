@@ -258,8 +258,13 @@ def cmd_adapter_train(args: Any) -> int:
     LoraConfig(rank=settings.rank, alpha=settings.alpha, targets=settings.targets)  # validate before loading
     conversations = read_chat_jsonl(args.data)
     # The adapter is trained against the base at --dtype (int4: the GGUF's own 4-bit weights,
-    # QLoRA-style); its fingerprint is the same for every lossless load of that base.
-    model = afmkit.load(args.model, dtype=args.dtype)
+    # QLoRA-style); its fingerprint is the same for every lossless load of that base. A new adapter
+    # trains over the weights alone, so a model that loads with an adapter is refused unless
+    # --init-from-recovery continues it.
+    if settings.init_from_recovery:
+        model = afmkit.load(args.model, dtype=args.dtype)
+    else:
+        model = cli_args.load_training_base(args.model, args.dtype, fix="--init-from-recovery")
     results = train_adapter(model, conversations, args.out, settings, name=Path(args.out).name)
     print(
         json.dumps(

@@ -51,7 +51,7 @@ import numpy as np
 from afmkit import cli_args
 from afmkit.errors import UserError
 from afmkit.posttrain.sft import MAY_CHANGE_ON_RESUME, TRAINING_FILE, ChatRunSettings
-from afmkit.posttrain.trunk import RUN_DIR, SETTINGS_FILE, load_base, report_unfinished, trunk_run
+from afmkit.posttrain.trunk import RUN_DIR, SETTINGS_FILE, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_bytes, write_json
 
 # The reference log-probabilities of the train and held-out rows, with the fingerprint of what
@@ -455,7 +455,7 @@ def cmd_dpo(args: Any) -> int:
     settings.check()  # one line before loading anything
     pairs = read_pairs(args.data, replay=settings.replay_weight > 0)
     _check_out(Path(args.out), settings)
-    model = load_base(args.model, args.dtype, full=False)
+    model = cli_args.load_training_base(args.model, args.dtype)
     results = dpo(model, pairs, args.out, settings)
     report_unfinished(results["steps_done"], settings.steps)
     print(

@@ -433,7 +433,6 @@ def settings_from_args(args: Any) -> ItecSettings:
 
 
 def cmd_itec(args: Any) -> int:
-    import afmkit
 
     settings = settings_from_args(args)
     settings.check()
@@ -443,7 +442,7 @@ def cmd_itec(args: Any) -> int:
     _read_split(args.prompts, "dev")
     if not settings.resume:  # --resume compares the settings once the base is loaded
         check_new_run(Path(args.out))
-    base = afmkit.load(args.model, dtype=args.dtype)
+    base = cli_args.load_training_base(args.model, args.dtype)
     table = itec(base, committee, args.prompts, args.out, settings, reward_model=args.reward_model, dtype=args.dtype)
     print(json.dumps(table))
     return 0

@@ -40,7 +40,7 @@ import numpy as np
 
 from afmkit import cli_args
 from afmkit.errors import UserError
-from afmkit.posttrain.trunk import SETTINGS_FILE, TrunkSettings, load_base, report_unfinished, trunk_run
+from afmkit.posttrain.trunk import SETTINGS_FILE, TrunkSettings, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 REPORT_FILE = "report.json"
@@ -293,7 +293,7 @@ def cmd_reward(args: Any) -> int:
     pairs = load_pair_sources(args.data)
     split_for_training(pairs, settings)  # an empty side: one line before loading the model
     _check_out(Path(args.out), settings)
-    model = load_base(args.model, args.dtype, full=settings.full)
+    model = cli_args.load_training_base(args.model, args.dtype, full=settings.full)
     named = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     report = train_reward_model(model, pairs, args.out, settings, base_name=named)
     report_unfinished(report["steps_done"], settings.steps)

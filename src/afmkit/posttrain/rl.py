@@ -694,7 +694,6 @@ def settings_from_args(args: Any) -> RLSettings:
 
 
 def cmd_rl(args: Any) -> int:
-    import afmkit
 
     settings = settings_from_args(args)
     settings.check()
@@ -703,7 +702,7 @@ def cmd_rl(args: Any) -> int:
         read_split(args.prompts, "dev")
     if not settings.resume:  # --resume compares the settings once the base is loaded
         check_new_run(Path(args.out))
-    base = afmkit.load(args.model, dtype=args.dtype)
+    base = cli_args.load_training_base(args.model, args.dtype)
     records = rl(base, args.prompts, args.out, settings, init_adapter=args.init_adapter, reward_model=args.reward_model)
     last = records[-1] if records else {}
     print(json.dumps({k: last.get(k) for k in ("step", "mean_reward", "kl_to_reference", "dev_strict")}))

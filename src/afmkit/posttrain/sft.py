@@ -32,7 +32,7 @@ from typing import Any
 
 from afmkit import cli_args
 from afmkit.errors import UserError
-from afmkit.posttrain.trunk import SETTINGS_FILE, TrunkSettings, load_base, report_unfinished, trunk_run
+from afmkit.posttrain.trunk import SETTINGS_FILE, TrunkSettings, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_json
 
 TRAINING_FILE = "training.json"
@@ -228,7 +228,7 @@ def cmd_sft(args: Any) -> int:
     settings.check()  # one line before loading anything
     conversations = read_chat_jsonl(args.data)
     _check_out(Path(args.out), settings)
-    model = load_base(args.model, args.dtype, full=settings.full)
+    model = cli_args.load_training_base(args.model, args.dtype, full=settings.full)
     results = sft(model, conversations, args.out, settings)
     report_unfinished(results["steps_done"], settings.steps)
     print(

@@ -86,23 +86,6 @@ def trunk_run(
     )
 
 
-def load_base(name: str, dtype: str | None, *, full: bool) -> Any:
-    """The base model a command trains over: ``--full`` trains fp32 master weights, so they load
-    exactly; LoRA trains over the base as loaded (on CPUs SmolLM2's own int4 weights, QLoRA-style).
-    A compressed model loads without its recovery adapter (continue it with ``--init-adapter
-    DIR/recovery``); a name that carries an adapter (``smollm2-135m-afm``) is refused."""
-    import afmkit
-
-    model = afmkit.load(name, dtype=dtype or ("float32" if full else None), recovery=False)
-    if model.adapter is not None:
-        # Training runs over the base weights alone: the adapter this name carries would silently not count.
-        raise UserError(
-            f"--model {name} loads with an adapter ({model.adapter.name}), which training over its weights would "
-            "ignore; give its base model as --model and start from the adapter with --init-adapter DIR"
-        )
-    return model
-
-
 def load_init_adapter(base: Any, path: str | Path, *, flag: str = "--init-adapter") -> Any:
     """An SFT/iTeC adapter to start from (``flag``; refused in one line if it is not an adapter
     directory or was made for another base)."""
