@@ -193,11 +193,16 @@ def load_model(name: str, dtype: str | None, *, quiet: bool, recovery: bool = Tr
         return afmkit.load(name, dtype=dtype, recovery=recovery, activations=activations)
 
 
-def load_training_base(name: str, dtype: str | None, *, full: bool = False, fix: str = "--init-adapter DIR") -> Any:
+CONTINUE_WITH_INIT_ADAPTER = "give its base model as --model and start from the adapter with --init-adapter DIR"
+
+
+def load_training_base(
+    name: str, dtype: str | None, *, full: bool = False, fix: str = CONTINUE_WITH_INIT_ADAPTER
+) -> Any:
     """The base model a command trains over: ``full`` trains fp32 master weights, so they load
     exactly; LoRA trains over the base as loaded (on CPUs SmolLM2's own int4 weights, QLoRA-style).
     A compressed model loads without its recovery adapter; a name that carries an adapter
-    (``smollm2-135m-afm``) is refused, naming ``fix``, the flag that continues one."""
+    (``smollm2-135m-afm``) is refused, saying ``fix``: how this command continues that adapter."""
     import afmkit
 
     model = afmkit.load(name, dtype=dtype or ("float32" if full else None), recovery=False)
@@ -205,6 +210,6 @@ def load_training_base(name: str, dtype: str | None, *, full: bool = False, fix:
         # Training runs over the base weights alone: the adapter this name carries would silently not count.
         raise UserError(
             f"--model {name} loads with an adapter ({model.adapter.name}), which training over its weights would "
-            f"ignore; give its base model as --model and start from the adapter with {fix}"
+            f"ignore; {fix}"
         )
     return model

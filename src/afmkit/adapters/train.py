@@ -264,7 +264,9 @@ def cmd_adapter_train(args: Any) -> int:
     if settings.init_from_recovery:
         model = afmkit.load(args.model, dtype=args.dtype)
     else:
-        model = cli_args.load_training_base(args.model, args.dtype, fix="--init-from-recovery")
+        model = cli_args.load_training_base(
+            args.model, args.dtype, fix="add --init-from-recovery to continue that adapter"
+        )
     results = train_adapter(model, conversations, args.out, settings, name=Path(args.out).name)
     print(
         json.dumps(

@@ -442,7 +442,9 @@ def cmd_itec(args: Any) -> int:
     _read_split(args.prompts, "dev")
     if not settings.resume:  # --resume compares the settings once the base is loaded
         check_new_run(Path(args.out))
-    base = cli_args.load_training_base(args.model, args.dtype)
+    base = cli_args.load_training_base(
+        args.model, args.dtype, fix="give its base model as --model and the adapter's directory as a --committee member"
+    )
     table = itec(base, committee, args.prompts, args.out, settings, reward_model=args.reward_model, dtype=args.dtype)
     print(json.dumps(table))
     return 0
