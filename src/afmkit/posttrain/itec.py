@@ -433,7 +433,6 @@ def settings_from_args(args: Any) -> ItecSettings:
 
 
 def cmd_itec(args: Any) -> int:
-
     settings = settings_from_args(args)
     settings.check()
     committee = [c.strip() for c in args.committee.split(",") if c.strip()]

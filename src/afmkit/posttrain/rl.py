@@ -694,7 +694,6 @@ def settings_from_args(args: Any) -> RLSettings:
 
 
 def cmd_rl(args: Any) -> int:
-
     settings = settings_from_args(args)
     settings.check()
     read_split(args.prompts, "train")
