@@ -91,7 +91,8 @@ def main() -> int:
     workload = build_workload(gguf_path())
 
     def run(prompts: list[list[int]], new_tokens: int) -> None:
-        for _ in engine.stream(prompts, afmkit.SamplingParams(max_new_tokens=new_tokens)):
+        sampling = afmkit.SamplingParams(max_new_tokens=new_tokens)
+        for _ in engine.stream(prompts, sampling, adapters=model.adapter):  # its default adapter, as users run it
             pass
 
     phases = [{"phase": "loaded", **snapshot(engine_module)}]

@@ -183,7 +183,7 @@ def afmkit_engine(
         start = time.perf_counter()
         first = last = 0.0
         count = 0
-        for _ in engine.stream(prompts, sampling):
+        for _ in engine.stream(prompts, sampling, adapters=model.adapter):  # its default adapter, as users run it
             last = time.perf_counter()
             first = first or last
             count += 1
@@ -198,6 +198,7 @@ def afmkit_engine(
         info["packed_matmul"] = kernels.describe()
     if source:
         info["model"] = source
+    info["adapter"] = None if model.adapter is None else model.adapter.name
     return run, info
 
 

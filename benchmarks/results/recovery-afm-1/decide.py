@@ -23,11 +23,19 @@ for line in (run / "perplexity.log").read_text().splitlines():
 (stack, stack_limit), (new, new_limit) = dev("dev64-stack"), dev("dev64-new")
 checks = {
     f"dev64 strict average > the stack's {stack}": (new, new > stack),
-    f"shakespeare 20k ppl <= {STACK_SHAKESPEARE:.4f}": (ppl["tinyshakespeare_input.txt"], ppl["tinyshakespeare_input.txt"] <= STACK_SHAKESPEARE),
+    f"shakespeare 20k ppl <= {STACK_SHAKESPEARE:.4f}": (
+        ppl["tinyshakespeare_input.txt"],
+        ppl["tinyshakespeare_input.txt"] <= STACK_SHAKESPEARE,
+    ),
     f"harmless 20k ppl <= {STACK_HARMLESS:.4f}": (ppl["harmless_c.txt"], ppl["harmless_c.txt"] <= STACK_HARMLESS),
 }
-print(json.dumps({
-    "checks": {k: {"value": v, "holds": ok} for k, (v, ok) in checks.items()},
-    "dev64_at_limit": {"stack": stack_limit, "new": new_limit},
-    "ship": all(ok for _, ok in checks.values()),
-}, indent=1))
+print(
+    json.dumps(
+        {
+            "checks": {k: {"value": v, "holds": ok} for k, (v, ok) in checks.items()},
+            "dev64_at_limit": {"stack": stack_limit, "new": new_limit},
+            "ship": all(ok for _, ok in checks.values()),
+        },
+        indent=1,
+    )
+)

@@ -14,16 +14,20 @@ spread over the whole text. Never tiny shakespeare's first 100,000 characters, I
 import json
 import os
 import sys
+from pathlib import Path
 
 import afmkit
 
 shared = os.environ.get("AFMKIT_SHARED_DATA", "../shared/data")
 answers_dir, out_path = sys.argv[2], sys.argv[3]
-sh = open(f"{shared}/pretrain/tinyshakespeare_input.txt").read()[600000:]
-hh = [json.loads(line)["chosen"].strip() for line in open(f"{shared}/preference/hh-rlhf_helpful-base_test.jsonl")]
+sh = Path(f"{shared}/pretrain/tinyshakespeare_input.txt").read_text()[600000:]
+hh = [
+    json.loads(line)["chosen"].strip()
+    for line in Path(f"{shared}/preference/hh-rlhf_helpful-base_test.jsonl").read_text().splitlines()
+]
 tok = afmkit.load("smollm2-135m-instruct").tokenizer
 chats = []
-for line in open(f"{answers_dir}/responses.jsonl"):
+for line in Path(f"{answers_dir}/responses.jsonl").read_text().splitlines():
     r = json.loads(line)
     head = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
     chats.append(head + r["response"] + "<|im_end|>\n")
@@ -44,5 +48,5 @@ while c < len(chats):
         n += len(chats[c])
         c += 1
 text = "".join(out)
-open(out_path, "w").write(text)
+Path(out_path).write_text(text)
 print(f"{len(text):,} characters, {len(chats)} chats, shakespeare to {600000 + i:,}, {j} hh dialogues")
