@@ -34,6 +34,8 @@ from typing import Any
 
 ENGINES = {  # name: (model, dtype, recovery)
     "afmkit-int4": ("smollm2-135m-instruct", "int4", True),
+    # The post-trained model as users run it: int4 and its shipped adapter (LoRA, unmerged).
+    "afmkit-afm": ("smollm2-135m-afm", None, True),
     # The named model as users run it: the build and its recovery adapter (LoRA, unmerged).
     "afmkit-3.5bpw": ("smollm2-135m-instruct-3.5bpw", None, True),
     "afmkit-3.5bpw-build": ("smollm2-135m-instruct-3.5bpw", None, False),
@@ -95,7 +97,7 @@ def worker(name: str, tokens: int) -> dict[str, Any]:
         events = json.load(trace)
     events = events["traceEvents"] if isinstance(events, dict) else events
     calls = custom_calls(os.environ["AFMKIT_PROFILE_DUMP"])
-    ms = collections.Counter()
+    ms, by_op = collections.Counter(), collections.Counter()
     runs = set()  # one XLA run of the step per decoded token
     for event in events:
         args = event.get("args") or {}
@@ -104,6 +106,7 @@ def worker(name: str, tokens: int) -> dict[str, Any]:
         if event["name"] == STEP_MODULE or "hlo_op" not in args:
             continue
         ms[group(args["hlo_op"], calls, model.config.vocab_size)] += event["dur"] / 1000
+        by_op[re.sub(r"\.\d+$", "", args["hlo_op"])] += event["dur"] / 1000  # ffi_call.481 -> ffi_call
         runs.add(args.get("run_id"))
     steps = len(runs)
     per_token = {k: round(v / max(steps, 1), 3) for k, v in sorted(ms.items())}
@@ -122,6 +125,7 @@ def worker(name: str, tokens: int) -> dict[str, Any]:
         "op_ms_per_token": per_token,
         "op_ms_per_token_total": round(ops, 3),
         "host_ms_per_token": round(profiled_wall * 1000 - ops, 3),
+        "top_ops_ms_per_token": {k: round(v / max(steps, 1), 3) for k, v in by_op.most_common(12)},
         "custom_calls": collections.Counter(f"{k} {s}" for k, s in calls.values()),
     }
 

@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from afmkit import kernels, runtime
-from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters
+from afmkit.adapters.lora import AdapterBank, LoraAdapter, RowAdapters, SingleAdapter, single
 from afmkit.config import ModelConfig, check_context
 from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, count_tokens, sample
@@ -612,6 +612,7 @@ class DecodeBatch:
         self.adapter_slots = max(adapter_slots, len(adapters) + 1 if adapters else 0)
         self.bank: AdapterBank | None = None
         self.bank_entries: list[_BankEntry | None] = []
+        self._uniform: tuple[Any, SingleAdapter] | None = None  # (adapter's weak ref, it in the activations' dtype)
         if adapters:
             self._new_bank(adapters)
         self.mode = SamplerMode.GREEDY
@@ -686,6 +687,25 @@ class DecodeBatch:
         self.bank = AdapterBank.for_adapters(self.engine.config, list(adapters), slots=self.adapter_slots)
         self.bank_entries = [None] + [_BankEntry(a) for a in adapters]
         self.bank_entries += [None] * (self.adapter_slots - len(self.bank_entries))
+
+    def _step_adapters(self, used: Sequence[int], row_slots: Any) -> Any:
+        """A step's ``adapters``: None when no row that counts has one (the base model's own code);
+        the adapter itself when they all have the same one; else the bank, each row gathering its
+        own slot. ``used``: the bank slots of the rows whose output counts; ``row_slots``: every
+        row's. Reading one adapter in place spares the per-row copy a gather makes, which took as
+        long as the rest of a one-row decode step (``benchmarks/decode_profile.py``)."""
+        slots = set(used)
+        if self.bank is None or not any(slots):
+            return None
+        entry = self.bank_entries[min(slots)] if len(slots) == 1 else None
+        adapter = None if entry is None else entry.adapter
+        if adapter is None:
+            return self.bank.rows(row_slots)
+        if self._uniform is None or self._uniform[0]() is not adapter:
+            # Converted once, not on every step; fp16 -> fp32 rounds nothing (bf16: the step's own rounding).
+            weights = adapter.astype(self.engine.activation_dtype)
+            self._uniform = (weakref.ref(adapter), single(weights))
+        return self._uniform[1]
 
     def _reserve_bank_slot(self, adapter: LoraAdapter | None) -> int | None:
         """The bank slot serving ``adapter`` (loading it if needed), or None if none is free now."""
@@ -869,8 +889,7 @@ class DecodeBatch:
             self._back(row, row.prefilled + n)
         rows: list[_Row | None] = [row for row, _ in chunks] + [None] * (size - len(chunks))
         sampling = [r.request.sampling for r, _ in chunks] + [SamplingParams(max_new_tokens=1)] * (size - len(chunks))
-        uses_adapter = self.bank is not None and any(r.bank_slot for r, _ in chunks)
-        lora = self.bank.rows([r.bank_slot if r else 0 for r in rows]) if uses_adapter else None
+        lora = self._step_adapters([r.bank_slot for r, _ in chunks], [r.bank_slot if r else 0 for r in rows])
         self.cache, first = _paged_prefill(
             engine.params,
             self.cache,
@@ -923,9 +942,7 @@ class DecodeBatch:
         sampling = [r.request.sampling for r in rows] + [SamplingParams(max_new_tokens=1)] * len(padding)
         sampler = SamplerState.from_params(sampling)
         mode = SamplerMode.for_batch(sampling)
-        # No row with an adapter: the base model's own code path (slot 0 would add exact zeros).
-        uses_adapter = self.bank is not None and any(r.bank_slot for r in rows)
-        lora = self.bank.rows([r.bank_slot for r in rows] + [0] * len(padding)) if uses_adapter else None
+        lora = self._step_adapters([r.bank_slot for r in rows], [r.bank_slot for r in rows] + [0] * len(padding))
         lengths_dev = jnp.asarray(lengths, jnp.int32)
         first = jnp.zeros((size,), jnp.int32)
         direct = slots == list(range(size))  # the first rows of the cache: no gather/scatter
@@ -1001,8 +1018,7 @@ class DecodeBatch:
         whole = rows == self.n_slots
         state = self.state if whole else jax.tree.map(lambda a: a[:rows], self.state)
         sampler = self.sampler if whole else jax.tree.map(lambda a: a[:rows], self.sampler)
-        uses_adapter = self.bank is not None and any(r is not None and r.bank_slot for r in self.rows[:rows])
-        lora = self.bank.rows(self.row_bank_slots[:rows]) if uses_adapter else None
+        lora = self._step_adapters([r.bank_slot for r in self.rows[:rows] if r is not None], self.row_bank_slots[:rows])
         counts = self.counts if whole or self.counts is None else self.counts[:rows]
         # Only the rows that decode take part: the others' lines are no line (their writes drop).
         snapshot = [r if r in needing else None for r in self.rows[:rows]]
