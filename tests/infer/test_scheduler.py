@@ -47,6 +47,32 @@ def test_generate_with_per_row_adapters_matches_each_alone_and_merged(tiny_model
             assert merged.generate([prompt], sampling)[0].tokens == out.tokens
 
 
+def test_rows_sharing_one_adapter_read_it_in_place_and_match_each_alone(tiny_model, tiny_adapters):
+    """A step whose rows all use one adapter takes that adapter itself, converted once to the
+    activations' dtype, instead of gathering a copy per row from the bank (which took 39-54% of a
+    one-stream decode step: docs/compression.md); mixed steps still gather. Same tokens either way."""
+    from afmkit.adapters.lora import RowAdapters, SingleAdapter
+
+    engine = tiny_model.engine
+    prompts, sampling = _prompts(3), SamplingParams(max_new_tokens=10)
+    shared = engine.generate(prompts, sampling, adapters=tiny_adapters[0])
+    for prompt, out in zip(prompts, shared):
+        merged = Engine(tiny_model.config, merge(tiny_model.params, tiny_adapters[0]), tiny_model.tokenizer)
+        assert out.tokens == merged.generate([prompt], sampling)[0].tokens
+        mixed = engine.generate([prompt, prompts[0]], sampling, adapters=[tiny_adapters[0], tiny_adapters[1]])
+        assert mixed[0].tokens == out.tokens
+
+    batch = engine.new_batch(slots=4, capacity=64, adapter_slots=3)
+    a, b = batch._reserve_bank_slot(tiny_adapters[0]), batch._reserve_bank_slot(tiny_adapters[1])
+    uniform = batch._step_adapters([a, a], [a, a, 0, 0])
+    assert isinstance(uniform, SingleAdapter)
+    assert all(leaf.dtype == engine.activation_dtype for leaf in jax.tree.leaves(uniform.weights))
+    assert batch._step_adapters([a], [a, 0, 0, 0]) is uniform  # converted once, not per step
+    assert isinstance(batch._step_adapters([a, b], [a, b, 0, 0]), RowAdapters)
+    assert isinstance(batch._step_adapters([a, 0], [a, 0, 0, 0]), RowAdapters)  # a bare row keeps the bank
+    assert batch._step_adapters([0, 0], [0, 0, 0, 0]) is None
+
+
 def _collect(scheduler, request):
     events = queue.Queue()
     job = scheduler.submit(request, events.put)
