@@ -12,8 +12,9 @@ shape). One stream of ``--tokens`` greedy tokens after a short prompt: a warm-up
 timed run gives the wall time per token, then a third run is profiled. Operation times are summed
 over the profiled run's decode steps and divided by their number: milliseconds per token, summed
 over threads (XLA may run two operations at once), so the groups can add up to more than the wall
-time. The profiler's own cost inflates the profiled run, so read the split, not the absolute times,
-and compare engines within one run on a quiet machine.
+time and ``host_ms_per_token`` (the profiled wall time less the operations) is host work only when
+nothing overlapped: negative values mean overlap. The profiler's own cost inflates the profiled run,
+so read the split, not the absolute times, and compare engines within one run on a quiet machine.
 """
 
 from __future__ import annotations
@@ -62,8 +63,6 @@ def group(op: str, calls: dict[str, tuple[str, str]], vocab: int) -> str:
     kernel, shape = calls.get(op, (None, ""))
     if kernel in ("afmkit_packed_matmul", "afmkit_palettized_matmul", "afmkit_palettized_matmul_int8"):
         return "output projection" if shape.endswith(f",{vocab}]") else "layer matmuls"
-    if kernel is None and op.startswith(("dot", "ynn")):
-        return "other XLA operations"
     if kernel is not None and "attention" in kernel:
         return "attention kernel"
     return "other XLA operations"

@@ -56,8 +56,8 @@ def test_rows_sharing_one_adapter_read_it_in_place_and_match_each_alone(tiny_mod
     engine = tiny_model.engine
     prompts, sampling = _prompts(3), SamplingParams(max_new_tokens=10)
     shared = engine.generate(prompts, sampling, adapters=tiny_adapters[0])
+    merged = Engine(tiny_model.config, merge(tiny_model.params, tiny_adapters[0]), tiny_model.tokenizer)
     for prompt, out in zip(prompts, shared):
-        merged = Engine(tiny_model.config, merge(tiny_model.params, tiny_adapters[0]), tiny_model.tokenizer)
         assert out.tokens == merged.generate([prompt], sampling)[0].tokens
         mixed = engine.generate([prompt, prompts[0]], sampling, adapters=[tiny_adapters[0], tiny_adapters[1]])
         assert mixed[0].tokens == out.tokens

@@ -692,8 +692,8 @@ class DecodeBatch:
         """A step's ``adapters``: None when no row that counts has one (the base model's own code);
         the adapter itself when they all have the same one; else the bank, each row gathering its
         own slot. ``used``: the bank slots of the rows whose output counts; ``row_slots``: every
-        row's. Reading one adapter in place spares the per-row copy a gather makes, which took as
-        long as the rest of a one-row decode step (``benchmarks/decode_profile.py``)."""
+        row's. Reading one adapter in place spares the per-row copy a gather makes, which took nearly
+        half of a one-row decode step (``benchmarks/decode_profile.py``)."""
         slots = set(used)
         if self.bank is None or not any(slots):
             return None

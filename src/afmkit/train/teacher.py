@@ -36,13 +36,12 @@ def add_teacher(teacher: Any, rows: dict[str, np.ndarray], *, k: int, batch: int
     import jax
     import jax.numpy as jnp
 
-    from afmkit.adapters.lora import single
     from afmkit.infer.engine import activation_dtype
     from afmkit.progress import ProgressReporter
     from afmkit.train.objectives import ModelView, teacher_top_k
 
     compute = activation_dtype(teacher.params)
-    adapters = None if teacher.adapter is None else single(teacher.adapter)
+    adapters = teacher.default_adapters()  # as its logits and generation apply it, converted once
 
     @jax.jit
     def top_k(params: Any, adapters: Any, tokens: Any, positions: Any, segment_ids: Any) -> dict[str, Any]:
