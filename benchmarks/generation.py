@@ -11,6 +11,8 @@ exactly the requested number of tokens:
 * ``afmkit-3.5bpw``: a palettized model (``--palettized-model DIR``, made from the same file by
   ``afmkit compress palettize --bits-per-weight 3.5``), its look-up tables expanded by afmkit's
   native palettized kernel; held to issue 13's compressed-model targets;
+* ``afmkit-afm``: the post-trained named model ``smollm2-135m-afm`` (int4 and its LoRA adapter,
+  which the packed kernel adds in the same call);
 * ``llama.cpp``: ``llama-cpp-python`` running the file as stored (Q4_1 weights);
 * ``transformers``: the file dequantized to fp32 by ``from_pretrained(..., gguf_file=...)``, PyTorch on CPU.
 
@@ -49,11 +51,20 @@ ENGINES = (
     "afmkit-default",
     "afmkit-3.5bpw",
     "afmkit-3.5bpw-int8",
+    "afmkit-afm",
     "llama.cpp",
     "transformers",
 )
 # held to the targets below
-AFMKIT_ENGINES = ("afmkit", "afmkit-bf16", "afmkit-int4", "afmkit-default", "afmkit-3.5bpw", "afmkit-3.5bpw-int8")
+AFMKIT_ENGINES = (
+    "afmkit",
+    "afmkit-bf16",
+    "afmkit-int4",
+    "afmkit-default",
+    "afmkit-3.5bpw",
+    "afmkit-3.5bpw-int8",
+    "afmkit-afm",
+)
 # Python modules each engine needs, with the install hint shown when one is missing.
 REQUIREMENTS = {
     "afmkit": (("afmkit", "jax"), "pip install -e ."),
@@ -62,6 +73,7 @@ REQUIREMENTS = {
     "afmkit-default": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-3.5bpw": (("afmkit", "jax"), "pip install -e ."),
     "afmkit-3.5bpw-int8": (("afmkit", "jax"), "pip install -e ."),
+    "afmkit-afm": (("afmkit", "jax"), "pip install -e ."),
     "llama.cpp": (("llama_cpp",), "pip install llama-cpp-python==0.3.36"),
     "transformers": (("transformers", "torch", "gguf"), "pip install torch transformers accelerate gguf"),
 }
@@ -393,6 +405,8 @@ ENGINE_FACTORIES = {
     "afmkit-3.5bpw-int8": lambda workload, threads: afmkit_engine(
         workload, threads, dtype=None, source=workload["palettized_model"], activations="int8"
     ),
+    # The post-trained named model: int4 plus its adapter, which the packed kernel adds.
+    "afmkit-afm": lambda workload, threads: afmkit_engine(workload, threads, dtype=None, source="smollm2-135m-afm"),
     "llama.cpp": llama_cpp_engine,
     "transformers": transformers_engine,
 }
