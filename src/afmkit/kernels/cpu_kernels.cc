@@ -786,16 +786,20 @@ extern "C" const char* AfmkitIsa() {
 
 namespace {
 
-// A call's work: the weight's tiles (or groups of tiles), after the blocks of a low-rank update's x @ a.
+// A call's work: the weight's tiles (or groups of tiles), and the blocks of a low-rank update's x @ a.
 struct PackedWork {
   const Problem* problem;
   LowRankUpdate* update;
   bool groups;
 
+  static void input(const void* context, int64_t item) {
+    const auto& w = *static_cast<const PackedWork*>(context);
+    w.update->input_item(w.problem->x, item);
+  }
   static void run(const void* context, int64_t item) {
     const auto& w = *static_cast<const PackedWork*>(context);
-    const int64_t firsts = w.update->input_items();
-    if (item < firsts) return w.update->input_item(w.problem->x, item);
+    const int64_t firsts = w.update->inputs_beside_tiles() ? w.update->input_items() : 0;
+    if (item < firsts) return input(context, item);
     if (w.groups) return run_group(*w.problem, item - firsts);
     run_tile(*w.problem, item - firsts);
   }
@@ -830,7 +834,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (ffi::Error error = update.read("packed_matmul", lora_a, lora_b, m, k, tiles * kTile, lora_scale); error.failure())
     return error;
   const PackedWork work{&problem, &update, m >= kExpandRows};
-  parallel_for(pool, update.input_items() + (work.groups ? (tiles + kGroup - 1) / kGroup : tiles), PackedWork::run, &work);
+  if (!update.inputs_beside_tiles()) parallel_for(pool, update.input_items(), PackedWork::input, &work);
+  const int64_t firsts = update.inputs_beside_tiles() ? update.input_items() : 0;
+  parallel_for(pool, firsts + (work.groups ? (tiles + kGroup - 1) / kGroup : tiles), PackedWork::run, &work);
   if (update.columns_inline()) {
     for (int64_t item = 0; item < update.column_items(); ++item) PackedWork::column(&work, item);
   } else {

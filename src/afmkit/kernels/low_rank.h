@@ -8,8 +8,8 @@
 // Arithmetic, the same for every number of rows (a row's bits do not depend on its batch): x @ a
 // in blocks of 256 inputs (each block in four chains, see low_rank_inputs, then the blocks' sums in
 // order), then per output its r products in order, times scale, added to the weight's own result
-// (LoRA's order: ((x @ a) @ b) * scale, then the sum). The blocks of x @ a are work items beside
-// the weight's tiles; the columns' items come after both.
+// (LoRA's order: ((x @ a) @ b) * scale, then the sum). The blocks of x @ a are work items before
+// or beside the weight's tiles; the columns' items come after both.
 #pragma once
 
 #include <algorithm>
@@ -114,6 +114,10 @@ class LowRankUpdate {
   }
 
   int64_t input_items() const { return rank_ > 0 ? m_ * input_blocks_ : 0; }
+  // Decoding's few rows run their few input items beside the weight's tiles (one wake-up of the
+  // pool instead of two); more rows run them first, on their own: beside the tiles, a thousand
+  // small items made the pool's chunks so large that one thread got every tile (prefill 30% slower).
+  bool inputs_beside_tiles() const { return m_ <= 4; }
   int64_t column_items() const { return rank_ > 0 ? m_ * column_blocks_ : 0; }
   // Decoding's few rows: waking a helper thread costs more than the columns do.
   bool columns_inline() const { return m_ * n_ * rank_ <= (int64_t{1} << 16); }

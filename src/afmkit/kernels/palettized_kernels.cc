@@ -923,10 +923,12 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (ffi::Error error = update.read("palettized_matmul", lora_a, lora_b, m, k, n, lora_scale); error.failure())
     return error;
   if (m == 0 || n == 0) return ffi::Error::Success();
-  // The blocks of x @ a beside the weight's tile groups, then the update's columns
-  const int64_t firsts = update.input_items(), size = group_tiles(problem);
+  // The blocks of x @ a before or beside the weight's tile groups, then the update's columns
+  const auto input = [&](int64_t item) { update.input_item(problem.x, item); };
+  if (!update.inputs_beside_tiles()) parallel_items(pool, update.input_items(), input);
+  const int64_t firsts = update.inputs_beside_tiles() ? update.input_items() : 0, size = group_tiles(problem);
   parallel_items(pool, firsts + (tiles + size - 1) / size, [&](int64_t item) {
-    if (item < firsts) return update.input_item(problem.x, item);
+    if (item < firsts) return input(item);
     run_group(problem, item - firsts);
   });
   if (update.columns_inline()) {
