@@ -65,7 +65,7 @@ def _compiler() -> str | None:
 
 def build(compiler: str, source_file: Path = KERNEL_SOURCE) -> Path:
     """Compile a kernel library (once per source, compiler, jax and CPU); return its path."""
-    # the source and the headers it may include (half.h): a change to either rebuilds
+    # the source and the headers beside it that it may include (half.h, low_rank.h): a change to any rebuilds
     source = source_file.read_bytes() + b"".join(h.read_bytes() for h in sorted(source_file.parent.glob("*.h")))
     flags = [
         "-O3",

@@ -190,7 +190,8 @@ def _native_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, ab: Any, 
 
 
 def _native_matmul_fwd(x: jax.Array, packed: jax.Array, scales: jax.Array, ab: Any, how: tuple) -> Any:
-    return _native_matmul(x, packed, scales, ab, how), (x, packed, scales, ab)
+    # x only for the low-rank factors' gradients: a training step keeps these until its backward pass
+    return _native_matmul(x, packed, scales, ab, how), (None if ab is None else x, packed, scales, ab)
 
 
 def _native_matmul_bwd(how: tuple, saved: Any, grad: jax.Array) -> Any:
