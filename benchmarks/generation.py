@@ -56,15 +56,7 @@ ENGINES = (
     "transformers",
 )
 # held to the targets below
-AFMKIT_ENGINES = (
-    "afmkit",
-    "afmkit-bf16",
-    "afmkit-int4",
-    "afmkit-default",
-    "afmkit-3.5bpw",
-    "afmkit-3.5bpw-int8",
-    "afmkit-afm",
-)
+AFMKIT_ENGINES = tuple(name for name in ENGINES if name.startswith("afmkit"))
 # Python modules each engine needs, with the install hint shown when one is missing.
 REQUIREMENTS = {
     "afmkit": (("afmkit", "jax"), "pip install -e ."),
