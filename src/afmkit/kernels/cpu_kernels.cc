@@ -798,7 +798,7 @@ struct PackedWork {
   }
   static void run(const void* context, int64_t item) {
     const auto& w = *static_cast<const PackedWork*>(context);
-    const int64_t firsts = w.update->inputs_beside_tiles() ? w.update->input_items() : 0;
+    const int64_t firsts = w.update->inputs_beside_tiles();
     if (item < firsts) return input(context, item);
     if (w.groups) return run_group(*w.problem, item - firsts);
     run_tile(*w.problem, item - firsts);
@@ -834,9 +834,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (ffi::Error error = update.read("packed_matmul", lora_a, lora_b, m, k, tiles * kTile, lora_scale); error.failure())
     return error;
   const PackedWork work{&problem, &update, m >= kExpandRows};
-  if (!update.inputs_beside_tiles()) parallel_for(pool, update.input_items(), PackedWork::input, &work);
-  const int64_t firsts = update.inputs_beside_tiles() ? update.input_items() : 0;
-  parallel_for(pool, firsts + (work.groups ? (tiles + kGroup - 1) / kGroup : tiles), PackedWork::run, &work);
+  if (update.inputs_before_tiles() > 0) parallel_for(pool, update.inputs_before_tiles(), PackedWork::input, &work);
+  parallel_for(pool, update.inputs_beside_tiles() + (work.groups ? (tiles + kGroup - 1) / kGroup : tiles), PackedWork::run, &work);
   if (update.columns_inline()) {
     for (int64_t item = 0; item < update.column_items(); ++item) PackedWork::column(&work, item);
   } else {

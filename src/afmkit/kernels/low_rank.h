@@ -117,7 +117,8 @@ class LowRankUpdate {
   // Decoding's few rows run their few input items beside the weight's tiles (one wake-up of the
   // pool instead of two); more rows run them first, on their own: beside the tiles, a thousand
   // small items made the pool's chunks so large that one thread got every tile (prefill 30% slower).
-  bool inputs_beside_tiles() const { return m_ <= 4; }
+  int64_t inputs_beside_tiles() const { return m_ <= 4 ? input_items() : 0; }
+  int64_t inputs_before_tiles() const { return m_ <= 4 ? 0 : input_items(); }
   int64_t column_items() const { return rank_ > 0 ? m_ * column_blocks_ : 0; }
   // Decoding's few rows: waking a helper thread costs more than the columns do.
   bool columns_inline() const { return m_ * n_ * rank_ <= (int64_t{1} << 16); }

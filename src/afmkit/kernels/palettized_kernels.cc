@@ -934,8 +934,8 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (m == 0 || n == 0) return ffi::Error::Success();
   // The blocks of x @ a before or beside the weight's tile groups, then the update's columns
   const auto input = [&](int64_t item) { update.input_item(problem.x, item); };
-  if (!update.inputs_beside_tiles()) parallel_items(pool, update.input_items(), input);
-  const int64_t firsts = update.inputs_beside_tiles() ? update.input_items() : 0, size = group_tiles(problem);
+  if (update.inputs_before_tiles() > 0) parallel_items(pool, update.inputs_before_tiles(), input);
+  const int64_t firsts = update.inputs_beside_tiles(), size = group_tiles(problem);
   parallel_items(pool, firsts + (tiles + size - 1) / size, [&](int64_t item) {
     if (item < firsts) return input(item);
     run_group(problem, item - firsts);
