@@ -16,7 +16,6 @@ from afmkit.adapters.peft_io import base_fingerprint
 from afmkit.compress.palettize import palettize_matrix, palettize_params
 from afmkit.config import get_size
 from afmkit.errors import CorruptFileError, UserError
-from afmkit.infer.sampling import SamplingParams
 from afmkit.interop import native
 from afmkit.model.packed import PackedWeight, dequantize_params
 from afmkit.model.palettized import (
@@ -146,9 +145,8 @@ def test_adapters_on_a_palettized_base_equal_them_on_its_dequantized_weights(pal
     # the largest logit bounds it with room, and a wrong table, code or adapter moves logits O(1).
     slack = 2.0**-12 * np.abs(reference_base).max()
     assert np.abs(base - reference_base).max() <= slack
-    # one adapter for every row (the kernel adds it: fp32 factors, and fp16 read as stored), and a
-    # mixed batch (row 1 without one)
-    for adapters_of_rows in (single(adapters[0]), single(adapters[0].astype(jnp.float16)), bank.rows(slots)):
+    # one adapter for every row, and a mixed batch (row 1 without one)
+    for adapters_of_rows in (single(adapters[0]), bank.rows(slots)):
         on_palettized = _logits(config, params, tokens, adapters_of_rows)
         on_dequantized = _logits(config, dequantized, tokens, adapters_of_rows)
         assert np.abs(on_palettized - on_dequantized).max() <= slack
@@ -213,27 +211,3 @@ def test_a_damaged_compressed_checkpoint_is_refused_in_one_line(palettized_model
     with pytest.raises(CorruptFileError) as error:
         afmkit.load(tmp_path / "m")
     assert "\n" not in str(error.value)
-
-
-def test_an_engine_batch_sharing_one_adapter_has_the_kernel_read_it_as_stored(palettized_model):
-    """Rows that share one adapter on a palettized model: the step hands the kernel the adapter's fp16
-    factors untouched (no per-step conversion, half the bytes of fp32), and each row decodes as it
-    does beside a row with another adapter (the bank's XLA path)."""
-    config = palettized_model.config
-    adapters = [
-        random_adapter(config, LoraConfig(rank=8), jax.random.PRNGKey(s), b_std=0.05, name=f"a{s}").astype(jnp.float16)
-        for s in (1, 2)
-    ]
-    engine = palettized_model.engine
-    sampling = SamplingParams(max_new_tokens=6)
-    prompts = [[1, 2, 3, 4], [5, 6, 7]]
-    shared = engine.generate(prompts, sampling, adapters=[adapters[0], adapters[0]])
-    assert [out.tokens for out in shared] != [out.tokens for out in engine.generate(prompts, sampling)]
-    for prompt, out in zip(prompts, shared):
-        mixed = engine.generate([prompt, prompts[0]], sampling, adapters=[adapters[0], adapters[1]])
-        assert mixed[0].tokens == out.tokens
-
-    batch = engine.new_batch(slots=2, capacity=32, adapter_slots=2)
-    slot = batch._reserve_bank_slot(adapters[0])
-    step = batch._step_adapters([slot, slot], [slot, slot])
-    assert {leaf.dtype for leaf in jax.tree.leaves(step.weights)} == {jnp.dtype(jnp.float16)}

@@ -188,10 +188,6 @@ class _Update:
             out = jnp.einsum(second, low, self.b.astype(x.dtype))
         return out if self.scale is None else out * self.scale
 
-    def low_rank(self) -> tuple[jax.Array, jax.Array, float] | None:
-        """``(a, b, scale)`` when every row shares this update (a kernel may add it in its own call)."""
-        return None if self.per_row or self.scale is None else (self.a, self.b, self.scale)
-
 
 @dataclasses.dataclass(frozen=True)
 class _LayerUpdates:
@@ -260,9 +256,6 @@ class _BankUpdate:
         else:
             out = _Update(self.a[rows], self.b[rows], None, True)(spec, x)
         return out * self.scales[rows].astype(x.dtype).reshape((batch,) + (1,) * (out.ndim - 1))
-
-    def low_rank(self) -> None:
-        return None  # rows differ: never one update for a kernel to add
 
 
 def _bank_spec(spec: str) -> str:

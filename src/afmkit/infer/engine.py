@@ -52,7 +52,7 @@ from afmkit.config import ModelConfig, check_context
 from afmkit.errors import UserError
 from afmkit.infer.sampling import SamplerMode, SamplerState, SamplingParams, count_tokens, sample
 from afmkit.model.kv_cache import UNALLOCATED, KVCache, PagedKVCache
-from afmkit.model.transformer import Params, forward, kernel_adds_low_rank, output_logits
+from afmkit.model.transformer import Params, forward, output_logits
 from afmkit.sharding import inference as mesh_inference
 
 KV_BLOCK = 256  # attention-length and cache-capacity granularity
@@ -546,22 +546,6 @@ class _BankEntry:
 _MODE_ORDER = [SamplerMode.GREEDY, SamplerMode.SAMPLE, SamplerMode.FILTERED]
 
 
-def _as_steps_read(adapter: LoraAdapter, params: Params, dtype: Any) -> LoraAdapter:
-    """One adapter shared by a step's rows, prepared once: where a packed or palettized weight's
-    kernel adds it, its factors as stored (fp16: half the bytes a decode step reads); elsewhere
-    converted to the activations' dtype, which XLA would otherwise redo on every step (fp16 -> fp32
-    rounds nothing; bf16 is the step's own rounding)."""
-
-    def prepared(t: Any, weight: Any) -> jax.Array:
-        return jnp.asarray(t, t.dtype if kernel_adds_low_rank(weight) else dtype)
-
-    layers = [
-        {name: {k: prepared(t, params["layers"][i][name]) for k, t in ab.items()} for name, ab in layer.items()}
-        for i, layer in enumerate(adapter.weights)
-    ]
-    return dataclasses.replace(adapter, weights=layers)
-
-
 class DecodeBatch:
     """A running decode batch: rows in the slots of one shared KV cache (continuous batching).
 
@@ -718,7 +702,8 @@ class DecodeBatch:
         if adapter is None:
             return self.bank.rows(row_slots)
         if self._uniform is None or self._uniform[0]() is not adapter:
-            weights = _as_steps_read(adapter, self.engine.params, self.engine.activation_dtype)
+            # Converted once, not on every step; fp16 -> fp32 rounds nothing (bf16: the step's own rounding).
+            weights = adapter.astype(self.engine.activation_dtype)
             self._uniform = (weakref.ref(adapter), single(weights))
         return self._uniform[1]
 

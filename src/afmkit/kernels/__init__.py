@@ -65,8 +65,7 @@ def _compiler() -> str | None:
 
 def build(compiler: str, source_file: Path = KERNEL_SOURCE) -> Path:
     """Compile a kernel library (once per source, compiler, jax and CPU); return its path."""
-    # the source and the headers beside it that it may include (half.h, low_rank.h): a change to any rebuilds
-    source = source_file.read_bytes() + b"".join(h.read_bytes() for h in sorted(source_file.parent.glob("*.h")))
+    source = source_file.read_bytes()
     flags = [
         "-O3",
         "-march=native",
@@ -160,43 +159,17 @@ def _require() -> None:
         raise RuntimeError("afmkit's CPU kernels are not available here (see the message above); use the XLA path")
 
 
-LowRank = tuple[jax.Array, jax.Array, float]  # (a [K, r], b [r, N], scale): one LoRA update for every row
-
-
-def _low_rank_arguments(low_rank: LowRank | None) -> tuple[jax.Array, jax.Array, np.float32]:
-    """A kernel's low-rank operands (``low_rank.h``): the factors as stored when fp16 or fp32 (both of
-    one dtype, else fp32), empty without an update."""
-    if low_rank is None:
-        empty = jnp.zeros((0,), jnp.float32)
-        return empty, empty, np.float32(0)
-    a, b, scale = low_rank
-    if a.dtype != b.dtype or a.dtype not in (jnp.float16, jnp.float32):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return a, b, np.float32(scale)
-
-
 def packed_matmul(
-    x: jax.Array,
-    packed: jax.Array,
-    scales: jax.Array,
-    *,
-    bits: int,
-    n: int,
-    bf16: bool = False,
-    low_rank: LowRank | None = None,
+    x: jax.Array, packed: jax.Array, scales: jax.Array, *, bits: int, n: int, bf16: bool = False
 ) -> jax.Array:
     """``x [M, K]`` (fp32) times a packed ``[K, n]`` weight (``afmkit.model.packed``). With
     ``bf16`` (and a CPU with AVX512-BF16), x is rounded to bf16 for the dot products: twice the
-    arithmetic rate, for prefill; the weights stay exact and accumulation is fp32 either way.
-
-    ``low_rank``: ``(a [K, r], b [r, N], scale)``, a LoRA update added in the same call,
-    ``y + ((x @ a) @ b) * scale`` in fp32 from factors read as stored (fp16 or fp32)."""
+    arithmetic rate, for prefill; the weights stay exact and accumulation is fp32 either way."""
     _require()
     call = jax.ffi.ffi_call(
         "afmkit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
     )
-    a, b, lora_scale = _low_rank_arguments(low_rank)
-    return call(x, packed, scales, a, b, bits=np.int64(bits), bf16=bool(bf16), lora_scale=lora_scale)
+    return call(x, packed, scales, bits=np.int64(bits), bf16=bool(bf16))
 
 
 def palettized_matmul(
@@ -208,7 +181,6 @@ def palettized_matmul(
     bits: int,
     bf16: bool = False,
     int8_activations: bool = False,
-    low_rank: LowRank | None = None,
 ) -> jax.Array:
     """``x [M, K]`` (fp32) times a palettized ``[K, N]`` weight (``afmkit.model.palettized``: indices
     ``[N / 16, K / 8, bits, 16]``, tables ``[groups, 2^bits]`` of a multiple of 16 rows each, scales
@@ -220,22 +192,17 @@ def palettized_matmul(
     ``int8_activations``: each row of x and each table quantized to int8 by its own absmax scale
     (as ``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums exact in int32 (VNNI
     dot products where the CPU has AVX512-VNNI and VBMI, else portable integer code), then
-    ``* x_scale[m] * (t_scale * scale)[n]`` in fp32.
-
-    ``low_rank``: as ``packed_matmul``'s (not with ``int8_activations``)."""
+    ``* x_scale[m] * (t_scale * scale)[n]`` in fp32."""
     _require()
     n = indices.shape[0] * indices.shape[3]
     tables = tables.astype(jnp.float32)
     scales = jnp.zeros((0,), jnp.float32) if scales is None else scales.astype(jnp.float32)
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     if int8_activations:
-        if low_rank is not None:
-            raise ValueError("palettized_matmul: low_rank is not fused with int8_activations")
         call = jax.ffi.ffi_call("afmkit_palettized_matmul_int8", out, vmap_method="sequential")
         return call(x, indices, tables, scales, bits=np.int64(bits))
-    a, b, lora_scale = _low_rank_arguments(low_rank)
     call = jax.ffi.ffi_call("afmkit_palettized_matmul", out, vmap_method="sequential")
-    return call(x, indices, tables, scales, a, b, bits=np.int64(bits), bf16=bool(bf16), lora_scale=lora_scale)
+    return call(x, indices, tables, scales, bits=np.int64(bits), bf16=bool(bf16))
 
 
 def palettized_int8_isa() -> str:

@@ -35,7 +35,6 @@
 #include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
-#include "low_rank.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -48,6 +47,27 @@ namespace {
 constexpr int kTile = 16;   // outputs per tile
 constexpr int kBlock = 32;  // k per block (one scale and offset)
 constexpr int kPairs = kBlock / 2;
+
+[[maybe_unused]] inline float half_to_float(uint16_t h) {
+  // IEEE binary16 to binary32, exact (subnormals included).
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 struct Problem {
   const float* x;
@@ -786,32 +806,8 @@ extern "C" const char* AfmkitIsa() {
 
 namespace {
 
-// A call's work: the weight's tiles (or groups of tiles), and the blocks of a low-rank update's x @ a.
-struct PackedWork {
-  const Problem* problem;
-  LowRankUpdate* update;
-  bool groups;
-
-  static void input(const void* context, int64_t item) {
-    const auto& w = *static_cast<const PackedWork*>(context);
-    w.update->input_item(w.problem->x, item);
-  }
-  static void run(const void* context, int64_t item) {
-    const auto& w = *static_cast<const PackedWork*>(context);
-    const int64_t firsts = w.update->inputs_beside_tiles();
-    if (item < firsts) return input(context, item);
-    if (w.groups) return run_group(*w.problem, item - firsts);
-    run_tile(*w.problem, item - firsts);
-  }
-  static void column(const void* context, int64_t item) {
-    const auto& w = *static_cast<const PackedWork*>(context);
-    w.update->column_item(w.problem->y, item);
-  }
-};
-
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> packed,
-                        ffi::Buffer<ffi::F16> scales, ffi::AnyBuffer lora_a, ffi::AnyBuffer lora_b,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool bf16, float lora_scale) {
+                        ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool bf16) {
   const auto xd = x.dimensions();
   const auto pd = packed.dimensions();
   if (xd.size() != 2 || pd.size() != 4) return ffi::Error::InvalidArgument("packed_matmul: x must be 2-D, packed 4-D");
@@ -830,16 +826,13 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   const Problem problem{x.typed_data(), packed.typed_data(), reinterpret_cast<const uint16_t*>(scales.typed_data()),
                         y->typed_data(), m, k, tiles * kTile, bits, x_bf16, sums};
-  LowRankUpdate update;
-  if (ffi::Error error = update.read("packed_matmul", lora_a, lora_b, m, k, tiles * kTile, lora_scale); error.failure())
-    return error;
-  const PackedWork work{&problem, &update, m >= kExpandRows};
-  if (update.inputs_before_tiles() > 0) parallel_for(pool, update.inputs_before_tiles(), PackedWork::input, &work);
-  parallel_for(pool, update.inputs_beside_tiles() + (work.groups ? (tiles + kGroup - 1) / kGroup : tiles), PackedWork::run, &work);
-  if (update.columns_inline()) {
-    for (int64_t item = 0; item < update.column_items(); ++item) PackedWork::column(&work, item);
+  if (m >= kExpandRows) {
+    parallel_for(
+        pool, (tiles + kGroup - 1) / kGroup,
+        [](const void* c, int64_t group) { run_group(*static_cast<const Problem*>(c), group); }, &problem);
   } else {
-    parallel_for(pool, update.column_items(), PackedWork::column, &work);
+    parallel_for(
+        pool, tiles, [](const void* c, int64_t tile) { run_tile(*static_cast<const Problem*>(c), tile); }, &problem);
   }
   return ffi::Error::Success();
 }
@@ -1147,12 +1140,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPackedMatmul, PackedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
-                                  .Attr<bool>("bf16")
-                                  .Attr<float>("lora_scale"));
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()

@@ -34,7 +34,6 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "low_rank.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -905,8 +904,7 @@ ffi::Error check_layout(const char* name, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
 
 ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> indices,
                             ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::F32> scales,
-                            ffi::AnyBuffer lora_a, ffi::AnyBuffer lora_b,
-                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool bf16, float lora_scale) {
+                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, bool bf16) {
   Layout layout;
   if (ffi::Error error = check_layout("palettized_matmul", x, indices, tables, scales, bits, layout); error.failure())
     return error;
@@ -928,23 +926,9 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 #endif
   const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scaled ? scales.typed_data() : ones.data(),
                         y->typed_data(), m, k, n, bits, n / groups / kTile, stride, x_bf16};
-  LowRankUpdate update;
-  if (ffi::Error error = update.read("palettized_matmul", lora_a, lora_b, m, k, n, lora_scale); error.failure())
-    return error;
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  // The blocks of x @ a before or beside the weight's tile groups, then the update's columns
-  const auto input = [&](int64_t item) { update.input_item(problem.x, item); };
-  if (update.inputs_before_tiles() > 0) parallel_items(pool, update.inputs_before_tiles(), input);
-  const int64_t firsts = update.inputs_beside_tiles(), size = group_tiles(problem);
-  parallel_items(pool, firsts + (tiles + size - 1) / size, [&](int64_t item) {
-    if (item < firsts) return input(item);
-    run_group(problem, item - firsts);
-  });
-  if (update.columns_inline()) {
-    for (int64_t item = 0; item < update.column_items(); ++item) update.column_item(problem.y, item);
-  } else {
-    parallel_items(pool, update.column_items(), [&](int64_t item) { update.column_item(problem.y, item); });
-  }
+  if (m > 0 && n > 0)
+    parallel_items(pool, (tiles + group_tiles(problem) - 1) / group_tiles(problem),
+                   [&problem](int64_t group) { run_group(problem, group); });
   return ffi::Error::Success();
 }
 
@@ -1072,12 +1056,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmul, PalettizedMatmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
-                                  .Attr<bool>("bf16")
-                                  .Attr<float>("lora_scale"));
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfmkitPalettizedMatmulInt8, PalettizedMatmulInt8,
                               ffi::Ffi::Bind()

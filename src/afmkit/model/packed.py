@@ -152,9 +152,8 @@ def unpack_numpy(weight: PackedWeight) -> np.ndarray:
     return _unpack(np.asarray(weight.packed), np.asarray(weight.scales), weight.bits, np)
 
 
-def packed_matmul(x: jax.Array, weight: PackedWeight, *, low_rank: Any = None) -> jax.Array:
-    """``x [M, K] @ W [K, N]``, fp32 out, plus ``((x @ a) @ b) * scale`` for ``low_rank = (a [K, r],
-    b [r, N], scale)`` (the kernel adds it in the same call).
+def packed_matmul(x: jax.Array, weight: PackedWeight) -> jax.Array:
+    """``x [M, K] @ W [K, N]``, fp32 out.
 
     On CPUs, the native kernel. Where the CPU has AVX512-BF16 it multiplies the exact codes by x
     rounded to bf16 (fp32 accumulation, scales applied in fp32): twice the arithmetic rate of fp32
@@ -167,59 +166,38 @@ def packed_matmul(x: jax.Array, weight: PackedWeight, *, low_rank: Any = None) -
 
     x = x.astype(jnp.float32)
     if kernels.on_cpu():
-        ab, lora_scale = (None, 0.0) if low_rank is None else (low_rank[:2], low_rank[2])
-        return _native_matmul(
-            x, weight.packed, weight.scales, ab, (weight.bits, weight.n, kernels.has_bf16(), lora_scale)
-        )
-    y = jnp.dot(x, weight.matrix())
-    return y if low_rank is None else y + low_rank_update(x, *low_rank)
+        return _native_matmul(x, weight.packed, weight.scales, (weight.bits, weight.n, kernels.has_bf16()))
+    return jnp.dot(x, weight.matrix())
 
 
-def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """``((x @ a) @ b) * scale`` in fp32: what the weight kernels add for one shared LoRA update."""
-    return ((x @ a.astype(jnp.float32)) @ b.astype(jnp.float32)) * scale
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _native_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, ab: Any, how: tuple) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _native_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, how: tuple[int, int, bool]) -> jax.Array:
     from afmkit import kernels
 
-    bits, n, bf16, lora_scale = how
-    low_rank = None if ab is None else (*ab, lora_scale)
-    return kernels.packed_matmul(x, packed, scales, bits=bits, n=n, bf16=bf16, low_rank=low_rank)
+    bits, n, bf16 = how
+    return kernels.packed_matmul(x, packed, scales, bits=bits, n=n, bf16=bf16)
 
 
-def _native_matmul_fwd(x: jax.Array, packed: jax.Array, scales: jax.Array, ab: Any, how: tuple) -> Any:
-    # x only for the low-rank factors' gradients: a training step keeps these until its backward pass
-    return _native_matmul(x, packed, scales, ab, how), (None if ab is None else x, packed, scales, ab)
+def _native_matmul_fwd(x: jax.Array, packed: jax.Array, scales: jax.Array, how: tuple[int, int, bool]) -> Any:
+    return _native_matmul(x, packed, scales, how), (packed, scales)
 
 
-def _native_matmul_bwd(how: tuple, saved: Any, grad: jax.Array) -> Any:
-    """Gradients reach ``x`` (adapters trained on a packed base) and the low-rank factors, never the
-    frozen codes."""
-    x, packed, scales, ab = saved
-    grad_x = grad @ _unpack(packed, scales, how[0], jnp).T
-    if ab is None:
-        return grad_x, None, None, None
-    _, pullback = jax.vjp(lambda x, ab: low_rank_update(x, *ab, how[3]), x, ab)
-    grad_low_x, grad_ab = pullback(grad)
-    return grad_x + grad_low_x, None, None, grad_ab
+def _native_matmul_bwd(how: tuple[int, int, bool], saved: Any, grad: jax.Array) -> Any:
+    """Gradients reach ``x`` (adapters trained on a packed base), never the frozen codes."""
+    packed, scales = saved
+    return grad @ _unpack(packed, scales, how[0], jnp).T, None, None
 
 
 _native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
 
 
-def packed_linear(x: jax.Array, weight: PackedWeight, *, low_rank: Any = None) -> jax.Array:
-    """``x``'s trailing axes contracted with the weight's ``in_axes``, as ``linear`` does, plus
-    ``low_rank = (a [*in, r], b [r, *out], scale)``, one LoRA update for every row."""
+def packed_linear(x: jax.Array, weight: PackedWeight) -> jax.Array:
+    """``x``'s trailing axes contracted with the weight's ``in_axes``, as ``linear`` does."""
     n_in = len(weight.in_axes)
     if x.shape[x.ndim - n_in :] != tuple(weight.shape[a] for a in weight.in_axes):
         raise ValueError(f"input {x.shape} does not match packed weight {weight.shape} (in_axes {weight.in_axes})")
     lead = x.shape[: x.ndim - n_in]
-    if low_rank is not None:
-        a, b, scale = low_rank
-        low_rank = (a.reshape(weight.k, -1), b.reshape(b.shape[0], -1), scale)
-    y = packed_matmul(x.reshape(-1, weight.k), weight, low_rank=low_rank)
+    y = packed_matmul(x.reshape(-1, weight.k), weight)
     return y.reshape(*lead, *(weight.shape[a] for a in weight.out_axes))
 
 

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from afmkit.errors import UserError
-from afmkit.model.packed import low_rank_update
 
 TILE = 16  # outputs per tile of indices
 CODES_PER_WORD = 8  # inputs whose codes share one word of ``bits`` bytes
@@ -196,74 +195,51 @@ def values_at(weight: PalettizedWeight, positions: np.ndarray) -> np.ndarray:
     return dequantize_numpy(weight)[k, n]
 
 
-def palettized_linear(
-    x: jax.Array, weight: PalettizedWeight, *, low_rank: tuple[jax.Array, jax.Array, float] | None = None
-) -> jax.Array:
+def palettized_linear(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
     """``x``'s trailing axes contracted with the weight's ``in_axes`` (fp32), as ``linear`` does.
     Gradients reach ``x`` (adapters trained on a palettized base), the tables and the scales, never
-    the integer indices. ``low_rank``: ``(a [*in, r], b [r, *out], scale)``, one LoRA update for
-    every row, added to the result (by the native kernel in the same call)."""
+    the integer indices."""
     n_in = len(weight.in_axes)
     if x.shape[x.ndim - n_in :] != tuple(weight.shape[a] for a in weight.in_axes):
         raise ValueError(f"input {x.shape} does not match palettized weight {weight.shape} (in_axes {weight.in_axes})")
     lead = x.shape[: x.ndim - n_in]
-    if low_rank is not None:
-        a, b, scale = low_rank
-        low_rank = (a.reshape(weight.k, -1), b.reshape(b.shape[0], -1), scale)
-    y = palettized_matmul(x.reshape(-1, weight.k), weight, low_rank=low_rank)
+    y = palettized_matmul(x.reshape(-1, weight.k), weight)
     return y.reshape(*lead, *(weight.shape[a] for a in weight.out_axes))
 
 
-def palettized_matmul(
-    x: jax.Array, weight: PalettizedWeight, *, low_rank: tuple[jax.Array, jax.Array, float] | None = None
-) -> jax.Array:
-    """``x [M, K] @ W [K, N]``, fp32 out, plus ``((x @ a) @ b) * scale`` for ``low_rank = (a [K, r],
-    b [r, N], scale)``. On CPUs (tables of a multiple of 16 rows, as ``compress`` makes them) the
-    native kernel: each row summed in the same order whatever its batch, the scale applied once per
-    output, the low-rank update added in the same call; where the CPU has AVX512-BF16, x and the
-    table entries rounded to bf16 for its dot products (as ``packed_matmul`` rounds x), at every
-    batch size. Elsewhere XLA expands the matrix and multiplies."""
+def palettized_matmul(x: jax.Array, weight: PalettizedWeight) -> jax.Array:
+    """``x [M, K] @ W [K, N]``, fp32 out. On CPUs (tables of a multiple of 16 rows, as
+    ``compress`` makes them) the native kernel: each row summed in the same order whatever its
+    batch, the scale applied once per output; where the CPU has AVX512-BF16, x and the table
+    entries rounded to bf16 for its dot products (as ``packed_matmul`` rounds x), at every batch
+    size. Elsewhere XLA expands the matrix and multiplies."""
     from afmkit import kernels
 
     x = x.astype(jnp.float32)
     if weight.activation_bits == 8:
-        y = _int8_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
-    elif uses_kernel(weight):
-        ab, lora_scale = (None, 0.0) if low_rank is None else (low_rank[:2], low_rank[2])
-        how = (weight.bits, kernels.has_bf16(), lora_scale)
-        return _native_matmul(x, weight.indices, weight.tables, weight.scales, ab, how)
-    else:
-        y = _xla_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
-    return y if low_rank is None else y + low_rank_update(x, *low_rank)
-
-
-def uses_kernel(weight: PalettizedWeight) -> bool:
-    """Whether ``weight``'s matmul runs the native kernel (which also adds a shared low-rank update):
-    a CPU, fp32 activations, tables of a multiple of 16 rows."""
-    from afmkit import kernels
-
-    return weight.activation_bits != 8 and weight.group_rows % TILE == 0 and kernels.on_cpu()
+        return _int8_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
+    if weight.group_rows % TILE == 0 and kernels.on_cpu():
+        how = (weight.bits, kernels.has_bf16())
+        return _native_matmul(x, weight.indices, weight.tables, weight.scales, how)
+    return _xla_matmul(x, weight.indices, weight.tables, weight.scales, weight.bits)
 
 
 def _xla_matmul(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, bits: int) -> jax.Array:
     return jnp.dot(x, _dequantize(indices, tables, scales, bits, jnp))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _native_matmul(
-    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, ab: Any, how: tuple[int, bool, float]
+    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, how: tuple[int, bool]
 ) -> jax.Array:
     from afmkit import kernels
 
-    bits, bf16, lora_scale = how
-    low_rank = None if ab is None else (*ab, lora_scale)
-    return kernels.palettized_matmul(x, indices, tables, scales, bits=bits, bf16=bf16, low_rank=low_rank)
+    bits, bf16 = how
+    return kernels.palettized_matmul(x, indices, tables, scales, bits=bits, bf16=bf16)
 
 
-def _native_matmul_fwd(
-    x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, ab: Any, how: tuple[int, bool, float]
-) -> Any:
-    return _native_matmul(x, indices, tables, scales, ab, how), (x, indices, tables, scales, ab)
+def _native_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scales: Any, how: tuple[int, bool]) -> Any:
+    return _native_matmul(x, indices, tables, scales, how), (x, indices, tables, scales)
 
 
 def _xla_gradients(bits: int, saved: Any, grad: jax.Array) -> Any:
@@ -274,19 +250,8 @@ def _xla_gradients(bits: int, saved: Any, grad: jax.Array) -> Any:
     return grad_x, None, grad_tables, grad_scales
 
 
-def _native_matmul_bwd(how: tuple[int, bool, float], saved: Any, grad: jax.Array) -> Any:
-    """The XLA path's gradients (to x, the tables, the scales and the low-rank factors); none to the
-    integer indices."""
-    bits, _, lora_scale = how
-    x, indices, tables, scales, ab = saved
-
-    def xla(x: jax.Array, tables: jax.Array, scales: Any, ab: Any) -> jax.Array:
-        y = _xla_matmul(x, indices, tables, scales, bits)
-        return y if ab is None else y + low_rank_update(x, *ab, lora_scale)
-
-    _, pullback = jax.vjp(xla, x, tables, scales, ab)
-    grad_x, grad_tables, grad_scales, grad_ab = pullback(grad)
-    return grad_x, None, grad_tables, grad_scales, grad_ab
+def _native_matmul_bwd(how: tuple[int, bool], saved: Any, grad: jax.Array) -> Any:
+    return _xla_gradients(how[0], saved, grad)
 
 
 _native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)

@@ -23,7 +23,7 @@ from afmkit import kernels
 from afmkit.config import ModelConfig
 from afmkit.model.kv_cache import KVCache, PagedKVCache, PagedLayer
 from afmkit.model.packed import PackedWeight, packed_linear
-from afmkit.model.palettized import PalettizedWeight, palettized_linear, uses_kernel
+from afmkit.model.palettized import PalettizedWeight, palettized_linear
 from afmkit.sharding.activations import constrain, ways_split
 
 Params = dict[str, Any]
@@ -100,14 +100,9 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -
 def linear(spec: str, x: jax.Array, w: jax.Array, *, lora: Any = None) -> jax.Array:
     """``x`` times a weight. The matmul runs in the weight's precision (bf16 weights: bf16
     inputs, fp32 accumulation); the result comes back in ``x``'s dtype. ``lora``: an optional
-    low-rank update, called as ``lora(spec, x)``, whose ``low_rank()`` gives ``(a, b, scale)``
-    when every row shares it (see ``afmkit.adapters.lora``). A packed 4/8-bit
+    low-rank update, called as ``lora(spec, x)`` (see ``afmkit.adapters.lora``). A packed 4/8-bit
     weight (``afmkit.model.packed``) or a palettized one (``afmkit.model.palettized``) contracts
     ``x``'s trailing axes with its input axes."""
-    if isinstance(w, (PackedWeight, PalettizedWeight)) and lora is not None and (shared := lora.low_rank()) is not None:
-        # one adapter for every row: the weight's kernel adds it in the same call (no small matmuls)
-        quantized_linear = packed_linear if isinstance(w, PackedWeight) else palettized_linear
-        return quantized_linear(x, w, low_rank=shared).astype(x.dtype)
     if isinstance(w, PackedWeight):
         y = packed_linear(x, w).astype(x.dtype)
     elif isinstance(w, PalettizedWeight):
@@ -115,14 +110,6 @@ def linear(spec: str, x: jax.Array, w: jax.Array, *, lora: Any = None) -> jax.Ar
     else:
         y = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return y if lora is None else y + lora(spec, x).astype(x.dtype)
-
-
-def kernel_adds_low_rank(w: Any) -> bool:
-    """Whether ``linear`` hands one shared LoRA update of ``w`` to a native kernel, which reads its
-    factors as stored (fp16: half the bytes of fp32); XLA converts them on every call instead."""
-    if isinstance(w, PalettizedWeight):
-        return uses_kernel(w)
-    return isinstance(w, PackedWeight) and kernels.on_cpu()
 
 
 def _lora(lora: Any, weight: str) -> Any:
