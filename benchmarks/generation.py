@@ -11,8 +11,7 @@ exactly the requested number of tokens:
 * ``afmkit-3.5bpw``: a palettized model (``--palettized-model DIR``, made from the same file by
   ``afmkit compress palettize --bits-per-weight 3.5``), its look-up tables expanded by afmkit's
   native palettized kernel; held to issue 13's compressed-model targets;
-* ``afmkit-afm``: the post-trained named model ``smollm2-135m-afm`` (int4 and its LoRA adapter,
-  which the packed kernel adds in the same call);
+* ``afmkit-afm``: the post-trained named model ``smollm2-135m-afm`` (int4 and its LoRA adapter);
 * ``llama.cpp``: ``llama-cpp-python`` running the file as stored (Q4_1 weights);
 * ``transformers``: the file dequantized to fp32 by ``from_pretrained(..., gguf_file=...)``, PyTorch on CPU.
 
@@ -397,7 +396,7 @@ ENGINE_FACTORIES = {
     "afmkit-3.5bpw-int8": lambda workload, threads: afmkit_engine(
         workload, threads, dtype=None, source=workload["palettized_model"], activations="int8"
     ),
-    # The post-trained named model: int4 plus its adapter, which the packed kernel adds.
+    # The post-trained named model: int4 plus its LoRA adapter.
     "afmkit-afm": lambda workload, threads: afmkit_engine(workload, threads, dtype=None, source="smollm2-135m-afm"),
     "llama.cpp": llama_cpp_engine,
     "transformers": transformers_engine,
