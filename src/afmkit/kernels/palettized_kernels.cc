@@ -368,7 +368,8 @@ void gemm_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0, int64_
 // R = 6 rows by T = 4 tiles: 24 accumulators, 4 weight vectors and a broadcast in 32 registers; per
 // pair of k 24 dot products for 4 loads and 6 broadcasts. The 1-5 rows left go in one block too,
 // not one at a time (a decode step's 210 matmuls of the 3.5-bit model, 2-core Xeon, two runs: 8
-// rows 15.6 and 14.8 ms -> 13.6 and 13.1; 10 rows 17.3 -> 15.7 and 15.9; 16 rows unchanged).
+// rows 15.6 and 14.8 ms -> 13.6 and 13.1; 10 rows 17.3 -> 15.7 and 15.9; 16 rows unchanged;
+// benchmarks/results/gemm-remainder/).
 template <int T>
 void gemm_rows_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0) {
   int64_t r = 0;
