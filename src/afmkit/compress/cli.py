@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from afmkit import cli_args
-from afmkit.compress.settings import SENSITIVITY_KINDS, CompressSettings
+from afmkit.compress.settings import CODE_ASSIGNMENTS, SENSITIVITY_KINDS, CompressSettings
 from afmkit.errors import UserError
 
 DEFAULTS = CompressSettings()
@@ -93,6 +93,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=d.embed_bits,
         help=f"the embedding's per-channel integer bits (default {d.embed_bits})",
     )
+    p.add_argument(
+        "--codes",
+        choices=CODE_ASSIGNMENTS,
+        default=d.codes,
+        help="how each weight picks its table entry: its nearest value, or gptq: error feedback so the layer's "
+        f"output on the calibration text stays closest (one more forward pass over it) (default {d.codes})",
+    )
     p.add_argument("--no-cache", action="store_true", default=d.no_cache, help="recompute a cached analysis")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=cmd_palettize)
@@ -157,7 +164,7 @@ def compress(
 ) -> dict[str, Any]:
     """Compress ``model`` (a float ``LanguageModel``) as ``settings`` say; returns the report
     (also written to ``settings.out``)."""
-    from afmkit.compress import allocate, recipe, sensitivity
+    from afmkit.compress import allocate, gptq, recipe, sensitivity
     from afmkit.compress.palettize import bits_per_weight, palettize_params
     from afmkit.interop import native
 
@@ -217,6 +224,12 @@ def compress(
     seconds["allocate"] = clock() - begin
 
     begin = clock()
+    grams = None
+    if settings.codes == "gptq":
+        grams = gptq.input_grams(model.config, model.params, calibration.windows, quiet=quiet)
+    seconds["input_statistics"] = clock() - begin
+
+    begin = clock()
     params = palettize_params(
         model.params,
         bits,
@@ -224,6 +237,7 @@ def compress(
         group_rows=settings.group_rows,
         per_row_scale=settings.per_row_scale,
         importance=analysis.load_fisher(),
+        grams=grams,
     )
     seconds["palettize"] = clock() - begin
 
@@ -254,6 +268,7 @@ def compress(
         "embed_bits": settings.embed_bits,
         "group_rows": settings.group_rows,
         "per_row_scale": settings.per_row_scale,
+        "codes": settings.codes,
         "bits_by_type": recipe.bits_by_type(bits),
         "predicted_sensitivity": predicted,
         "sensitivity_kind": analysis.kind,

@@ -22,6 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from afmkit.compress.gptq import DAMP, assign_codes, gram_name
 from afmkit.compress.kmeans import kmeans1d_groups
 from afmkit.errors import UserError
 from afmkit.model.packed import INPUT_AXES, PackedWeight, pack
@@ -41,13 +42,17 @@ def palettize_matrix(
     group_rows: int = GROUP_ROWS,
     per_row_scale: bool = True,
     importance: Any = None,
+    gram: Any = None,
+    damp: float = DAMP,
 ) -> PalettizedWeight:
     """One weight palettized to ``bits`` (2, 3, 4 or 8) per index.
 
     ``w`` is laid out as afmkit stores it: its ``in_axes`` are contracted with the input (a
     ``[in, out]`` matrix by default; ``wo [heads, head_dim, d]`` has ``in_axes=(0, 1)``).
     ``importance``: optional non-negative weights of each entry's squared error, shaped like
-    ``w``."""
+    ``w``, for the k-means. ``gram``: optional ``E[x x^T]`` of the weight's inputs ``[K, K]``
+    (``afmkit.compress.gptq.input_grams``); with it the indices into the k-means tables are chosen
+    by GPTQ's error feedback (``damp``: its diagonal loading) instead of nearest value."""
     w = np.asarray(w, dtype=np.float32)
     shape, in_axes = tuple(w.shape), tuple(in_axes)
     check_layout(shape, in_axes, bits, group_rows)
@@ -84,6 +89,13 @@ def palettize_matrix(
     if not np.all(np.isfinite(tables)):
         raise UserError("a weight is too large for fp16 look-up tables; keep this model in float32")
     codes = labels.reshape(groups, k, group_rows).transpose(1, 0, 2).reshape(k, n)
+    if gram is not None:
+        gram = np.asarray(gram)
+        if gram.shape != (k, k):
+            raise UserError(f"the input Gram matrix has shape {gram.shape}; this weight has {k} inputs, so ({k}, {k})")
+        # rows scaled by 1/scale round the same way: each output's feedback is its own
+        grid = tables.astype(np.float64)[np.arange(n) // group_rows]
+        codes = assign_codes(values, grid, gram, damp=damp)
     return from_codes(codes, tables, scales, bits=bits, shape=shape, in_axes=in_axes)
 
 
@@ -100,6 +112,7 @@ def palettize_params(
     group_rows: int = GROUP_ROWS,
     per_row_scale: bool = True,
     importance: Mapping[str, Any] | None = None,
+    grams: Mapping[str, Any] | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """The weights with every layer matrix palettized.
@@ -108,7 +121,9 @@ def palettize_params(
     a matrix the dict leaves out stays fp32. ``embed_bits`` (8 or 4): the embedding (and an untied
     ``lm_head``) as integers in blocks of 32 inputs with an fp16 scale each. ``importance``:
     optional per-matrix importance (see ``palettize_matrix``), by the same names (any mapping:
-    one made on demand keeps a single matrix's importance in memory). ``progress``: a
+    one made on demand keeps a single matrix's importance in memory). ``grams``: optional input
+    Gram matrices from ``gptq.input_grams`` (by its names, ``layers.3.mlp_in``): indices are then
+    chosen with error feedback (see ``palettize_matrix``). ``progress``: a
     ``ProgressReporter``, advanced once per matrix. Norm scales stay fp32."""
     if embed_bits not in (4, 8):
         raise UserError(f"the embedding is stored with 8 or 4 bits, not {embed_bits}")
@@ -143,6 +158,7 @@ def palettize_params(
                     group_rows=group_rows,
                     per_row_scale=per_row_scale,
                     importance=None if importance is None else importance.get(name),
+                    gram=None if grams is None else grams[gram_name(name)],
                 )
                 if progress is not None:
                     progress.advance(1)
