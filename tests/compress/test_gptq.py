@@ -16,7 +16,7 @@ import pytest
 import afmkit
 from afmkit.cli import main
 from afmkit.compress.cli import REPORT_FILE
-from afmkit.compress.gptq import DAMP, assign_codes, input_grams, output_error
+from afmkit.compress.gptq import DAMP, InputGrams, assign_codes, output_error
 from afmkit.compress.palettize import palettize_matrix
 from afmkit.config import get_size
 from afmkit.errors import UserError
@@ -103,7 +103,8 @@ def test_a_gram_matrix_of_the_wrong_size_is_refused_in_one_line():
 def test_input_grams_are_the_layer_inputs_second_moments():
     params = init_params(CONFIG, jax.random.PRNGKey(0))
     windows = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (3, 16)).astype(np.int32)
-    grams = input_grams(CONFIG, params, windows, quiet=True)
+    grams = InputGrams(CONFIG, params, windows, quiet=True)
+    assert grams.layers_per_pass == CONFIG.n_layers
     d, hidden = CONFIG.d_model, CONFIG.n_heads * CONFIG.head_dim
     expected_sizes = {"attention_in": d, "attention_out": hidden, "mlp_in": d, "mlp_hidden": CONFIG.d_ff}
     assert set(grams) == {f"layers.{i}.{kind}" for i in range(CONFIG.n_layers) for kind in expected_sizes}
@@ -118,6 +119,13 @@ def test_input_grams_are_the_layer_inputs_second_moments():
     # fp32 products summed over 48 tokens: a few fp32 ulps of the largest entry
     np.testing.assert_allclose(grams["layers.0.attention_in"], x.T @ x / len(x), rtol=1e-5, atol=1e-6)
     assert np.isfinite(grams["layers.1.mlp_hidden"]).all()
+    # a layer per pass (a model too big for one): the same statistics, and only one layer's kept
+    one_layer = 4 * sum(k * k for k in expected_sizes.values())
+    by_layer = InputGrams(CONFIG, params, windows, max_bytes=one_layer, quiet=True)
+    assert by_layer.layers_per_pass == 1
+    for name in grams:  # in palettize_params' order
+        np.testing.assert_allclose(by_layer[name], grams[name], rtol=1e-5, atol=1e-6 * np.abs(grams[name]).max())
+        assert len(by_layer._kept) == 4
 
 
 def test_compress_with_gptq_codes_end_to_end(smollm2, tmp_path, monkeypatch):

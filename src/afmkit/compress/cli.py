@@ -225,11 +225,8 @@ def compress(
 
     begin = clock()
     grams = None
-    if settings.codes == "gptq":
-        grams = gptq.input_grams(model.config, model.params, calibration.windows, quiet=quiet)
-    seconds["input_statistics"] = clock() - begin
-
-    begin = clock()
+    if settings.codes == "gptq":  # computed as palettize_params reads them, a few layers at a time
+        grams = gptq.InputGrams(model.config, model.params, calibration.windows, quiet=quiet)
     params = palettize_params(
         model.params,
         bits,
@@ -240,6 +237,9 @@ def compress(
         grams=grams,
     )
     seconds["palettize"] = clock() - begin
+    if grams is not None:
+        seconds["input_statistics"] = grams.seconds
+        seconds["palettize"] -= grams.seconds
 
     applied = recipe.Recipe(
         model_name=model_name,

@@ -2,7 +2,7 @@
 
 Rounding every weight to its nearest table entry minimises each weight's own error. What the
 model sees is the layer's output, ``x @ W`` over calibration inputs ``x``, whose squared error is
-``sum_n (w_n - q_n)^T H (w_n - q_n)`` with ``H = E[x x^T]`` (``input_grams``). GPTQ rounds one
+``sum_n (w_n - q_n)^T H (w_n - q_n)`` with ``H = E[x x^T]`` (``InputGrams``). GPTQ rounds one
 input row ``k`` at a time and moves the rows not yet rounded to cancel the output error it made:
 with ``U`` the upper Cholesky factor of ``H^-1``,
 
@@ -17,7 +17,10 @@ are rounded first, while many rows are left to absorb their error), and ``H`` ge
 
 from __future__ import annotations
 
+import functools
 import math
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -37,25 +40,31 @@ MATRIX_INPUT = {
     "w_up": "mlp_in",
     "w_down": "mlp_hidden",
 }
+MAX_BYTES = 2**30  # Gram matrices held at once (one pass over the calibration windows fills them)
 DAMP = 0.01  # diagonal loading, a share of the mean input power (GPTQ's default)
 BLOCK = 128  # rows rounded between two matrix updates of the rest (the result does not depend on it)
 
 
 def gram_name(matrix_name: str) -> str:
-    """``layers.3.w_up`` -> ``layers.3.mlp_in``: the key of that matrix's input in ``input_grams``."""
+    """``layers.3.w_up`` -> ``layers.3.mlp_in``: the key of that matrix's input in ``InputGrams``."""
     layer, _, matrix = matrix_name.rpartition(".")
     return f"{layer}.{MATRIX_INPUT[matrix]}"
 
 
 class _CaptureInputs:
     """Plays a LoRA adapter (``forward``'s ``adapters``) whose update of every matrix is zero and
-    which records that matrix's input, flattened to ``[tokens, K]``: the model's own forward pass
-    reports what each linear layer reads, with no second copy of the transformer."""
+    which records the inputs of the matrices of ``layers``, flattened to ``[tokens, K]``: the
+    model's own forward pass reports what each linear layer reads, with no second copy of the
+    transformer."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: range) -> None:
+        self.layers = layers
         self.inputs: dict[str, jax.Array] = {}
 
-    def layer(self, index: int) -> dict[str, Any]:
+    def layer(self, index: int) -> dict[str, Any] | None:
+        if index not in self.layers:
+            return None
+
         def record(matrix: str) -> Any:
             def update(spec: str, x: jax.Array) -> jax.Array:
                 batch_axes = 2  # [batch, seq, *input axes]
@@ -68,34 +77,71 @@ class _CaptureInputs:
         return {matrix: record(matrix) for matrix in MATRIX_INPUT}
 
 
-def _inputs(params: Any, window: jax.Array, config: Any) -> dict[str, jax.Array]:
-    capture = _CaptureInputs()
+def _add_grams(totals: dict[str, jax.Array], params: Any, window: jax.Array, layers: range, config: Any) -> Any:
+    capture = _CaptureInputs(layers)
     positions = jnp.broadcast_to(jnp.arange(window.shape[1]), window.shape)
     forward(params, window, positions, None, config=config, activation_dtype=jnp.float32, adapters=capture)
-    return capture.inputs
+    return {name: totals[name] + x.T @ x for name, x in capture.inputs.items()}
 
 
-def _add_grams(totals: dict[str, jax.Array], params: Any, window: jax.Array, *, config: Any) -> dict[str, jax.Array]:
-    return {name: totals[name] + x.T @ x for name, x in _inputs(params, window, config).items()}
+def input_sizes(config: Any) -> dict[str, int]:
+    """The width of each input kind of a layer."""
+    d, attention = config.d_model, config.n_heads * config.head_dim
+    return {"attention_in": d, "attention_out": attention, "mlp_in": d, "mlp_hidden": config.d_ff}
 
 
-def input_grams(config: Any, params: Any, windows: np.ndarray, *, quiet: bool = False) -> dict[str, np.ndarray]:
+class InputGrams(Mapping):
     """``E[x x^T]`` over the tokens of ``windows [n, seq_len]`` for the input of every layer matrix
-    (name from ``gram_name`` -> fp32 ``[K, K]``), from the float model's forward pass."""
-    params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float32), params)
-    shapes = jax.eval_shape(
-        lambda p, w: {k: jnp.zeros((v.shape[1],) * 2) for k, v in _inputs(p, w, config).items()},
-        params,
-        jnp.asarray(windows[:1]),
-    )
-    totals = {name: jnp.zeros(s.shape, jnp.float32) for name, s in shapes.items()}
-    step = jax.jit(lambda t, p, w: _add_grams(t, p, w, config=config), donate_argnums=0)
-    with ProgressReporter("input statistics", len(windows), unit="windows", quiet=quiet) as progress:
-        for row in windows:
-            totals = step(totals, params, jnp.asarray(row[None]))
-            jax.block_until_ready(totals)
-            progress.advance(1, tokens=int(row.size))
-    return {name: np.asarray(total) / windows.size for name, total in totals.items()}
+    (name from ``gram_name`` -> fp32 ``[K, K]``), from the float model's forward pass.
+
+    Computed on first use, as many layers per pass over the windows as fit in ``max_bytes``, and
+    only that pass's kept: ``palettize_params`` reads them layer by layer, so a model whose Gram
+    matrices together outgrow memory (a 3B model's are about 10 GB) still compresses. SmolLM2's
+    (400 MB) take one pass. ``seconds``: the time spent computing them."""
+
+    def __init__(
+        self, config: Any, params: Any, windows: np.ndarray, *, max_bytes: int = MAX_BYTES, quiet: bool = False
+    ) -> None:
+        self.config, self.windows, self.quiet = config, windows, quiet
+        self.params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float32), params)
+        sizes = input_sizes(config)
+        per_layer = 4 * sum(k * k for k in sizes.values())
+        self.layers_per_pass = max(1, min(config.n_layers, max_bytes // per_layer))
+        self.names = [f"layers.{i}.{kind}" for i in range(config.n_layers) for kind in sizes]
+        self.seconds = 0.0
+        self._kept: dict[str, np.ndarray] = {}
+
+    def __iter__(self) -> Any:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._kept:
+            if name not in self.names:
+                raise KeyError(name)
+            first = int(name.split(".")[1]) // self.layers_per_pass * self.layers_per_pass
+            self._kept = {}  # free the previous pass's before computing the next
+            self._kept = self._compute(range(first, min(first + self.layers_per_pass, self.config.n_layers)))
+        return self._kept[name]
+
+    def _compute(self, layers: range) -> dict[str, np.ndarray]:
+        begin = time.perf_counter()
+        sizes = input_sizes(self.config)
+        totals = {f"layers.{i}.{kind}": jnp.zeros((k, k), jnp.float32) for i in layers for kind, k in sizes.items()}
+        step = jax.jit(functools.partial(_add_grams, layers=layers, config=self.config), donate_argnums=0)
+        label = "input statistics" + (
+            "" if len(layers) == self.config.n_layers else f" (layers {layers[0]}-{layers[-1]})"
+        )
+        with ProgressReporter(label, len(self.windows), unit="windows", quiet=self.quiet) as progress:
+            for row in self.windows:
+                totals = step(totals, self.params, jnp.asarray(row[None]))
+                jax.block_until_ready(totals)
+                progress.advance(1, tokens=int(row.size))
+        grams = {name: np.asarray(total) / self.windows.size for name, total in totals.items()}
+        self.seconds += time.perf_counter() - begin
+        return grams
 
 
 def assign_codes(matrix: np.ndarray, grid: np.ndarray, gram: np.ndarray, *, damp: float) -> np.ndarray:

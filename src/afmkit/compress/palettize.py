@@ -51,7 +51,7 @@ def palettize_matrix(
     ``[in, out]`` matrix by default; ``wo [heads, head_dim, d]`` has ``in_axes=(0, 1)``).
     ``importance``: optional non-negative weights of each entry's squared error, shaped like
     ``w``, for the k-means. ``gram``: optional ``E[x x^T]`` of the weight's inputs ``[K, K]``
-    (``afmkit.compress.gptq.input_grams``); with it the indices into the k-means tables are chosen
+    (``afmkit.compress.gptq.InputGrams``); with it the indices into the k-means tables are chosen
     by GPTQ's error feedback (``damp``: its diagonal loading) instead of nearest value."""
     w = np.asarray(w, dtype=np.float32)
     shape, in_axes = tuple(w.shape), tuple(in_axes)
@@ -122,7 +122,7 @@ def palettize_params(
     ``lm_head``) as integers in blocks of 32 inputs with an fp16 scale each. ``importance``:
     optional per-matrix importance (see ``palettize_matrix``), by the same names (any mapping:
     one made on demand keeps a single matrix's importance in memory). ``grams``: optional input
-    Gram matrices from ``gptq.input_grams`` (by its names, ``layers.3.mlp_in``): indices are then
+    Gram matrices, ``gptq.InputGrams`` (by its names, ``layers.3.mlp_in``; read layer by layer): indices are then
     chosen with error feedback (see ``palettize_matrix``). ``progress``: a
     ``ProgressReporter``, advanced once per matrix. Norm scales stay fp32."""
     if embed_bits not in (4, 8):
