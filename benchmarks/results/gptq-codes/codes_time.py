@@ -11,7 +11,12 @@ from afmkit.compress.gptq import DAMP, assign_codes
 
 rng = np.random.default_rng(0)
 results = []
-for name, k, n, levels in (("wq", 576, 576, 8), ("wk", 576, 192, 16), ("w_up", 576, 1536, 8), ("w_down", 1536, 576, 16)):
+for name, k, n, levels in (
+    ("wq", 576, 576, 8),
+    ("wk", 576, 192, 16),
+    ("w_up", 576, 1536, 8),
+    ("w_down", 1536, 576, 16),
+):
     x = rng.standard_normal((4 * k, k))
     gram = x.T @ x / len(x)
     w = rng.standard_normal((k, n))
