@@ -122,8 +122,8 @@ def palettize_params(
     ``lm_head``) as integers in blocks of 32 inputs with an fp16 scale each. ``importance``:
     optional per-matrix importance (see ``palettize_matrix``), by the same names (any mapping:
     one made on demand keeps a single matrix's importance in memory). ``grams``: optional input
-    Gram matrices, ``gptq.InputGrams`` (by its names, ``layers.3.mlp_in``; read layer by layer): indices are then
-    chosen with error feedback (see ``palettize_matrix``). ``progress``: a
+    Gram matrices, a ``gptq.InputGrams`` (by its names, ``layers.3.mlp_in``; read layer by layer):
+    indices are then chosen with error feedback (see ``palettize_matrix``). ``progress``: a
     ``ProgressReporter``, advanced once per matrix. Norm scales stay fp32."""
     if embed_bits not in (4, 8):
         raise UserError(f"the embedding is stored with 8 or 4 bits, not {embed_bits}")
