@@ -39,7 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "palettize",
         help="palettize a float model's matrices under a bits-per-weight budget or a recipe",
-        description="Palettize a float model's matrices (16-row k-means tables, Fisher-weighted), each at "
+        description="Palettize a float model's matrices (16-row k-means tables, Fisher-weighted; indices chosen "
+        "by GPTQ on the calibration text unless --codes nearest), each at "
         "2, 3, 4 or 8 bits chosen from measured sensitivity under --bits-per-weight, or as a --recipe says. "
         "Writes the model, recipe.json and compress_report.json to --out (docs/compression.md).",
     )
