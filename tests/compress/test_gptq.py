@@ -15,9 +15,10 @@ import pytest
 
 import afmkit
 from afmkit.cli import main
-from afmkit.compress.cli import REPORT_FILE
+from afmkit.compress.cli import REPORT_FILE, check_settings
 from afmkit.compress.gptq import DAMP, InputGrams, assign_codes, output_error
 from afmkit.compress.palettize import palettize_matrix
+from afmkit.compress.settings import CompressSettings
 from afmkit.config import get_size
 from afmkit.errors import UserError
 from afmkit.files import packaged_data
@@ -87,7 +88,9 @@ def test_error_feedback_lowers_the_layer_output_error(bits):
     fed_back = palettize_matrix(w, bits, gram=gram)
     # the same tables and scales, other indices
     np.testing.assert_array_equal(np.asarray(fed_back.tables), np.asarray(palettize_matrix(w, bits).tables))
-    assert output_error(w, dequantize_numpy(fed_back), gram) < 0.7 * output_error(w, nearest, gram)
+    # Inputs of 8 strong shared directions: the feedback cancels nearly all their error (about 2%
+    # of nearest's here, float64 on a fixed seed), so a tenth leaves a wide margin on any CPU.
+    assert output_error(w, dequantize_numpy(fed_back), gram) < 0.1 * output_error(w, nearest, gram)
     # the output error, measured on the inputs themselves, agrees with the Gram form
     diff = w.astype(np.float64) - dequantize_numpy(fed_back).astype(np.float64)
     direct = np.mean(np.sum(np.square(x @ diff), axis=1))
@@ -98,6 +101,9 @@ def test_a_gram_matrix_of_the_wrong_size_is_refused_in_one_line():
     w = np.ones((32, 16), np.float32)
     with pytest.raises(UserError, match=r"has shape \(16, 16\); this weight has 32 inputs"):
         palettize_matrix(w, 2, gram=np.eye(16))
+    # settings made in code (Talaria, scripts) are checked too, not read as "nearest"
+    with pytest.raises(UserError, match="--codes must be one of nearest, gptq, not 'GPTQ'"):
+        check_settings(CompressSettings(bits_per_weight=3.5, calibration="c.txt", out="o", codes="GPTQ"))
 
 
 def test_input_grams_are_the_layer_inputs_second_moments():

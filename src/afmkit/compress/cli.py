@@ -157,6 +157,8 @@ def check_settings(settings: CompressSettings) -> CompressSettings:
         raise UserError(f"--group-rows must be positive, got {settings.group_rows}")
     if settings.measure_tokens < 1:
         raise UserError(f"--measure-tokens must be positive, got {settings.measure_tokens}")
+    if settings.codes not in CODE_ASSIGNMENTS:
+        raise UserError(f"--codes must be one of {', '.join(CODE_ASSIGNMENTS)}, not {settings.codes!r}")
     return settings
 
 
