@@ -97,6 +97,71 @@ def test_a_row_gives_the_same_bits_in_any_batch(bits, bf16):
         np.testing.assert_array_equal(weight.check(x[:rows], bf16)[::9], alone[: len(range(0, rows, 9))])
 
 
+def bf16_sums(x, w, arithmetic):
+    """A float32 numpy transcription of the bf16 path's sums (x and w already bf16 values, so every
+    product is exact in fp32 and each addition rounds once), as Intel's SDM gives the instructions:
+    ``pairs`` is VDPBF16PS, one sum per output adding each pair's odd then even product; ``amx`` is
+    TDPBF16PS, per block of 32 inputs an even and an odd sum from zero, then total + (even + odd)."""
+    f32 = np.float32
+    x, w = x.astype(f32), w.astype(f32)
+    total = np.zeros((x.shape[0], w.shape[1]), f32)
+    if arithmetic == "pairs":
+        for k in range(0, x.shape[1], 2):
+            total = total + x[:, k + 1, None] * w[None, k + 1]
+            total = total + x[:, k, None] * w[None, k]
+        return total
+    for block in range(0, x.shape[1], 32):
+        even, odd = np.zeros_like(total), np.zeros_like(total)
+        for k in range(block, min(block + 32, x.shape[1]), 2):
+            even = even + x[:, k, None] * w[None, k]
+            odd = odd + x[:, k + 1, None] * w[None, k + 1]
+        total = total + (even + odd)
+    return total
+
+
+needs_bf16 = pytest.mark.skipif(not kernels.has_bf16(), reason="the CPU has no AVX512-BF16: no bf16 path")
+
+
+@needs_kernels
+@needs_bf16
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
+    """Every row count of the bf16 path (direct from the codes up to 4 rows; from 5 the expanded
+    buffer, on AMX's tiles where the CPU has them) equals the transcription of the instructions'
+    arithmetic exactly: AMX's blocked sums on CPUs with AMX, with or without the tiles, else
+    vdpbf16ps's chain. K = 1,112 is 34 blocks of 32 and a short one of 24."""
+    arithmetic = kernels.palettized_bf16_arithmetic()
+    transcription = "amx" if arithmetic.startswith("amx") else "pairs"
+    weight = Weight(bits, 1112, 48, seed=bits)
+    x = np.random.default_rng(bits).normal(size=(101, 1112)).astype(np.float32)
+    w = to_bf16(weight.tables).astype(np.float32)[np.arange(48)[None, :] // 16, weight.codes]
+    want = bf16_sums(to_bf16(x), w, transcription) * weight.scales.astype(np.float32)
+    for rows in (1, 2, 3, 4, 5, 16, 17, 33, 101):
+        got = np.asarray(
+            _kernel(jnp.asarray(x[:rows]), weight.leaf.indices, weight.leaf.tables, weight.leaf.scales, bits=bits, bf16=True)
+        )
+        np.testing.assert_array_equal(got, want[:rows], err_msg=f"{rows} rows, {arithmetic}")
+
+
+@needs_kernels
+@pytest.mark.skipif(
+    kernels.palettized_bf16_arithmetic() != "amx", reason="the CPU has no AMX tiles (or the OS did not grant them)"
+)
+def test_without_amx_tiles_the_same_bits(tmp_path):
+    """The checked fallback: with the tiles refused (AFMKIT_AMX=0, as on a system that does not grant
+    them) every path emulates AMX's sums, so the bits match the transcription, and the tiles', too."""
+    env = {**os.environ, "AFMKIT_AMX": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "bit_for_bit or any_batch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+
+
 @needs_kernels
 def test_linear_uses_the_kernel_and_agrees_with_xla_values_and_gradients(monkeypatch):
     """CPUs multiply through the kernel, accelerators through XLA: the same numbers (to the kernel's
@@ -162,3 +227,25 @@ def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
     assert list(tmp_path.glob("kernels/palettized_kernels-*.so")), "the kernel was not rebuilt with the flags"
+
+
+@pytest.mark.slow
+@needs_kernels
+@needs_bf16
+@pytest.mark.parametrize(
+    "flags", ["-mamx-tile -mamx-bf16", "-mno-amx-tile -mno-amx-bf16"], ids=["amx-arithmetic", "pairs-arithmetic"]
+)
+def test_kernel_built_with_and_without_amx(flags, tmp_path):
+    """Both arithmetics of the bf16 path on any CPU with AVX512-BF16: built for AMX (where the CPU
+    has no tiles, every path emulates their sums) and built without it (vdpbf16ps's chain), each
+    bit for bit against its transcription and batch-invariant."""
+    env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "matches_numpy or any_batch or bit_for_bit"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]

@@ -132,6 +132,8 @@ def _load() -> bool:
         jax.ffi.register_ffi_target("afmkit_palettized_matmul_int8", int8_target, platform="cpu")
         palettized.AfmkitPalettizedInt8Isa.restype = ctypes.c_char_p
         _features["palettized_int8_isa"] = palettized.AfmkitPalettizedInt8Isa().decode()
+        palettized.AfmkitPalettizedBf16Arithmetic.restype = ctypes.c_char_p
+        _features["palettized_bf16_arithmetic"] = palettized.AfmkitPalettizedBf16Arithmetic().decode()
     except (OSError, RuntimeError, AttributeError) as exc:
         print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
         return False
@@ -208,6 +210,15 @@ def palettized_matmul(
 def palettized_int8_isa() -> str:
     """Which code ``palettized_matmul(..., int8_activations=True)`` runs here: ``avx512-vnni``, ``portable`` or ``xla``."""
     return _features.get("palettized_int8_isa", "xla") if on_cpu() else "xla"
+
+
+def palettized_bf16_arithmetic() -> str:
+    """How ``palettized_matmul(..., bf16=True)`` sums here, the same at every row count: ``amx`` (on
+    CPUs with AMX: per block of 32 inputs an even and an odd sum from zero, then added to the total,
+    as AMX's tiles sum, which run batches of 5 rows or more), ``amx-emulated`` (the same sums without
+    the tiles: the OS did not grant them, or ``AFMKIT_AMX=0``), ``pairs`` (one sum per output, each
+    pair's odd then even product, as ``vdpbf16ps``), ``none`` (no bf16 path: fp32) or ``xla``."""
+    return _features.get("palettized_bf16_arithmetic", "xla") if on_cpu() else "xla"
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, scale: float) -> jax.Array:

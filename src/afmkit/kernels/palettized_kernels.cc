@@ -26,12 +26,19 @@
 #include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AFMKIT_AMX 1
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -56,6 +63,8 @@ struct Problem {
   int64_t tiles_per_group;  // group_rows / 16
   int64_t table_stride;     // floats per table row in `tables`: max(16, 2^bits)
   const uint16_t* x_bf16;   // x rounded to bf16, [M, K] (set for the bf16 path only)
+  int64_t x_stride;         // elements from one row of x_bf16 to the next (>= K: see prepare_bf16)
+  bool amx;                 // the bf16 GEMM runs on AMX tiles (AMX builds, where the OS grants them)
 };
 
 inline const float* tile_table(const Problem& p, int64_t tile) {
@@ -308,6 +317,29 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 // against the fp32 path before the direct path existed (CPU time, SmolLM2's mixed 3.5-bit layer):
 // as fast at 1 row, 3.3x faster at 16.
 
+// On CPUs with AMX (AMX builds, AFMKIT_AMX) prefill runs on the tile unit, and every other path takes
+// AMX's own arithmetic so that a row still gets the same bits at every batch size. Measured on a Xeon
+// (benchmarks/results/amx-arithmetic/) and as Intel's SDM describes TDPBF16PS: for each block of 32
+// inputs (16 pairs; the last block may be shorter), two fp32 sums from zero, one of the even inputs'
+// products and one of the odd ones', each in order (every product of two bf16 numbers is exact in
+// fp32; each addition rounds to nearest even), then acc = acc + (even + odd). The vdpbf16ps chain of
+// builds without AMX adds the odd then the even product of each pair to one sum; AMX builds get
+// AMX's sums from it by splitting x: (x_k, 0) into the even sum, (0, x_k+1) into the odd one (the
+// zero products change nothing). Both flush subnormal results to zero; the emulation's two additions
+// per block do not, which differs only where a sum falls below fp32's normal range (2^-126).
+#if defined(AFMKIT_AMX)
+constexpr bool kAmxOrder = true;
+#else
+constexpr bool kAmxOrder = false;
+#endif
+constexpr int64_t kAmxInputs = 32;  // inputs per AMX dot-product block
+
+inline int64_t round_up(int64_t value, int64_t to) { return (value + to - 1) / to * to; }
+
+// The bf16 pairs of K that the buffer and x hold: in AMX builds padded with zeros to whole blocks of
+// 32 inputs (zero products leave AMX's sums as a shorter last block would).
+inline int64_t padded_k(int64_t k) { return kAmxOrder ? round_up(k, kAmxInputs) : k; }
+
 template <int Bits>
 void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
   // 16-bit element 2 j + e of a pair <- element 16 e + j of [16 entries at k, 16 at k + 1]
@@ -339,30 +371,81 @@ void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
         _mm512_store_si512(out + ((b * kCodes / 2 + c / 2) * tiles + t) * 32, _mm512_permutexvar_epi16(interleave, both));
       }
     }
-  }
+  }  const int64_t pairs = p.k / 2, padded = padded_k(p.k) / 2;
+  std::memset(out + pairs * tiles * 32, 0, (padded - pairs) * tiles * 32 * sizeof(uint16_t));
 }
+
+// The x pair of k and k + 1 of a row, broadcast, and (AMX order) its even and odd halves.
+struct XPair {
+  __m512bh both, even, odd;
+};
+
+inline XPair x_pair(const Problem& p, int64_t row, int64_t k) {
+  uint32_t both;
+  std::memcpy(&both, p.x_bf16 + row * p.x_stride + k, 4);
+  const auto broadcast = [](uint32_t v) { return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v))); };
+  if constexpr (kAmxOrder) return {broadcast(both), broadcast(both & 0xffffu), broadcast(both & 0xffff0000u)};
+  return {broadcast(both), broadcast(both), broadcast(both)};
+}
+
+// R rows by T tiles of one chain per output (acc), or in AMX order two per block (even, odd) folded
+// into acc at the end of each block of 32 inputs.
+template <int R, int T>
+struct Sums {
+  __m512 acc[R][T], even[R][T], odd[R][T];
+  // In AMX order the totals change once per 32 inputs: they wait in memory, leaving the registers to
+  // the sums that change on every step (R = 2 by T = 4 would not fit otherwise).
+  alignas(64) float total[kAmxOrder ? R : 0][T][kTile];
+  Sums() {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) {
+        acc[r][t] = even[r][t] = odd[r][t] = _mm512_setzero_ps();
+        if constexpr (kAmxOrder) _mm512_store_ps(total[r][t], acc[r][t]);
+      }
+  }
+  inline void add(int r, int t, __m512bh w, const XPair& x) {
+    if constexpr (kAmxOrder) {
+      even[r][t] = _mm512_dpbf16_ps(even[r][t], w, x.even);
+      odd[r][t] = _mm512_dpbf16_ps(odd[r][t], w, x.odd);
+    } else {
+      acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, x.both);
+    }
+  }
+  inline void fold() {
+    if constexpr (kAmxOrder)
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) {
+          _mm512_store_ps(total[r][t], _mm512_add_ps(_mm512_load_ps(total[r][t]), _mm512_add_ps(even[r][t], odd[r][t])));
+          even[r][t] = odd[r][t] = _mm512_setzero_ps();
+        }
+  }
+  void store(const Problem& p, int64_t tile0, int64_t row0) {
+    fold();
+    for (int t = 0; t < T; ++t) {
+      const __m512 s = _mm512_loadu_ps(p.scales + (tile0 + t) * kTile);
+      for (int r = 0; r < R; ++r) {
+        const __m512 sum = kAmxOrder ? _mm512_load_ps(total[r][t]) : acc[r][t];
+        _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_mul_ps(sum, s));
+      }
+    }
+  }
+};
 
 template <int R, int T>
 void gemm_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0, int64_t row0) {
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  Sums<R, T> sums;
   const int64_t pairs = p.k / 2;
   for (int64_t pair = 0; pair < pairs; ++pair) {
     __m512bh w[T];
     for (int t = 0; t < T; ++t)
       w[t] = reinterpret_cast<__m512bh>(in_register(_mm512_load_si512(expanded + (pair * T + t) * 32)));
     for (int r = 0; r < R; ++r) {
-      uint32_t both;
-      std::memcpy(&both, p.x_bf16 + (row0 + r) * p.k + 2 * pair, 4);
-      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(both)));
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w[t], x);
+      const XPair x = x_pair(p, row0 + r, 2 * pair);
+      for (int t = 0; t < T; ++t) sums.add(r, t, w[t], x);
     }
+    if ((pair + 1) % (kAmxInputs / 2) == 0) sums.fold();
   }
-  for (int t = 0; t < T; ++t) {
-    const __m512 s = _mm512_loadu_ps(p.scales + (tile0 + t) * kTile);
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_mul_ps(acc[r][t], s));
-  }
+  sums.store(p, tile0, row0);
 }
 
 // R = 6 rows by T = 4 tiles: 24 accumulators, 4 weight vectors and a broadcast in 32 registers; per
@@ -373,6 +456,11 @@ void gemm_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0, int64_
 template <int T>
 void gemm_rows_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0) {
   int64_t r = 0;
+  if constexpr (kAmxOrder) {  // three sums per output: 2 rows by T tiles (AMX builds without the tiles only)
+    for (; r + 2 <= p.m; r += 2) gemm_bf16<2, T>(p, expanded, tile0, r);
+    if (r < p.m) gemm_bf16<1, T>(p, expanded, tile0, r);
+    return;
+  }
   for (; r + 6 <= p.m; r += 6) gemm_bf16<6, T>(p, expanded, tile0, r);
   switch (p.m - r) {
     case 5: return gemm_bf16<5, T>(p, expanded, tile0, r);
@@ -384,42 +472,61 @@ void gemm_rows_bf16(const Problem& p, const uint16_t* expanded, int64_t tile0) {
   }
 }
 
-// Few rows (decode): no buffer. A pair of k's two codes per output are cut out of the block's words
-// straight into 16-bit lanes (lane 2 j + e: the code of k + e, output j) and looked up with one
-// `vpermw` in the tile's table rounded to bf16 (its 16 repeated entries twice over 32 lanes, so the
-// bits a 5-bit index reads above a code pick the same entry). These are expand_bf16's values and
-// gemm_bf16's dot products in its order, so a row's bits do not depend on which path its batch
-// took; per pair of k and tile 3 instructions instead of expand_bf16's 7 and a store and a load.
-// With AVX512-VBMI one `vpmultishiftqb` places both codes; else two shifts and a blend.
+// Few rows (decode): no buffer. Two codes per output are cut out of the block's words straight into
+// 16-bit lanes (lane 2 j: the code added second, lane 2 j + 1: the one added first, output j) and
+// looked up with one `vpermw` in the tile's table rounded to bf16 (its 16 repeated entries twice over
+// 32 lanes, so the bits a 5-bit index reads above a code pick the same entry). These are expand_bf16's
+// values and the GEMM's sums, so a row's bits do not depend on which path its batch took; per pair of
+// codes and tile 3 instructions instead of expand_bf16's 7 and a store and a load. Without AMX the
+// pair is k + 1 and k (one chain). In AMX order it is k + 2 and k, then k + 3 and k + 1: vdpbf16ps adds
+// its upper then its lower product, so one instruction takes two steps of the even sum (or the odd),
+// as many instructions as one chain needs; x is laid out to match (prepare_bf16). With AVX512-VBMI one
+// `vpmultishiftqb` places both codes; else two shifts and a blend.
 #if defined(__AVX512VBMI__)
-// vpmultishiftqb's control for PairIndices: in each 64-bit lane (outputs j and j + 1, one 32-bit
-// word each) bytes 0, 1 take 8 bits from bit Bits c (code c of output j), bytes 2, 3 from
-// Bits (c + 1), and bytes 4-7 the same from bit 32 on (output j + 1).
+// vpmultishiftqb's control: in each 64-bit lane (outputs j and j + 1, one 32-bit word each) bytes
+// 0, 1 take 8 bits from bit Bits * low (code `low` of output j), bytes 2, 3 from Bits * high, and
+// bytes 4-7 the same from bit 32 on (output j + 1).
 template <int Bits>
-__m512i multishift_control(int c) {
+__m512i multishift_control(int low, int high) {
   alignas(64) uint8_t bytes[64];
-  for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>(32 * (i % 8 / 4) + Bits * (c + i % 4 / 2));
+  for (int i = 0; i < 64; ++i) bytes[i] = static_cast<uint8_t>(32 * (i % 8 / 4) + Bits * (i % 4 < 2 ? low : high));
   return _mm512_load_si512(bytes);
 }
 #endif
 
+// The indices of codes `low` (bits 0-15 of each output's 32-bit lane) and `high` (bits 16-31).
+template <int Bits>
+inline __m512i code_pair(__m512i words, int low, int high, [[maybe_unused]] __m512i control) {
+#if defined(__AVX512VBMI__)
+  return _mm512_multishift_epi64_epi8(control, words);
+#else
+  const __m512i lower = _mm512_srli_epi32(words, Bits * low);
+  const int high_at = Bits * high;
+  const __m512i upper = high_at <= 16 ? _mm512_slli_epi32(words, 16 - high_at) : _mm512_srli_epi32(words, high_at - 16);
+  return _mm512_mask_blend_epi16(0xaaaaaaaau, lower, upper);
+#endif
+}
+
+// The (low, high) codes of each dot-product step of a block of 8, in order: see above.
+constexpr int kStepCodes[2][4][2] = {{{0, 1}, {2, 3}, {4, 5}, {6, 7}},   // one chain
+                                     {{2, 0}, {3, 1}, {6, 4}, {7, 5}}};  // AMX order: even, odd, even, odd
+
 template <int Bits>
 struct PairIndices {
 #if defined(__AVX512VBMI__)
-  __m512i control[4] = {multishift_control<Bits>(0), multishift_control<Bits>(2), multishift_control<Bits>(4),
-                        multishift_control<Bits>(6)};
+  __m512i control[4];
+  PairIndices() {
+    for (int step = 0; step < 4; ++step)
+      control[step] = multishift_control<Bits>(kStepCodes[kAmxOrder][step][0], kStepCodes[kAmxOrder][step][1]);
+  }
 #endif
-  // The indices of codes c and c + 1 (c even) of a block's words.
-  inline __m512i operator()(__m512i words, int c) const {
+  inline __m512i operator()(__m512i words, int step) const {
 #if defined(__AVX512VBMI__)
-    return _mm512_multishift_epi64_epi8(control[c / 2], words);
+    const __m512i ctl = control[step];
 #else
-    // code c to bits 0-15 and code c + 1 to bits 16-31 of each output's 32-bit lane
-    const __m512i low = _mm512_srli_epi32(words, Bits * c);
-    const int high_at = Bits * (c + 1);
-    const __m512i high = high_at <= 16 ? _mm512_slli_epi32(words, 16 - high_at) : _mm512_srli_epi32(words, high_at - 16);
-    return _mm512_mask_blend_epi16(0xaaaaaaaau, low, high);
+    const __m512i ctl = words;  // unused
 #endif
+    return code_pair<Bits>(words, kStepCodes[kAmxOrder][step][0], kStepCodes[kAmxOrder][step][1], ctl);
   }
 };
 
@@ -430,9 +537,7 @@ void direct_bf16(const Problem& p, int64_t tile0, int64_t row0) {
   __m512i table[T];
   for (int t = 0; t < T; ++t)
     table[t] = _mm512_broadcast_i64x4(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(tile_table(p, tile0 + t)))));
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  Sums<R, T> sums;
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i words[T];
     for (int t = 0; t < T; ++t) {
@@ -440,23 +545,27 @@ void direct_bf16(const Problem& p, int64_t tile0, int64_t row0) {
       prefetch_ahead(codes);
       words[t] = words_avx512<Bits>(codes);
     }
-    for (int c = 0; c < kCodes; c += 2) {
+    // One dot-product step into `sum` (the chain, or in AMX order the even or odd sums: chosen at
+    // compile time, so every sum stays in a register); x's words in the same order (prepare_bf16).
+    const auto step = [&](int step, __m512(&sum)[R][T]) {
       __m512bh x[R];
       for (int r = 0; r < R; ++r) {
         uint32_t both;
-        std::memcpy(&both, p.x_bf16 + (row0 + r) * p.k + b * kCodes + c, 4);
+        std::memcpy(&both, p.x_bf16 + (row0 + r) * p.x_stride + b * kCodes + 2 * step, 4);
         x[r] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(both)));
       }
       for (int t = 0; t < T; ++t) {
-        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(indices(words[t], c), table[t]));
-        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, x[r]);
+        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(indices(words[t], step), table[t]));
+        for (int r = 0; r < R; ++r) sum[r][t] = _mm512_dpbf16_ps(sum[r][t], w, x[r]);
       }
+    };
+    for (int even = 0; even < 4; even += 2) {
+      step(even, kAmxOrder ? sums.even : sums.acc);
+      step(even + 1, kAmxOrder ? sums.odd : sums.acc);
     }
+    if ((b + 1) % (kAmxInputs / kCodes) == 0) sums.fold();
   }
-  for (int t = 0; t < T; ++t) {
-    const __m512 s = _mm512_loadu_ps(p.scales + (tile0 + t) * kTile);
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, _mm512_mul_ps(acc[r][t], s));
-  }
+  sums.store(p, tile0, row0);
 }
 
 template <int T, int Bits>
@@ -476,12 +585,93 @@ void direct_group_bf16(const Problem& p, int64_t tile0, int tiles) {
   }
 }
 
+#if defined(AFMKIT_AMX)
+// ---- AMX (prefill and batches of 5 rows or more) ----------------------------------------------------
+// The expanded buffer is already AMX's weight-tile layout: a tile of 16 outputs over 32 inputs is 16
+// rows of 64 bytes (pairs of k, output j at bytes 4 j), `tiles` * 64 bytes apart. x (rows padded to
+// 16 and K to 32 with zeros, prepare_bf16) gives the 16-row input tiles. Per 32 rows by 2 tiles: four
+// sum tiles (0-3), two input tiles (4, 5), two weight tiles (6, 7).
+
+// Whether this process may use the tiles: Linux grants them on request (arch_prctl), once per process.
+// AFMKIT_AMX=0 keeps them off (the same bits, from the emulation above; tests compare the two).
+bool amx_granted() {
+  static const bool granted = [] {
+    const char* setting = std::getenv("AFMKIT_AMX");
+    if (setting != nullptr && std::string(setting) == "0") return false;
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+
+void amx_configure() {
+  alignas(64) uint8_t config[64] = {};
+  config[0] = 1;  // palette 1
+  for (int tile = 0; tile < 8; ++tile) {
+    config[16 + 2 * tile] = 64;  // bytes per row
+    config[48 + tile] = 16;      // rows
+  }
+  _tile_loadconfig(config);
+}
+
+// RB blocks of 16 rows by TB tiles from row0 and tile t (of the group's `tiles`), scaled into y.
+template <int RB, int TB>
+void amx_block(const Problem& p, const uint16_t* expanded, int64_t tile0, int tiles, int t, int64_t row0) {
+  _tile_zero(0);
+  if constexpr (TB > 1) _tile_zero(1);
+  if constexpr (RB > 1) _tile_zero(2);
+  if constexpr (RB > 1 && TB > 1) _tile_zero(3);
+  const int64_t x_bytes = p.x_stride * 2, w_bytes = int64_t{tiles} * 64;
+  for (int64_t k0 = 0; k0 < padded_k(p.k); k0 += kAmxInputs) {
+    const uint16_t* x = p.x_bf16 + row0 * p.x_stride + k0;
+    const uint16_t* w = expanded + (k0 / 2 * tiles + t) * 32;
+    _tile_loadd(4, x, x_bytes);
+    if constexpr (RB > 1) _tile_loadd(5, x + 16 * p.x_stride, x_bytes);
+    _tile_loadd(6, w, w_bytes);
+    if constexpr (TB > 1) _tile_loadd(7, w + 32, w_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (TB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (RB > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (RB > 1 && TB > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float sums[2][2][kTile * kTile];
+  _tile_stored(0, sums[0][0], 64);
+  if constexpr (TB > 1) _tile_stored(1, sums[0][1], 64);
+  if constexpr (RB > 1) _tile_stored(2, sums[1][0], 64);
+  if constexpr (RB > 1 && TB > 1) _tile_stored(3, sums[1][1], 64);
+  for (int tb = 0; tb < TB; ++tb) {
+    const int64_t n0 = (tile0 + t + tb) * kTile;
+    const __m512 s = _mm512_loadu_ps(p.scales + n0);
+    for (int rb = 0; rb < RB; ++rb)
+      for (int64_t r = 0; r < kTile && row0 + rb * kTile + r < p.m; ++r)
+        _mm512_storeu_ps(p.y + (row0 + rb * kTile + r) * p.n + n0, _mm512_mul_ps(_mm512_load_ps(sums[rb][tb] + r * kTile), s));
+  }
+}
+
+void amx_gemm(const Problem& p, const uint16_t* expanded, int64_t tile0, int tiles) {
+  amx_configure();
+  for (int t = 0; t < tiles; t += 2) {
+    const bool two_tiles = t + 1 < tiles;
+    for (int64_t row0 = 0; row0 < p.m; row0 += 2 * kTile) {
+      const bool two_blocks = row0 + kTile < p.m;
+      if (two_blocks && two_tiles) amx_block<2, 2>(p, expanded, tile0, tiles, t, row0);
+      else if (two_blocks) amx_block<2, 1>(p, expanded, tile0, tiles, t, row0);
+      else if (two_tiles) amx_block<1, 2>(p, expanded, tile0, tiles, t, row0);
+      else amx_block<1, 1>(p, expanded, tile0, tiles, t, row0);
+    }
+  }
+  _tile_release();  // the tile state is large: a thread that keeps it makes every switch to it dearer
+}
+#endif
+
 // Up to this many rows the direct path above, which expands every code again for each pair of rows;
 // from there on the buffer, expanded once and read by every row (a choice, not a measured crossover).
 constexpr int64_t kDirectRows = 4;
 
+inline bool takes_direct_path(int64_t m, int64_t bits) { return m <= kDirectRows && bits < 8; }
+
 void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
-  if (p.m <= kDirectRows && p.bits < 8) {
+  if (takes_direct_path(p.m, p.bits)) {
     switch (p.bits) {
       case 2: return direct_group_bf16<2>(p, tile0, tiles);
       case 3: return direct_group_bf16<3>(p, tile0, tiles);
@@ -489,7 +679,7 @@ void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
     }
   }
   thread_local std::vector<uint16_t> buffer;
-  const size_t elements = p.k / 2 * tiles * 32;
+  const size_t elements = padded_k(p.k) / 2 * tiles * 32;
   if (buffer.size() < elements + 32) buffer.resize(elements + 32);
   uint16_t* expanded = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
   switch (p.bits) {
@@ -498,6 +688,9 @@ void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
     case 4: expand_bf16<4>(p, tile0, tiles, expanded); break;
     default: expand_bf16<8>(p, tile0, tiles, expanded);
   }
+#if defined(AFMKIT_AMX)
+  if (p.amx) return amx_gemm(p, expanded, tile0, tiles);
+#endif
   switch (tiles) {
     case 4: return gemm_rows_bf16<4>(p, expanded, tile0);
     case 3: return gemm_rows_bf16<3>(p, expanded, tile0);
@@ -506,19 +699,32 @@ void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
   }
 }
 
-// x rounded to bf16 (to nearest even), [M, K]; M K is a multiple of 8. Into the calling thread's
-// buffer: a fresh vector per call is megabytes at prefill, which malloc may map and unmap every call.
-const uint16_t* prepare_bf16(const float* x, int64_t count) {
+// x rounded to bf16 (to nearest even), [M, K] with rows x_stride() apart; K is a multiple of 8. In AMX
+// builds K is padded to 32 and the rows to 16 with zeros (whole tiles; see padded_k). Into the calling
+// thread's buffer: a fresh vector per call is megabytes at prefill, which malloc may map and unmap.
+const uint16_t* prepare_bf16(const float* x, int64_t m, int64_t k, bool direct) {
   thread_local std::vector<uint16_t> out;
-  if (out.size() < static_cast<size_t>(count)) out.resize(count);
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.data() + i),
-                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i))));
-  if (i < count) {  // the last 8
-    const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(0xff, x + i)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.data() + i), _mm256_castsi256_si128(half));
+  const int64_t stride = padded_k(k), rows = kAmxOrder ? round_up(m, kTile) : m;
+  if (out.size() < static_cast<size_t>(rows * stride)) out.resize(rows * stride);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* in = x + r * k;
+    uint16_t* row = out.data() + r * stride;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i))));
+    if (i < k) {  // the last 8
+      const __m256i half = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(0xff, in + i)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + i), _mm256_castsi256_si128(half));
+    }
+    std::fill(row + k, row + stride, uint16_t{0});
+    if (kAmxOrder && direct)  // direct_bf16's order in each 4: k + 2, k, k + 3, k + 1 (k a multiple of 8)
+      for (int64_t i = 0; i < k; i += 8) {
+        constexpr int order = 2 | 0 << 2 | 3 << 4 | 1 << 6;
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + i), _mm_shufflehi_epi16(_mm_shufflelo_epi16(v, order), order));
+      }
   }
+  std::fill(out.data() + m * stride, out.data() + rows * stride, uint16_t{0});
   return out.data();
 }
 #endif
@@ -920,13 +1126,18 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       for (int64_t i = 0; i < stride; ++i) table32[g * stride + i] = tables.typed_data()[g * entries + (i & (entries - 1))];
   }
   const uint16_t* x_bf16 = nullptr;
+  int64_t x_stride = k;
+  bool amx = false;
 #if defined(__AVX512BF16__)
-  if (bf16) x_bf16 = prepare_bf16(x.typed_data(), m * k);
+  if (bf16) x_bf16 = prepare_bf16(x.typed_data(), m, k, takes_direct_path(m, bits)), x_stride = padded_k(k);
+#if defined(AFMKIT_AMX)
+  amx = bf16 && amx_granted();
+#endif
 #else
   (void)bf16;  // no bf16 path in this build: fp32
 #endif
   const Problem problem{x.typed_data(), indices.typed_data(), table32.data(), scaled ? scales.typed_data() : ones.data(),
-                        y->typed_data(), m, k, n, bits, n / groups / kTile, stride, x_bf16};
+                        y->typed_data(), m, k, n, bits, n / groups / kTile, stride, x_bf16, x_stride, amx};
   if (m > 0 && n > 0)
     parallel_items(pool, (tiles + group_tiles(problem) - 1) / group_tiles(problem),
                    [&problem](int64_t group) { run_group(problem, group); });
@@ -1047,6 +1258,19 @@ extern "C" const char* AfmkitPalettizedIsa() {
   return "avx2";
 #else
   return "portable";
+#endif
+}
+
+// The arithmetic of the bf16 path (`bf16=True`): "amx" (AMX's sums, prefill on the tiles), "amx-emulated"
+// (AMX's sums without the tiles: not granted, or AFMKIT_AMX=0), "pairs" (one vdpbf16ps chain per
+// output) or "none" (no bf16 path in this build: fp32).
+extern "C" const char* AfmkitPalettizedBf16Arithmetic() {
+#if defined(AFMKIT_AMX)
+  return amx_granted() ? "amx" : "amx-emulated";
+#elif defined(__AVX512BF16__)
+  return "pairs";
+#else
+  return "none";
 #endif
 }
 
