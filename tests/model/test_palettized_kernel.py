@@ -138,7 +138,9 @@ def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
     want = bf16_sums(to_bf16(x), w, transcription) * weight.scales.astype(np.float32)
     for rows in (1, 2, 3, 4, 5, 16, 17, 33, 101):
         got = np.asarray(
-            _kernel(jnp.asarray(x[:rows]), weight.leaf.indices, weight.leaf.tables, weight.leaf.scales, bits=bits, bf16=True)
+            _kernel(
+                jnp.asarray(x[:rows]), weight.leaf.indices, weight.leaf.tables, weight.leaf.scales, bits=bits, bf16=True
+            )
         )
         np.testing.assert_array_equal(got, want[:rows], err_msg=f"{rows} rows, {arithmetic}")
 
