@@ -111,3 +111,43 @@ def test_on_a_mesh_as_without_one(params, spec):
         got = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got[1], want[1])
+
+
+@pytest.mark.parametrize("prefix", [0, 128])
+def test_prefill_chunk_block_by_block_as_the_whole_chunk(params, prefix):
+    """A prefill chunk that ends its rows' keys (``queries_last``, as the engine's prefill calls it)
+    runs block by block, skipping the keys after each block of queries: the same hidden states and
+    cache as attending to every key, for a chunk that starts its rows and one after a prefix."""
+    from afmkit.model.kv_cache import KVCache
+
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (2, prefix + SEQ)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(prefix + SEQ), (2, prefix + SEQ))
+    results, dots = [], []
+    for queries_last in (True, False):
+        cache = KVCache.zeros(CONFIG, batch=2, capacity=prefix + SEQ + 1)
+        if prefix:
+            _, cache = forward(
+                params, tokens[:, :prefix], positions[:, :prefix], cache, config=CONFIG, attend_len=prefix
+            )
+
+        def chunk(cache, queries_last=queries_last):
+            return forward(
+                params,
+                tokens[:, prefix:],
+                positions[:, prefix:],
+                cache,
+                config=CONFIG,
+                attend_len=prefix + SEQ,
+                queries_last=queries_last,
+            )
+
+        results.append(chunk(cache))
+        dots.append(str(jax.make_jaxpr(chunk)(cache)).count("dot_general"))
+    # four blocks of queries: two attention products per layer become eight
+    assert dots[0] - dots[1] == 6 * CONFIG.n_layers, dots
+    (blocked, blocked_cache), (whole, whole_cache) = results
+    # the same keys and values, the masked ones left out of the sums: fp32 rounding of sums over at
+    # most 640 terms of O(1) values, as in the packed case above
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), blocked_cache, whole_cache)

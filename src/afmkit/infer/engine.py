@@ -153,7 +153,6 @@ def _prefill_chunk(
     params: Params,
     cache: KVCache,
     tokens: jax.Array,
-    start: jax.Array,
     lengths: jax.Array,
     first: jax.Array,
     sampler: SamplerState,
@@ -171,7 +170,6 @@ def _prefill_chunk(
         params,
         cache,
         tokens,
-        start,
         lengths,
         first,
         sampler,
@@ -200,7 +198,6 @@ def _prefill_rows(
     params: Params,
     cache: KVCache,
     tokens: jax.Array,
-    start: jax.Array,
     lengths: jax.Array,
     first: jax.Array,
     sampler: SamplerState,
@@ -211,7 +208,10 @@ def _prefill_rows(
     mode: SamplerMode,
     activation_dtype: Any,
 ) -> tuple[KVCache, jax.Array]:
+    # The chunk is the last positions before attend_len in every row (the caller's chunk_start +
+    # chunk), so attention may skip the keys after each block of its queries (queries_last).
     batch, chunk = tokens.shape
+    start = attend_len - chunk
     positions = start + jnp.broadcast_to(jnp.arange(chunk), (batch, chunk))
     hidden, cache = forward(
         params,
@@ -222,6 +222,7 @@ def _prefill_rows(
         attend_len=attend_len,
         activation_dtype=activation_dtype,
         adapters=lora,
+        queries_last=True,
     )
     last = lengths - 1 - start
     in_chunk = (last >= 0) & (last < chunk)
@@ -240,7 +241,6 @@ def _prefill_slots_chunk(
     cache: KVCache,
     slots: jax.Array,
     tokens: jax.Array,
-    start: jax.Array,
     lengths: jax.Array,
     first: jax.Array,
     sampler: SamplerState,
@@ -259,7 +259,6 @@ def _prefill_slots_chunk(
         params,
         rows,
         tokens,
-        start,
         lengths,
         first,
         sampler,
@@ -956,7 +955,7 @@ class DecodeBatch:
                 activation_dtype=engine.activation_dtype,
                 cache_sharding=self.cache_sharding,
             )
-            args = (jnp.asarray(tokens[:, chunk_start : chunk_start + chunk]), jnp.int32(chunk_start), lengths_dev)
+            args = (jnp.asarray(tokens[:, chunk_start : chunk_start + chunk]), lengths_dev)
             if direct:
                 self.cache, first = _prefill_chunk(engine.params, self.cache, *args, first, sampler, lora, **common)
             else:

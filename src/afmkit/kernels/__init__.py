@@ -189,7 +189,9 @@ def palettized_matmul(
     ``[N]`` or None; fp16 or fp32, multiplied in fp32), table entries expanded in registers.
 
     ``bf16`` (and a CPU with AVX512-BF16): x and the table entries rounded to bf16 for the CPU's bf16
-    dot products (fp32 accumulation, scales in fp32), at every row count; otherwise fp32 products.
+    dot products (fp32 accumulation, scales in fp32), at every row count, on AMX's tiles from 5 rows
+    where the CPU has them, with the same sums at every row count (``palettized_bf16_arithmetic``);
+    otherwise fp32 products.
 
     ``int8_activations``: each row of x and each table quantized to int8 by its own absmax scale
     (as ``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums exact in int32 (VNNI

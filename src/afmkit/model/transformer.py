@@ -160,6 +160,7 @@ def attention(
     segment_ids: jax.Array | None = None,
     branch_ids: jax.Array | None = None,
     lora: Any = None,
+    queries_last: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | PagedLayer | None]:
     """Grouped-query attention; a query at position p sees keys at positions <= p.
 
@@ -170,7 +171,8 @@ def attention(
     (training, scoring) the chunk attends to itself; with ``segment_ids [B, T]`` (packed training
     rows) a query sees only keys of its own segment and not after it in the row, and with
     ``branch_ids [B, T]`` as well only keys of branch 0 (a prefix its segment's branches share)
-    or of its own branch.
+    or of its own branch. ``queries_last``: every row's ``T`` queries are the last ``T`` of its
+    ``attend_len`` positions (a prefill chunk after a prefix all rows share the length of).
     """
     batch, seq = x.shape[:2]
     kv_heads, groups, head_dim = config.n_kv_heads, config.n_heads // config.n_kv_heads, config.head_dim
@@ -232,20 +234,23 @@ def attention(
     if branch_ids is not None:  # branches of one segment share its branch-0 prefix, never each other
         key_branch = branch_ids[:, None, None, :]
         visible &= (key_branch == 0) | (key_branch == branch_ids[:, None, :, None])
-    # A packed row sees no key after its query, so each block of queries needs only the keys up
-    # to its end: about half the scores of a long row. Not when the sequence is split over
-    # devices (each keeps its slice of the queries).
-    block = CAUSAL_BLOCK if segment_ids is not None and seq % CAUSAL_BLOCK == 0 else seq  # no cache with segments
+    # A packed row, or a prefill chunk that ends each row's keys (queries_last), sees no key after
+    # its query, so each block of queries needs only the keys up to its end: about half the
+    # scores of a long chunk that starts a row. Not when the sequence is split over devices (each
+    # keeps its slice of the queries).
+    causal = segment_ids is not None or queries_last  # segments: the keys are the chunk itself
+    block = CAUSAL_BLOCK if causal and seq % CAUSAL_BLOCK == 0 else seq
     if block == seq or ways_split("seq", seq) > 1:
         out = _attend(q, keys, values, visible)
     else:
+        before = keys.shape[-1] - seq  # keys before the chunk's first query
         out = jnp.concatenate(
             [
                 _attend(
                     q[:, :, :, start : start + block],
-                    keys[..., : start + block],
-                    values[:, :, : start + block],
-                    visible[:, :, start : start + block, : start + block],
+                    keys[..., : before + start + block],
+                    values[:, :, : before + start + block],
+                    visible[:, :, start : start + block, : before + start + block],
                 )
                 for start in range(0, seq, block)
             ],
@@ -286,6 +291,7 @@ def forward(
     adapters: Any = None,
     dropout: tuple[float, jax.Array] | None = None,
     recompute: bool = False,
+    queries_last: bool = False,
 ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """Hidden states after the final norm, ``[B, T, d_model]``, and the updated cache.
 
@@ -310,6 +316,10 @@ def forward(
     ``recompute`` (without a cache): the gradient recomputes each layer's activations from its
     input instead of keeping them, so a training step holds one layer's at a time, for one more
     forward pass (the values are the same up to the order of fp32 sums).
+
+    ``queries_last`` (with a contiguous cache): every row's ``T`` positions are the last ``T`` of its
+    ``attend_len`` (a prefill chunk after a prefix all rows share the length of), so attention
+    skips the keys after each block of queries (the same values up to the order of fp32 sums).
     """
     if (segment_ids is not None or branch_ids is not None) and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
@@ -340,7 +350,7 @@ def forward(
         else:
             lora = None if adapters is None else adapters.layer(i)
             x, layer_cache = decoder_layer(
-                x, layer, positions, layer_cache, lora, config, attend_len, masks, dropout, i
+                x, layer, positions, layer_cache, lora, config, attend_len, masks, dropout, i, queries_last=queries_last
             )
         new_layers.append(layer_cache)
     return rms_norm(x, params["final_norm"], config.norm_eps), cache.with_layers(new_layers) if cache else None
@@ -357,6 +367,8 @@ def decoder_layer(
     masks: dict[str, jax.Array | None],
     dropout: tuple[float, jax.Array] | None,
     index: int,
+    *,
+    queries_last: bool = False,
 ) -> tuple[jax.Array, Any]:
     """One pre-norm block, attention then MLP, each added to the residual stream ``x``."""
     attn_out, layer_cache = attention(
@@ -367,6 +379,7 @@ def decoder_layer(
         config=config,
         attend_len=attend_len,
         lora=lora,
+        queries_last=queries_last,
         **masks,
     )
     x = x + _dropout(attn_out, dropout, 2 * index)
