@@ -84,10 +84,11 @@ def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gives_the_same_bits_whatever_its_batch(bits):
-    """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds) take
-    the kernel's GEMM path, small ones its row kernel: a row must come out bit for bit the same
-    either way and whatever its place in a prefill chunk (1552 outputs: 97 tiles, a remainder of
-    the GEMM's tile groups)."""
+    """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds, 16 on
+    AMX's tiles where the CPU has them) take the kernel's GEMM path, small ones its row kernel: a
+    row must come out bit for bit the same either way and whatever its place in a prefill chunk
+    (1552 outputs: 97 tiles, a remainder of the GEMM's tile groups). On CPUs with AMX the row
+    kernel computes AMX's sums with vdpbf16ps, so this compares two implementations bit for bit."""
     packed = P.pack(RNG.standard_normal((576, 1552)).astype(np.float32), bits)
     x = jnp.asarray(RNG.standard_normal((600, 576)), jnp.float32)
     matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))
@@ -184,6 +185,46 @@ def test_a_packed_model_decodes_like_its_dequantized_weights():
     assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
 
 
+def passes_in_child(env: dict, selection: str) -> None:
+    """This file's tests named by ``selection`` pass, none skipped, in a child pytest with ``env``
+    added to the environment (kernels built with other flags, or AMX's tiles refused)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", selection],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+
+
+@needs_kernels
+@pytest.mark.skipif(
+    kernels.bf16_arithmetic() != "amx", reason="the CPU has no AMX tiles (or the OS did not grant them)"
+)
+def test_without_amx_tiles_the_same_results():
+    """The checked fallback: with the tiles refused (AFMKIT_AMX=0, as on a system that does not grant
+    them) the row kernel runs every batch with AMX's sums: within numpy's bounds, batch-invariant."""
+    passes_in_child({"AFMKIT_AMX": "0"}, "test_kernel_matches_numpy_in_fp32_and_bf16 or a_row_gives_the_same")
+
+
+@pytest.mark.slow
+@needs_kernels
+@pytest.mark.skipif(not kernels.has_bf16(), reason="the CPU has no AVX512-BF16: no bf16 path")
+@pytest.mark.parametrize(
+    "flags", ["-mamx-tile -mamx-bf16", "-mno-amx-tile -mno-amx-bf16"], ids=["amx-arithmetic", "pairs-arithmetic"]
+)
+def test_kernels_built_with_and_without_amx(flags, tmp_path):
+    """Both sums of the bf16 path on any CPU with AVX512-BF16: built for AMX (where the CPU has no
+    tiles, the row kernel emulates them at every batch) and built without it (vdpbf16ps's chain)."""
+    passes_in_child(
+        {"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)},
+        "test_kernel_matches_numpy_in_fp32_and_bf16 or a_row_gives_the_same or decodes_like",
+    )
+    assert list(tmp_path.glob("kernels/cpu_kernels-*.so")), "the kernels were not rebuilt with the flags"
+
+
 # Slow (CI runs it when time allows): a child pytest that rebuilds the kernels with other ISA flags.
 @pytest.mark.slow
 @needs_kernels
@@ -195,17 +236,8 @@ def test_a_packed_model_decodes_like_its_dequantized_weights():
 def test_kernels_built_for_cpus_without_avx512(flags, tmp_path):
     """The AVX-512 code without bf16 dot products, the AVX2 and the plain C++ code of the kernels
     (this machine may otherwise build another) pass this file's kernel tests too."""
-    env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
     tests = ["test_kernel_matches_numpy_in_fp32_and_bf16", "a_row_gives_the_same", "decode_attention", "decodes_like"]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", " or ".join(tests)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+    passes_in_child({"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}, " or ".join(tests))
     assert list(tmp_path.glob("kernels/cpu_kernels-*.so")), "the kernels were not rebuilt with the flags"
 
 

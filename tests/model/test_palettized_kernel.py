@@ -22,6 +22,20 @@ def to_bf16(a: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
 
 
+def passes_in_child(env: dict, selection: str) -> None:
+    """This file's tests named by ``selection`` pass, none skipped, in a child pytest with ``env``
+    added to the environment (kernels built with other flags, or the tiles refused)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", selection],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+
+
 class Weight:
     """A random palettized weight, with what the kernel should compute built from its codes, tables
     and scales directly in float64 (not through the package's own unpacking)."""
@@ -130,7 +144,7 @@ def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
     buffer, on AMX's tiles where the CPU has them) equals the transcription of the instructions'
     arithmetic exactly: AMX's blocked sums on CPUs with AMX, with or without the tiles, else
     vdpbf16ps's chain. K = 1,112 is 34 blocks of 32 and a short one of 24."""
-    arithmetic = kernels.palettized_bf16_arithmetic()
+    arithmetic = kernels.bf16_arithmetic()
     transcription = "amx" if arithmetic.startswith("amx") else "pairs"
     weight = Weight(bits, 1112, 48, seed=bits)
     x = np.random.default_rng(bits).normal(size=(101, 1112)).astype(np.float32)
@@ -147,21 +161,12 @@ def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
 
 @needs_kernels
 @pytest.mark.skipif(
-    kernels.palettized_bf16_arithmetic() != "amx", reason="the CPU has no AMX tiles (or the OS did not grant them)"
+    kernels.bf16_arithmetic() != "amx", reason="the CPU has no AMX tiles (or the OS did not grant them)"
 )
 def test_without_amx_tiles_the_same_bits(tmp_path):
     """The checked fallback: with the tiles refused (AFMKIT_AMX=0, as on a system that does not grant
     them) every path emulates AMX's sums, so the bits match the transcription, and the tiles', too."""
-    env = {**os.environ, "AFMKIT_AMX": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "bit_for_bit or any_batch"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+    passes_in_child({"AFMKIT_AMX": "0"}, "bit_for_bit or any_batch")
 
 
 @needs_kernels
@@ -217,17 +222,8 @@ def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
     another) pass this file's numpy and batch tests too."""
     if flags == "-mno-avx512vbmi" and not kernels.has_bf16():
         pytest.skip("without AVX512-BF16 this build is the fp32 one without byte permutes")
-    env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
-    tests = ["matches_numpy", "without_scales", "any_batch"]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", " or ".join(tests)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+    env = {"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
+    passes_in_child(env, "matches_numpy or without_scales or any_batch")
     assert list(tmp_path.glob("kernels/palettized_kernels-*.so")), "the kernel was not rebuilt with the flags"
 
 
@@ -241,13 +237,6 @@ def test_kernel_built_with_and_without_amx(flags, tmp_path):
     """Both arithmetics of the bf16 path on any CPU with AVX512-BF16: built for AMX (where the CPU
     has no tiles, every path emulates their sums) and built without it (vdpbf16ps's chain), each
     bit for bit against its transcription and batch-invariant."""
-    env = {**os.environ, "AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", "matches_numpy or any_batch or bit_for_bit"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+    env = {"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
+    passes_in_child(env, "matches_numpy or any_batch or bit_for_bit")
+    assert list(tmp_path.glob("kernels/palettized_kernels-*.so")), "the kernel was not rebuilt with the flags"

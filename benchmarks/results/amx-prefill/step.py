@@ -38,7 +38,7 @@ def prefill() -> float:
 decode(), prefill()  # compile
 steps = [decode() for _ in range(3)]
 prefills = [prefill() for _ in range(3)]
-arithmetic = getattr(kernels, "palettized_bf16_arithmetic", lambda: "pairs")()  # main's trees lack it
+arithmetic = getattr(kernels, "bf16_arithmetic", lambda: "pairs")()  # main's trees lack it
 record = {"tree": sys.argv[1], "arithmetic": arithmetic, "decode_ms": round(1000 * min(steps), 3)}
 record["decode_ms_all"] = [round(1000 * s, 3) for s in steps]
 record["prefill_tok_s"] = round(512 / min(prefills), 1)

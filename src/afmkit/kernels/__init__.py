@@ -65,7 +65,8 @@ def _compiler() -> str | None:
 
 def build(compiler: str, source_file: Path = KERNEL_SOURCE) -> Path:
     """Compile a kernel library (once per source, compiler, jax and CPU); return its path."""
-    source = source_file.read_bytes()
+    # the source and the headers beside it that it may include
+    source = b"".join(path.read_bytes() for path in [source_file, *sorted(source_file.parent.glob("*.h"))])
     flags = [
         "-O3",
         "-march=native",
@@ -125,6 +126,8 @@ def _load() -> bool:
         _features["bf16"] = bool(library.AfmkitHasBf16())
         library.AfmkitIsa.restype = ctypes.c_char_p
         _features["isa"] = library.AfmkitIsa().decode()
+        library.AfmkitBf16Arithmetic.restype = ctypes.c_char_p
+        _features["bf16_arithmetic"] = library.AfmkitBf16Arithmetic().decode()
         palettized = ctypes.cdll.LoadLibrary(str(build(compiler, PALETTIZED_SOURCE)))
         target = jax.ffi.pycapsule(palettized.AfmkitPalettizedMatmul)
         jax.ffi.register_ffi_target("afmkit_palettized_matmul", target, platform="cpu")
@@ -132,8 +135,6 @@ def _load() -> bool:
         jax.ffi.register_ffi_target("afmkit_palettized_matmul_int8", int8_target, platform="cpu")
         palettized.AfmkitPalettizedInt8Isa.restype = ctypes.c_char_p
         _features["palettized_int8_isa"] = palettized.AfmkitPalettizedInt8Isa().decode()
-        palettized.AfmkitPalettizedBf16Arithmetic.restype = ctypes.c_char_p
-        _features["palettized_bf16_arithmetic"] = palettized.AfmkitPalettizedBf16Arithmetic().decode()
     except (OSError, RuntimeError, AttributeError) as exc:
         print(f"afmkit: could not build the CPU kernels, using plain XLA: {exc}", file=sys.stderr)
         return False
@@ -166,7 +167,9 @@ def packed_matmul(
 ) -> jax.Array:
     """``x [M, K]`` (fp32) times a packed ``[K, n]`` weight (``afmkit.model.packed``). With
     ``bf16`` (and a CPU with AVX512-BF16), x is rounded to bf16 for the dot products: twice the
-    arithmetic rate, for prefill; the weights stay exact and accumulation is fp32 either way."""
+    arithmetic rate, for prefill; the weights stay exact and accumulation is fp32 either way. On
+    CPUs with AMX, batches of 16 rows or more run on its tiles, with the same sums at every row count
+    (``bf16_arithmetic``)."""
     _require()
     call = jax.ffi.ffi_call(
         "afmkit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential"
@@ -190,8 +193,8 @@ def palettized_matmul(
 
     ``bf16`` (and a CPU with AVX512-BF16): x and the table entries rounded to bf16 for the CPU's bf16
     dot products (fp32 accumulation, scales in fp32), at every row count, on AMX's tiles from 5 rows
-    where the CPU has them, with the same sums at every row count (``palettized_bf16_arithmetic``);
-    otherwise fp32 products.
+    where the CPU has them, with the same sums at every row count (``bf16_arithmetic``); otherwise
+    fp32 products.
 
     ``int8_activations``: each row of x and each table quantized to int8 by its own absmax scale
     (as ``afmkit.model.palettized.quantize_rows`` / ``int8_tables``), the sums exact in int32 (VNNI
@@ -214,13 +217,14 @@ def palettized_int8_isa() -> str:
     return _features.get("palettized_int8_isa", "xla") if on_cpu() else "xla"
 
 
-def palettized_bf16_arithmetic() -> str:
-    """How ``palettized_matmul(..., bf16=True)`` sums here, the same at every row count: ``amx`` (on
-    CPUs with AMX: per block of 32 inputs an even and an odd sum from zero, then added to the total,
-    as AMX's tiles sum, which run batches of 5 rows or more), ``amx-emulated`` (the same sums without
-    the tiles: the OS did not grant them, or ``AFMKIT_AMX=0``), ``pairs`` (one sum per output, each
-    pair's odd then even product, as ``vdpbf16ps``), ``none`` (no bf16 path: fp32) or ``xla``."""
-    return _features.get("palettized_bf16_arithmetic", "xla") if on_cpu() else "xla"
+def bf16_arithmetic() -> str:
+    """How the kernels' bf16 dot products sum here (``packed_matmul`` and ``palettized_matmul`` with
+    ``bf16``), the same at every row count: ``amx`` (on CPUs with AMX: per block of 32 inputs an even
+    and an odd sum from zero, then added to the total, as AMX's tiles sum, which run the larger
+    batches), ``amx-emulated`` (the same sums without the tiles: the OS did not grant them, or
+    ``AFMKIT_AMX=0``), ``pairs`` (one sum per output, each pair's odd then even product, as
+    ``vdpbf16ps``), ``none`` (no bf16 path: fp32) or ``xla``."""
+    return _features.get("bf16_arithmetic", "xla") if on_cpu() else "xla"
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, scale: float) -> jax.Array:

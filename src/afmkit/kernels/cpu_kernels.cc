@@ -34,6 +34,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "amx.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -47,6 +48,9 @@ namespace {
 constexpr int kTile = 16;   // outputs per tile
 constexpr int kBlock = 32;  // k per block (one scale and offset)
 constexpr int kPairs = kBlock / 2;
+// AMX builds: every bf16 path sums a block as AMX does (amx.h); a block of 32 is one AMX product.
+constexpr bool kAmxOrder = afmkit_amx::kOrder;
+static_assert(kBlock == afmkit_amx::kInputs);
 
 [[maybe_unused]] inline float half_to_float(uint16_t h) {
   // IEEE binary16 to binary32, exact (subnormals included).
@@ -75,8 +79,9 @@ struct Problem {
   const uint16_t* scales;
   float* y;
   int64_t m, k, n, bits;
-  const uint16_t* x_bf16;  // x rounded to bf16 (set for the bf16 path), [M, K]
+  const uint16_t* x_bf16;  // x rounded to bf16 (set for the bf16 path), [M, K] (see prepare_bf16)
   const float* x_block_sums;  // fp32 sum of x over each block of 32, [M, K / 32]
+  bool amx;                   // the bf16 GEMM on AMX tiles (AMX builds, where the OS grants them)
 };
 
 // Each path below has a row kernel (tile_*: R rows against one tile, the weights expanded from
@@ -499,6 +504,27 @@ struct Bf16Codes {
     low_nibble = _mm512_set1_epi32(0x0f);
     high_nibble = _mm512_set1_epi32(0xf0);
   }
+  // AMX order (amx.h): the codes of pairs p and p + 1 (`first`, `second`) as one step of the even sum
+  // (lanes 2 j, 2 j + 1: codes k + 2 and k of output j) or of the odd one (k + 3 and k + 1).
+  template <int Bits>
+  __m512i step(const uint8_t* first, const uint8_t* second, bool odd) const {
+    if constexpr (Bits == 4) {
+      const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first)));
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(second)));
+      const __m512i index =
+          odd ? _mm512_or_si512(_mm512_srli_epi32(_mm512_and_si512(b, high_nibble), 4),
+                                _mm512_slli_epi32(_mm512_and_si512(a, high_nibble), 12))
+              : _mm512_or_si512(_mm512_and_si512(b, low_nibble), _mm512_slli_epi32(_mm512_and_si512(a, low_nibble), 16));
+      return _mm512_permutexvar_epi16(index, table);
+    } else {
+      const int at = odd ? 16 : 0;
+      const __m512 low =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(second + at))));
+      const __m512 high =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first + at))));
+      return _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+    }
+  }
   // The code vector of one pair of k (its pair_bytes bytes of one tile).
   template <int Bits>
   __m512i operator()(const uint8_t* pair_codes) const {
@@ -536,13 +562,28 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t row0) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint16_t* xb = p.x_bf16 + row0 * p.k + b * kBlock;
-    for (int pair = 0; pair < kPairs; ++pair) {
-      const __m512i w = expand.template operator()<Bits>(codes + pair * pair_bytes);
-    for (int r = 0; r < R; ++r) {
-        uint32_t x_pair;
-        std::memcpy(&x_pair, xb + r * p.k + 2 * pair, 4);
-        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(w),
-                                  reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x_pair))));
+    const auto x_word = [&](int r, int at) {
+      uint32_t word;
+      std::memcpy(&word, xb + r * p.k + at, 4);
+      return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(word)));
+    };
+    if constexpr (kAmxOrder) {  // x swizzled to match (prepare_bf16)
+      __m512 odd[R];
+      for (int r = 0; r < R; ++r) odd[r] = _mm512_setzero_ps();
+      for (int pair = 0; pair < kPairs; pair += 2) {
+        const uint8_t* first = codes + pair * pair_bytes;
+        const __m512i even_w = expand.template step<Bits>(first, first + pair_bytes, false);
+        const __m512i odd_w = expand.template step<Bits>(first, first + pair_bytes, true);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(even_w), x_word(r, 2 * pair));
+          odd[r] = _mm512_dpbf16_ps(odd[r], reinterpret_cast<__m512bh>(odd_w), x_word(r, 2 * pair + 2));
+        }
+      }
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], odd[r]);
+    } else {
+      for (int pair = 0; pair < kPairs; ++pair) {
+        const __m512i w = expand.template operator()<Bits>(codes + pair * pair_bytes);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(w), x_word(r, 2 * pair));
       }
     }
     __m512 d, m;
@@ -559,8 +600,9 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t row0) {
 template <int Bits>
 void tile_rows_bf16(const Problem& p, int64_t tile) {
   int64_t r = 0;
-  for (; r + 16 <= p.m; r += 16) tile_bf16<16, Bits>(p, tile, r);
-  if (p.m - r >= 8) { tile_bf16<8, Bits>(p, tile, r); r += 8; }
+  if constexpr (!kAmxOrder)  // (AMX order keeps two sums per row: 8 rows at most)
+    for (; r + 16 <= p.m; r += 16) tile_bf16<16, Bits>(p, tile, r);
+  for (; r + 8 <= p.m; r += 8) tile_bf16<8, Bits>(p, tile, r);
   if (p.m - r >= 4) { tile_bf16<4, Bits>(p, tile, r); r += 4; }
   if (p.m - r >= 2) { tile_bf16<2, Bits>(p, tile, r); r += 2; }
   if (p.m - r >= 1) tile_bf16<1, Bits>(p, tile, r);
@@ -625,6 +667,40 @@ void gemm_bf16(const Problem& p, const uint16_t* codes, const float* scales, int
     for (int t = 0; t < T; ++t) _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, total[r][t]);
 }
 
+#if defined(AFMKIT_AMX)
+// AMX (batches of kAmxRows or more, where the OS grants the tiles): expand_bf16's code vectors are
+// AMX's weight-tile layout (a block's 16 pairs of one tile: 16 rows of 64 bytes, tiles * 64 apart)
+// and x's rows (padded to 16 with zeros, prepare_bf16) its input tiles. Each block's sums leave the
+// tile for its scale and offset in fp32, in tile_bf16's order.
+void amx_gemm(const Problem& p, const uint16_t* codes, const float* scales, int64_t tile0, int tiles) {
+  const int64_t blocks = p.k / kBlock;
+  afmkit_amx::configure();
+  alignas(64) float sums[kTile * kTile];
+  for (int64_t row0 = 0; row0 < p.m; row0 += kTile) {
+    for (int t = 0; t < tiles; ++t) {
+      __m512 total[kTile];
+      for (int r = 0; r < kTile; ++r) total[r] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        _tile_zero(0);
+        _tile_loadd(1, p.x_bf16 + row0 * p.k + b * kBlock, p.k * 2);
+        _tile_loadd(2, codes + (b * kPairs * tiles + t) * 2 * kTile, int64_t{tiles} * 64);
+        _tile_dpbf16ps(0, 1, 2);
+        _tile_stored(0, sums, 64);
+        const float* sb = scales + (b * tiles + t) * 2 * kTile;
+        const __m512 d = _mm512_loadu_ps(sb), m = _mm512_loadu_ps(sb + kTile);
+        for (int r = 0; r < kTile; ++r) {  // the padding rows' sums are zeros (prepare_bf16)
+          total[r] = _mm512_fmadd_ps(_mm512_load_ps(sums + r * kTile), d, total[r]);
+          total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(p.x_block_sums[(row0 + r) * blocks + b]), total[r]);
+        }
+      }
+      for (int r = 0; r < kTile && row0 + r < p.m; ++r)
+        _mm512_storeu_ps(p.y + (row0 + r) * p.n + (tile0 + t) * kTile, total[r]);
+    }
+  }
+  _tile_release();  // the tile state is large: a thread that keeps it makes every switch to it dearer
+}
+#endif
+
 template <int T>
 void gemm_rows_bf16(const Problem& p, const uint16_t* codes, const float* scales, int64_t tile0) {
   constexpr int R = 4;  // 2 R T = 24 accumulators, T code vectors and a broadcast: 28 of 32 registers
@@ -653,6 +729,10 @@ constexpr int64_t kExpandRows = 128;
 #else
 constexpr int64_t kExpandRows = 16;
 #endif
+
+// From this many rows on, AMX builds run the bf16 path on the tiles (where granted; a choice, not a
+// measured crossover: one tile product costs the same for 1 or 16 rows).
+constexpr int64_t kAmxRows = 16;
 
 // K per chunk of the fp32 GEMMs: 128, so 3 tiles' expanded weights (24 KB) stay in L1.
 constexpr int64_t kChunkBlocks = 4;
@@ -695,6 +775,9 @@ void run_group(const Problem& p, int64_t group) {
     uint16_t* codes = scratch<uint16_t, 0>(p.k / 2 * tiles * 2 * kTile);
     float* scales = scratch<float, 0>(p.k / kBlock * tiles * 2 * kTile);
     p.bits == 4 ? expand_bf16<4>(p, tile0, tiles, codes, scales) : expand_bf16<8>(p, tile0, tiles, codes, scales);
+#if defined(AFMKIT_AMX)
+    if (p.amx) return amx_gemm(p, codes, scales, tile0, tiles);
+#endif
     if (tiles == 3) return gemm_rows_bf16<3>(p, codes, scales, tile0);
     if (tiles == 2) return gemm_rows_bf16<2>(p, codes, scales, tile0);
     return gemm_rows_bf16<1>(p, codes, scales, tile0);
@@ -768,13 +851,23 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, void (*run)(const void*,
 
 // bf16 inputs for the dot products (rounded to nearest even), and fp32 block sums, of every row
 // of x (the bf16 path; only built with AVX512-BF16).
-void prepare_bf16(const float* x, int64_t m, int64_t k, uint16_t* x_bf16, float* sums) {
+// In AMX builds the row kernels read each 4 inputs in the order k + 2, k, k + 3, k + 1 (`swizzle`,
+// amx.h), and the tiles read whole tiles of 16 rows: `padded_rows` rows, those after m zero.
+void prepare_bf16(const float* x, int64_t m, int64_t k, uint16_t* x_bf16, float* sums, bool swizzle,
+                  int64_t padded_rows) {
 #if defined(__AVX512BF16__)
   for (int64_t i = 0; i < m * k; i += kBlock) {
     const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
-    _mm512_storeu_si512(x_bf16 + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+    __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+    if (swizzle) {
+      constexpr int order = 2 | 0 << 2 | 3 << 4 | 1 << 6;
+      both = _mm512_shufflehi_epi16(_mm512_shufflelo_epi16(both, order), order);
+    }
+    _mm512_storeu_si512(x_bf16 + i, both);
     sums[i / kBlock] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
   }
+  std::fill(x_bf16 + m * k, x_bf16 + padded_rows * k, uint16_t{0});
+  std::fill(sums + m * (k / kBlock), sums + padded_rows * (k / kBlock), 0.0f);
 #endif
 }
 
@@ -790,6 +883,9 @@ bool have_bf16_path() {
 
 // Whether this build has the bf16 path (asked by afmkit/kernels/__init__.py through ctypes).
 extern "C" int AfmkitHasBf16() { return have_bf16_path() ? 1 : 0; }
+
+// How this build's bf16 paths sum (both kernel libraries are built alike): see amx.h.
+extern "C" const char* AfmkitBf16Arithmetic() { return afmkit_amx::arithmetic(); }
 
 // Which code this build runs (for benchmarks and bug reports).
 extern "C" const char* AfmkitIsa() {
@@ -819,14 +915,19 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   // a fresh vector per call is megabytes at prefill, which malloc may map and unmap every call.
   uint16_t* x_bf16 = nullptr;
   float* sums = nullptr;
-  if (bf16 && have_bf16_path()) {
-    x_bf16 = scratch<uint16_t, 3>(m * k);
-    sums = scratch<float, 3>(m * (k / kBlock));
-    prepare_bf16(x.typed_data(), m, k, x_bf16, sums);
+  const bool bf16_path = bf16 && have_bf16_path();
+  // AMX builds: the tiles from kAmxRows rows where granted, else the row kernels at every size (the
+  // GEMM below sums as vdpbf16ps does, not as AMX).
+  const bool amx = bf16_path && m >= kAmxRows && afmkit_amx::granted();
+  if (bf16_path) {
+    const int64_t rows = amx ? (m + kTile - 1) / kTile * kTile : m;
+    x_bf16 = scratch<uint16_t, 3>(rows * k);
+    sums = scratch<float, 3>(rows * (k / kBlock));
+    prepare_bf16(x.typed_data(), m, k, x_bf16, sums, kAmxOrder && !amx, rows);
   }
   const Problem problem{x.typed_data(), packed.typed_data(), reinterpret_cast<const uint16_t*>(scales.typed_data()),
-                        y->typed_data(), m, k, tiles * kTile, bits, x_bf16, sums};
-  if (m >= kExpandRows) {
+                        y->typed_data(), m, k, tiles * kTile, bits, x_bf16, sums, amx};
+  if (amx || (m >= kExpandRows && !(kAmxOrder && bf16_path))) {
     parallel_for(
         pool, (tiles + kGroup - 1) / kGroup,
         [](const void* c, int64_t group) { run_group(*static_cast<const Problem*>(c), group); }, &problem);

@@ -34,12 +34,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AFMKIT_AMX 1
-#endif
-
+#include "amx.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -317,22 +312,13 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 // against the fp32 path before the direct path existed (CPU time, SmolLM2's mixed 3.5-bit layer):
 // as fast at 1 row, 3.3x faster at 16.
 
-// On CPUs with AMX (AMX builds, AFMKIT_AMX) prefill runs on the tile unit, and every other path takes
-// AMX's own arithmetic so that a row still gets the same bits at every batch size. Measured on a Xeon
-// (benchmarks/results/amx-arithmetic/) and as Intel's SDM describes TDPBF16PS: for each block of 32
-// inputs (16 pairs; the last block may be shorter), two fp32 sums from zero, one of the even inputs'
-// products and one of the odd ones', each in order (every product of two bf16 numbers is exact in
-// fp32; each addition rounds to nearest even), then acc = acc + (even + odd). The vdpbf16ps chain of
-// builds without AMX adds the odd then the even product of each pair to one sum; AMX builds get
-// AMX's sums from it by splitting x: (x_k, 0) into the even sum, (0, x_k+1) into the odd one (the
-// zero products change nothing). Both flush subnormal results to zero; the emulation's two additions
-// per block do not, which differs only where a sum falls below fp32's normal range (2^-126).
-#if defined(AFMKIT_AMX)
-constexpr bool kAmxOrder = true;
-#else
-constexpr bool kAmxOrder = false;
-#endif
-constexpr int64_t kAmxInputs = 32;  // inputs per AMX dot-product block
+// On CPUs with AMX (AMX builds, amx.h) batches of 5 rows or more run on the tiles, and every other
+// path takes AMX's own sums (amx.h) so that a row still gets the same bits at every batch size: the
+// direct path with its swizzled pairs, the buffered GEMM (when the tiles are refused) by splitting x
+// into (x_k, 0) for the even sum and (0, x_k+1) for the odd one (the zero products change nothing).
+// Without AMX one vdpbf16ps chain per output, as before.
+constexpr bool kAmxOrder = afmkit_amx::kOrder;
+constexpr int64_t kAmxInputs = afmkit_amx::kInputs;
 
 inline int64_t round_up(int64_t value, int64_t to) { return (value + to - 1) / to * to; }
 
@@ -371,7 +357,8 @@ void expand_bf16(const Problem& p, int64_t tile0, int tiles, uint16_t* out) {
         _mm512_store_si512(out + ((b * kCodes / 2 + c / 2) * tiles + t) * 32, _mm512_permutexvar_epi16(interleave, both));
       }
     }
-  }  const int64_t pairs = p.k / 2, padded = padded_k(p.k) / 2;
+  }
+  const int64_t pairs = p.k / 2, padded = padded_k(p.k) / 2;
   std::memset(out + pairs * tiles * 32, 0, (padded - pairs) * tiles * 32 * sizeof(uint16_t));
 }
 
@@ -395,7 +382,7 @@ struct Sums {
   __m512 acc[R][T], even[R][T], odd[R][T];
   // In AMX order the totals change once per 32 inputs: they wait in memory, leaving the registers to
   // the sums that change on every step (R = 2 by T = 4 would not fit otherwise).
-  alignas(64) float total[kAmxOrder ? R : 0][T][kTile];
+  alignas(64) float total[kAmxOrder ? R : 1][T][kTile];  // (one unused row without AMX: no empty arrays)
   Sums() {
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) {
@@ -592,28 +579,6 @@ void direct_group_bf16(const Problem& p, int64_t tile0, int tiles) {
 // 16 and K to 32 with zeros, prepare_bf16) gives the 16-row input tiles. Per 32 rows by 2 tiles: four
 // sum tiles (0-3), two input tiles (4, 5), two weight tiles (6, 7).
 
-// Whether this process may use the tiles: Linux grants them on request (arch_prctl), once per process.
-// AFMKIT_AMX=0 keeps them off (the same bits, from the emulation above; tests compare the two).
-bool amx_granted() {
-  static const bool granted = [] {
-    const char* setting = std::getenv("AFMKIT_AMX");
-    if (setting != nullptr && std::string(setting) == "0") return false;
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return granted;
-}
-
-void amx_configure() {
-  alignas(64) uint8_t config[64] = {};
-  config[0] = 1;  // palette 1
-  for (int tile = 0; tile < 8; ++tile) {
-    config[16 + 2 * tile] = 64;  // bytes per row
-    config[48 + tile] = 16;      // rows
-  }
-  _tile_loadconfig(config);
-}
-
 // RB blocks of 16 rows by TB tiles from row0 and tile t (of the group's `tiles`), scaled into y.
 template <int RB, int TB>
 void amx_block(const Problem& p, const uint16_t* expanded, int64_t tile0, int tiles, int t, int64_t row0) {
@@ -649,7 +614,7 @@ void amx_block(const Problem& p, const uint16_t* expanded, int64_t tile0, int ti
 }
 
 void amx_gemm(const Problem& p, const uint16_t* expanded, int64_t tile0, int tiles) {
-  amx_configure();
+  afmkit_amx::configure();
   for (int t = 0; t < tiles; t += 2) {
     const bool two_tiles = t + 1 < tiles;
     for (int64_t row0 = 0; row0 < p.m; row0 += 2 * kTile) {
@@ -699,7 +664,7 @@ void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
   }
 }
 
-// x rounded to bf16 (to nearest even), [M, K] with rows x_stride() apart; K is a multiple of 8. In AMX
+// x rounded to bf16 (to nearest even), [M, K] with rows padded_k(K) apart; K is a multiple of 8. In AMX
 // builds K is padded to 32 and the rows to 16 with zeros (whole tiles; see padded_k). Into the calling
 // thread's buffer: a fresh vector per call is megabytes at prefill, which malloc may map and unmap.
 const uint16_t* prepare_bf16(const float* x, int64_t m, int64_t k, bool direct) {
@@ -718,10 +683,10 @@ const uint16_t* prepare_bf16(const float* x, int64_t m, int64_t k, bool direct) 
     }
     std::fill(row + k, row + stride, uint16_t{0});
     if (kAmxOrder && direct)  // direct_bf16's order in each 4: k + 2, k, k + 3, k + 1 (k a multiple of 8)
-      for (int64_t i = 0; i < k; i += 8) {
+      for (int64_t q = 0; q < k; q += 8) {
         constexpr int order = 2 | 0 << 2 | 3 << 4 | 1 << 6;
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + i), _mm_shufflehi_epi16(_mm_shufflelo_epi16(v, order), order));
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + q));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + q), _mm_shufflehi_epi16(_mm_shufflelo_epi16(v, order), order));
       }
   }
   std::fill(out.data() + m * stride, out.data() + rows * stride, uint16_t{0});
@@ -1131,7 +1096,7 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 #if defined(__AVX512BF16__)
   if (bf16) x_bf16 = prepare_bf16(x.typed_data(), m, k, takes_direct_path(m, bits)), x_stride = padded_k(k);
 #if defined(AFMKIT_AMX)
-  amx = bf16 && amx_granted();
+  amx = bf16 && afmkit_amx::granted();
 #endif
 #else
   (void)bf16;  // no bf16 path in this build: fp32
@@ -1258,19 +1223,6 @@ extern "C" const char* AfmkitPalettizedIsa() {
   return "avx2";
 #else
   return "portable";
-#endif
-}
-
-// The arithmetic of the bf16 path (`bf16=True`): "amx" (AMX's sums, prefill on the tiles), "amx-emulated"
-// (AMX's sums without the tiles: not granted, or AFMKIT_AMX=0), "pairs" (one vdpbf16ps chain per
-// output) or "none" (no bf16 path in this build: fp32).
-extern "C" const char* AfmkitPalettizedBf16Arithmetic() {
-#if defined(AFMKIT_AMX)
-  return amx_granted() ? "amx" : "amx-emulated";
-#elif defined(__AVX512BF16__)
-  return "pairs";
-#else
-  return "none";
 #endif
 }
 

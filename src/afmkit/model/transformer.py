@@ -317,12 +317,14 @@ def forward(
     input instead of keeping them, so a training step holds one layer's at a time, for one more
     forward pass (the values are the same up to the order of fp32 sums).
 
-    ``queries_last`` (with a contiguous cache): every row's ``T`` positions are the last ``T`` of its
+    ``queries_last`` (with a cache): every row's ``T`` positions are the last ``T`` of its
     ``attend_len`` (a prefill chunk after a prefix all rows share the length of), so attention
     skips the keys after each block of queries (the same values up to the order of fp32 sums).
     """
     if (segment_ids is not None or branch_ids is not None) and cache is not None:
         raise ValueError("segment_ids mask packed training rows; they do not combine with a KV cache")
+    if queries_last and cache is None:
+        raise ValueError("queries_last places a chunk at the end of each row's cache; pass the cache")
     embed = params["embed"]
     if not isinstance(embed, PackedWeight):
         # Under FSDP, gather the table's model dimension before the lookup (as FSDP does for every
