@@ -487,7 +487,7 @@ void gemm_rows_avx512(const Problem& p, const float* expanded, int64_t tile0, co
 // block, so only x is rounded (to bf16, 8 bits of mantissa): y = sum_b d_b (q_b . x_b) + m_b sum(x_b)
 // (4-bit codes centred: q - 8, with m + 8 d).
 struct Bf16Codes {
-  __m512i table, interleave, low_nibble, high_nibble;
+  __m512i table, interleave, low_nibble, high_nibble, low_pair;
   Bf16Codes() {
     // bf16 bit patterns of the 4-bit codes minus 8, looked up by vpermw
     alignas(64) uint16_t small[32] = {};
@@ -503,26 +503,26 @@ struct Bf16Codes {
                                    0x001c000c, 0x001d000d, 0x001e000e, 0x001f000f);
     low_nibble = _mm512_set1_epi32(0x0f);
     high_nibble = _mm512_set1_epi32(0xf0);
+    low_pair = _mm512_set1_epi32(0x000f000f);
   }
   // AMX order (amx.h): the codes of pairs p and p + 1 (`first`, `second`) as one step of the even sum
-  // (lanes 2 j, 2 j + 1: codes k + 2 and k of output j) or of the odd one (k + 3 and k + 1).
+  // (lanes 2 j, 2 j + 1: codes k + 2 and k of output j) and one of the odd sum (k + 3 and k + 1).
   template <int Bits>
-  __m512i step(const uint8_t* first, const uint8_t* second, bool odd) const {
+  void steps(const uint8_t* first, const uint8_t* second, __m512i& even, __m512i& odd) const {
     if constexpr (Bits == 4) {
       const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first)));
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(second)));
-      const __m512i index =
-          odd ? _mm512_or_si512(_mm512_srli_epi32(_mm512_and_si512(b, high_nibble), 4),
-                                _mm512_slli_epi32(_mm512_and_si512(a, high_nibble), 12))
-              : _mm512_or_si512(_mm512_and_si512(b, low_nibble), _mm512_slli_epi32(_mm512_and_si512(a, low_nibble), 16));
-      return _mm512_permutexvar_epi16(index, table);
+      // even: b's low nibble, a's low nibble at bit 16; odd: b's high nibble, a's at bit 20 (>> 4)
+      const __m512i both = _mm512_or_si512(b, _mm512_slli_epi32(a, 16));
+      even = _mm512_permutexvar_epi16(_mm512_and_si512(both, low_pair), table);
+      odd = _mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi32(both, 4), low_pair), table);
     } else {
-      const int at = odd ? 16 : 0;
-      const __m512 low =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(second + at))));
-      const __m512 high =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first + at))));
-      return _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+      const auto codes = [](const uint8_t* at) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
+      };
+      even = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(codes(first), codes(second))));
+      odd = _mm512_permutexvar_epi16(
+          interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(codes(first + 16), codes(second + 16))));
     }
   }
   // The code vector of one pair of k (its pair_bytes bytes of one tile).
@@ -572,8 +572,8 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t row0) {
       for (int r = 0; r < R; ++r) odd[r] = _mm512_setzero_ps();
       for (int pair = 0; pair < kPairs; pair += 2) {
         const uint8_t* first = codes + pair * pair_bytes;
-        const __m512i even_w = expand.template step<Bits>(first, first + pair_bytes, false);
-        const __m512i odd_w = expand.template step<Bits>(first, first + pair_bytes, true);
+        __m512i even_w, odd_w;
+        expand.template steps<Bits>(first, first + pair_bytes, even_w, odd_w);
         for (int r = 0; r < R; ++r) {
           acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(even_w), x_word(r, 2 * pair));
           odd[r] = _mm512_dpbf16_ps(odd[r], reinterpret_cast<__m512bh>(odd_w), x_word(r, 2 * pair + 2));
