@@ -3,6 +3,8 @@ must be set before JAX is imported anywhere."""
 
 import hashlib
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -103,3 +105,23 @@ def peaked_model(tiny_model) -> afmkit.LanguageModel:
     49,152 about equally."""
     params = {**tiny_model.params, "final_norm": tiny_model.params["final_norm"] * 8}
     return afmkit.LanguageModel(tiny_model.config, params, tiny_model.tokenizer, name="afm-tiny-peaked")
+
+
+@pytest.fixture
+def child_pytest(request):
+    """Run tests of the calling test's file in a child pytest with more environment (kernels built
+    with other flags, AMX's tiles refused): ``child_pytest(env, selection)`` asserts that the tests
+    ``selection`` names (``-k``) pass and that none is skipped."""
+
+    def run(env: dict, selection: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-n", "0", str(request.path), "-k", selection],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+        assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
+
+    return run

@@ -1,9 +1,5 @@
 """Packed 4/8-bit weights and the native CPU kernels, checked against plain numpy."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,28 +181,14 @@ def test_a_packed_model_decodes_like_its_dequantized_weights():
     assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
 
 
-def passes_in_child(env: dict, selection: str) -> None:
-    """This file's tests named by ``selection`` pass, none skipped, in a child pytest with ``env``
-    added to the environment (kernels built with other flags, or AMX's tiles refused)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", selection],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
-
-
 @needs_kernels
 @pytest.mark.skipif(
     kernels.bf16_arithmetic() != "amx", reason="the CPU has no AMX tiles (or the OS did not grant them)"
 )
-def test_without_amx_tiles_the_same_results():
+def test_without_amx_tiles_the_same_results(child_pytest):
     """The checked fallback: with the tiles refused (AFMKIT_AMX=0, as on a system that does not grant
     them) the row kernel runs every batch with AMX's sums: within numpy's bounds, batch-invariant."""
-    passes_in_child({"AFMKIT_AMX": "0"}, "test_kernel_matches_numpy_in_fp32_and_bf16 or a_row_gives_the_same")
+    child_pytest({"AFMKIT_AMX": "0"}, "test_kernel_matches_numpy_in_fp32_and_bf16 or a_row_gives_the_same")
 
 
 @pytest.mark.slow
@@ -215,10 +197,10 @@ def test_without_amx_tiles_the_same_results():
 @pytest.mark.parametrize(
     "flags", ["-mamx-tile -mamx-bf16", "-mno-amx-tile -mno-amx-bf16"], ids=["amx-arithmetic", "pairs-arithmetic"]
 )
-def test_kernels_built_with_and_without_amx(flags, tmp_path):
+def test_kernels_built_with_and_without_amx(flags, tmp_path, child_pytest):
     """Both sums of the bf16 path on any CPU with AVX512-BF16: built for AMX (where the CPU has no
     tiles, the row kernel emulates them at every batch) and built without it (vdpbf16ps's chain)."""
-    passes_in_child(
+    child_pytest(
         {"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)},
         "test_kernel_matches_numpy_in_fp32_and_bf16 or a_row_gives_the_same or decodes_like",
     )
@@ -233,11 +215,11 @@ def test_kernels_built_with_and_without_amx(flags, tmp_path):
     ["-mno-avx512bf16", "-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"],
     ids=["avx512-fp32", "avx2", "portable"],
 )
-def test_kernels_built_for_cpus_without_avx512(flags, tmp_path):
+def test_kernels_built_for_cpus_without_avx512(flags, tmp_path, child_pytest):
     """The AVX-512 code without bf16 dot products, the AVX2 and the plain C++ code of the kernels
     (this machine may otherwise build another) pass this file's kernel tests too."""
     tests = ["test_kernel_matches_numpy_in_fp32_and_bf16", "a_row_gives_the_same", "decode_attention", "decodes_like"]
-    passes_in_child({"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}, " or ".join(tests))
+    child_pytest({"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}, " or ".join(tests))
     assert list(tmp_path.glob("kernels/cpu_kernels-*.so")), "the kernels were not rebuilt with the flags"
 
 

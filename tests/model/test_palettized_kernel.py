@@ -1,9 +1,5 @@
 """The native kernel for palettized (look-up-table) weights, checked against numpy in float64."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,20 +16,6 @@ _kernel = jax.jit(kernels.palettized_matmul, static_argnames=("bits", "bf16"))
 
 def to_bf16(a: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
-
-
-def passes_in_child(env: dict, selection: str) -> None:
-    """This file's tests named by ``selection`` pass, none skipped, in a child pytest with ``env``
-    added to the environment (kernels built with other flags, or the tiles refused)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", __file__, "-k", selection],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-1000:]
 
 
 class Weight:
@@ -163,10 +145,10 @@ def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
 @pytest.mark.skipif(
     kernels.bf16_arithmetic() != "amx", reason="the CPU has no AMX tiles (or the OS did not grant them)"
 )
-def test_without_amx_tiles_the_same_bits(tmp_path):
+def test_without_amx_tiles_the_same_bits(child_pytest):
     """The checked fallback: with the tiles refused (AFMKIT_AMX=0, as on a system that does not grant
     them) every path emulates AMX's sums, so the bits match the transcription, and the tiles', too."""
-    passes_in_child({"AFMKIT_AMX": "0"}, "bit_for_bit or any_batch")
+    child_pytest({"AFMKIT_AMX": "0"}, "bit_for_bit or any_batch")
 
 
 @needs_kernels
@@ -216,14 +198,14 @@ def test_linear_uses_the_kernel_and_agrees_with_xla_values_and_gradients(monkeyp
     ["-mno-avx512vbmi", "-mno-avx512vbmi -mno-avx512bf16", "-mno-avx512f", "-mno-avx512f -mno-avx2 -mno-fma"],
     ids=["avx512-bf16-no-vbmi", "avx512-fp32-no-vbmi", "avx2", "portable"],
 )
-def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
+def test_kernel_built_for_cpus_without_avx512(flags, tmp_path, child_pytest):
     """The AVX-512 code without byte permutes (with bf16 dot products where the CPU has them, and
     without), the AVX2 and the plain C++ code of the kernel (this machine may otherwise build
     another) pass this file's numpy and batch tests too."""
     if flags == "-mno-avx512vbmi" and not kernels.has_bf16():
         pytest.skip("without AVX512-BF16 this build is the fp32 one without byte permutes")
     env = {"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
-    passes_in_child(env, "matches_numpy or without_scales or any_batch")
+    child_pytest(env, "matches_numpy or without_scales or any_batch")
     assert list(tmp_path.glob("kernels/palettized_kernels-*.so")), "the kernel was not rebuilt with the flags"
 
 
@@ -233,10 +215,10 @@ def test_kernel_built_for_cpus_without_avx512(flags, tmp_path):
 @pytest.mark.parametrize(
     "flags", ["-mamx-tile -mamx-bf16", "-mno-amx-tile -mno-amx-bf16"], ids=["amx-arithmetic", "pairs-arithmetic"]
 )
-def test_kernel_built_with_and_without_amx(flags, tmp_path):
+def test_kernel_built_with_and_without_amx(flags, tmp_path, child_pytest):
     """Both arithmetics of the bf16 path on any CPU with AVX512-BF16: built for AMX (where the CPU
     has no tiles, every path emulates their sums) and built without it (vdpbf16ps's chain), each
     bit for bit against its transcription and batch-invariant."""
     env = {"AFMKIT_KERNEL_FLAGS": flags, "AFMKIT_CACHE": str(tmp_path)}
-    passes_in_child(env, "matches_numpy or any_batch or bit_for_bit")
+    child_pytest(env, "matches_numpy or any_batch or bit_for_bit")
     assert list(tmp_path.glob("kernels/palettized_kernels-*.so")), "the kernel was not rebuilt with the flags"
