@@ -1,7 +1,9 @@
-"""Median decode step and best 512-token prefill of the named 3.5-bit model (recovery adapter applied)
-in one process (ad hoc, session 49): run it from two trees in turn to compare their kernels.
+"""Median decode step and best 512-token prefill in one process (ad hoc, session 49): the named 3.5-bit
+model (recovery adapter applied), or with ``int4`` the int4 base model; run it from two trees in turn
+to compare their kernels.
 
     PYTHONPATH=TREE/src python step.py TAG >> decode_step_ab.jsonl
+    PYTHONPATH=TREE/src python step.py TAG int4 >> int4_ab.jsonl
 """
 
 import json
@@ -16,7 +18,10 @@ from afmkit import kernels, runtime
 from afmkit.infer.engine import Engine
 
 runtime.return_freed_memory()
-model = afmkit.load("smollm2-135m-instruct-3.5bpw")
+if sys.argv[2:] == ["int4"]:
+    model = afmkit.load("smollm2-135m-instruct", dtype="int4")
+else:
+    model = afmkit.load("smollm2-135m-instruct-3.5bpw")
 engine = Engine(model.config, model.params, model.tokenizer, eos_ids=())
 chat = [{"role": "user", "content": "Write a short story about a dragon."}]
 prompt = [model.tokenizer.encode(model.tokenizer.apply_chat_template(chat))]

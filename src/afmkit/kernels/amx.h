@@ -12,13 +12,14 @@
 // additions of the two sums do not, which differs only below fp32's normal range (2^-126).
 #pragma once
 
+#include <cstdint>
+
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define AFMKIT_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #endif
