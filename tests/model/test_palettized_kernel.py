@@ -148,7 +148,19 @@ def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
 def test_without_amx_tiles_the_same_bits(child_pytest):
     """The checked fallback: with the tiles refused (AFMKIT_AMX=0, as on a system that does not grant
     them) every path emulates AMX's sums, so the bits match the transcription, and the tiles', too."""
-    child_pytest({"AFMKIT_AMX": "0"}, "bit_for_bit or any_batch")
+    child_pytest({"AFMKIT_AMX": "0"}, "bit_for_bit or any_batch or describe")
+
+
+@needs_kernels
+def test_describe_says_whether_amx_tiles_ran():
+    """Benchmarks record ``kernels.describe()`` beside their timings: it names the build's ISA and,
+    on CPUs with AMX, whether batches ran on the tiles or only took their sums."""
+    described, arithmetic = kernels.describe(), kernels.bf16_arithmetic()
+    assert described.startswith("native ")
+    if arithmetic.startswith("amx"):
+        assert described.endswith(f", {arithmetic}"), described
+    else:
+        assert "amx" not in described, described
 
 
 @needs_kernels

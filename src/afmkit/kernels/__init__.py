@@ -147,9 +147,15 @@ def has_bf16() -> bool:
 
 
 def describe() -> str:
-    """Which code multiplies packed weights here: ``native avx512-bf16`` (or ``avx512``, ``avx2``,
-    ``portable``: what the kernels were built for) or ``xla`` (no kernels: plain XLA)."""
-    return f"native {_features['isa']}" if on_cpu() else "xla"
+    """Which code multiplies packed and palettized weights here: ``native avx512-bf16`` (or
+    ``avx512``, ``avx2``, ``portable``: what the kernels were built for), followed on CPUs with AMX
+    by ``, amx`` (batches run on the tiles) or ``, amx-emulated`` (AMX's sums without the tiles;
+    see ``bf16_arithmetic``), or ``xla`` (no kernels: plain XLA). Benchmarks record it beside
+    their timings, since the tiles change a prefill's speed severalfold."""
+    if not on_cpu():
+        return "xla"
+    arithmetic = bf16_arithmetic()
+    return f"native {_features['isa']}" + (f", {arithmetic}" if arithmetic.startswith("amx") else "")
 
 
 def on_cpu() -> bool:
