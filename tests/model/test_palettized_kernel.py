@@ -58,10 +58,10 @@ class Weight:
 @needs_kernels
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 # The AVX-512 fp32 kernel takes rows 6 at a time, then the rest 2 or 1 at a time, over pairs of
-# tiles; the bf16 one (AVX512-BF16) up to 4 rows straight from the codes, 2 or 1 at a time, and more
-# rows through an expanded buffer, 6 rows by 4 tiles, then single rows. 1-101 rows and 208
-# outputs (13 tiles: a lone tile after the pairs and after the fours) cover every remainder;
-# K = 72 is 9 blocks of 8 (odd).
+# tiles; the bf16 one (AVX512-BF16) up to 4 rows (2 where AMX's tiles run) straight from the codes,
+# 2 or 1 at a time, and more rows through an expanded buffer, 6 rows by 4 tiles, then single rows
+# (or AMX's tiles). 1-101 rows and 208 outputs (13 tiles: a lone tile after the pairs and after the
+# fours) cover every remainder; K = 72 is 9 blocks of 8 (odd).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 63, 64, 101])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_kernel_matches_numpy(bits, rows, bf16):
@@ -85,7 +85,7 @@ def test_kernel_without_scales_and_with_tables_of_32_rows(bits):
 def test_a_row_gives_the_same_bits_in_any_batch(bits, bf16):
     """Decode batches grow and shrink, and prefill shares steps with them: a request's logits must
     not depend on who shares its batch, from one row to prefill sizes (the bf16 path reads the codes
-    directly up to 4 rows and through an expanded buffer from 5)."""
+    directly up to 4 rows, 2 where AMX's tiles run, and through an expanded buffer above)."""
     weight = Weight(bits, 160, 208, seed=3)
     x = np.random.default_rng(4).normal(size=(200, 160)).astype(np.float32)
     alone = np.concatenate([weight.check(x[i : i + 1], bf16) for i in range(0, 200, 9)])
@@ -122,9 +122,9 @@ needs_bf16 = pytest.mark.skipif(not kernels.has_bf16(), reason="the CPU has no A
 @needs_bf16
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
-    """Every row count of the bf16 path (direct from the codes up to 4 rows; from 5 the expanded
-    buffer, on AMX's tiles where the CPU has them) equals the transcription of the instructions'
-    arithmetic exactly: AMX's blocked sums on CPUs with AMX, with or without the tiles, else
+    """Every row count of the bf16 path (direct from the codes up to 4 rows, 2 where AMX's tiles
+    run; above that the expanded buffer, on AMX's tiles where the CPU has them) equals the
+    transcription of the instructions' arithmetic exactly: AMX's blocked sums on CPUs with AMX, with or without the tiles, else
     vdpbf16ps's chain. K = 1,112 is 34 blocks of 32 and a short one of 24."""
     arithmetic = kernels.bf16_arithmetic()
     transcription = "amx" if arithmetic.startswith("amx") else "pairs"

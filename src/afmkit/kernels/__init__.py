@@ -174,7 +174,7 @@ def packed_matmul(
     """``x [M, K]`` (fp32) times a packed ``[K, n]`` weight (``afmkit.model.packed``). With
     ``bf16`` (and a CPU with AVX512-BF16), x is rounded to bf16 for the dot products: twice the
     arithmetic rate, for prefill; the weights stay exact and accumulation is fp32 either way. On
-    CPUs with AMX, batches of 16 rows or more run on its tiles, with the same sums at every row count
+    CPUs with AMX, batches of 5 rows or more run on its tiles, with the same sums at every row count
     (``bf16_arithmetic``)."""
     _require()
     call = jax.ffi.ffi_call(
@@ -198,7 +198,7 @@ def palettized_matmul(
     ``[N]`` or None; fp16 or fp32, multiplied in fp32), table entries expanded in registers.
 
     ``bf16`` (and a CPU with AVX512-BF16): x and the table entries rounded to bf16 for the CPU's bf16
-    dot products (fp32 accumulation, scales in fp32), at every row count, on AMX's tiles from 5 rows
+    dot products (fp32 accumulation, scales in fp32), at every row count, on AMX's tiles from 3 rows
     where the CPU has them, with the same sums at every row count (``bf16_arithmetic``); otherwise
     fp32 products.
 

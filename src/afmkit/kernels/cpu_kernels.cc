@@ -730,9 +730,11 @@ constexpr int64_t kExpandRows = 128;
 constexpr int64_t kExpandRows = 16;
 #endif
 
-// From this many rows on, AMX builds run the bf16 path on the tiles (where granted; a choice, not a
-// measured crossover: one tile product costs the same for 1 or 16 rows).
-constexpr int64_t kAmxRows = 16;
+// From this many rows on, AMX builds run the bf16 path on the tiles where granted (one SmolLM2
+// layer's seven matmuls, 2-core Xeon, two rounds: 5-6 rows 0.30-0.44 ms on the tiles against
+// 0.46-0.58 in the row kernels, 10-14 rows 0.30-0.46 against 0.61-0.98; 2 rows slower, 3-4 level;
+// benchmarks/results/amx-thresholds/).
+constexpr int64_t kAmxRows = 5;
 
 // K per chunk of the fp32 GEMMs: 128, so 3 tiles' expanded weights (24 KB) stay in L1.
 constexpr int64_t kChunkBlocks = 4;

@@ -305,14 +305,14 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 // precision: each rounding relative 2^-8 at most, so a product under 2^-7 + 2^-16; the tables' own
 // k-means error is orders larger; the int4 kernel rounds x the same way) for dot products of pairs
 // of k, twice the multiply-adds of fp32 FMAs per instruction, fp32 accumulation, the scale in fp32 at
-// the end. From 5 rows a group of tiles is expanded once into a buffer of bf16 pairs (lane j holds
-// the weights of k and k + 1 of output j), [K / 2][tiles][32], then read by every row; fewer rows
-// read the codes directly (direct_bf16). One chain per output over the pairs of K in order, whatever
+// the end. From 5 rows (3 where AMX's tiles run; kDirectRows) a group of tiles is expanded once into
+// a buffer of bf16 pairs (lane j holds the weights of k and k + 1 of output j), [K / 2][tiles][32],
+// then read by every row; fewer rows read the codes directly (direct_bf16). One chain per output over the pairs of K in order, whatever
 // the rows, so at every batch size (decode and prefill alike) a row gets the same bits. Measured
 // against the fp32 path before the direct path existed (CPU time, SmolLM2's mixed 3.5-bit layer):
 // as fast at 1 row, 3.3x faster at 16.
 
-// On CPUs with AMX (AMX builds, amx.h) batches of 5 rows or more run on the tiles, and every other
+// On CPUs with AMX (AMX builds, amx.h) batches of 3 rows or more run on the tiles, and every other
 // path takes AMX's own sums (amx.h) so that a row still gets the same bits at every batch size: the
 // direct path with its swizzled pairs, the buffered GEMM (when the tiles are refused) by splitting x
 // into (x_k, 0) for the even sum and (0, x_k+1) for the odd one (the zero products change nothing).
@@ -573,7 +573,7 @@ void direct_group_bf16(const Problem& p, int64_t tile0, int tiles) {
 }
 
 #if defined(AFMKIT_AMX)
-// ---- AMX (prefill and batches of 5 rows or more) ----------------------------------------------------
+// ---- AMX (prefill and batches of 3 rows or more) ----------------------------------------------------
 // The expanded buffer is already AMX's weight-tile layout: a tile of 16 outputs over 32 inputs is 16
 // rows of 64 bytes (pairs of k, output j at bytes 4 j), `tiles` * 64 bytes apart. x (rows padded to
 // 16 and K to 32 with zeros, prepare_bf16) gives the 16-row input tiles. Per 32 rows by 2 tiles: four
@@ -630,13 +630,19 @@ void amx_gemm(const Problem& p, const uint16_t* expanded, int64_t tile0, int til
 #endif
 
 // Up to this many rows the direct path above, which expands every code again for each pair of rows;
-// from there on the buffer, expanded once and read by every row (a choice, not a measured crossover).
+// from there on the buffer, expanded once and read by every row: on AMX's tiles from 3 rows (one
+// layer's seven matmuls, 2-core Xeon, two rounds: 3 rows 0.29-0.31 ms on the tiles against 0.35-0.38
+// direct, 4 rows 0.31-0.37 against 0.38-0.46, 2 rows 0.40-0.47 against 0.25-0.35;
+// benchmarks/results/amx-thresholds/), else from 5 (a choice, not a measured crossover).
 constexpr int64_t kDirectRows = 4;
+constexpr int64_t kDirectRowsBesideTiles = 2;
 
-inline bool takes_direct_path(int64_t m, int64_t bits) { return m <= kDirectRows && bits < 8; }
+inline bool takes_direct_path(int64_t m, int64_t bits, bool tiles) {
+  return m <= (tiles ? kDirectRowsBesideTiles : kDirectRows) && bits < 8;
+}
 
 void run_group_bf16(const Problem& p, int64_t tile0, int tiles) {
-  if (takes_direct_path(p.m, p.bits)) {
+  if (takes_direct_path(p.m, p.bits, p.amx)) {
     switch (p.bits) {
       case 2: return direct_group_bf16<2>(p, tile0, tiles);
       case 3: return direct_group_bf16<3>(p, tile0, tiles);
@@ -1094,10 +1100,10 @@ ffi::Error PalettizedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   int64_t x_stride = k;
   bool amx = false;
 #if defined(__AVX512BF16__)
-  if (bf16) x_bf16 = prepare_bf16(x.typed_data(), m, k, takes_direct_path(m, bits)), x_stride = padded_k(k);
 #if defined(AFMKIT_AMX)
   amx = bf16 && afmkit_amx::granted();
 #endif
+  if (bf16) x_bf16 = prepare_bf16(x.typed_data(), m, k, takes_direct_path(m, bits, amx)), x_stride = padded_k(k);
 #else
   (void)bf16;  // no bf16 path in this build: fp32
 #endif
