@@ -28,8 +28,8 @@ for name, dtype in (("smollm2-135m-instruct", "int4"), ("smollm2-135m-instruct-3
         prompts = [model.tokenizer.encode(template([{"role": "user", "content": PROMPTS[i % 4]}])) for i in range(rows)]
         sampling = afmkit.SamplingParams(max_new_tokens=64)
 
-        def run():
-            stamps = [time.perf_counter() for _ in engine.stream(prompts, sampling, adapters=model.adapter)]
+        def run(engine=engine, prompts=prompts, sampling=sampling, adapter=model.adapter, rows=rows):
+            stamps = [time.perf_counter() for _ in engine.stream(prompts, sampling, adapters=adapter)]
             # every row's first token comes from its prefill; the rest are decode steps of all rows
             return rows * 63 / (stamps[-1] - stamps[rows - 1])
 

@@ -44,7 +44,9 @@ if kind == "palettized":
     def matmul(x, w):
         return PL.palettized_matmul(x, w)
 else:
-    layers = [[P.pack(rng.standard_normal((k, n)).astype(np.float32) * 0.05, 4) for k, n in SHAPES] for _ in range(LAYERS)]
+    layers = [
+        [P.pack(rng.standard_normal((k, n)).astype(np.float32) * 0.05, 4) for k, n in SHAPES] for _ in range(LAYERS)
+    ]
 
     def matmul(x, w):
         return kernels.packed_matmul(x, w.packed, w.scales, bits=4, n=w.n, bf16=True)
