@@ -307,10 +307,10 @@ void tiles_rows_avx512(const Problem& p, int64_t tile0, int64_t tiles) {
 // of k, twice the multiply-adds of fp32 FMAs per instruction, fp32 accumulation, the scale in fp32 at
 // the end. From 5 rows (3 where AMX's tiles run; kDirectRows) a group of tiles is expanded once into
 // a buffer of bf16 pairs (lane j holds the weights of k and k + 1 of output j), [K / 2][tiles][32],
-// then read by every row; fewer rows read the codes directly (direct_bf16). One chain per output over the pairs of K in order, whatever
-// the rows, so at every batch size (decode and prefill alike) a row gets the same bits. Measured
-// against the fp32 path before the direct path existed (CPU time, SmolLM2's mixed 3.5-bit layer):
-// as fast at 1 row, 3.3x faster at 16.
+// then read by every row; fewer rows read the codes directly (direct_bf16). One chain per output over
+// the pairs of K in order, whatever the rows, so at every batch size (decode and prefill alike) a row
+// gets the same bits. Measured against the fp32 path before the direct path existed (CPU time,
+// SmolLM2's mixed 3.5-bit layer): as fast at 1 row, 3.3x faster at 16.
 
 // On CPUs with AMX (AMX builds, amx.h) batches of 3 rows or more run on the tiles, and every other
 // path takes AMX's own sums (amx.h) so that a row still gets the same bits at every batch size: the
