@@ -80,16 +80,28 @@ def test_kernel_matches_numpy_in_fp32_and_bf16(bits, rows):
 @needs_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gives_the_same_bits_whatever_its_batch(bits):
-    """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds, 16 on
+    """Prefill-sized batches (128 rows or more on AVX-512, 16 on AVX2 and portable builds, 5 on
     AMX's tiles where the CPU has them) take the kernel's GEMM path, small ones its row kernel: a
     row must come out bit for bit the same either way and whatever its place in a prefill chunk
     (1552 outputs: 97 tiles, a remainder of the GEMM's tile groups). On CPUs with AMX the row
-    kernel computes AMX's sums with vdpbf16ps, so this compares two implementations bit for bit."""
+    kernel computes AMX's sums with vdpbf16ps, so this compares two implementations bit for bit;
+    4 and 5 rows sit either side of the tiles' threshold."""
     packed = P.pack(RNG.standard_normal((576, 1552)).astype(np.float32), bits)
     x = jnp.asarray(RNG.standard_normal((600, 576)), jnp.float32)
     matmul = jax.jit(lambda x, w: P.packed_matmul(x, w))
     whole = np.asarray(matmul(x, packed))
-    for start, stop in [(0, 1), (5, 7), (3, 19), (20, 37), (1, 131), (19, 150), (0, 256), (77, 589)]:
+    for start, stop in [
+        (0, 1),
+        (5, 7),
+        (40, 44),
+        (50, 55),
+        (3, 19),
+        (20, 37),
+        (1, 131),
+        (19, 150),
+        (0, 256),
+        (77, 589),
+    ]:
         np.testing.assert_array_equal(np.asarray(matmul(x[start:stop], packed)), whole[start:stop])
 
 

@@ -124,8 +124,9 @@ needs_bf16 = pytest.mark.skipif(not kernels.has_bf16(), reason="the CPU has no A
 def test_bf16_sums_are_the_instructions_own_bit_for_bit(bits):
     """Every row count of the bf16 path (direct from the codes up to 4 rows, 2 where AMX's tiles
     run; above that the expanded buffer, on AMX's tiles where the CPU has them) equals the
-    transcription of the instructions' arithmetic exactly: AMX's blocked sums on CPUs with AMX, with or without the tiles, else
-    vdpbf16ps's chain. K = 1,112 is 34 blocks of 32 and a short one of 24."""
+    transcription of the instructions' arithmetic exactly: AMX's blocked sums on CPUs with AMX,
+    with or without the tiles, else vdpbf16ps's chain. K = 1,112 is 34 blocks of 32 and a short one
+    of 24."""
     arithmetic = kernels.bf16_arithmetic()
     transcription = "amx" if arithmetic.startswith("amx") else "pairs"
     weight = Weight(bits, 1112, 48, seed=bits)
