@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (dpo-10) from the base model, step by step.
+# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (rl-mdloo-2) from the base model, step by step.
 #
 #   examples/smollm2_135m_afm/reproduce.sh OUT_DIR            # the recipe as run (hours on 2 cores)
 #   SMOKE=1 examples/smollm2_135m_afm/reproduce.sh OUT_DIR    # every step at a tiny size (minutes)
 #
 # Each step writes into OUT_DIR and leaves a `.done-STEP` marker; a rerun skips finished steps,
-# so a killed run goes on where it stopped (a stopped DPO run with --resume; iTeC, edit-data and
-# loop-cut reuse what they saved). The helper scripts are the runs' own, committed
+# so a killed run goes on where it stopped (a stopped DPO or RL run with --resume; iTeC, edit-data
+# and loop-cut reuse what they saved). The helper scripts are the runs' own, committed
 # beside their results in benchmarks/results/. See this folder's README.md for what each step
 # does, its data and its compute.
 set -euo pipefail
@@ -25,6 +25,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   DPO2="--steps 2 --save-every 2"; DPO4="--steps 2 --save-every 2"; DPO5="--steps 2 --save-every 2"
   EDIT_LF="--tasks 16 --max-new-tokens 384 --batch 16"; PAIRS8=40
   LOOPCUT_LF="--prompts-limit 16 --max-new-tokens 96 --batch 16"; DPO10="--steps 2 --save-every 2"
+  RL="--iterations 2 --prompts-per-iteration 2 --k 2 --inner-steps 1 --max-new-tokens 32 --dev-prompts 2 --dev-every 1"
   IFEVAL="--limit 8 --max-new-tokens 64 --batch-size 8"
   DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 2 --accum 2 --seq-len 512"  # a quarter of the memory
 else
@@ -36,6 +37,7 @@ else
   DPO5="--steps 70 --lr 1e-4 --save-every 20"
   EDIT_LF="--tasks 640 --max-new-tokens 512"; PAIRS8=600
   LOOPCUT_LF="--prompts-limit 480 --max-new-tokens 512"; DPO10="--steps 90 --lr 5e-5 --save-every 30"
+  RL="--iterations 40 --prompts-per-iteration 8 --k 4 --inner-steps 2 --max-new-tokens 384 --dev-prompts 32 --dev-every 5"
   IFEVAL="--max-new-tokens 1024 --batch-size 64"
   DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 4 --accum 2 --seq-len 1024"
 fi
@@ -140,19 +142,38 @@ step loop_cut_lf afmkit posttrain loop-cut --adapter dpo-5 --prompts lf_rest.jso
 make_pairs_9() { python "$RESULTS/dpo-9/make_pairs.py" pairs8.jsonl lc9/loopcut.jsonl 9 > pairs9.jsonl; }
 step pairs9 make_pairs_9
 
-# 8. The shipped adapter, dpo-10: dpo-9's run (DPO from dpo-5 on those pairs at half the LR) plus a
-#    KL anchor to the base on plain text, tiny shakespeare from character 400,000
-#    (benchmarks/results/dpo-10/).
+# 8. dpo-10: dpo-9's run (DPO from dpo-5 on those pairs at half the LR) plus a KL anchor to the
+#    base on plain text, tiny shakespeare from character 400,000 (benchmarks/results/dpo-10/).
 anchor_text() {
   python -c "import sys; from afmkit.files import shared_data_dir
 t = (shared_data_dir() / 'pretrain' / 'tinyshakespeare_input.txt').read_text(); sys.stdout.write(t[400000:])" > anchor.txt
 }
 step anchor anchor_text
 # shellcheck disable=SC2086
-step dpo10 dpo smollm2-135m-afm --data pairs9.jsonl --init-adapter dpo-5 $DPO_COMMON $DPO10 \
+step dpo10 dpo dpo-10 --data pairs9.jsonl --init-adapter dpo-5 $DPO_COMMON $DPO10 \
   --anchor-text anchor.txt --anchor-weight 10 --anchor-len 256
 
-# 9. The final measurement (never used to choose anything): IFEval, greedy, int4.
+# 9. The shipped adapter, rl-mdloo-2: MDLOO from dpo-10 (also the reference policy) on synth-if
+#    seed 50's train prompts without the questions of the two dev splits, longform-dev and dev200
+#    (benchmarks/results/rl-mdloo-2/).
+rl_prompts() {
+  afmkit posttrain synth-if --n 4000 --seed 50 --out prompts_s50.jsonl
+  python "$RESULTS/dpo-11/filter_prompts.py" prompts_s50.jsonl "$RESULTS/longform-dev/longform_dev.jsonl" \
+    "$RESULTS/dpo-4/dev200.jsonl" > prompts_rl.jsonl
+  grep '"split": "dev"' prompts_s50.jsonl >> prompts_rl.jsonl
+}
+step prompts_rl rl_prompts
+rl() {  # posttrain rl, continued with --resume when an earlier try of this step was stopped
+  local resume=()
+  [[ -d rl-mdloo-2/checkpoints ]] && resume=(--resume)
+  # shellcheck disable=SC2086
+  afmkit posttrain rl --algo mdloo --init-adapter dpo-10 --prompts prompts_rl.jsonl --out rl-mdloo-2 \
+    --lr 2e-5 --beta 0.05 --unfinished-reward 0 --train-batch 2 $RL "${resume[@]}"
+}
+step rl rl
+SHIPPED=rl-mdloo-2/adapter
+
+# 10. The final measurement (never used to choose anything): IFEval, greedy, int4.
 # shellcheck disable=SC2086
-step ifeval_shipped afmkit eval ifeval --adapter smollm2-135m-afm $IFEVAL --out ifeval-smollm2-135m-afm
-echo "the adapter: $OUT/smollm2-135m-afm (use it with --adapter)"
+step ifeval_shipped afmkit eval ifeval --adapter "$SHIPPED" $IFEVAL --out ifeval-smollm2-135m-afm
+echo "the adapter: $OUT/$SHIPPED (use it with --adapter)"
