@@ -33,6 +33,25 @@ def test_every_command_takes_it_by_name():
     assert info["name"] == NAME and info["config"]["vocab_size"] == 49152
 
 
+def test_info_says_which_adapter_ships_and_on_what():
+    def info(name, *flags):
+        out = subprocess.run(
+            [sys.executable, "-m", "afmkit.cli", "info", name, *flags], capture_output=True, text=True, check=True
+        )
+        return out.stdout
+
+    shipped = packaged_data("smollm2_135m_afm/adapter_config.json").parent
+    run = json.loads((shipped / "afmkit_adapter.json").read_text())["name"]
+    adapter = json.loads(info(NAME, "--json").splitlines()[-1])["adapter"]
+    assert (adapter["base"], adapter["run"], adapter["rank"]) == ("smollm2-135m-instruct", run, 16)
+    assert adapter["bytes"] == (shipped / "adapter_model.safetensors").stat().st_size
+    assert {"q_proj", "down_proj"} <= set(adapter["targets"])
+    compressed = json.loads(info(f"{NAME}-3.5bpw", "--json").splitlines()[-1])
+    assert compressed["adapter"]["base"] == "smollm2-135m-instruct-3.5bpw" and "bits_per_weight" in compressed
+    assert f"adapter: {run} (rank 16" in info(NAME)
+    assert "adapter" not in json.loads(info("smollm2-135m-instruct", "--json").splitlines()[-1])
+
+
 def test_every_named_model_gives_its_base_tokenizer_without_building_weights(monkeypatch):
     # ``--tokenizer NAME`` must work for every name ``--model`` takes, and must not trigger the
     # compressed model's first-load build just to read a tokenizer.

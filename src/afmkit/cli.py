@@ -81,8 +81,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     memory = {fmt: config.total_params * bits / 8 for fmt, bits in MEMORY_FORMATS.items()}
     stored = stored_bits(args.name, config)
+    adapter = packaged_adapter(args.name)
     if args.json:
         extra = {} if stored is None else {"bits_per_weight": stored}
+        extra |= {} if adapter is None else {"adapter": adapter}
         print(json.dumps({"name": args.name, "config": config.to_dict(), **counts, "weight_bytes": memory, **extra}))
         return 0
     from rich.console import Console
@@ -123,9 +125,38 @@ def cmd_info(args: argparse.Namespace) -> int:
         for part in ("matrices", "embedding", "all_weights"):
             bits.add_row(part.replace("_", " "), f"{stored[part]:.4f}")
         console.print(bits)
+    if adapter is not None:
+        console.print(
+            f"adapter: {adapter['run']} (rank {adapter['rank']}, alpha {adapter['alpha']:g}, "
+            f"{_format_bytes(adapter['bytes'])}) on {adapter['base']}, shipped in afmkit/resources/{adapter['folder']}"
+        )
     if config.note:
         console.print(f"note: {config.note}")
     return 0
+
+
+def packaged_adapter(name: str) -> dict | None:
+    """What a named adapted model (``smollm2-135m-afm``) adds to its base, read from the packaged
+    files without loading anything: the run that made the adapter, its rank, alpha, targets and
+    size. None for other models."""
+    from afmkit.files import packaged_data
+    from afmkit.weights import NAMED_ADAPTED
+
+    if name not in NAMED_ADAPTED:
+        return None
+    base, folder = NAMED_ADAPTED[name]
+    directory = packaged_data(f"{folder}/adapter_config.json").parent
+    peft = json.loads((directory / "adapter_config.json").read_text())
+    own = json.loads((directory / "afmkit_adapter.json").read_text())
+    return {
+        "base": base,
+        "folder": folder,
+        "run": own["name"],
+        "rank": peft["r"],
+        "alpha": peft["lora_alpha"],
+        "targets": peft["target_modules"],
+        "bytes": (directory / "adapter_model.safetensors").stat().st_size,
+    }
 
 
 def stored_bits(name: str, config: object) -> dict | None:
