@@ -55,9 +55,9 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
     assert len((out / "rl-mdloo-2" / "metrics.jsonl").read_text().splitlines()) >= 2
     held = {
         json.loads(line)["task_source"]
-        for line in (SCRIPT.parents[2] / "benchmarks/results/longform-dev/longform_dev.jsonl").open()
+        for line in (SCRIPT.parents[2] / "benchmarks/results/longform-dev/longform_dev.jsonl").read_text().splitlines()
     }
-    train = [json.loads(line) for line in (out / "prompts_rl.jsonl").open()]
+    train = [json.loads(line) for line in (out / "prompts_rl.jsonl").read_text().splitlines()]
     assert not held & {row["task_source"] for row in train if row["split"] == "train"}
     assert len((out / "ifeval-smollm2-135m-afm" / "per_prompt.jsonl").read_text().splitlines()) == 8
 
