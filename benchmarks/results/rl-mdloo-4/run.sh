@@ -6,7 +6,7 @@
 #   afmkit posttrain synth-if --n 4000 --seed 51 --out prompts_s51.jsonl
 #   python ../dpo-11/filter_prompts.py prompts_s51.jsonl ../longform-dev/longform_dev.jsonl ../dpo-4/dev200.jsonl > prompts.jsonl
 #   grep '"split": "dev"' prompts_s51.jsonl >> prompts.jsonl            # 3,248 train + 400 dev
-cd /work/runs/s51/rl4
+cd /work/runs/s52/rl4
 . /work/main/.venv/bin/activate
 export AFMKIT_SHARED_DATA=/work/shared/data PYTHONPATH=/work/dev/src
 RES=""; [ -d rl/checkpoints ] && RES="--resume"
