@@ -112,7 +112,37 @@ def test_gradient_reaches_the_input_through_the_kernel():
     x = jnp.asarray(RNG.standard_normal((5, 64)), jnp.float32)
     probe = jnp.arange(32.0)
     grad = jax.grad(lambda x: jnp.sum(P.packed_matmul(x, packed) * probe))(x)
-    np.testing.assert_allclose(np.asarray(grad), np.asarray(jnp.broadcast_to(probe @ weights.T, x.shape)), rtol=1e-6)
+    w = np.asarray(weights, np.float64)
+    expected = np.broadcast_to(np.asarray(probe, np.float64) @ w.T, x.shape)
+    # Where the CPU has AVX512-BF16 the gradient rounds both factors to bf16 (2^-8 relative each,
+    # 2^-7 + 2^-16 for their product); fp32 sums over the 32 outputs add 32 * 2^-24 of sum |g w|.
+    rounding = (2.0**-7 + 2.0**-16 if kernels.has_bf16() else 0.0) + 32 * 2.0**-24
+    bound = rounding * (np.arange(32.0) @ np.abs(w).T)
+    assert np.all(np.abs(np.asarray(grad, np.float64) - expected) <= bound)
+
+
+@needs_kernels
+@pytest.mark.skipif(not kernels.has_bf16(), reason="the CPU has no AVX512-BF16")
+def test_training_multiplies_the_input_gradient_in_bf16():
+    """Training on a quantized base is bound by the input gradients' matmuls: XLA must run them as
+    bf16 dots (2-3x fp32's rate here), not round to bf16 and multiply in fp32, which it does for a
+    weight laid out transposed. Packed and palettized alike."""
+    import re
+
+    from afmkit.compress.palettize import palettize_matrix
+    from afmkit.model import palettized as PL
+
+    w = RNG.standard_normal((64, 48)).astype(np.float32)
+    x = jnp.asarray(RNG.standard_normal((32, 64)), jnp.float32)
+    for leaf, matmul in ((P.pack(w, 4), P.packed_matmul), (palettize_matrix(w, 4), PL.palettized_matmul)):
+        grad = jax.jit(jax.grad(lambda x, leaf, matmul=matmul: jnp.sum(jnp.sin(matmul(x, leaf)))))
+        program = grad.lower(x, leaf).compile().as_text()
+        dots = [m.group(1) for m in re.finditer(r"\n\s*(?:ROOT )?%\S+ = \S+ dot\(%([^,]+),", program)]
+        operand_types = {
+            re.search(rf"%{re.escape(name)}[^\n]*? = (\w+)\[|%{re.escape(name)}: (\w+)\[", program).group(0)
+            for name in dots
+        }
+        assert dots and all("bf16" in t for t in operand_types), (type(leaf).__name__, operand_types)
 
 
 @needs_kernels

@@ -182,10 +182,29 @@ def _native_matmul_fwd(x: jax.Array, packed: jax.Array, scales: jax.Array, how: 
     return _native_matmul(x, packed, scales, how), (packed, scales)
 
 
+def input_gradient(grad: jax.Array, weight_t: jax.Array, bf16: bool) -> jax.Array:
+    """``grad [M, N] @ weight_t [N, K]`` (``weight_t``: a ``[K, N]`` weight transposed), fp32 out:
+    the gradient that reaches a quantized linear's input in training. With ``bf16`` (a CPU with
+    AVX512-BF16, as the forward kernels decide) both are rounded to bf16 and summed in fp32, which
+    XLA's CPU backend runs 2-3x faster than fp32 (`benchmarks/train_step.py`); the rounding (2^-8
+    of each factor) is that of the forward kernels' bf16 inputs, far below the weight's own
+    quantization. XLA takes the bf16 path only for a ``weight_t`` made in ``[N, K]`` order, not
+    for a transposed ``[K, N]`` matrix (that it multiplies in fp32 after rounding)."""
+    if bf16:
+        return jnp.dot(grad.astype(jnp.bfloat16), weight_t.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return grad @ weight_t
+
+
+def _unpack_transposed(packed: Any, scales: Any, bits: int) -> jax.Array:
+    """The dequantized ``[N, K]`` matrix (``_unpack``'s transposed), made in that order."""
+    tiles = _unpack_tiles(packed, scales, bits, jnp)  # [N/16, K, 16]
+    return jnp.swapaxes(tiles, 1, 2).reshape(-1, tiles.shape[1])
+
+
 def _native_matmul_bwd(how: tuple[int, int, bool], saved: Any, grad: jax.Array) -> Any:
     """Gradients reach ``x`` (adapters trained on a packed base), never the frozen codes."""
     packed, scales = saved
-    return grad @ _unpack(packed, scales, how[0], jnp).T, None, None
+    return input_gradient(grad, _unpack_transposed(packed, scales, how[0]), how[2]), None, None
 
 
 _native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)

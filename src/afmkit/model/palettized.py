@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afmkit.errors import UserError
+from afmkit.model.packed import input_gradient
 
 TILE = 16  # outputs per tile of indices
 CODES_PER_WORD = 8  # inputs whose codes share one word of ``bits`` bytes
@@ -159,25 +160,36 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_codes(indices: Any, bits: int, xp: Any) -> Any:
     """The index layout back to codes ``[K, N]`` (int32), in numpy (``xp=np``) or jax (``jnp``)."""
-    tiles, blocks, _, lanes = indices.shape
+    codes = _code_tiles(indices, bits, xp)  # [N/16, K/8, 8, 16]
+    tiles, blocks, per_word, lanes = codes.shape
+    return codes.transpose(1, 2, 0, 3).reshape(blocks * per_word, tiles * lanes)
+
+
+def _code_tiles(indices: Any, bits: int, xp: Any) -> Any:
+    """The codes as ``[N/16, K/8, 8, 16]`` (int32), the index layout's order."""
     mask = 2**bits - 1
     if bits == 8:
-        codes = indices.astype(xp.int32)  # one byte per code: [N/16, K/8, 8, 16]
+        return indices.astype(xp.int32)  # one byte per code
+    planes = indices.astype(xp.uint32)
+    words = sum(planes[:, :, q, :] << (8 * q) for q in range(bits))  # [N/16, K/8, 16]
+    return xp.stack([(words >> (bits * p)) & mask for p in range(CODES_PER_WORD)], axis=2).astype(xp.int32)
+
+
+def _dequantize(indices: Any, tables: Any, scales: Any, bits: int, xp: Any, *, transposed: bool = False) -> Any:
+    """The matrix ``[K, N]`` (fp32), or with ``transposed`` ``[N, K]`` gathered in that order: the
+    layout the input gradient's bf16 matmul needs (XLA multiplies a transposed ``[K, N]`` in fp32)."""
+    codes = _code_tiles(indices, bits, xp)  # [N/16, K/8, 8, 16]
+    tiles, blocks, per_word, lanes = codes.shape
+    if transposed:
+        codes = codes.transpose(0, 3, 1, 2).reshape(tiles * lanes, blocks * per_word)
     else:
-        planes = indices.astype(xp.uint32)
-        words = sum(planes[:, :, q, :] << (8 * q) for q in range(bits))  # [N/16, K/8, 16]
-        codes = xp.stack([(words >> (bits * p)) & mask for p in range(CODES_PER_WORD)], axis=2).astype(xp.int32)
-    # [N/16, K/8, 8, 16] -> [K, N]
-    return codes.transpose(1, 2, 0, 3).reshape(blocks * CODES_PER_WORD, tiles * lanes)
-
-
-def _dequantize(indices: Any, tables: Any, scales: Any, bits: int, xp: Any) -> Any:
-    codes = unpack_codes(indices, bits, xp)  # [K, N]
-    n = codes.shape[1]
+        codes = codes.transpose(1, 2, 0, 3).reshape(blocks * per_word, tiles * lanes)
+    out_axis = 0 if transposed else 1
+    n = codes.shape[out_axis]
     groups, entries = tables.shape
-    group = xp.arange(n) // (n // groups)
-    values = tables.astype(xp.float32).reshape(-1)[group[None, :] * entries + codes]
-    return values if scales is None else values * scales.astype(xp.float32)[None, :]
+    group = xp.expand_dims(xp.arange(n) // (n // groups), 1 - out_axis)
+    values = tables.astype(xp.float32).reshape(-1)[group * entries + codes]
+    return values if scales is None else values * xp.expand_dims(scales.astype(xp.float32), 1 - out_axis)
 
 
 def dequantize_numpy(weight: PalettizedWeight) -> np.ndarray:
@@ -242,16 +254,19 @@ def _native_matmul_fwd(x: jax.Array, indices: jax.Array, tables: jax.Array, scal
     return _native_matmul(x, indices, tables, scales, how), (x, indices, tables, scales)
 
 
-def _xla_gradients(bits: int, saved: Any, grad: jax.Array) -> Any:
-    """The XLA path's gradients (to x, the tables and the scales); none to the integer indices."""
+def _xla_gradients(bits: int, saved: Any, grad: jax.Array, bf16: bool = False) -> Any:
+    """The XLA path's gradients (to x, the tables and the scales; x's in bf16 where ``bf16``, see
+    ``packed.input_gradient``); none to the integer indices. Only what the step uses is computed:
+    XLA drops the tables' and scales' where they do not train."""
     x, indices, tables, scales = saved
-    _, pullback = jax.vjp(lambda x, t, s: _xla_matmul(x, indices, t, s, bits), x, tables, scales)
-    grad_x, grad_tables, grad_scales = pullback(grad)
+    _, pullback = jax.vjp(lambda t, s: _xla_matmul(x, indices, t, s, bits), tables, scales)
+    grad_tables, grad_scales = pullback(grad)
+    grad_x = input_gradient(grad, _dequantize(indices, tables, scales, bits, jnp, transposed=True), bf16)
     return grad_x, None, grad_tables, grad_scales
 
 
 def _native_matmul_bwd(how: tuple[int, bool], saved: Any, grad: jax.Array) -> Any:
-    return _xla_gradients(how[0], saved, grad)
+    return _xla_gradients(how[0], saved, grad, bf16=how[1])
 
 
 _native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
