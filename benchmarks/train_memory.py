@@ -25,6 +25,7 @@ import numpy as np
 
 from afmkit.adapters.lora import LoraConfig
 from afmkit.config import get_size
+from afmkit.kernels import cpu_name
 from afmkit.model.transformer import init_params
 from afmkit.train.objectives import assistant_sft
 from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
@@ -67,17 +68,10 @@ def main() -> None:
         result["recompute_time_ratio"] = round(
             statistics.median(seconds["recompute"]) / statistics.median(seconds["keep_activations"]), 3
         )
-    result["machine"] = {"platform": platform.platform(), "processor": _cpu_name(), "jax": jax.__version__}
+    result["machine"] = {"platform": platform.platform(), "processor": cpu_name(), "jax": jax.__version__}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _setup(config, recompute: bool):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -102,16 +101,6 @@ def worker(model_spec: str, arm: str, batch: int, seq_len: int, repeats: int, gr
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -132,6 +121,8 @@ def main() -> None:
         return
 
     import numpy as np
+
+    from afmkit.kernels import cpu_name
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +173,7 @@ def main() -> None:
         run.pop("grads")
     report = {
         "benchmark": "train_step",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "batch": args.batch,
         "seq_len": args.seq_len,
         "summary": summary,

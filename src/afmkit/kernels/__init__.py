@@ -59,6 +59,17 @@ def cpu_identity() -> str:
     return "\n".join(wanted) or platform.machine()
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as benchmarks and Talaria record it beside their timings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 

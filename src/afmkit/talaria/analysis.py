@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ import numpy as np
 from afmkit.compress.allocate import BIT_WIDTHS, matrix_storage_bits
 from afmkit.compress.palettize import LAYER_MATRICES
 from afmkit.errors import UserError
+from afmkit.kernels import cpu_name
 from afmkit.model.packed import INPUT_AXES, pack
 from afmkit.model.palettized import from_codes
 from afmkit.progress import ProgressReporter
@@ -122,17 +122,7 @@ def probe_cpu(repeats: int = 5) -> dict[str, Any]:
     big = jnp.ones((64 * 2**20,), jnp.float32)
     total = jax.jit(jnp.sum)
     bandwidth = big.nbytes / median_seconds(total, big, repeats=repeats)
-    return {"flops": flops, "bandwidth": bandwidth, "cpu": _cpu_name(), "threads": os.cpu_count() or 1}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return {"flops": flops, "bandwidth": bandwidth, "cpu": cpu_name(), "threads": os.cpu_count() or 1}
 
 
 # -- the operations ---------------------------------------------------------------------------------
@@ -412,7 +402,7 @@ def _attention_seconds(config, layer, mode, tokens, context, positions, repeats,
 
 
 def analysis_key(settings: TalariaSettings, sensitivity_dir: str, eval_sha: str) -> str:
-    payload = [VERSION, settings.context, settings.repeats, _cpu_name(), os.cpu_count(), sensitivity_dir, eval_sha]
+    payload = [VERSION, settings.context, settings.repeats, cpu_name(), os.cpu_count(), sensitivity_dir, eval_sha]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
