@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (rl-mdloo-2) from the base model, step by step.
+# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (rl-mdloo-5) from the base model, step by step.
 #
 #   examples/smollm2_135m_afm/reproduce.sh OUT_DIR            # the recipe as run (hours on 2 cores)
 #   SMOKE=1 examples/smollm2_135m_afm/reproduce.sh OUT_DIR    # every step at a tiny size (minutes)
@@ -26,6 +26,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   EDIT_LF="--tasks 16 --max-new-tokens 384 --batch 16"; PAIRS8=40
   LOOPCUT_LF="--prompts-limit 16 --max-new-tokens 96 --batch 16"; DPO10="--steps 2 --save-every 2"
   RL="--iterations 2 --prompts-per-iteration 2 --k 2 --inner-steps 1 --max-new-tokens 32 --dev-prompts 2 --dev-every 1"
+  RL3="--iterations 4"
   IFEVAL="--limit 8 --max-new-tokens 64 --batch-size 8"
   DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 2 --accum 2 --seq-len 512"  # a quarter of the memory
 else
@@ -38,6 +39,7 @@ else
   EDIT_LF="--tasks 640 --max-new-tokens 512"; PAIRS8=600
   LOOPCUT_LF="--prompts-limit 480 --max-new-tokens 512"; DPO10="--steps 90 --lr 5e-5 --save-every 30"
   RL="--iterations 40 --prompts-per-iteration 8 --k 4 --inner-steps 2 --max-new-tokens 384 --dev-prompts 32 --dev-every 5"
+  RL3="--iterations 80"
   IFEVAL="--max-new-tokens 1024 --batch-size 64"
   DPO_COMMON="--beta 0.1 --nll-weight 1 --warmup 3 --batch 4 --accum 2 --seq-len 1024"
 fi
@@ -153,9 +155,8 @@ step anchor anchor_text
 step dpo10 dpo dpo-10 --data pairs9.jsonl --init-adapter dpo-5 $DPO_COMMON $DPO10 \
   --anchor-text anchor.txt --anchor-weight 10 --anchor-len 256
 
-# 9. The shipped adapter, rl-mdloo-2: MDLOO from dpo-10 (also the reference policy) on synth-if
-#    seed 50's train prompts without the questions of the two dev splits, longform-dev and dev200
-#    (benchmarks/results/rl-mdloo-2/).
+# 9. rl-mdloo-2: MDLOO from dpo-10 (also the reference policy) on synth-if seed 50's train prompts
+#    without the questions of the two dev splits, longform-dev and dev200 (benchmarks/results/rl-mdloo-2/).
 rl_prompts() {
   afmkit posttrain synth-if --n 4000 --seed 50 --out prompts_s50.jsonl
   python "$RESULTS/dpo-11/filter_prompts.py" prompts_s50.jsonl "$RESULTS/longform-dev/longform_dev.jsonl" \
@@ -163,17 +164,44 @@ rl_prompts() {
   grep '"split": "dev"' prompts_s50.jsonl >> prompts_rl.jsonl
 }
 step prompts_rl rl_prompts
-rl() {  # posttrain rl, continued with --resume when an earlier try of this step was stopped
+rl() {  # rl OUT INIT PROMPTS [FLAGS...]: posttrain rl, continued with --resume when OUT has checkpoints
+  local out=$1 init=$2 prompts=$3
+  shift 3
   local resume=()
-  [[ -d rl-mdloo-2/checkpoints ]] && resume=(--resume)
+  [[ -d "$out/checkpoints" ]] && resume=(--resume)
   # shellcheck disable=SC2086
-  afmkit posttrain rl --algo mdloo --init-adapter dpo-10 --prompts prompts_rl.jsonl --out rl-mdloo-2 \
-    --lr 2e-5 --beta 0.05 --unfinished-reward 0 --train-batch 2 $RL "${resume[@]}"
+  afmkit posttrain rl --algo mdloo --init-adapter "$init" --prompts "$prompts" --out "$out" \
+    --lr 2e-5 --beta 0.05 --unfinished-reward 0 --train-batch 2 $RL "$@" "${resume[@]}"
 }
-step rl rl
-SHIPPED=rl-mdloo-2/adapter
+step rl rl rl-mdloo-2 dpo-10 prompts_rl.jsonl
 
-# 10. The final measurement (never used to choose anything): IFEval, greedy, int4.
+# 10. rl-mdloo-3: rl-mdloo-2's run continued to twice its iterations from its last checkpoint
+#     (optimizer state included), nothing else changed (benchmarks/results/rl-mdloo-3/).
+continue_rl() {
+  if [[ ! -d rl-mdloo-3 ]]; then
+    rm -rf rl-mdloo-3.tmp
+    cp -r rl-mdloo-2 rl-mdloo-3.tmp
+    mv rl-mdloo-3.tmp rl-mdloo-3
+  fi
+  # shellcheck disable=SC2086
+  rl rl-mdloo-3 dpo-10 prompts_rl.jsonl $RL3
+}
+step rl3 continue_rl
+
+# 11. The shipped adapter, rl-mdloo-5: MDLOO from rl-mdloo-3 (now also the reference policy) on
+#     long-form writing prompts, synth-if --frame writing seed 53, without the dev splits'
+#     questions (benchmarks/results/rl-mdloo-5/).
+rl5_prompts() {
+  afmkit posttrain synth-if --frame writing --n 4000 --seed 53 --out prompts_s53.jsonl
+  python "$RESULTS/dpo-11/filter_prompts.py" prompts_s53.jsonl "$RESULTS/longform-dev/longform_dev.jsonl" \
+    "$RESULTS/dpo-4/dev200.jsonl" > prompts_rl5.jsonl
+  grep '"split": "dev"' prompts_s53.jsonl >> prompts_rl5.jsonl
+}
+step prompts_rl5 rl5_prompts
+step rl5 rl rl-mdloo-5 rl-mdloo-3/adapter prompts_rl5.jsonl
+SHIPPED=rl-mdloo-5/adapter
+
+# 12. The final measurement (never used to choose anything): IFEval, greedy, int4.
 # shellcheck disable=SC2086
 step ifeval_shipped afmkit eval ifeval --adapter "$SHIPPED" $IFEVAL --out ifeval-smollm2-135m-afm
 echo "the adapter: $OUT/$SHIPPED (use it with --adapter)"

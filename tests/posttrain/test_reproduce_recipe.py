@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "smollm2_135m_afm" /
 STEPS = [
     "prompts", "prompts_r3", "prompts_20k", "itec", "edit_data", "pairs2", "dpo2", "pairs4", "dpo4",
     "loop_cut", "continue_loops", "pairs5", "dpo5", "prompts_lf", "edit_lf", "pairs8", "lf_rest",
-    "loop_cut_lf", "pairs9", "anchor", "dpo10", "prompts_rl", "rl", "ifeval_shipped",
+    "loop_cut_lf", "pairs9", "anchor", "dpo10", "prompts_rl", "rl", "rl3", "prompts_rl5", "rl5", "ifeval_shipped",
 ]  # fmt: skip
 
 
@@ -39,26 +39,43 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_skips_finished_steps(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for step in STEPS:
         assert (out / f".done-{step}").is_file(), step
-    for adapter in ("itec3/round-01/adapter", "dpo-2", "dpo-4", "dpo-5", "dpo-10", "rl-mdloo-2/adapter"):
+    adapters = (
+        "itec3/round-01/adapter",
+        "dpo-2",
+        "dpo-4",
+        "dpo-5",
+        "dpo-10",
+        "rl-mdloo-2/adapter",
+        "rl-mdloo-5/adapter",
+    )
+    for adapter in adapters:
         config = json.loads((out / adapter / "adapter_config.json").read_text())
         assert config["r"] == 16, adapter
     runs = (("dpo-2", "itec3/round-01/adapter"), ("dpo-4", "dpo-2"), ("dpo-5", "dpo-4"), ("dpo-10", "dpo-5"))
     for run, start in runs:
         training = json.loads((out / run / "training.json").read_text())
         assert (training["steps_done"], training["settings"]["init_adapter"]) == (2, start), run
-    # dpo-10 trains with the plain-text anchor; the shipped adapter is MDLOO from it, on prompts
-    # that hold none of the dev splits' questions
+    # dpo-10 trains with the plain-text anchor; MDLOO from it (rl-mdloo-2), continued to twice its
+    # iterations (rl-mdloo-3), then MDLOO from that on writing prompts (rl-mdloo-5, shipped); no
+    # RL prompt file holds a dev split's question in its train split
     dpo10 = json.loads((out / "dpo-10" / "training.json").read_text())
     assert dpo10["anchor_windows"] > 0 and dpo10["settings"]["anchor_weight"] == 10
-    rl = json.loads((out / "rl-mdloo-2" / "rl.json").read_text())["settings"]
-    assert (rl["algo"], rl["init_adapter"], rl["unfinished_reward"]) == ("mdloo", "dpo-10", 0.0)
-    assert len((out / "rl-mdloo-2" / "metrics.jsonl").read_text().splitlines()) >= 2
+    for run, start in (("rl-mdloo-2", "dpo-10"), ("rl-mdloo-3", "dpo-10"), ("rl-mdloo-5", "rl-mdloo-3/adapter")):
+        rl = json.loads((out / run / "rl.json").read_text())["settings"]
+        assert (rl["algo"], rl["init_adapter"], rl["unfinished_reward"]) == ("mdloo", start, 0.0), run
+    iterations = {
+        run: len((out / run / "metrics.jsonl").read_text().splitlines()) for run in ("rl-mdloo-2", "rl-mdloo-3")
+    }
+    assert iterations["rl-mdloo-3"] > iterations["rl-mdloo-2"] >= 2  # the continuation adds iterations to the same log
     held = {
         json.loads(line)["task_source"]
         for line in (SCRIPT.parents[2] / "benchmarks/results/longform-dev/longform_dev.jsonl").read_text().splitlines()
     }
-    train = [json.loads(line) for line in (out / "prompts_rl.jsonl").read_text().splitlines()]
-    assert not held & {row["task_source"] for row in train if row["split"] == "train"}
+    for prompts in ("prompts_rl.jsonl", "prompts_rl5.jsonl"):
+        train = [json.loads(line) for line in (out / prompts).read_text().splitlines()]
+        assert not held & {row["task_source"] for row in train if row["split"] == "train"}, prompts
+    writing = [json.loads(line)["id"] for line in (out / "prompts_rl5.jsonl").read_text().splitlines()]
+    assert all("-writing-" in key for key in writing)
     assert len((out / "ifeval-smollm2-135m-afm" / "per_prompt.jsonl").read_text().splitlines()) == 8
 
     second = run_script(out)
