@@ -69,6 +69,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
+    if args.clients < 1 or args.repeats < 1:
+        parser.error("--clients and --repeats must be at least 1")
     runtime.return_freed_memory()  # as `afmkit serve`
 
     model = afmkit.load(args.model) if args.model else afmkit.load()
