@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (rl-mdloo-5) from the base model, step by step.
+# Rebuild the adapter afmkit ships as `smollm2-135m-afm` (rl-mdloo-7) from the base model, step by step.
 #
 #   examples/smollm2_135m_afm/reproduce.sh OUT_DIR            # the recipe as run (hours on 2 cores)
 #   SMOKE=1 examples/smollm2_135m_afm/reproduce.sh OUT_DIR    # every step at a tiny size (minutes)
@@ -188,7 +188,7 @@ continue_rl() {
 }
 step rl3 continue_rl
 
-# 11. The shipped adapter, rl-mdloo-5: MDLOO from rl-mdloo-3 (now also the reference policy) on
+# 11. rl-mdloo-5: MDLOO from rl-mdloo-3 (now also the reference policy) on
 #     long-form writing prompts, synth-if --frame writing seed 53, without the dev splits'
 #     questions (benchmarks/results/rl-mdloo-5/).
 rl5_prompts() {
@@ -199,9 +199,21 @@ rl5_prompts() {
 }
 step prompts_rl5 rl5_prompts
 step rl5 rl rl-mdloo-5 rl-mdloo-3/adapter prompts_rl5.jsonl
-SHIPPED=rl-mdloo-5/adapter
 
-# 12. The final measurement (never used to choose anything): IFEval, greedy, int4.
+# 12. The shipped adapter, rl-mdloo-7: MDLOO from rl-mdloo-5 (now the reference) on writing prompts
+#     of a fresh seed (54), every other one asking for another language or for capitals, the
+#     constraints whose answers ran out of tokens (benchmarks/results/rl-mdloo-7/).
+rl7_prompts() {
+  afmkit posttrain synth-if --frame writing --n 6000 --seed 54 --out prompts_s54.jsonl
+  python "$RESULTS/dpo-11/filter_prompts.py" prompts_s54.jsonl "$RESULTS/longform-dev/longform_dev.jsonl" \
+    "$RESULTS/dpo-4/dev200.jsonl" > filtered_s54.jsonl
+  python "$RESULTS/rl-mdloo-7/focus_prompts.py" prompts_s54.jsonl filtered_s54.jsonl > prompts_rl7.jsonl
+}
+step prompts_rl7 rl7_prompts
+step rl7 rl rl-mdloo-7 rl-mdloo-5/adapter prompts_rl7.jsonl
+SHIPPED=rl-mdloo-7/adapter
+
+# 13. The final measurement (never used to choose anything): IFEval, greedy, int4.
 # shellcheck disable=SC2086
 step ifeval_shipped afmkit eval ifeval --adapter "$SHIPPED" $IFEVAL --out ifeval-smollm2-135m-afm
 echo "the adapter: $OUT/$SHIPPED (use it with --adapter)"
