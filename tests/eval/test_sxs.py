@@ -109,6 +109,39 @@ def test_judge_key_comes_from_the_flag_or_the_environment_and_a_refusal_names_bo
     assert all(r["max_tokens"] <= 4 for r in judge.requests)
 
 
+def test_the_report_says_how_often_the_longer_answer_won(tmp_path):
+    # Four prompts: A (3 or 5 words) against B (4 words). A wins the two where it is longer and one
+    # where it is shorter, loses one where it is shorter; a fifth prompt is a tie and is left out.
+    pairs = [
+        {"key": "1", "prompt": "p", "a": "one two three four five", "b": "one two three four"},
+        {"key": "2", "prompt": "p", "a": "one two three four five", "b": "one two three four"},
+        {"key": "3", "prompt": "p", "a": "one two three", "b": "one two three four"},
+        {"key": "4", "prompt": "p", "a": "one two three", "b": "one two three four"},
+        {"key": "5", "prompt": "p", "a": "one two three", "b": "one two three four"},
+    ]
+    winners = {"1": "a", "2": "a", "3": "a", "4": "b", "5": "tie"}
+    grades = [
+        {"pair": k, "order": order, "winner": w, "shown_winner": "tie" if w == "tie" else "first"}
+        for k, w in winners.items()
+        for order in ("ab", "ba")
+    ]
+    report = sxs.report_from_grades(grades, model_a="m1", model_b="m2", grader="g", pairs=pairs)
+    length = report["length"]
+    assert length["median_words"] == {"a": 3, "b": 4}
+    assert (length["longer_won"], length["decided_unequal"], length["longer_won_rate"]) == (3, 4, 75.0)
+    assert length["a_longer"] == {"prompts": 2, "a_won": 2} and length["a_shorter"] == {"prompts": 2, "a_won": 1}
+    line = "the longer answer won 3 of 4 decided prompts (75.0%); A won 2 of 2 where its answer was longer"
+    assert line in sxs.format_report(report)
+    sxs.write_report(tmp_path, report)
+    assert "Length: " + line in (tmp_path / "sxs.md").read_text()
+    # Without pairs (or when no decided prompt differs in length) the report says nothing of length.
+    assert "length" not in sxs.report_from_grades(grades, model_a="m1", model_b="m2", grader="g")
+    same = [{**p, "a": p["b"]} for p in pairs]
+    assert "longer answer" not in sxs.format_report(
+        sxs.report_from_grades(grades, model_a="m1", model_b="m2", grader="g", pairs=same)
+    )
+
+
 def test_when_no_verdict_can_be_parsed_the_report_says_so(fake_judge, tmp_path):
     judge = fake_judge(lambda message: "Both responses have merits.")
     grades = sxs.grade_pairs(PAIRS[:2], JudgeGrader(JudgeClient(judge.url)), tmp_path, quiet=True)
@@ -143,6 +176,7 @@ def test_cli_sxs_end_to_end_with_a_fake_judge(two_tiny_checkpoints, fake_judge, 
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["prompts"] == 3 and report["judgments"] == 6 and report["tie"]["count"] == 3
+    assert report["length"]["decided_unequal"] == 0  # the lengths of the answers the judge saw, all ties
     out = tmp_path / "out"
     assert {
         "pairs.jsonl",

@@ -176,5 +176,6 @@ def test_cli_report_from_the_database(tmp_path, capsys):
     assert main(["eval", "sxs-ui", "--db", str(db), "--report", "--json", "--out", str(tmp_path / "r")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["tie"]["count"] == 1 and (tmp_path / "r" / "sxs.png").is_file()
+    assert report["length"]["median_words"] == {"a": 3, "b": 3}  # the pairs' lengths, read from the database
     assert main(["eval", "sxs-ui", "--db", str(tmp_path / "empty.sqlite")]) == 2
     assert "no pairs to grade" in capsys.readouterr().err

@@ -3,11 +3,12 @@
 
 import json
 import sys
+from pathlib import Path
 
 from afmkit.posttrain.loop_cut import loop_start
 
 for folder in sys.argv[1:]:
-    rows = [json.loads(line) for line in open(f"{folder}/responses.jsonl")]
+    rows = [json.loads(line) for line in Path(folder, "responses.jsonl").read_text().splitlines()]
     at_limit = sum(r["finish_reason"] == "length" for r in rows)
     loops = sum(loop_start(r["response"]) is not None for r in rows)
     print(f"{folder}: {len(rows)} answers, {at_limit} at the limit ({100 * at_limit / len(rows):.1f}%), {loops} loops")

@@ -15,5 +15,7 @@ for i in range(0, len(sh), 4000):
     pos = at + len(chunk)
     before += max(0, min(pos, start) - at)
     after += max(0, pos - max(at, start))
-print(f"Shakespeare: {100 * before / start:.1f}% of the {start} characters read before, "
-      f"{100 * after / (len(text) - start):.1f}% of the {len(text) - start} after; its last chunk ends at character {pos}")
+print(
+    f"Shakespeare: {100 * before / start:.1f}% of the {start} characters read before, "
+    f"{100 * after / (len(text) - start):.1f}% of the {len(text) - start} after; its last chunk ends at character {pos}"
+)

@@ -8,21 +8,24 @@ longer answer won, the outcome split by which answer was longer, and the two-sid
 import json
 import statistics
 from math import comb
+from pathlib import Path
 
 
 def rows(path):
-    return {r["key"]: r for r in map(json.loads, open(path))}
+    return {r["key"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
 
 
 a, b = rows("responses_a.jsonl"), rows("responses_b.jsonl")
 score = {}
-for g in map(json.loads, open("grades.jsonl")):
+for g in map(json.loads, Path("grades.jsonl").read_text().splitlines()):
     score[g["pair"]] = score.get(g["pair"], 0) + {"a": 1, "b": -1}.get(g["winner"], 0)
 for name, r in (("A", a), ("B", b)):
     tokens = [x["new_tokens"] for x in r.values()]
     words = [len(x["response"].split()) for x in r.values()]
     at_limit = sum(x["finish_reason"] == "length" for x in r.values())
-    print(f"{name}: median {statistics.median(tokens)} tokens / {statistics.median(words)} words, {at_limit} at the limit")
+    print(
+        f"{name}: median {statistics.median(tokens)} tokens / {statistics.median(words)} words, {at_limit} at the limit"
+    )
 decided = [(s, a[p]["new_tokens"], b[p]["new_tokens"]) for p, s in score.items() if s != 0]
 unequal = [(s, la, lb) for s, la, lb in decided if la != lb]
 longer_won = sum((s > 0) == (la > lb) for s, la, lb in unequal)

@@ -340,7 +340,7 @@ def cmd_sxs(args: argparse.Namespace) -> int:
         del model
     pairs = sxs.write_pairs(out, prompts, model_a=args.a, model_b=args.b)
     grades = sxs.grade_pairs(pairs, grader, out, quiet=args.json)
-    report = sxs.report_from_grades(grades, model_a=args.a, model_b=args.b, grader=grader.name)
+    report = sxs.report_from_grades(grades, model_a=args.a, model_b=args.b, grader=grader.name, pairs=pairs)
     sxs.write_report(out, report)
     _print_sxs(report, as_json=args.json)
     return 0

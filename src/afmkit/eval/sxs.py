@@ -11,6 +11,8 @@
 5. Win / tie / lose rates over prompts with 95% Wilson score intervals (each rate is a
    binomial proportion over independent prompts; Wilson stays inside [0, 1] and is accurate for
    small n and rates near 0 or 1, where the normal approximation is not).
+6. How the outcomes go with answer length (words): graders of every kind tend to prefer the
+   longer answer, and a win rate alone cannot show whether length decided it.
 
 Human grades from ``sxs_ui`` (one judgment per prompt, shown in a random order) go through the
 same report.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,20 +172,52 @@ def wilson_interval(successes: int, n: int, *, z: float = Z_95) -> tuple[float, 
     return (max(0.0, center - half), min(1.0, center + half))
 
 
-def report_from_grades(grades: Sequence[dict], *, model_a: str, model_b: str, grader: str) -> dict[str, Any]:
-    """Win / tie / lose of model A against B over prompts, with 95% Wilson intervals (percent)."""
+def length_preference(outcome_by_pair: dict[str, str], pairs: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """How A's per-prompt outcomes (``"win"``, ``"tie"``, ``"lose"``) go with answer length in words
+    (whitespace-separated, so any grader's report reads the same): the median lengths, how often the
+    longer answer won among the decided prompts whose answers differ in length, and A's wins split by
+    whether its answer was the longer or the shorter one."""
+    words = {str(p["key"]): (len(p["a"].split()), len(p["b"].split())) for p in pairs}
+    graded = [(outcome, *words[key]) for key, outcome in outcome_by_pair.items() if key in words]
+    unequal = [(outcome, a, b) for outcome, a, b in graded if outcome != "tie" and a != b]
+    longer_won = sum((outcome == "win") == (a > b) for outcome, a, b in unequal)
+
+    def split(a_longer: bool) -> dict[str, int]:
+        part = [outcome for outcome, a, b in unequal if (a > b) == a_longer]
+        return {"prompts": len(part), "a_won": part.count("win")}
+
+    a_words, b_words = [a for _, a, _ in graded], [b for _, _, b in graded]
+    return {
+        "median_words": {
+            "a": statistics.median(a_words) if graded else None,
+            "b": statistics.median(b_words) if graded else None,
+        },
+        "longer_won": longer_won,
+        "decided_unequal": len(unequal),
+        "longer_won_rate": round(100 * longer_won / len(unequal), 2) if unequal else None,
+        "a_longer": split(True),
+        "a_shorter": split(False),
+    }
+
+
+def report_from_grades(
+    grades: Sequence[dict], *, model_a: str, model_b: str, grader: str, pairs: Sequence[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """Win / tie / lose of model A against B over prompts, with 95% Wilson intervals (percent); with
+    the graded ``pairs``, also how the outcomes go with answer length (``length_preference``)."""
     by_pair: dict[str, list[dict]] = defaultdict(list)
     for g in grades:
         by_pair[g["pair"]].append(g)
-    outcomes = Counter()
+    outcome_by_pair: dict[str, str] = {}
     invalid_pairs = 0
-    for judgments in by_pair.values():
+    for pair, judgments in by_pair.items():
         valid = [g for g in judgments if g["winner"] != "invalid"]
         if not valid:
             invalid_pairs += 1
             continue
         total = sum(+1 if g["winner"] == "a" else -1 if g["winner"] == "b" else 0 for g in valid)
-        outcomes["win" if total > 0 else "lose" if total < 0 else "tie"] += 1
+        outcome_by_pair[pair] = "win" if total > 0 else "lose" if total < 0 else "tie"
+    outcomes = Counter(outcome_by_pair.values())
     n = sum(outcomes.values())
     if n == 0 and grades:
         raise UserError(
@@ -223,7 +258,22 @@ def report_from_grades(grades: Sequence[dict], *, model_a: str, model_b: str, gr
         "strengths": strengths,
         "method": "per prompt: sum of judgments (+1 A, -1 B, 0 tie) over both orders; sign gives win/tie/lose; "
         "95% Wilson score intervals over prompts",
+        **({"length": length_preference(outcome_by_pair, pairs)} if pairs is not None else {}),
     }
+
+
+def length_line(report: dict[str, Any]) -> str | None:
+    """One sentence on answer length and outcome, or None when the report has no lengths."""
+    length = report.get("length")
+    if not length or not length["decided_unequal"]:
+        return None
+    median = length["median_words"]
+    return (
+        f"the longer answer won {length['longer_won']} of {length['decided_unequal']} decided prompts "
+        f"({length['longer_won_rate']:.1f}%); A won {length['a_longer']['a_won']} of {length['a_longer']['prompts']} "
+        f"where its answer was longer, {length['a_shorter']['a_won']} of {length['a_shorter']['prompts']} where "
+        f"shorter; median words A {median['a']:g}, B {median['b']:g}"
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -237,6 +287,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"  first shown response preferred in {report['first_position_preferred']:.1f}% of decided judgments"
         )
+    if length_line(report):
+        lines.append(f"  {length_line(report)}")
     if report.get("invalid_judgments"):
         lines.append(f"  {report['invalid_judgments']} judgments could not be parsed and were left out")
     return "\n".join(lines)
@@ -276,6 +328,7 @@ def write_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
             ),
             "",
             f"Method: {report['method']}.",
+            *(["", f"Length: {length_line(report)}."] if length_line(report) else []),
             "",
             f"![win tie lose]({chart.name})",
             "",

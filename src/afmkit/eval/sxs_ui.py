@@ -151,7 +151,10 @@ class GradeStore:
         from afmkit.eval.sxs import report_from_grades
 
         model_a, model_b = self.models()
-        return report_from_grades(self.grades(), model_a=model_a, model_b=model_b, grader="human")
+        with self.lock:
+            rows = self.db.execute("SELECT key, a, b FROM pairs").fetchall()
+        pairs = [{"key": key, "a": a, "b": b} for key, a, b in rows]
+        return report_from_grades(self.grades(), model_a=model_a, model_b=model_b, grader="human", pairs=pairs)
 
 
 def _static(name: str) -> str:
