@@ -23,7 +23,14 @@ from afmkit.posttrain import losses
 from afmkit.posttrain.dpo import DPOSettings, Pair, dpo, pair_rows, pair_tokens, read_pairs
 from afmkit.posttrain.rollout import response_token_logprobs
 from afmkit.train.metrics import read_metrics
-from afmkit.train.objectives import AnchoredPairBatch, ModelView, PolicyBatch, Preference, top_k_distribution
+from afmkit.train.objectives import (
+    AnchoredPolicyBatch,
+    ModelView,
+    Policy,
+    PolicyBatch,
+    Preference,
+    top_k_distribution,
+)
 
 
 def np_dpo(new, ref, mask, branch, preference, beta, nll_weight, replay_weight=0.0):
@@ -324,10 +331,21 @@ def np_lumped_kl(student_logits, ids, teacher_log_probs, teacher_tail):
     return (p_top * (teacher_log_probs - student_top)).sum(-1) + p_tail * (teacher_tail - student_tail)
 
 
-def test_the_anchor_adds_its_weighted_kl_per_pair(tiny_model):
-    """``Preference(anchor_weight=W)`` = the pairs' DPO loss + W x pairs x the mean per-token
-    KL(teacher || policy) over the rows' anchor windows (float64 numpy of the lumped KL, the
-    teacher another random model's top-k); with W = 0 the anchor fields change nothing."""
+ANCHORED_OBJECTIVES = {
+    "dpo": (lambda w: Preference(beta=0.5, nll_weight=0.3, anchor_weight=w), 5),  # per pair
+    "mdloo": (lambda w: Policy(algo="mdloo", step_size=0.5, anchor_weight=w), 10),  # per sample
+    "ppo-clip": (lambda w: Policy(algo="ppo-clip", anchor_weight=w), "tokens"),  # per response token
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANCHORED_OBJECTIVES))
+def test_the_anchor_adds_its_weighted_kl_per_pair_or_sample(tiny_model, name):
+    """``anchor_weight=W`` = the objective's own loss + W x its count (DPO's pairs, MDLOO's samples,
+    PPO-clip's tokens) x
+    the mean per-token KL(teacher || policy) over the rows' anchor windows (float64 numpy of the
+    lumped KL, the teacher another random model's top-k); with W = 0 the anchor fields change
+    nothing. The pairs' +1 / -1 serve the policy losses as advantages."""
+    make, count = ANCHORED_OBJECTIVES[name]
     tokenized = [pair_tokens(tiny_model.tokenizer, p) for p in pairs_for(WORDS[:5])]
     rows = pair_rows(tokenized, 128)
     n, length, k = len(rows["tokens"]), 16, 4
@@ -340,7 +358,7 @@ def test_the_anchor_adds_its_weighted_kl_per_pair(tiny_model):
     ids, log_probs, tail = (np.asarray(a) for a in top_k_distribution(teacher_logits, k))
     mask = np.ones((n, length), np.float32)
     mask[-1, length // 2 :] = 0  # the last window half used: the rest must not count
-    batch = AnchoredPairBatch(
+    batch = AnchoredPolicyBatch(
         **{name: jnp.asarray(value) for name, value in rows.items()},
         anchor_tokens=jnp.asarray(anchor),
         anchor_positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length)),
@@ -351,19 +369,19 @@ def test_the_anchor_adds_its_weighted_kl_per_pair(tiny_model):
         anchor_teacher_tail_log_prob=jnp.asarray(tail),
     )
     view = ModelView(config=tiny_model.config, params=tiny_model.params, adapters=None, compute_dtype=jnp.float32)
-    plain, plain_metrics = Preference(beta=0.5, nll_weight=0.3).loss(view, None, batch)
-    anchored, metrics = Preference(beta=0.5, nll_weight=0.3, anchor_weight=2.0).loss(view, None, batch)
+    plain, plain_metrics = make(0.0).loss(view, None, batch)
+    anchored, metrics = make(2.0).loss(view, None, batch)
     student = view.logits(view.hidden(batch.anchor_tokens, batch.anchor_positions, batch.anchor_segment_ids))
     kl = np_lumped_kl(student, ids, log_probs, tail)
     mean_kl = (kl * mask).sum() / mask.sum()
-    pairs = float(plain_metrics["count"])
-    assert pairs == 5 and mean_kl > 0.1  # a real divergence: the two random models differ
+    units = float(plain_metrics["count"])
+    assert (
+        units == (rows["loss_mask"].sum() if count == "tokens" else count) and mean_kl > 0.1
+    )  # a real divergence: the two random models differ
     # fp32 log-softmax over the vocabulary (errors ~1e-6 relative per term) against float64
-    assert float(metrics["anchor_kl"]) == pytest.approx(pairs * mean_kl, rel=1e-4)
-    assert float(anchored) == pytest.approx(float(plain) + 2.0 * pairs * mean_kl, rel=1e-4)
-    without, _ = Preference(beta=0.5, nll_weight=0.3).loss(
-        view, None, PolicyBatch(**{f: getattr(batch, f) for f in rows})
-    )
+    assert float(metrics["anchor_kl"]) == pytest.approx(units * mean_kl, rel=1e-4)
+    assert float(anchored) == pytest.approx(float(plain) + 2.0 * units * mean_kl, rel=1e-4)
+    without, _ = make(0.0).loss(view, None, PolicyBatch(**{f: getattr(batch, f) for f in rows}))
     assert float(without) == float(plain)
 
 

@@ -23,11 +23,14 @@ import pytest
 from afmkit.adapters.lora import LoraConfig, random_adapter, single
 from afmkit.adapters.peft_io import load_adapter, save_adapter
 from afmkit.cli import main
+from afmkit.errors import UserError
 from afmkit.model.transformer import init_params
 from afmkit.posttrain import verifiable
+from afmkit.posttrain.anchor import text_windows
 from afmkit.posttrain.reward_model import init_reward_heads, save_reward_model
 from afmkit.posttrain.rl import (
     RLSettings,
+    anchor_rows,
     fill_policy_rows,
     pack_first_fit,
     policy_rewards,
@@ -248,17 +251,23 @@ def test_unfinished_reward_through_the_cli_sets_the_advantages(checkpoint, promp
         ("foreign-adapter", "another base model"),
         ("foreign-reward-model", "another tokenizer"),
         ("adapted-model", "loads with an adapter"),  # the policy would silently start from the bare base
+        ("anchor-weight-alone", "--anchor-text and a positive --anchor-weight go together"),
+        ("short-anchor", "holds 0 windows of 256 tokens; the run needs at least 1"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
     case, message, checkpoint, foreign_adapter, foreign_reward_model, tmp_path, capsys
 ):
     prompts = write_prompts(tmp_path / "prompts.jsonl", [] if case == "empty" else prompt_rows())
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to cut.")
     extra = {
         "k1": ["--k", "1"],
         "foreign-adapter": ["--init-adapter", str(foreign_adapter)],
         "foreign-reward-model": ["--reward-model", str(foreign_reward_model)],
         "adapted-model": ["--model", "smollm2-135m-afm"],
+        "anchor-weight-alone": ["--anchor-weight", "1"],
+        "short-anchor": ["--anchor-text", str(short), "--anchor-weight", "1"],
     }.get(case, [])
     out = tmp_path / "out"
     assert main([*cli_args(checkpoint, prompts, out), *extra]) == 2
@@ -274,6 +283,74 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(checkpoint, p
     err = capsys.readouterr().err.strip()
     assert "settings differ" in err and "beta" in err and len(err.splitlines()) == 1, err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_each_iteration_reads_its_own_anchor_windows_wrapping_around():
+    anchor = {"anchor_tokens": np.arange(5)[:, None] * np.ones((5, 3), int), "anchor_mask": np.ones((5, 3))}
+    first, third = anchor_rows(anchor, 3, 1, 4), anchor_rows(anchor, 3, 3, 4)
+    np.testing.assert_array_equal(first["anchor_tokens"][:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(third["anchor_tokens"][:, 0], [3, 4, 0])  # windows 8, 9, 10 of 5
+    assert third["anchor_mask"].shape == (3, 3)
+
+
+# Four windows of 16 tokens: every iteration's rows read them all, so the test measures the text trained on.
+ANCHOR_TEXT = " ".join(f"The {a} and the {b} went down to the sea at dawn." for a in ("cat", "dog") for b in "xyz")
+
+
+def test_the_anchor_pulls_the_policy_back_to_the_base_on_its_text(peaked_model, prompts_file, tmp_path, capsys):
+    """From an adapter that moved the policy off the base, the same two iterations with and without
+    an anchor on a text: with it, the policy's KL from the base on that text's windows (float64, from
+    both models' logits) falls below the start's and to under half the plain
+    run's (the base's top-k and the rest lumped, as the anchor trains it), and the whole-vocabulary
+    KL ends below the plain run's. The anchor's KL is logged, the run records the text's digest,
+    and resuming with another text is refused."""
+    text = tmp_path / "anchor.txt"
+    text.write_text(ANCHOR_TEXT)
+    config = peaked_model.config
+    start = random_adapter(config, LoraConfig(rank=2, alpha=4.0), jax.random.PRNGKey(3), b_std=0.01, name="start")
+    start_dir = save_adapter(tmp_path / "start", start, config=config, params=peaked_model.params)
+    plain = dataclasses.replace(SMALL, dev_every=0, lr=3e-3)
+    anchored = dataclasses.replace(plain, anchor_text=str(text), anchor_weight=200.0, anchor_len=16, anchor_top_k=32)
+    records = {}
+    for name, settings in (("plain", plain), ("anchored", anchored)):
+        records[name] = rl(peaked_model, prompts_file, tmp_path / name, settings, init_adapter=start_dir)
+    windows = text_windows(peaked_model, anchored, at_least=1)
+    assert len(windows["tokens"]) <= 4  # at most K x prompts-per-iteration: all read every iteration
+    base = ModelView(config=config, params=peaked_model.params, adapters=None, compute_dtype=jnp.float32)
+
+    def log_probs(view):
+        hidden = view.hidden(*(jnp.asarray(windows[f]) for f in ("tokens", "positions", "segment_ids")))
+        z = np.asarray(view.logits(hidden), np.float64)
+        z -= z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    reference = log_probs(base)
+    top = np.argsort(-reference, axis=-1)[..., : anchored.anchor_top_k]  # the base's top-k, as the anchor keeps
+    p_top = np.take_along_axis(reference, top, -1)
+    p_tail = np.log1p(-np.exp(p_top).sum(-1))
+    kl, lumped = {}, {}
+    for name, adapter in (
+        ("start", start),
+        *((n, load_adapter(tmp_path / n / "adapter", config=config)) for n in records),
+    ):
+        policy = log_probs(dataclasses.replace(base, adapters=single(adapter)))
+        kl[name] = float((np.exp(reference) * (reference - policy)).sum(-1).mean())
+        q_top = np.take_along_axis(policy, top, -1)
+        q_tail = np.log1p(-np.exp(q_top).sum(-1))
+        terms = (np.exp(p_top) * (p_top - q_top)).sum(-1) + np.exp(p_tail) * (p_tail - q_tail)
+        lumped[name] = float(terms.mean())
+    # What the anchor trains, the lumped KL, falls (0.70 -> 0.44 when written; the plain run: 1.26);
+    # the whole-vocabulary KL, of which it is a lower bound, ends below the plain run's.
+    assert lumped["anchored"] < 0.75 * lumped["start"] and lumped["anchored"] < 0.5 * lumped["plain"], lumped
+    assert kl["anchored"] < kl["plain"], kl
+    assert all(r["anchor_kl_last"] > 0 for r in records["anchored"][1:])
+    assert not any("anchor_kl_last" in r for r in records["plain"])
+    saved = json.loads((tmp_path / "anchored" / "rl.json").read_text())["settings"]
+    assert saved["anchor_weight"] == 200.0 and len(saved["anchor_tokens_sha256"]) == 64
+    text.write_text(ANCHOR_TEXT.replace("dawn", "dusk"))
+    with pytest.raises(UserError, match="settings differ"):
+        rl(peaked_model, prompts_file, tmp_path / "anchored", dataclasses.replace(anchored, resume=True),
+           init_adapter=start_dir)  # fmt: skip
 
 
 # -- slow: learning and exact resume -------------------------------------------------------------

@@ -50,6 +50,7 @@ import numpy as np
 
 from afmkit import cli_args
 from afmkit.errors import UserError
+from afmkit.posttrain.anchor import AnchorSettings, anchor_arguments, text_windows, with_teacher
 from afmkit.posttrain.sft import MAY_CHANGE_ON_RESUME, TRAINING_FILE, ChatRunSettings
 from afmkit.posttrain.trunk import RUN_DIR, SETTINGS_FILE, report_unfinished, trunk_run
 from afmkit.train.run_directory import check_run_directory, publish, run_identity, write_bytes, write_json
@@ -57,28 +58,18 @@ from afmkit.train.run_directory import check_run_directory, publish, run_identit
 # The reference log-probabilities of the train and held-out rows, with the fingerprint of what
 # they were computed from; a resumed run reads them instead of recomputing them.
 REFERENCE_FILE = f"{RUN_DIR}/reference_log_probs.npz"
-# ``train.teacher.text_rows``' fields and their names in an ``AnchoredPairBatch``
-ANCHOR_FIELDS = {
-    "tokens": "anchor_tokens",
-    "positions": "anchor_positions",
-    "segment_ids": "anchor_segment_ids",
-    "loss_mask": "anchor_mask",
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOSettings(ChatRunSettings):
-    """``afmkit posttrain dpo``'s settings: a chat run's, plus ``beta`` and ``nll_weight``."""
+class DPOSettings(ChatRunSettings, AnchorSettings):
+    """``afmkit posttrain dpo``'s settings: a chat run's and the anchor's, plus ``beta``, ``nll_weight``
+    and ``replay_weight``."""
 
     beta: float = 0.1  # the implicit reward's scale (DPO's beta): larger stays closer to the reference
     # times the preferred answer's mean token NLL (RPO): keeps it likely, not merely likelier
     # (without it, SmolLM2's preferred answers lost 47.5 nats each in 48 steps: docs/posttraining.md)
     nll_weight: float = 1.0
     replay_weight: float = 0.0  # times a replay chat's mean token NLL (0: chats without 'rejected' are skipped)
-    anchor_text: str | None = None  # plain text on which the base holds the policy (KL), see the docstring
-    anchor_weight: float = 0.0  # times the anchor windows' mean per-token KL(base || policy), per pair
-    anchor_len: int = 256  # tokens per anchor window (one window per packed row)
-    anchor_top_k: int = 32  # the base's most likely tokens kept per position; the rest lumped into one
     steps: int = 100
     warmup: int = 5
     lr: float = 5e-5
@@ -92,15 +83,7 @@ class DPOSettings(ChatRunSettings):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.full:
             raise UserError("posttrain dpo trains a LoRA adapter; drop --full")
-        if self.anchor_weight < 0:
-            raise UserError(f"--anchor-weight must be at least 0, got {self.anchor_weight}")
-        if (self.anchor_text is None) != (self.anchor_weight == 0):
-            raise UserError("--anchor-text and a positive --anchor-weight go together: give both or neither")
-        if self.anchor_len < 2 or self.anchor_top_k < 1:
-            raise UserError(
-                f"--anchor-len must be at least 2 and --anchor-top-k at least 1, got {self.anchor_len} "
-                f"and {self.anchor_top_k}"
-            )
+        self.check_anchor()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,36 +226,13 @@ def reference_log_probs(
 
 
 def anchor_windows(model: Any, settings: DPOSettings, n_train: int, n_held_out: int) -> tuple[dict, dict]:
-    """The anchor's windows for ``n_train`` and ``n_held_out`` pair rows, as ``train.teacher.text_rows``
-    names them (the ``ANCHOR_FIELDS`` keys): ``--anchor-text`` cut into windows of ``--anchor-len`` tokens,
-    the last ``n_held_out`` for the held-out rows, the others for the training rows in order
-    (again from the first when there are fewer than rows); ``with_teacher`` adds the base's top-k."""
-    from afmkit.eval.perplexity import read_text
-    from afmkit.train.teacher import text_rows
-
-    path, vocab = settings.anchor_text, model.config.vocab_size
-    if not settings.anchor_top_k < vocab:
-        raise UserError(f"--anchor-top-k must be below the vocabulary's {vocab} tokens, got {settings.anchor_top_k}")
-    windows = text_rows(model.tokenizer.encode(read_text(path)), settings.anchor_len)
+    """The anchor's windows for ``n_train`` and ``n_held_out`` pair rows (``anchor.text_windows``):
+    the last ``n_held_out`` for the held-out rows, the others for the training rows in order (again
+    from the first when there are fewer than rows); ``with_teacher`` adds the base's top-k."""
+    windows = text_windows(model, settings, at_least=n_held_out + 1)
     n = len(windows["tokens"])
-    if n < n_held_out + 1:
-        raise UserError(
-            f"--anchor-text {path} holds {n} windows of {settings.anchor_len} tokens; the run needs at least "
-            f"{n_held_out + 1} ({n_held_out} held out, 1 to train on): give more text or a smaller --anchor-len"
-        )
     picks = (np.arange(n_train) % (n - n_held_out), np.arange(n - n_held_out, n))
-    return tuple({name: windows[name][index] for name in ANCHOR_FIELDS} for index in picks)
-
-
-def with_teacher(model: Any, windows: dict[str, np.ndarray], settings: DPOSettings) -> dict[str, np.ndarray]:
-    """The anchor fields of ``windows`` (``anchor_windows``), the base's top-k added (the model as
-    it loaded: not the adapter being trained)."""
-    from afmkit.train.teacher import add_teacher
-
-    rows = add_teacher(
-        model, windows, k=settings.anchor_top_k, batch=settings.batch // settings.accum, quiet=settings.quiet
-    )
-    return {ANCHOR_FIELDS.get(name, f"anchor_{name}"): value for name, value in rows.items()}
+    return tuple({name: rows[index] for name, rows in windows.items()} for index in picks)
 
 
 def reference_fingerprint(model_name: str, initial: Any, *packed: dict[str, np.ndarray]) -> str:
@@ -319,7 +279,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
     from afmkit.adapters.peft_io import save_adapter
     from afmkit.train.checkpoint import Checkpoints
     from afmkit.train.finetune import finetune
-    from afmkit.train.objectives import AnchoredPairBatch, PolicyBatch, Preference
+    from afmkit.train.objectives import AnchoredPolicyBatch, PolicyBatch, Preference
 
     settings.check()
     if settings.replay_weight == 0 and any(pair.rejected is None for pair in pairs):
@@ -344,7 +304,7 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
         final_lr_fraction=1.0,
         dropout=settings.dropout,
         initial=initial,
-        batch_type=PolicyBatch if settings.anchor_text is None else AnchoredPairBatch,
+        batch_type=PolicyBatch if settings.anchor_text is None else AnchoredPolicyBatch,
         eval_metric="loss",
     )
     # the anchor's saved top-k follow from its windows and k
@@ -372,7 +332,12 @@ def dpo(model: Any, pairs: list[Pair], out: str | os.PathLike, settings: DPOSett
         }
         if settings.anchor_text is not None:
             for part, part_windows in zip(("train", "held_out"), windows):
-                arrays |= {f"{part}:{name}": a for name, a in with_teacher(model, part_windows, settings).items()}
+                arrays |= {
+                    f"{part}:{name}": a
+                    for name, a in with_teacher(
+                        model, part_windows, settings, batch=settings.batch // settings.accum, quiet=settings.quiet
+                    ).items()
+                }
         save_reference(out, fingerprint, arrays)
     rows["old_log_probs"], eval_rows["old_log_probs"] = arrays["train"], arrays["held_out"]
     for name, value in arrays.items():
@@ -432,15 +397,7 @@ def register(recipes: Any) -> None:
         "plus this times the mean token NLL of the --data chats without 'rejected' (replay: holds the model "
         "on text no pair is about); 0 skips those chats",
     )
-    parser.add_argument(
-        "--anchor-text",
-        default=d.anchor_text,
-        help="plain text on which the base holds the policy: each pair adds --anchor-weight times the KL of "
-        "the policy from the base on windows of it (not a text that measures the drift)",
-    )
-    setting_argument(parser, d, "anchor_weight", "times the anchor windows' mean per-token KL(base || policy)")
-    setting_argument(parser, d, "anchor_len", "tokens per anchor window, one window per packed row")
-    setting_argument(parser, d, "anchor_top_k", "the base's most likely tokens kept per position, the rest lumped")
+    anchor_arguments(parser, d, per="pair")
     chat_run_arguments(
         parser,
         d,

@@ -19,6 +19,15 @@ The policy is a LoRA adapter over the frozen base (on CPUs SmolLM2's own int4 we
 5. a checkpoint (adapter, optimizer state, RNG, iteration), the adapter in PEFT layout, one line
    of metrics; greedy dev-split accuracy every ``--dev-every`` iterations (IFEval is never used).
 
+Anchor (``--anchor-text FILE --anchor-weight W``, ``posttrain.anchor``): the update's loss adds, per
+sample (PPO-clip: per response token), W times the mean per-token KL(base || policy) on windows of a
+plain text, one window per packed row. The sampled answers say nothing about such text, and post-trained adapters drift on it
+(docs/posttraining.md). The base here is the model without any adapter, not the reference policy:
+the anchor can pull a policy started from a drifted adapter back. The file's windows and the base's
+top-k on them are computed once before the first iteration; iteration i's rows take the windows
+from ``(i - 1) x K x prompts-per-iteration`` on, wrapping around the file, so a resumed run reads
+the same ones.
+
 Layout of ``--out DIR``::
 
     rl.json            the run's settings (``--resume`` must repeat them, ``--iterations`` aside)
@@ -48,6 +57,7 @@ import numpy as np
 
 from afmkit import cli_args
 from afmkit.errors import UserError
+from afmkit.posttrain.anchor import AnchorSettings, anchor_arguments, text_windows, with_teacher
 from afmkit.train.objectives import POLICY_ALGOS
 from afmkit.train.run_directory import check_new_run, check_run_directory, run_identity, write_json, write_jsonl
 
@@ -57,8 +67,9 @@ MAY_CHANGE_ON_RESUME = ("iterations", "quiet", "resume")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RLSettings:
-    """Every setting of ``afmkit posttrain rl`` and its default: the one source the CLI reads."""
+class RLSettings(AnchorSettings):
+    """Every setting of ``afmkit posttrain rl`` and its default: the one source the CLI reads (the
+    anchor's from ``posttrain.anchor``)."""
 
     algo: str = "mdloo"  # mdloo | rloo | ppo-clip
     k: int = 4  # samples per prompt (the leave-one-out baseline needs K >= 2)
@@ -116,6 +127,7 @@ class RLSettings:
             raise UserError(
                 f"--temperature must be positive and --top-p in (0, 1], got {self.temperature}, {self.top_p}"
             )
+        self.check_anchor()
 
     @property
     def steps_per_iteration(self) -> int:
@@ -138,6 +150,14 @@ def train_slice(prompts: Sequence[dict[str, Any]], per_iteration: int, iteration
 # A row of T positions holds at most T // SEGMENT_SPAN samples: the sequence slots per row (the
 # advantages' second axis) then depend on the row length only, so every iteration compiles alike.
 SEGMENT_SPAN = 16
+
+
+def anchor_rows(anchor: dict[str, np.ndarray], rows: int, iteration: int, per_iteration: int) -> dict[str, np.ndarray]:
+    """Iteration ``iteration``'s ``rows`` anchor windows (``AnchoredPolicyBatch`` fields, the base's
+    top-k included): from window ``(iteration - 1) x per_iteration`` on, wrapping around."""
+    n = len(anchor["anchor_tokens"])
+    index = ((iteration - 1) * per_iteration + np.arange(rows)) % n
+    return {name: value[index] for name, value in anchor.items()}
 
 
 def pack_first_fit(
@@ -397,7 +417,7 @@ def rl(
     from afmkit.sharding.mesh import make_mesh
     from afmkit.train.checkpoint import Checkpoints
     from afmkit.train.metrics import MetricsLog
-    from afmkit.train.objectives import Policy, PolicyBatch
+    from afmkit.train.objectives import AnchoredPolicyBatch, Policy, PolicyBatch
     from afmkit.train.optim import OptimizerConfig, build_optimizer, lr_schedule
     from afmkit.train.step import (
         StepConfig,
@@ -425,6 +445,11 @@ def rl(
     else:  # the starting adapter's shape; fp32 so the sampled policy is exactly the trained one
         lora = dataclasses.replace(reference.config, dtype="float32")
     lora.layer_ids(base.config)
+    anchor_inputs = {}
+    if settings.anchor_text is not None:  # read and checked before anything is written
+        windows = text_windows(base, settings, at_least=1)
+        digest = hashlib.sha256(windows["tokens"].tobytes()).hexdigest()
+        anchor_inputs = {"anchor_tokens_sha256": digest}  # resuming with other text is refused
     identity = run_identity(
         settings,
         MAY_CHANGE_ON_RESUME,
@@ -432,13 +457,20 @@ def rl(
         model=base.name,
         init_adapter=None if init_adapter is None else str(init_adapter),
         reward_model=None if reward_model is None else str(reward_model),
+        **anchor_inputs,
     )
     check_run_directory(out, out / STATE_FILE, identity, resume=settings.resume, run="RL", key="settings")
 
     config = base.config
     subset = LoraWeights(lora)
     saved_subset = LoraWeights(dataclasses.replace(lora, dtype="float16"))  # PEFT's usual storage
-    objective = Policy(algo=settings.algo, step_size=settings.step_size, clip_epsilon=settings.clip_epsilon)
+    objective = Policy(
+        algo=settings.algo,
+        step_size=settings.step_size,
+        clip_epsilon=settings.clip_epsilon,
+        anchor_weight=settings.anchor_weight,
+    )
+    batch_type = PolicyBatch if settings.anchor_text is None else AnchoredPolicyBatch
     total_steps = settings.iterations * settings.steps_per_iteration
     optimizer_config = OptimizerConfig(
         name="adamw", peak_lr=settings.lr, warmup_steps=0, total_steps=total_steps, final_lr_fraction=1.0,
@@ -474,6 +506,9 @@ def rl(
         shardings.params,
     )
     log = MetricsLog(out / "metrics.jsonl", resume_from_step=done)
+    anchor = None
+    if settings.anchor_text is not None:  # the base's top-k once: the base never changes
+        anchor = with_teacher(base, windows, settings, batch=settings.train_batch, quiet=settings.quiet)
     steps: dict[tuple[int, ...], Any] = {}  # one compiled step per batch shape
 
     def step_for(shape: tuple[int, ...], example: Any) -> Any:
@@ -558,9 +593,11 @@ def rl(
         sequence_rewards = np.asarray(losses.sequence_rewards(shaped, old_seq, ref_seq, settings.beta))
         advantages = np.asarray(losses.leave_one_out_advantages(sequence_rewards.reshape(-1, settings.k))).reshape(-1)
         fill_policy_rows(rows, placement, old, advantages)
+        if anchor is not None:
+            rows |= anchor_rows(anchor, len(rows["tokens"]), iteration, settings.k * settings.prompts_per_iteration)
         accum = len(rows["tokens"]) // settings.train_batch
         batch = global_batch(
-            rows, mesh, global_rows=len(rows["tokens"]), accum_steps=accum, objective=objective, batch_type=PolicyBatch
+            rows, mesh, global_rows=len(rows["tokens"]), accum_steps=accum, objective=objective, batch_type=batch_type
         )
         train_step = step_for((accum, *rows["tokens"].shape), batch)
         rollout_seconds = time.perf_counter() - started
@@ -598,7 +635,11 @@ def rl(
             "loss_first": first["loss"],
             "loss_last": metrics["loss"],
             "grad_norm": metrics["grad_norm"],
-            **{f"{k}_last": metrics[k] for k in ("kl_to_previous", "ratio", "clip_fraction") if k in metrics},
+            **{
+                f"{k}_last": metrics[k]
+                for k in ("kl_to_previous", "ratio", "clip_fraction", "anchor_kl")
+                if k in metrics
+            },
             "rollout_tokens_per_second": stats["tokens_per_second"],
             "train_tokens": trained_tokens,
             "train_tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
@@ -670,6 +711,7 @@ def register(recipes: Any) -> None:
     setting_argument(parser, d, "train_batch", "rows per update microbatch")
     setting_argument(parser, d, "dev_prompts", "dev prompts scored greedily")
     setting_argument(parser, d, "dev_every", "iterations between dev scores; 0 = never")
+    anchor_arguments(parser, d, per="sample (PPO-clip: response token)")
     run_arguments(
         parser,
         d,

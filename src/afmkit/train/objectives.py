@@ -24,11 +24,12 @@ logical axes for sharding (per-row fields ``[B]`` over ``batch``; per-token ``[B
 * ``RewardModel``: AFM's reward model, a scalar head plus grade heads on the last token
   (``posttrain.losses.reward_model_loss``) on a ``PairBatch``;
 * ``Policy``: a sequence-level policy loss (MDLOO, RLOO or PPO-clip) on a ``PolicyBatch`` of
-  sampled responses with their advantages and the sampling policy's log-probabilities;
+  sampled responses with their advantages and the sampling policy's log-probabilities; with
+  ``anchor_weight``, plus the anchor's KL (as ``Preference``'s);
 * ``Preference``: DPO on pairs of responses to one prompt, packed as a ``PolicyBatch`` (the
   reference policy's log-probabilities in ``old_log_probs``, +1 / -1 per response in
   ``advantages``); with ``anchor_weight``, plus the ``Distillation`` KL on windows of plain text
-  carried beside the pairs (``AnchoredPairBatch``).
+  carried beside the rows (``AnchoredPolicyBatch``, ``anchor_kl``; ``posttrain.anchor``).
 
 Every objective turns hidden states into vocabulary log-probabilities in chunks of ``seq_chunk``
 positions (``ModelView.per_token``): the output projection and log-softmax of one chunk at a
@@ -406,6 +407,7 @@ class Policy(Objective):
     algo: str = "mdloo"
     step_size: float = 1.0
     clip_epsilon: float = 0.2
+    anchor_weight: float = 0.0  # times the anchor windows' mean per-token KL to the teacher, per loss unit
     name: str = "policy"
 
     def __post_init__(self) -> None:
@@ -422,20 +424,22 @@ class Policy(Objective):
         logp = model.target_log_probs(batch.tokens, batch.positions, batch.segment_ids, batch.targets, batch.branch_ids)
         seq = {"segment_ids": batch.branch_ids}  # the losses' sequences are the responses
         if self.algo == "mdloo":
-            return losses.mdloo_loss(
+            total, metrics = losses.mdloo_loss(
                 logp, batch.old_log_probs, batch.loss_mask, batch.advantages, step_size=self.step_size, **seq
             )
-        if self.algo == "rloo":
-            return losses.rloo_loss(logp, batch.loss_mask, batch.advantages, **seq)
-        return losses.ppo_clip_loss(
-            logp, batch.old_log_probs, batch.loss_mask, batch.advantages, clip_epsilon=self.clip_epsilon, **seq
-        )
+        elif self.algo == "rloo":
+            total, metrics = losses.rloo_loss(logp, batch.loss_mask, batch.advantages, **seq)
+        else:
+            total, metrics = losses.ppo_clip_loss(
+                logp, batch.old_log_probs, batch.loss_mask, batch.advantages, clip_epsilon=self.clip_epsilon, **seq
+            )
+        return with_anchor(model, batch, self.anchor_weight, total, metrics)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class AnchoredPairBatch(PolicyBatch):
-    """Pairs (``PolicyBatch``) plus, on every row, a window of plain text with the anchor
+class AnchoredPolicyBatch(PolicyBatch):
+    """DPO's pairs or RL's samples (``PolicyBatch``) plus, on every row, a window of plain text with the anchor
     teacher's next-token distribution at each position (``DistillBatch``'s teacher fields, made
     by ``train.teacher.add_teacher``): ``anchor_tokens``/``_positions``/``_segment_ids``/``_mask``
     ``[B, A]``, ``anchor_teacher_ids``/``_log_probs`` ``[B, A, k]``, ``anchor_teacher_tail_log_prob``
@@ -458,7 +462,7 @@ class Preference(Objective):
     preferred / the other response), or +1 / 0 for a replay chat (an answer alone, its NLL
     weighted by ``replay_weight``).
 
-    With ``anchor_weight`` W > 0 the batch is an ``AnchoredPairBatch`` and each pair adds W times
+    With ``anchor_weight`` W > 0 the batch is an ``AnchoredPolicyBatch`` and each pair adds W times
     the mean per-token ``lumped_kl`` (KL(teacher || policy)) over its microbatch's anchor windows:
     plain text on which the policy is held to the teacher (the base), since the pairs say nothing
     about it (DPO runs drifted on generic text: docs/posttraining.md). ``anchor_kl`` reports that
@@ -489,18 +493,27 @@ class Preference(Objective):
             nll_weight=self.nll_weight,
             replay_weight=self.replay_weight,
         )
-        if self.anchor_weight == 0:
-            return total, metrics
-        hidden = model.hidden(batch.anchor_tokens, batch.anchor_positions, batch.anchor_segment_ids)
-        kl = model.per_token(
-            lumped_kl,
-            hidden,
-            batch.anchor_teacher_ids,
-            batch.anchor_teacher_log_probs,
-            batch.anchor_teacher_tail_log_prob,
-        )
-        mask = batch.anchor_mask.astype(jnp.float32)
-        mean_kl = (kl * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        # per pair, like every other term: the step divides the sums by the pairs
-        metrics["anchor_kl"] = mean_kl * metrics["count"]
-        return total + self.anchor_weight * metrics["anchor_kl"], metrics
+        return with_anchor(model, batch, self.anchor_weight, total, metrics)
+
+
+def with_anchor(
+    model: ModelView, batch: PolicyBatch, weight: float, total: jax.Array, metrics: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``total`` plus ``weight`` times the mean per-token ``lumped_kl`` (KL(teacher || policy)) over
+    the batch's anchor windows (an ``AnchoredPolicyBatch``) for each of the loss's ``count`` units
+    (pairs, samples); ``anchor_kl`` in the metrics. Unchanged when ``weight`` is 0."""
+    if weight == 0:
+        return total, metrics
+    hidden = model.hidden(batch.anchor_tokens, batch.anchor_positions, batch.anchor_segment_ids)
+    kl = model.per_token(
+        lumped_kl,
+        hidden,
+        batch.anchor_teacher_ids,
+        batch.anchor_teacher_log_probs,
+        batch.anchor_teacher_tail_log_prob,
+    )
+    mask = batch.anchor_mask.astype(jnp.float32)
+    mean_kl = (kl * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    # per unit, like every other term: the step divides the sums by the count
+    metrics = {**metrics, "anchor_kl": mean_kl * metrics["count"]}
+    return total + weight * metrics["anchor_kl"], metrics
