@@ -390,17 +390,22 @@ def environment():
 
 @pytest.mark.slow  # three processes that each compile the rollout and the update
 def test_sigkill_then_resume_gives_the_adapter_of_an_uninterrupted_run(checkpoint, prompts_file, tmp_path):
+    """With an anchor of 12 windows, so iterations 3 and 4 (after the resume) read other windows than 1 and 2."""
     settings = RLSettings(**{**SMALL.__dict__, "iterations": 4, "dev_every": 0})
+    text = tmp_path / "anchor.txt"
+    text.write_text(" ".join([ANCHOR_TEXT] * 3))
+    anchor = ["--anchor-text", str(text), "--anchor-weight", "5", "--anchor-len", "16", "--anchor-top-k", "8"]
     reference = tmp_path / "reference"
     subprocess.run(
-        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, reference, settings)],
+        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, reference, settings, *anchor)],
         check=True,
         env=environment(),
         timeout=900,
     )
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, killed, settings)], env=environment()
+        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, killed, settings, *anchor)],
+        env=environment(),
     )
     deadline = time.monotonic() + 900
     metrics = killed / "metrics.jsonl"
@@ -412,14 +417,20 @@ def test_sigkill_then_resume_gives_the_adapter_of_an_uninterrupted_run(checkpoin
     process.wait()
     assert max(r["step"] for r in read_metrics(metrics)) < settings.iterations, "killed mid-run"
     subprocess.run(
-        [sys.executable, "-m", "afmkit.cli", *cli_args(checkpoint, prompts_file, killed, settings), "--resume"],
+        [
+            sys.executable,
+            "-m",
+            "afmkit.cli",
+            *cli_args(checkpoint, prompts_file, killed, settings, *anchor),
+            "--resume",
+        ],
         check=True,
         env=environment(),
         timeout=900,
     )
     got = (killed / "adapter" / "adapter_model.safetensors").read_bytes()
     assert got == (reference / "adapter" / "adapter_model.safetensors").read_bytes()
-    keys = ("step", "mean_reward", "loss_last", "grad_norm")
+    keys = ("step", "mean_reward", "loss_last", "grad_norm", "anchor_kl_last")
     assert [{k: r[k] for k in keys} for r in read_metrics(metrics)] == [
         {k: r[k] for k in keys} for r in read_metrics(reference / "metrics.jsonl")
     ]
