@@ -390,10 +390,11 @@ def environment():
 
 @pytest.mark.slow  # three processes that each compile the rollout and the update
 def test_sigkill_then_resume_gives_the_adapter_of_an_uninterrupted_run(checkpoint, prompts_file, tmp_path):
-    """With an anchor of 12 windows, so iterations 3 and 4 (after the resume) read other windows than 1 and 2."""
+    """With an anchor of 29 windows: iterations 3 and 4 (after the resume) read other windows than 1
+    and 2, and the run reads only the first 16 (4 iterations of 4 rows)."""
     settings = RLSettings(**{**SMALL.__dict__, "iterations": 4, "dev_every": 0})
     text = tmp_path / "anchor.txt"
-    text.write_text(" ".join([ANCHOR_TEXT] * 3))
+    text.write_text(" ".join([ANCHOR_TEXT] * 6))
     anchor = ["--anchor-text", str(text), "--anchor-weight", "5", "--anchor-len", "16", "--anchor-top-k", "8"]
     reference = tmp_path / "reference"
     subprocess.run(

@@ -23,10 +23,10 @@ Anchor (``--anchor-text FILE --anchor-weight W``, ``posttrain.anchor``): the upd
 sample (PPO-clip: per response token), W times the mean per-token KL(base || policy) on windows of a
 plain text, one window per packed row. The sampled answers say nothing about such text, and post-trained adapters drift on it
 (docs/posttraining.md). The base here is the model without any adapter, not the reference policy:
-the anchor can pull a policy started from a drifted adapter back. The file's windows and the base's
-top-k on them are computed once before the first iteration; iteration i's rows take the windows
-from ``(i - 1) x K x prompts-per-iteration`` on, wrapping around the file, so a resumed run reads
-the same ones.
+the anchor can pull a policy started from a drifted adapter back. Iteration i's rows take the
+windows from ``(i - 1) x K x prompts-per-iteration`` on, wrapping around the file, so a resumed run
+reads the same ones; the base's top-k on the windows the run's iterations read are computed once
+before the first iteration.
 
 Layout of ``--out DIR``::
 
@@ -507,7 +507,12 @@ def rl(
     )
     log = MetricsLog(out / "metrics.jsonl", resume_from_step=done)
     anchor = None
-    if settings.anchor_text is not None:  # the base's top-k once: the base never changes
+    if settings.anchor_text is not None:  # the base's top-k once (the base never changes), for the
+        # windows the iterations read: the rows of iteration i start at window (i - 1) x K x P
+        samples = settings.k * settings.prompts_per_iteration
+        rows = -(-samples // settings.train_batch) * settings.train_batch  # policy_rows' row count
+        read = min(len(windows["tokens"]), (settings.iterations - 1) * samples + rows)
+        windows = {name: value[:read] for name, value in windows.items()}  # wraps as before when all are read
         anchor = with_teacher(base, windows, settings, batch=settings.train_batch, quiet=settings.quiet)
     steps: dict[tuple[int, ...], Any] = {}  # one compiled step per batch shape
 
