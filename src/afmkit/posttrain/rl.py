@@ -21,8 +21,8 @@ The policy is a LoRA adapter over the frozen base (on CPUs SmolLM2's own int4 we
 
 Anchor (``--anchor-text FILE --anchor-weight W``, ``posttrain.anchor``): the update's loss adds, per
 sample (PPO-clip: per response token), W times the mean per-token KL(base || policy) on windows of a
-plain text, one window per packed row. The sampled answers say nothing about such text, and post-trained adapters drift on it
-(docs/posttraining.md). The base here is the model without any adapter, not the reference policy:
+plain text, one window per packed row. The sampled answers say nothing about such text, and
+post-trained adapters drift on it (docs/posttraining.md). The base here is the model without any adapter, not the reference policy:
 the anchor can pull a policy started from a drifted adapter back. Iteration i's rows take the
 windows from ``(i - 1) x K x prompts-per-iteration`` on, wrapping around the file, so a resumed run
 reads the same ones; the base's top-k on the windows the run's iterations read are computed once
@@ -510,8 +510,8 @@ def rl(
     if settings.anchor_text is not None:  # the base's top-k once (the base never changes), for the
         # windows the iterations read: the rows of iteration i start at window (i - 1) x K x P
         samples = settings.k * settings.prompts_per_iteration
-        rows = -(-samples // settings.train_batch) * settings.train_batch  # policy_rows' row count
-        read = min(len(windows["tokens"]), (settings.iterations - 1) * samples + rows)
+        rows_per_iteration = -(-samples // settings.train_batch) * settings.train_batch  # policy_rows' count
+        read = min(len(windows["tokens"]), (settings.iterations - 1) * samples + rows_per_iteration)
         windows = {name: value[:read] for name, value in windows.items()}  # wraps as before when all are read
         anchor = with_teacher(base, windows, settings, batch=settings.train_batch, quiet=settings.quiet)
     steps: dict[tuple[int, ...], Any] = {}  # one compiled step per batch shape

@@ -439,8 +439,8 @@ class Policy(Objective):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AnchoredPolicyBatch(PolicyBatch):
-    """DPO's pairs or RL's samples (``PolicyBatch``) plus, on every row, a window of plain text with the anchor
-    teacher's next-token distribution at each position (``DistillBatch``'s teacher fields, made
+    """DPO's pairs or RL's samples (``PolicyBatch``) plus, on every row, a window of plain text with
+    the anchor teacher's next-token distribution at each position (``DistillBatch``'s teacher fields, made
     by ``train.teacher.add_teacher``): ``anchor_tokens``/``_positions``/``_segment_ids``/``_mask``
     ``[B, A]``, ``anchor_teacher_ids``/``_log_probs`` ``[B, A, k]``, ``anchor_teacher_tail_log_prob``
     ``[B, A]``. One window per row, so a microbatch of rows carries its share of both."""
@@ -501,7 +501,7 @@ def with_anchor(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``total`` plus ``weight`` times the mean per-token ``lumped_kl`` (KL(teacher || policy)) over
     the batch's anchor windows (an ``AnchoredPolicyBatch``) for each of the loss's ``count`` units
-    (pairs, samples); ``anchor_kl`` in the metrics. Unchanged when ``weight`` is 0."""
+    (pairs, samples, tokens); ``anchor_kl`` in the metrics. Unchanged when ``weight`` is 0."""
     if weight == 0:
         return total, metrics
     hidden = model.hidden(batch.anchor_tokens, batch.anchor_positions, batch.anchor_segment_ids)
