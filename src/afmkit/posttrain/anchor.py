@@ -5,8 +5,8 @@ along with the recipe's rows, one per row, each with the base's top ``--anchor-t
 probabilities (the rest lumped), and the objective adds ``--anchor-weight`` times the mean
 per-token KL(base || policy) over them for each unit its loss is an average over (DPO's pairs,
 MDLOO's and RLOO's samples, PPO-clip's tokens: ``train.objectives.with_anchor``), so the trained
-loss is the objective's mean plus W times that KL. Use text the evaluation
-never reads (not the perplexity texts that measure the drift)."""
+loss is the objective's mean plus W times that KL. Use text the evaluation never reads (not the
+perplexity texts that measure the drift)."""
 
 from __future__ import annotations
 
