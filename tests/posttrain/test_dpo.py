@@ -394,7 +394,9 @@ ANCHOR_TEXT = " ".join(
 
 
 @pytest.mark.slow  # three DPO runs: plain, anchored and a resumed one
-def test_the_anchor_holds_the_policy_near_the_base_on_unseen_text(peaked_model, tmp_path, monkeypatch):
+def test_the_anchor_holds_the_policy_near_the_base_on_unseen_text(
+    peaked_model, tmp_path, monkeypatch, window_log_probs
+):
     """The same DPO run with and without an anchor: with it, the trained policy's KL from the base
     on the anchor text's held-out windows (a float64 full-vocabulary KL of the two models' logits)
     is smaller (a peaked random model: a few dozen tokens carry each distribution, so the base's
@@ -424,18 +426,11 @@ def test_the_anchor_holds_the_policy_near_the_base_on_unseen_text(peaked_model, 
     assert first["anchor_kl"] == pytest.approx(0.0, abs=1e-5)
     windows = dpo_module.anchor_windows(peaked_model, anchored, 1, 2)[1]  # the held-out windows
     base = ModelView(config=peaked_model.config, params=peaked_model.params, adapters=None, compute_dtype=jnp.float32)
-
-    def logits(view):
-        hidden = view.hidden(*(jnp.asarray(windows[f]) for f in ("tokens", "positions", "segment_ids")))
-        z = np.asarray(view.logits(hidden), np.float64)
-        z -= z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    reference = logits(base)
+    reference = window_log_probs(base, windows)
     kl = {}
     for name in runs:
         adapter = load_adapter(tmp_path / name, config=peaked_model.config)
-        policy = logits(dataclasses.replace(base, adapters=single(adapter)))
+        policy = window_log_probs(dataclasses.replace(base, adapters=single(adapter)), windows)
         kl[name] = float((np.exp(reference) * (reference - policy)).sum(-1).mean())
     assert kl["anchored"] < 0.5 * kl["plain"], kl
 

@@ -297,7 +297,9 @@ def test_each_iteration_reads_its_own_anchor_windows_wrapping_around():
 ANCHOR_TEXT = " ".join(f"The {a} and the {b} went down to the sea at dawn." for a in ("cat", "dog") for b in "xyz")
 
 
-def test_the_anchor_pulls_the_policy_back_to_the_base_on_its_text(peaked_model, prompts_file, tmp_path, capsys):
+def test_the_anchor_pulls_the_policy_back_to_the_base_on_its_text(
+    peaked_model, prompts_file, tmp_path, window_log_probs
+):
     """From an adapter that moved the policy off the base, the same two iterations with and without
     an anchor on a text: with it, the policy's KL from the base on that text's windows (float64, from
     both models' logits) falls below the start's and to under half the plain
@@ -317,14 +319,7 @@ def test_the_anchor_pulls_the_policy_back_to_the_base_on_its_text(peaked_model, 
     windows = text_windows(peaked_model, anchored, at_least=1)
     assert len(windows["tokens"]) <= 4  # at most K x prompts-per-iteration: all read every iteration
     base = ModelView(config=config, params=peaked_model.params, adapters=None, compute_dtype=jnp.float32)
-
-    def log_probs(view):
-        hidden = view.hidden(*(jnp.asarray(windows[f]) for f in ("tokens", "positions", "segment_ids")))
-        z = np.asarray(view.logits(hidden), np.float64)
-        z -= z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    reference = log_probs(base)
+    reference = window_log_probs(base, windows)
     top = np.argsort(-reference, axis=-1)[..., : anchored.anchor_top_k]  # the base's top-k, as the anchor keeps
     p_top = np.take_along_axis(reference, top, -1)
     p_tail = np.log1p(-np.exp(p_top).sum(-1))
@@ -333,7 +328,7 @@ def test_the_anchor_pulls_the_policy_back_to_the_base_on_its_text(peaked_model, 
         ("start", start),
         *((n, load_adapter(tmp_path / n / "adapter", config=config)) for n in records),
     ):
-        policy = log_probs(dataclasses.replace(base, adapters=single(adapter)))
+        policy = window_log_probs(dataclasses.replace(base, adapters=single(adapter)), windows)
         kl[name] = float((np.exp(reference) * (reference - policy)).sum(-1).mean())
         q_top = np.take_along_axis(policy, top, -1)
         q_tail = np.log1p(-np.exp(q_top).sum(-1))
