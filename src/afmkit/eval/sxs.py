@@ -287,8 +287,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"  first shown response preferred in {report['first_position_preferred']:.1f}% of decided judgments"
         )
-    if length_line(report):
-        lines.append(f"  {length_line(report)}")
+    length = length_line(report)
+    if length:
+        lines.append(f"  {length}")
     if report.get("invalid_judgments"):
         lines.append(f"  {report['invalid_judgments']} judgments could not be parsed and were left out")
     return "\n".join(lines)
@@ -328,7 +329,7 @@ def write_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
             ),
             "",
             f"Method: {report['method']}.",
-            *(["", f"Length: {length_line(report)}."] if length_line(report) else []),
+            *(["", f"Length: {length}."] if (length := length_line(report)) else []),
             "",
             f"![win tie lose]({chart.name})",
             "",
